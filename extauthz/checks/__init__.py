@@ -1,0 +1,85 @@
+"""Checks: one file per kind, each a small class with one entry point.
+
+A check module registers the policy ``spec`` section it understands with :func:`register`; the
+policy compiler finds it here and calls its ``from_spec`` for every policy that has the section.
+Adding a check means adding a file to this package: every module in it is imported on first use.
+
+The contract, for every check:
+
+- ``from_spec(spec, build)`` runs at policy load. It validates its section (reporting errors through
+  ``build``), compiles everything it can (CEL, keys, tables) and returns the check, or ``None`` when
+  the section asks for nothing.
+- ``async check(ctx)`` runs per request. It returns ``None`` to let the request go on, or a
+  :class:`~extauthz.context.Denial`. It may update ``ctx`` (identity, headers). It never allows on
+  its own: a request is allowed only when every check of its policy let it through, and the rules
+  check denies unless a rule allows. Exceptions become a 503 ``internal_error`` denial.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from extauthz.context import CheckContext, Denial
+
+if TYPE_CHECKING:
+    from extauthz.policy.build import BuildContext
+
+__all__ = ["Check", "CheckKind", "Phase", "kinds", "register"]
+
+
+class Phase(enum.IntEnum):
+    """The order in which checks run within a policy."""
+
+    IDENTITY = 10
+    SIGNATURE = 20
+    RULES = 30
+    QUOTA = 40
+    RESPONSE = 50
+
+
+class Check(Protocol):
+    #: Set on checks that wait on I/O (network, Redis): the pipeline then enforces its timeout.
+    may_wait: ClassVar[bool]
+
+    async def check(self, ctx: CheckContext) -> Denial | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CheckKind:
+    section: str
+    phase: Phase
+    from_spec: Callable[[Any, BuildContext], Check | None]
+    #: Built even when the policy omits the section (the rules check: no rules means deny).
+    always: bool
+
+
+_KINDS: dict[str, CheckKind] = {}
+_loaded = False
+
+
+def register(section: str, phase: Phase, *, always: bool = False) -> Callable[[type], type]:
+    """Class decorator: the decorated class handles ``spec.<section>`` of a policy."""
+
+    def decorate(cls: type) -> type:
+        if section in _KINDS:
+            raise RuntimeError(f"two checks registered for spec.{section}")
+        _KINDS[section] = CheckKind(section, phase, cls.from_spec, always)  # type: ignore[attr-defined]
+        return cls
+
+    return decorate
+
+
+def kinds() -> dict[str, CheckKind]:
+    """Every registered check kind by spec section, importing this package's modules once."""
+    global _loaded
+    if not _loaded:
+        for module in pkgutil.iter_modules(__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{module.name}")
+        _loaded = True
+    return _KINDS

@@ -1,0 +1,242 @@
+"""Command line: ``extauthz serve | validate | explain | test``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extauthz.policy import PolicySet, PolicySetError, load_folder
+from extauthz.policy.model import Document
+from extauthz.samples import SampleError, check_request_from_sample
+
+__all__ = ["main"]
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(f"EXTAUTHZ_{name}", default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extauthz", description="Envoy external authorization sidecar")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the sidecar")
+    serve.add_argument("--policies", default=_env("POLICIES", "policies"), type=Path,
+                       help="policy folder (env EXTAUTHZ_POLICIES; default ./policies)")
+    serve.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:9191"),
+                       help="gRPC address HOST:PORT or unix:PATH (env EXTAUTHZ_LISTEN)")
+    serve.add_argument("--unix-socket", default=_env("UNIX_SOCKET"),
+                       help="additional gRPC listener, unix:PATH (env EXTAUTHZ_UNIX_SOCKET)")
+    serve.add_argument("--http-host", default=_env("HTTP_HOST", "127.0.0.1"),
+                       help="address of the probes/metrics port (env EXTAUTHZ_HTTP_HOST)")
+    serve.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", 8282)),
+                       help="/healthz, /readyz and /metrics port (env EXTAUTHZ_HTTP_PORT)")
+    serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+                       choices=["debug", "info", "warning", "error"], help="(env EXTAUTHZ_LOG_LEVEL)")
+    serve.add_argument("--max-message-bytes", type=int, default=int(_env("MAX_MESSAGE_BYTES", 16 * 1024 * 1024)),
+                       help="largest CheckRequest accepted (env EXTAUTHZ_MAX_MESSAGE_BYTES)")
+    serve.add_argument("--check-timeout", type=float, default=float(_env("CHECK_TIMEOUT", 1.0)),
+                       help="seconds a check may wait on I/O before denying 503 (env EXTAUTHZ_CHECK_TIMEOUT)")
+    serve.add_argument("--reload-interval", type=float, default=float(_env("RELOAD_INTERVAL", 1.0)),
+                       help="seconds between policy folder checks (env EXTAUTHZ_RELOAD_INTERVAL)")
+    serve.add_argument("--grace", type=float, default=float(_env("GRACE", 10.0)),
+                       help="seconds in-flight checks get after SIGTERM (env EXTAUTHZ_GRACE)")
+    serve.add_argument("--redis-url", default=_env("REDIS_URL"),
+                       help="shared store for quotas and nonces (env EXTAUTHZ_REDIS_URL)")
+
+    validate = sub.add_parser("validate", help="check a policy folder; exit 1 listing every error")
+    validate.add_argument("policies", type=Path)
+
+    explain = sub.add_parser("explain", help="show how a request would be decided, step by step")
+    explain.add_argument("--policies", required=True, type=Path)
+    explain.add_argument("--request", required=True, type=Path, help="request file (JSON or YAML)")
+    explain.add_argument("--json", action="store_true", help="print the decision as JSON")
+
+    test = sub.add_parser("test", help="run the PolicyTest cases kept beside the policies")
+    test.add_argument("policies", type=Path)
+    test.add_argument("-v", "--verbose", action="store_true", help="show the steps of every case")
+    return parser
+
+
+def _load_or_report(folder: Path) -> PolicySet | None:
+    try:
+        return load_folder(folder)
+    except PolicySetError as exc:
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+        print(f"{len(exc.errors)} error(s) in {folder}", file=sys.stderr)
+        return None
+
+
+def _cmd_validate(ns: argparse.Namespace) -> int:
+    policy_set = _load_or_report(ns.policies)
+    if policy_set is None:
+        return 1
+    print(f"ok: {len(policy_set.policies)} policies, {len(policy_set.tests)} test documents in {len(policy_set.files)} files")
+    return 0
+
+
+def _decide(policy_set: PolicySet, sample: Any) -> Any:
+    from extauthz.decision import Authorizer
+
+    authorizer = Authorizer(policy_set)
+    return asyncio.run(authorizer.check(check_request_from_sample(sample), explain=True))
+
+
+def _cmd_explain(ns: argparse.Namespace) -> int:
+    policy_set = _load_or_report(ns.policies)
+    if policy_set is None:
+        return 1
+    try:
+        sample = yaml.safe_load(ns.request.read_text())
+        decision = _decide(policy_set, sample)
+    except (OSError, yaml.YAMLError, SampleError) as exc:
+        print(f"error: request file {ns.request}: {exc}", file=sys.stderr)
+        return 1
+    if ns.json:
+        print(json.dumps(_decision_dict(decision), indent=2))
+        return 0
+    verdict = "ALLOW" if decision.allowed else "DENY"
+    if decision.would_deny:
+        verdict = "ALLOW (dry-run; enforcing would DENY)"
+    print(f"decision: {verdict} {decision.status} reason={decision.reason}")
+    print(f"policy:   {decision.policy or '-'}  rule: {decision.rule or '-'}")
+    if decision.message:
+        print(f"message:  {decision.message}")
+    for name, value in decision.upstream_headers:
+        print(f"upstream header: {name}: {value}")
+    for name in decision.remove_headers:
+        print(f"upstream header removed: {name}")
+    for name, value in decision.client_headers:
+        print(f"client header: {name}: {value}")
+    print("steps:")
+    for step in decision.steps or ():
+        print(f"  - {step}")
+    if decision.attributes and decision.attributes.get("error"):
+        print(f"error: {decision.attributes['error']}")
+    return 0
+
+
+def _decision_dict(decision: Any) -> dict[str, Any]:
+    return {
+        "allowed": decision.allowed,
+        "status": decision.status,
+        "reason": decision.reason,
+        "message": decision.message,
+        "policy": decision.policy,
+        "rule": decision.rule,
+        "dry_run": decision.dry_run,
+        "would_deny": decision.would_deny,
+        "upstream_headers": dict(decision.upstream_headers),
+        "removed_headers": list(decision.remove_headers),
+        "client_headers": dict(decision.client_headers),
+        "steps": list(decision.steps or ()),
+    }
+
+
+_EXPECT_FIELDS = {"decision", "status", "reason", "policy", "rule", "headers", "removed_headers"}
+
+
+def run_case(policy_set: PolicySet, case: dict[str, Any]) -> list[str]:
+    """Run one test case; return the mismatches (empty when it passes)."""
+    expect = case.get("expect")
+    if not isinstance(expect, dict) or expect.get("decision") not in ("allow", "deny"):
+        return ["expect.decision must be 'allow' or 'deny'"]
+    unknown = set(expect) - _EXPECT_FIELDS
+    if unknown:
+        return [f"unknown expect fields {sorted(unknown)}"]
+    try:
+        decision = _decide(policy_set, case.get("request", {}))
+    except SampleError as exc:
+        return [f"bad request: {exc}"]
+    got = {"decision": "allow" if decision.allowed and not decision.would_deny else "deny",
+           "status": decision.status, "reason": decision.reason, "policy": decision.policy, "rule": decision.rule}
+    problems = [f"{key}: expected {expect[key]!r}, got {got[key]!r}" for key in got if key in expect and expect[key] != got[key]]
+    headers = dict(decision.upstream_headers)
+    for name, value in (expect.get("headers") or {}).items():
+        if headers.get(name) != value:
+            problems.append(f"upstream header {name}: expected {value!r}, got {headers.get(name)!r}")
+    for name in expect.get("removed_headers") or ():
+        if name not in decision.remove_headers:
+            problems.append(f"upstream header {name}: expected to be removed")
+    if problems and decision.steps:
+        problems.append("steps: " + " | ".join(decision.steps))
+    return problems
+
+
+def _cases(doc: Document) -> list[dict[str, Any]]:
+    spec = doc.body.get("spec")
+    cases = spec.get("cases") if isinstance(spec, dict) else None
+    return [c for c in cases if isinstance(c, dict)] if isinstance(cases, list) else []
+
+
+def _cmd_test(ns: argparse.Namespace) -> int:
+    policy_set = _load_or_report(ns.policies)
+    if policy_set is None:
+        return 1
+    passed = failed = 0
+    for doc in policy_set.tests:
+        for i, case in enumerate(_cases(doc)):
+            name = case.get("name") or f"case {i + 1}"
+            problems = run_case(policy_set, case)
+            if problems:
+                failed += 1
+                print(f"FAIL {doc.file} {doc.name}: {name}")
+                for problem in problems:
+                    print(f"     {problem}")
+            else:
+                passed += 1
+                if ns.verbose:
+                    print(f"PASS {doc.file} {doc.name}: {name}")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed or not passed else 0
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    from extauthz.server import Settings, serve
+
+    logging.basicConfig(
+        level=ns.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    listen = ns.listen
+    settings = Settings(
+        policies=ns.policies,
+        listen=listen,
+        unix_socket=ns.unix_socket,
+        http_host=ns.http_host,
+        http_port=ns.http_port,
+        max_message_bytes=ns.max_message_bytes,
+        check_timeout=ns.check_timeout,
+        reload_interval=ns.reload_interval,
+        grace=ns.grace,
+        redis_url=ns.redis_url,
+    )
+    try:
+        asyncio.run(serve(settings))
+    except PolicySetError as exc:
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+        print(f"extauthz: not starting: {len(exc.errors)} error(s) in policy folder {ns.policies}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    command = {"serve": _cmd_serve, "validate": _cmd_validate, "explain": _cmd_explain, "test": _cmd_test}
+    return command[ns.command](ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Per-request evaluation state shared by the checks of one policy, and how CEL reads it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from extauthz.cel import MISSING, Accessor
+from extauthz.request import Peer, Request
+
+if TYPE_CHECKING:
+    from extauthz.policy.compiler import CompiledPolicy
+
+__all__ = ["ANONYMOUS", "CheckContext", "Denial", "accessor_for"]
+
+#: The identity of a request that no identity source recognised (or of a policy without any).
+ANONYMOUS: Mapping[str, Any] = {"kind": "anonymous", "source": "", "subject": "", "claims": {}, "scopes": []}
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Why a check refused the request. ``reason`` is a stable, documented code."""
+
+    status: int
+    reason: str
+    message: str
+    #: Headers for the client (e.g. WWW-Authenticate, Retry-After).
+    headers: tuple[tuple[str, str], ...] = ()
+    #: Which check/rule denied, for logs and explain output.
+    rule: str = ""
+
+
+@dataclass(slots=True)
+class CheckContext:
+    """Mutable state of one Check as it goes through a policy's checks."""
+
+    request: Request
+    policy: CompiledPolicy | None = None
+    identity: Mapping[str, Any] = field(default_factory=lambda: ANONYMOUS)
+    #: The rule that decided, once the rules check ran.
+    rule: str = ""
+    #: Headers to set on the upstream request on allow (name, value).
+    upstream_headers: list[tuple[str, str]] = field(default_factory=list)
+    #: Client-supplied headers to strip from the upstream request on allow.
+    remove_headers: list[str] = field(default_factory=list)
+    #: Headers for the client's response, on allow and deny (e.g. RateLimit).
+    client_headers: list[tuple[str, str]] = field(default_factory=list)
+    #: Extra attributes for the decision log, metrics and trace (no secrets).
+    attributes: dict[str, Any] = field(default_factory=dict)
+    #: When set (explain, policy tests), checks append human-readable steps here.
+    steps: list[str] | None = None
+
+    def note(self, text: str) -> None:
+        if self.steps is not None:
+            self.steps.append(text)
+
+
+def _peer_field(peer_of: Callable[[Request], Peer], name: str) -> Callable[[CheckContext], Any]:
+    def get(ctx: CheckContext) -> Any:
+        value = getattr(peer_of(ctx.request), name)
+        if name == "labels":
+            return dict(value)
+        return value
+
+    return get
+
+
+_REQUEST_FIELDS: dict[str, Callable[[Request], Any]] = {
+    "method": lambda r: r.method,
+    "host": lambda r: r.host,
+    "path": lambda r: r.path,
+    "raw_path": lambda r: r.raw_path,
+    "query": lambda r: dict(r.query),
+    "query_all": lambda r: {k: list(v) for k, v in r.query_all.items()},
+    "headers": lambda r: r.headers if type(r.headers) is dict else dict(r.headers),
+    "body": lambda r: MISSING if r.body_text is None else r.body_text,
+    "raw_body": lambda r: r.body,
+    "id": lambda r: r.id,
+    "scheme": lambda r: r.scheme,
+    "protocol": lambda r: r.protocol,
+    "size": lambda r: r.size,
+    "partial_body": lambda r: r.partial_body,
+    "fragment": lambda r: r.fragment,
+}
+
+
+def _root(path: tuple[str, ...]) -> tuple[Callable[[CheckContext], Any], int]:
+    """The getter for the fixed part of a path, and how many path parts it consumed."""
+    var = path[0]
+    if var == "request":
+        if len(path) == 1:
+            return (lambda ctx: {name: get(ctx.request) for name, get in _REQUEST_FIELDS.items()}), 1
+        get_field = _REQUEST_FIELDS[path[1]]
+        return (lambda ctx: get_field(ctx.request)), 2
+    if var in ("source", "destination"):
+        def peer_of(r: Request) -> Peer:
+            return r.source if var == "source" else r.destination
+
+        if len(path) == 1:
+            names = ("address", "port", "principal", "certificate", "service", "labels")
+            getters = {name: _peer_field(peer_of, name) for name in names}
+            return (lambda ctx: {name: get(ctx) for name, get in getters.items()}), 1
+        return _peer_field(peer_of, path[1]), 2
+    if var == "tls":
+        return (lambda ctx: {"sni": ctx.request.sni}), 1
+    if var == "context":
+        return (lambda ctx: dict(ctx.request.context_extensions)), 1
+    if var == "metadata":
+        return (lambda ctx: dict(ctx.request.metadata)), 1
+    if var == "identity":
+        return (lambda ctx: ctx.identity), 1
+    raise KeyError(var)
+
+
+def accessor_for(path: tuple[str, ...]) -> Accessor:
+    """Build the function that reads ``path`` from a CheckContext (MISSING when absent)."""
+    root, consumed = _root(path)
+    keys = path[consumed:]
+    if not keys:
+        return root
+
+    def get(ctx: CheckContext) -> Any:
+        value = root(ctx)
+        for key in keys:
+            if isinstance(value, Mapping):
+                value = value.get(key, MISSING)
+                if value is MISSING:
+                    return MISSING
+            else:
+                return MISSING
+        return value
+
+    return get

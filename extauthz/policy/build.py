@@ -1,0 +1,228 @@
+"""What a check sees while its policy is compiled: typed access to its spec section, and errors.
+
+Checks read their section through :class:`Spec`, which records a precise error (file, line, field)
+for anything malformed and returns a safe placeholder, so one pass reports every problem of a
+policy set instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from extauthz.cel import CelError, Expression, compile_expression
+from extauthz.context import accessor_for
+from extauthz.policy.model import Document, FieldPath, PolicyError
+
+__all__ = ["BuildContext", "Services", "Spec"]
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Services:
+    """Long-lived things checks share across policies and reloads (stores, key caches, fetchers).
+
+    ``shared(key, factory)`` returns one instance per key for the life of the process, so a policy
+    reload keeps JWKS caches, API-key tables and store connections warm. Objects may define
+    ``async start()`` and ``async aclose()``; the server calls them.
+    """
+
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    _shared: dict[Any, Any] = field(default_factory=dict)
+
+    def shared(self, key: Any, factory: Callable[[], T]) -> T:
+        if key not in self._shared:
+            self._shared[key] = factory()
+        return self._shared[key]  # type: ignore[no-any-return]
+
+    def all(self) -> list[Any]:
+        return list(self._shared.values())
+
+
+@dataclass(slots=True)
+class BuildContext:
+    """Compile-time context of one policy document."""
+
+    document: Document
+    folder: Path
+    services: Services
+    errors: list[PolicyError]
+
+    @property
+    def policy_name(self) -> str:
+        return self.document.name
+
+    def error(self, path: FieldPath, message: str) -> None:
+        self.errors.append(self.document.error(path, message))
+
+    def spec(self, section: str) -> Spec:
+        return Spec(self, ("spec", section), self.document.body.get("spec", {}).get(section))
+
+    def resolve_path(self, value: str) -> Path:
+        """A file path from a policy: relative ones are relative to the policy folder."""
+        path = Path(value)
+        return path if path.is_absolute() else self.folder / path
+
+
+_MISSING: Any = object()
+
+
+class Spec:
+    """A node of a policy's spec with typed, error-recording accessors."""
+
+    __slots__ = ("build", "path", "value")
+
+    def __init__(self, build: BuildContext, path: FieldPath, value: Any) -> None:
+        self.build = build
+        self.path = path
+        self.value = value
+
+    def error(self, message: str, key: str | int | None = None) -> None:
+        self.build.error(self.path if key is None else (*self.path, key), message)
+
+    @property
+    def present(self) -> bool:
+        return self.value is not None
+
+    def child(self, key: str | int) -> Spec:
+        value = None
+        if isinstance(self.value, Mapping) and isinstance(key, str):
+            value = self.value.get(key)
+        elif isinstance(self.value, list) and isinstance(key, int):
+            value = self.value[key]
+        return Spec(self.build, (*self.path, key), value)
+
+    def is_mapping(self, *, allowed: Iterable[str] | None = None) -> bool:
+        """True if this is a mapping; reports unknown keys when ``allowed`` is given."""
+        if not isinstance(self.value, Mapping):
+            self.error("must be a mapping")
+            return False
+        if allowed is not None:
+            allowed = set(allowed)
+            for key in self.value:
+                if key not in allowed:
+                    self.error(f"unknown field (allowed: {', '.join(sorted(allowed))})", key)
+        return True
+
+    def items(self) -> list[Spec]:
+        """The elements of a list (an error and [] if it is not one)."""
+        if self.value is None:
+            return []
+        if not isinstance(self.value, list):
+            self.error("must be a list")
+            return []
+        return [self.child(i) for i in range(len(self.value))]
+
+    def entries(self) -> list[tuple[str, Spec]]:
+        if self.value is None:
+            return []
+        if not isinstance(self.value, Mapping):
+            self.error("must be a mapping")
+            return []
+        return [(str(k), self.child(k)) for k in self.value]
+
+    def _get(self, key: str, kinds: tuple[type, ...], type_name: str, default: Any, required: bool) -> Any:
+        node = self.child(key)
+        if node.value is None:
+            if required:
+                self.error("is required", key)
+            return default
+        if isinstance(node.value, bool) and bool not in kinds:
+            node.error(f"must be {type_name}")
+            return default
+        if not isinstance(node.value, kinds):
+            node.error(f"must be {type_name}")
+            return default
+        return node.value
+
+    def str(self, key: str, default: str | None = None, *, required: bool = False, choices: Iterable[str] | None = None) -> Any:
+        value = self._get(key, (str,), "a string", default, required)
+        if choices is not None and value is not None and value not in set(choices):
+            self.error(f"must be one of: {', '.join(choices)}", key)
+            return default
+        return value
+
+    def int(self, key: str, default: int | None = None, *, required: bool = False, min: int | None = None, max: int | None = None) -> Any:  # noqa: A002
+        value = self._get(key, (int,), "an integer", default, required)
+        if isinstance(value, int) and value is not default:
+            if (min is not None and value < min) or (max is not None and value > max):
+                self.error(f"must be between {min} and {max}", key)
+                return default
+        return value
+
+    def number(self, key: str, default: float | None = None, *, required: bool = False) -> Any:
+        value = self._get(key, (int, float), "a number", default, required)
+        return float(value) if value is not None else None
+
+    def bool(self, key: str, default: bool | None = None, *, required: bool = False) -> Any:
+        return self._get(key, (bool,), "true or false", default, required)
+
+    def str_list(self, key: str, *, required: bool = False) -> list[str]:
+        node = self.child(key)
+        if node.value is None:
+            if required:
+                self.error("is required", key)
+            return []
+        if isinstance(node.value, str):
+            return [node.value]
+        if not isinstance(node.value, list) or not all(isinstance(v, str) for v in node.value):
+            node.error("must be a list of strings")
+            return []
+        return list(node.value)
+
+    def duration(self, key: str, default: float | None = None, *, required: bool = False) -> Any:
+        """A duration in seconds: a number, or a string like '500ms', '30s', '5m', '1h'."""
+        node = self.child(key)
+        if node.value is None:
+            if required:
+                self.error("is required", key)
+            return default
+        seconds = parse_duration(node.value)
+        if seconds is None or seconds < 0:
+            node.error("must be a duration such as 500ms, 30s, 5m or 1h")
+            return default
+        return seconds
+
+    def cel(self, key: str | None = None, *, expect: str | None = None, required: bool = False,
+            allowed: Iterable[str] | None = None) -> Expression | None:
+        """Compile a CEL expression at ``key`` (or this node when key is None)."""
+        node = self if key is None else self.child(key)
+        if node.value is None:
+            if required:
+                node.error("is required")
+            return None
+        if not isinstance(node.value, str):
+            node.error("must be a CEL expression (a string)")
+            return None
+        try:
+            return compile_expression(node.value, accessor_for, expect=expect, allowed=allowed)
+        except CelError as exc:
+            node.error(f"invalid CEL: {exc}")
+            return None
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    for unit in ("ms", "s", "m", "h", "d"):
+        if text.endswith(unit):
+            number = text[: -len(unit)]
+            try:
+                return float(number) * _UNITS[unit]
+            except ValueError:
+                return None
+    try:
+        return float(text)
+    except ValueError:
+        return None

@@ -1,0 +1,160 @@
+"""Reading a policy folder, and watching it for changes.
+
+The folder may be a Kubernetes ConfigMap volume: the files are symlinks into a hidden
+timestamped folder that the kubelet replaces by swapping the ``..data`` symlink atomically. We
+read every visible ``*.yaml``/``*.yml`` file (following symlinks, skipping dot-entries) and watch a
+fingerprint of the resolved files, so a swap is seen as one change and never half-applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from extauthz.policy.build import Services
+from extauthz.policy.compiler import PolicySet, compile_documents
+from extauthz.policy.model import Document, PolicyError, PolicySetError, parse_documents
+
+__all__ = ["PolicyWatcher", "load_folder", "policy_files", "read_documents"]
+
+log = logging.getLogger("extauthz.policy")
+
+_SUFFIXES = (".yaml", ".yml")
+#: A policy file larger than this is refused: it is a mistake, not a policy.
+MAX_FILE_BYTES = 4 * 1024 * 1024
+
+
+def policy_files(folder: Path) -> list[Path]:
+    """Visible YAML files under ``folder``, sorted; dot-entries (``..data``) are never walked."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and name.endswith(_SUFFIXES):
+                found.append(Path(root) / name)
+    return found
+
+
+def read_documents(folder: Path) -> list[Document]:
+    """Parse every document in the folder; raise PolicySetError listing every problem."""
+    if not folder.is_dir():
+        raise PolicySetError([PolicyError(str(folder), 0, "", 0, "policy folder does not exist or is not a folder")])
+    documents: list[Document] = []
+    errors: list[PolicyError] = []
+    for path in policy_files(folder):
+        label = str(path.relative_to(folder))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            errors.append(PolicyError(label, 0, "", 0, f"cannot read: {exc.strerror}"))
+            continue
+        if len(data) > MAX_FILE_BYTES:
+            errors.append(PolicyError(label, 0, "", 0, f"file is larger than {MAX_FILE_BYTES} bytes"))
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            errors.append(PolicyError(label, 0, "", 0, f"not valid UTF-8 (byte {exc.start})"))
+            continue
+        docs, problems = parse_documents(text, label)
+        documents.extend(docs)
+        errors.extend(problems)
+    if errors:
+        raise PolicySetError(errors)
+    return documents
+
+
+def load_folder(folder: Path, services: Services | None = None) -> PolicySet:
+    """Read, validate and compile a folder as one set; raise PolicySetError with every problem."""
+    return compile_documents(read_documents(folder), folder, services)
+
+
+def fingerprint(folder: Path) -> tuple:
+    """Changes whenever a policy file is added, removed, replaced or rewritten."""
+    items = []
+    try:
+        for path in policy_files(folder):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            items.append((str(path), os.path.realpath(path), st.st_mtime_ns, st.st_size, st.st_ino))
+    except OSError:
+        return ("unreadable",)
+    return tuple(items)
+
+
+class PolicyWatcher:
+    """Polls the folder; on change, validates the whole new set and hands it to ``on_set``.
+
+    An invalid set is reported through ``on_error`` and the last good set keeps serving. Polling
+    (default 1 s) is simple and sees every kind of change, including symlink swaps, that
+    inotify-based watching can miss on some volume types.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        services: Services,
+        on_set: Callable[[PolicySet], Awaitable[None] | None],
+        on_error: Callable[[PolicySetError], None],
+        interval: float = 1.0,
+    ) -> None:
+        self.folder = folder
+        self.services = services
+        self.on_set = on_set
+        self.on_error = on_error
+        self.interval = interval
+        self._seen: tuple | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def mark_loaded(self) -> None:
+        """Record the folder's current state as the one already loaded."""
+        self._seen = fingerprint(self.folder)
+
+    async def poll_once(self) -> bool | None:
+        """Reload if the folder changed: True if a new set is live, False if rejected, None if unchanged."""
+        current = await asyncio.to_thread(fingerprint, self.folder)
+        if current == self._seen:
+            return None
+        # Let a burst of writes settle, then take the state we are about to load.
+        await asyncio.sleep(0.05)
+        current = await asyncio.to_thread(fingerprint, self.folder)
+        self._seen = current
+        try:
+            policy_set = await asyncio.to_thread(load_folder, self.folder, self.services)
+        except PolicySetError as exc:
+            self.on_error(exc)
+            return False
+        except Exception as exc:  # never let a reload kill the watcher
+            log.exception("policy reload failed")
+            self.on_error(PolicySetError([PolicyError(str(self.folder), 0, "", 0, f"internal error: {exc}")]))
+            return False
+        result = self.on_set(policy_set)
+        if result is not None:
+            await result
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("policy watcher error")
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="policy-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

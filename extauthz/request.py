@@ -1,0 +1,304 @@
+"""The request view: one immutable object per Check, built once from what Envoy sent.
+
+Everything a policy matches on is normalized here, once, so that no check can be tricked by a
+spelling of the same request that another component reads differently. Anything ambiguous is
+refused with a 400 rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import parse_qsl, unquote_to_bytes
+
+from google.protobuf import json_format
+
+from extauthz.api.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+
+__all__ = [
+    "BadRequest",
+    "Peer",
+    "Request",
+    "normalize_host",
+    "normalize_path",
+    "request_from_check",
+]
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+# RFC 3986 pchar plus "/" (and "%" for escapes): anything else in a path is refused.
+_PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
+# reg-name / IPv4 / bracketed IPv6 hosts, optionally with a port.
+_HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+
+
+class BadRequest(ValueError):  # noqa: N818 - it is a request classification, not a program error
+    """The request cannot be interpreted without guessing; it is denied with 400.
+
+    ``reason`` is a stable machine-readable code, ``str(exc)`` a human explanation.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def normalize_path(raw: str) -> str:
+    """Return the canonical form of a request path (no query), or raise BadRequest.
+
+    Steps, in this order: reject characters outside RFC 3986; decode percent-escapes of
+    unreserved characters only (keeping every other escape, upper-cased); refuse escapes that
+    would change the path structure (%2F, %5C), %00 and malformed escapes; drop ``;params``
+    from each segment (some servers ignore them, so ``/admin;x`` is ``/admin``); remove dot
+    segments (RFC 3986 5.2.4); merge repeated slashes.
+    """
+    if not raw.startswith("/"):
+        if raw == "*":
+            return "*"
+        raise BadRequest("invalid_path", "path must start with '/'")
+    if _PATH_CHARS.fullmatch(raw) is None:
+        raise BadRequest("invalid_path", "path contains characters that are not allowed in a URL path")
+    if "%" in raw:
+        raw = _decode_unreserved(raw)
+    segments = raw.split("/")
+    out: list[str] = []
+    last = len(segments) - 1
+    for i, segment in enumerate(segments):
+        if ";" in segment:
+            segment = segment.split(";", 1)[0]
+        if segment == "..":
+            if out:
+                out.pop()
+            if i == last:
+                out.append("")
+            continue
+        if segment == ".":
+            if i == last:
+                out.append("")
+            continue
+        if segment == "" and i != last:
+            continue  # repeated, leading slashes
+        out.append(segment)
+    return "/" + "/".join(out)
+
+
+def _decode_unreserved(raw: str) -> str:
+    parts = raw.split("%")
+    out = [parts[0]]
+    for part in parts[1:]:
+        code = part[:2]
+        if len(code) < 2 or code[0] not in _HEX or code[1] not in _HEX:
+            raise BadRequest("invalid_path", "path has a malformed percent-escape")
+        byte = int(code, 16)
+        if byte in (0x2F, 0x5C):
+            raise BadRequest("invalid_path", "path has an encoded '/' or '\\'")
+        if byte == 0:
+            raise BadRequest("invalid_path", "path has an encoded NUL")
+        if byte in _UNRESERVED:
+            out.append(chr(byte) + part[2:])
+        else:
+            out.append("%" + code.upper() + part[2:])
+    return "".join(out)
+
+
+def normalize_host(raw: str) -> str:
+    """Lower-case the host, drop the port and one trailing dot; raise BadRequest when malformed."""
+    if not raw:
+        return ""
+    if _HOST_RE.fullmatch(raw) is None:
+        raise BadRequest("invalid_host", "host header is malformed")
+    if raw.startswith("["):
+        host = raw[: raw.index("]") + 1]
+    else:
+        host = raw.rsplit(":", 1)[0] if ":" in raw else raw
+    host = host.lower()
+    if host.endswith("."):
+        host = host[:-1]
+        if host.endswith("."):
+            raise BadRequest("invalid_host", "host has more than one trailing dot")
+    return host
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One end of the connection as Envoy saw it (source or destination)."""
+
+    address: str = ""
+    port: int = 0
+    principal: str = ""
+    #: The PEM certificate, URL-decoded from what Envoy sends; empty when not sent.
+    certificate: str = ""
+    service: str = ""
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a policy sees of one HTTP request. Built once per Check, never mutated."""
+
+    method: str
+    #: Lower-cased, without port or trailing dot.
+    host: str
+    #: Normalized path without query: what policies match on. Case-sensitive.
+    path: str
+    #: The path exactly as the client sent it, query included: what signatures cover.
+    raw_path: str
+    #: The raw query string, without '?'.
+    raw_query: str
+    #: Header names are lower-case (Envoy's convention); pseudo-headers (":path") included.
+    headers: Mapping[str, str]
+    body: bytes = b""
+    #: True when Envoy sent only the first bytes of a larger body (x-envoy-auth-partial-body).
+    partial_body: bool = False
+    id: str = ""
+    scheme: str = ""
+    protocol: str = ""
+    fragment: str = ""
+    size: int = -1
+    time: datetime.datetime | None = None
+    source: Peer = Peer()
+    destination: Peer = Peer()
+    sni: str = ""
+    context_extensions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    #: metadata_context.filter_metadata as plain dicts.
+    metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    #: Query parameters: first value per name; ``query_all`` keeps every value.
+    query: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    query_all: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _EMPTY)
+    #: Headers whose value is not valid text, by name; only filled from Envoy's raw header_map.
+    raw_headers: Mapping[str, bytes] = field(default_factory=lambda: _EMPTY)
+
+    @property
+    def body_text(self) -> str | None:
+        """The body as UTF-8 text, or None when it is not valid UTF-8."""
+        try:
+            return self.body.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+
+def _peer(msg: attribute_context_pb2.AttributeContext.Peer) -> Peer:
+    if not msg.ByteSize():
+        return Peer()
+    sock = msg.address.socket_address
+    certificate = msg.certificate
+    if certificate:
+        certificate = unquote_to_bytes(certificate).decode("utf-8", "replace")
+    return Peer(
+        address=sock.address or msg.address.pipe.path,
+        port=sock.port_value,
+        principal=msg.principal,
+        certificate=certificate,
+        service=msg.service,
+        labels=MappingProxyType(dict(msg.labels)) if msg.labels else _EMPTY,
+    )
+
+
+def _headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> tuple[dict[str, str], dict[str, bytes]]:
+    """Headers as one value per lower-case name.
+
+    Envoy fills either ``headers`` (duplicates already joined with ",") or, with
+    ``encode_raw_headers``, ``header_map`` with one entry per occurrence and raw bytes. A
+    duplicated pseudo-header is ambiguous and refused.
+    """
+    if not http.header_map.headers:
+        return dict(http.headers), {}
+    joined: dict[str, str] = {}
+    raw: dict[str, bytes] = {}
+    for entry in http.header_map.headers:
+        name = entry.key.lower()
+        value_bytes = entry.raw_value if entry.raw_value else entry.value.encode()
+        try:
+            value = value_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            value = value_bytes.decode("latin-1")
+            raw[name] = value_bytes
+        if name in joined:
+            if name.startswith(":"):
+                raise BadRequest("duplicate_header", f"pseudo-header {name} appears more than once")
+            joined[name] = joined[name] + "," + value
+        else:
+            joined[name] = value
+    return joined, raw
+
+
+def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
+    """Build the request view from a CheckRequest, or raise BadRequest."""
+    attrs = check.attributes
+    http = attrs.request.http
+    headers, raw_headers = _headers(http)
+
+    authority = headers.get(":authority", http.host)
+    host_header = headers.get("host")
+    host = normalize_host(authority or host_header or "")
+    if host_header is not None and authority and normalize_host(host_header) != host:
+        raise BadRequest("ambiguous_host", ":authority and host headers disagree")
+    if "," in authority:
+        raise BadRequest("duplicate_header", ":authority appears more than once")
+
+    raw_path = http.path or headers.get(":path", "")
+    path_part, _, raw_query = raw_path.partition("?")
+    path_part = path_part.partition("#")[0]
+    method = http.method or headers.get(":method", "")
+    path = "*" if method == "CONNECT" and not path_part else normalize_path(path_part)
+
+    if http.raw_body:
+        body = http.raw_body
+    elif http.body:
+        body = http.body.encode("utf-8")
+    else:
+        body = b""
+
+    query: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    query_all: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _EMPTY)
+    if raw_query:
+        pairs = parse_qsl(raw_query, keep_blank_values=True)
+        first: dict[str, str] = {}
+        every: dict[str, list[str]] = {}
+        for name, value in pairs:
+            first.setdefault(name, value)
+            every.setdefault(name, []).append(value)
+        query = first
+        query_all = {name: tuple(values) for name, values in every.items()}
+
+    metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    if attrs.metadata_context.filter_metadata:
+        metadata = {
+            name: json_format.MessageToDict(struct)
+            for name, struct in attrs.metadata_context.filter_metadata.items()
+        }
+
+    time = None
+    if attrs.request.HasField("time"):
+        time = attrs.request.time.ToDatetime(tzinfo=datetime.UTC)
+
+    return Request(
+        method=method,
+        host=host,
+        path=path,
+        raw_path=raw_path,
+        raw_query=raw_query,
+        headers=headers,
+        body=body,
+        partial_body=headers.get("x-envoy-auth-partial-body") == "true",
+        id=http.id,
+        scheme=http.scheme,
+        protocol=http.protocol,
+        fragment=http.fragment,
+        size=http.size,
+        time=time,
+        source=_peer(attrs.source),
+        destination=_peer(attrs.destination),
+        sni=attrs.tls_session.sni,
+        context_extensions=dict(attrs.context_extensions) if attrs.context_extensions else _EMPTY,
+        metadata=metadata,
+        query=query,
+        query_all=query_all,
+        raw_headers=raw_headers or _EMPTY,
+    )

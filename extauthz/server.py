@@ -1,0 +1,230 @@
+"""The sidecar process: gRPC Check service, gRPC health, HTTP probes and metrics, policy watching."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
+from extauthz.decision import Authorizer, Decision
+from extauthz.policy import PolicySet, PolicySetError, PolicyWatcher, Services, load_folder
+from extauthz.responses import to_check_response
+from extauthz.telemetry.metrics import Metrics
+
+__all__ = ["Settings", "Sidecar", "serve"]
+
+log = logging.getLogger("extauthz.server")
+
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+
+
+@dataclass(slots=True)
+class Settings:
+    policies: Path
+    listen: str = "127.0.0.1:9191"
+    #: Extra gRPC listen address, e.g. "unix:/run/extauthz.sock".
+    unix_socket: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8282
+    max_message_bytes: int = 16 * 1024 * 1024
+    check_timeout: float = 1.0
+    reload_interval: float = 1.0
+    #: Seconds in-flight checks get to finish after SIGTERM.
+    grace: float = 10.0
+    redis_url: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _malformed(decision_id: str) -> Decision:
+    return Decision(False, 400, "malformed_request", "CheckRequest could not be parsed", decision_id)
+
+
+class Sidecar:
+    """Owns every long-lived part; ``start`` then ``wait_stopped``, or ``stop`` from outside."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.services = Services(settings={"redis_url": settings.redis_url, **settings.extra})
+        self.metrics = Metrics()
+        self.authorizer = Authorizer(check_timeout=settings.check_timeout)
+        self.authorizer.observers.append(self.metrics.observe)
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.http_server: asyncio.Server | None = None
+        self.watcher: PolicyWatcher | None = None
+        self.grpc_ports: list[int] = []
+        self.serving = False
+        self.last_reload: dict[str, Any] = {"ok": True, "errors": []}
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self._malformed_count = 0
+
+    # --- policies -------------------------------------------------------------------------
+    def load_initial(self) -> PolicySet:
+        """Load the folder at start-up; an invalid set raises PolicySetError (clear error exit)."""
+        policy_set = load_folder(self.settings.policies, self.services)
+        self._install(policy_set)
+        return policy_set
+
+    def _install(self, policy_set: PolicySet) -> None:
+        self.authorizer.swap(policy_set)
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.policies.set(len(policy_set.policies))
+        self.metrics.generation.set(self.authorizer.generation)
+        self.metrics.policy_errors.set(0)
+        self.last_reload = {"ok": True, "errors": []}
+        log.info("policy set generation %d live: %d policies from %d files",
+                 self.authorizer.generation, len(policy_set.policies), len(policy_set.files))
+
+    async def _on_new_set(self, policy_set: PolicySet) -> None:
+        await self._start_services()
+        self._install(policy_set)
+
+    def _on_bad_set(self, exc: PolicySetError) -> None:
+        self.metrics.reloads.labels("error").inc()
+        self.metrics.policy_errors.set(len(exc.errors))
+        self.last_reload = {"ok": False, "errors": [str(e) for e in exc.errors]}
+        for error in exc.errors:
+            log.error("policy set rejected, keeping generation %d: %s", self.authorizer.generation, error)
+
+    async def _start_services(self) -> None:
+        for service in self.services.all():
+            start = getattr(service, "start", None)
+            if start is not None and not getattr(service, "started", False):
+                await start()
+
+    # --- gRPC ------------------------------------------------------------------------------
+    async def _check(self, request_bytes: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            message = external_auth_pb2.CheckRequest.FromString(request_bytes)
+        except DecodeError:
+            self._malformed_count += 1
+            log.warning("malformed CheckRequest (%d bytes)", len(request_bytes))
+            return to_check_response(_malformed(f"malformed-{self._malformed_count}")).SerializeToString()
+        decision = await self.authorizer.check(message)
+        return to_check_response(decision).SerializeToString()
+
+    async def _start_grpc(self) -> None:
+        options = [
+            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        handler = grpc.unary_unary_rpc_method_handler(self._check)  # raw bytes in and out
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, {"Check": handler})])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.grpc_ports = [server.add_insecure_port(self.settings.listen)]
+        if self.settings.unix_socket:
+            server.add_insecure_port(self.settings.unix_socket)
+        await server.start()
+        self.grpc_server = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
+        log.info("gRPC listening on %s%s", self.settings.listen,
+                 f" and {self.settings.unix_socket}" if self.settings.unix_socket else "")
+
+    # --- HTTP probes and metrics -----------------------------------------------------------------
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        policy_set = self.authorizer.policy_set
+        ready = self.serving and policy_set is not None
+        detail = {
+            "ready": ready,
+            "serving": self.serving,
+            "generation": self.authorizer.generation,
+            "policies": len(policy_set.policies) if policy_set else 0,
+            "last_reload": self.last_reload,
+        }
+        return ready, detail
+
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while True:  # drain headers; we need none of them
+                header = await asyncio.wait_for(reader.readline(), 5)
+                if header in (b"\r\n", b"\n", b""):
+                    break
+            parts = line.decode("latin-1").split()
+            path = parts[1] if len(parts) >= 2 else ""
+            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+                status, ctype, body = 405, "text/plain", b"method not allowed\n"
+            elif path == "/healthz":
+                status, ctype, body = 200, "text/plain", b"ok\n"
+            elif path.startswith("/readyz"):
+                ready, detail = self.readiness()
+                status, ctype = (200 if ready else 503), "application/json"
+                body = json.dumps(detail).encode() + b"\n"
+            elif path == "/metrics":
+                status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
+            else:
+                status, ctype, body = 404, "text/plain", b"not found\n"
+            head = (f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            writer.write(head.encode() + (b"" if parts and parts[0] == "HEAD" else body))
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    # --- life cycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.authorizer.policy_set is None:
+            self.load_initial()
+        await self._start_services()
+        self.http_server = await asyncio.start_server(self._http, self.settings.http_host, self.settings.http_port)
+        await self._start_grpc()
+        self.watcher = PolicyWatcher(self.settings.policies, self.services, self._on_new_set, self._on_bad_set,
+                                     interval=self.settings.reload_interval)
+        self.watcher.mark_loaded()
+        self.watcher.start()
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight checks finish (up to the grace period), then close."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("stopping: finishing in-flight checks (grace %.1fs)", self.settings.grace)
+        await self.health.enter_graceful_shutdown()
+        self.serving = False
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(self.settings.grace)
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.http_server is not None:
+            self.http_server.close()
+        for service in self.services.all():
+            close = getattr(service, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    log.exception("closing %r failed", service)
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    sidecar = Sidecar(settings)
+    sidecar.load_initial()
+    await sidecar.start()
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.append(loop.create_task(sidecar.stop())))
+    await sidecar.wait_stopped()

@@ -1,0 +1,1 @@
+"""Telemetry: metrics, decision log and tracing, each a plain decision observer."""
