@@ -22,7 +22,7 @@ import grpc
 # Run from a checkout without installing: the generated code lives in extauthz/api/ at the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from extauthz.api.envoy.service.auth.v3 import (  # noqa: E402
+from extauthz.api.envoy.service.auth.v3 import (
     external_auth_pb2,
     external_auth_pb2_grpc,
 )
@@ -39,7 +39,7 @@ class AllowAll(external_auth_pb2_grpc.AuthorizationServicer):
     def __init__(self) -> None:
         self._ok = _ok_response()
 
-    async def Check(  # noqa: N802 - gRPC method name
+    async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         return self._ok

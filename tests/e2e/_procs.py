@@ -65,9 +65,7 @@ def _check_alive(proc: ManagedProcess | None, what: str) -> None:
         )
 
 
-def wait_for_tcp(
-    host: str, port: int, timeout: float = 20.0, proc: ManagedProcess | None = None
-) -> None:
+def wait_for_tcp(host: str, port: int, timeout: float = 20.0, proc: ManagedProcess | None = None) -> None:
     """Wait until host:port accepts a TCP connection (deadline: timeout seconds)."""
     deadline = time.monotonic() + timeout
     what = f"tcp://{host}:{port}"
@@ -171,7 +169,7 @@ class ManagedProcess:
             env=dict(env) if env is not None else None,
             cwd=str(cwd) if cwd is not None else None,
             start_new_session=True,  # a terminal Ctrl-C goes to the harness, which then stops us
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         self.pid = self.popen.pid
         LIVE_PROCESSES.append(self)

@@ -21,8 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _procs  # noqa: E402
-from _procs import DEFAULT_POLICIES, EchoUpstream, EnvoyProcess, GrpcAuthzServer  # noqa: E402
+import _procs
+from _procs import DEFAULT_POLICIES, EchoUpstream, EnvoyProcess, GrpcAuthzServer
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -35,8 +35,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     if rep.failed:
         for proc in list(_procs.LIVE_PROCESSES):
             rep.sections.append(
-                (f"{proc.name} (pid {proc.pid}, rc={proc.returncode}) log tail: {proc.log_path}",
-                 proc.log_tail(40))
+                (
+                    f"{proc.name} (pid {proc.pid}, rc={proc.returncode}) log tail: {proc.log_path}",
+                    proc.log_tail(40),
+                )
             )
 
 

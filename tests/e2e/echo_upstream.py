@@ -106,7 +106,7 @@ class EchoHandler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _handle
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         sys.stderr.write(f"echo-upstream: {self.address_string()} {format % args}\n")
 
 

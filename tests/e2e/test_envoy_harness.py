@@ -10,9 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import _procs
+import pytest
 
 pytestmark = pytest.mark.e2e
 

@@ -1,0 +1,584 @@
+"""Side-by-side benchmark: what does the extauthz sidecar cost on top of Envoy?
+
+    python bench/run.py                       # everything, defaults below (~4 minutes)
+    python bench/run.py --quick               # 1 round, 3 s per measurement (smoke test)
+    python bench/run.py --scenario extauthz --scenario jwt --policies policies/
+
+Scenarios (each gets its own Envoy, --concurrency 1, no access log; all answer with a direct_response
+200 so that no upstream app is measured — only the ext_authz filter differs):
+  (a) direct      Envoy alone
+  (b) allow-all   Envoy + ext_authz -> bench/allow_all_server.py (minimal grpc.aio Check, always OK)
+  (c) extauthz    Envoy + ext_authz -> the real sidecar serving --policies (same command as the e2e
+                  fixture); more sidecar scenarios are entries in SIDECAR_SCENARIOS (see --list).
+
+Modes (same load generator for every scenario, scenarios alternate, median over --rounds):
+  throughput  closed loop, --connections keep-alive connections, --duration s after --warmup s;
+              wrk if installed (apt-get install wrk), else a Python asyncio closed-loop generator.
+  rate        open loop at --rate req/s (Python asyncio, keep-alive connections, latency measured
+              from the scheduled send time, so queueing shows up in p99).
+
+Output: a table with req/s, p50, p99, non-2xx/errors and the ratios to (b) allow-all per row; the
+ratio row of (c) is the sidecar's overhead relative to the cheapest possible gRPC authz server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+
+import _procs  # noqa: E402  (the one home of the process helpers, shared with the e2e tests)
+
+# --------------------------------------------------------------------------------------------------
+# scenarios
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    method: str = "GET"
+    path: str = "/api/orders"
+    host: str = "orders.example.com"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def raw(self) -> bytes:
+        lines = [f"{self.method} {self.path} HTTP/1.1", f"Host: {self.host}"]
+        lines += [f"{k}: {v}" for k, v in self.headers.items()]
+        if self.body or self.method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(self.body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
+
+
+@dataclass(frozen=True)
+class SidecarScenario:
+    """A named way to run the sidecar. Fields left as None/empty use the command-line defaults.
+
+    setup(workdir) is an optional context manager factory run once before the sidecar starts (e.g. to
+    start a real Redis, write keys, mint a JWT); it yields a dict that may contain "extra_args"
+    (list), "env" (dict), "headers" (dict), "path", "host", "method", "body" — merged over the fields.
+    """
+
+    description: str
+    extra_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    method: str | None = None
+    path: str | None = None
+    host: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    setup: Callable[[Path], contextlib.AbstractContextManager[dict]] | None = None
+
+
+#: name -> scenario. Add "jwt", "quota-redis", "hmac", ... here.
+SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
+    "extauthz": SidecarScenario("sidecar serving --policies, request from --method/--path/--host/-H"),
+}
+
+DIRECT, ALLOW_ALL = "direct", "allow-all"
+
+
+# --------------------------------------------------------------------------------------------------
+# load generators
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    bad: int  # non-2xx/3xx responses + socket errors + timeouts
+
+
+def _percentile(sorted_values: list[float], pct: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    rank = max(0, min(len(sorted_values) - 1, round(pct / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[rank]
+
+
+def _lua_string(data: bytes | str) -> str:
+    raw = data.encode("latin-1") if isinstance(data, str) else data
+    out = []
+    for b in raw:
+        c = chr(b)
+        out.append(c if 32 <= b < 127 and c not in '"\\' else f"\\{b:03d}")
+    return '"' + "".join(out) + '"'
+
+
+WRK_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, '
+    .. '"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def run_wrk(wrk: str, port: int, req: RequestSpec, connections: int, seconds: float, workdir: Path) -> Result:
+    script = workdir / "wrk.lua"
+    lines = [
+        f"wrk.method = {_lua_string(req.method)}",
+        f"wrk.path = {_lua_string(req.path)}",
+        f'wrk.headers["Host"] = {_lua_string(req.host)}',
+        *[f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in req.headers.items()],
+    ]
+    if req.body:
+        lines.append(f"wrk.body = {_lua_string(req.body)}")
+    script.write_text("\n".join(lines) + "\n" + WRK_DONE)
+    argv = [
+        wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
+        "-s", str(script), f"http://127.0.0.1:{port}{req.path}",
+    ]  # fmt: skip
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    for line in res.stdout.splitlines():
+        if line.startswith("WRK_JSON "):
+            d = json.loads(line[len("WRK_JSON ") :])
+            bad = d["status"] + d["connect"] + d["read"] + d["write"] + d["timeout"]
+            return Result(
+                rps=d["requests"] / (d["duration_us"] / 1e6),
+                p50_ms=d["p50_us"] / 1000,
+                p99_ms=d["p99_us"] / 1000,
+                requests=d["requests"],
+                bad=bad,
+            )
+    raise RuntimeError(f"wrk produced no result (rc={res.returncode}):\n{res.stdout}\n{res.stderr}")
+
+
+class _Conn:
+    """One keep-alive HTTP/1.1 connection on raw asyncio streams (Content-Length or chunked)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> _Conn:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def request(self, raw: bytes) -> tuple[int, bool]:
+        """Send one request, read the full response. Returns (status, keep_alive)."""
+        self.writer.write(raw)
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("connection closed")
+        status = int(status_line.split(b" ", 2)[1])
+        length, chunked, keep_alive = 0, False, True
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            elif name == b"connection" and b"close" in value.lower():
+                keep_alive = False
+        if chunked:
+            while True:
+                size = int((await self.reader.readline()).split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while (await self.reader.readline()) not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                await self.reader.readexactly(size + 2)
+        elif length:
+            await self.reader.readexactly(length)
+        return status, keep_alive
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+async def _one(conn: _Conn | None, port: int, raw: bytes, timeout: float) -> tuple[_Conn | None, bool]:
+    """Returns (connection to reuse or None, ok)."""
+    try:
+        if conn is None:
+            conn = await _Conn.open(port)
+        status, keep_alive = await asyncio.wait_for(conn.request(raw), timeout)
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+        if conn is not None:
+            conn.close()
+        return None, False
+    if not keep_alive:
+        conn.close()
+        conn = None
+    return conn, 200 <= status < 400
+
+
+async def _closed_loop(port: int, raw: bytes, connections: int, seconds: float) -> Result:
+    latencies: list[float] = []
+    bad = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+
+    async def worker() -> None:
+        nonlocal bad
+        conn: _Conn | None = None
+        while loop.time() < deadline:
+            t0 = loop.time()
+            conn, ok = await _one(conn, port, raw, timeout=5.0)
+            latencies.append(loop.time() - t0)
+            bad += not ok
+        if conn is not None:
+            conn.close()
+
+    start = loop.time()
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(connections))), seconds + 15)
+    elapsed = loop.time() - start
+    latencies.sort()
+    return Result(len(latencies) / elapsed, _percentile(latencies, 50) * 1e3,
+                  _percentile(latencies, 99) * 1e3, len(latencies), bad)  # fmt: skip
+
+
+async def _open_loop(port: int, raw: bytes, rate: float, seconds: float, connections: int) -> Result:
+    """Requests are scheduled at t0 + i/rate regardless of responses; a request waits for a free
+    connection if all are busy, and its latency counts from the scheduled time."""
+    loop = asyncio.get_running_loop()
+    total = max(1, int(rate * seconds))
+    queue: asyncio.Queue[float | None] = asyncio.Queue()
+    latencies: list[float] = []
+    bad = 0
+
+    async def worker() -> None:
+        nonlocal bad
+        conn: _Conn | None = None
+        while (scheduled := await queue.get()) is not None:
+            conn, ok = await _one(conn, port, raw, timeout=5.0)
+            latencies.append(loop.time() - scheduled)
+            bad += not ok
+        if conn is not None:
+            conn.close()
+
+    workers = [asyncio.create_task(worker()) for _ in range(connections)]
+    t0 = loop.time() + 0.05
+    for i in range(total):
+        at = t0 + i / rate
+        delay = at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        queue.put_nowait(at)
+    for _ in workers:
+        queue.put_nowait(None)
+    try:
+        await asyncio.wait_for(asyncio.gather(*workers), timeout=15)
+    except TimeoutError:
+        for w in workers:
+            w.cancel()
+        bad += total - len(latencies)
+    elapsed = loop.time() - t0
+    latencies.sort()
+    return Result(len(latencies) / elapsed, _percentile(latencies, 50) * 1e3,
+                  _percentile(latencies, 99) * 1e3, len(latencies), bad)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class Target:
+    name: str
+    label: str
+    envoy: _procs.EnvoyProcess
+    request: RequestSpec
+
+
+def _request_for(args: argparse.Namespace, overrides: Mapping[str, object] | None = None) -> RequestSpec:
+    o = dict(overrides or {})
+    headers = dict(_parse_headers(args.header))
+    headers.update(o.get("headers") or {})  # type: ignore[call-overload]
+    body = o.get("body")
+    return RequestSpec(
+        method=str(o.get("method") or args.method),
+        path=str(o.get("path") or args.path),
+        host=str(o.get("host") or args.host),
+        headers=headers,
+        body=body if isinstance(body, bytes) else (args.body or "").encode(),
+    )
+
+
+def _parse_headers(items: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep:
+            raise SystemExit(f"bad -H {item!r}: expected 'Name: value'")
+        out.append((name.strip(), value.strip()))
+    return out
+
+
+def _probe(target: Target) -> str | None:
+    """One request before the load; returns a warning if it is not a 2xx."""
+    import http.client
+
+    req = target.request
+    conn = http.client.HTTPConnection("127.0.0.1", target.envoy.port, timeout=5)
+    try:
+        conn.request(req.method, req.path, body=req.body or None, headers={"Host": req.host, **req.headers})
+        resp = conn.getresponse()
+        body = resp.read()
+    except OSError as exc:
+        return f"{target.name}: probe request failed: {exc}"
+    finally:
+        conn.close()
+    if not 200 <= resp.status < 300:
+        return (
+            f"{target.name}: probe {req.method} {req.path} (Host {req.host}) answered {resp.status} "
+            f"{body[:200]!r} — its numbers measure that response, not an allowed request"
+        )
+    return None
+
+
+def _start_targets(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: Path) -> list[Target]:
+    def envoy_for(name: str, ext_authz: str | None) -> _procs.EnvoyProcess:
+        cfg = _procs.render_envoy_bootstrap(ext_authz=ext_authz, upstream_port=None, access_log=False)
+        envoy = _procs.start_envoy(cfg, workdir / name, name=f"envoy-{name}", log_level="warning")
+        stack.callback(envoy.stop)
+        return envoy
+
+    targets = [Target(DIRECT, "(a) direct", envoy_for(DIRECT, None), _request_for(args))]
+    allow_all = _procs.start_allow_all(workdir / ALLOW_ALL)
+    stack.callback(allow_all.stop)
+    allow_all_envoy = envoy_for(ALLOW_ALL, allow_all.target)
+    targets.append(Target(ALLOW_ALL, "(b) allow-all", allow_all_envoy, _request_for(args)))
+
+    wanted = args.scenario or ["extauthz"]
+    available, why = _procs.extauthz_available()
+    if not available:
+        print(f"SKIPPING sidecar scenarios {wanted}: python -m extauthz is unavailable ({why})")
+        return targets
+    policies = Path(args.policies)
+    if not policies.is_dir():
+        print(f"SKIPPING sidecar scenarios {wanted}: policies directory {policies} does not exist")
+        return targets
+    for i, name in enumerate(wanted):
+        sc = SIDECAR_SCENARIOS[name]
+        overrides: dict = {}
+        if sc.setup is not None:
+            overrides = dict(stack.enter_context(sc.setup(workdir / f"{name}-setup")) or {})
+        extra_args = [*sc.extra_args, *overrides.get("extra_args", ()), *args.sidecar_arg]
+        env = {**sc.env, **overrides.get("env", {})}
+        try:
+            sidecar = _procs.start_extauthz(
+                policies, workdir / name, extra_args=extra_args, env=env, name=f"extauthz-{name}"
+            )
+        except _procs.StartupError as exc:
+            print(f"SKIPPING sidecar scenario {name!r}: {exc}")
+            continue
+        stack.callback(sidecar.stop)
+        fields = {k: getattr(sc, k) for k in ("method", "path", "host", "body") if getattr(sc, k)}
+        fields["headers"] = {**sc.headers, **overrides.get("headers", {})}
+        fields.update({k: overrides[k] for k in ("method", "path", "host", "body") if k in overrides})
+        label = f"({chr(ord('c') + i)}) {name}"
+        targets.append(Target(name, label, envoy_for(name, sidecar.target), _request_for(args, fields)))
+    return targets
+
+
+def _measure(args: argparse.Namespace, mode: str, target: Target, workdir: Path) -> Result:
+    raw = target.request.raw()
+    port = target.envoy.port
+    if mode == "throughput":
+        if args.loadgen == "wrk":
+            if args.warmup > 0:
+                run_wrk(args.wrk, port, target.request, args.connections, args.warmup, workdir)
+            return run_wrk(args.wrk, port, target.request, args.connections, args.duration, workdir)
+        if args.warmup > 0:
+            asyncio.run(_closed_loop(port, raw, args.connections, args.warmup))
+        return asyncio.run(_closed_loop(port, raw, args.connections, args.duration))
+    if args.warmup > 0:
+        asyncio.run(_open_loop(port, raw, args.rate, args.warmup, args.rate_connections))
+    return asyncio.run(_open_loop(port, raw, args.rate, args.duration, args.rate_connections))
+
+
+def _median(results: list[Result]) -> Result:
+    return Result(
+        rps=statistics.median(r.rps for r in results),
+        p50_ms=statistics.median(r.p50_ms for r in results),
+        p99_ms=statistics.median(r.p99_ms for r in results),
+        requests=sum(r.requests for r in results),
+        bad=sum(r.bad for r in results),
+    )
+
+
+def _ratio(x: float, base: float) -> str:
+    return f"{x / base:.2f}x" if base else "-"
+
+
+def _table(mode: str, targets: list[Target], med: dict[str, Result], rounds: int) -> str:
+    base = med.get(ALLOW_ALL)
+    head = (f"{'scenario':<22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'bad':>6}   "
+            f"{'req/s/(b)':>9} {'p50/(b)':>8} {'p99/(b)':>8}")  # fmt: skip
+    out = [f"== {mode}: median of {rounds} round(s) ==", head, "-" * len(head)]
+    for t in targets:
+        r = med[t.name]
+        ratios = ("", "", "")
+        if base is not None:
+            ratios = (_ratio(r.rps, base.rps), _ratio(r.p50_ms, base.p50_ms), _ratio(r.p99_ms, base.p99_ms))
+        out.append(
+            f"{t.label:<22} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.bad:>6}   "
+            f"{ratios[0]:>9} {ratios[1]:>8} {ratios[2]:>8}"
+        )
+    return "\n".join(out)
+
+
+def _envoy_version() -> str:
+    with contextlib.suppress(Exception):
+        out = subprocess.run([_procs.envoy_binary(), "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().split("version:")[-1].strip()
+    return "?"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policies", default=str(_procs.DEFAULT_POLICIES), help="policies dir for the sidecar")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=sorted(SIDECAR_SCENARIOS),
+        metavar="NAME",
+        help="sidecar scenario(s) to add as (c), (d), ... (repeatable; default: extauthz)",
+    )
+    p.add_argument("--list", action="store_true", help="list sidecar scenarios and exit")
+    p.add_argument(
+        "--sidecar-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for every sidecar (repeatable)",
+    )
+    p.add_argument(
+        "--mode",
+        action="append",
+        choices=["throughput", "rate"],
+        help="throughput (closed loop) and/or rate (open loop); default: both",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="rounds; scenario order rotates (default 3)")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (default 10)")
+    p.add_argument("--warmup", type=float, default=2.0, help="discarded warm-up seconds per run (default 2)")
+    p.add_argument("--connections", type=int, default=16, help="closed-loop connections (default 16)")
+    p.add_argument("--rate", type=float, default=500.0, help="open-loop requests/s (default 500)")
+    p.add_argument(
+        "--rate-connections",
+        type=int,
+        default=32,
+        help="open-loop keep-alive connection pool size (default 32)",
+    )
+    p.add_argument(
+        "--loadgen",
+        choices=["auto", "wrk", "python"],
+        default="auto",
+        help="closed-loop generator (auto: wrk if on PATH, else python)",
+    )
+    p.add_argument("--method", default="GET")
+    p.add_argument("--path", default="/api/orders")
+    p.add_argument("--host", default="orders.example.com", help="Host header")
+    p.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'")
+    p.add_argument("--body", default="", help="request body (text)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 3 s, 1 s warm-up")
+    p.add_argument("--json", metavar="FILE", help="also write all raw and median results as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 1, 3.0, 1.0
+    args.mode = args.mode or ["throughput", "rate"]
+    if not (0 < args.duration <= 600 and 0 <= args.warmup <= 60 and 1 <= args.rounds <= 20):
+        p.error("bounds: 0 < --duration <= 600, 0 <= --warmup <= 60, 1 <= --rounds <= 20")
+    if not (1 <= args.connections <= 1000 and 1 <= args.rate_connections <= 1000 and 0 < args.rate <= 20000):
+        p.error("bounds: connections 1..1000, 0 < --rate <= 20000")
+    args.wrk = shutil.which("wrk")
+    if args.loadgen == "auto":
+        args.loadgen = "wrk" if args.wrk else "python"
+    elif args.loadgen == "wrk" and not args.wrk:
+        p.error("wrk not found (apt-get install -y wrk)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for name, sc in SIDECAR_SCENARIOS.items():
+            print(f"{name:<14} {sc.description}")
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="extauthz-bench-"))
+    print(
+        f"envoy {_envoy_version()} | {os.cpu_count()} CPUs | python {platform.python_version()}\n"
+        f"closed loop: {args.loadgen}, {args.connections} connections | "
+        f"open loop: python, {args.rate:.0f} req/s over {args.rate_connections} connections | "
+        f"{args.rounds} round(s) x ({args.warmup:g}s warm-up + {args.duration:g}s)"
+    )
+    print(f"work dir: {workdir}")
+    failed = False
+    report: dict = {"args": {k: v for k, v in vars(args).items() if k != "wrk"}, "modes": {}}
+    with contextlib.ExitStack() as stack:
+        try:
+            targets = _start_targets(args, stack, workdir)
+            for t in targets:
+                warning = _probe(t)
+                if warning:
+                    print("WARNING:", warning)
+            tables = []
+            for mode in args.mode:
+                raw: dict[str, list[Result]] = {t.name: [] for t in targets}
+                for rnd in range(args.rounds):
+                    order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
+                    for t in order:
+                        r = _measure(args, mode, t, workdir)
+                        raw[t.name].append(r)
+                        print(
+                            f"  [{mode} round {rnd + 1}/{args.rounds}] {t.label:<20} {r.rps:>8.0f} req/s  "
+                            f"p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:7.2f} ms  bad {r.bad}",
+                            flush=True,
+                        )
+                med = {name: _median(rs) for name, rs in raw.items()}
+                if mode == "throughput":
+                    title = f"throughput (closed loop, {args.loadgen}, {args.connections} connections)"
+                else:
+                    title = f"rate (open loop, {args.rate:.0f} req/s)"
+                tables.append(_table(title, targets, med, args.rounds))
+                report["modes"][mode] = {
+                    "rounds": {n: [vars(r) for r in rs] for n, rs in raw.items()},
+                    "median": {n: vars(r) for n, r in med.items()},
+                }
+            print()
+            print("\n\n".join(tables))
+            if not any(t.name not in (DIRECT, ALLOW_ALL) for t in targets):
+                print("\n(sidecar scenario(s) skipped — see the message above)")
+        except BaseException:
+            failed = True
+            for proc in list(_procs.LIVE_PROCESSES):
+                print(f"--- {proc.name} (pid {proc.pid}, rc={proc.returncode}) {proc.log_path} ---")
+                print(proc.log_tail(30))
+            raise
+        finally:
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2))
+    # all processes are stopped here (ExitStack)
+    if failed:
+        print(f"logs kept in {workdir}")
+    elif not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
