@@ -255,8 +255,8 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
     else:
         body = b""
 
-    query: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
-    query_all: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _EMPTY)
+    query: Mapping[str, str] = _EMPTY
+    query_all: Mapping[str, tuple[str, ...]] = _EMPTY
     if raw_query:
         pairs = parse_qsl(raw_query, keep_blank_values=True)
         first: dict[str, str] = {}
@@ -267,7 +267,7 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
         query = first
         query_all = {name: tuple(values) for name, values in every.items()}
 
-    metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    metadata: Mapping[str, Any] = _EMPTY
     if attrs.metadata_context.filter_metadata:
         metadata = {
             name: json_format.MessageToDict(struct)
