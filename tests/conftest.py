@@ -1,0 +1,28 @@
+"""Fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path) -> Callable[..., Path]:
+    """Write policy files into a fresh folder: ``policy_dir(**{"a.yaml": "..."})``; returns the folder."""
+    folder = tmp_path / "policies"
+    folder.mkdir()
+
+    def write(**files: str) -> Path:
+        for name, text in files.items():
+            (folder / name).write_text(textwrap.dedent(text))
+        return folder
+
+    return write
+
+
+def policy_yaml(name: str, spec: str) -> str:
+    """One AuthPolicy document with the given (already indented by 2) spec body."""
+    return f"apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata:\n  name: {name}\nspec:\n{textwrap.indent(textwrap.dedent(spec), '  ')}"
