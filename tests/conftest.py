@@ -23,6 +23,12 @@ def policy_dir(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
-def policy_yaml(name: str, spec: str) -> str:
-    """One AuthPolicy document with the given (already indented by 2) spec body."""
-    return f"apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata:\n  name: {name}\nspec:\n{textwrap.indent(textwrap.dedent(spec), '  ')}"
+def _policy_yaml(name: str, spec: str) -> str:
+    body = textwrap.indent(textwrap.dedent(spec).strip("\n"), "  ")
+    return f"apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata:\n  name: {name}\nspec:\n{body}\n"
+
+
+@pytest.fixture
+def policy_yaml() -> Callable[[str, str], str]:
+    """``policy_yaml(name, spec)``: one AuthPolicy document; ``spec`` is the YAML under ``spec:``."""
+    return _policy_yaml
