@@ -81,7 +81,8 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
     policy_set = _load_or_report(ns.policies)
     if policy_set is None:
         return 1
-    print(f"ok: {len(policy_set.policies)} policies, {len(policy_set.tests)} test documents in {len(policy_set.files)} files")
+    counts = f"{len(policy_set.policies)} policies, {len(policy_set.tests)} test documents"
+    print(f"ok: {counts} in {len(policy_set.files)} files")
     return 0
 
 
@@ -160,7 +161,9 @@ def run_case(policy_set: PolicySet, case: dict[str, Any]) -> list[str]:
         return [f"bad request: {exc}"]
     got = {"decision": "allow" if decision.allowed and not decision.would_deny else "deny",
            "status": decision.status, "reason": decision.reason, "policy": decision.policy, "rule": decision.rule}
-    problems = [f"{key}: expected {expect[key]!r}, got {got[key]!r}" for key in got if key in expect and expect[key] != got[key]]
+    problems = [
+        f"{key}: expected {expect[key]!r}, got {got[key]!r}" for key in got if key in expect and expect[key] != got[key]
+    ]
     headers = dict(decision.upstream_headers)
     for name, value in (expect.get("headers") or {}).items():
         if headers.get(name) != value:

@@ -14,14 +14,14 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.context import CheckContext, Denial
 from extauthz.policy.compiler import CompiledPolicy, PolicySet
 from extauthz.request import BadRequest, Request, request_from_check
 
-__all__ = ["Authorizer", "Decision", "DecisionObserver"]
+__all__ = ["Authorizer", "CheckTrace", "CheckTracer", "Decision", "DecisionObserver", "StageObserver"]
 
 log = logging.getLogger("extauthz.decision")
 
@@ -52,10 +52,36 @@ class Decision:
     #: Seconds spent deciding.
     duration: float = 0.0
     steps: tuple[str, ...] | None = None
+    #: W3C trace and span id (hex) of the Check's span, when tracing is on.
+    trace_id: str = ""
+    span_id: str = ""
 
 
 #: Called with every decision (decision log, metrics, tracing). Must not raise or block.
 DecisionObserver = Callable[[Decision], None]
+#: Called with (stage, seconds) as each stage of a Check ends: "parse", "select", then the phase of
+#: every check that ran ("identity", "signature", "rules", "quota", "response"). Must be cheap.
+StageObserver = Callable[[str, float], None]
+
+
+class CheckTrace(Protocol):
+    """The trace of one Check (extauthz.telemetry.tracing implements it)."""
+
+    def stage(self, stage: str, check: str) -> Any:
+        """Start the span of one stage; the result goes back to ``end_stage``."""
+
+    def end_stage(self, handle: Any, denial: Denial | None, error: BaseException | None = None) -> None: ...
+
+    def finish(self, decision: Decision) -> Decision:
+        """End the Check's span with the decision's attributes; return it with trace and span id."""
+
+    def abort(self) -> None:
+        """End the span when the Check itself was cancelled."""
+
+
+class CheckTracer(Protocol):
+    def begin(self, message: external_auth_pb2.CheckRequest) -> CheckTrace:
+        """Start the Check's span as a child of the trace context in the request's headers."""
 
 
 class _DecisionIds:
@@ -77,6 +103,10 @@ class Authorizer:
         self.generation = 1 if policy_set is not None else 0
         self.check_timeout = check_timeout
         self.observers: list[DecisionObserver] = []
+        #: Per-stage durations (metrics); None keeps the pipeline free of timing calls.
+        self.stage_observer: StageObserver | None = None
+        #: Tracing; None (not configured) means no span work at all.
+        self.tracer: CheckTracer | None = None
         self._ids = _DecisionIds()
 
     def swap(self, policy_set: PolicySet) -> None:
@@ -87,12 +117,19 @@ class Authorizer:
     async def check(self, message: external_auth_pb2.CheckRequest, *, explain: bool = False) -> Decision:
         started = time.perf_counter()
         steps: list[str] | None = [] if explain else None
+        trace = self.tracer.begin(message) if self.tracer is not None else None
         try:
-            decision = await self._decide(message, steps, started)
+            decision = await self._decide(message, steps, started, trace)
         except Exception:  # the last line of defence: nothing that breaks may allow
             log.exception("unexpected error while deciding")
             decision = Decision(False, 503, "internal_error", "authorization failed", self._ids.next(),
                                 duration=time.perf_counter() - started)
+        except BaseException:
+            if trace is not None:
+                trace.abort()
+            raise
+        if trace is not None:
+            decision = trace.finish(decision)
         for observer in self.observers:
             try:
                 observer(decision)
@@ -101,8 +138,10 @@ class Authorizer:
         return decision
 
     async def _decide(
-        self, message: external_auth_pb2.CheckRequest, steps: list[str] | None, started: float
+        self, message: external_auth_pb2.CheckRequest, steps: list[str] | None, started: float,
+        trace: CheckTrace | None = None,
     ) -> Decision:
+        stages = self.stage_observer
         try:
             request = request_from_check(message)
         except BadRequest as exc:
@@ -111,12 +150,22 @@ class Authorizer:
                 steps.append(f"bad request: {exc}")
             return Decision(False, 400, exc.reason, str(exc), http.id or self._ids.next(), steps=_frozen(steps),
                             duration=time.perf_counter() - started)
+        if stages is not None:
+            parsed = time.perf_counter()
+            stages("parse", parsed - started)
         decision_id = request.id or self._ids.next()
         policy_set = self.policy_set
         if policy_set is None:
             return Decision(False, 503, "not_ready", "no policy set loaded", decision_id, request=request,
                             duration=time.perf_counter() - started)
-        policy = policy_set.select(request.host, request.path, request.method)
+        if trace is None:
+            policy = policy_set.select(request.host, request.path, request.method)
+        else:
+            span = trace.stage("select", "")
+            policy = policy_set.select(request.host, request.path, request.method)
+            trace.end_stage(span, None)
+        if stages is not None:
+            stages("select", time.perf_counter() - parsed)
         if policy is None:
             if steps is not None:
                 steps.append(f"no policy matches host={request.host!r} path={request.path!r} method={request.method}")
@@ -125,15 +174,18 @@ class Authorizer:
         if steps is not None:
             steps.append(f"policy {policy.name} ({policy.file}) selected; checks: {', '.join(policy.check_names)}")
         ctx = CheckContext(request=request, policy=policy, steps=steps)
-        denial = await self._run_checks(policy, ctx)
+        denial = await self._run_checks(policy, ctx, trace)
         return _decision(policy, ctx, denial, decision_id, started)
 
-    async def _run_checks(self, policy: CompiledPolicy, ctx: CheckContext) -> Denial | None:
+    async def _run_checks(
+        self, policy: CompiledPolicy, ctx: CheckContext, trace: CheckTrace | None = None
+    ) -> Denial | None:
+        run = _run_all if trace is None and self.stage_observer is None else self._run_observed
         try:
             if policy.may_wait:
                 async with asyncio.timeout(self.check_timeout):
-                    return await _run_all(policy, ctx)
-            return await _run_all(policy, ctx)
+                    return await run(policy, ctx, trace)
+            return await run(policy, ctx, trace)
         except TimeoutError:
             ctx.attributes["error"] = f"checks did not finish within {self.check_timeout}s"
             ctx.note("timeout -> deny")
@@ -145,12 +197,48 @@ class Authorizer:
             return Denial(503, "internal_error", "authorization failed")
 
 
-async def _run_all(policy: CompiledPolicy, ctx: CheckContext) -> Denial | None:
+    async def _run_observed(self, policy: CompiledPolicy, ctx: CheckContext, trace: CheckTrace | None) -> Denial | None:
+        """_run_all with a span and/or a duration per check."""
+        stages = self.stage_observer
+        for check, name in zip(policy.checks, policy.check_names, strict=True):
+            stage = _stage_of(name)
+            span = trace.stage(stage, name) if trace is not None else None
+            began = time.perf_counter()
+            try:
+                denial = await check.check(ctx)
+            except BaseException as exc:
+                if trace is not None:
+                    trace.end_stage(span, None, exc)
+                raise
+            if stages is not None:
+                stages(stage, time.perf_counter() - began)
+            if trace is not None:
+                trace.end_stage(span, denial)
+            if denial is not None:
+                return denial
+        return None
+
+
+async def _run_all(policy: CompiledPolicy, ctx: CheckContext, trace: CheckTrace | None = None) -> Denial | None:
     for check in policy.checks:
         denial = await check.check(ctx)
         if denial is not None:
             return denial
     return None
+
+
+_STAGES: dict[str, str] = {}
+
+
+def _stage_of(section: str) -> str:
+    """The stage (phase name, lower-case) of a check kind: a bounded label for metrics and spans."""
+    stage = _STAGES.get(section)
+    if stage is None:
+        from extauthz.checks import kinds
+
+        kind = kinds().get(section)
+        stage = _STAGES[section] = kind.phase.name.lower() if kind is not None else section
+    return stage
 
 
 def _frozen(steps: list[str] | None) -> tuple[str, ...] | None:

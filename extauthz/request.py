@@ -38,7 +38,7 @@ _PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
 _HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 
 
-class BadRequest(ValueError):  # noqa: N818 - it is a request classification, not a program error
+class BadRequest(ValueError):
     """The request cannot be interpreted without guessing; it is denied with 400.
 
     ``reason`` is a stable machine-readable code, ``str(exc)`` a human explanation.

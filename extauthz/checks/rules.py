@@ -67,7 +67,9 @@ class RulesCheck:
                     ctx.note(f"rule {rule.name}: when is false")
                     continue
             ctx.rule = rule.name
-            ctx.note(f"rule {rule.name}: {'when holds' if rule.when else 'no condition'} -> {'allow' if rule.allow else 'deny'}")
+            if ctx.steps is not None:
+                why = "when holds" if rule.when else "no condition"
+                ctx.note(f"rule {rule.name}: {why} -> {'allow' if rule.allow else 'deny'}")
             return rule.denial
         ctx.note("no rule matched -> deny")
         return self.no_match

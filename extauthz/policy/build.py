@@ -138,19 +138,26 @@ class Spec:
             return default
         return node.value
 
-    def str(self, key: str, default: str | None = None, *, required: bool = False, choices: Iterable[str] | None = None) -> Any:
+    def str(
+        self, key: str, default: str | None = None, *, required: bool = False, choices: Iterable[str] | None = None
+    ) -> Any:
         value = self._get(key, (str,), "a string", default, required)
         if choices is not None and value is not None and value not in set(choices):
             self.error(f"must be one of: {', '.join(choices)}", key)
             return default
         return value
 
-    def int(self, key: str, default: int | None = None, *, required: bool = False, min: int | None = None, max: int | None = None) -> Any:  # noqa: A002
+    def int(
+        self, key: str, default: int | None = None, *, required: bool = False,
+        min: int | None = None, max: int | None = None,
+    ) -> Any:
+        node = self.child(key)
         value = self._get(key, (int,), "an integer", default, required)
-        if isinstance(value, int) and value is not default:
-            if (min is not None and value < min) or (max is not None and value > max):
-                self.error(f"must be between {min} and {max}", key)
-                return default
+        if node.value is None or not isinstance(value, int):
+            return value
+        if (min is not None and value < min) or (max is not None and value > max):
+            node.error(f"must be between {min} and {max}")
+            return default
         return value
 
     def number(self, key: str, default: float | None = None, *, required: bool = False) -> Any:

@@ -103,7 +103,9 @@ def _match_routes(build: BuildContext, policy: CompiledPolicy | None) -> list[Ro
     ]
 
 
-def _compile_policy(doc: Document, folder: Path, services: Services, errors: list[PolicyError]) -> tuple[CompiledPolicy | None, list[Route]]:
+def _compile_policy(
+    doc: Document, folder: Path, services: Services, errors: list[PolicyError]
+) -> tuple[CompiledPolicy | None, list[Route]]:
     build = BuildContext(doc, folder, services, errors)
     before = len(errors)
     if not _NAME_RE.fullmatch(doc.name):
@@ -154,11 +156,13 @@ def compile_documents(documents: Sequence[Document], folder: Path, services: Ser
             tests.append(doc)
             continue
         if doc.kind != POLICY_KIND:
-            errors.append(doc.error(("kind",), f"unknown kind {doc.kind!r} (expected {POLICY_KIND} or PolicyTest)"))
+            expected = f"expected {POLICY_KIND} or PolicyTest"
+            errors.append(doc.error(("kind",), f"unknown kind {doc.kind!r} ({expected})"))
             continue
         if doc.name in names:
             first = names[doc.name]
-            errors.append(doc.error(("metadata", "name"), f"duplicate policy name (also in {first.file}:{first.line_of(())})"))
+            where = f"{first.file}:{first.line_of(())}"
+            errors.append(doc.error(("metadata", "name"), f"duplicate policy name (also in {where})"))
             continue
         names[doc.name] = doc
         policy, policy_routes = _compile_policy(doc, folder, services, errors)
@@ -168,8 +172,10 @@ def compile_documents(documents: Sequence[Document], folder: Path, services: Ser
     by_policy = {p.name: names[p.name] for p in policies}
     for a, b in find_ties(routes):
         doc = by_policy[b.target.name]
-        what = f"host {a.host or '*'}, path {a.path or '*'}, methods {','.join(sorted(a.methods & b.methods)) or '*'}"
-        errors.append(doc.error(("spec", "match"), f"ties with policy {a.target.name!r} ({what}): make one more specific"))
+        methods = ",".join(sorted(a.methods & b.methods)) or "*"
+        what = f"host {a.host or '*'}, path {a.path or '*'}, methods {methods}"
+        message = f"ties with policy {a.target.name!r} ({what}): make one more specific"
+        errors.append(doc.error(("spec", "match"), message))
     if errors:
         raise PolicySetError(errors)
     files = tuple(sorted({d.file for d in documents}))

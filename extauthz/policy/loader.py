@@ -9,6 +9,7 @@ fingerprint of the resolved files, so a swap is seen as one change and never hal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -38,10 +39,9 @@ def policy_files(folder: Path) -> list[Path]:
     return found
 
 
-def read_documents(folder: Path) -> list[Document]:
-    """Parse every document in the folder; raise PolicySetError listing every problem."""
+def _read(folder: Path) -> tuple[list[Document], list[PolicyError]]:
     if not folder.is_dir():
-        raise PolicySetError([PolicyError(str(folder), 0, "", 0, "policy folder does not exist or is not a folder")])
+        return [], [PolicyError(str(folder), 0, "", 0, "policy folder does not exist or is not a folder")]
     documents: list[Document] = []
     errors: list[PolicyError] = []
     for path in policy_files(folder):
@@ -62,14 +62,30 @@ def read_documents(folder: Path) -> list[Document]:
         docs, problems = parse_documents(text, label)
         documents.extend(docs)
         errors.extend(problems)
+    return documents, errors
+
+
+def read_documents(folder: Path) -> list[Document]:
+    """Parse every document in the folder; raise PolicySetError listing every problem."""
+    documents, errors = _read(folder)
     if errors:
         raise PolicySetError(errors)
     return documents
 
 
 def load_folder(folder: Path, services: Services | None = None) -> PolicySet:
-    """Read, validate and compile a folder as one set; raise PolicySetError with every problem."""
-    return compile_documents(read_documents(folder), folder, services)
+    """Read, validate and compile a folder as one set; raise PolicySetError with every problem.
+
+    Documents that parsed are compiled even when others did not, so one run reports everything.
+    """
+    documents, errors = _read(folder)
+    try:
+        policy_set = compile_documents(documents, folder, services)
+    except PolicySetError as exc:
+        errors.extend(exc.errors)
+    if errors:
+        raise PolicySetError(errors)
+    return policy_set
 
 
 def fingerprint(folder: Path) -> tuple:
@@ -154,7 +170,5 @@ class PolicyWatcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass

@@ -73,7 +73,7 @@ def _our_names() -> list[str]:
     pool = descriptor_pool.Default()
     names: list[str] = []
 
-    def walk_message(d) -> None:  # noqa: ANN001
+    def walk_message(d) -> None:
         names.append(d.full_name)
         for nested in d.nested_types:
             walk_message(nested)
