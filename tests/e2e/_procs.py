@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 
@@ -119,9 +120,7 @@ def wait_for_http(
             last = f"{type(exc).__name__}: {exc}"
         if time.monotonic() >= deadline:
             tail = f"\n--- last lines of {proc.log_path} ---\n{proc.log_tail()}" if proc else ""
-            raise StartupError(
-                f"{url} did not answer {expect_status} within {timeout:.0f}s (last: {last}){tail}"
-            )
+            raise StartupError(f"{url} did not answer {expect_status} within {timeout:.0f}s (last: {last}){tail}")
         time.sleep(0.1)
 
 
@@ -307,9 +306,7 @@ def render_envoy_bootstrap(
     listener = _find(static["listeners"], "ingress_http", "listener")
     listener["address"] = _socket_address(LOOPBACK, listener_port)
     chain = listener["filter_chains"][0]
-    hcm = _find(chain["filters"], "envoy.filters.network.http_connection_manager", "network filter")[
-        "typed_config"
-    ]
+    hcm = _find(chain["filters"], "envoy.filters.network.http_connection_manager", "network filter")["typed_config"]
     if not access_log:
         hcm.pop("access_log", None)
 
@@ -389,7 +386,7 @@ class EnvoyProcess:
 
     def stats(self, filter_regex: str = "") -> dict[str, int]:
         """Counters and gauges from the admin API (optionally filtered by a regex)."""
-        path = "/stats?format=json" + (f"&filter={filter_regex}" if filter_regex else "")
+        path = "/stats?format=json" + (f"&filter={quote(filter_regex, safe='')}" if filter_regex else "")
         status, body = self.admin_get(path)
         if status != 200:
             raise RuntimeError(f"admin {path}: HTTP {status}")
@@ -450,13 +447,9 @@ def start_envoy(
             time.sleep(0.05)
         _, admin_port_s = _split_hostport(admin_path.read_text().strip())
         admin_port = int(admin_port_s)
-        wait_for_http(
-            f"http://{LOOPBACK}:{admin_port}/ready", max(0.1, deadline - time.monotonic()), proc=proc
-        )
+        wait_for_http(f"http://{LOOPBACK}:{admin_port}/ready", max(0.1, deadline - time.monotonic()), proc=proc)
         listener = _find(config["static_resources"]["listeners"], "ingress_http", "listener")
-        port = int(listener["address"]["socket_address"]["port_value"]) or _listener_port(
-            admin_port, "ingress_http"
-        )
+        port = int(listener["address"]["socket_address"]["port_value"]) or _listener_port(admin_port, "ingress_http")
         wait_for_tcp(LOOPBACK, port, max(0.1, deadline - time.monotonic()), proc=proc)
     except BaseException:
         proc.stop()
@@ -554,9 +547,7 @@ def _python_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def extauthz_command(
-    policies: Path | str, grpc_port: int, http_port: int, extra_args: Sequence[str] = ()
-) -> list[str]:
+def extauthz_command(policies: Path | str, grpc_port: int, http_port: int, extra_args: Sequence[str] = ()) -> list[str]:
     """The one command line used to start the sidecar, by the e2e fixtures and by the benchmark."""
     return [
         sys.executable, "-m", "extauthz", "serve",
