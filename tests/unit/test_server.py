@@ -1,0 +1,206 @@
+"""The sidecar process parts: gRPC Check and health, HTTP probes, live reload, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extauthz.api.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from extauthz.samples import check_request_from_sample
+from extauthz.server import Settings, Sidecar
+
+ALLOW_GET = """
+match: {paths: [/x]}
+rules:
+  - {name: gets, when: "request.method == 'GET'", decision: allow}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _http_get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def _check(sc: Sidecar, **sample) -> external_auth_pb2.CheckResponse:
+    async with grpc.aio.insecure_channel(sc.settings.listen) as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        return await stub.Check(check_request_from_sample(sample), timeout=5)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_check_health_and_probes(policy_dir, policy_yaml) -> None:
+    async def scenario() -> None:
+        folder = policy_dir(**{"a.yaml": policy_yaml("a", ALLOW_GET)})
+        sc = Sidecar(Settings(policies=folder, listen=f"127.0.0.1:{_free_port()}", http_port=_free_port(), grace=1.0))
+        await sc.start()
+        try:
+            allowed = await _check(sc, method="GET", path="/x")
+            denied = await _check(sc, method="POST", path="/x")
+            assert allowed.WhichOneof("http_response") == "ok_response"
+            assert denied.denied_response.status.code == 403
+            async with grpc.aio.insecure_channel(sc.settings.listen) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                for service in ("", "envoy.service.auth.v3.Authorization"):
+                    reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert (await _http_get(sc.settings.http_port, "/healthz"))[0] == 200
+            status, body = await _http_get(sc.settings.http_port, "/readyz")
+            assert status == 200 and json.loads(body)["policies"] == 1
+            status, body = await _http_get(sc.settings.http_port, "/metrics")
+            assert status == 200 and 'extauthz_checks_total{decision="allow",policy="a",reason="allowed"} 1.0' in body
+            assert (await _http_get(sc.settings.http_port, "/nope"))[0] == 404
+        finally:
+            await sc.stop()
+
+    run(scenario())
+
+
+def test_malformed_check_request_is_a_clear_deny(policy_dir, policy_yaml) -> None:
+    async def scenario() -> None:
+        folder = policy_dir(**{"a.yaml": policy_yaml("a", ALLOW_GET)})
+        sc = Sidecar(Settings(policies=folder, listen=f"127.0.0.1:{_free_port()}", http_port=_free_port(), grace=1.0))
+        await sc.start()
+        try:
+            async with grpc.aio.insecure_channel(sc.settings.listen) as channel:
+                call = channel.unary_unary("/envoy.service.auth.v3.Authorization/Check")
+                # A string field (path) holding invalid UTF-8 cannot be parsed as a CheckRequest.
+                bad = b"\x0a\x0a\x22\x08\x12\x06\x22\x04\xff\xfe\xfd\xfc"
+                raw = await call(bad, timeout=5)
+                response = external_auth_pb2.CheckResponse.FromString(raw)
+                assert response.denied_response.status.code == 400
+                assert json.loads(response.denied_response.body)["reason"] == "malformed_request"
+                garbage = await call(b"\xff" * 64, timeout=5)
+                assert external_auth_pb2.CheckResponse.FromString(garbage).denied_response.status.code == 400
+                # The server is still serving afterwards.
+                assert (await _check(sc, method="GET", path="/x")).status.code == 0
+        finally:
+            await sc.stop()
+
+    run(scenario())
+
+
+def test_live_reload_and_bad_set_keeps_last_good(policy_dir, policy_yaml) -> None:
+    async def scenario() -> None:
+        folder = policy_dir(**{"a.yaml": policy_yaml("a", ALLOW_GET)})
+        sc = Sidecar(Settings(policies=folder, listen=f"127.0.0.1:{_free_port()}", http_port=_free_port(),
+                              reload_interval=0.05, grace=1.0))
+        await sc.start()
+        try:
+            assert (await _check(sc, method="POST", path="/x")).denied_response.status.code == 403
+            (folder / "a.yaml").write_text(policy_yaml("a", "match: {paths: [/x]}\nrules:\n  - {name: all, decision: allow}"))
+            deadline = time.monotonic() + 5
+            while sc.authorizer.generation < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert sc.authorizer.generation == 2
+            assert (await _check(sc, method="POST", path="/x")).status.code == 0
+
+            (folder / "a.yaml").write_text("apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata: {name: a}\nspec:\n  rules: [{name: r, decision: perhaps}]\n")
+            deadline = time.monotonic() + 5
+            while sc.last_reload["ok"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert sc.last_reload["ok"] is False
+            assert "a.yaml:5" in sc.last_reload["errors"][0] and "decision" in sc.last_reload["errors"][0]
+            assert sc.authorizer.generation == 2
+            assert (await _check(sc, method="POST", path="/x")).status.code == 0  # last good set still serves
+            status, body = await _http_get(sc.settings.http_port, "/readyz")
+            detail = json.loads(body)
+            assert status == 200 and detail["last_reload"]["ok"] is False
+            _, metrics = await _http_get(sc.settings.http_port, "/metrics")
+            assert 'extauthz_policy_reloads_total{result="error"} 1.0' in metrics
+        finally:
+            await sc.stop()
+
+    run(scenario())
+
+
+def _start_cli(folder: Path, *extra: str) -> tuple[subprocess.Popen[str], int, int]:
+    grpc_port, http_port = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extauthz", "serve", "--policies", str(folder), "--listen", f"127.0.0.1:{grpc_port}",
+         "--http-port", str(http_port), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    return proc, grpc_port, http_port
+
+
+def test_invalid_set_at_startup_is_a_clear_error_exit(policy_dir) -> None:
+    folder = policy_dir(**{"a.yaml": "apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata: {name: a}\nspec: {mode: x}\n"})
+    proc, _, _ = _start_cli(folder)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "a.yaml:4: document 1 (a): spec.mode: must be 'enforce' or 'dry-run'" in out
+    assert "not starting" in out
+
+
+def test_sigterm_finishes_in_flight_then_exits(policy_dir, policy_yaml) -> None:
+    folder = policy_dir(**{"a.yaml": policy_yaml("a", ALLOW_GET)})
+    proc, grpc_port, http_port = _start_cli(folder, "--grace", "5")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                status, _ = asyncio.run(_http_get(http_port, "/readyz"))
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("sidecar did not become ready")
+
+        async def load_then_term() -> tuple[list[int], list[grpc.StatusCode]]:
+            answers: list[int] = []
+            errors: list[grpc.StatusCode] = []
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                request = check_request_from_sample({"method": "GET", "path": "/x"})
+
+                async def worker() -> None:
+                    for _ in range(2000):  # bounded
+                        try:
+                            answers.append((await stub.Check(request, timeout=5)).status.code)
+                        except grpc.aio.AioRpcError as exc:
+                            errors.append(exc.code())
+                            return
+
+                workers = [asyncio.create_task(worker()) for _ in range(4)]
+                await asyncio.sleep(0.3)
+                os.kill(proc.pid, signal.SIGTERM)
+                await asyncio.gather(*workers)
+            return answers, errors
+
+        answers, errors = asyncio.run(load_then_term())
+        # Every answer is the right one; calls after the stop fail as unavailable, never as an allow.
+        assert answers and set(answers) == {0}
+        assert set(errors) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+        proc.wait(timeout=20)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
