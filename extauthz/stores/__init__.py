@@ -24,6 +24,10 @@ class Store(Protocol):
         """Record ``key`` for ``ttl`` seconds; True if it was not already recorded (a fresh nonce)."""
         ...
 
+    async def is_member(self, set_name: str, member: str) -> bool:
+        """True if ``member`` is in the set ``set_name`` (revocation denylists). Raises StoreError."""
+        ...
+
 
 def store_for(services: Services) -> Store:
     """The sidecar's store: Redis when ``redis_url`` is configured, else in-memory. One per process."""

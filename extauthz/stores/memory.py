@@ -11,6 +11,14 @@ class MemoryStore:
     def __init__(self, max_keys: int = 1_000_000) -> None:
         self._seen: dict[str, float] = {}
         self._max_keys = max_keys
+        self._sets: dict[str, set[str]] = {}
+
+    async def is_member(self, set_name: str, member: str) -> bool:
+        return member in self._sets.get(set_name, ())
+
+    def add_member(self, set_name: str, member: str) -> None:
+        """Put ``member`` into a set (what an operator does with SADD on Redis)."""
+        self._sets.setdefault(set_name, set()).add(member)
 
     async def remember_once(self, key: str, ttl: float) -> bool:
         now = time.monotonic()
