@@ -13,12 +13,14 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Authorizer, Decision
 from extauthz.policy import PolicySet, PolicySetError, PolicyWatcher, Services, load_folder
 from extauthz.responses import to_check_response
+from extauthz.telemetry import metrics as process_metrics
+from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
 from extauthz.telemetry.metrics import Metrics
 
 __all__ = ["Settings", "Sidecar", "serve"]
@@ -43,6 +45,12 @@ class Settings:
     grace: float = 10.0
     redis_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Decision log; None (the default for embedded use) logs nothing. ``extauthz serve`` logs to stdout.
+    decision_log: DecisionLogConfig | None = None
+    #: A telemetry.tracing.Tracing (from OTEL_* variables), or None for no tracing at all.
+    tracing: Any = None
+    #: Share the gRPC and HTTP ports with sibling worker processes (SO_REUSEPORT; ``--workers``).
+    reuse_port: bool = False
 
 
 def _malformed(decision_id: str) -> Decision:
@@ -56,8 +64,18 @@ class Sidecar:
         self.settings = settings
         self.services = Services(settings={"redis_url": settings.redis_url, **settings.extra})
         self.metrics = Metrics()
+        process_metrics.install(self.metrics)
         self.authorizer = Authorizer(check_timeout=settings.check_timeout)
         self.authorizer.observers.append(self.metrics.observe)
+        self.authorizer.stage_observer = self.metrics.stage
+        self.tracing = settings.tracing
+        if self.tracing is not None:
+            self.authorizer.tracer = self.tracing
+        self.decision_log: DecisionLog | None = None
+        if settings.decision_log is not None and settings.decision_log.enabled:
+            subjects = self.tracing.subjects if self.tracing is not None else None
+            self.decision_log = DecisionLog(settings.decision_log, subjects=subjects)
+            self.authorizer.observers.append(self.decision_log.observe)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.http_server: asyncio.Server | None = None
@@ -82,6 +100,7 @@ class Sidecar:
         self.metrics.policies.set(len(policy_set.policies))
         self.metrics.generation.set(self.authorizer.generation)
         self.metrics.policy_errors.set(0)
+        self.metrics.last_reload.set_to_current_time()
         self.last_reload = {"ok": True, "errors": []}
         log.info("policy set generation %d live: %d policies from %d files",
                  self.authorizer.generation, len(policy_set.policies), len(policy_set.files))
@@ -109,16 +128,22 @@ class Sidecar:
             message = external_auth_pb2.CheckRequest.FromString(request_bytes)
         except DecodeError:
             self._malformed_count += 1
+            self.metrics.malformed.inc()
             log.warning("malformed CheckRequest (%d bytes)", len(request_bytes))
             return to_check_response(_malformed(f"malformed-{self._malformed_count}")).SerializeToString()
-        decision = await self.authorizer.check(message)
+        in_flight = self.metrics.grpc_in_flight
+        in_flight.inc()
+        try:
+            decision = await self.authorizer.check(message)
+        finally:
+            in_flight.dec()
         return to_check_response(decision).SerializeToString()
 
     async def _start_grpc(self) -> None:
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if self.settings.reuse_port else 0),
         ]
         server = grpc.aio.server(options=options)
         handler = grpc.unary_unary_rpc_method_handler(self._check)  # raw bytes in and out
@@ -166,7 +191,7 @@ class Sidecar:
                 status, ctype = (200 if ready else 503), "application/json"
                 body = json.dumps(detail).encode() + b"\n"
             elif path == "/metrics":
-                status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
+                status, ctype, body = 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
             else:
                 status, ctype, body = 404, "text/plain", b"not found\n"
             head = (f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: {ctype}\r\n"
@@ -183,7 +208,8 @@ class Sidecar:
         if self.authorizer.policy_set is None:
             self.load_initial()
         await self._start_services()
-        self.http_server = await asyncio.start_server(self._http, self.settings.http_host, self.settings.http_port)
+        self.http_server = await asyncio.start_server(self._http, self.settings.http_host, self.settings.http_port,
+                                                      reuse_port=self.settings.reuse_port or None)
         await self._start_grpc()
         self.watcher = PolicyWatcher(self.settings.policies, self.services, self._on_new_set, self._on_bad_set,
                                      interval=self.settings.reload_interval)
@@ -211,6 +237,12 @@ class Sidecar:
                     await close()
                 except Exception:
                     log.exception("closing %r failed", service)
+        if self.decision_log is not None:
+            await asyncio.to_thread(self.decision_log.close)
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
+        if process_metrics.current() is self.metrics:
+            process_metrics.install(None)
         self._stopped.set()
         log.info("stopped")
 

@@ -1,36 +1,215 @@
-"""Prometheus metrics. Labels are bounded: decision, reason and policy names, never subjects or paths."""
+"""Prometheus metrics. Labels are bounded: decision, reason, policy, stage and result names, never
+subjects, paths or addresses.
+
+One :class:`Metrics` object per process owns every metric. The server installs it as the process'
+metrics (:func:`install`); checks, stores and fetchers report through the module functions below
+(:func:`store_error`, :func:`circuit_state`, :func:`jwks_fetch`, :func:`introspection_request`), which
+are cheap no-ops until a Metrics object is installed, so library code never needs a reference to it.
+
+Several worker processes (``extauthz serve --workers N``) share one view through prometheus-client's
+multiprocess mode: when ``PROMETHEUS_MULTIPROC_DIR`` is set before start, every process writes its
+values to files there and ``/metrics`` (served by any worker) aggregates all of them.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from extauthz.decision import Decision
 
-__all__ = ["Metrics"]
+__all__ = [
+    "CIRCUIT_STATES",
+    "DURATION_BUCKETS",
+    "STAGE_BUCKETS",
+    "Metrics",
+    "circuit_state",
+    "current",
+    "install",
+    "introspection_request",
+    "jwks_fetch",
+    "multiprocess_dir",
+    "store_error",
+]
 
-#: From 50 us to 100 ms: fast decisions are the norm, slow ones are what we must see.
-DURATION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+#: From 25 us to 100 ms (and a few beyond): fast decisions are the norm, slow ones are what we must see.
+DURATION_BUCKETS = (
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+#: Stages are shorter still: a CEL rule takes microseconds, a Redis round trip a millisecond.
+STAGE_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+)  # fmt: skip
+#: Remote fetches (JWKS, introspection) take milliseconds to seconds.
+FETCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+#: Values of ``extauthz_store_circuit_state``.
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory when prometheus-client runs in multiprocess mode, else None."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class Metrics:
+    """Every metric of the sidecar. ``observe`` is the decision observer; ``stage`` the stage observer."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess = multiprocess_dir() is not None
         r = self.registry
-        self.checks = Counter("extauthz_checks", "Check calls by outcome", ["decision", "reason", "policy"], registry=r)
-        self.check_duration = Histogram(
-            "extauthz_check_duration_seconds", "Time to decide one Check", buckets=DURATION_BUCKETS, registry=r
-        )
-        self.reloads = Counter("extauthz_policy_reloads", "Policy set loads by result", ["result"], registry=r)
-        self.policies = Gauge("extauthz_policies", "Policies in the live set", registry=r)
-        self.generation = Gauge("extauthz_policy_generation", "Generation of the live policy set", registry=r)
-        self.policy_errors = Gauge(
-            "extauthz_policy_errors", "Errors in the last rejected policy set (0 when the last load succeeded)", registry=r
-        )
 
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = (), mode: str = "livemax") -> Gauge:
+            # multiprocess_mode is ignored outside multiprocess mode.
+            return Gauge(name, doc, labels, registry=r, multiprocess_mode=mode)
+
+        self.checks = Counter(
+            "extauthz_checks", "Check calls by outcome (allow, deny, dry_run_deny), reason and policy",
+            ["decision", "reason", "policy"], registry=r,
+        )  # fmt: skip
+        self.check_duration = Histogram(
+            "extauthz_check_duration_seconds", "Time to decide one Check (parse to decision)",
+            buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.stage_duration = Histogram(
+            "extauthz_stage_duration_seconds",
+            "Time spent in each stage of a Check: parse, select, identity, signature, rules, quota, response",
+            ["stage"], buckets=STAGE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.grpc_in_flight = gauge("extauthz_grpc_in_flight", "Check calls being decided now", mode="livesum")
+        self.malformed = Counter("extauthz_malformed_requests", "CheckRequests that could not be parsed", registry=r)
+        self.reloads = Counter("extauthz_policy_reloads", "Policy set loads by result", ["result"], registry=r)
+        self.policies = gauge("extauthz_policies", "Policies in the live set")
+        self.generation = gauge("extauthz_policy_generation", "Generation of the live policy set")
+        self.policy_errors = gauge(
+            "extauthz_policy_errors", "Errors in the last rejected policy set (0 when the last load succeeded)"
+        )
+        self.last_reload = gauge(
+            "extauthz_policy_last_reload_timestamp_seconds", "Unix time of the last successful policy load"
+        )
+        self.store_errors = Counter(
+            "extauthz_store_errors", "Store operations that failed (each one denied or degraded as configured)",
+            ["store", "operation"], registry=r,
+        )  # fmt: skip
+        self.circuit = gauge(
+            "extauthz_store_circuit_state", "Circuit breaker state per store: 0 closed, 1 half-open, 2 open", ("store",)
+        )
+        self.jwks_fetches = Counter(
+            "extauthz_jwks_fetches", "JWKS fetches by result (ok, not_modified, error)", ["result"], registry=r
+        )
+        self.introspections = Counter(
+            "extauthz_introspection_requests", "Token introspection calls by result (active, inactive, error)",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.fetch_duration = Histogram(
+            "extauthz_fetch_duration_seconds", "Duration of remote fetches by kind (jwks, introspection)",
+            ["kind"], buckets=FETCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.decision_log_dropped = Counter(
+            "extauthz_decision_log_dropped", "Decision log lines dropped because the writer fell behind", registry=r
+        )
+        self.trace_export_errors = Counter(
+            "extauthz_trace_export_errors", "Span batches the trace exporter failed to send", registry=r
+        )
+        self.build_info = gauge("extauthz_build_info", "Version of the running sidecar (always 1)", ("version",))
+        self.build_info.labels(_version()).set(1)
+        # Label children are cached: .labels() costs a microsecond, a cached child's inc a fraction.
+        self._check_children: dict[tuple[str, str, str], Any] = {}
+        self._stage_children: dict[str, Any] = {}
+
+    # --- observers (the request path: keep them cheap) -------------------------------------------
     def observe(self, decision: Decision) -> None:
+        """Decision observer: count the outcome and record the duration."""
         if decision.allowed:
             outcome = "dry_run_deny" if decision.would_deny else "allow"
         else:
             outcome = "deny"
-        self.checks.labels(outcome, decision.reason, decision.policy or "-").inc()
+        key = (outcome, decision.reason, decision.policy or "-")
+        child = self._check_children.get(key)
+        if child is None:
+            child = self._check_children[key] = self.checks.labels(*key)
+        child.inc()
         self.check_duration.observe(decision.duration)
+
+    def stage(self, stage: str, seconds: float) -> None:
+        """Stage observer: the time one stage of a Check took."""
+        child = self._stage_children.get(stage)
+        if child is None:
+            child = self._stage_children[stage] = self.stage_duration.labels(stage)
+        child.observe(seconds)
+
+    # --- exposition ------------------------------------------------------------------------------
+    def exposition(self) -> bytes:
+        """The text served on /metrics: this process' registry, or every process' in multiprocess mode."""
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("extauthz")
+    except Exception:
+        return "unknown"
+
+
+# --- the process' metrics, for code that has no reference to the server ---------------------------
+_current: Metrics | None = None
+
+
+def install(metrics: Metrics | None) -> None:
+    """Make ``metrics`` the process' metrics (the server does this; None uninstalls)."""
+    global _current
+    _current = metrics
+
+
+def current() -> Metrics | None:
+    return _current
+
+
+def _guarded(fn: Callable[[Metrics], None]) -> None:
+    metrics = _current
+    if metrics is not None:
+        fn(metrics)
+
+
+def store_error(store: str, operation: str) -> None:
+    """A store operation failed. ``store``: "redis", "memory"; ``operation``: "incr", "remember_once", ..."""
+    _guarded(lambda m: m.store_errors.labels(store, operation).inc())
+
+
+def circuit_state(store: str, state: str) -> None:
+    """A store's circuit breaker changed state: "closed", "half_open" or "open"."""
+    _guarded(lambda m: m.circuit.labels(store).set(CIRCUIT_STATES[state]))
+
+
+def jwks_fetch(result: str, seconds: float | None = None) -> None:
+    """A JWKS fetch finished: result "ok", "not_modified" or "error"; seconds it took when known."""
+
+    def record(m: Metrics) -> None:
+        m.jwks_fetches.labels(result).inc()
+        if seconds is not None:
+            m.fetch_duration.labels("jwks").observe(seconds)
+
+    _guarded(record)
+
+
+def introspection_request(result: str, seconds: float | None = None) -> None:
+    """A token introspection call finished: result "active", "inactive" or "error"."""
+
+    def record(m: Metrics) -> None:
+        m.introspections.labels(result).inc()
+        if seconds is not None:
+            m.fetch_duration.labels("introspection").observe(seconds)
+
+    _guarded(record)

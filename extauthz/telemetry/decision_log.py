@@ -1,0 +1,246 @@
+"""The decision log: one JSON line per decision, so "why was this request denied?" is one grep away.
+
+Every deny (and every dry-run would-deny) is logged; allows are sampled (``allow_sample``, 0..1).
+The request path pays for a random number and a queue put, nothing more: a sampled-out allow costs
+no JSON, and formatting and writing happen on a writer thread. When the writer falls behind, lines
+are dropped (counted in ``extauthz_decision_log_dropped_total``), never the request delayed.
+
+A line holds what decided and why, and who asked for what, but never a secret: header values only
+for names on the allow-list and even then redacted for credential headers, query values only when
+asked for and redacted for credential-like parameter names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import queue
+import random
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import parse_qsl
+
+from extauthz.decision import Decision
+from extauthz.telemetry.tracing import SubjectHasher, is_secret_name, parse_trace_ids
+
+__all__ = ["DEFAULT_ALLOW_SAMPLE", "DecisionLog", "DecisionLogConfig", "decision_record"]
+
+log = logging.getLogger("extauthz.decision_log")
+
+#: Fraction of allows logged unless configured otherwise (denies are always logged).
+DEFAULT_ALLOW_SAMPLE = 1.0
+REDACTED = "[REDACTED]"
+
+#: Headers whose values are credentials: redacted even when on the allow-list.
+SECRET_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key", "signature",
+    "signature-input", "x-hub-signature", "x-hub-signature-256", "x-amz-security-token", "x-csrf-token",
+    "x-xsrf-token", "x-forwarded-client-cert", "x-client-cert", "ssl-client-cert",
+})  # fmt: skip
+#: Query parameter names whose values are credentials (plus anything is_secret_name matches).
+SECRET_PARAMS = frozenset({"key", "sig", "code", "auth", "access_token", "id_token", "refresh_token", "jwt",
+                           "x-amz-signature", "x-amz-credential", "x-goog-signature", "client_secret"})  # fmt: skip
+_QUERY_MODES = ("none", "names", "full")
+_SUBJECT_MODES = ("plain", "hash", "none")
+
+
+def _secret_header(name: str) -> bool:
+    return name in SECRET_HEADERS or is_secret_name(name)
+
+
+def _secret_param(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in SECRET_PARAMS or is_secret_name(lowered)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionLogConfig:
+    #: "-" for stdout, a file path, or "" / "off" for no decision log.
+    destination: str = "-"
+    allow_sample: float = DEFAULT_ALLOW_SAMPLE
+    #: Lower-case request header names whose values are logged (credential headers stay redacted).
+    headers: tuple[str, ...] = ()
+    #: "plain", "hash" (keyed HMAC, see EXTAUTHZ_SUBJECT_HASH_KEY) or "none".
+    subject: str = "plain"
+    #: "names" (parameter names only), "full" (values too, credentials redacted) or "none".
+    query: str = "names"
+    #: Lines held while the writer catches up; beyond that they are dropped and counted.
+    max_pending: int = 10000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.allow_sample <= 1.0:
+            raise ValueError("decision log allow sample must be between 0 and 1")
+        if self.subject not in _SUBJECT_MODES:
+            raise ValueError(f"decision log subject must be one of {', '.join(_SUBJECT_MODES)}")
+        if self.query not in _QUERY_MODES:
+            raise ValueError(f"decision log query must be one of {', '.join(_QUERY_MODES)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.destination not in ("", "off", "none")
+
+    @staticmethod
+    def header_list(text: str | Iterable[str]) -> tuple[str, ...]:
+        items = text.split(",") if isinstance(text, str) else text
+        return tuple(dict.fromkeys(h.strip().lower() for h in items if h.strip()))
+
+
+def _utc(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def decision_record(decision: Decision, when: float, config: DecisionLogConfig,
+                    subjects: SubjectHasher | None = None) -> dict[str, Any]:  # fmt: skip
+    """The JSON object logged for one decision."""
+    if decision.allowed:
+        outcome = "dry_run_deny" if decision.would_deny else "allow"
+    else:
+        outcome = "deny"
+    request = decision.request
+    trace_id, span_id = decision.trace_id, decision.span_id
+    if not trace_id and request is not None:
+        trace_id, span_id = parse_trace_ids(request.headers)
+    record: dict[str, Any] = {
+        "time": _utc(when),
+        "decision_id": decision.decision_id,
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "decision": outcome,
+        "status": decision.status,
+        "reason": decision.reason,
+        "policy": decision.policy,
+        "rule": decision.rule,
+        "dry_run": decision.dry_run,
+    }
+    if not decision.allowed or decision.would_deny:
+        record["message"] = decision.message
+    identity = decision.identity
+    if identity is not None:
+        who: dict[str, Any] = {"kind": str(identity.get("kind", "")), "source": str(identity.get("source") or "")}
+        subject = str(identity.get("subject") or "")
+        if subject and config.subject == "plain":
+            who["subject"] = subject
+        elif subject and config.subject == "hash" and subjects is not None:
+            who.update({k.rsplit(".", 1)[-1]: v for k, v in subjects.attributes(subject).items()})
+        record["identity"] = who
+    if request is not None:
+        record["method"] = request.method
+        record["host"] = request.host
+        record["path"] = request.path
+        if request.raw_query and config.query != "none":
+            pairs = parse_qsl(request.raw_query, keep_blank_values=True)
+            if config.query == "names":
+                record["query_params"] = list(dict.fromkeys(name for name, _ in pairs))
+            else:
+                record["query"] = {name: REDACTED if _secret_param(name) else value for name, value in pairs}
+        record["source_address"] = request.source.address
+        if request.source.principal:
+            record["source_principal"] = request.source.principal
+        if config.headers:
+            headers = {}
+            for name in config.headers:
+                value = request.headers.get(name)
+                if value is not None:
+                    headers[name] = REDACTED if _secret_header(name) else value
+            record["headers"] = headers
+    record["latency_ms"] = round(decision.duration * 1000, 3)
+    attributes = decision.attributes
+    if attributes:
+        record["attributes"] = {
+            name: REDACTED if is_secret_name(name) else (value if isinstance(value, bool | int | float) else str(value))
+            for name, value in attributes.items()
+        }
+    return record
+
+
+_STOP = object()
+
+
+class DecisionLog:
+    """Decision observer writing JSON lines from a background thread."""
+
+    def __init__(self, config: DecisionLogConfig, stream: IO[bytes] | None = None,
+                 subjects: SubjectHasher | None = None) -> None:  # fmt: skip
+        self.config = config
+        self.subjects = subjects if subjects is not None else SubjectHasher.from_env({})
+        self._sample = config.allow_sample
+        self._random = random.random
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.max_pending)
+        self._own_stream = stream is None and config.destination != "-"
+        if stream is not None:
+            self._stream = stream
+        elif config.destination == "-":
+            self._stream = sys.stdout.buffer
+        else:
+            self._stream = open(config.destination, "ab")  # noqa: SIM115 - closed in close()
+        self.dropped = 0
+        self.written = 0
+        self._thread = threading.Thread(target=self._write_loop, name="decision-log", daemon=True)
+        self._thread.start()
+
+    # --- the request path ------------------------------------------------------------------------
+    def observe(self, decision: Decision) -> None:
+        if decision.allowed and not decision.would_deny and self._sample < 1.0 and self._random() >= self._sample:
+            return
+        try:
+            self._queue.put_nowait((time.time(), decision))
+        except queue.Full:
+            self.dropped += 1
+            from extauthz.telemetry import metrics
+
+            m = metrics.current()
+            if m is not None:
+                m.decision_log_dropped.inc()
+
+    # --- the writer thread -----------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            lines: list[bytes] = []
+            stop = False
+            while True:
+                if item is _STOP:
+                    stop = True
+                    break
+                lines.append(self._line(*item))
+                if len(lines) >= 256:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if lines:
+                try:
+                    self._stream.write(b"".join(lines))
+                    self._stream.flush()
+                    self.written += len(lines)
+                except (OSError, ValueError):
+                    self.dropped += len(lines)
+            if stop:
+                return
+
+    def _line(self, when: float, decision: Decision) -> bytes:
+        try:
+            record = decision_record(decision, when, self.config, self.subjects)
+            return json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str).encode() + b"\n"
+        except Exception:  # a line that cannot be formatted must not stop the log
+            log.exception("cannot format decision %s", decision.decision_id)
+            return b""
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (up to ``timeout`` seconds) and stop the writer."""
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(queue.Full):
+            self._queue.put(_STOP, timeout=timeout)
+        self._thread.join(timeout)
+        if self._own_stream:
+            self._stream.close()

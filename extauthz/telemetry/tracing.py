@@ -1,0 +1,371 @@
+"""OpenTelemetry traces: one ``extauthz.check`` span per Check, inside the request's own trace.
+
+Envoy forwards the request's headers in the CheckRequest, so the trace context the client (or
+Envoy's tracer) put there -- W3C ``traceparent``/``tracestate``, B3 single ``b3`` or multi
+``x-b3-*`` -- is extracted and the Check's span becomes its child. Each stage (policy selection,
+then every check: identity, signature, rules, quota, response) gets a child span.
+
+Configuration is the standard one, read from ``OTEL_*`` environment variables once at start:
+``OTEL_TRACES_EXPORTER`` (otlp, console, none), ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`` (grpc,
+http/protobuf), ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``OTEL_SERVICE_NAME``,
+``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER[_ARG]``, ``OTEL_BSP_*``, ``OTEL_PROPAGATORS``.
+Tracing is on only when an exporter is configured (an exporter name or an OTLP endpoint); otherwise
+:func:`tracing_from_env` returns None and the pipeline does no span work at all.
+
+What a span never holds: tokens, keys, signatures, cookies, header values, query strings. The
+subject is hashed with a keyed HMAC by default (``EXTAUTHZ_TRACE_SUBJECT=hash|plain|none``; key from
+``EXTAUTHZ_SUBJECT_HASH_KEY``) so it correlates across requests without being readable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagators.textmap import Getter, TextMapPropagator
+from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
+from extauthz.context import Denial
+from extauthz.decision import Decision
+
+__all__ = ["SubjectHasher", "Tracing", "TracingConfigError", "trace_headers", "tracing_from_env"]
+
+log = logging.getLogger("extauthz.tracing")
+
+#: Headers that carry trace context (read from the CheckRequest; never put in spans or logs).
+TRACE_HEADERS = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
+                 "x-b3-sampled", "x-b3-flags")  # fmt: skip
+
+#: Attribute names (of ctx.attributes) that are never copied into a span, whatever a check puts there.
+_SECRET_WORDS = ("token", "secret", "password", "passwd", "signature", "cookie", "authorization", "credential",
+                 "private", "api_key", "apikey")  # fmt: skip
+_MAX_ATTRIBUTE_CHARS = 256
+
+
+class TracingConfigError(ValueError):
+    """The OTEL_* configuration asks for something extauthz cannot do: the sidecar refuses to start."""
+
+
+def is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+class _HeaderGetter(Getter[Mapping[str, str]]):
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return None if value is None else [value]
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return list(carrier.keys())
+
+
+_GETTER = _HeaderGetter()
+
+
+def trace_headers(message: external_auth_pb2.CheckRequest) -> Mapping[str, str]:
+    """The request's headers as Envoy sent them, lower-case names (only the trace ones matter)."""
+    http = message.attributes.request.http
+    if http.headers or not http.header_map.headers:
+        return http.headers
+    found: dict[str, str] = {}
+    for entry in http.header_map.headers:
+        name = entry.key.lower()
+        if name in TRACE_HEADERS:
+            found[name] = entry.raw_value.decode("latin-1") if entry.raw_value else entry.value
+    return found
+
+
+def _default_propagator() -> TextMapPropagator:
+    """B3 (single and multi) then W3C trace context: with both present, ``traceparent`` wins."""
+    if os.environ.get("OTEL_PROPAGATORS"):
+        from opentelemetry.propagate import get_global_textmap
+
+        return get_global_textmap()
+    from opentelemetry.propagators.b3 import B3MultiFormat
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    return CompositePropagator([B3MultiFormat(), TraceContextTextMapPropagator()])
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectHasher:
+    """How the identity's subject appears in spans: a keyed hash (default), as is, or not at all."""
+
+    mode: str = "hash"
+    key: bytes = b""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> SubjectHasher:
+        mode = environ.get("EXTAUTHZ_TRACE_SUBJECT", "hash").strip().lower()
+        if mode not in ("hash", "plain", "none"):
+            raise TracingConfigError("EXTAUTHZ_TRACE_SUBJECT must be hash, plain or none")
+        key = environ.get("EXTAUTHZ_SUBJECT_HASH_KEY", "").encode()
+        # Without a configured key, hashes correlate within this process only (and cannot be
+        # reversed by hashing guessed subjects anywhere else).
+        return cls(mode, key or os.urandom(32))
+
+    def attributes(self, subject: str) -> dict[str, str]:
+        if not subject or self.mode == "none":
+            return {}
+        if self.mode == "plain":
+            return {"extauthz.identity.subject": subject[:_MAX_ATTRIBUTE_CHARS]}
+        digest = hmac.new(self.key, subject.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:32]
+        return {"extauthz.identity.subject_hash": digest}
+
+
+class _CountingExporter(SpanExporter):
+    """Delegates to the real exporter and counts failed batches (extauthz_trace_export_errors)."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception:
+            log.warning("trace export failed", exc_info=True)
+            result = SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            from extauthz.telemetry import metrics
+
+            m = metrics.current()
+            if m is not None:
+                m.trace_export_errors.inc()
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
+    names = environ.get("OTEL_TRACES_EXPORTER")
+    endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if names is None:
+        names = "otlp" if endpoint else "none"
+    exporters: list[SpanExporter] = []
+    for name in (n.strip().lower() for n in names.split(",")):
+        if name in ("", "none"):
+            continue
+        if name == "otlp":
+            protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()  # fmt: skip
+            if protocol == "grpc":
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+                exporters.append(GrpcExporter())
+            elif protocol == "http/protobuf":
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+                exporters.append(HttpExporter())
+            else:
+                raise TracingConfigError(f"OTLP protocol {protocol!r} is not supported (grpc or http/protobuf)")
+        elif name == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            # stdout carries the decision log: spans printed for debugging go to stderr.
+            exporters.append(ConsoleSpanExporter(out=sys.stderr))
+        else:
+            raise TracingConfigError(f"OTEL_TRACES_EXPORTER {name!r} is not supported (otlp, console or none)")
+    return exporters
+
+
+def _resource(environ: Mapping[str, str], version: str) -> Resource:
+    attributes: dict[str, str] = {SERVICE_VERSION: version}
+    named = environ.get("OTEL_SERVICE_NAME") or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    if not named:
+        attributes[SERVICE_NAME] = "extauthz"
+    return Resource.create(attributes)
+
+
+def tracing_from_env(environ: Mapping[str, str] | None = None, *, version: str = "") -> Tracing | None:
+    """Tracing as the OTEL_* variables configure it, or None when no exporter is configured."""
+    environ = os.environ if environ is None else environ
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    exporters = _exporters(environ)
+    if not exporters:
+        return None
+    # The SDK reads OTEL_TRACES_SAMPLER(_ARG) and OTEL_BSP_* itself.
+    provider = TracerProvider(resource=_resource(environ, version or "unknown"))
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(_CountingExporter(exporter)))
+    return Tracing(provider, _default_propagator(), SubjectHasher.from_env(environ))
+
+
+_STATIC_ATTRIBUTES = {
+    "rpc.system": "grpc",
+    "rpc.service": "envoy.service.auth.v3.Authorization",
+    "rpc.method": "Check",
+}
+
+
+class Tracing:
+    """Implements the pipeline's CheckTracer with an OpenTelemetry TracerProvider."""
+
+    def __init__(self, provider: TracerProvider, propagator: TextMapPropagator, subjects: SubjectHasher) -> None:
+        self.provider = provider
+        self.tracer = provider.get_tracer("extauthz")
+        self.propagator = propagator
+        self.subjects = subjects
+        self._stage_names: dict[str, str] = {}
+
+    def begin(self, message: external_auth_pb2.CheckRequest) -> _CheckSpan:
+        parent = self.propagator.extract(trace_headers(message), getter=_GETTER)
+        span = self.tracer.start_span("extauthz.check", context=parent, kind=SpanKind.SERVER,
+                                      attributes=_STATIC_ATTRIBUTES)  # fmt: skip
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        return _CheckSpan(self, span, token)
+
+    def stage_name(self, stage: str) -> str:
+        name = self._stage_names.get(stage)
+        if name is None:
+            name = self._stage_names[stage] = f"extauthz.{stage}"
+        return name
+
+    def shutdown(self) -> None:
+        """Flush pending spans (bounded by OTEL_BSP_EXPORT_TIMEOUT) and stop the exporter."""
+        self.provider.shutdown()
+
+
+class _CheckSpan:
+    """One Check's span (implements decision.CheckTrace)."""
+
+    __slots__ = ("_ended", "owner", "span", "token")
+
+    def __init__(self, owner: Tracing, span: trace.Span, token: object) -> None:
+        self.owner = owner
+        self.span = span
+        self.token = token
+        self._ended = False
+
+    def stage(self, stage: str, check: str) -> trace.Span:
+        attributes = {"extauthz.check": check} if check else None
+        return self.owner.tracer.start_span(self.owner.stage_name(stage), attributes=attributes)
+
+    def end_stage(self, handle: trace.Span, denial: Denial | None, error: BaseException | None = None) -> None:
+        if handle.is_recording():
+            if denial is not None:
+                handle.set_attribute("extauthz.denied", True)
+                handle.set_attribute("extauthz.reason", denial.reason)
+            if error is not None:
+                # The type only: an exception's text may quote request data.
+                handle.set_attribute("error.type", type(error).__name__)
+                handle.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        handle.end()
+
+    def finish(self, decision: Decision) -> Decision:
+        span = self.span
+        if span.is_recording():
+            span.set_attributes(decision_attributes(decision, self.owner.subjects))
+            if decision.status >= 500:
+                span.set_status(Status(StatusCode.ERROR, decision.reason))
+        span_context = span.get_span_context()
+        self._end()
+        if not span_context.is_valid:
+            return decision
+        return replace(decision, trace_id=format(span_context.trace_id, "032x"),
+                       span_id=format(span_context.span_id, "016x"))  # fmt: skip
+
+    def abort(self) -> None:
+        if self.span.is_recording():
+            self.span.set_status(Status(StatusCode.ERROR, "cancelled"))
+        self._end()
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.span.end()
+            otel_context.detach(self.token)  # type: ignore[arg-type]
+
+
+def outcome(decision: Decision) -> str:
+    """allow, deny or dry_run_deny: the ``decision`` label of metrics, spans and logs."""
+    if decision.allowed:
+        return "dry_run_deny" if decision.would_deny else "allow"
+    return "deny"
+
+
+def decision_attributes(decision: Decision, subjects: SubjectHasher) -> dict[str, Any]:
+    """Span attributes of a decision: what decided and why, never a secret."""
+    attributes: dict[str, Any] = {
+        "extauthz.decision": outcome(decision),
+        "extauthz.reason": decision.reason,
+        "extauthz.status": decision.status,
+        "extauthz.decision_id": decision.decision_id,
+        "extauthz.dry_run": decision.dry_run,
+    }
+    if decision.policy:
+        attributes["extauthz.policy"] = decision.policy
+    if decision.rule:
+        attributes["extauthz.rule"] = decision.rule
+    if decision.would_deny:
+        attributes["extauthz.would_deny"] = True
+    request = decision.request
+    if request is not None:
+        attributes["http.request.method"] = request.method
+        if request.host:
+            attributes["server.address"] = request.host
+        attributes["url.path"] = request.path[:_MAX_ATTRIBUTE_CHARS]
+        if request.source.address:
+            attributes["client.address"] = request.source.address
+    identity = decision.identity
+    if identity is not None:
+        attributes["extauthz.identity.kind"] = str(identity.get("kind", ""))
+        source = identity.get("source")
+        if source:
+            attributes["extauthz.identity.source"] = str(source)
+        attributes.update(subjects.attributes(str(identity.get("subject") or "")))
+    for name, value in (decision.attributes or {}).items():
+        if name == "error":
+            attributes["error.type"] = str(value).split(":", 1)[0][:64]
+        elif isinstance(value, bool | int | float) and not is_secret_name(name):
+            attributes[f"extauthz.{name}"] = value
+        elif isinstance(value, str) and not is_secret_name(name):
+            attributes[f"extauthz.{name}"] = value[:_MAX_ATTRIBUTE_CHARS]
+    return attributes
+
+
+def parse_trace_ids(headers: Mapping[str, str]) -> tuple[str, str]:
+    """(trace id, parent span id) from a request's traceparent or B3 headers, without the SDK.
+
+    Used by the decision log when tracing is off, so log lines still join the request's trace.
+    """
+    value = headers.get("traceparent", "")
+    parts = value.split("-")
+    if (len(parts) >= 4 and len(parts[1]) == 32 and len(parts[2]) == 16 and _is_hex(parts[1] + parts[2])
+            and parts[1] != "0" * 32):
+        return parts[1].lower(), parts[2].lower()
+    b3 = headers.get("b3", "")
+    if b3:
+        fields = b3.split("-")
+        if len(fields) >= 2 and len(fields[0]) in (16, 32) and len(fields[1]) == 16 and _is_hex(fields[0] + fields[1]):
+            return fields[0].lower().rjust(32, "0"), fields[1].lower()
+    trace_id, span_id = headers.get("x-b3-traceid", ""), headers.get("x-b3-spanid", "")
+    if len(trace_id) in (16, 32) and len(span_id) == 16 and _is_hex(trace_id + span_id):
+        return trace_id.lower().rjust(32, "0"), span_id.lower()
+    return "", ""
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True
