@@ -1,0 +1,431 @@
+"""Structured Field Values (RFC 8941 / RFC 9651) for the fields request signatures use.
+
+Why our own parser rather than a library: it is small, it enforces hard size limits *while*
+parsing (a 10,000-parameter ``Signature-Input`` stops at the limit instead of being built), it is
+strict where RFC 9421 needs strictness (duplicate dictionary keys and duplicate parameters are
+errors, not silent overwrites, so two signers cannot disagree on which label or ``created`` counts),
+and it keeps the interoperability tests honest: the independent implementation we test against
+(``http-message-signatures``) parses with ``http-sf``, so a shared parsing bug cannot cancel out.
+
+Only what signatures need is modelled: Dictionaries, Lists, Inner Lists, Items and their
+Parameters, with Integer, Decimal, String, Token, Byte Sequence and Boolean bare items.
+Serialization is the canonical one of RFC 8941 section 4 (what RFC 9421 signs).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import decimal
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "BareItem",
+    "InnerList",
+    "Item",
+    "Limits",
+    "Member",
+    "Params",
+    "StructuredFieldError",
+    "Token",
+    "parse_dictionary",
+    "parse_item",
+    "parse_list",
+    "serialize_bare_item",
+    "serialize_dictionary",
+    "serialize_inner_list",
+    "serialize_item",
+    "serialize_list",
+    "serialize_member",
+    "serialize_params",
+]
+
+
+class StructuredFieldError(ValueError):
+    """The text is not a valid structured field (or exceeds a limit)."""
+
+
+class Token(str):
+    """An sf-token: a string that serializes without quotes."""
+
+    __slots__ = ()
+
+
+BareItem = int | decimal.Decimal | str | Token | bytes | bool
+Params = tuple[tuple[str, BareItem], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    value: BareItem
+    params: Params = ()
+
+    def param(self, key: str, default: BareItem | None = None) -> BareItem | None:
+        for name, value in self.params:
+            if name == key:
+                return value
+        return default
+
+
+@dataclass(frozen=True, slots=True)
+class InnerList:
+    items: tuple[Item, ...]
+    params: Params = ()
+
+    def param(self, key: str, default: BareItem | None = None) -> BareItem | None:
+        for name, value in self.params:
+            if name == key:
+                return value
+        return default
+
+
+Member = Item | InnerList
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds applied while parsing; exceeding one is an error, never a truncation."""
+
+    max_length: int = 16384
+    max_members: int = 64
+    max_inner_items: int = 64
+    max_params: int = 32
+
+
+DEFAULT_LIMITS = Limits()
+
+_LCALPHA = frozenset("abcdefghijklmnopqrstuvwxyz")
+_DIGITS = frozenset("0123456789")
+_KEY_START = _LCALPHA | {"*"}
+_KEY_CHARS = _LCALPHA | _DIGITS | frozenset("_-.*")
+_ALPHA = _LCALPHA | frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TCHAR = _ALPHA | _DIGITS | frozenset("!#$%&'*+-.^_`|~")
+_TOKEN_CHARS = _TCHAR | frozenset(":/")
+_B64_CHARS = _ALPHA | _DIGITS | frozenset("+/=")
+_MAX_INT = 999_999_999_999_999
+
+
+class _Parser:
+    __slots__ = ("limits", "pos", "text")
+
+    def __init__(self, text: str, limits: Limits) -> None:
+        if len(text) > limits.max_length:
+            raise StructuredFieldError(f"field is longer than {limits.max_length} characters")
+        if not text.isascii():
+            raise StructuredFieldError("field contains non-ASCII characters")
+        self.text = text.strip(" ")  # leading/trailing SP are discarded (RFC 8941 4.2)
+        self.pos = 0
+        self.limits = limits
+
+    def fail(self, what: str) -> StructuredFieldError:
+        return StructuredFieldError(f"{what} at offset {self.pos}")
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def skip_sp(self) -> None:
+        while self.peek() == " ":
+            self.pos += 1
+
+    def skip_ows(self) -> None:
+        while self.peek() in (" ", "\t") and not self.at_end():
+            self.pos += 1
+
+    # --- top-level types ------------------------------------------------------------------------
+    def dictionary(self) -> list[tuple[str, Member]]:
+        members: list[tuple[str, Member]] = []
+        seen: set[str] = set()
+        while not self.at_end():
+            key = self.key()
+            if key in seen:
+                raise self.fail(f"duplicate dictionary key {key!r}")
+            seen.add(key)
+            if self.peek() == "=":
+                self.pos += 1
+                member = self.member()
+            else:
+                member = Item(True, self.params())
+            members.append((key, member))
+            if len(members) > self.limits.max_members:
+                raise self.fail(f"more than {self.limits.max_members} members")
+            if not self.comma():
+                break
+        return members
+
+    def list(self) -> list[Member]:
+        members: list[Member] = []
+        while not self.at_end():
+            members.append(self.member())
+            if len(members) > self.limits.max_members:
+                raise self.fail(f"more than {self.limits.max_members} members")
+            if not self.comma():
+                break
+        return members
+
+    def comma(self) -> bool:
+        """After a member: True if another member follows; error on trailing garbage/comma."""
+        self.skip_ows()
+        if self.at_end():
+            return False
+        if self.peek() != ",":
+            raise self.fail("expected ',' between members")
+        self.pos += 1
+        self.skip_ows()
+        if self.at_end():
+            raise self.fail("trailing ','")
+        return True
+
+    def member(self) -> Member:
+        if self.peek() == "(":
+            return self.inner_list()
+        return self.item()
+
+    def inner_list(self) -> InnerList:
+        self.pos += 1  # "("
+        items: list[Item] = []
+        while True:
+            self.skip_sp()
+            if self.peek() == ")":
+                self.pos += 1
+                return InnerList(tuple(items), self.params())
+            if self.at_end():
+                raise self.fail("unterminated inner list")
+            items.append(self.item())
+            if len(items) > self.limits.max_inner_items:
+                raise self.fail(f"inner list has more than {self.limits.max_inner_items} items")
+            if self.peek() not in (" ", ")"):
+                raise self.fail("expected ' ' or ')' in inner list")
+
+    def item(self) -> Item:
+        value = self.bare_item()
+        return Item(value, self.params())
+
+    def params(self) -> Params:
+        params: list[tuple[str, BareItem]] = []
+        seen: set[str] = set()
+        while self.peek() == ";":
+            self.pos += 1
+            self.skip_sp()
+            key = self.key()
+            if key in seen:
+                raise self.fail(f"duplicate parameter {key!r}")
+            seen.add(key)
+            value: BareItem = True
+            if self.peek() == "=":
+                self.pos += 1
+                value = self.bare_item()
+            params.append((key, value))
+            if len(params) > self.limits.max_params:
+                raise self.fail(f"more than {self.limits.max_params} parameters")
+        return tuple(params)
+
+    def key(self) -> str:
+        start = self.pos
+        if self.peek() not in _KEY_START or self.at_end():
+            raise self.fail("expected a key (lower-case letter or '*')")
+        self.pos += 1
+        while not self.at_end() and self.text[self.pos] in _KEY_CHARS:
+            self.pos += 1
+        return self.text[start:self.pos]
+
+    # --- bare items ---------------------------------------------------------------------------------
+    def bare_item(self) -> BareItem:
+        c = self.peek()
+        if c == "-" or (c and c in _DIGITS):
+            return self.number()
+        if c == '"':
+            return self.string()
+        if c == ":":
+            return self.byte_sequence()
+        if c == "?":
+            return self.boolean()
+        if c and (c in _ALPHA or c == "*"):
+            return self.token()
+        raise self.fail("expected an item")
+
+    def number(self) -> int | decimal.Decimal:
+        start = self.pos
+        if self.peek() == "-":
+            self.pos += 1
+        digits_start = self.pos
+        dot = -1
+        while not self.at_end():
+            c = self.text[self.pos]
+            if c in _DIGITS:
+                self.pos += 1
+            elif c == "." and dot < 0:
+                dot = self.pos
+                self.pos += 1
+            else:
+                break
+        number = self.text[start:self.pos]
+        integral = self.text[digits_start:dot if dot >= 0 else self.pos]
+        if not integral:
+            raise self.fail("number without digits")
+        if dot < 0:
+            if len(integral) > 15:
+                raise self.fail("integer has more than 15 digits")
+            return int(number)
+        fraction = self.text[dot + 1:self.pos]
+        if len(integral) > 12 or not fraction or len(fraction) > 3:
+            raise self.fail("decimal out of range")
+        return decimal.Decimal(number)
+
+    def string(self) -> str:
+        self.pos += 1
+        out: list[str] = []
+        while True:
+            if self.at_end():
+                raise self.fail("unterminated string")
+            c = self.text[self.pos]
+            self.pos += 1
+            if c == "\\":
+                if self.at_end():
+                    raise self.fail("unterminated escape")
+                c = self.text[self.pos]
+                self.pos += 1
+                if c not in ('"', "\\"):
+                    raise self.fail("invalid escape in string")
+                out.append(c)
+            elif c == '"':
+                return "".join(out)
+            elif not (" " <= c <= "~"):
+                raise self.fail("control character in string")
+            else:
+                out.append(c)
+
+    def token(self) -> Token:
+        start = self.pos
+        self.pos += 1
+        while not self.at_end() and self.text[self.pos] in _TOKEN_CHARS:
+            self.pos += 1
+        return Token(self.text[start:self.pos])
+
+    def byte_sequence(self) -> bytes:
+        self.pos += 1
+        end = self.text.find(":", self.pos)
+        if end < 0:
+            raise self.fail("unterminated byte sequence")
+        encoded = self.text[self.pos:end]
+        if any(c not in _B64_CHARS for c in encoded):
+            raise self.fail("byte sequence is not base64")
+        self.pos = end + 1
+        padded = encoded + "=" * (-len(encoded) % 4)  # parsers should accept missing padding
+        try:
+            return base64.b64decode(padded, validate=True)
+        except (binascii.Error, ValueError):
+            raise self.fail("byte sequence is not valid base64") from None
+
+    def boolean(self) -> bool:
+        self.pos += 1
+        c = self.peek()
+        if c not in ("0", "1") or not c:
+            raise self.fail("boolean must be ?0 or ?1")
+        self.pos += 1
+        return c == "1"
+
+
+def _done(parser: _Parser) -> None:
+    if not parser.at_end():
+        raise parser.fail("unexpected characters")
+
+
+def parse_dictionary(text: str, limits: Limits = DEFAULT_LIMITS) -> list[tuple[str, Member]]:
+    """Parse a Dictionary, keeping member order; duplicate keys are an error."""
+    parser = _Parser(text, limits)
+    result = parser.dictionary()
+    _done(parser)
+    return result
+
+
+def parse_list(text: str, limits: Limits = DEFAULT_LIMITS) -> list[Member]:
+    parser = _Parser(text, limits)
+    result = parser.list()
+    _done(parser)
+    return result
+
+
+def parse_item(text: str, limits: Limits = DEFAULT_LIMITS) -> Item:
+    parser = _Parser(text, limits)
+    if parser.at_end():
+        raise StructuredFieldError("empty item")
+    result = parser.item()
+    _done(parser)
+    return result
+
+
+# --- serialization (RFC 8941 section 4.1) ---------------------------------------------------------------
+
+
+def serialize_bare_item(value: BareItem) -> str:
+    if isinstance(value, bool):
+        return "?1" if value else "?0"
+    if isinstance(value, int):
+        if abs(value) > _MAX_INT:
+            raise StructuredFieldError("integer out of range")
+        return str(value)
+    if isinstance(value, decimal.Decimal):
+        rounded = value.quantize(decimal.Decimal("0.001"), rounding=decimal.ROUND_HALF_EVEN)
+        negative = rounded.is_signed() and rounded != 0
+        text = f"{abs(rounded):f}"
+        integral, _, fraction = text.partition(".")
+        if len(integral) > 12:
+            raise StructuredFieldError("decimal out of range")
+        fraction = fraction.rstrip("0") or "0"
+        return f"{'-' if negative else ''}{integral}.{fraction}"
+    if isinstance(value, Token):
+        if not value or (value[0] not in _ALPHA and value[0] != "*") or any(c not in _TOKEN_CHARS for c in value):
+            raise StructuredFieldError(f"invalid token {value!r}")
+        return str(value)
+    if isinstance(value, str):
+        if any(not (" " <= c <= "~") for c in value):
+            raise StructuredFieldError("string has characters outside printable ASCII")
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bytes):
+        return ":" + base64.b64encode(value).decode("ascii") + ":"
+    raise StructuredFieldError(f"cannot serialize {type(value).__name__}")
+
+
+def _serialize_key(key: str) -> str:
+    if not key or key[0] not in _KEY_START or any(c not in _KEY_CHARS for c in key):
+        raise StructuredFieldError(f"invalid key {key!r}")
+    return key
+
+
+def serialize_params(params: Iterable[tuple[str, BareItem]]) -> str:
+    out = []
+    for key, value in params:
+        out.append(";" + _serialize_key(key))
+        if value is not True:
+            out.append("=" + serialize_bare_item(value))
+    return "".join(out)
+
+
+def serialize_item(item: Item) -> str:
+    return serialize_bare_item(item.value) + serialize_params(item.params)
+
+
+def serialize_inner_list(inner: InnerList) -> str:
+    return "(" + " ".join(serialize_item(i) for i in inner.items) + ")" + serialize_params(inner.params)
+
+
+def serialize_member(member: Member) -> str:
+    return serialize_inner_list(member) if isinstance(member, InnerList) else serialize_item(member)
+
+
+def serialize_list(members: Iterable[Member]) -> str:
+    return ", ".join(serialize_member(m) for m in members)
+
+
+def serialize_dictionary(members: Iterable[tuple[str, Member]]) -> str:
+    out = []
+    for key, member in members:
+        if isinstance(member, Item) and member.value is True:
+            out.append(_serialize_key(key) + serialize_params(member.params))
+        else:
+            out.append(_serialize_key(key) + "=" + serialize_member(member))
+    return ", ".join(out)
