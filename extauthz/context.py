@@ -73,7 +73,7 @@ _REQUEST_FIELDS: dict[str, Callable[[Request], Any]] = {
     "raw_path": lambda r: r.raw_path,
     "query": lambda r: dict(r.query),
     "query_all": lambda r: {k: list(v) for k, v in r.query_all.items()},
-    "headers": lambda r: r.headers if type(r.headers) is dict else dict(r.headers),
+    "headers": lambda r: dict(r.headers),
     "body": lambda r: MISSING if r.body_text is None else r.body_text,
     "raw_body": lambda r: r.body,
     "id": lambda r: r.id,
@@ -114,7 +114,17 @@ def _root(path: tuple[str, ...]) -> tuple[Callable[[CheckContext], Any], int]:
 
 
 def accessor_for(path: tuple[str, ...]) -> Accessor:
-    """Build the function that reads ``path`` from a CheckContext (MISSING when absent)."""
+    """Build the function that reads ``path`` from a CheckContext (MISSING when absent).
+
+    The common shapes (``request.<field>``, ``request.headers['name']``) get direct closures:
+    they run for every rule of every request.
+    """
+    if path[0] == "request" and len(path) == 2 and path[1] in _DIRECT_FIELDS:
+        name = path[1]
+        return lambda ctx: getattr(ctx.request, name)
+    if path[0] == "request" and len(path) == 3 and path[1] in ("headers", "query"):
+        field_name, key = path[1], path[2]
+        return lambda ctx: getattr(ctx.request, field_name).get(key, MISSING)
     root, consumed = _root(path)
     keys = path[consumed:]
     if not keys:
@@ -132,3 +142,9 @@ def accessor_for(path: tuple[str, ...]) -> Accessor:
         return value
 
     return get
+
+
+#: Request fields whose value CEL can use as it is (strings, numbers, booleans, bytes).
+_DIRECT_FIELDS = frozenset(
+    {"method", "host", "path", "raw_path", "id", "scheme", "protocol", "size", "partial_body", "fragment"}
+)

@@ -138,6 +138,9 @@ class Peer:
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
 
 
+_NO_PEER = Peer()
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """What a policy sees of one HTTP request. Built once per Check, never mutated."""
@@ -161,7 +164,8 @@ class Request:
     protocol: str = ""
     fragment: str = ""
     size: int = -1
-    time: datetime.datetime | None = None
+    #: When Envoy received the request, in seconds since the epoch (0.0 when not sent).
+    timestamp: float = 0.0
     source: Peer = Peer()
     destination: Peer = Peer()
     sni: str = ""
@@ -175,6 +179,11 @@ class Request:
     raw_headers: Mapping[str, bytes] = field(default_factory=lambda: _EMPTY)
 
     @property
+    def time(self) -> datetime.datetime | None:
+        """When Envoy received the request, or None when it did not say."""
+        return datetime.datetime.fromtimestamp(self.timestamp, datetime.UTC) if self.timestamp else None
+
+    @property
     def body_text(self) -> str | None:
         """The body as UTF-8 text, or None when it is not valid UTF-8."""
         try:
@@ -184,31 +193,34 @@ class Request:
 
 
 def _peer(msg: attribute_context_pb2.AttributeContext.Peer) -> Peer:
-    if not msg.ByteSize():
-        return Peer()
     sock = msg.address.socket_address
+    address = sock.address or msg.address.pipe.path
+    principal = msg.principal
     certificate = msg.certificate
+    if not (address or principal or certificate or msg.service or msg.labels):
+        return _NO_PEER
     if certificate:
         certificate = unquote_to_bytes(certificate).decode("utf-8", "replace")
     return Peer(
-        address=sock.address or msg.address.pipe.path,
+        address=address,
         port=sock.port_value,
-        principal=msg.principal,
+        principal=principal,
         certificate=certificate,
         service=msg.service,
-        labels=MappingProxyType(dict(msg.labels)) if msg.labels else _EMPTY,
+        labels=dict(msg.labels) if msg.labels else _EMPTY,
     )
 
 
-def _headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> tuple[dict[str, str], dict[str, bytes]]:
+def _headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> tuple[Mapping[str, str], dict[str, bytes]]:
     """Headers as one value per lower-case name.
 
     Envoy fills either ``headers`` (duplicates already joined with ",") or, with
     ``encode_raw_headers``, ``header_map`` with one entry per occurrence and raw bytes. A
-    duplicated pseudo-header is ambiguous and refused.
+    duplicated pseudo-header is ambiguous and refused. The common case reuses the message's own
+    map, read-only, instead of copying it for every request.
     """
     if not http.header_map.headers:
-        return dict(http.headers), {}
+        return http.headers, {}
     joined: dict[str, str] = {}
     raw: dict[str, bytes] = {}
     for entry in http.header_map.headers:
@@ -274,9 +286,8 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
             for name, struct in attrs.metadata_context.filter_metadata.items()
         }
 
-    time = None
-    if attrs.request.HasField("time"):
-        time = attrs.request.time.ToDatetime(tzinfo=datetime.UTC)
+    stamp = attrs.request.time
+    timestamp = stamp.seconds + stamp.nanos / 1e9
 
     return Request(
         method=method,
@@ -292,7 +303,7 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
         protocol=http.protocol,
         fragment=http.fragment,
         size=http.size,
-        time=time,
+        timestamp=timestamp,
         source=_peer(attrs.source),
         destination=_peer(attrs.destination),
         sni=attrs.tls_session.sni,
