@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-
-from google.protobuf import struct_pb2
+from typing import Any
 
 from extauthz.api.envoy.config.core.v3 import base_pb2
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
@@ -20,16 +19,21 @@ _UNAVAILABLE = 14
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
-_CONTENT_TYPE = base_pb2.HeaderValueOption(
-    header=base_pb2.HeaderValue(key="content-type", value="application/json"), append_action=_OVERWRITE
-)
 #: Dynamic metadata lands in Envoy under the ext_authz filter's namespace; later filters and
 #: access logs read it as %DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%.
 
 
-def _metadata(decision: Decision) -> struct_pb2.Struct:
-    meta = struct_pb2.Struct()
-    fields = meta.fields
+def _add_header(options: Any, name: str, value: str, action: int) -> None:
+    option = options.add()
+    option.header.key = name
+    option.header.value = value
+    option.append_action = action
+
+
+def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+    """Build the response in place: nested constructors cost several times more per request."""
+    response = external_auth_pb2.CheckResponse()
+    fields = response.dynamic_metadata.fields
     fields["decision_id"].string_value = decision.decision_id
     fields["policy"].string_value = decision.policy
     fields["rule"].string_value = decision.rule
@@ -37,25 +41,15 @@ def _metadata(decision: Decision) -> struct_pb2.Struct:
     if decision.dry_run:
         fields["dry_run"].bool_value = True
         fields["would_deny"].bool_value = decision.would_deny
-    return meta
-
-
-def _header(name: str, value: str, action: int = _OVERWRITE) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append_action=action)
-
-
-def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
-    response = external_auth_pb2.CheckResponse(dynamic_metadata=_metadata(decision))
     if decision.allowed:
-        response.status.code = _OK
         ok = response.ok_response
         ok.SetInParent()
         for name, value in decision.upstream_headers:
-            ok.headers.append(_header(name, value))
+            _add_header(ok.headers, name, value, _OVERWRITE)
         if decision.remove_headers:
             ok.headers_to_remove.extend(decision.remove_headers)
         for name, value in decision.client_headers:
-            ok.response_headers_to_add.append(_header(name, value, _APPEND))
+            _add_header(ok.response_headers_to_add, name, value, _APPEND)
         return response
     if decision.status == 401:
         response.status.code = _UNAUTHENTICATED
@@ -66,9 +60,9 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     response.status.message = decision.reason
     denied = response.denied_response
     denied.status.code = decision.status  # type: ignore[assignment]
-    denied.headers.append(_CONTENT_TYPE)
+    _add_header(denied.headers, "content-type", "application/json", _OVERWRITE)
     for name, value in decision.client_headers:
-        denied.headers.append(_header(name, value, _APPEND))
+        _add_header(denied.headers, name, value, _APPEND)
     denied.body = json.dumps(
         {"error": decision.message, "reason": decision.reason, "decision_id": decision.decision_id},
         separators=(",", ":"),
