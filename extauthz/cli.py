@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds in-flight checks get after SIGTERM (env EXTAUTHZ_GRACE)")
     serve.add_argument("--redis-url", default=_env("REDIS_URL"),
                        help="shared store for quotas and nonces (env EXTAUTHZ_REDIS_URL)")
+    _telemetry_arguments(serve)
 
     validate = sub.add_parser("validate", help="check a policy folder; exit 1 listing every error")
     validate.add_argument("policies", type=Path)
@@ -65,6 +65,32 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("policies", type=Path)
     test.add_argument("-v", "--verbose", action="store_true", help="show the steps of every case")
     return parser
+
+
+def _telemetry_arguments(serve: argparse.ArgumentParser) -> None:
+    """Logs, decision log and workers (tracing is configured by the standard OTEL_* variables)."""
+    from extauthz.telemetry.decision_log import DEFAULT_ALLOW_SAMPLE
+
+    serve.add_argument("--log-format", default=_env("LOG_FORMAT", "json"), choices=["json", "text"],
+                       help="process logs on stderr: JSON lines or text (env EXTAUTHZ_LOG_FORMAT)")
+    serve.add_argument("--decision-log", default=_env("DECISION_LOG", "-"), metavar="PATH|-|off",
+                       help="decision log: '-' stdout (default), a file, or off (env EXTAUTHZ_DECISION_LOG)")
+    serve.add_argument("--decision-log-allow-sample", type=float, metavar="FRACTION",
+                       default=float(_env("DECISION_LOG_ALLOW_SAMPLE", DEFAULT_ALLOW_SAMPLE)),
+                       help="fraction of allows logged, 0..1; denies are always logged "
+                            "(env EXTAUTHZ_DECISION_LOG_ALLOW_SAMPLE)")
+    serve.add_argument("--decision-log-headers", default=_env("DECISION_LOG_HEADERS", ""), metavar="A,B",
+                       help="request headers whose values are logged; credentials stay redacted "
+                            "(env EXTAUTHZ_DECISION_LOG_HEADERS)")
+    serve.add_argument("--decision-log-subject", default=_env("DECISION_LOG_SUBJECT", "plain"),
+                       choices=["plain", "hash", "none"], help="identity subject in the decision log "
+                       "(hash: keyed with EXTAUTHZ_SUBJECT_HASH_KEY) (env EXTAUTHZ_DECISION_LOG_SUBJECT)")
+    serve.add_argument("--decision-log-query", default=_env("DECISION_LOG_QUERY", "names"),
+                       choices=["none", "names", "full"], help="query string in the decision log: parameter "
+                       "names (default), full (credential values redacted), none (env EXTAUTHZ_DECISION_LOG_QUERY)")
+    serve.add_argument("--workers", type=int, default=int(_env("WORKERS", 1)),
+                       help="worker processes sharing the ports (SO_REUSEPORT); metrics are aggregated "
+                            "across them (env EXTAUTHZ_WORKERS)")
 
 
 def _load_or_report(folder: Path) -> PolicySet | None:
@@ -205,13 +231,37 @@ def _cmd_test(ns: argparse.Namespace) -> int:
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
-    from extauthz.server import Settings, serve
+    from extauthz.telemetry.logs import configure_logging
 
-    logging.basicConfig(
-        level=ns.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(ns.log_level, ns.log_format)
+    if ns.workers < 1 or ns.workers > 64:
+        print("error: --workers must be between 1 and 64", file=sys.stderr)
+        return 2
+    if ns.workers > 1:
+        from extauthz.workers import supervise
+
+        return supervise(ns)
+    return serve_process(ns)
+
+
+def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
+    """Run one sidecar process with the ``serve`` options (a worker of ``--workers`` shares its ports)."""
+    from extauthz.server import Settings, serve
+    from extauthz.telemetry.decision_log import DecisionLogConfig
+    from extauthz.telemetry.tracing import TracingConfigError, tracing_from_env
+
+    try:
+        decision_log = DecisionLogConfig(
+            destination=ns.decision_log,
+            allow_sample=ns.decision_log_allow_sample,
+            headers=DecisionLogConfig.header_list(ns.decision_log_headers),
+            subject=ns.decision_log_subject,
+            query=ns.decision_log_query,
+        )
+        tracing = tracing_from_env(version=_version())
+    except (ValueError, TracingConfigError) as exc:
+        print(f"extauthz: not starting: {exc}", file=sys.stderr)
+        return 2
     listen = ns.listen
     settings = Settings(
         policies=ns.policies,
@@ -224,6 +274,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         reload_interval=ns.reload_interval,
         grace=ns.grace,
         redis_url=ns.redis_url,
+        decision_log=decision_log,
+        tracing=tracing,
+        reuse_port=reuse_port,
     )
     try:
         asyncio.run(serve(settings))
@@ -233,6 +286,15 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         print(f"extauthz: not starting: {len(exc.errors)} error(s) in policy folder {ns.policies}", file=sys.stderr)
         return 2
     return 0
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("extauthz")
+    except Exception:
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

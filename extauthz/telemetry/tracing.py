@@ -159,13 +159,21 @@ def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
     endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if names is None:
         names = "otlp" if endpoint else "none"
+    protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()  # fmt: skip
+    try:
+        return _build_exporters(names, protocol)
+    except ImportError as exc:
+        # Seen when another package overwrote opentelemetry-proto's modules with older ones.
+        raise TracingConfigError(f"the OTLP exporter cannot be loaded ({exc}); reinstall opentelemetry-proto") from exc
+
+
+def _build_exporters(names: str, protocol: str) -> list[SpanExporter]:
     exporters: list[SpanExporter] = []
     for name in (n.strip().lower() for n in names.split(",")):
         if name in ("", "none"):
             continue
         if name == "otlp":
-            protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()  # fmt: skip
             if protocol == "grpc":
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 

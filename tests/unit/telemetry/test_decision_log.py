@@ -1,0 +1,167 @@
+"""Decision log: one JSON line per decision, denies always, allows sampled, secrets never."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extauthz.decision import Authorizer, Decision
+from extauthz.policy import load_folder
+from extauthz.samples import check_request_from_sample
+from extauthz.telemetry import metrics
+from extauthz.telemetry.decision_log import REDACTED, DecisionLog, DecisionLogConfig, decision_record
+from extauthz.telemetry.metrics import Metrics
+from extauthz.telemetry.tracing import SubjectHasher
+
+SECRET = "s3cr3t-token-value"
+ORDERS = """
+match: {paths: [/api/orders]}
+rules:
+  - {name: no-deletes, when: "request.method == 'DELETE'", decision: deny, message: "orders cannot be deleted"}
+  - {name: reads, when: "request.method == 'GET'", decision: allow}
+"""
+
+
+class _Stream(io.BytesIO):
+    """A BytesIO that keeps its bytes readable after the log closes (it never closes)."""
+
+    def close(self) -> None:
+        pass
+
+
+def _lines(stream: _Stream) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def _run(folder: Path, config: DecisionLogConfig, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    stream = _Stream()
+    decision_log = DecisionLog(config, stream=stream, subjects=SubjectHasher("hash", b"k"))
+    authorizer = Authorizer(load_folder(folder))
+    authorizer.observers.append(decision_log.observe)
+
+    async def go() -> None:
+        for sample in samples:
+            await authorizer.check(check_request_from_sample(sample))
+
+    asyncio.run(go())
+    decision_log.close()
+    return _lines(stream)
+
+
+@pytest.fixture
+def orders(policy_dir, policy_yaml) -> Path:
+    return policy_dir(**{"o.yaml": policy_yaml("orders", ORDERS)})
+
+
+def test_fields_of_a_deny(orders: Path) -> None:
+    [line] = _run(orders, DecisionLogConfig(), [{
+        "method": "DELETE", "host": "Orders.Example.com", "path": "/api/orders?id=7&token=" + SECRET,
+        "id": "req-1", "source": {"address": "10.1.2.3", "port": 5555, "principal": "spiffe://x/ns/a/sa/b"},
+        "headers": {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                    "authorization": "Bearer " + SECRET},
+    }])  # fmt: skip
+    assert line["decision"] == "deny" and line["status"] == 403 and line["reason"] == "denied_by_rule"
+    assert line["decision_id"] == "req-1"
+    assert line["policy"] == "orders" and line["rule"] == "no-deletes" and line["dry_run"] is False
+    assert line["message"] == "orders cannot be deleted"
+    assert line["method"] == "DELETE" and line["host"] == "orders.example.com" and line["path"] == "/api/orders"
+    assert line["query_params"] == ["id", "token"]  # names only by default
+    assert line["source_address"] == "10.1.2.3" and line["source_principal"] == "spiffe://x/ns/a/sa/b"
+    assert line["identity"] == {"kind": "anonymous", "source": ""}
+    # without tracing, the ids forwarded by the client still join the line to the trace
+    assert line["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736" and line["span_id"] == "00f067aa0ba902b7"
+    assert isinstance(line["latency_ms"], float) and line["latency_ms"] >= 0
+    assert line["time"].endswith("Z") and "T" in line["time"]
+    assert "headers" not in line
+    assert SECRET not in json.dumps(line)
+
+
+def test_allows_are_sampled_denies_never(orders: Path) -> None:
+    samples = [{"method": "GET", "path": "/api/orders"}] * 20 + [{"method": "DELETE", "path": "/api/orders"}] * 5
+    assert len(_run(orders, DecisionLogConfig(allow_sample=0.0), samples)) == 5
+    assert len(_run(orders, DecisionLogConfig(allow_sample=1.0), samples)) == 25
+    some = _run(orders, DecisionLogConfig(allow_sample=0.5), samples * 8)
+    allows = sum(1 for line in some if line["decision"] == "allow")
+    assert sum(1 for line in some if line["decision"] == "deny") == 40
+    assert 30 < allows < 130  # 160 allows at one half
+
+
+def test_headers_only_on_the_allow_list_and_credentials_redacted(orders: Path) -> None:
+    config = DecisionLogConfig(headers=DecisionLogConfig.header_list("X-Tenant, authorization,cookie,user-agent"),
+                               query="full")  # fmt: skip
+    [line] = _run(orders, config, [{
+        "method": "DELETE", "path": f"/api/orders?page=2&access_token={SECRET}&sig={SECRET}",
+        "headers": {"x-tenant": "acme", "authorization": "Bearer " + SECRET, "cookie": "sid=" + SECRET,
+                    "x-other": "not-listed"},
+    }])  # fmt: skip
+    assert line["headers"] == {"x-tenant": "acme", "authorization": REDACTED, "cookie": REDACTED}
+    assert line["query"] == {"page": "2", "access_token": REDACTED, "sig": REDACTED}
+    assert SECRET not in json.dumps(line) and "not-listed" not in json.dumps(line)
+
+
+def test_subject_modes_and_dry_run() -> None:
+    identity = {"kind": "jwt", "source": "bearer", "subject": "alice", "claims": {"email": "a@x"}}
+    decision = Decision(True, 200, "no_rule_matched", "no rule", "d1", policy="p", dry_run=True, would_deny=True,
+                        identity=identity, attributes={"quota": "per-user", "quota_remaining": 3,
+                                                       "session_cookie": SECRET})  # fmt: skip
+    plain = decision_record(decision, 0.0, DecisionLogConfig(), SubjectHasher("hash", b"k"))
+    assert plain["identity"] == {"kind": "jwt", "source": "bearer", "subject": "alice"}
+    assert plain["decision"] == "dry_run_deny" and plain["dry_run"] is True and plain["message"] == "no rule"
+    assert plain["attributes"] == {"quota": "per-user", "quota_remaining": 3, "session_cookie": REDACTED}
+    hashed = decision_record(decision, 0.0, DecisionLogConfig(subject="hash"), SubjectHasher("hash", b"k"))
+    assert "subject" not in hashed["identity"] and len(hashed["identity"]["subject_hash"]) == 32
+    none = decision_record(decision, 0.0, DecisionLogConfig(subject="none"), SubjectHasher("hash", b"k"))
+    assert none["identity"] == {"kind": "jwt", "source": "bearer"}
+    assert "claims" not in json.dumps(plain)
+    assert plain["time"] == "1970-01-01T00:00:00.000Z"
+
+
+def test_dry_run_would_deny_is_logged_even_with_no_allow_sampling() -> None:
+    stream = _Stream()
+    decision_log = DecisionLog(DecisionLogConfig(allow_sample=0.0), stream=stream)
+    decision_log.observe(Decision(True, 200, "allowed", "", "a"))
+    decision_log.observe(Decision(True, 200, "no_rule_matched", "", "b", dry_run=True, would_deny=True))
+    decision_log.close()
+    assert [line["decision_id"] for line in _lines(stream)] == ["b"]
+
+
+def test_a_slow_writer_drops_and_counts_instead_of_blocking() -> None:
+    installed = Metrics()
+    metrics.install(installed)
+    release = threading.Event()
+
+    class Blocked(_Stream):
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            release.wait(5)
+            return super().write(data)
+
+    stream = Blocked()
+    decision_log = DecisionLog(DecisionLogConfig(max_pending=2), stream=stream)
+    for i in range(50):
+        decision_log.observe(Decision(False, 403, "no_policy", "", f"d{i}"))
+    assert decision_log.dropped >= 40
+    assert installed.decision_log_dropped._value.get() == decision_log.dropped
+    release.set()
+    decision_log.close()
+    assert 1 <= len(_lines(stream)) <= 10
+
+
+def test_file_destination(tmp_path: Path) -> None:
+    target = tmp_path / "decisions.jsonl"
+    decision_log = DecisionLog(DecisionLogConfig(destination=str(target)))
+    decision_log.observe(Decision(False, 403, "no_policy", "no policy applies", "d1"))
+    decision_log.close()
+    assert json.loads(target.read_text())["reason"] == "no_policy"
+
+
+@pytest.mark.parametrize("bad", [{"allow_sample": 1.5}, {"subject": "reversible"}, {"query": "values"}])
+def test_bad_configuration_is_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        DecisionLogConfig(**bad)
+    assert not DecisionLogConfig(destination="off").enabled

@@ -1,0 +1,268 @@
+"""Check spans: parentage from the request's trace headers, stage spans, attributes, no secrets."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
+
+from extauthz.context import CheckContext, Denial
+from extauthz.decision import Authorizer
+from extauthz.policy import load_folder
+from extauthz.policy.compiler import CompiledPolicy, PolicySet
+from extauthz.policy.routing import Route, Router
+from extauthz.samples import check_request_from_sample
+from extauthz.telemetry.tracing import (
+    SubjectHasher,
+    TracingConfigError,
+    decision_attributes,
+    parse_trace_ids,
+    tracing_from_env,
+)
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+SECRET_TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2Vu.c2lnbmF0dXJl"
+
+ORDERS = """
+match: {paths: [/api/orders]}
+rules:
+  - {name: no-deletes, when: "request.method == 'DELETE'", decision: deny}
+  - {name: reads, when: "request.method == 'GET'", decision: allow}
+response:
+  headers:
+    x-method: "request.method"
+"""
+
+
+def _authorizer(folder: Path, tracing: Any) -> Authorizer:
+    authorizer = Authorizer(load_folder(folder))
+    authorizer.tracer = tracing
+    return authorizer
+
+
+def _decide(authorizer: Authorizer, **sample: Any):
+    return asyncio.run(authorizer.check(check_request_from_sample(sample)))
+
+
+def _by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, ReadableSpan]:
+    return {span.name: span for span in spans}
+
+
+def test_check_span_is_child_of_traceparent_with_stage_spans(policy_dir, policy_yaml, tracing, span_exporter) -> None:
+    authorizer = _authorizer(policy_dir(**{"o.yaml": policy_yaml("orders", ORDERS)}), tracing)
+    decision = _decide(authorizer, method="GET", path="/api/orders",
+                       headers={"traceparent": TRACEPARENT, "tracestate": "vendor=1"})  # fmt: skip
+    spans = _by_name(span_exporter.get_finished_spans())
+    assert set(spans) == {"extauthz.check", "extauthz.select", "extauthz.rules", "extauthz.response"}
+    check = spans["extauthz.check"]
+    assert check.kind is SpanKind.SERVER
+    assert format(check.context.trace_id, "032x") == TRACE_ID
+    assert format(check.parent.span_id, "016x") == PARENT_ID and check.parent.is_remote
+    assert check.context.trace_state.get("vendor") == "1"
+    for name in ("extauthz.select", "extauthz.rules", "extauthz.response"):
+        assert spans[name].parent.span_id == check.context.span_id
+        assert spans[name].context.trace_id == check.context.trace_id
+    assert spans["extauthz.rules"].attributes["extauthz.check"] == "rules"
+    attrs = check.attributes
+    assert attrs["extauthz.decision"] == "allow" and attrs["extauthz.reason"] == "allowed"
+    assert attrs["extauthz.policy"] == "orders" and attrs["extauthz.rule"] == "reads"
+    assert attrs["extauthz.dry_run"] is False
+    assert attrs["extauthz.identity.kind"] == "anonymous"
+    assert attrs["http.request.method"] == "GET" and attrs["url.path"] == "/api/orders"
+    assert check.status.status_code is StatusCode.UNSET
+    # the decision carries the ids, for the decision log
+    assert decision.trace_id == TRACE_ID and decision.span_id == format(check.context.span_id, "016x")
+
+
+def test_denying_stage_is_marked_and_later_stages_do_not_run(policy_dir, policy_yaml, tracing, span_exporter) -> None:
+    authorizer = _authorizer(policy_dir(**{"o.yaml": policy_yaml("orders", ORDERS)}), tracing)
+    _decide(authorizer, method="DELETE", path="/api/orders", headers={"traceparent": TRACEPARENT})
+    spans = _by_name(span_exporter.get_finished_spans())
+    assert "extauthz.response" not in spans
+    assert spans["extauthz.rules"].attributes["extauthz.denied"] is True
+    assert spans["extauthz.rules"].attributes["extauthz.reason"] == "denied_by_rule"
+    assert spans["extauthz.check"].attributes["extauthz.decision"] == "deny"
+    assert spans["extauthz.check"].attributes["extauthz.rule"] == "no-deletes"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"b3": f"{TRACE_ID}-{PARENT_ID}-1"},
+        {"x-b3-traceid": TRACE_ID, "x-b3-spanid": PARENT_ID, "x-b3-sampled": "1"},
+        # both present: W3C wins
+        {"traceparent": TRACEPARENT, "b3": f"{'1' * 32}-{'2' * 16}-1"},
+    ],
+    ids=["b3-single", "b3-multi", "traceparent-over-b3"],
+)
+def test_b3_and_w3c_parents(headers, policy_dir, policy_yaml, tracing, span_exporter) -> None:
+    authorizer = _authorizer(policy_dir(**{"o.yaml": policy_yaml("orders", ORDERS)}), tracing)
+    _decide(authorizer, method="GET", path="/api/orders", headers=headers)
+    check = _by_name(span_exporter.get_finished_spans())["extauthz.check"]
+    assert format(check.context.trace_id, "032x") == TRACE_ID
+    assert format(check.parent.span_id, "016x") == PARENT_ID
+
+
+def test_without_trace_headers_a_root_span_is_started(policy_dir, policy_yaml, tracing, span_exporter) -> None:
+    authorizer = _authorizer(policy_dir(**{"o.yaml": policy_yaml("orders", ORDERS)}), tracing)
+    decision = _decide(authorizer, method="GET", path="/api/orders")
+    check = _by_name(span_exporter.get_finished_spans())["extauthz.check"]
+    assert check.parent is None
+    assert decision.trace_id == format(check.context.trace_id, "032x")
+
+
+def test_unsampled_parent_records_nothing_but_keeps_ids(policy_dir, policy_yaml, tracing, span_exporter) -> None:
+    authorizer = _authorizer(policy_dir(**{"o.yaml": policy_yaml("orders", ORDERS)}), tracing)
+    decision = _decide(authorizer, method="GET", path="/api/orders",
+                       headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"})  # fmt: skip
+    assert span_exporter.get_finished_spans() == ()
+    assert decision.trace_id == TRACE_ID and decision.allowed
+
+
+class _Identify:
+    """Sets an identity and quota facts the way identity and quota checks do."""
+
+    may_wait: ClassVar[bool] = False
+
+    async def check(self, ctx: CheckContext) -> Denial | None:
+        ctx.identity = {"kind": "jwt", "source": "bearer", "subject": "alice@example.com", "claims": {"tok": "x"}}
+        ctx.attributes.update({"quota": "per-user", "quota_remaining": 41, "access_token": SECRET_TOKEN})
+        return None
+
+
+class _Explode:
+    may_wait: ClassVar[bool] = False
+
+    async def check(self, ctx: CheckContext) -> Denial | None:
+        raise RuntimeError(f"boom {SECRET_TOKEN}")
+
+
+def _custom(*checks: tuple[str, Any]) -> PolicySet:
+    policy = CompiledPolicy("custom", "c.yaml", False, tuple(c for _, c in checks), tuple(n for n, _ in checks), False)
+    return PolicySet((policy,), Router([Route("", "", frozenset(), policy)]))
+
+
+def _all_values(spans: tuple[ReadableSpan, ...]) -> str:
+    return repr([(s.name, dict(s.attributes or {}), s.status.description) for s in spans])
+
+
+def test_identity_quota_attributes_and_no_secrets(tracing, span_exporter) -> None:
+    from extauthz.checks.rules import Rule, RulesCheck
+
+    rules = RulesCheck((Rule("all", None, True, None),), "custom")
+    authorizer = Authorizer(_custom(("identity", _Identify()), ("rules", rules)))
+    authorizer.tracer = tracing
+    _decide(authorizer, method="GET", path="/p?access_token=" + SECRET_TOKEN,
+            headers={"authorization": f"Bearer {SECRET_TOKEN}", "cookie": f"session={SECRET_TOKEN}",
+                     "traceparent": TRACEPARENT})  # fmt: skip
+    spans = span_exporter.get_finished_spans()
+    check = _by_name(spans)["extauthz.check"]
+    attrs = check.attributes
+    assert attrs["extauthz.identity.kind"] == "jwt" and attrs["extauthz.identity.source"] == "bearer"
+    assert "extauthz.identity.subject" not in attrs  # hashed by default
+    assert len(attrs["extauthz.identity.subject_hash"]) == 32
+    assert attrs["extauthz.quota"] == "per-user" and attrs["extauthz.quota_remaining"] == 41
+    assert attrs["url.path"] == "/p"  # no query
+    assert _by_name(spans)["extauthz.identity"].parent.span_id == check.context.span_id
+    dumped = _all_values(spans)
+    assert SECRET_TOKEN not in dumped and "alice" not in dumped and "c2VjcmV0" not in dumped
+
+
+def test_errors_set_span_status_without_the_message(tracing, span_exporter) -> None:
+    authorizer = Authorizer(_custom(("identity", _Explode())))
+    authorizer.tracer = tracing
+    decision = _decide(authorizer, method="GET", path="/p")
+    assert decision.status == 503
+    spans = _by_name(span_exporter.get_finished_spans())
+    assert spans["extauthz.check"].status.status_code is StatusCode.ERROR
+    assert spans["extauthz.check"].status.description == "internal_error"
+    assert spans["extauthz.check"].attributes["error.type"] == "RuntimeError"
+    assert spans["extauthz.identity"].status.status_code is StatusCode.ERROR
+    assert SECRET_TOKEN not in _all_values(tuple(spans.values()))
+
+
+def test_not_ready_is_an_error_span(tracing, span_exporter) -> None:
+    authorizer = Authorizer()
+    authorizer.tracer = tracing
+    _decide(authorizer, method="GET", path="/")
+    check = _by_name(span_exporter.get_finished_spans())["extauthz.check"]
+    assert check.status.status_code is StatusCode.ERROR and check.attributes["extauthz.reason"] == "not_ready"
+
+
+def test_subject_modes() -> None:
+    hashed = SubjectHasher("hash", b"k").attributes("alice")
+    assert hashed == SubjectHasher("hash", b"k").attributes("alice")
+    assert hashed != SubjectHasher("hash", b"other").attributes("alice")
+    assert SubjectHasher("plain", b"").attributes("alice") == {"extauthz.identity.subject": "alice"}
+    assert SubjectHasher("none", b"").attributes("alice") == {}
+    assert SubjectHasher.from_env({"EXTAUTHZ_TRACE_SUBJECT": "plain"}).mode == "plain"
+    with pytest.raises(TracingConfigError):
+        SubjectHasher.from_env({"EXTAUTHZ_TRACE_SUBJECT": "reversible"})
+
+
+def test_decision_attributes_skip_secret_named_attributes() -> None:
+    from extauthz.decision import Decision
+
+    decision = Decision(True, 200, "allowed", "", "id-1", attributes={"api_key_id": "k1", "client_secret": "s",
+                                                                        "quota": "q"})  # fmt: skip
+    attrs = decision_attributes(decision, SubjectHasher("none"))
+    assert "extauthz.client_secret" not in attrs and "extauthz.api_key_id" not in attrs
+    assert attrs["extauthz.quota"] == "q"
+
+
+def test_tracing_is_off_unless_an_exporter_is_configured() -> None:
+    assert tracing_from_env({}) is None
+    assert tracing_from_env({"OTEL_TRACES_EXPORTER": "none"}) is None
+    assert tracing_from_env({"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"}) is None
+
+
+@pytest.mark.parametrize(
+    ("env", "exporter_module"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}, "grpc"),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}, "http"),
+        ({"OTEL_TRACES_EXPORTER": "console"}, "export"),
+    ],
+)
+def test_exporters_from_env(env: dict[str, str], exporter_module: str, monkeypatch) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "authz-test")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+    tracing = tracing_from_env(version="1.2.3")
+    assert tracing is not None
+    try:
+        resource = tracing.provider.resource.attributes
+        assert resource["service.name"] == "authz-test" and resource["service.version"] == "1.2.3"
+        assert resource["deployment.environment"] == "test"
+        processor = tracing.provider._active_span_processor._span_processors[0]
+        inner = processor._batch_processor._exporter.inner
+        assert exporter_module in type(inner).__module__
+    finally:
+        tracing.shutdown()
+
+
+def test_default_service_name_and_bad_configuration() -> None:
+    tracing = tracing_from_env({"OTEL_TRACES_EXPORTER": "console"})
+    assert tracing is not None
+    assert tracing.provider.resource.attributes["service.name"] == "extauthz"
+    tracing.shutdown()
+    with pytest.raises(TracingConfigError):
+        tracing_from_env({"OTEL_TRACES_EXPORTER": "zipkin"})
+    with pytest.raises(TracingConfigError):
+        tracing_from_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+
+
+def test_parse_trace_ids_without_the_sdk() -> None:
+    assert parse_trace_ids({"traceparent": TRACEPARENT}) == (TRACE_ID, PARENT_ID)
+    assert parse_trace_ids({"b3": f"{TRACE_ID}-{PARENT_ID}-1"}) == (TRACE_ID, PARENT_ID)
+    assert parse_trace_ids({"b3": f"{TRACE_ID[16:]}-{PARENT_ID}"}) == ("0" * 16 + TRACE_ID[16:], PARENT_ID)
+    assert parse_trace_ids({"x-b3-traceid": TRACE_ID, "x-b3-spanid": PARENT_ID}) == (TRACE_ID, PARENT_ID)
+    assert parse_trace_ids({"traceparent": "00-" + "0" * 32 + f"-{PARENT_ID}-01"}) == ("", "")
+    assert parse_trace_ids({"traceparent": "garbage", "b3": "zz-yy"}) == ("", "")
