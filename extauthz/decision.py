@@ -153,7 +153,8 @@ class Authorizer:
         if stages is not None:
             parsed = time.perf_counter()
             stages("parse", parsed - started)
-        decision_id = request.id or self._ids.next()
+        # x-request-id is what Envoy's access logs and the upstream see; http.id is only a stream id.
+        decision_id = request.headers.get("x-request-id") or request.id or self._ids.next()
         policy_set = self.policy_set
         if policy_set is None:
             return Decision(False, 503, "not_ready", "no policy set loaded", decision_id, request=request,

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -92,6 +93,30 @@ def http_get(
         conn.request("GET", path, headers=dict(headers or {}))
         resp = conn.getresponse()
         return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    *,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request to 127.0.0.1:port, path sent exactly as given. Returns (status, headers, body)."""
+    conn: http.client.HTTPConnection
+    if tls is None:
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    else:
+        conn = http.client.HTTPSConnection(LOOPBACK, port, timeout=timeout, context=tls)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
 

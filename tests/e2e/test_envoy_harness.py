@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import http.client
 import json
 import ssl
 import subprocess
@@ -16,26 +15,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 
-def _request(
-    port: int,
-    method: str,
-    path: str,
-    *,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    tls: ssl.SSLContext | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    conn: http.client.HTTPConnection
-    if tls is None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    else:
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=tls)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+_request = _procs.http_request
 
 
 def test_deployed_config_validates() -> None:
