@@ -207,6 +207,7 @@ def load_key_set(folder: Path) -> KeySet:
         return KeySet(errors=(f"{folder}: key folder does not exist or is not a folder",))
     metadata = _metadata(folder, errors)
     keys: dict[str, VerificationKey] = {}
+    seen: set[str] = set()
     for path in key_files(folder):
         if path.name == METADATA_FILE:
             continue
@@ -216,6 +217,7 @@ def load_key_set(folder: Path) -> KeySet:
             errors.append(f"{path.name}: {exc}")
             continue
         for entry in entries:
+            seen.add(entry.key_id)
             meta = metadata.get(entry.key_id, {})
             declared = meta.get("algorithm") or entry.algorithm
             if meta.get("algorithm") and entry.algorithm and meta["algorithm"] != entry.algorithm:
@@ -236,7 +238,7 @@ def load_key_set(folder: Path) -> KeySet:
             keys[entry.key_id] = VerificationKey(entry.key_id, algorithm, entry.material, owner, entry.source)
     usable = {k: v for k, v in keys.items() if v.material is not None}
     for key_id in metadata:
-        if key_id not in keys:
+        if key_id not in seen:
             errors.append(f"{METADATA_FILE}: describes key {key_id!r}, which no file provides")
     return KeySet(MappingProxyType(usable), tuple(errors))
 

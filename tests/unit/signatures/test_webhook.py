@@ -1,0 +1,54 @@
+"""Webhook HMAC presets: sha256=<hex> and t=<unix>,v1=<hex>."""
+
+from __future__ import annotations
+
+import pytest
+
+from extauthz.signatures.algorithms import ALGORITHMS, VerificationKey
+from extauthz.signatures.verify import SignatureFailure
+from extauthz.signatures.webhook import WebhookScheme, sign_webhook
+
+OLD = VerificationKey("old", ALGORITHMS["hmac-sha256"], b"o" * 32)
+NEW = VerificationKey("new", ALGORITHMS["hmac-sha256"], b"n" * 32)
+BODY = b'{"event": "paid"}'
+HEX = WebhookScheme("sha256-hex", "x-hub-signature-256")
+TS = WebhookScheme("timestamp-v1", "x-signature", tolerance=300)
+
+
+def _fail(scheme: WebhookScheme, value: str | None, *, body: bytes = BODY, now: float = 1000, partial=False) -> str:
+    headers = {} if value is None else {scheme.header: value}
+    with pytest.raises(SignatureFailure) as info:
+        scheme.verify(headers, body, partial, [OLD, NEW], now)
+    return info.value.reason
+
+
+def test_sha256_hex_accepts_any_configured_secret() -> None:
+    for key in (OLD, NEW):
+        value = sign_webhook("sha256-hex", key.material, BODY)
+        assert HEX.verify({HEX.header: value}, BODY, False, [OLD, NEW], 0).key is key
+    upper = "sha256=" + sign_webhook("sha256-hex", NEW.material, BODY)[7:].upper()
+    assert HEX.verify({HEX.header: upper}, BODY, False, [OLD, NEW], 0).key is NEW
+
+
+def test_sha256_hex_failures() -> None:
+    good = sign_webhook("sha256-hex", NEW.material, BODY)
+    assert _fail(HEX, None) == "signature_missing"
+    assert _fail(HEX, good, body=BODY + b" ") == "signature_invalid"
+    assert _fail(HEX, sign_webhook("sha256-hex", b"x" * 32, BODY)) == "signature_invalid"
+    for bad in ("sha1=" + good[7:], "sha256=xyz", "sha256=" + good[7:-2], good[7:], ""):
+        assert _fail(HEX, bad) == "signature_malformed", bad
+    assert _fail(HEX, good, partial=True) == "body_truncated"
+
+
+def test_timestamped_variant() -> None:
+    value = sign_webhook("timestamp-v1", OLD.material, BODY, timestamp=1000)
+    match = TS.verify({TS.header: value}, BODY, False, [OLD, NEW], 1100)
+    assert (match.key, match.timestamp) == (OLD, 1000)
+    rotated = value + ",v1=" + sign_webhook("timestamp-v1", b"z" * 32, BODY, timestamp=1000).split("v1=")[1]
+    assert TS.verify({TS.header: rotated}, BODY, False, [OLD], 1000).key is OLD
+    assert _fail(TS, value, now=1000 + 301) == "signature_expired"
+    assert _fail(TS, value, now=1000 - 301) == "signature_expired"
+    assert _fail(TS, value.replace("t=1000", "t=1001"), now=1000) == "signature_invalid"
+    for bad in ("v1=" + "a" * 64, "t=1000", "t=abc,v1=" + "a" * 64, "t=1,t=2,v1=" + "a" * 64, "garbage",
+                "t=1000,v1=" + "g" * 64, ",".join(["v0=1"] * 50)):
+        assert _fail(TS, bad) == "signature_malformed", bad
