@@ -133,7 +133,12 @@ class SignatureCheck:
         key_owner = spec.cel("keyOwner", expect="string")
         if keys is None or (webhook is None and requirements is None) or (webhook_spec.present and webhook is None):
             return None
-        return cls(policy=build.policy_name, required=required, when=when, keys=keys, store=store_for(build.services),
+        try:
+            store = store_for(build.services)
+        except ValueError as exc:  # StoreConfigError: the sidecar's Redis settings are unusable
+            spec.error(f"the nonce store cannot be used: {exc}")
+            return None
+        return cls(policy=build.policy_name, required=required, when=when, keys=keys, store=store,
                    requirements=requirements, webhook=webhook, reject_replays=reject_replays, key_owner=key_owner)
 
     @staticmethod
@@ -342,9 +347,11 @@ def _requirements_from_spec(spec: Spec) -> Requirements:
     if label is not None and (not label or label[0] not in "abcdefghijklmnopqrstuvwxyz*"
                               or any(c not in _LABEL_CHARS for c in label)):
         spec.error("must be a structured-field key (lower-case letters, digits, _ - . *)", "label")
+        label = None
     tag = spec.str("tag")
     if tag is not None and any(not (" " <= c <= "~") for c in tag):
         spec.error("must be printable ASCII", "tag")
+        tag = None
     max_age = spec.duration("maxAge", 300.0)
     skew = spec.duration("clockSkew", 30.0)
     return Requirements(
