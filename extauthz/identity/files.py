@@ -1,0 +1,114 @@
+"""Mounted files (Kubernetes Secrets) that are read at load time and re-read when they change.
+
+A Secret volume is a folder of symlinks into a hidden timestamped folder that the kubelet swaps
+atomically through ``..data``; a fingerprint of the resolved files (real path, inode, size, mtime)
+sees such a swap as one change. The file is re-read by a background task (``start``), never on the
+request path. When a new version does not parse, the last good value keeps serving and the error
+is logged: rotating a Secret must never lock everyone out because of a typo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+__all__ = ["WatchedPath", "visible_files"]
+
+log = logging.getLogger("extauthz.identity.files")
+
+T = TypeVar("T")
+
+#: Seconds between checks of a watched file; the sidecar settings may override it.
+DEFAULT_INTERVAL = 2.0
+
+
+def visible_files(folder: Path) -> list[Path]:
+    """Regular files in ``folder`` (not recursive), skipping dot-entries such as ``..data``."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+
+
+def _fingerprint(path: Path) -> tuple:
+    try:
+        files = visible_files(path) if path.is_dir() else [path]
+        items = []
+        for file in files:
+            st = file.stat()
+            items.append((str(file), os.path.realpath(file), st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(items)
+    except OSError as exc:
+        return ("error", exc.errno)
+
+
+class WatchedPath(Generic[T]):
+    """A file or folder parsed into a value of type T, kept current by polling.
+
+    ``value`` is the last good parse (None until one succeeds); ``error`` the last failure, if
+    the newest version did not parse; ``generation`` increases with every new value.
+    """
+
+    def __init__(self, path: Path, parse: Callable[[Path], T], *, what: str,
+                 interval: float = DEFAULT_INTERVAL) -> None:
+        self.path = path
+        self.parse = parse
+        self.what = what
+        self.interval = interval
+        self.value: T | None = None
+        self.error: str | None = None
+        self.generation = 0
+        self.started = False
+        self._seen: tuple | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def refresh(self) -> bool:
+        """Re-read if the path changed since the last look; True when a new value was installed."""
+        seen = _fingerprint(self.path)
+        if seen == self._seen:
+            return False
+        self._seen = seen
+        try:
+            value = self.parse(self.path)
+        except (OSError, ValueError) as exc:
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.error = f"{self.what} {self.path}: {message}"
+            if self.value is not None:
+                log.error("%s; keeping the previous version", self.error)
+            return False
+        self.value = value
+        self.error = None
+        self.generation += 1
+        if self.generation > 1:
+            log.info("%s %s reloaded", self.what, self.path)
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await asyncio.to_thread(self.refresh)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one bad read stop the watching
+                log.exception("watching %s %s failed", self.what, self.path)
+
+    async def start(self) -> None:
+        self.started = True
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"watch {self.path}")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.started = False
+
+
+def watch_interval(settings: object) -> float:
+    """The polling interval from the sidecar settings (``file_reload_interval``), else the default."""
+    value = getattr(settings, "get", lambda *_: None)("file_reload_interval")
+    return float(value) if isinstance(value, int | float) and value > 0 else DEFAULT_INTERVAL

@@ -1,0 +1,95 @@
+"""Revocation: a denylist of token ids (``jti``) or API key ids, checked after the signature.
+
+Two places, either or both:
+
+- ``file``: one id per line (``#`` starts a comment), typically a mounted Secret or ConfigMap;
+  re-read in the background when it changes.
+- ``redisSet``: a Redis set of ids, asked on every request when the sidecar runs with
+  ``--redis-url``; when Redis cannot answer, the request is denied with 503 (never allowed).
+
+Without ``--redis-url`` the Redis set is not consulted (there is nothing to ask), which the
+policy load reports in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from extauthz.identity import unavailable
+from extauthz.identity.files import WatchedPath, watch_interval
+from extauthz.policy.build import BuildContext, Spec
+from extauthz.stores import Store, StoreError, store_for
+
+__all__ = ["RevocationList", "revocation_from_spec"]
+
+log = logging.getLogger("extauthz.identity.revocation")
+
+_FIELDS = {"file", "redisSet"}
+_MAX_ID = 512
+
+
+def parse_denylist(path: Path) -> frozenset[str]:
+    ids: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if len(text) > _MAX_ID or any(c.isspace() for c in text):
+            raise ValueError(f"line {number}: an id is one word of at most {_MAX_ID} characters")
+        ids.add(text)
+    return frozenset(ids)
+
+
+class RevocationList:
+    """Answers "is this id revoked?"; raises Rejected (503) when the store cannot answer."""
+
+    def __init__(self, file: WatchedPath[frozenset[str]] | None, store: Store | None, set_name: str) -> None:
+        self.file = file
+        self.store = store
+        self.set_name = set_name
+        #: Only a Redis lookup waits on I/O.
+        self.may_wait = store is not None
+
+    async def is_revoked(self, item_id: str) -> bool:
+        if not item_id:
+            return False
+        if self.file is not None and self.file.value is not None and item_id in self.file.value:
+            return True
+        if self.store is not None:
+            try:
+                return await self.store.is_member(self.set_name, item_id)
+            except StoreError as exc:
+                log.warning("revocation store %s unavailable: %s", self.set_name, exc)
+                raise unavailable("revocation_unavailable", "revocation status cannot be checked") from None
+        return False
+
+
+def revocation_from_spec(spec: Spec, build: BuildContext) -> RevocationList | None:
+    if not spec.present or not spec.is_mapping(allowed=_FIELDS):
+        return None
+    file_name = spec.str("file")
+    set_name = spec.str("redisSet")
+    if file_name is None and set_name is None:
+        spec.error("give file, redisSet or both")
+        return None
+    watched: WatchedPath[frozenset[str]] | None = None
+    if file_name is not None:
+        path = build.resolve_path(file_name)
+        watched = build.services.shared(
+            ("identity", "denylist", str(path)),
+            lambda: WatchedPath(path, parse_denylist, what="revocation list",
+                                interval=watch_interval(build.services.settings)),
+        )
+        watched.refresh()
+        if watched.value is None:
+            spec.error(watched.error or "cannot be read", "file")
+    store: Store | None = None
+    if set_name is not None:
+        if not set_name.strip():
+            spec.error("must not be empty", "redisSet")
+        elif build.services.settings.get("redis_url"):
+            store = store_for(build.services)
+        else:
+            log.info("policy %s: revocation set %s is not consulted (no --redis-url)", build.policy_name, set_name)
+    return RevocationList(watched, store, set_name or "")
