@@ -3,19 +3,67 @@
 Every store implements :class:`Store`. The in-memory store is exact for one process; the Redis
 store is shared by every replica. Checks get the configured store with :func:`store_for`, so a
 policy never names a backend: the operator chooses one for the whole sidecar (``--redis-url``).
+
+Quota counters use GCRA (the generic cell rate algorithm, a token bucket kept as one number per
+key: the "theoretical arrival time", TAT). A charge of ``cost`` units against a bucket that refills
+one unit every ``interval_us`` and holds at most ``burst`` units succeeds when
+``max(TAT, now) + cost * interval_us - burst * interval_us <= now``, and then moves the TAT to
+``max(TAT, now) + cost * interval_us``. Both stores implement exactly this arithmetic, in integer
+microseconds, so a policy behaves the same on either.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from extauthz.policy.build import Services
 
-__all__ = ["Store", "StoreError", "store_for"]
+__all__ = ["Charge", "ChargeResult", "Store", "StoreConfigError", "StoreError", "local_store", "store_for"]
 
 
 class StoreError(Exception):
     """The store could not answer (unreachable, timed out, circuit open). Never an allow."""
+
+
+class StoreConfigError(ValueError):
+    """The store settings are unusable (bad URL, unreadable password file); reported at start."""
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One quota counter to charge for one request."""
+
+    #: The store key: namespaced, bounded and free of client-chosen bytes (the quota check hashes).
+    key: str
+    #: Microseconds for one unit to come back (window / limit); at least 1.
+    interval_us: int
+    #: Units the bucket holds: what an idle client may spend at once.
+    burst: int
+    #: Units this request costs; 0 only reads the state.
+    cost: int
+    #: False for shadow quotas: reported, charged when there is room, but never refusing the others.
+    enforce: bool = True
+
+    @property
+    def spec(self) -> str:
+        """The numbers as the Redis script reads them."""
+        return f"{self.interval_us} {self.burst} {self.cost} {1 if self.enforce else 0}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeResult:
+    """What one counter said. When the request as a whole is refused, nothing was charged."""
+
+    #: This counter had room for the cost.
+    allowed: bool
+    #: Units left after this request (before it, when it was refused).
+    remaining: int
+    #: Seconds until the cost fits (0 when allowed).
+    retry_after: float
+    #: Seconds until the bucket is full again.
+    reset_after: float
 
 
 @runtime_checkable
@@ -28,14 +76,33 @@ class Store(Protocol):
         """True if ``member`` is in the set ``set_name`` (revocation denylists). Raises StoreError."""
         ...
 
+    async def charge(self, charges: Sequence[Charge]) -> list[ChargeResult]:
+        """Charge every counter of one request, all or nothing; one result per charge, in order.
+
+        The request is admitted when every enforced charge has room; then each charge with room
+        (shadow ones included) is applied. Otherwise nothing is applied. Raises StoreError.
+        """
+        ...
+
 
 def store_for(services: Services) -> Store:
-    """The sidecar's store: Redis when ``redis_url`` is configured, else in-memory. One per process."""
+    """The sidecar's store: Redis when ``redis_url`` is configured, else in-memory. One per process.
+
+    Raises StoreConfigError when the Redis settings are unusable.
+    """
     url = services.settings.get("redis_url")
     if url:
         from extauthz.stores.redis import RedisStore
 
-        return services.shared(("store", "redis", url), lambda: RedisStore(url))
+        password_file = services.settings.get("redis_password_file")
+        return services.shared(
+            ("store", "redis", url, password_file), lambda: RedisStore(url, password_file=password_file)
+        )
+    return local_store(services)
+
+
+def local_store(services: Services) -> Store:
+    """This process's in-memory store (the default store, and the quota fallback when Redis fails)."""
     from extauthz.stores.memory import MemoryStore
 
     return services.shared(("store", "memory"), MemoryStore)

@@ -2,16 +2,64 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from extauthz.stores import Charge, ChargeResult
+
+__all__ = ["GcraStep", "MemoryStore", "gcra_step"]
+
+log = logging.getLogger("extauthz.stores.memory")
+
+#: Expired counters dropped per charge: keeps the table near the live keys at O(1) per request.
+_SWEEP_PER_CHARGE = 4
+
+
+class GcraStep(NamedTuple):
+    """One GCRA decision (see :mod:`extauthz.stores`); times in microseconds."""
+
+    allowed: bool
+    #: The TAT to store when the request is admitted (the old one when refused).
+    tat: int
+    remaining: int
+    retry_us: int
+    reset_us: int
+
+
+def gcra_step(tat: int, now: int, interval: int, burst: int, cost: int) -> GcraStep:
+    """The GCRA arithmetic shared by every store (the Redis script is its transcription)."""
+    base = tat if tat > now else now
+    new_tat = base + cost * interval
+    allow_at = new_tat - burst * interval
+    if allow_at <= now:
+        return GcraStep(True, new_tat, (now - allow_at) // interval, 0, new_tat - now)
+    available = (now - (base - burst * interval)) // interval
+    return GcraStep(False, base, max(0, available), allow_at - now, base - now)
+
+
+def _monotonic_us() -> int:
+    return time.monotonic_ns() // 1000
 
 
 class MemoryStore:
-    """State kept in this process's memory, bounded and expiring."""
+    """State kept in this process's memory, bounded and expiring.
 
-    def __init__(self, max_keys: int = 1_000_000) -> None:
+    Quota counters live in an LRU-ordered table: a counter whose TAT has passed is the same as no
+    counter (a full bucket), so expired ones are swept a few at a time as requests come, and when
+    the table is full of live counters the least recently charged is dropped (logged).
+    """
+
+    def __init__(self, max_keys: int = 1_000_000, clock: Callable[[], int] = _monotonic_us) -> None:
         self._seen: dict[str, float] = {}
         self._max_keys = max_keys
         self._sets: dict[str, set[str]] = {}
+        self._tats: OrderedDict[str, int] = OrderedDict()
+        self._clock = clock
+        #: Live counters dropped because the table was full (each gave its key a full bucket).
+        self.evicted = 0
 
     async def is_member(self, set_name: str, member: str) -> bool:
         return member in self._sets.get(set_name, ())
@@ -38,3 +86,50 @@ class MemoryStore:
             # oldest half keeps replay protection for the most recent requests.
             for key in list(self._seen)[: len(self._seen) // 2]:
                 del self._seen[key]
+
+    async def charge(self, charges: Sequence[Charge]) -> list[ChargeResult]:
+        return self.charge_now(charges)
+
+    def charge_now(self, charges: Sequence[Charge]) -> list[ChargeResult]:
+        """:meth:`charge` without the coroutine: atomic because it never yields."""
+        now = self._clock()
+        tats = self._tats
+        steps = [gcra_step(tats.get(c.key, 0), now, c.interval_us, c.burst, c.cost) for c in charges]
+        admitted = all(step.allowed for step, c in zip(steps, charges, strict=True) if c.enforce)
+        results: list[ChargeResult] = []
+        for step, c in zip(steps, charges, strict=True):
+            if admitted and step.allowed and c.cost:
+                tats[c.key] = step.tat
+                tats.move_to_end(c.key)
+                results.append(ChargeResult(True, step.remaining, 0.0, step.reset_us / 1e6))
+            elif admitted or not step.allowed:
+                results.append(ChargeResult(step.allowed, step.remaining, step.retry_us / 1e6, step.reset_us / 1e6))
+            else:
+                # Had room, but another counter refused the request: nothing charged here.
+                reset_us = max(0, step.tat - c.cost * c.interval_us - now)
+                results.append(ChargeResult(True, step.remaining + c.cost, 0.0, reset_us / 1e6))
+        self._sweep(now)
+        return results
+
+    def _sweep(self, now: int) -> None:
+        tats = self._tats
+        for _ in range(_SWEEP_PER_CHARGE):
+            if not tats:
+                return
+            key, tat = next(iter(tats.items()))
+            if tat > now:
+                break
+            del tats[key]
+        while len(tats) > self._max_keys:
+            tats.popitem(last=False)
+            self.evicted += 1
+            if self.evicted in (1, 10, 100, 1000) or self.evicted % 100_000 == 0:
+                log.warning(
+                    "quota table full (%d counters): %d live counters dropped so far; use Redis or raise the limit",
+                    self._max_keys,
+                    self.evicted,
+                )
+
+    def counters(self) -> int:
+        """How many quota counters are held (for tests and diagnostics)."""
+        return len(self._tats)

@@ -1,0 +1,645 @@
+"""Redis store: shared by every replica, exact across them, and never a reason to hang.
+
+Connection (``extauthz serve --redis-url URL``, ``--redis-password-file FILE``):
+
+- ``redis://host:port/db``, ``rediss://...`` (TLS), ``unix:///path/redis.sock``;
+- ``redis+sentinel://h1:26379,h2:26379/<master-name>[/db]`` (``rediss+sentinel://`` for TLS);
+- ``redis+cluster://h1:6379,h2:6379`` (``rediss+cluster://`` for TLS).
+
+Query parameters (anything else is refused, so a typo is an error at start, not a silent default):
+``timeout`` (deadline of one operation, default 100ms), ``max_connections`` (pool size, default 32),
+``probe_interval`` (how often an open circuit tries Redis again, default 500ms), ``prefix`` (key
+prefix, default ``extauthz``), ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` (TLS files),
+``ssl_check_hostname`` (default true), ``db``. The password comes from the password file (a mounted
+Secret; re-read when it changes) or the URL; the username (Redis ACL) from the URL.
+
+Every quota of a request is charged by one Lua script (EVALSHA, falling back to EVAL after a
+NOSCRIPT, e.g. when Redis restarted), using Redis's clock, so replicas with skewed clocks agree.
+Concurrent requests are written to Redis together: calls made in the same event-loop turn share
+one pipelined round trip. Counter keys carry their own hash tag, so they spread over a Cluster; on
+a Cluster the counters of one request that live in different slots are charged by one script per
+slot, sent together, and the charges of a refused request are refunded.
+
+A circuit breaker guards the request path: the first failure (error or ``timeout``) opens it, after
+which every operation fails at once with :class:`StoreError` (each quota then does what its
+``onStoreError`` says) while a background probe pings Redis every ``probe_interval`` and closes the
+circuit when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from redis import exceptions as redis_errors
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.credentials import CredentialProvider
+
+from extauthz.policy.build import parse_duration
+from extauthz.stores import Charge, ChargeResult, StoreConfigError, StoreError
+
+__all__ = ["CHARGE_SCRIPT", "RedisSettings", "RedisStore", "parse_redis_url"]
+
+log = logging.getLogger("extauthz.stores.redis")
+
+#: GCRA over every counter of one request, all or nothing (see extauthz.stores and memory.gcra_step).
+#: KEYS: the counters. ARGV[1]: for each counter "interval_us burst cost enforce(1/0)", space-separated.
+#: Returns one string of integers: admitted, then per counter had_room, remaining, retry_us, reset_us
+#: (one bulk reply parses far faster than a nested array, and this runs for every request).
+CHARGE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local spec = {}
+for v in string.gmatch(ARGV[1], '%S+') do spec[#spec + 1] = tonumber(v) end
+local n = #KEYS
+local base, newtat, room = {}, {}, {}
+local admitted = true
+for i = 1, n do
+  local j = (i - 1) * 4
+  local interval, burst, cost = spec[j + 1], spec[j + 2], spec[j + 3]
+  local tat = tonumber(redis.call('GET', KEYS[i])) or 0
+  if tat < now then tat = now end
+  base[i] = tat
+  newtat[i] = tat + cost * interval
+  room[i] = newtat[i] - burst * interval <= now
+  if not room[i] and spec[j + 4] == 1 then admitted = false end
+end
+local out = {admitted and 1 or 0}
+for i = 1, n do
+  local j = (i - 1) * 4
+  local interval, burst, cost = spec[j + 1], spec[j + 2], spec[j + 3]
+  local allow_at = newtat[i] - burst * interval
+  local had_room, remaining, retry, reset
+  if room[i] and admitted then
+    if cost > 0 then
+      redis.call('SET', KEYS[i], string.format('%d', newtat[i]), 'PX', math.floor((newtat[i] - now) / 1000) + 1)
+    end
+    had_room, remaining, retry, reset = 1, math.floor((now - allow_at) / interval), 0, newtat[i] - now
+  elseif room[i] then
+    had_room, remaining, retry, reset = 1, math.floor((now - allow_at) / interval) + cost, 0, base[i] - now
+  else
+    had_room = 0
+    remaining = math.max(0, math.floor((now - (base[i] - burst * interval)) / interval))
+    retry, reset = allow_at - now, base[i] - now
+  end
+  out[#out + 1] = string.format('%d %d %d %d', had_room, remaining, retry, reset)
+end
+return table.concat(out, ' ')
+"""
+
+#: Undo charges (Cluster only: a request refused in one slot after another slot charged it).
+#: KEYS: counters. ARGV: microseconds to give back to each.
+REFUND_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, #KEYS do
+  local tat = tonumber(redis.call('GET', KEYS[i]))
+  if tat then
+    local back = tat - tonumber(ARGV[i])
+    if back <= now then
+      redis.call('DEL', KEYS[i])
+    else
+      redis.call('SET', KEYS[i], string.format('%d', back), 'PX', math.floor((back - now) / 1000) + 1)
+    end
+  end
+end
+return 1
+"""
+
+_QUERY_KEYS = {
+    "timeout", "max_connections", "probe_interval", "prefix", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
+    "ssl_check_hostname", "db",
+}  # fmt: skip
+_SCHEMES = {
+    "redis": ("single", False), "rediss": ("single", True), "unix": ("unix", False),
+    "redis+sentinel": ("sentinel", False), "rediss+sentinel": ("sentinel", True),
+    "redis+cluster": ("cluster", False), "rediss+cluster": ("cluster", True),
+}  # fmt: skip
+_FAILURES = (redis_errors.RedisError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """A parsed ``--redis-url``. ``describe()`` is safe to log (no credentials)."""
+
+    mode: str  # single | unix | sentinel | cluster
+    tls: bool
+    hosts: tuple[tuple[str, int], ...] = ()
+    path: str = ""
+    service: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout: float = 0.1
+    max_connections: int = 32
+    probe_interval: float = 0.5
+    prefix: str = "extauthz"
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+
+    def describe(self) -> str:
+        scheme = {"single": "redis", "unix": "unix", "sentinel": "redis+sentinel", "cluster": "redis+cluster"}
+        scheme = scheme[self.mode]
+        if self.tls:
+            scheme = scheme.replace("redis", "rediss", 1)
+        where = self.path if self.mode == "unix" else ",".join(f"{h}:{p}" for h, p in self.hosts)
+        return f"{scheme}://{where}" + (f"/{self.service}" if self.service else "")
+
+
+def parse_redis_url(url: str) -> RedisSettings:
+    """Parse and validate ``url``; raise StoreConfigError (whose message never holds the password)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise StoreConfigError("redis URL is malformed") from None
+    if parts.scheme not in _SCHEMES:
+        raise StoreConfigError(f"redis URL scheme must be one of {', '.join(sorted(_SCHEMES))}")
+    mode, tls = _SCHEMES[parts.scheme]
+    query: dict[str, str] = {}
+    for name, values in parse_qs(parts.query, keep_blank_values=True).items():
+        if name not in _QUERY_KEYS:
+            raise StoreConfigError(f"unknown redis URL parameter {name!r} (known: {', '.join(sorted(_QUERY_KEYS))})")
+        query[name] = values[-1]
+    netloc = parts.netloc
+    userinfo, _, hostlist = netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, sep, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if sep else None
+    hosts: list[tuple[str, int]] = []
+    default_port = 26379 if mode == "sentinel" else 6379
+    if mode != "unix":
+        for item in hostlist.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            host, port = _host_port(item, default_port)
+            hosts.append((host, port))
+        if not hosts:
+            raise StoreConfigError("redis URL has no host")
+        if mode == "single" and len(hosts) > 1:
+            raise StoreConfigError("several hosts need redis+sentinel:// or redis+cluster://")
+    segments = [unquote(s) for s in parts.path.split("/") if s]
+    service = ""
+    db = 0
+    if mode == "sentinel":
+        if not segments:
+            raise StoreConfigError("redis+sentinel URL needs the master name as its path: /<master-name>")
+        service, segments = segments[0], segments[1:]
+    if mode == "unix":
+        if not parts.path:
+            raise StoreConfigError("unix redis URL needs a socket path")
+        segments = []
+    if segments:
+        db = _integer(segments[0], "database number")
+    if "db" in query:
+        db = _integer(query["db"], "db")
+    if mode == "cluster" and db:
+        raise StoreConfigError("Redis Cluster has only database 0")
+    timeout = _duration(query.get("timeout", "100ms"), "timeout", 0.001, 10.0)
+    probe = _duration(query.get("probe_interval", "500ms"), "probe_interval", 0.01, 60.0)
+    max_connections = _integer(query.get("max_connections", "32"), "max_connections")
+    if not 1 <= max_connections <= 10_000:
+        raise StoreConfigError("max_connections must be between 1 and 10000")
+    prefix = query.get("prefix", "extauthz")
+    if not prefix or any(c in prefix for c in "{} \t\r\n"):
+        raise StoreConfigError("prefix must be non-empty, without spaces or braces")
+    check_hostname = query.get("ssl_check_hostname", "true").lower()
+    if check_hostname not in ("true", "false"):
+        raise StoreConfigError("ssl_check_hostname must be true or false")
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in query and not tls:
+            raise StoreConfigError(f"{name} needs a TLS URL (rediss://...)")
+        if name in query and not Path(query[name]).is_file():
+            raise StoreConfigError(f"{name}: {query[name]} is not a readable file")
+    return RedisSettings(
+        mode=mode, tls=tls, hosts=tuple(hosts), path=unquote(parts.path) if mode == "unix" else "",
+        service=service, db=db, username=username, password=password, timeout=timeout,
+        max_connections=max_connections, probe_interval=probe, prefix=prefix,
+        ssl_ca_certs=query.get("ssl_ca_certs"), ssl_certfile=query.get("ssl_certfile"),
+        ssl_keyfile=query.get("ssl_keyfile"), ssl_check_hostname=check_hostname == "true",
+    )  # fmt: skip
+
+
+def _host_port(item: str, default: int) -> tuple[str, int]:
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    else:
+        host, _, port_text = item.partition(":")
+    port = _integer(port_text, "port") if port_text else default
+    if not host or not 0 < port < 65536:
+        raise StoreConfigError("redis URL has a malformed host or port")
+    return host, port
+
+
+def _integer(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise StoreConfigError(f"redis URL: {what} must be an integer") from None
+
+
+def _duration(text: str, what: str, low: float, high: float) -> float:
+    seconds = parse_duration(text)
+    if seconds is None or not low <= seconds <= high:
+        raise StoreConfigError(f"redis URL: {what} must be a duration between {low}s and {high}s")
+    return seconds
+
+
+class _PasswordFile(CredentialProvider):
+    """Credentials from a mounted Secret: read at start, re-read in the background when it changes."""
+
+    def __init__(self, path: str, username: str | None) -> None:
+        self.path = Path(path)
+        self.username = username
+        self._stamp: tuple[int, int] | None = None
+        self._password = ""
+        self.reload()
+
+    def reload(self) -> bool:
+        """Re-read the file if it changed; True when the password changed. Raises StoreConfigError."""
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_ino)
+            if stamp == self._stamp:
+                return False
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreConfigError(f"cannot read the redis password file {self.path}: {exc}") from None
+        password = text.rstrip("\r\n")
+        if not password:
+            raise StoreConfigError(f"the redis password file {self.path} is empty")
+        changed = password != self._password
+        self._stamp, self._password = stamp, password
+        return changed
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        if self.username:
+            return self.username, self._password
+        return (self._password,)
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        return self.get_credentials()
+
+
+@dataclass(slots=True)
+class _Call:
+    """One command for the pipeline; ``fallback`` replaces an EVALSHA after NOSCRIPT."""
+
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+    fallback: tuple[Any, ...] | None = None
+
+
+class _Pipeliner:
+    """Sends the commands issued during one event-loop turn as one pipelined round trip.
+
+    The deadline is per batch (one timer instead of one per request): a caller waits at most one
+    loop turn plus ``timeout``, connection checkout included.
+    """
+
+    def __init__(self, client: Any, timeout: float, max_batch: int = 512) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.max_batch = max_batch
+        self._pending: list[_Call] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, args: tuple[Any, ...], fallback: tuple[Any, ...] | None = None) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append(_Call(args, future, fallback))
+        if len(self._pending) == 1:
+            task = loop.create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return future
+
+    async def _flush(self) -> None:
+        # Runs on the next loop turn: every call submitted until then goes in this batch.
+        pending, self._pending = self._pending, []
+        size = self.max_batch
+        if len(pending) <= size:
+            await self._send(pending)
+        else:
+            await asyncio.gather(*(self._send(pending[i : i + size]) for i in range(0, len(pending), size)))
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                replies = await self._execute([call.args for call in batch])
+            retry = [
+                i
+                for i, reply in enumerate(replies)
+                if isinstance(reply, redis_errors.NoScriptError) and batch[i].fallback is not None
+            ]
+            if retry:
+                async with asyncio.timeout(self.timeout):
+                    again = await self._execute([batch[i].fallback for i in retry])  # type: ignore[misc]
+                for i, reply in zip(retry, again, strict=True):
+                    replies[i] = reply
+        except BaseException as exc:
+            for call in batch:
+                if not call.future.done():
+                    call.future.set_exception(exc if isinstance(exc, Exception) else StoreError("cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for call, reply in zip(batch, replies, strict=True):
+            if call.future.done():
+                continue  # the caller gave up (timeout)
+            if isinstance(reply, Exception):
+                call.future.set_exception(reply)
+            else:
+                call.future.set_result(reply)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for args in commands:
+            pipe.execute_command(*args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+
+class RedisStore:
+    """The shared store. One per process (``Services.shared``); ``start`` before use, ``aclose`` at exit."""
+
+    name = "redis"
+
+    def __init__(self, url: str, *, password_file: str | None = None) -> None:
+        self.settings = parse_redis_url(url)
+        self._credentials = _PasswordFile(password_file, self.settings.username) if password_file else None
+        self.timeout = self.settings.timeout
+        self.cluster = self.settings.mode == "cluster"
+        #: Every key this store writes starts with it (``prefix`` URL parameter).
+        self._key_prefix = self.settings.prefix + ":"
+        self.client = self._client()
+        self._pipeliner = _Pipeliner(self.client, self.timeout)
+        self._charge_sha = hashlib.sha1(CHARGE_SCRIPT.encode()).hexdigest()
+        self._refund_sha = hashlib.sha1(REFUND_SCRIPT.encode()).hexdigest()
+        self.started = False
+        self.circuit_open = False
+        #: Times the circuit opened (for tests and diagnostics).
+        self.trips = 0
+        self._probe: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    # --- construction ----------------------------------------------------------------------------
+    def _connection_kwargs(self) -> dict[str, Any]:
+        s = self.settings
+        kwargs: dict[str, Any] = {
+            "socket_timeout": s.timeout,
+            "socket_connect_timeout": s.timeout,
+            # One immediate retry on a fresh connection: pooled ones are dead after a Redis restart.
+            "retry": Retry(NoBackoff(), 1),
+            "retry_on_error": [redis_errors.ConnectionError],
+            "health_check_interval": 0,
+        }
+        if self._credentials is not None:
+            kwargs["credential_provider"] = self._credentials
+        else:
+            kwargs["username"] = s.username
+            kwargs["password"] = s.password
+        if s.tls:
+            kwargs.update(
+                ssl_ca_certs=s.ssl_ca_certs,
+                ssl_certfile=s.ssl_certfile,
+                ssl_keyfile=s.ssl_keyfile,
+                ssl_check_hostname=s.ssl_check_hostname,
+                ssl_cert_reqs="required",
+            )
+        return kwargs
+
+    def _client(self) -> Any:
+        s = self.settings
+        kwargs = self._connection_kwargs()
+        if s.mode == "cluster":
+            if s.tls:
+                kwargs["ssl"] = True
+            return RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in s.hosts], max_connections=s.max_connections, **kwargs
+            )
+        if s.mode == "sentinel":
+            if s.tls:
+                kwargs["ssl"] = True
+            sentinel_kwargs = {
+                k: v
+                for k, v in kwargs.items()
+                if k.startswith("ssl") or k in ("socket_timeout", "socket_connect_timeout")
+            }
+            sentinel = Sentinel(list(s.hosts), sentinel_kwargs=sentinel_kwargs, db=s.db, **kwargs)
+            return sentinel.master_for(s.service, redis_class=Redis, max_connections=s.max_connections)
+        connection_class: type[Connection] | type[UnixDomainSocketConnection]
+        if s.mode == "unix":
+            connection_class = UnixDomainSocketConnection
+            kwargs["path"] = s.path
+        else:
+            connection_class = SSLConnection if s.tls else Connection
+            kwargs["host"], kwargs["port"] = s.hosts[0]
+        pool = BlockingConnectionPool(
+            connection_class=connection_class, max_connections=s.max_connections, timeout=s.timeout, db=s.db, **kwargs
+        )
+        return Redis(connection_pool=pool)
+
+    # --- life cycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the scripts; an unreachable Redis is logged and probed, never fatal (quotas decide)."""
+        self.started = True
+        _circuit_metric("closed")
+        try:
+            async with asyncio.timeout(max(self.timeout, 1.0)):
+                await self._load_scripts()
+            log.info("redis store %s: connected", self.settings.describe())
+        except _FAILURES as exc:
+            self._trip("start", exc)
+        if self._credentials is not None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_password(), name="redis-password")
+
+    async def _load_scripts(self) -> None:
+        if self.cluster:
+            for script in (CHARGE_SCRIPT, REFUND_SCRIPT):
+                await self.client.script_load(script, target_nodes=RedisCluster.PRIMARIES)
+        else:
+            for script in (CHARGE_SCRIPT, REFUND_SCRIPT):
+                await self.client.script_load(script)
+
+    async def aclose(self) -> None:
+        for task in (self._probe, self._watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        await self._pipeliner.aclose()
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+    async def _watch_password(self) -> None:
+        assert self._credentials is not None
+        while True:
+            await asyncio.sleep(5.0)
+            try:
+                if await asyncio.to_thread(self._credentials.reload):
+                    log.info("redis password file changed: new connections use the new password")
+            except StoreConfigError as exc:
+                log.warning("%s; keeping the previous password", exc)
+
+    # --- circuit breaker -------------------------------------------------------------------------
+    def _trip(self, operation: str, exc: BaseException) -> None:
+        _store_error_metric(operation)
+        if self.circuit_open:
+            return
+        self.circuit_open = True
+        self.trips += 1
+        _circuit_metric("open")
+        log.warning(
+            "redis store %s unavailable (%s during %s): failing fast, probing every %.2fs",
+            self.settings.describe(),
+            _describe(exc),
+            operation,
+            self.settings.probe_interval,
+        )
+        self._ensure_probe()
+
+    def _ensure_probe(self) -> None:
+        """One probe task per open circuit, on the running loop (a dead or foreign one is replaced)."""
+        loop = asyncio.get_running_loop()
+        if self._probe is None or self._probe.done() or self._probe.get_loop() is not loop:
+            self._probe = loop.create_task(self._probe_until_up(), name="redis-probe")
+
+    async def _probe_until_up(self) -> None:
+        while self.circuit_open:
+            await asyncio.sleep(self.settings.probe_interval)
+            _circuit_metric("half_open")
+            try:
+                async with asyncio.timeout(max(self.timeout, 0.5)):
+                    if self.cluster:
+                        await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+                    else:
+                        await self.client.ping()
+            except _FAILURES:
+                _circuit_metric("open")
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep probing whatever the client does
+                log.warning("redis probe failed unexpectedly: %s", _describe(exc))
+                _circuit_metric("open")
+                continue
+            self.circuit_open = False
+            _circuit_metric("closed")
+            log.info("redis store %s is reachable again", self.settings.describe())
+
+    async def _call(self, operation: str, args: tuple[Any, ...], fallback: tuple[Any, ...] | None = None) -> Any:
+        if self.circuit_open:
+            _store_error_metric(operation)
+            self._ensure_probe()
+            raise StoreError("redis circuit is open")
+        try:
+            return await self._pipeliner.submit(args, fallback)
+        except _FAILURES as exc:
+            self._trip(operation, exc)
+            raise StoreError(f"redis {operation} failed: {_describe(exc)}") from None
+
+    # --- operations ------------------------------------------------------------------------------
+    async def remember_once(self, key: str, ttl: float) -> bool:
+        digest = hashlib.blake2b(key.encode(), digest_size=18).hexdigest()
+        ttl_ms = max(1, int(ttl * 1000))
+        key = f"{self._key_prefix}once:{digest}"
+        reply = await self._call("remember_once", ("SET", key, "1", "NX", "PX", ttl_ms))
+        return reply is not None
+
+    async def is_member(self, set_name: str, member: str) -> bool:
+        return bool(await self._call("is_member", ("SISMEMBER", set_name, member)))
+
+    async def charge(self, charges: Sequence[Charge]) -> list[ChargeResult]:
+        if not charges:
+            return []
+        if not self.cluster:
+            return (await self._charge_group(list(range(len(charges))), charges))[1]
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(charges):
+            groups.setdefault(key_slot(c.key.encode()), []).append(i)
+        if len(groups) == 1:
+            return (await self._charge_group(list(range(len(charges))), charges))[1]
+        outcomes = await asyncio.gather(*(self._charge_group(idx, charges) for idx in groups.values()))
+        results: list[ChargeResult | None] = [None] * len(charges)
+        admitted = all(ok for ok, _ in outcomes)
+        refunds: list[tuple[str, int]] = []
+        for (ok, group_results), idx in zip(outcomes, groups.values(), strict=True):
+            for i, result in zip(idx, group_results, strict=True):
+                c = charges[i]
+                if not admitted and ok and result.allowed and c.cost:
+                    refunds.append((self._key_prefix + c.key, c.cost * c.interval_us))
+                    result = ChargeResult(
+                        True,
+                        result.remaining + c.cost,
+                        0.0,
+                        max(0.0, result.reset_after - c.cost * c.interval_us / 1e6),
+                    )
+                results[i] = result
+        if refunds:
+            keys = tuple(k for k, _ in refunds)
+            amounts = tuple(str(a) for _, a in refunds)
+            # Each refund is one key: no slot constraint, sent together.
+            await asyncio.gather(*(
+                self._call("refund", ("EVALSHA", self._refund_sha, 1, k, a), ("EVAL", REFUND_SCRIPT, 1, k, a))
+                for k, a in zip(keys, amounts, strict=True)
+            ))  # fmt: skip
+        return [r for r in results if r is not None]
+
+    async def _charge_group(self, idx: list[int], charges: Sequence[Charge]) -> tuple[bool, list[ChargeResult]]:
+        prefix = self._key_prefix
+        keys = tuple(prefix + charges[i].key for i in idx)
+        spec = " ".join(charges[i].spec for i in idx)
+        tail = (len(keys), *keys, spec)
+        reply = await self._call("charge", ("EVALSHA", self._charge_sha, *tail), ("EVAL", CHARGE_SCRIPT, *tail))
+        try:
+            values = [int(v) for v in reply.split()]
+            results = [
+                ChargeResult(values[k] == 1, values[k + 1], values[k + 2] / 1e6, values[k + 3] / 1e6)
+                for k in range(1, 1 + 4 * len(idx), 4)
+            ]
+        except (AttributeError, TypeError, ValueError, IndexError):
+            _store_error_metric("charge")
+            raise StoreError("redis charge script gave an unexpected reply") from None
+        return values[0] == 1, results
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _store_error_metric(operation: str) -> None:
+    from extauthz.telemetry import metrics
+
+    metrics.store_error("redis", operation)
+
+
+def _circuit_metric(state: str) -> None:
+    from extauthz.telemetry import metrics
+
+    metrics.circuit_state("redis", state)
