@@ -34,7 +34,7 @@ VARIABLES: dict[str, frozenset[str] | None] = {
             "raw_body", "id", "scheme", "protocol", "size", "partial_body", "fragment",
         }
     ),
-    "source": frozenset({"address", "port", "principal", "certificate", "service", "labels"}),
+    "source": frozenset({"address", "port", "principal", "certificate", "service", "labels", "client_ip"}),
     "destination": frozenset({"address", "port", "principal", "certificate", "service", "labels"}),
     "tls": frozenset({"sni"}),
     "context": None,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from extauthz.cel import MISSING, Accessor
+from extauthz.client_ip import client_ip
 from extauthz.request import Peer, Request
 
 if TYPE_CHECKING:
@@ -57,6 +58,9 @@ class CheckContext:
 
 
 def _peer_field(peer_of: Callable[[Request], Peer], name: str) -> Callable[[CheckContext], Any]:
+    if name == "client_ip":  # source only: the peer, or x-forwarded-for with --xff-trusted-hops
+        return lambda ctx: client_ip(ctx.request.source.address, ctx.request.headers.get("x-forwarded-for"))
+
     def get(ctx: CheckContext) -> Any:
         value = getattr(peer_of(ctx.request), name)
         if name == "labels":
@@ -99,6 +103,7 @@ def _root(path: tuple[str, ...]) -> tuple[Callable[[CheckContext], Any], int]:
 
         if len(path) == 1:
             names = ("address", "port", "principal", "certificate", "service", "labels")
+            names += ("client_ip",) if var == "source" else ()
             getters = {name: _peer_field(peer_of, name) for name in names}
             return (lambda ctx: {name: get(ctx) for name, get in getters.items()}), 1
         return _peer_field(peer_of, path[1]), 2
