@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds in-flight checks get after SIGTERM (env EXTAUTHZ_GRACE)")
     serve.add_argument("--redis-url", default=_env("REDIS_URL"),
                        help="shared store for quotas and nonces (env EXTAUTHZ_REDIS_URL)")
+    serve.add_argument("--redis-password-file", default=_env("REDIS_PASSWORD_FILE"), metavar="PATH",
+                       help="file holding the Redis password, e.g. a mounted Secret (env EXTAUTHZ_REDIS_PASSWORD_FILE)")
+    serve.add_argument("--xff-trusted-hops", type=int, default=int(_env("XFF_TRUSTED_HOPS", 0)), metavar="N",
+                       choices=range(17), help="proxies in front of Envoy whose x-forwarded-for entry is trusted "
+                       "for source.client_ip, as Envoy's xff_num_trusted_hops (env EXTAUTHZ_XFF_TRUSTED_HOPS)")
     _telemetry_arguments(serve)
 
     validate = sub.add_parser("validate", help="check a policy folder; exit 1 listing every error")
@@ -274,6 +279,8 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
         reload_interval=ns.reload_interval,
         grace=ns.grace,
         redis_url=ns.redis_url,
+        redis_password_file=ns.redis_password_file,
+        xff_trusted_hops=ns.xff_trusted_hops,
         decision_log=decision_log,
         tracing=tracing,
         reuse_port=reuse_port,

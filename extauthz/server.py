@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from extauthz import client_ip
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Authorizer, Decision
 from extauthz.policy import PolicySet, PolicySetError, PolicyWatcher, Services, load_folder
@@ -44,6 +45,10 @@ class Settings:
     #: Seconds in-flight checks get to finish after SIGTERM.
     grace: float = 10.0
     redis_url: str | None = None
+    #: File holding the Redis password (a mounted Secret); re-read when it changes.
+    redis_password_file: str | None = None
+    #: Proxies in front of Envoy whose x-forwarded-for entries are trusted (``source.client_ip``).
+    xff_trusted_hops: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     #: Decision log; None (the default for embedded use) logs nothing. ``extauthz serve`` logs to stdout.
     decision_log: DecisionLogConfig | None = None
@@ -62,7 +67,9 @@ class Sidecar:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.services = Services(settings={"redis_url": settings.redis_url, **settings.extra})
+        self.services = Services(settings={"redis_url": settings.redis_url,
+                                           "redis_password_file": settings.redis_password_file, **settings.extra})
+        client_ip.configure(settings.xff_trusted_hops)
         self.metrics = Metrics()
         process_metrics.install(self.metrics)
         self.authorizer = Authorizer(check_timeout=settings.check_timeout)
