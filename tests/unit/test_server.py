@@ -140,10 +140,11 @@ def test_live_reload_and_bad_set_keeps_last_good(policy_dir, policy_yaml) -> Non
 
 def _start_cli(folder: Path, *extra: str) -> tuple[subprocess.Popen[str], int, int]:
     grpc_port, http_port = _free_port(), _free_port()
+    log = (folder.parent / "sidecar.log").open("w")  # a file, not a pipe nobody reads
     proc = subprocess.Popen(
         [sys.executable, "-m", "extauthz", "serve", "--policies", str(folder), "--listen", f"127.0.0.1:{grpc_port}",
          "--http-port", str(http_port), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=log, stderr=subprocess.STDOUT, text=True,
     )
     return proc, grpc_port, http_port
 
@@ -151,7 +152,8 @@ def _start_cli(folder: Path, *extra: str) -> tuple[subprocess.Popen[str], int, i
 def test_invalid_set_at_startup_is_a_clear_error_exit(policy_dir) -> None:
     folder = policy_dir(**{"a.yaml": "apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata: {name: a}\nspec: {mode: x}\n"})
     proc, _, _ = _start_cli(folder)
-    out, _ = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    out = (folder.parent / "sidecar.log").read_text()
     assert proc.returncode == 2
     assert "a.yaml:4: document 1 (a): spec.mode: must be 'enforce' or 'dry-run'" in out
     assert "not starting" in out
@@ -204,3 +206,44 @@ def test_sigterm_finishes_in_flight_then_exits(policy_dir, policy_yaml) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_unix_socket_listener(policy_dir, policy_yaml, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        folder = policy_dir(**{"a.yaml": policy_yaml("a", ALLOW_GET)})
+        sock = f"unix:{tmp_path / 'extauthz.sock'}"
+        sc = Sidecar(Settings(policies=folder, listen=f"127.0.0.1:{_free_port()}", unix_socket=sock,
+                              http_port=_free_port(), grace=1.0))
+        await sc.start()
+        try:
+            async with grpc.aio.insecure_channel(sock) as channel:
+                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                reply = await stub.Check(check_request_from_sample({"method": "GET", "path": "/x"}), timeout=5)
+                assert reply.status.code == 0
+        finally:
+            await sc.stop()
+
+    run(scenario())
+
+
+def test_large_check_request_within_the_configured_limit(policy_dir, policy_yaml) -> None:
+    async def scenario() -> None:
+        folder = policy_dir(**{"a.yaml": policy_yaml("a", ALLOW_GET)})
+        sc = Sidecar(Settings(policies=folder, listen=f"127.0.0.1:{_free_port()}", http_port=_free_port(),
+                              max_message_bytes=8 * 1024 * 1024, grace=1.0))
+        await sc.start()
+        try:
+            message = check_request_from_sample({"method": "GET", "path": "/x"})
+            message.attributes.request.http.raw_body = b"b" * (6 * 1024 * 1024)
+            async with grpc.aio.insecure_channel(sc.settings.listen, options=[
+                ("grpc.max_send_message_length", 16 * 1024 * 1024)]) as channel:
+                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                assert (await stub.Check(message, timeout=10)).status.code == 0
+                message.attributes.request.http.raw_body = b"b" * (9 * 1024 * 1024)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Check(message, timeout=10)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await sc.stop()
+
+    run(scenario())
