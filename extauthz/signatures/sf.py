@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import decimal
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -97,13 +98,16 @@ DEFAULT_LIMITS = Limits()
 
 _LCALPHA = frozenset("abcdefghijklmnopqrstuvwxyz")
 _DIGITS = frozenset("0123456789")
-_KEY_START = _LCALPHA | {"*"}
-_KEY_CHARS = _LCALPHA | _DIGITS | frozenset("_-.*")
 _ALPHA = _LCALPHA | frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_TCHAR = _ALPHA | _DIGITS | frozenset("!#$%&'*+-.^_`|~")
-_TOKEN_CHARS = _TCHAR | frozenset(":/")
-_B64_CHARS = _ALPHA | _DIGITS | frozenset("+/=")
+_B64_RE = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _MAX_INT = 999_999_999_999_999
+# Regular expressions do the per-character scanning (much faster in CPython than a Python loop).
+_KEY_RE = re.compile(r"[a-z*][a-z0-9_\-.*]*")
+_STRING_RE = re.compile(r'"((?:[ !#-\[\]-~]|\\["\\])*)"')
+_STRING_OK = re.compile(r"[ -~]*")
+_TOKEN_RE = re.compile(r"[A-Za-z*][A-Za-z0-9!#$%&'*+\-.^_`|~:/]*")
+_NUMBER_RE = re.compile(r"-?[0-9]+(?:\.[0-9]*)?")
+_UNESCAPE = re.compile(r"\\(.)")
 
 
 class _Parser:
@@ -224,13 +228,11 @@ class _Parser:
         return tuple(params)
 
     def key(self) -> str:
-        start = self.pos
-        if self.peek() not in _KEY_START or self.at_end():
+        match = _KEY_RE.match(self.text, self.pos)
+        if match is None:
             raise self.fail("expected a key (lower-case letter or '*')")
-        self.pos += 1
-        while not self.at_end() and self.text[self.pos] in _KEY_CHARS:
-            self.pos += 1
-        return self.text[start:self.pos]
+        self.pos = match.end()
+        return match.group()
 
     # --- bare items ---------------------------------------------------------------------------------
     def bare_item(self) -> BareItem:
@@ -248,62 +250,33 @@ class _Parser:
         raise self.fail("expected an item")
 
     def number(self) -> int | decimal.Decimal:
-        start = self.pos
-        if self.peek() == "-":
-            self.pos += 1
-        digits_start = self.pos
-        dot = -1
-        while not self.at_end():
-            c = self.text[self.pos]
-            if c in _DIGITS:
-                self.pos += 1
-            elif c == "." and dot < 0:
-                dot = self.pos
-                self.pos += 1
-            else:
-                break
-        number = self.text[start:self.pos]
-        integral = self.text[digits_start:dot if dot >= 0 else self.pos]
-        if not integral:
+        match = _NUMBER_RE.match(self.text, self.pos)
+        if match is None:
             raise self.fail("number without digits")
-        if dot < 0:
+        number = match.group()
+        self.pos = match.end()
+        integral, dot, fraction = number.lstrip("-").partition(".")
+        if not dot:
             if len(integral) > 15:
                 raise self.fail("integer has more than 15 digits")
             return int(number)
-        fraction = self.text[dot + 1:self.pos]
         if len(integral) > 12 or not fraction or len(fraction) > 3:
             raise self.fail("decimal out of range")
         return decimal.Decimal(number)
 
     def string(self) -> str:
-        self.pos += 1
-        out: list[str] = []
-        while True:
-            if self.at_end():
-                raise self.fail("unterminated string")
-            c = self.text[self.pos]
-            self.pos += 1
-            if c == "\\":
-                if self.at_end():
-                    raise self.fail("unterminated escape")
-                c = self.text[self.pos]
-                self.pos += 1
-                if c not in ('"', "\\"):
-                    raise self.fail("invalid escape in string")
-                out.append(c)
-            elif c == '"':
-                return "".join(out)
-            elif not (" " <= c <= "~"):
-                raise self.fail("control character in string")
-            else:
-                out.append(c)
+        match = _STRING_RE.match(self.text, self.pos)
+        if match is None:
+            raise self.fail("invalid string (unterminated, bad escape or control character)")
+        self.pos = match.end()
+        value = match.group(1)
+        return _UNESCAPE.sub(r"\1", value) if "\\" in value else value
 
     def token(self) -> Token:
-        start = self.pos
-        self.pos += 1
-        while not self.at_end() and self.text[self.pos] in _TOKEN_CHARS:
-            self.pos += 1
-        return Token(self.text[start:self.pos])
+        match = _TOKEN_RE.match(self.text, self.pos)
+        assert match is not None  # bare_item checked the first character
+        self.pos = match.end()
+        return Token(match.group())
 
     def byte_sequence(self) -> bytes:
         self.pos += 1
@@ -311,7 +284,7 @@ class _Parser:
         if end < 0:
             raise self.fail("unterminated byte sequence")
         encoded = self.text[self.pos:end]
-        if any(c not in _B64_CHARS for c in encoded):
+        if _B64_RE.fullmatch(encoded) is None:
             raise self.fail("byte sequence is not base64")
         self.pos = end + 1
         padded = encoded + "=" * (-len(encoded) % 4)  # parsers should accept missing padding
@@ -378,11 +351,11 @@ def serialize_bare_item(value: BareItem) -> str:
         fraction = fraction.rstrip("0") or "0"
         return f"{'-' if negative else ''}{integral}.{fraction}"
     if isinstance(value, Token):
-        if not value or (value[0] not in _ALPHA and value[0] != "*") or any(c not in _TOKEN_CHARS for c in value):
+        if _TOKEN_RE.fullmatch(value) is None:
             raise StructuredFieldError(f"invalid token {value!r}")
         return str(value)
     if isinstance(value, str):
-        if any(not (" " <= c <= "~") for c in value):
+        if _STRING_OK.fullmatch(value) is None:
             raise StructuredFieldError("string has characters outside printable ASCII")
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, bytes):
@@ -391,7 +364,7 @@ def serialize_bare_item(value: BareItem) -> str:
 
 
 def _serialize_key(key: str) -> str:
-    if not key or key[0] not in _KEY_START or any(c not in _KEY_CHARS for c in key):
+    if _KEY_RE.fullmatch(key) is None:
         raise StructuredFieldError(f"invalid key {key!r}")
     return key
 

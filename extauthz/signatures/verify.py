@@ -86,8 +86,12 @@ class Verified:
     expires: int | None
     nonce: str | None
     tag: str | None
-    #: Serialized covered component identifiers, for logs and explain.
-    covered: tuple[str, ...]
+    inner: InnerList
+
+    @property
+    def covered(self) -> tuple[str, ...]:
+        """Serialized covered component identifiers, for logs and explain."""
+        return tuple(serialize_item(i) for i in self.inner.items)
 
 
 def component_identifier(text: str) -> Item:
@@ -228,7 +232,7 @@ def _check_one(
             allowed = ", ".join(requirements.digest_algorithms)
             raise SignatureFailure("content_digest_invalid",
                                    f"Content-Digest must be a Dictionary with a {allowed} digest", _DIGEST)
-    return Verified(label, key, created, expires, nonce, tag, tuple(serialize_item(i) for i in inner.items))
+    return Verified(label, key, created, expires, nonce, tag, inner)
 
 
 def verify_request_signature(
