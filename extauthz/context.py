@@ -102,7 +102,7 @@ def _root(path: tuple[str, ...]) -> tuple[Callable[[CheckContext], Any], int]:
             return r.source if var == "source" else r.destination
 
         if len(path) == 1:
-            names = ("address", "port", "principal", "certificate", "service", "labels")
+            names: tuple[str, ...] = ("address", "port", "principal", "certificate", "service", "labels")
             names += ("client_ip",) if var == "source" else ()
             getters = {name: _peer_field(peer_of, name) for name in names}
             return (lambda ctx: {name: get(ctx) for name, get in getters.items()}), 1

@@ -7,6 +7,7 @@ policy set instead of stopping at the first.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,34 +139,9 @@ class Spec:
             return default
         return node.value
 
-    def str(
-        self, key: str, default: str | None = None, *, required: bool = False, choices: Iterable[str] | None = None
-    ) -> Any:
-        value = self._get(key, (str,), "a string", default, required)
-        if choices is not None and value is not None and value not in set(choices):
-            self.error(f"must be one of: {', '.join(choices)}", key)
-            return default
-        return value
-
-    def int(
-        self, key: str, default: int | None = None, *, required: bool = False,
-        min: int | None = None, max: int | None = None,
-    ) -> Any:
-        node = self.child(key)
-        value = self._get(key, (int,), "an integer", default, required)
-        if node.value is None or not isinstance(value, int):
-            return value
-        if (min is not None and value < min) or (max is not None and value > max):
-            node.error(f"must be between {min} and {max}")
-            return default
-        return value
-
     def number(self, key: str, default: float | None = None, *, required: bool = False) -> Any:
         value = self._get(key, (int, float), "a number", default, required)
         return float(value) if value is not None else None
-
-    def bool(self, key: str, default: bool | None = None, *, required: bool = False) -> Any:
-        return self._get(key, (bool,), "true or false", default, required)
 
     def str_list(self, key: str, *, required: bool = False) -> list[str]:
         node = self.child(key)
@@ -209,6 +185,33 @@ class Spec:
         except CelError as exc:
             node.error(f"invalid CEL: {exc}")
             return None
+
+    # str/int/bool are last in the class so that the builtins keep their names above.
+    def str(
+        self, key: builtins.str, default: builtins.str | None = None, *, required: builtins.bool = False,
+        choices: Iterable[builtins.str] | None = None,
+    ) -> Any:
+        value = self._get(key, (str,), "a string", default, required)
+        if choices is not None and value is not None and value not in set(choices):
+            self.error(f"must be one of: {', '.join(choices)}", key)
+            return default
+        return value
+
+    def int(
+        self, key: builtins.str, default: builtins.int | None = None, *, required: builtins.bool = False,
+        min: builtins.int | None = None, max: builtins.int | None = None,
+    ) -> Any:
+        node = self.child(key)
+        value = self._get(key, (int,), "an integer", default, required)
+        if node.value is None or not isinstance(value, int):
+            return value
+        if (min is not None and value < min) or (max is not None and value > max):
+            node.error(f"must be between {min} and {max}")
+            return default
+        return value
+
+    def bool(self, key: builtins.str, default: builtins.bool | None = None, *, required: builtins.bool = False) -> Any:
+        return self._get(key, (bool,), "true or false", default, required)
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
