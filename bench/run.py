@@ -86,6 +86,8 @@ class SidecarScenario:
 #: name -> scenario. Add "jwt", "quota-redis", "hmac", ... here.
 SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
     "extauthz": SidecarScenario("sidecar serving --policies, request from --method/--path/--host/-H"),
+    "hmac": SidecarScenario("RFC 9421 hmac-sha256 signed POST with Content-Digest (bench/hmac_scenario.py)",
+                            setup=lambda workdir: __import__("hmac_scenario").hmac_setup(workdir)),
 }
 
 DIRECT, ALLOW_ALL = "direct", "allow-all"
