@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+# tests/redisd.py (real redis-server processes) is importable from every test folder as ``redisd``.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture
@@ -32,3 +37,32 @@ def _policy_yaml(name: str, spec: str) -> str:
 def policy_yaml() -> Callable[[str, str], str]:
     """``policy_yaml(name, spec)``: one AuthPolicy document; ``spec`` is the YAML under ``spec:``."""
     return _policy_yaml
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``redis_factory(**options)``: a real redis-server on a free port (tests/redisd.py RedisServer).
+
+    Never the system Redis on 6379. Each server can be killed and restarted mid-test; all are
+    stopped by pid at the end. Skips the test when redis-server is not installed.
+    """
+    from redisd import RedisServer, redis_server_binary
+
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+    servers: list[RedisServer] = []
+
+    def start(**options: Any) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(servers)}", **options)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in reversed(servers):
+        server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_factory: Callable[..., Any]) -> Any:
+    """One real redis-server for this test (``.url``, ``.port``, ``.kill()``, ``.start()``, ``.client()``)."""
+    return redis_factory()

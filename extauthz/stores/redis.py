@@ -480,8 +480,9 @@ class RedisStore:
 
     async def _load_scripts(self) -> None:
         if self.cluster:
+            await self.client.initialize()
             for script in (CHARGE_SCRIPT, REFUND_SCRIPT):
-                await self.client.script_load(script, target_nodes=RedisCluster.PRIMARIES)
+                await self.client.execute_command("SCRIPT", "LOAD", script, target_nodes=self.client.get_primaries())
         else:
             for script in (CHARGE_SCRIPT, REFUND_SCRIPT):
                 await self.client.script_load(script)
@@ -536,7 +537,8 @@ class RedisStore:
             try:
                 async with asyncio.timeout(max(self.timeout, 0.5)):
                     if self.cluster:
-                        await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+                        await self.client.initialize()
+                        await self.client.execute_command("PING", target_nodes=self.client.get_primaries())
                     else:
                         await self.client.ping()
             except _FAILURES:
