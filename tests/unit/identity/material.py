@@ -220,7 +220,8 @@ class JsonServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="json-server", daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), name="json-server",
+                                        daemon=True)
         self._thread.start()
 
     def url(self, path: str) -> str:
