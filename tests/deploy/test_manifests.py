@@ -1,0 +1,288 @@
+"""deploy/k8s, the Dockerfile and constraints.txt, checked offline.
+
+Every manifest is validated against the Kubernetes OpenAPI schemas bundled with kubernetes-validate
+(no cluster, no network); the kustomizations' references must resolve; the generated policies
+ConfigMap must be policies/ byte for byte; and `extauthz validate` / `extauthz test` must accept the
+policy folder exactly as a pod would see it (ConfigMap + Secrets mounted as documented).
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from extauthz.cli import main as extauthz_main
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+BASE = K8S / "base"
+ISTIO = K8S / "overlays" / "istio"
+#: Oldest Kubernetes the manifests support, and the newest the bundled schemas know.
+K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
+ISTIO_KINDS = {"AuthorizationPolicy", "ServiceEntry"}
+
+sys.path.insert(0, str(K8S))
+import sync  # noqa: E402
+
+
+def _load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _kustomizations() -> list[Path]:
+    return sorted(K8S.rglob("kustomization.yaml"))
+
+
+def _render_python(folder: Path) -> list[dict[str, Any]]:
+    """What kustomize would produce, for this repository's subset (used when kubectl is absent)."""
+    kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for entry in kust.get("resources", []):
+        target = folder / entry
+        docs += _render_python(target) if target.is_dir() else _load_all(target)
+    for gen in kust.get("configMapGenerator", []):
+        data = {}
+        for item in gen["files"]:
+            key, _, rel = item.partition("=")
+            data[key] = (folder / rel).read_text()
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
+    for gen in kust.get("secretGenerator", []):
+        data = {}
+        for item in gen["files"]:
+            key, _, rel = item.partition("=")
+            data[key] = base64.b64encode((folder / rel).read_bytes()).decode()
+        docs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": gen["name"]}, "type": gen.get("type"),
+                     "data": data})  # fmt: skip
+    for patch in kust.get("patches", []):
+        # Only the generated keys-volume patch is applied here: it replaces one volume by name.
+        patch_doc = yaml.safe_load((folder / patch["path"]).read_text())
+        target = _one(docs, patch_doc["kind"], patch_doc["metadata"]["name"])
+        volumes = {v["name"]: v for v in patch_doc["spec"]["template"]["spec"]["volumes"]}
+        spec = target["spec"]["template"]["spec"]
+        spec["volumes"] = [volumes.get(v["name"], v) for v in spec["volumes"]]
+    for doc in docs:
+        if "namespace" in kust and doc["kind"] != "Namespace":
+            doc["metadata"]["namespace"] = kust["namespace"]
+        for image in kust.get("images", []):
+            for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                if container["image"] == image["name"]:
+                    container["image"] = f"{image['newName']}:{image['newTag']}"
+    return docs
+
+
+def _render(folder: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None or folder not in (BASE, ISTIO):
+        return _render_python(folder)
+    out = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict[str, Any]]:
+    return _render(BASE)
+
+
+@pytest.fixture(scope="module")
+def istio() -> list[dict[str, Any]]:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl (with its built-in kustomize) is needed to apply the overlay's JSON patches")
+    return _render(ISTIO)
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def test_generated_folder_is_current() -> None:
+    assert sync.differences() == [], "run: python deploy/k8s/sync.py"
+
+
+def test_kustomization_references_resolve() -> None:
+    assert {p.parent for p in _kustomizations()} == {BASE, BASE / "generated", ISTIO}
+    assert yaml.safe_load((BASE / "kustomization.yaml").read_text())["patches"] == [
+        {"path": "generated/keys-volume.yaml"}
+    ], "the Python fallback renderer applies only this patch"
+    for path in _kustomizations():
+        folder = path.parent
+        kust = yaml.safe_load(path.read_text())
+        for entry in kust.get("resources", []):
+            target = (folder / entry).resolve()
+            assert target.exists(), f"{path}: resource {entry} does not exist"
+            if target.is_dir():
+                assert (target / "kustomization.yaml").is_file(), f"{path}: {entry} has no kustomization.yaml"
+        for patch in kust.get("patches", []):
+            assert (folder / patch["path"]).is_file(), f"{path}: patch {patch['path']} does not exist"
+        for gen in kust.get("configMapGenerator", []) + kust.get("secretGenerator", []):
+            for item in gen["files"]:
+                rel = item.partition("=")[2] or item
+                source = (folder / rel).resolve()
+                assert source.is_file(), f"{path}: {gen['name']} file {rel} does not exist"
+                assert folder.resolve() in source.parents, f"{path}: {rel} is outside the kustomization (kustomize refuses)"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_manifest_validates_against_the_kubernetes_schemas(version: str, base) -> None:
+    docs = list(base)
+    if shutil.which("kubectl") is not None:
+        docs += [d for d in _render(ISTIO) if d["kind"] not in ISTIO_KINDS]
+    assert len(docs) >= 19
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_validator_really_rejects_mistakes(base) -> None:
+    broken = yaml.safe_load(yaml.safe_dump(_one(base, "Deployment", "orders")))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProb"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[0], strict=True)
+
+
+def test_policies_configmap_is_the_policies_folder(base) -> None:
+    data = _one(base, "ConfigMap", "extauthz-policies")["data"]
+    expected = {p.name: p.read_text() for p in sorted((ROOT / "policies").glob("*.y*ml"))}
+    assert data == expected
+    envoy = _one(base, "ConfigMap", "envoy-config")["data"]
+    assert envoy == {"envoy.yaml": (ROOT / "deploy" / "envoy" / "envoy.yaml").read_text()}
+
+
+def _pod_folder(base: list[dict[str, Any]], root: Path) -> Path:
+    """Lay out the ConfigMap and Secrets as the extauthz container sees them."""
+    deployment = _one(base, "Deployment", "orders")
+    container = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "extauthz")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    policies = root / mounts["policies"].lstrip("/")
+    policies.mkdir(parents=True)
+    for name, text in _one(base, "ConfigMap", volumes["policies"]["configMap"]["name"])["data"].items():
+        (policies / name).write_text(text)
+    keys = root / mounts["keys"].lstrip("/")
+    keys.mkdir(parents=True)
+    for source in volumes["keys"]["projected"]["sources"]:
+        data = _one(base, "Secret", source["secret"]["name"]).get("data", {})
+        items = source["secret"].get("items") or [{"key": k, "path": k} for k in data]
+        assert {item["key"] for item in items} == set(data), "every key of the Secret is projected"
+        for item in items:
+            target = keys / item["path"]
+            assert not target.exists(), f"two Secrets project {item['path']}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(base64.b64decode(data[item["key"]]))
+    return policies
+
+
+def test_extauthz_accepts_the_mounted_policies(base, tmp_path: Path, capsys) -> None:
+    policies = _pod_folder(base, tmp_path)
+    assert policies.relative_to(tmp_path).as_posix() == "etc/extauthz/policies"
+    assert (tmp_path / "etc/extauthz/examples/keys").is_dir()  # where ../examples/keys/... resolves
+    assert extauthz_main(["validate", str(policies)]) == 0, capsys.readouterr().err
+    assert extauthz_main(["test", str(policies)]) == 0, capsys.readouterr().out
+
+
+def _containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
+    return deployment["spec"]["template"]["spec"]["containers"]
+
+
+def test_pods_are_locked_down(base) -> None:
+    for deployment in (d for d in base if d["kind"] == "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert pod["automountServiceAccountToken"] is False
+        for container in _containers(deployment):
+            where = f"{deployment['metadata']['name']}/{container['name']}"
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert sc.get("runAsUser", 1) != 0, where
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"]), where
+            assert {"cpu", "memory"} <= set(container["resources"]["limits"]), where
+            assert "livenessProbe" in container and "readinessProbe" in container, where
+
+
+def test_extauthz_container_probes_metrics_and_mounts(base) -> None:
+    deployment = _one(base, "Deployment", "orders")
+    template = deployment["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    container = next(c for c in _containers(deployment) if c["name"] == "extauthz")
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}[container["readinessProbe"]["httpGet"]["port"]]
+    assert annotations["prometheus.io/port"] == str(port) and f"--http-port={port}" in container["args"]
+    assert "--listen=127.0.0.1:9191" in container["args"]  # gRPC stays inside the pod
+    assert all("subPath" not in m for m in container["volumeMounts"]), "subPath mounts never see ConfigMap updates"
+    envoy = yaml.safe_load(_one(base, "ConfigMap", "envoy-config")["data"]["envoy.yaml"])
+    cluster = next(c for c in envoy["static_resources"]["clusters"] if c["name"] == "ext_authz")
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert f"{address['address']}:{address['port_value']}" == "127.0.0.1:9191"
+    images = {c["name"]: c["image"] for c in _containers(deployment)}
+    assert images["extauthz"] == "registry.example.com/extauthz:0.1.0"  # the kustomize images: entry applied
+
+
+def test_cluster_objects_present(base) -> None:
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in base}
+    for wanted in [("Service", "orders"), ("PodDisruptionBudget", "orders"), ("NetworkPolicy", "default-deny"),
+                   ("NetworkPolicy", "orders"), ("Deployment", "extauthz-redis"), ("Service", "extauthz-redis"),
+                   ("Secret", "extauthz-jwks"), ("Secret", "extauthz-api-keys"), ("Secret", "extauthz-signing-keys"),
+                   ("Secret", "extauthz-redis"), ("Namespace", "extauthz-demo")]:  # fmt: skip
+        assert wanted in kinds
+    pdb = _one(base, "PodDisruptionBudget", "orders")
+    assert pdb["spec"]["minAvailable"] < _one(base, "Deployment", "orders")["spec"]["replicas"]
+    assert all(d["metadata"].get("namespace", "extauthz-demo") == "extauthz-demo" for d in base)
+
+
+def test_istio_overlay(istio) -> None:
+    deployment = _one(istio, "Deployment", "orders")
+    assert [c["name"] for c in _containers(deployment)] == ["app", "extauthz"]
+    volumes = {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert "envoy-config" not in volumes and "envoy-tmp" not in volumes
+    policy = _one(istio, "AuthorizationPolicy", "orders-extauthz")
+    assert policy["spec"]["action"] == "CUSTOM"
+    mesh = yaml.safe_load((ISTIO / "mesh-config.yaml").read_text())
+    [provider] = mesh["spec"]["meshConfig"]["extensionProviders"]
+    assert policy["spec"]["provider"]["name"] == provider["name"]
+    grpc = provider["envoyExtAuthzGrpc"]
+    assert grpc["failOpen"] is False and grpc["statusOnError"] == "503"
+    entry = _one(istio, "ServiceEntry", "extauthz-local")
+    assert grpc["service"] in entry["spec"]["hosts"] and entry["spec"]["ports"][0]["number"] == grpc["port"] == 9191
+    assert entry["spec"]["endpoints"] == [{"address": "127.0.0.1"}]
+    labels = policy["spec"]["selector"]["matchLabels"]
+    assert labels.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_dockerfile_and_constraints() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "-slim" in dockerfile and "--constraint" in dockerfile
+    assert "USER 10001:10001" in dockerfile
+    assert 'ENTRYPOINT ["extauthz"]' in dockerfile and 'CMD ["serve"]' in dockerfile
+    ignored = (ROOT / ".dockerignore").read_text()
+    for needed in ("pyproject.toml", "README.md", "constraints.txt", "extauthz/", "policies/"):
+        assert f"!{needed}" in ignored
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[name.lower().replace("_", "-")] = version
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        requirement = Requirement(dep)
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"constraints.txt does not pin runtime dependency {name}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {dep}"
