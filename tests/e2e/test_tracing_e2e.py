@@ -1,0 +1,140 @@
+"""Traces through a real Envoy: the client's traceparent -> Envoy -> sidecar span -> OTLP gRPC receiver.
+
+The receiver is the OTLP TraceService from opentelemetry-proto, served by a grpc server in this test,
+so what is checked is exactly what a collector would receive.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "e2e-bearer-token-never-in-spans"
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """Collects exported spans: (resource attributes, span) pairs."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[dict, object]] = []
+        self.raw: list[bytes] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self.lock:
+            self.raw.append(request.SerializeToString())
+            for resource_spans in request.resource_spans:
+                resource = {kv.key: _value(kv.value) for kv in resource_spans.resource.attributes}
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        self.spans.append((resource, span))
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def of_trace(self, trace_id: str) -> list:
+        with self.lock:
+            return [(r, s) for r, s in self.spans if s.trace_id.hex() == trace_id]
+
+
+def _value(value) -> object:
+    return getattr(value, value.WhichOneof("value")) if value.WhichOneof("value") else None
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[tuple[Receiver, int]]:
+    servicer = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, port
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def traced_envoy(receiver, extauthz_factory, envoy_factory, echo_upstream):
+    _, port = receiver
+    sidecar = extauthz_factory(env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_SERVICE_NAME": "extauthz-e2e",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=e2e",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+    })  # fmt: skip
+    return envoy_factory(ext_authz=sidecar.target, upstream_port=echo_upstream.port)
+
+
+def _get(port: int, method: str, path: str, headers: dict[str, str]) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def _wait_for(receiver: Receiver, trace_id: str, names: set[str], timeout: float = 15.0) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        spans = receiver.of_trace(trace_id)
+        if names <= {s.name for _, s in spans}:
+            return spans
+        time.sleep(0.05)
+    raise AssertionError(f"spans {names} of trace {trace_id} not received; got {[s.name for _, s in spans]}")
+
+
+def _attrs(span) -> dict:
+    return {kv.key: _value(kv.value) for kv in span.attributes}
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "decision", "reason", "rule"),
+    [("GET", 200, "allow", "allowed", "reads-and-writes"), ("DELETE", 403, "deny", "denied_by_rule", "no-deletes")],
+)
+def test_check_span_joins_the_clients_trace(receiver, traced_envoy, method, status, decision, reason, rule) -> None:
+    servicer, _ = receiver
+    trace_id = ("4bf92f3577b34da6a3ce929d0e0e47" + ("36" if method == "GET" else "37"))
+    parent = "00f067aa0ba902b7"
+    headers = {"Host": "orders.example.com", "traceparent": f"00-{trace_id}-{parent}-01",
+               "tracestate": "congo=t61rcWkgMzE", "Authorization": f"Bearer {SECRET}", "Cookie": f"s={SECRET}"}
+    assert _get(traced_envoy.port, method, "/api/orders?token=" + SECRET, headers) == status
+
+    spans = _wait_for(servicer, trace_id, {"extauthz.check", "extauthz.select", "extauthz.rules"})
+    by_name = {s.name: (r, s) for r, s in spans}
+    resource, check = by_name["extauthz.check"]
+    assert check.parent_span_id.hex() == parent, "the Check span is a child of the client's span"
+    assert check.trace_state == "congo=t61rcWkgMzE"
+    assert check.kind == check.SPAN_KIND_SERVER
+    for name in ("extauthz.select", "extauthz.rules"):
+        assert by_name[name][1].parent_span_id == check.span_id
+    attrs = _attrs(check)
+    assert attrs["extauthz.decision"] == decision and attrs["extauthz.reason"] == reason
+    assert attrs["extauthz.policy"] == "orders-api" and attrs["extauthz.rule"] == rule
+    assert attrs["extauthz.dry_run"] is False and attrs["extauthz.identity.kind"] == "anonymous"
+    assert attrs["http.request.method"] == method and attrs["url.path"] == "/api/orders"
+    assert attrs["server.address"] == "orders.example.com"
+    assert resource["service.name"] == "extauthz-e2e" and resource["deployment.environment"] == "e2e"
+    with servicer.lock:
+        exported = b"".join(servicer.raw)
+    assert SECRET.encode() not in exported, "no token, cookie or query value in any exported span"
+
+
+def test_b3_multi_headers_are_followed_too(receiver, traced_envoy) -> None:
+    servicer, _ = receiver
+    trace_id, parent = "a" * 16 + "0123456789abcdef", "1122334455667788"
+    headers = {"Host": "orders.example.com", "X-B3-TraceId": trace_id, "X-B3-SpanId": parent, "X-B3-Sampled": "1"}
+    assert _get(traced_envoy.port, "GET", "/api/orders", headers) == 200
+    spans = _wait_for(servicer, trace_id, {"extauthz.check"})
+    check = next(s for _, s in spans if s.name == "extauthz.check")
+    assert check.parent_span_id.hex() == parent
