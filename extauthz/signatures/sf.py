@@ -126,7 +126,7 @@ class _Parser:
         return StructuredFieldError(f"{what} at offset {self.pos}")
 
     def peek(self) -> str:
-        return self.text[self.pos] if self.pos < len(self.text) else ""
+        return self.text[self.pos : self.pos + 1]
 
     def at_end(self) -> bool:
         return self.pos >= len(self.text)
@@ -335,6 +335,17 @@ def parse_item(text: str, limits: Limits = DEFAULT_LIMITS) -> Item:
 
 
 def serialize_bare_item(value: BareItem) -> str:
+    kind = type(value)
+    if kind is str:  # the common case (component names, keyid, nonce, tag): checked first
+        if _STRING_OK.fullmatch(value) is None:  # type: ignore[arg-type]
+            raise StructuredFieldError("string has characters outside printable ASCII")
+        if '"' in value or "\\" in value:  # type: ignore[operator]
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'  # type: ignore[union-attr]
+        return '"' + value + '"'  # type: ignore[operator]
+    if kind is int:
+        if abs(value) > _MAX_INT:  # type: ignore[arg-type]
+            raise StructuredFieldError("integer out of range")
+        return str(value)
     if isinstance(value, bool):
         return "?1" if value else "?0"
     if isinstance(value, int):
