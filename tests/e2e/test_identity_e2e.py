@@ -1,0 +1,185 @@
+"""Identity through a real Envoy with real mTLS: Envoy's listener requires client certificates
+signed by a CA made here and forwards them (include_peer_certificate); the sidecar decides who the
+caller is from the SPIFFE or DNS SAN, and accepts certificate-bound tokens (RFC 8705) only with the
+client certificate they were issued to.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import _procs
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "identity"))
+
+import material
+
+pytestmark = pytest.mark.e2e
+
+CHECKOUT = "spiffe://cluster.local/ns/payments/sa/checkout"
+REFUNDS = "spiffe://cluster.local/ns/payments/sa/refunds"
+INTRUDER = "spiffe://cluster.local/ns/sandbox/sa/intruder"
+PARTNER_DNS = "api.partners.example.com"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("identity-e2e")
+    pki = material.Pki("e2e-mesh-ca")
+    certs = {
+        "server": pki.server(),
+        "checkout": pki.client("checkout", uris=(CHECKOUT,)),
+        "refunds": pki.client("refunds", uris=(REFUNDS,)),
+        "intruder": pki.client("intruder", uris=(INTRUDER,)),
+        "partner": pki.client("partner", dns=(PARTNER_DNS,)),
+    }
+    # A second CA that the (misconfigured) proxy also trusts, but the sidecar's caFile does not.
+    rogue_pki = material.Pki("rogue-ca")
+    certs["rogue"] = rogue_pki.client("impostor", uris=(CHECKOUT,))
+    tls = root / "tls"
+    files = {name: issued.write(tls, name) for name, issued in certs.items()}
+    (tls / "ca.crt").write_text(pki.ca.pem + rogue_pki.ca.pem)
+    signing_key = material.rsa_key()
+    secrets = root / "secrets"
+    secrets.mkdir()
+    (secrets / "ca.crt").write_text(pki.ca.pem)
+    (secrets / "jwks.json").write_text(json.dumps({"keys": [material.public_jwk(signing_key, "k1")]}))
+    policies = root / "policies"
+    policies.mkdir()
+    (policies / "mesh.yaml").write_text(textwrap.dedent(f"""\
+        apiVersion: extauthz.dev/v1
+        kind: AuthPolicy
+        metadata: {{name: mesh}}
+        spec:
+          match: {{hosts: [mesh.test]}}
+          identity:
+            - name: workloads
+              mtls:
+                principals: ["spiffe://cluster.local/ns/payments/sa/*", "*.partners.example.com"]
+                certificate: {{caFile: ../secrets/ca.crt}}
+          rules:
+            - name: known-callers
+              decision: allow
+          response:
+            headers:
+              x-caller: "identity.principal"
+              x-caller-namespace: "identity.spiffe.namespace"
+        ---
+        apiVersion: extauthz.dev/v1
+        kind: AuthPolicy
+        metadata: {{name: bound}}
+        spec:
+          match: {{hosts: [bound.test]}}
+          identity:
+            - name: services
+              jwt:
+                issuer: {material.ISSUER}
+                audiences: [{material.AUDIENCE}]
+                jwksFile: ../secrets/jwks.json
+                certificateBound: required
+          rules:
+            - name: bound-tokens
+              decision: allow
+          response:
+            headers:
+              x-subject: "identity.subject"
+        """))
+    return {"root": root, "pki": pki, "certs": certs, "files": files, "tls": tls, "policies": policies,
+            "signing_key": signing_key}
+
+
+@pytest.fixture(scope="module")
+def envoy(world, envoy_factory, extauthz_factory, echo_upstream):
+    sidecar = extauthz_factory(world["policies"])
+    server_cert, server_key = world["files"]["server"]
+    tls = _procs.DownstreamTls(server_cert, server_key, world["tls"] / "ca.crt", require_client_certificate=True)
+    return envoy_factory(ext_authz=sidecar.target, upstream_port=echo_upstream.port, tls=tls,
+                         include_peer_certificate=True)
+
+
+def _client(world, name: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(world["tls"] / "ca.crt"))
+    if name is not None:
+        cert, key = world["files"][name]
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def _get(envoy, world, client: str, host: str, headers: dict[str, str] | None = None):
+    return _procs.http_request(envoy.port, "GET", "/things", headers={"Host": host, **(headers or {})},
+                               tls=_client(world, client))
+
+
+def test_spiffe_workload_is_identified_and_spoofed_headers_are_replaced(envoy, world):
+    status, _, body = _get(envoy, world, "checkout", "mesh.test", {"x-caller": "spiffe://evil/ns/x/sa/y"})
+    assert status == 200, body
+    seen = json.loads(body)["headers"]
+    assert seen["x-caller"] == [CHECKOUT]
+    assert seen["x-caller-namespace"] == ["payments"]
+
+
+def test_dns_san_partner_is_identified(envoy, world):
+    status, _, body = _get(envoy, world, "partner", "mesh.test")
+    assert status == 200, body
+    assert json.loads(body)["headers"]["x-caller"] == [PARTNER_DNS]
+
+
+def test_principal_outside_the_allow_list_is_refused(envoy, world, echo_upstream):
+    before = echo_upstream.request_count()
+    status, _, body = _get(envoy, world, "intruder", "mesh.test")
+    assert status == 403
+    assert json.loads(body)["reason"] == "principal_not_allowed"
+    assert echo_upstream.request_count() == before
+
+
+def test_envoy_refuses_clients_without_a_certificate(envoy, world):
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _get(envoy, world, None, "mesh.test")
+
+
+def test_certificate_bound_token_needs_its_own_certificate(envoy, world, echo_upstream):
+    key = world["signing_key"]
+    token = material.mint(key, material.claims(sub="checkout-svc", cnf={"x5t#S256": world["certs"]["checkout"].thumbprint}))
+    auth = {"authorization": f"Bearer {token}"}
+
+    status, _, body = _get(envoy, world, "checkout", "bound.test", auth)
+    assert status == 200, body
+    assert json.loads(body)["headers"]["x-subject"] == ["checkout-svc"]
+
+    before = echo_upstream.request_count()
+    status, headers, body = _get(envoy, world, "refunds", "bound.test", auth)  # stolen token, other client
+    assert status == 401
+    assert json.loads(body)["reason"] == "bound_certificate_mismatch"
+    assert headers["www-authenticate"] == (
+        'Bearer error="invalid_token", error_description="token is bound to another client certificate"')
+    assert token not in body.decode()
+    assert echo_upstream.request_count() == before
+
+    unbound = material.mint(key, material.claims(sub="checkout-svc"))
+    status, _, body = _get(envoy, world, "checkout", "bound.test", {"authorization": f"Bearer {unbound}"})
+    assert (status, json.loads(body)["reason"]) == (401, "token_not_bound")
+
+
+def test_missing_and_expired_tokens_get_rfc6750_challenges(envoy, world):
+    status, headers, body = _get(envoy, world, "checkout", "bound.test")
+    assert (status, json.loads(body)["reason"]) == (401, "credentials_missing")
+    assert headers["www-authenticate"] == "Bearer"
+    expired = material.mint(world["signing_key"], material.claims(exp=int(time.time()) - 600))
+    status, headers, body = _get(envoy, world, "checkout", "bound.test", {"authorization": f"Bearer {expired}"})
+    assert (status, json.loads(body)["reason"]) == (401, "token_expired")
+    assert 'error_description="token has expired"' in headers["www-authenticate"]
+
+
+def test_certificate_from_a_ca_the_policy_does_not_trust_is_refused(envoy, world, echo_upstream):
+    """Defence in depth: the proxy accepted the handshake (it trusts a second CA), the policy's caFile does not."""
+    before = echo_upstream.request_count()
+    status, headers, body = _get(envoy, world, "rogue", "mesh.test")
+    assert (status, json.loads(body)["reason"]) == (401, "certificate_untrusted")
+    assert headers["www-authenticate"].startswith('mTLS error="invalid_token"')
+    assert echo_upstream.request_count() == before
