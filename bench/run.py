@@ -88,6 +88,10 @@ SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
     "extauthz": SidecarScenario("sidecar serving --policies, request from --method/--path/--host/-H"),
     "hmac": SidecarScenario("RFC 9421 hmac-sha256 signed POST with Content-Digest (bench/hmac_scenario.py)",
                             setup=lambda workdir: __import__("hmac_scenario").hmac_setup(workdir)),
+    "tracing": SidecarScenario("tracing on: every Check's spans exported over OTLP gRPC (bench/tracing_scenario.py)",
+                               setup=lambda workdir: __import__("tracing_scenario").tracing_setup(workdir)),
+    "jwt": SidecarScenario("RS256 JWT bearer token on the accounts-api example policy (bench/jwt_scenario.py)",
+                           setup=lambda workdir: __import__("jwt_scenario").jwt_setup(workdir)),
 }
 
 DIRECT, ALLOW_ALL = "direct", "allow-all"
