@@ -169,3 +169,29 @@ def test_policy_without_identity_keeps_anonymous(tmp_path, key):
 def test_check_timeout_applies_only_when_a_source_may_wait(tmp_path, key):
     auth = _auth(tmp_path, key, JWT + MTLS)
     assert not auth.policy_set.policies[0].may_wait
+
+
+@pytest.mark.parametrize("where", ["header", "query", "cookie", "custom-header"])
+def test_credentials_never_reach_logs_or_traces(tmp_path, key, where):
+    import json
+    import time
+
+    from extauthz.telemetry.decision_log import DecisionLogConfig, decision_record
+    from extauthz.telemetry.tracing import SubjectHasher, decision_attributes
+
+    locations = "[{header: authorization, scheme: Bearer}, {query: access_token}, {cookie: session}, {header: x-token}]"
+    jwt_entry = JWT.replace("jwksFile: jwks.json}", f"jwksFile: jwks.json, token: {locations}}}")
+    auth = _auth(tmp_path, key, jwt_entry)
+    config = DecisionLogConfig(headers=("authorization", "cookie", "x-token"), query="full")
+    for token in (mint(key), mint(key, claims(exp=1))):  # accepted and rejected
+        sample = {
+            "header": bearer(token),
+            "query": {"path": f"/?access_token={token}"},
+            "cookie": {"headers": {"cookie": f"session={token}"}},
+            "custom-header": {"headers": {"x-token": token}},
+        }[where]
+        d = decide_now(auth, sample)
+        record = json.dumps(decision_record(d, time.time(), config))
+        spans = repr(decision_attributes(d, SubjectHasher(mode="plain")))
+        assert token not in record and token not in spans
+        assert token.split(".")[2] not in record + spans  # not even the signature part
