@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import rfc9421_vectors as rfc
-from conftest import rfc_request_message, rfc_response_message
+from rfc9421_messages import rfc_request_message, rfc_response_message
 
 from extauthz.signatures.base import Message, signature_base
 from extauthz.signatures.keys import load_key_set
