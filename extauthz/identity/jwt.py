@@ -143,6 +143,8 @@ class JwtSource:
         if found is None:
             return None
         token, location = found
+        if len(token) > self.max_token_bytes:
+            raise _rejected("token_too_large", "token is larger than allowed")
         now = time.time()
         digest = credential_digest(token)
         entry = self.cache.get(digest, now) if self.cache is not None else None
@@ -172,8 +174,6 @@ class JwtSource:
 
     # --- verification ----------------------------------------------------------------------------
     async def _verify(self, token: str, now: float) -> Verified:
-        if len(token) > self.max_token_bytes:
-            raise _rejected("token_too_large", "token is larger than allowed")
         if _JWS.fullmatch(token) is None:
             raise _rejected("malformed_token", "token is not a signed JWT")
         header = _header(token)

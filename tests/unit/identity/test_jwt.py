@@ -10,6 +10,8 @@ from pathlib import Path
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from material import (
     AUDIENCE,
     ISSUER,
@@ -254,6 +256,7 @@ def test_a_64_kib_token_is_refused_before_parsing(auth, signing_key):
     assert token not in exposed(d)
 
 
+@pytest.mark.filterwarnings("ignore:The RSA key is 1024 bits")
 def test_jwks_with_unexpected_key_types(tmp_path, signing_key, write_jwks, caplog):
     small = __import__("cryptography.hazmat.primitives.asymmetric.rsa", fromlist=["rsa"]).generate_private_key(
         public_exponent=65537, key_size=1024)
@@ -428,3 +431,25 @@ def test_issuer_and_audiences_are_required(tmp_path):
         make_authorizer(tmp_path / "p")
     text = str(excinfo.value)
     assert "issuer: is required" in text and "audiences: is required" in text
+
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(token=st.one_of(
+    st.text(min_size=1, max_size=300).filter(lambda t: "," not in t and t.strip() == t and "\x00" not in t),
+    st.lists(st.text(alphabet=_B64, max_size=80), min_size=1, max_size=5).map(".".join),
+    st.builds(lambda h, p, s: f"{b64(h)}.{b64(p)}.{s}", st.binary(max_size=60), st.binary(max_size=60),
+              st.text(alphabet=_B64, max_size=40)),
+))
+def test_random_tokens_are_refused_cleanly(auth, token):
+    """Whatever arrives as a token: never an allow, never an internal error, never echoed."""
+    d = decide_now(auth, {"headers": {"authorization": f"Bearer {token}"}})
+    assert not d.allowed
+    assert d.status in (400, 401), (d.status, d.reason, d.attributes)
+    assert len(token) < 8 or token not in exposed(d)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
