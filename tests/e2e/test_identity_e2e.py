@@ -11,6 +11,7 @@ import ssl
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import _procs
@@ -29,7 +30,7 @@ PARTNER_DNS = "api.partners.example.com"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("identity-e2e")
     pki = material.Pki("e2e-mesh-ca")
     certs = {
@@ -50,8 +51,27 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     secrets.mkdir()
     (secrets / "ca.crt").write_text(pki.ca.pem)
     (secrets / "jwks.json").write_text(json.dumps({"keys": [material.public_jwk(signing_key, "k1")]}))
+    # A JWKS endpoint on loopback, served from this test process (rotation and outage below).
+    jwks_server = material.JsonServer()
+    jwks_server.routes["/jwks"] = (200, {"keys": [material.public_jwk(signing_key, "k1")]})
     policies = root / "policies"
     policies.mkdir()
+    (policies / "remote.yaml").write_text(textwrap.dedent(f"""\
+        apiVersion: extauthz.dev/v1
+        kind: AuthPolicy
+        metadata: {{name: remote-keys}}
+        spec:
+          match: {{hosts: [remote.test]}}
+          identity:
+            - name: users
+              jwt:
+                issuer: {material.ISSUER}
+                audiences: [{material.AUDIENCE}]
+                jwksUrl: {jwks_server.url("/jwks")}
+                jwksRefresh: {{interval: 1h, minInterval: 0s, wait: 400ms}}
+          rules: [{{name: users, decision: allow}}]
+          response: {{headers: {{x-subject: identity.subject}}}}
+        """))
     (policies / "mesh.yaml").write_text(textwrap.dedent(f"""\
         apiVersion: extauthz.dev/v1
         kind: AuthPolicy
@@ -90,8 +110,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
             headers:
               x-subject: "identity.subject"
         """))
-    return {"root": root, "pki": pki, "certs": certs, "files": files, "tls": tls, "policies": policies,
-            "signing_key": signing_key}
+    yield {"root": root, "pki": pki, "certs": certs, "files": files, "tls": tls, "policies": policies,
+           "signing_key": signing_key, "jwks_server": jwks_server}
+    jwks_server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +204,29 @@ def test_certificate_from_a_ca_the_policy_does_not_trust_is_refused(envoy, world
     assert (status, json.loads(body)["reason"]) == (401, "certificate_untrusted")
     assert headers["www-authenticate"].startswith('mTLS error="invalid_token"')
     assert echo_upstream.request_count() == before
+
+
+def test_remote_key_set_rotation_and_outage_in_the_real_sidecar(envoy, world):
+    """The sidecar process fetched the JWKS at start; a new kid triggers a refetch; then the server dies."""
+    server, key = world["jwks_server"], world["signing_key"]
+    status, _, body = _get(envoy, world, "checkout", "remote.test",
+                           {"authorization": f"Bearer {material.mint(key, material.claims(sub='u1'))}"})
+    assert status == 200, body
+    assert json.loads(body)["headers"]["x-subject"] == ["u1"]
+    fetched = server.calls["/jwks"]
+
+    rotated = material.ec_key()
+    server.routes["/jwks"] = (200, {"keys": [material.public_jwk(key, "k1"), material.public_jwk(rotated, "k2")]})
+    token = material.mint(rotated, material.claims(sub="u2"), kid="k2", alg="ES256")
+    status, _, body = _get(envoy, world, "checkout", "remote.test", {"authorization": f"Bearer {token}"})
+    assert status == 200, body  # the first request with the new kid waited for the refetch
+    assert server.calls["/jwks"] == fetched + 1
+
+    server.stop()
+    for kid, signer, alg in (("k1", key, "RS256"), ("k2", rotated, "ES256")):
+        token = material.mint(signer, material.claims(sub="u3"), kid=kid, alg=alg)
+        status, _, body = _get(envoy, world, "checkout", "remote.test", {"authorization": f"Bearer {token}"})
+        assert status == 200, body  # last good keys keep serving
+    token = material.mint(key, material.claims(sub="u4"), kid="k-new")
+    status, _, body = _get(envoy, world, "checkout", "remote.test", {"authorization": f"Bearer {token}"})
+    assert (status, json.loads(body)["reason"]) == (401, "unknown_key")
