@@ -7,7 +7,7 @@ Connection (``extauthz serve --redis-url URL``, ``--redis-password-file FILE``):
 - ``redis+cluster://h1:6379,h2:6379`` (``rediss+cluster://`` for TLS).
 
 Query parameters (anything else is refused, so a typo is an error at start, not a silent default):
-``timeout`` (deadline of one operation, default 100ms), ``max_connections`` (pool size, default 32),
+``timeout`` (deadline of one operation, default 250ms), ``max_connections`` (pool size, default 32),
 ``probe_interval`` (how often an open circuit tries Redis again, default 500ms), ``prefix`` (key
 prefix, default ``extauthz``), ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` (TLS files),
 ``ssl_check_hostname`` (default true), ``db``. The password comes from the password file (a mounted
@@ -20,10 +20,10 @@ one pipelined round trip. Counter keys carry their own hash tag, so they spread 
 a Cluster the counters of one request that live in different slots are charged by one script per
 slot, sent together, and the charges of a refused request are refunded.
 
-A circuit breaker guards the request path: the first failure (error or ``timeout``) opens it, after
-which every operation fails at once with :class:`StoreError` (each quota then does what its
-``onStoreError`` says) while a background probe pings Redis every ``probe_interval`` and closes the
-circuit when Redis answers again.
+A circuit breaker guards the request path: the first error, or a second ``timeout`` in a row (one
+slow round trip may be a pause of this process), opens it. Then every operation fails at once with
+:class:`StoreError` (each quota does what its ``onStoreError`` says) while a background probe pings
+Redis every ``probe_interval`` and closes the circuit when Redis answers again.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class RedisSettings:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    timeout: float = 0.1
+    timeout: float = 0.25
     max_connections: int = 32
     probe_interval: float = 0.5
     prefix: str = "extauthz"
@@ -212,7 +212,7 @@ def parse_redis_url(url: str) -> RedisSettings:
         db = _integer(query["db"], "db")
     if mode == "cluster" and db:
         raise StoreConfigError("Redis Cluster has only database 0")
-    timeout = _duration(query.get("timeout", "100ms"), "timeout", 0.001, 10.0)
+    timeout = _duration(query.get("timeout", "250ms"), "timeout", 0.001, 10.0)
     probe = _duration(query.get("probe_interval", "500ms"), "probe_interval", 0.01, 60.0)
     max_connections = _integer(query.get("max_connections", "32"), "max_connections")
     if not 1 <= max_connections <= 10_000:
@@ -402,6 +402,8 @@ class RedisStore:
         self._refund_sha = hashlib.sha1(REFUND_SCRIPT.encode()).hexdigest()
         self.started = False
         self.circuit_open = False
+        #: The last round trip timed out (a second one in a row opens the circuit).
+        self._slow = False
         #: Times the circuit opened (for tests and diagnostics).
         self.trips = 0
         self._probe: asyncio.Task[None] | None = None
@@ -551,6 +553,7 @@ class RedisStore:
                 _circuit_metric("open")
                 continue
             self.circuit_open = False
+            self._slow = False
             _circuit_metric("closed")
             log.info("redis store %s is reachable again", self.settings.describe())
 
@@ -560,10 +563,19 @@ class RedisStore:
             self._ensure_probe()
             raise StoreError("redis circuit is open")
         try:
-            return await self._pipeliner.submit(args, fallback)
+            reply = await self._pipeliner.submit(args, fallback)
         except _FAILURES as exc:
-            self._trip(operation, exc)
+            if isinstance(exc, TimeoutError | redis_errors.TimeoutError) and not self._slow:
+                # One slow round trip can be a pause of this process (GC, a CPU spike), not Redis:
+                # it fails its own requests; a second one in a row opens the circuit.
+                self._slow = True
+                _store_error_metric(operation)
+                log.info("redis %s timed out after %.3fs", operation, self.timeout)
+            else:
+                self._trip(operation, exc)
             raise StoreError(f"redis {operation} failed: {_describe(exc)}") from None
+        self._slow = False
+        return reply
 
     # --- operations ------------------------------------------------------------------------------
     async def remember_once(self, key: str, ttl: float) -> bool:

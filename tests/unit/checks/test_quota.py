@@ -330,7 +330,7 @@ async def scenario(authorizer: Authorizer, store: Any, redis_server: Any) -> Non
     started = time.perf_counter()
     for _ in range(20):
         assert (await at("/strict")).reason == "quota_store_unavailable"
-    assert time.perf_counter() - started < 0.1  # the circuit is open: no waiting
+    assert time.perf_counter() - started < 0.2  # the circuit is open: no waiting (20 checks)
 
     # allow: requests go through uncharged while Redis is away.
     assert all([(await at("/lenient")).allowed for _ in range(10)])

@@ -121,7 +121,8 @@ def test_a_dead_redis_costs_one_timeout_then_fails_fast_and_recovery_is_automati
                 with pytest.raises(StoreError, match="circuit is open"):
                     await store.charge([hourly(5)])
                 timings.append(time.perf_counter() - t0)
-            assert max(timings) < 0.005
+            # Under a millisecond each (generous bounds: the test machine is shared and noisy).
+            assert sorted(timings)[len(timings) // 2] < 0.002 and max(timings) < 0.05
             redis_server.start()  # same port, empty (no persistence)
             deadline = time.monotonic() + 5
             while store.circuit_open and time.monotonic() < deadline:
@@ -130,6 +131,56 @@ def test_a_dead_redis_costs_one_timeout_then_fails_fast_and_recovery_is_automati
             # The script is gone from the new server and the pooled connections are dead: both handled.
             assert (await store.charge([hourly(5)]))[0].remaining == 4
             assert store.trips == 1
+        finally:
+            await store.aclose()
+
+    run(test)
+
+
+def test_a_redis_that_stops_answering_costs_two_timeouts_then_fails_fast() -> None:
+    """A black hole (accepts, never answers): one slow round trip may be our own pause, two open the circuit."""
+
+    async def test() -> None:
+        async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while await reader.read(65536):
+                pass
+
+        hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
+        port = hole.sockets[0].getsockname()[1]
+        store = RedisStore(f"redis://127.0.0.1:{port}/0?timeout=150ms&probe_interval=10s")
+        try:
+            for _ in range(2):
+                t0 = time.perf_counter()
+                with pytest.raises(StoreError, match="TimeoutError"):
+                    await store.charge([hourly(5)])
+                assert 0.1 < time.perf_counter() - t0 < 0.4
+            assert store.circuit_open
+            t0 = time.perf_counter()
+            with pytest.raises(StoreError, match="circuit is open"):
+                await store.charge([hourly(5)])
+            assert time.perf_counter() - t0 < 0.05
+        finally:
+            await store.aclose()
+            hole.close()
+
+    run(test)
+
+
+def test_one_slow_round_trip_does_not_open_the_circuit(redis_factory: Any) -> None:
+    redis_server = redis_factory(extra=("--enable-debug-command", "local"))
+
+    async def test() -> None:
+        store = await started(redis_server.url + "?timeout=100ms")
+        try:
+            pause = asyncio.create_task(
+                asyncio.to_thread(redis_server.client().execute_command, "DEBUG", "SLEEP", "0.3")
+            )
+            await asyncio.sleep(0.05)
+            with pytest.raises(StoreError, match="Timeout"):
+                await store.charge([hourly(5)])
+            await pause
+            assert not store.circuit_open
+            assert (await store.charge([hourly(5)]))[0].allowed
         finally:
             await store.aclose()
 
