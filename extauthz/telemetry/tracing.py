@@ -24,6 +24,7 @@ import hmac
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,9 +33,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.context import Denial
@@ -222,24 +224,49 @@ _STATIC_ATTRIBUTES = {
     "rpc.service": "envoy.service.auth.v3.Authorization",
     "rpc.method": "Check",
 }
+_OK = Status(StatusCode.UNSET)
 
 
 class Tracing:
-    """Implements the pipeline's CheckTracer with an OpenTelemetry TracerProvider."""
+    """Implements the pipeline's CheckTracer on the OpenTelemetry SDK, leanly.
 
-    def __init__(self, provider: TracerProvider, propagator: TextMapPropagator, subjects: SubjectHasher) -> None:
+    The SDK's general-purpose Span costs tens of microseconds (locks, attribute validation, a
+    sampler call per span). A Check's spans are simpler: one sampling decision for the Check (the
+    configured sampler, honouring the caller's decision), its stage spans share it, attributes are
+    plain values built here, and finished spans go to the span processor as ReadableSpans -- the
+    same objects the SDK exports. Unsampled Checks create no span objects at all.
+    """
+
+    def __init__(self, provider: TracerProvider, propagator: TextMapPropagator, subjects: SubjectHasher,
+                 processor: SpanProcessor | None = None) -> None:  # fmt: skip
         self.provider = provider
-        self.tracer = provider.get_tracer("extauthz")
         self.propagator = propagator
         self.subjects = subjects
+        self.sampler = provider.sampler
+        self.ids = provider.id_generator
+        self.resource = provider.resource
+        # The processor finished spans go to: the one given, else the provider's.
+        self.processor: SpanProcessor = processor if processor is not None else provider._active_span_processor
+        self.scope = InstrumentationScope("extauthz")
         self._stage_names: dict[str, str] = {}
 
     def begin(self, message: external_auth_pb2.CheckRequest) -> _CheckSpan:
-        parent = self.propagator.extract(trace_headers(message), getter=_GETTER)
-        span = self.tracer.start_span("extauthz.check", context=parent, kind=SpanKind.SERVER,
-                                      attributes=_STATIC_ATTRIBUTES)  # fmt: skip
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        return _CheckSpan(self, span, token)
+        parent_context = self.propagator.extract(trace_headers(message), getter=_GETTER)
+        parent = trace.get_current_span(parent_context).get_span_context()
+        if not parent.is_valid:
+            parent = None
+        trace_id = parent.trace_id if parent is not None else self.ids.generate_trace_id()
+        result = self.sampler.should_sample(parent_context, trace_id, "extauthz.check", SpanKind.SERVER)
+        sampled = result.decision.is_sampled()
+        trace_state = result.trace_state if result.trace_state is not None else (
+            parent.trace_state if parent is not None else None)  # fmt: skip
+        context = SpanContext(trace_id, self.ids.generate_span_id(), is_remote=False,
+                              trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
+                              trace_state=trace_state)  # fmt: skip
+        # Code running inside the Check (logs, client libraries) sees the Check's span as current.
+        token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(context), parent_context))
+        extra = dict(result.attributes) if sampled and result.attributes else None
+        return _CheckSpan(self, context, parent, sampled, token, extra)
 
     def stage_name(self, stage: str) -> str:
         name = self._stage_names.get(stage)
@@ -247,60 +274,88 @@ class Tracing:
             name = self._stage_names[stage] = f"extauthz.{stage}"
         return name
 
+    def emit(self, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind,
+             attributes: dict[str, Any], status: Status, start: int, end: int) -> None:  # fmt: skip
+        self.processor.on_end(ReadableSpan(
+            name, context, parent, self.resource, attributes, kind=kind, status=status, start_time=start,
+            end_time=end, instrumentation_scope=self.scope,
+        ))  # fmt: skip
+
     def shutdown(self) -> None:
         """Flush pending spans (bounded by OTEL_BSP_EXPORT_TIMEOUT) and stop the exporter."""
         self.provider.shutdown()
 
 
+@dataclass(slots=True)
+class _Stage:
+    name: str
+    check: str
+    start: int
+
+
 class _CheckSpan:
     """One Check's span (implements decision.CheckTrace)."""
 
-    __slots__ = ("_ended", "owner", "span", "token")
+    __slots__ = ("_ended", "context", "extra", "owner", "parent", "sampled", "start", "token")
 
-    def __init__(self, owner: Tracing, span: trace.Span, token: object) -> None:
+    def __init__(self, owner: Tracing, context: SpanContext, parent: SpanContext | None, sampled: bool,
+                 token: object, extra: dict[str, Any] | None) -> None:  # fmt: skip
         self.owner = owner
-        self.span = span
+        self.context = context
+        self.parent = parent
+        self.sampled = sampled
         self.token = token
+        self.extra = extra
+        self.start = time.time_ns()
         self._ended = False
 
-    def stage(self, stage: str, check: str) -> trace.Span:
-        attributes = {"extauthz.check": check} if check else None
-        return self.owner.tracer.start_span(self.owner.stage_name(stage), attributes=attributes)
+    def stage(self, stage: str, check: str) -> _Stage | None:
+        if not self.sampled:
+            return None
+        return _Stage(self.owner.stage_name(stage), check, time.time_ns())
 
-    def end_stage(self, handle: trace.Span, denial: Denial | None, error: BaseException | None = None) -> None:
-        if handle.is_recording():
-            if denial is not None:
-                handle.set_attribute("extauthz.denied", True)
-                handle.set_attribute("extauthz.reason", denial.reason)
-            if error is not None:
-                # The type only: an exception's text may quote request data.
-                handle.set_attribute("error.type", type(error).__name__)
-                handle.set_status(Status(StatusCode.ERROR, type(error).__name__))
-        handle.end()
+    def end_stage(self, handle: _Stage | None, denial: Denial | None, error: BaseException | None = None) -> None:
+        if handle is None:
+            return
+        end = time.time_ns()
+        owner = self.owner
+        attributes: dict[str, Any] = {"extauthz.check": handle.check} if handle.check else {}
+        status = _OK
+        if denial is not None:
+            attributes["extauthz.denied"] = True
+            attributes["extauthz.reason"] = denial.reason
+        if error is not None:
+            # The type only: an exception's text may quote request data.
+            attributes["error.type"] = type(error).__name__
+            status = Status(StatusCode.ERROR, type(error).__name__)
+        context = SpanContext(self.context.trace_id, owner.ids.generate_span_id(), is_remote=False,
+                              trace_flags=self.context.trace_flags, trace_state=self.context.trace_state)  # fmt: skip
+        owner.emit(handle.name, context, self.context, SpanKind.INTERNAL, attributes, status, handle.start, end)
 
     def finish(self, decision: Decision) -> Decision:
-        span = self.span
-        if span.is_recording():
-            span.set_attributes(decision_attributes(decision, self.owner.subjects))
-            if decision.status >= 500:
-                span.set_status(Status(StatusCode.ERROR, decision.reason))
-        span_context = span.get_span_context()
-        self._end()
-        if not span_context.is_valid:
-            return decision
-        return replace(decision, trace_id=format(span_context.trace_id, "032x"),
-                       span_id=format(span_context.span_id, "016x"))  # fmt: skip
+        if self.sampled:
+            attributes = dict(_STATIC_ATTRIBUTES)
+            if self.extra:
+                attributes.update(self.extra)
+            attributes.update(decision_attributes(decision, self.owner.subjects))
+            status = Status(StatusCode.ERROR, decision.reason) if decision.status >= 500 else _OK
+            self._end(attributes, status)
+        else:
+            self._end(None, _OK)
+        context = self.context
+        return replace(decision, trace_id=format(context.trace_id, "032x"), span_id=format(context.span_id, "016x"))
 
     def abort(self) -> None:
-        if self.span.is_recording():
-            self.span.set_status(Status(StatusCode.ERROR, "cancelled"))
-        self._end()
+        self._end(dict(_STATIC_ATTRIBUTES) if self.sampled else None, Status(StatusCode.ERROR, "cancelled"))
 
-    def _end(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self.span.end()
-            otel_context.detach(self.token)  # type: ignore[arg-type]
+    def _end(self, attributes: dict[str, Any] | None, status: Status) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        otel_context.detach(self.token)  # type: ignore[arg-type]
+        if attributes is not None:
+            self.owner.emit("extauthz.check", self.context, self.parent, SpanKind.SERVER, attributes, status,
+                            self.start, time.time_ns())  # fmt: skip
 
 
 def outcome(decision: Decision) -> str:
