@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,9 +316,10 @@ class _Pipeliner:
     loop turn plus ``timeout``, connection checkout included.
     """
 
-    def __init__(self, client: Any, timeout: float, max_batch: int = 512) -> None:
+    def __init__(self, client: Any, timeout: float, *, cluster: bool, max_batch: int = 512) -> None:
         self.client = client
         self.timeout = timeout
+        self.cluster = cluster
         self.max_batch = max_batch
         self._pending: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -371,10 +373,39 @@ class _Pipeliner:
                 call.future.set_result(reply)
 
     async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for args in commands:
-            pipe.execute_command(*args)
-        return list(await pipe.execute(raise_on_error=False))
+        """One reply per command, in order; an error reply (e.g. NOSCRIPT) is returned, not raised."""
+        if self.cluster:
+            pipe = self.client.pipeline(transaction=False)
+            for args in commands:
+                pipe.execute_command(*args)
+            return list(await pipe.execute(raise_on_error=False))
+        # One connection, one write, then the replies: redis-py's connection and (hiredis) parser
+        # without its Pipeline objects, which cost more than the round trip itself.
+        pool = self.client.connection_pool
+        payload = b"".join(_pack(args) for args in commands)
+        for attempt in (1, 2):
+            connection = await pool.get_connection()
+            try:
+                await connection.send_packed_command(payload, check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        # No per-read timer: the batch has one deadline (see _send).
+                        replies.append(await connection.read_response(timeout=math.inf))
+                    except redis_errors.ResponseError as exc:
+                        replies.append(exc)
+                return replies
+            except redis_errors.ConnectionError:
+                await connection.disconnect()
+                if attempt == 2:
+                    raise
+                # A pooled connection to a Redis that restarted: once more on a fresh one.
+            except BaseException:
+                await connection.disconnect()  # out of step with the server now
+                raise
+            finally:
+                await pool.release(connection)
+        raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -397,7 +428,7 @@ class RedisStore:
         #: Every key this store writes starts with it (``prefix`` URL parameter).
         self._key_prefix = self.settings.prefix + ":"
         self.client = self._client()
-        self._pipeliner = _Pipeliner(self.client, self.timeout)
+        self._pipeliner = _Pipeliner(self.client, self.timeout, cluster=self.cluster)
         self._charge_sha = hashlib.sha1(CHARGE_SCRIPT.encode()).hexdigest()
         self._refund_sha = hashlib.sha1(REFUND_SCRIPT.encode()).hexdigest()
         self.started = False
@@ -640,6 +671,15 @@ class RedisStore:
             _store_error_metric("charge")
             raise StoreError("redis charge script gave an unexpected reply") from None
         return values[0] == 1, results
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP (an array of bulk strings)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def _describe(exc: BaseException) -> str:
