@@ -40,12 +40,15 @@ def _quoted(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
+    """One ``identity:`` list entry: its source and the scopes it must grant."""
+
     source: Source
     required_scopes: tuple[str, ...]
     rule: str
 
 
 def challenge(scheme: str, error: str = "", description: str = "", scope: str = "") -> str:
+    """A WWW-Authenticate value (RFC 6750 3): ``Bearer error="...", error_description="..."``."""
     params = []
     if error:
         params.append(f'error="{error}"')
@@ -58,6 +61,8 @@ def challenge(scheme: str, error: str = "", description: str = "", scope: str = 
 
 @register("identity", Phase.IDENTITY)
 class IdentityCheck:
+    """Asks the sources in order; the first with credentials accepts (sets ctx.identity) or denies."""
+
     def __init__(self, entries: tuple[Entry, ...], policy: str) -> None:
         self.entries = entries
         self.may_wait = any(e.source.may_wait for e in entries)
