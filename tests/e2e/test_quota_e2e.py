@@ -43,6 +43,8 @@ spec:
       limit: 50
       window: 1s
       burst: 10
+  response:
+    headers: {{x-client-ip: source.client_ip}}
 """
 
 
@@ -90,6 +92,24 @@ def test_429_with_retry_after_and_ratelimit_headers_reaches_the_client(
     assert json.loads(body)["reason"] == "quota_exceeded"
     # The refused request never reached the upstream.
     assert echo_upstream.request_count() == before + 3
+
+
+@pytest.mark.parametrize(("hops", "expected"), [(0, "127.0.0.1"), (1, "198.51.100.9"), (2, "1.1.1.1")])
+def test_client_ip_counts_hops_as_envoy_does(hops: int, expected: str, tmp_path: Path, envoy_factory: Any,
+                                             extauthz_factory: Any, echo_upstream: Any) -> None:  # fmt: skip
+    """The deployed Envoy (use_remote_address: true) appends its peer to X-Forwarded-For before ext_authz."""
+    sidecar = extauthz_factory(_policies(tmp_path / "policies"), extra_args=["--xff-trusted-hops", str(hops)])
+    envoy = envoy_factory(ext_authz=sidecar.target, upstream_port=echo_upstream.port)
+    conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=5)
+    try:
+        conn.request("GET", "/things", headers={"Host": HOST, "x-tenant": f"ip-{hops}",
+                                                "X-Forwarded-For": "1.1.1.1, 198.51.100.9"})  # fmt: skip
+        resp = conn.getresponse()
+        echo = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 200
+    assert echo["headers"]["x-client-ip"] == [expected]
 
 
 # --- two replicas, one Redis ---------------------------------------------------------------------------

@@ -349,3 +349,15 @@ async def scenario(authorizer: Authorizer, store: Any, redis_server: Any) -> Non
     assert back.allowed and dict(back.client_headers)["ratelimit"] == '"fallback";r=2;t=1200'
     assert (await at("/strict")).allowed
     assert redis_server.client().dbsize() == 2
+
+
+def test_only_a_redis_backed_check_waits_on_io(build: Build) -> None:
+    from extauthz.stores import Store
+
+    memory = build("- {name: q, limit: 1, window: 1m}")
+    redis = build("- {name: q, limit: 1, window: 1m}", settings={"redis_url": "redis://127.0.0.1:1/0"})
+    memory_check = memory.policy_set.policies[0].checks[-1]  # type: ignore[union-attr]
+    redis_check = redis.policy_set.policies[0].checks[-1]  # type: ignore[union-attr]
+    assert (memory_check.may_wait, redis_check.may_wait) == (False, True)
+    assert memory.policy_set.policies[0].may_wait is False  # type: ignore[union-attr]
+    assert isinstance(memory_check.store, Store) and isinstance(redis_check.store, Store)
