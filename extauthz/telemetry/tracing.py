@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -41,6 +41,9 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.context import Denial
 from extauthz.decision import Decision
+
+if TYPE_CHECKING:
+    from extauthz.telemetry.span_export import SpanShipper
 
 __all__ = ["SubjectHasher", "Tracing", "TracingConfigError", "trace_headers", "tracing_from_env"]
 
@@ -214,9 +217,19 @@ def tracing_from_env(environ: Mapping[str, str] | None = None, *, version: str =
         return None
     # The SDK reads OTEL_TRACES_SAMPLER(_ARG) and OTEL_BSP_* itself.
     provider = TracerProvider(resource=_resource(environ, version or "unknown"))
+    subjects = SubjectHasher.from_env(environ)
+    if environ.get("EXTAUTHZ_TRACE_EXPORT", "process").strip().lower() == "inprocess":
+        for exporter in exporters:
+            provider.add_span_processor(BatchSpanProcessor(_CountingExporter(exporter)))
+        return Tracing(provider, _default_propagator(), subjects)
+    # Default: encode and send from a helper process (see span_export); the configuration was
+    # checked above by building the exporters once.
     for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(_CountingExporter(exporter)))
-    return Tracing(provider, _default_propagator(), SubjectHasher.from_env(environ))
+        exporter.shutdown()
+    from extauthz.telemetry.span_export import SpanShipper
+
+    os.environ.setdefault("EXTAUTHZ_VERSION", version or "unknown")
+    return Tracing(provider, _default_propagator(), subjects, shipper=SpanShipper())
 
 
 _STATIC_ATTRIBUTES = {
@@ -238,7 +251,7 @@ class Tracing:
     """
 
     def __init__(self, provider: TracerProvider, propagator: TextMapPropagator, subjects: SubjectHasher,
-                 processor: SpanProcessor | None = None) -> None:  # fmt: skip
+                 processor: SpanProcessor | None = None, shipper: SpanShipper | None = None) -> None:  # fmt: skip
         self.provider = provider
         self.propagator = propagator
         self.subjects = subjects
@@ -248,6 +261,8 @@ class Tracing:
         # The processor finished spans go to: the one given, else the provider's.
         self.processor: SpanProcessor = processor if processor is not None else provider._active_span_processor
         self.scope = InstrumentationScope("extauthz")
+        #: When set, finished spans go to the exporter process instead of the processor.
+        self.shipper = shipper
         self._stage_names: dict[str, str] = {}
 
     def begin(self, message: external_auth_pb2.CheckRequest) -> _CheckSpan:
@@ -276,6 +291,15 @@ class Tracing:
 
     def emit(self, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind,
              attributes: dict[str, Any], status: Status, start: int, end: int) -> None:  # fmt: skip
+        if self.shipper is not None:
+            state = context.trace_state
+            self.shipper.add((
+                name, context.trace_id, context.span_id, parent.span_id if parent is not None else 0,
+                parent.is_remote if parent is not None else False, int(context.trace_flags),
+                list(state.items()) if state else None, kind.value, start, end, attributes,
+                status.status_code.value, status.description or "",
+            ))  # fmt: skip
+            return
         self.processor.on_end(ReadableSpan(
             name, context, parent, self.resource, attributes, kind=kind, status=status, start_time=start,
             end_time=end, instrumentation_scope=self.scope,
@@ -283,6 +307,8 @@ class Tracing:
 
     def shutdown(self) -> None:
         """Flush pending spans (bounded by OTEL_BSP_EXPORT_TIMEOUT) and stop the exporter."""
+        if self.shipper is not None:
+            self.shipper.shutdown()
         self.provider.shutdown()
 
 

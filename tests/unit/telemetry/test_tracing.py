@@ -233,6 +233,7 @@ def test_tracing_is_off_unless_an_exporter_is_configured() -> None:
 def test_exporters_from_env(env: dict[str, str], exporter_module: str, monkeypatch) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EXTAUTHZ_TRACE_EXPORT", "inprocess")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "authz-test")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
     tracing = tracing_from_env(version="1.2.3")
@@ -266,3 +267,32 @@ def test_parse_trace_ids_without_the_sdk() -> None:
     assert parse_trace_ids({"x-b3-traceid": TRACE_ID, "x-b3-spanid": PARENT_ID}) == (TRACE_ID, PARENT_ID)
     assert parse_trace_ids({"traceparent": "00-" + "0" * 32 + f"-{PARENT_ID}-01"}) == ("", "")
     assert parse_trace_ids({"traceparent": "garbage", "b3": "zz-yy"}) == ("", "")
+
+
+def test_default_export_goes_through_the_exporter_process(monkeypatch) -> None:
+    monkeypatch.delenv("EXTAUTHZ_TRACE_EXPORT", raising=False)
+    tracing = tracing_from_env({"OTEL_TRACES_EXPORTER": "console"})
+    assert tracing is not None and tracing.shipper is not None
+    tracing.shutdown()
+
+
+def test_a_dead_exporter_process_drops_and_counts_spans() -> None:
+    import sys
+    import time
+
+    from extauthz.telemetry import metrics
+    from extauthz.telemetry.metrics import Metrics
+    from extauthz.telemetry.span_export import SpanShipper
+
+    installed = Metrics()
+    metrics.install(installed)
+    shipper = SpanShipper([sys.executable, "-c", "pass"])  # exits at once: the pipe breaks
+    shipper._proc.wait(10)
+    record = ("extauthz.check", 1, 2, 0, False, 1, None, 1, 0, 1, {"a": 1}, 0, "")
+    for _ in range(5):
+        shipper.add(record)
+    deadline = time.monotonic() + 5
+    while shipper.dropped < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    shipper.shutdown()
+    assert shipper.dropped == 5 and installed.trace_export_errors._value.get() == 5
