@@ -238,6 +238,7 @@ _STATIC_ATTRIBUTES = {
     "rpc.method": "Check",
 }
 _OK = Status(StatusCode.UNSET)
+_INTERNAL = SpanKind.INTERNAL.value
 
 
 class Tracing:
@@ -354,9 +355,17 @@ class _CheckSpan:
             # The type only: an exception's text may quote request data.
             attributes["error.type"] = type(error).__name__
             status = Status(StatusCode.ERROR, type(error).__name__)
-        context = SpanContext(self.context.trace_id, owner.ids.generate_span_id(), is_remote=False,
-                              trace_flags=self.context.trace_flags, trace_state=self.context.trace_state)  # fmt: skip
-        owner.emit(handle.name, context, self.context, SpanKind.INTERNAL, attributes, status, handle.start, end)
+        mine = self.context
+        shipper = owner.shipper
+        if shipper is not None:  # the common case, without building a SpanContext
+            state = mine.trace_state
+            shipper.add((handle.name, mine.trace_id, owner.ids.generate_span_id(), mine.span_id, False,
+                         int(mine.trace_flags), list(state.items()) if state else None, _INTERNAL, handle.start, end,
+                         attributes, status.status_code.value, status.description or ""))  # fmt: skip
+            return
+        context = SpanContext(mine.trace_id, owner.ids.generate_span_id(), is_remote=False,
+                              trace_flags=mine.trace_flags, trace_state=mine.trace_state)  # fmt: skip
+        owner.emit(handle.name, context, mine, SpanKind.INTERNAL, attributes, status, handle.start, end)
 
     def finish(self, decision: Decision) -> Decision:
         if self.sampled:
