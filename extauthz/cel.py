@@ -20,8 +20,9 @@ from typing import Any
 
 from cel_expr_python import cel as _cel
 from cel_expr_python.ext import ext_math, ext_optional, ext_strings
-from google.api.expr.v1alpha1 import checked_pb2, syntax_pb2
 from google.protobuf import any_pb2
+
+from extauthz.api.celast import ast_pb2
 
 __all__ = ["MISSING", "VARIABLES", "Accessor", "AccessorFactory", "CelError", "Expression", "compile_expression"]
 
@@ -69,12 +70,12 @@ _ENV = _cel.NewEnv(
 )
 
 
-def _dependencies(expr: syntax_pb2.Expr, roots: Iterable[str]) -> list[tuple[str, ...]]:
+def _dependencies(expr: ast_pb2.Expr, roots: Iterable[str]) -> list[tuple[str, ...]]:
     """Every maximal constant access path starting at a root variable."""
     roots = set(roots)
     found: list[tuple[str, ...]] = []
 
-    def path_of(node: syntax_pb2.Expr) -> tuple[str, ...] | None:
+    def path_of(node: ast_pb2.Expr) -> tuple[str, ...] | None:
         kind = node.WhichOneof("expr_kind")
         if kind == "ident_expr":
             return (node.ident_expr.name,) if node.ident_expr.name in roots else None
@@ -88,7 +89,7 @@ def _dependencies(expr: syntax_pb2.Expr, roots: Iterable[str]) -> list[tuple[str
                 return None if base is None else (*base, index.const_expr.string_value)
         return None
 
-    def visit(node: syntax_pb2.Expr) -> None:
+    def visit(node: ast_pb2.Expr) -> None:
         path = path_of(node)
         if path is not None:
             found.append(path)
@@ -227,7 +228,7 @@ def compile_expression(
     except Exception as exc:
         raise CelError(_clean_message(str(exc))) from exc
     wrapped = any_pb2.Any.FromString(program.serialize())
-    checked = checked_pb2.CheckedExpr.FromString(wrapped.value)
+    checked = ast_pb2.CheckedExpr.FromString(wrapped.value)
     paths = tuple(_dependencies(checked.expr, VARIABLES))
     _check_fields(paths)
     if allowed is not None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -94,13 +93,22 @@ def _our_names() -> list[str]:
     return names
 
 
+#: Envoy's generated protos (the xds-protos wheel), installed apart from the test environment:
+#: ``pip install --no-deps --target .xds-protos xds-protos`` (see README). The wheel also ships
+#: ``envoy``, ``google``, ``opentelemetry`` and ``cel`` packages that would shadow the real ones.
+XDS_PROTOS = Path(os.environ.get("EXTAUTHZ_XDS_PROTOS", ROOT / ".xds-protos"))
+
+
 def test_messages_match_upstream_envoy_descriptors() -> None:
     """Every message and enum we define has exactly Envoy's field names, numbers, types and labels.
 
     xds-protos owns the top-level ``envoy`` package and the same full names as ours, so each side is
     described in its own subprocess and never shares a descriptor pool with the other.
     """
-    pytest.importorskip("grpc_tools")
+    assert (XDS_PROTOS / "envoy" / "service" / "auth" / "v3").is_dir(), (
+        f"Envoy's descriptors are not at {XDS_PROTOS}: run "
+        "pip install --no-deps --target .xds-protos 'xds-protos>=1.85' (or set EXTAUTHZ_XDS_PROTOS)"
+    )
     names = _our_names()
     ours_setup = "from extauthz.api.envoy.service.auth.v3 import external_auth_pb2"
     upstream_setup = (
@@ -109,13 +117,13 @@ def test_messages_match_upstream_envoy_descriptors() -> None:
         "from envoy.type.v3 import http_status_pb2"
     )
     results = []
-    for setup in (ours_setup, upstream_setup):
+    for setup, path in ((ours_setup, None), (upstream_setup, XDS_PROTOS)):
+        # The upstream side runs with xds-protos first on the path and nothing of ours imported.
+        env = {**os.environ, "PYTHONPATH": str(path)} if path else dict(os.environ)
         proc = subprocess.run(
             [sys.executable, "-c", _describe(setup), json.dumps(names)],
-            capture_output=True, text=True, cwd=ROOT, timeout=120,
+            capture_output=True, text=True, cwd=ROOT if path is None else path, timeout=120, env=env,
         )
-        if proc.returncode != 0 and "No module named 'envoy" in proc.stderr:
-            pytest.skip("xds-protos is not installed (test extra)")
         assert proc.returncode == 0, proc.stderr
         results.append(json.loads(proc.stdout))
     ours, upstream = results
@@ -130,3 +138,45 @@ def test_service_method_path() -> None:
 
     method = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].methods_by_name["Check"]
     assert f"/{method.containing_service.full_name}/{method.name}" == "/envoy.service.auth.v3.Authorization/Check"
+
+
+def test_cel_ast_subset_matches_cels_field_numbers() -> None:
+    """extauthz.celast reads cel-expr-python's serialized CheckedExpr: every field we declare must be
+    CEL's own field, with the same number and a wire-compatible type."""
+    assert (XDS_PROTOS / "google" / "api" / "expr").is_dir(), f"CEL's protos are not at {XDS_PROTOS}"
+    script = textwrap.dedent(
+        """
+        import json
+        from google.api.expr.v1alpha1 import checked_pb2, syntax_pb2
+        out = {}
+        def walk(d, ours):
+            out[ours] = {f.name: [f.number, f.type, f.is_repeated] for f in d.fields}
+            for n in d.nested_types:
+                if not n.GetOptions().map_entry:
+                    walk(n, ours + "." + n.name)
+        walk(checked_pb2.CheckedExpr.DESCRIPTOR, "CheckedExpr")
+        walk(syntax_pb2.Expr.DESCRIPTOR, "Expr")
+        walk(syntax_pb2.Constant.DESCRIPTOR, "Constant")
+        print(json.dumps(out))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=XDS_PROTOS,
+                          env={**os.environ, "PYTHONPATH": str(XDS_PROTOS)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    upstream = json.loads(proc.stdout)
+    from extauthz.api.celast import ast_pb2
+
+    enum, int32 = 14, 5  # CEL's null_value is an enum; an int32 reads the same varint
+    checked = 0
+    for full_name, descriptor in [("CheckedExpr", ast_pb2.CheckedExpr.DESCRIPTOR), ("Expr", ast_pb2.Expr.DESCRIPTOR),
+                                  ("Constant", ast_pb2.Constant.DESCRIPTOR)]:
+        stack = [(full_name, descriptor)]
+        while stack:
+            name, d = stack.pop()
+            for f in d.fields:
+                number, kind, repeated = upstream[name][f.name]
+                assert (f.number, f.is_repeated) == (number, repeated), f"{name}.{f.name}"
+                assert f.type == kind or (f.type, kind) == (int32, enum), f"{name}.{f.name}"
+                checked += 1
+            stack.extend((f"{name}.{n.name}", n) for n in d.nested_types if not n.GetOptions().map_entry)
+    assert checked > 30

@@ -123,6 +123,7 @@ def test_sidecar_down_means_503_and_nothing_passes(envoy_factory, extauthz_facto
 def test_policy_change_mid_run(tmp_path: Path, envoy_factory, extauthz_factory, echo_upstream) -> None:
     folder = tmp_path / "policies"
     shutil.copytree(_procs.DEFAULT_POLICIES, folder)
+    shutil.copytree(_procs.REPO_ROOT / "examples", tmp_path / "examples")  # keys the policies reference
     sidecar = extauthz_factory(folder, extra_args=["--reload-interval", "0.2"])
     proxy = envoy_factory(ext_authz=sidecar.target, upstream_port=echo_upstream.port)
     assert request(proxy.port, "POST", "/api/orders", headers=ORDERS)[0] == 200
