@@ -77,7 +77,8 @@ class Metrics:
         )  # fmt: skip
         self.stage_duration = Histogram(
             "extauthz_stage_duration_seconds",
-            "Time spent in each stage of a Check: parse, select, identity, signature, rules, quota, response",
+            "Time spent in each stage of a Check (recorded for one Check in 8): parse, select, identity, "
+            "signature, rules, quota, response",
             ["stage"], buckets=STAGE_BUCKETS, registry=r,
         )  # fmt: skip
         self.grpc_in_flight = gauge("extauthz_grpc_in_flight", "Check calls being decided now", mode="livesum")
