@@ -146,6 +146,8 @@ def _build_activation(
                 key.append(value)
             elif kind is int or kind is bytes or kind is bool or kind is float:
                 key.append((kind, value))
+            elif kind is list and len(value) <= 32 and all(type(v) is str for v in value):
+                key.append((list, *value))  # lists of strings (identity.scopes) are memoized too
             else:
                 key = None
         if value is MISSING:

@@ -195,3 +195,16 @@ def test_credentials_never_reach_logs_or_traces(tmp_path, key, where):
         spans = repr(decision_attributes(d, SubjectHasher(mode="plain")))
         assert token not in record and token not in spans
         assert token.split(".")[2] not in record + spans  # not even the signature part
+
+
+def test_rules_on_scope_lists_are_exact_for_every_identity(tmp_path, key):
+    """Scope lists are part of the CEL memo key: a cached result never leaks to other scopes."""
+    rules = """rules:
+  - name: admins
+    when: "'orders:admin' in identity.scopes"
+    decision: allow"""
+    auth = _auth(tmp_path, key, JWT, rules)
+    for scope, allowed in [("orders:admin", True), ("orders:read", False), ("orders:read orders:admin", True),
+                           ("", False), ("orders:admin", True), ("orders:administrator", False)]:
+        d = decide_now(auth, bearer(mint(key, claims(scope=scope))))
+        assert d.allowed is allowed, (scope, d.reason)
