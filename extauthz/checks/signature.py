@@ -189,8 +189,9 @@ class SignatureCheck:
             return self._deny(ctx, failure, with_body)
         except (StructuredFieldError, ValueError) as exc:  # defensive: malformed input never becomes a 503
             return self._deny(ctx, SignatureFailure("signature_malformed", str(exc), 0), with_body)
-        ctx.note(f"signature {verified.label}: key {verified.key.key_id} ({verified.key.algorithm_name}) verified "
-                 f"over {' '.join(verified.covered) or 'no components'}")
+        if ctx.steps is not None:  # explain / policy tests only: no formatting on the serving path
+            ctx.note(f"signature {verified.label}: key {verified.key.key_id} ({verified.key.algorithm_name}) "
+                     f"verified over {' '.join(verified.covered) or 'no components'}")
         denial = self._bind(ctx, verified.key)
         if denial is not None:
             return denial

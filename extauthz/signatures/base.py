@@ -10,7 +10,8 @@ configured with ``encode_raw_headers`` (then every line is kept and combined as 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import quote, unquote_plus
@@ -30,7 +31,15 @@ from extauthz.signatures.sf import (
     serialize_member,
 )
 
-__all__ = ["DERIVED_COMPONENTS", "ComponentError", "Message", "message_from_request", "signature_base"]
+__all__ = [
+    "DERIVED_COMPONENTS",
+    "ComponentError",
+    "CoveredComponents",
+    "Message",
+    "covered_components",
+    "message_from_request",
+    "signature_base",
+]
 
 #: Derived components that apply to requests, plus @status for responses (tests of RFC examples).
 DERIVED_COMPONENTS = frozenset({
@@ -142,6 +151,46 @@ def _query_param(message: Message, name: str) -> str:
     return values[0]
 
 
+def _method(message: Message) -> str:
+    return message.method
+
+
+def _scheme(message: Message) -> str:
+    return message.scheme.lower()
+
+
+def _target_uri(message: Message) -> str:
+    target = message.target.partition("#")[0]
+    if not target.startswith("/"):
+        return target
+    return f"{message.scheme.lower()}://{_normalized_authority(message)}{target}"
+
+
+def _request_target(message: Message) -> str:
+    return message.target.partition("#")[0]
+
+
+def _path(message: Message) -> str:
+    return message.target.partition("#")[0].partition("?")[0] or "/"
+
+
+def _query(message: Message) -> str:
+    return "?" + message.target.partition("#")[0].partition("?")[2]
+
+
+def _status(message: Message) -> str:
+    if message.status is None:
+        raise ComponentError("@status applies to responses only")
+    return f"{message.status:03d}"
+
+
+#: Derived components that take no parameter -> their value.
+_DERIVED_VALUES: dict[str, Callable[[Message], str]] = {
+    "@method": _method, "@authority": _normalized_authority, "@scheme": _scheme, "@target-uri": _target_uri,
+    "@request-target": _request_target, "@path": _path, "@query": _query, "@status": _status,
+}
+
+
 def _derived(message: Message, name: str, item: Item) -> str:
     params = dict(item.params)
     allowed = {"name"} if name == "@query-param" else set()
@@ -150,35 +199,30 @@ def _derived(message: Message, name: str, item: Item) -> str:
         raise ComponentError(f"{name};req applies to responses only")
     if unknown:
         raise ComponentError(f"{name} does not take parameter(s) {', '.join(sorted(unknown))}")
-    if name == "@method":
-        return message.method
-    if name == "@authority":
-        return _normalized_authority(message)
-    if name == "@scheme":
-        return message.scheme.lower()
-    if name == "@target-uri":
-        target = message.target.partition("#")[0]
-        if not target.startswith("/"):
-            return target
-        return f"{message.scheme.lower()}://{_normalized_authority(message)}{target}"
-    if name == "@request-target":
-        return message.target.partition("#")[0]
-    if name == "@path":
-        path, _ = _split_target(message.target)
-        return path or "/"
-    if name == "@query":
-        _, query = _split_target(message.target)
-        return "?" + (query or "")
     if name == "@query-param":
         query_name = params.get("name")
         if not isinstance(query_name, str) or isinstance(query_name, bool):
             raise ComponentError('@query-param needs a string parameter "name"')
         return _query_param(message, query_name)
-    if name == "@status":
-        if message.status is None:
-            raise ComponentError("@status applies to responses only")
-        return f"{message.status:03d}"
-    raise ComponentError(f"unknown derived component {name}")
+    value = _DERIVED_VALUES.get(name)
+    if value is None:
+        raise ComponentError(f"unknown derived component {name}")
+    return value(message)
+
+
+def _plain_field(message: Message, name: str) -> str:
+    """A field covered without parameters: what _field computes for it, minus the parameter checks."""
+    if message.field_lines and name in message.field_lines:
+        lines: tuple[str, ...] | None = message.field_lines[name]
+    else:
+        value = message.fields.get(name)
+        lines = None if value is None else (value,)
+    if lines is None:
+        raise ComponentError(f'header "{name}" is not in the request', missing=True)
+    if len(lines) == 1:
+        line = lines[0].strip(" \t")
+        return " ".join(line.split("\r\n")) if "\r\n" in line else line
+    return ", ".join(" ".join(line.strip(" \t").split("\r\n")) for line in lines)
 
 
 def _field(message: Message, name: str, item: Item) -> str:
@@ -227,11 +271,16 @@ def _identifier_key(item: Item) -> tuple[str, frozenset[tuple[str, object]]]:
     return str(item.value), frozenset(item.params)
 
 
-def signature_base(message: Message, covered: InnerList) -> bytes:
-    """The signature base for ``covered`` (the parsed Signature-Input member), or ComponentError."""
+def _value(message: Message, item: Item) -> str:
+    name: str = item.value  # type: ignore[assignment]
+    return _derived(message, name, item) if name.startswith("@") else _field(message, name, item)
+
+
+def _lines_step_by_step(message: Message, items: tuple[Item, ...]) -> list[str]:
+    """The component lines of the signature base, every check made per request (the reference)."""
     lines: list[str] = []
     seen: set[tuple[str, frozenset[tuple[str, object]]]] = set()
-    for item in covered.items:
+    for item in items:
         name = item.value
         if type(name) is not str:  # an sf-string, not a token or another type
             raise ComponentError("component identifiers must be strings")
@@ -243,11 +292,129 @@ def signature_base(message: Message, covered: InnerList) -> bytes:
         seen.add(key)
         if name == "@signature-params":
             raise ComponentError("@signature-params cannot be a covered component")
-        value = _derived(message, name, item) if name.startswith("@") else _field(message, name, item)
+        value = _value(message, item)
         if "\n" in value or "\r" in value:
             raise ComponentError(f"component {name} has a line break")
         lines.append(f"{serialize_item(item)}: {value}")
-    lines.append(f'"@signature-params": {serialize_inner_list(covered)}')
+    return lines
+
+
+def _raise(error: str) -> Callable[[Message], str]:
+    def fail(message: Message) -> str:
+        raise ComponentError(error)
+
+    return fail
+
+
+@dataclass(frozen=True, slots=True)
+class _Line:
+    """One covered component: its name, the line's start ('"@path": ') and how to get its value."""
+
+    name: str
+    start: str
+    value: Callable[[Message], str]
+
+
+@dataclass(frozen=True, slots=True)
+class CoveredComponents:
+    """A covered-components list worked out once: every check that does not depend on the message
+    (types, lower case, duplicates, parameters), each identifier serialized, each value's getter.
+
+    ``lines`` gives exactly what the step-by-step reference gives, failures included and in the same
+    order: a list that fails a static check keeps a line that raises where the reference would.
+    """
+
+    #: The serialized identifiers, or None when one cannot be serialized (a list built in code).
+    identifiers: tuple[str, ...] | None
+    #: (name, frozenset(params)) of each string-named component, for coverage requirements.
+    keys: frozenset[tuple[str, frozenset[tuple[str, object]]]]
+    _lines: tuple[_Line, ...]
+    _items: tuple[Item, ...]
+
+    @classmethod
+    def of(cls, items: tuple[Item, ...]) -> CoveredComponents:
+        keys = frozenset(_identifier_key(i) for i in items if type(i.value) is str)
+        try:
+            identifiers: tuple[str, ...] | None = tuple(serialize_item(i) for i in items)
+        except StructuredFieldError:
+            return cls(None, keys, (), items)  # lines() takes the step-by-step way
+        assert identifiers is not None
+        lines: list[_Line] = []
+        seen: set[tuple[str, frozenset[tuple[str, object]]]] = set()
+        for item, identifier in zip(items, identifiers, strict=True):
+            name = item.value
+            if type(name) is not str:
+                lines.append(_Line("", "", _raise("component identifiers must be strings")))
+                break
+            if name != name.lower() or not name:
+                lines.append(_Line(name, "", _raise(f"component name {name!r} must be lower-case")))
+                break
+            key = _identifier_key(item)
+            if key in seen:
+                lines.append(_Line(name, "", _raise(f"component {identifier} is covered twice")))
+                break
+            seen.add(key)
+            if name == "@signature-params":
+                lines.append(_Line(name, "", _raise("@signature-params cannot be a covered component")))
+                break
+            lines.append(_Line(name, identifier + ": ", _getter(name, item)))
+        return cls(identifiers, keys, tuple(lines), items)
+
+    def lines(self, message: Message) -> list[str]:
+        if self.identifiers is None:
+            return _lines_step_by_step(message, self._items)
+        out: list[str] = []
+        for line in self._lines:
+            value = line.value(message)
+            if "\n" in value or "\r" in value:
+                raise ComponentError(f"component {line.name} has a line break")
+            out.append(line.start + value)
+        return out
+
+
+def _getter(name: str, item: Item) -> Callable[[Message], str]:
+    """The value of a component whose identifier passed the static checks."""
+    if not item.params:
+        if not name.startswith("@"):
+            return functools.partial(_plain_field, name=name)
+        if name in _DERIVED_VALUES:
+            return _DERIVED_VALUES[name]
+    elif name == "@query-param" and len(item.params) == 1 and item.params[0][0] == "name":
+        query_name = item.params[0][1]
+        if isinstance(query_name, str) and not isinstance(query_name, bool):
+            return functools.partial(_query_param, name=query_name)
+    return functools.partial(_value, item=item)  # the general path: checks its parameters every time
+
+
+_COVERED_CACHE_SIZE = 256
+#: id(items) -> (items, compiled). Holding ``items`` keeps its id from being reused while cached; the
+#: parser hands out the same items tuple for the same Signature-Input text, so a client's repeated
+#: covered list is compiled once. Cleared when full (bounded, and a churning client costs no more
+#: than compiling every time).
+_COVERED: dict[int, tuple[tuple[Item, ...], CoveredComponents]] = {}
+
+
+def covered_components(items: tuple[Item, ...]) -> CoveredComponents:
+    """The compiled form of a covered-components list (remembered for the same tuple object)."""
+    entry = _COVERED.get(id(items))
+    if entry is not None and entry[0] is items:
+        return entry[1]
+    compiled = CoveredComponents.of(items)
+    if len(_COVERED) >= _COVERED_CACHE_SIZE:
+        _COVERED.clear()
+    _COVERED[id(items)] = (items, compiled)
+    return compiled
+
+
+def signature_base(message: Message, covered: InnerList, components: CoveredComponents | None = None) -> bytes:
+    """The signature base for ``covered`` (the parsed Signature-Input member), or ComponentError.
+
+    ``components`` is ``covered_components(covered.items)`` when the caller already has it.
+    """
+    if components is None:
+        components = covered_components(covered.items)
+    lines = components.lines(message)
+    lines.append('"@signature-params": ' + serialize_inner_list(covered))
     text = "\n".join(lines)
     if not text.isascii():
         raise ComponentError("signature base has non-ASCII characters (use the bs parameter for such fields)")

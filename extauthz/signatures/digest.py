@@ -21,6 +21,7 @@ __all__ = ["DIGEST_ALGORITHMS", "DigestResult", "content_digest", "verify_conten
 DIGEST_ALGORITHMS: dict[str, str] = {"sha-256": "sha256", "sha-512": "sha512"}
 
 _LIMITS = Limits(max_length=4096, max_members=16, max_params=8)
+_HASHES = {name: getattr(hashlib, constructor) for name, constructor in DIGEST_ALGORITHMS.items()}
 
 
 class DigestResult(enum.Enum):
@@ -38,14 +39,14 @@ def verify_content_digest(header: str, body: bytes, allowed: Iterable[str] = ("s
         members = parse_dictionary(header, _LIMITS)
     except StructuredFieldError:
         return DigestResult.MALFORMED
-    allowed = set(allowed)
+    allowed = allowed if isinstance(allowed, (tuple, frozenset)) else tuple(allowed)
     checked = 0
     for name, member in members:
         if isinstance(member, InnerList) or not isinstance(member.value, bytes):
             return DigestResult.MALFORMED
         if name not in allowed or name not in DIGEST_ALGORITHMS:
             continue
-        expected = hashlib.new(DIGEST_ALGORITHMS[name], body).digest()
+        expected = _HASHES[name](body).digest()
         if not hmac.compare_digest(expected, member.value):
             return DigestResult.MISMATCH
         checked += 1

@@ -10,6 +10,15 @@ and it keeps the interoperability tests honest: the independent implementation w
 Only what signatures need is modelled: Dictionaries, Lists, Inner Lists, Items and their
 Parameters, with Integer, Decimal, String, Token, Byte Sequence and Boolean bare items.
 Serialization is the canonical one of RFC 8941 section 4 (what RFC 9421 signs).
+
+Two parsers, one grammar: ``_Parser`` walks the text step by step and is the reference (it also
+reports every error, with its offset). Dictionaries -- the three fields read on every signed request
+-- first go through a regex scanner that takes whole items and parameters in single matches, reuses
+the parsed items of an inner list it has seen before (a client covers the same components on every
+request) and remembers the text of an inner list that was already canonical, so the signature base
+need not serialize it again. Whenever the scanner meets anything it does not fully handle (an
+error, a limit, an unusual form), it gives up and the reference parser runs from the start; a
+property test checks that both always agree.
 """
 
 from __future__ import annotations
@@ -17,9 +26,10 @@ from __future__ import annotations
 import base64
 import binascii
 import decimal
+import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "BareItem",
@@ -73,6 +83,9 @@ class Item:
 class InnerList:
     items: tuple[Item, ...]
     params: Params = ()
+    #: The text this list was parsed from when that text is already its canonical serialization
+    #: (set by the parser only; a list built or replaced in code has None and is serialized).
+    serialized: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def param(self, key: str, default: BareItem | None = None) -> BareItem | None:
         for name, value in self.params:
@@ -302,6 +315,182 @@ class _Parser:
         return c == "1"
 
 
+# --- the scanner: dictionaries of well-formed input in few regex matches ---------------------------------------
+
+
+def _bare_pattern(capture: bool) -> str:
+    """A bare item; with ``capture``, one group per type, in this order: number, string content
+    (escapes kept), byte sequence content, boolean digit, token. Quantifiers are possessive, so a
+    match is the one the step-by-step parser makes (no backtracking into a shorter number/token)."""
+    g = "(" if capture else "(?:"
+    return (
+        g + r"-?[0-9]++(?:\.[0-9]*+)?+)"
+        + '|"' + g + r'[ !#-\[\]-~]*+(?:\\["\\][ !#-\[\]-~]*+)*+)"'
+        + "|:" + g + r"[A-Za-z0-9+/]*+={0,2}+):"
+        + r"|\?" + g + "[01])"
+        + "|" + g + r"[A-Za-z*][A-Za-z0-9!#$%&'*+\-.^_`|~:/]*+)"
+    )
+
+
+_KEY_PATTERN = r"[a-z*][a-z0-9_\-.*]*+"
+#: One parameter: group 1 the spaces after ';', group 2 the key, groups 3-7 the value (_bare_pattern).
+#: A '=' must be followed by a bare item (else no match), so a bad value is never skipped over.
+_PARAM_RE = re.compile(r";( *+)(" + _KEY_PATTERN + r")(?:=(?:" + _bare_pattern(True) + r")|(?!=))")
+_ITEM_PATTERN = "(?:" + _bare_pattern(False) + r")(?:; *+" + _KEY_PATTERN + "(?:=(?:" + _bare_pattern(False) + "))?+)*+"
+#: An inner list up to its ')' (items are checked for separators when parsed).
+_INNER_RE = re.compile(r"\((?: |" + _ITEM_PATTERN + r")*+\)")
+#: A Dictionary member up to its parameters: group 1 the key, then either nothing (a bare key: true),
+#: groups 2-6 a bare item (_bare_pattern), or group 7 the '(' opening an inner list.
+_MEMBER_RE = re.compile("(" + _KEY_PATTERN + ")(?:=(?:" + _bare_pattern(True) + r"|(\())|(?!=))")
+_COMMA_RE = re.compile(r"[ \t]*+,[ \t]*+")
+#: The scanner takes inner lists up to this long (a Signature-Input's is a few hundred characters);
+#: longer ones, hostile or not, go to the reference parser, which stops at the first limit.
+_SCANNED_INNER_LENGTH = 1024
+
+
+class _NotSimple(Exception):
+    """The scanner leaves this text to the step-by-step parser (an error, a limit, a rare form)."""
+
+
+def _bare_value(raw: str, kind: int) -> BareItem:
+    """The value of group ``kind`` (0-4) of _bare_pattern, checked as the reference parser does."""
+    if kind == 1:  # string
+        return _UNESCAPE.sub(r"\1", raw) if "\\" in raw else raw
+    if kind == 0:
+        integral, dot, fraction = raw.lstrip("-").partition(".")
+        if not dot:
+            if len(integral) > 15:
+                raise _NotSimple
+            return int(raw)
+        if len(integral) > 12 or not fraction or len(fraction) > 3:
+            raise _NotSimple
+        return decimal.Decimal(raw)
+    if kind == 2:
+        padded = raw + "=" * (-len(raw) % 4)  # parsers should accept missing padding
+        try:
+            return binascii.a2b_base64(padded, strict_mode=True)  # what b64decode(validate=True) does
+        except (binascii.Error, ValueError):
+            raise _NotSimple from None
+    if kind == 3:
+        return raw == "1"
+    return Token(raw)
+
+
+def _scan_params(text: str, pos: int, limits: Limits) -> tuple[Params, int, bool]:
+    """(parameters, end offset, whether their text is canonical). Strings, small integers and
+    tokens -- what signature parameters are made of -- are read inline; the rest by _bare_value."""
+    if not text.startswith(";", pos):
+        return (), pos, True
+    params: list[tuple[str, BareItem]] = []
+    keys: list[str] = []
+    canonical = True
+    while True:
+        match = _PARAM_RE.match(text, pos)
+        if match is None:
+            raise _NotSimple
+        spaces, key, number, string, byte_sequence, boolean, token = match.groups()
+        if key in keys or len(keys) >= limits.max_params:
+            raise _NotSimple
+        keys.append(key)
+        value: BareItem
+        if string is not None:  # always canonical: the only escapes accepted are the canonical ones
+            value = _UNESCAPE.sub(r"\1", string) if "\\" in string else string
+        elif number is not None and len(number) <= 15 and "." not in number:
+            value = int(number)
+            if number[0] in "-0":  # "-0", "007" are not canonical
+                canonical = canonical and str(value) == number
+        elif token is not None:
+            value = Token(token)
+        elif number is None and byte_sequence is None and boolean is None:
+            value = True
+        else:
+            kind = 0 if number is not None else 2 if byte_sequence is not None else 3
+            raw: str = number if kind == 0 else byte_sequence if kind == 2 else boolean
+            value = _bare_value(raw, kind)
+            canonical = canonical and _is_canonical(value, raw, kind)
+        if spaces:
+            canonical = False
+        params.append((key, value))
+        pos = match.end()
+        if not text.startswith(";", pos):
+            return tuple(params), pos, canonical
+
+
+def _is_canonical(value: BareItem, raw: str, kind: int) -> bool:
+    """Whether a number (kind 0), byte sequence (2, ``raw`` without its colons) or boolean (3, "0"
+    or "1") parameter value was written canonically; ";a=?1" is canonically ";a"."""
+    if kind == 2:
+        return serialize_bare_item(value) == ":" + raw + ":"
+    if kind == 3:
+        return value is False
+    return serialize_bare_item(value) == raw
+
+
+@functools.lru_cache(maxsize=256)
+def _inner_items(region: str, max_items: int, max_params: int) -> tuple[tuple[Item, ...], str | None]:
+    """The items of an inner list "(...)" (without its parameters), by the reference parser, and
+    ``region`` itself when it is canonical. Remembered: clients repeat their covered components."""
+    parser = _Parser(region, Limits(len(region), 1, max_items, max_params))
+    try:
+        inner = parser.inner_list()
+    except StructuredFieldError:
+        raise _NotSimple from None
+    if not parser.at_end():
+        raise _NotSimple
+    try:
+        canonical = serialize_inner_list(inner) == region
+    except StructuredFieldError:
+        canonical = False
+    return inner.items, (region if canonical else None)
+
+
+def _scan_inner_list(text: str, pos: int, limits: Limits) -> tuple[InnerList, int]:
+    # A match cut short by the end bound can only fail, never end elsewhere: the ')' must be in view.
+    match = _INNER_RE.match(text, pos, pos + _SCANNED_INNER_LENGTH)
+    if match is None:
+        raise _NotSimple
+    items, canonical = _inner_items(match.group(), limits.max_inner_items, limits.max_params)
+    params, end, canonical_params = _scan_params(text, match.end(), limits)
+    inner = InnerList(items, params)
+    if canonical is not None and canonical_params:
+        object.__setattr__(inner, "serialized", text[pos:end])
+    return inner, end
+
+
+def _scan_dictionary(text: str, limits: Limits) -> list[tuple[str, Member]]:
+    """What _Parser.dictionary() returns for ``text`` (already stripped), or _NotSimple."""
+    members: list[tuple[str, Member]] = []
+    keys: set[str] = set()
+    pos, end = 0, len(text)
+    while pos < end:
+        match = _MEMBER_RE.match(text, pos)
+        if match is None:
+            raise _NotSimple
+        key = match.group(1)
+        if key in keys or len(keys) >= limits.max_members:
+            raise _NotSimple
+        keys.add(key)
+        kind: int = match.lastindex  # type: ignore[assignment]
+        member: Member
+        if kind == 7:  # "=(": an inner list
+            member, pos = _scan_inner_list(text, match.end() - 1, limits)
+        else:
+            value = True if kind == 1 else _bare_value(match.group(kind), kind - 2)
+            pos = match.end()
+            params: Params = ()
+            if text.startswith(";", pos):
+                params, pos, _ = _scan_params(text, pos, limits)
+            member = Item(value, params)
+        members.append((key, member))
+        if pos == end:
+            break
+        match = _COMMA_RE.match(text, pos)
+        if match is None or match.end() == end:
+            raise _NotSimple
+        pos = match.end()
+    return members
+
+
 def _done(parser: _Parser) -> None:
     if not parser.at_end():
         raise parser.fail("unexpected characters")
@@ -309,6 +498,11 @@ def _done(parser: _Parser) -> None:
 
 def parse_dictionary(text: str, limits: Limits = DEFAULT_LIMITS) -> list[tuple[str, Member]]:
     """Parse a Dictionary, keeping member order; duplicate keys are an error."""
+    if len(text) <= limits.max_length and text.isascii():
+        try:
+            return _scan_dictionary(text.strip(" "), limits)
+        except _NotSimple:
+            pass  # the reference parser decides, and explains any error
     parser = _Parser(text, limits)
     result = parser.dictionary()
     _done(parser)
@@ -394,6 +588,8 @@ def serialize_item(item: Item) -> str:
 
 
 def serialize_inner_list(inner: InnerList) -> str:
+    if inner.serialized is not None:
+        return inner.serialized
     return "(" + " ".join(serialize_item(i) for i in inner.items) + ")" + serialize_params(inner.params)
 
 

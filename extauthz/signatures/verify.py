@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from extauthz.signatures.algorithms import VerificationKey
-from extauthz.signatures.base import ComponentError, Message, signature_base
+from extauthz.signatures.base import ComponentError, Message, covered_components, signature_base
 from extauthz.signatures.digest import DigestResult, verify_content_digest
 from extauthz.signatures.keys import KeySet
 from extauthz.signatures.sf import (
@@ -53,6 +53,8 @@ class SignatureFailure(Exception):
         self.status = status
 
 
+_CONTENT_DIGEST = ("content-digest", frozenset())
+
 # Stages: how far a candidate got, to report the most informative failure when several fail.
 _PARSE, _SELECT, _PARAMS, _COVERAGE, _KEY, _BASE, _CRYPTO, _DIGEST = range(8)
 
@@ -76,6 +78,17 @@ class Requirements:
     digest_algorithms: tuple[str, ...] = ("sha-256", "sha-512")
     #: Key ids this policy trusts (empty: every key of the folder).
     key_ids: frozenset[str] = frozenset()
+    #: Identities of ``components`` and of ``components`` + ``body_components``, worked out here, at
+    #: policy load, for the per-request coverage test (also after dataclasses.replace).
+    required_keys: frozenset[tuple[str, frozenset[tuple[str, object]]]] = field(
+        init=False, repr=False, compare=False)
+    required_keys_with_body: frozenset[tuple[str, frozenset[tuple[str, object]]]] = field(
+        init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "required_keys", frozenset(_key(c) for c in self.components))
+        object.__setattr__(self, "required_keys_with_body",
+                           self.required_keys | frozenset(_key(c) for c in self.body_components))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +104,8 @@ class Verified:
     @property
     def covered(self) -> tuple[str, ...]:
         """Serialized covered component identifiers, for logs and explain."""
-        return tuple(serialize_item(i) for i in self.inner.items)
+        identifiers = covered_components(self.inner.items).identifiers
+        return identifiers if identifiers is not None else tuple(serialize_item(i) for i in self.inner.items)
 
 
 def component_identifier(text: str) -> Item:
@@ -138,22 +152,18 @@ def _dictionary(headers: dict[str, str] | object, name: str) -> dict[str, InnerL
     return dict(members)
 
 
-def _int_param(inner: InnerList, name: str) -> int | None:
-    value = inner.param(name)
-    if value is None:
-        return None
-    if type(value) is not int or value < 0:
-        raise SignatureFailure("signature_params_invalid", f"{name} must be a non-negative integer", _PARAMS)
-    return value
-
-
-def _str_param(inner: InnerList, name: str) -> str | None:
-    value = inner.param(name)
-    if value is None:
-        return None
-    if type(value) is not str:
-        raise SignatureFailure("signature_params_invalid", f"{name} must be a string", _PARAMS)
-    return value
+def _signature_params(inner: InnerList) -> dict[str, object]:
+    """The signature's parameters by name, once the known ones are checked for their types."""
+    params = dict(reversed(inner.params))  # the first of a repeated name counts, as with InnerList.param
+    for name in ("created", "expires"):
+        value = params.get(name)
+        if value is not None and (type(value) is not int or value < 0):  # type: ignore[operator]
+            raise SignatureFailure("signature_params_invalid", f"{name} must be a non-negative integer", _PARAMS)
+    for name in ("nonce", "alg", "keyid", "tag"):
+        value = params.get(name)
+        if value is not None and type(value) is not str:
+            raise SignatureFailure("signature_params_invalid", f"{name} must be a string", _PARAMS)
+    return params
 
 
 def _check_one(
@@ -168,12 +178,13 @@ def _check_one(
     requirements: Requirements,
     now: float,
 ) -> Verified:
-    created = _int_param(inner, "created")
-    expires = _int_param(inner, "expires")
-    nonce = _str_param(inner, "nonce")
-    alg = _str_param(inner, "alg")
-    key_id = _str_param(inner, "keyid")
-    tag = _str_param(inner, "tag")
+    params = _signature_params(inner)
+    created: int | None = params.get("created")  # type: ignore[assignment]
+    expires: int | None = params.get("expires")  # type: ignore[assignment]
+    nonce: str | None = params.get("nonce")  # type: ignore[assignment]
+    alg: str | None = params.get("alg")  # type: ignore[assignment]
+    key_id: str | None = params.get("keyid")  # type: ignore[assignment]
+    tag: str | None = params.get("tag")  # type: ignore[assignment]
     if created is None:
         raise SignatureFailure("signature_params_invalid", "created is required", _PARAMS)
     if key_id is None:
@@ -192,12 +203,13 @@ def _check_one(
     if expires is not None and now > expires + skew:
         raise SignatureFailure("signature_expired", "the signature has expired", _PARAMS)
 
-    covered = {_key(i) for i in inner.items if type(i.value) is str}
-    wanted = list(requirements.components)
-    if has_content:
-        wanted += requirements.body_components
-    missing = [serialize_item(c) for c in wanted if _key(c) not in covered]
-    if missing:
+    components = covered_components(inner.items)
+    covered = components.keys
+    if not (requirements.required_keys_with_body if has_content else requirements.required_keys) <= covered:
+        wanted = list(requirements.components)
+        if has_content:
+            wanted += requirements.body_components
+        missing = [serialize_item(c) for c in wanted if _key(c) not in covered]
         raise SignatureFailure("signature_coverage_insufficient",
                                f"the signature must cover {', '.join(missing)}", _COVERAGE)
 
@@ -214,14 +226,14 @@ def _check_one(
         raise SignatureFailure("signature_malformed", f"Signature has no byte sequence for label {label!r}", _KEY)
 
     try:
-        base = signature_base(message, inner)
+        base = signature_base(message, inner, components)
     except ComponentError as exc:
         reason = "signature_component_missing" if exc.missing else "signature_component_invalid"
         raise SignatureFailure(reason, str(exc), _BASE) from None
     if not key.verify(base, signature.value):
         raise SignatureFailure("signature_invalid", "the signature does not verify", _CRYPTO)
 
-    if ("content-digest", frozenset()) in covered:
+    if _CONTENT_DIGEST in covered:
         if partial_body:
             raise SignatureFailure("body_truncated", "the body was cut at the proxy's buffer limit, so its digest "
                                    "cannot be checked", _DIGEST, status=413)

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import rfc9421_vectors as rfc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from extauthz.signatures.base import ComponentError, Message, signature_base
+from extauthz.signatures.base import (
+    ComponentError,
+    CoveredComponents,
+    Message,
+    _lines_step_by_step,
+    covered_components,
+    signature_base,
+)
 from extauthz.signatures.keys import KeyFolder, load_key_set
-from extauthz.signatures.sf import parse_dictionary
+from extauthz.signatures.sf import Item, StructuredFieldError, Token, parse_dictionary
 
 
 def test_rfc_keys_load_with_algorithms_and_owner(rfc_key_folder: Path) -> None:
@@ -159,3 +170,44 @@ def test_non_ascii_and_line_breaks_are_refused() -> None:
     with pytest.raises(ComponentError):
         _base('"x"', Message(fields={"x": "caf\u00e9"}))
     assert _base('"x";bs', Message(fields={"x": "caf\u00e9"})) == '"x";bs: :Y2Fm6Q==:'
+
+
+# --- compiled covered-components lists against the step-by-step reference ----------------------------------------
+
+_NAMES = st.sampled_from([
+    "@method", "@authority", "@scheme", "@target-uri", "@request-target", "@path", "@query", "@query-param",
+    "@status", "@signature-params", "@nope", "example-dict", "x-empty", "x-ows", "x-absent", "x-lines", "x-break",
+    "x-cafe", "X-Upper", "", "bad\x01",
+])
+_PARAMS = st.sampled_from([
+    (), (("sf", True),), (("key", "a"),), (("key", "zz"),), (("key", 1),), (("bs", True),), (("req", True),),
+    (("tr", True),), (("name", "var"),), (("name", "dup"),), (("name", "nope"),), (("name", 1),),
+    (("bs", True), ("sf", True)), (("x", True), ("y", True)), (("y", True), ("x", True)),
+])
+_ITEMS = st.lists(st.builds(Item, st.one_of(_NAMES, _NAMES.map(Token), st.just(5)), _PARAMS), max_size=6).map(tuple)
+_BASE_MESSAGE = dataclasses.replace(MSG, fields={**MSG.fields, "x-lines": "a,b", "x-break": "a\r\nb", "x-cafe": "caf\u00e9"},
+                                    field_lines={"x-lines": (" a ", "b\t")})
+
+
+def _lines_outcome(lines: Callable[[], list[str]]) -> tuple[object, ...]:
+    try:
+        return ("ok", lines())
+    except ComponentError as exc:
+        return ("component", str(exc), exc.missing)
+    except StructuredFieldError as exc:
+        return ("sf", str(exc))
+
+
+@settings(max_examples=400, deadline=None)
+@given(_ITEMS, st.sampled_from([_BASE_MESSAGE, Message(), Message(target="/x?dup=1&dup=2", status=200)]))
+def test_compiled_components_give_what_the_reference_gives(items: tuple[Item, ...], message: Message) -> None:
+    compiled = CoveredComponents.of(items)
+    assert _lines_outcome(lambda: compiled.lines(message)) == _lines_outcome(
+        lambda: _lines_step_by_step(message, items))
+    assert compiled.keys == {(str(i.value), frozenset(i.params)) for i in items if type(i.value) is str}
+
+
+def test_covered_components_are_compiled_once_per_items_tuple() -> None:
+    ((_, inner),) = parse_dictionary('s=("@method" "@path");created=1')
+    assert covered_components(inner.items) is covered_components(inner.items)  # type: ignore[union-attr]
+    assert covered_components(inner.items).identifiers == ('"@method"', '"@path"')  # type: ignore[union-attr]

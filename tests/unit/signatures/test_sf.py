@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import decimal
 
 import http_sf
@@ -9,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extauthz.signatures import sf
 from extauthz.signatures.sf import (
     InnerList,
     Item,
@@ -19,6 +22,7 @@ from extauthz.signatures.sf import (
     parse_item,
     parse_list,
     serialize_dictionary,
+    serialize_inner_list,
 )
 
 
@@ -89,3 +93,92 @@ def test_our_serialization_round_trips_and_http_sf_agrees(members) -> None:
     assert serialize_dictionary(parse_dictionary(text)) == text
     # An independent implementation reads the same structure and writes the same text.
     assert http_sf.ser(http_sf.parse(text.encode(), tltype="dictionary")) == text
+
+
+# --- the scanner (parse_dictionary's fast path) against the step-by-step reference parser --------------------
+
+_SMALL = Limits(max_length=96, max_members=2, max_inner_items=2, max_params=2)
+_NOISE = st.sampled_from([
+    *' \t"();=,:?*-.\\/+0129aAz', "?1", "?0", ";a", "=(", '"x"', ":aGk:", ":aGk=:", ":aGl=:", "00", "-0", "1.50",
+    ", ", "  ", ";created=1", ";a=?1", "; b", "( ", " )", "=", "é",
+])
+
+
+@st.composite
+def _texts(draw: st.DrawFn) -> str:
+    """A serialized Dictionary, then a few random insertions, deletions and replacements."""
+    text = serialize_dictionary(draw(_dicts))
+    for _ in range(draw(st.integers(0, 3))):
+        op, i, noise = draw(st.sampled_from("idr")), draw(st.integers(0, len(text))), draw(_NOISE)
+        text = text[:i] + (noise if op != "d" else "") + text[i + (op != "i") :]
+    return text
+
+
+def _typed(value: object) -> object:
+    """Structure with the type of every value made explicit (True == 1 in Python, not here)."""
+    if isinstance(value, InnerList):
+        return ("inner", [_typed(i) for i in value.items], _typed(value.params))
+    if isinstance(value, Item):
+        return ("item", _typed(value.value), _typed(value.params))
+    if isinstance(value, list | tuple):
+        return [_typed(v) for v in value]
+    return (type(value).__name__, value)
+
+
+def _reference(text: str, limits: Limits) -> list:
+    parser = sf._Parser(text, limits)
+    result = parser.dictionary()
+    sf._done(parser)
+    return result
+
+
+def _outcome(parse, text: str, limits: Limits) -> tuple[str, object]:
+    try:
+        return "ok", _typed(parse(text, limits))
+    except StructuredFieldError as exc:
+        return "error", str(exc)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_texts(), st.sampled_from([sf.DEFAULT_LIMITS, _SMALL]))
+def test_scanner_and_reference_parser_agree(text: str, limits: Limits) -> None:
+    assert _outcome(parse_dictionary, text, limits) == _outcome(_reference, text, limits)
+    with contextlib.suppress(StructuredFieldError):
+        members = parse_dictionary(text, limits)
+        canonical_text = text == serialize_dictionary(members)
+        for _, member in members:
+            if isinstance(member, InnerList):
+                fresh = serialize_inner_list(InnerList(member.items, member.params))
+                # The kept text is always the canonical one, and canonical input is always kept.
+                assert member.serialized in ((fresh, None) if not canonical_text else (fresh,))
+
+
+@pytest.mark.parametrize("text", [
+    'sig1=( "@method" "@path");created=1', 'sig1=("@method"  "@path");created=1', 'sig1=("@method" );created=1',
+    'sig1=("@method");created=01', 'sig1=("@method");created=-0', 'sig1=("@method");x=1.50',
+    'sig1=("@method");x=?1', 'sig1=("@method"); created=1', 'sig1=("@method");b=:aGk:', 'sig1=("@method";sf=?1)',
+    'sig1=("@method");b=:aGl=:',
+])
+def test_non_canonical_inner_lists_are_reserialized(text: str) -> None:
+    ((_, inner),) = parse_dictionary(text)
+    assert isinstance(inner, InnerList) and inner.serialized is None
+    canonical = serialize_inner_list(inner)
+    assert canonical != text[5:]
+    assert http_sf.ser(http_sf.parse(f"sig1={canonical}".encode(), tltype="dictionary")) == f"sig1={canonical}"
+
+
+def test_canonical_inner_list_keeps_its_text_until_changed_in_code() -> None:
+    text = '("@method" "x";key="a" "y";sf);created=1;nonce="n \\"q\\"";keyid="k";b=:aGk=:;f=?0;t=tok'
+    ((_, inner),) = parse_dictionary("sig1=" + text)
+    assert isinstance(inner, InnerList) and inner.serialized == text
+    assert serialize_inner_list(inner) == text
+    changed = dataclasses.replace(inner, params=(("created", 2),))
+    assert changed.serialized is None and serialize_inner_list(changed) == '("@method" "x";key="a" "y";sf);created=2'
+    assert changed == InnerList(inner.items, (("created", 2),))
+
+
+def test_same_covered_text_gives_the_same_items() -> None:
+    """The scanner remembers the items of an inner list it has seen (the signature base relies on it)."""
+    ((_, a),) = parse_dictionary('sig1=("@method" "@path");created=1;keyid="a"')
+    ((_, b),) = parse_dictionary('sig1=("@method" "@path");created=2;keyid="b"')
+    assert a.items is b.items  # type: ignore[union-attr]
