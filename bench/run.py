@@ -10,6 +10,11 @@ Scenarios (each gets its own Envoy, --concurrency 1, no access log; all answer w
   (b) allow-all   Envoy + ext_authz -> bench/allow_all_server.py (minimal grpc.aio Check, always OK)
   (c) extauthz    Envoy + ext_authz -> the real sidecar serving --policies (same command as the e2e
                   fixture); more sidecar scenarios are entries in SIDECAR_SCENARIOS (see --list).
+  (b:NAME)        allow-all again, sent exactly the request of sidecar scenario NAME (method, path, host,
+                  headers, body) when that request is not the default one (e.g. hmac: a signed POST with
+                  a body, which Envoy buffers and sends in a bigger CheckRequest).
+Every ext_authz Envoy (allow-all and sidecars) is rendered from the same settings, with_request_body
+included, and the harness checks that their ext_authz filters are identical before measuring.
 
 Modes (same load generator for every scenario, scenarios alternate, median over --rounds):
   throughput  closed loop, --connections keep-alive connections, --duration s after --warmup s;
@@ -17,8 +22,10 @@ Modes (same load generator for every scenario, scenarios alternate, median over 
   rate        open loop at --rate req/s (Python asyncio, keep-alive connections, latency measured
               from the scheduled send time, so queueing shows up in p99).
 
-Output: a table with req/s, p50, p99, non-2xx/errors and the ratios to (b) allow-all per row; the
-ratio row of (c) is the sidecar's overhead relative to the cheapest possible gRPC authz server.
+Output: a table with req/s, p50, p99, non-2xx/errors and, per row, the ratios to the allow-all baseline
+that received the same request (column "vs": (b) for the default request, (b:NAME) otherwise); the ratio
+of a sidecar row is its overhead relative to the cheapest possible gRPC authz server doing the same
+request. Baseline rows (b:NAME) are compared with (b): the cost of the bigger request itself.
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
 }
 
 DIRECT, ALLOW_ALL = "direct", "allow-all"
+DEFAULT_REQUEST = "default"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,6 +317,12 @@ class Target:
     label: str
     envoy: _procs.EnvoyProcess
     request: RequestSpec
+    #: "default", or the sidecar scenario whose request this is (a key of the request legend).
+    request_name: str = DEFAULT_REQUEST
+    #: The target whose numbers this row's ratios divide by (None: no ratios).
+    baseline: str | None = None
+    #: "direct", "baseline" or "sidecar".
+    kind: str = "sidecar"
 
 
 def _request_for(args: argparse.Namespace, overrides: Mapping[str, object] | None = None) -> RequestSpec:
@@ -357,18 +371,47 @@ def _probe(target: Target) -> str | None:
     return None
 
 
+def _authz_filter(config: dict) -> dict | None:
+    """The ext_authz HTTP filter's typed_config of a rendered bootstrap (None: no such filter)."""
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener.get("filter_chains", ()):
+            for network_filter in chain.get("filters", ()):
+                for http_filter in network_filter.get("typed_config", {}).get("http_filters", ()):
+                    if http_filter["name"] == "envoy.filters.http.ext_authz":
+                        return http_filter["typed_config"]
+    return None
+
+
+def _check_same_authz_filters(targets: list[Target]) -> dict:
+    """Every ext_authz Envoy must carry the same filter settings (with_request_body, timeout, ...), or
+    the comparison with allow-all would measure a configuration difference. Returns those settings."""
+    filters = {t.envoy.config_path: _authz_filter(t.envoy.config) for t in targets if t.kind != "direct"}
+    reference = next(iter(filters.values()))
+    differing = [str(path) for path, f in filters.items() if f != reference]
+    if reference is None or differing:
+        raise SystemExit(f"ext_authz filter settings differ between Envoys ({', '.join(differing)}): not comparable")
+    return reference
+
+
 def _start_targets(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: Path) -> list[Target]:
+    """(a), (b), then one same-request allow-all baseline per distinct non-default sidecar request, then
+    the sidecars. Every ext_authz Envoy comes from envoy_for, so their ext_authz settings are identical."""
+
     def envoy_for(name: str, ext_authz: str | None) -> _procs.EnvoyProcess:
         cfg = _procs.render_envoy_bootstrap(ext_authz=ext_authz, upstream_port=None, access_log=False)
         envoy = _procs.start_envoy(cfg, workdir / name, name=f"envoy-{name}", log_level="warning")
         stack.callback(envoy.stop)
         return envoy
 
-    targets = [Target(DIRECT, "(a) direct", envoy_for(DIRECT, None), _request_for(args))]
+    default_request = _request_for(args)
+    targets = [Target(DIRECT, "(a) direct", envoy_for(DIRECT, None), default_request, baseline=ALLOW_ALL,
+                      kind="direct")]
     allow_all = _procs.start_allow_all(workdir / ALLOW_ALL)
     stack.callback(allow_all.stop)
     allow_all_envoy = envoy_for(ALLOW_ALL, allow_all.target)
-    targets.append(Target(ALLOW_ALL, "(b) allow-all", allow_all_envoy, _request_for(args)))
+    targets.append(Target(ALLOW_ALL, "(b) allow-all", allow_all_envoy, default_request, kind="baseline"))
+    baselines: dict[bytes, Target] = {default_request.raw(): targets[-1]}
+    sidecars: list[Target] = []
 
     wanted = args.scenario or ["extauthz"]
     available, why = _procs.extauthz_available()
@@ -398,8 +441,16 @@ def _start_targets(args: argparse.Namespace, stack: contextlib.ExitStack, workdi
         fields["headers"] = {**sc.headers, **overrides.get("headers", {})}
         fields.update({k: overrides[k] for k in ("method", "path", "host", "body") if k in overrides})
         label = f"({chr(ord('c') + i)}) {name}"
-        targets.append(Target(name, label, envoy_for(name, sidecar.target), _request_for(args, fields)))
-    return targets
+        request = _request_for(args, fields)
+        baseline = baselines.get(request.raw())
+        if baseline is None:  # the same allow-all Envoy and server, sent exactly this scenario's request
+            baseline = Target(f"{ALLOW_ALL}:{name}", f"(b:{name}) allow-all", allow_all_envoy, request,
+                              request_name=name, baseline=ALLOW_ALL, kind="baseline")
+            baselines[request.raw()] = baseline
+            targets.append(baseline)
+        sidecars.append(Target(name, label, envoy_for(name, sidecar.target), request,
+                               request_name=baseline.request_name, baseline=baseline.name))
+    return targets + sidecars
 
 
 def _measure(args: argparse.Namespace, mode: str, target: Target, workdir: Path) -> Result:
@@ -432,20 +483,42 @@ def _ratio(x: float, base: float) -> str:
     return f"{x / base:.2f}x" if base else "-"
 
 
+def _short(label: str) -> str:
+    return label.split(" ", 1)[0]
+
+
+def _describe(req: RequestSpec) -> str:
+    headers = f"{len(req.headers)} header{'s' if len(req.headers) != 1 else ''}" if req.headers else "no headers"
+    body = f"{len(req.body)} B body" if req.body else "no body"
+    return f"{req.method} {req.path} (Host {req.host}), {headers}, {body}"
+
+
 def _table(mode: str, targets: list[Target], med: dict[str, Result], rounds: int) -> str:
-    base = med.get(ALLOW_ALL)
-    head = (f"{'scenario':<22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'bad':>6}   "
-            f"{'req/s/(b)':>9} {'p50/(b)':>8} {'p99/(b)':>8}")  # fmt: skip
+    labels = {t.name: t.label for t in targets}
+    width = max(22, *(len(t.label) for t in targets))
+    rwidth = max(8, *(len(t.request_name) for t in targets))
+    vwidth = max(4, *(len(_short(t.label)) for t in targets))
+    head = (f"{'scenario':<{width}} {'request':<{rwidth}} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'bad':>6}   "
+            f"{'vs':<{vwidth}} {'req/s/vs':>9} {'p50/vs':>8} {'p99/vs':>8}")  # fmt: skip
     out = [f"== {mode}: median of {rounds} round(s) ==", head, "-" * len(head)]
     for t in targets:
         r = med[t.name]
-        ratios = ("", "", "")
-        if base is not None:
+        base = med.get(t.baseline) if t.baseline else None
+        vs, ratios = "", ("", "", "")
+        if base is not None and t.baseline is not None:
+            vs = _short(labels[t.baseline])
             ratios = (_ratio(r.rps, base.rps), _ratio(r.p50_ms, base.p50_ms), _ratio(r.p99_ms, base.p99_ms))
         out.append(
-            f"{t.label:<22} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.bad:>6}   "
-            f"{ratios[0]:>9} {ratios[1]:>8} {ratios[2]:>8}"
+            f"{t.label:<{width}} {t.request_name:<{rwidth}} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
+            f"{r.bad:>6}   {vs:<{vwidth}} {ratios[0]:>9} {ratios[1]:>8} {ratios[2]:>8}"
         )
+    requests: dict[str, RequestSpec] = {}
+    for t in targets:
+        requests.setdefault(t.request_name, t.request)
+    out.append("requests: " + "\n          ".join(f"{n:<{rwidth}} {_describe(q)}" for n, q in requests.items()))
+    if len(requests) > 1:
+        out.append("vs: each sidecar row is divided by the allow-all row that received the same request;"
+                   " (b:NAME) rows by (b)")
     return "\n".join(out)
 
 
@@ -540,6 +613,12 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         try:
             targets = _start_targets(args, stack, workdir)
+            authz = _check_same_authz_filters(targets)
+            body = authz.get("with_request_body", {})
+            print("ext_authz filter, identical in every ext_authz Envoy (allow-all and sidecars): with_request_body "
+                  + ", ".join(f"{k}={v}" for k, v in body.items()) + f"; timeout {authz['grpc_service'].get('timeout')}")
+            report["targets"] = {t.name: {"label": t.label, "request": t.request_name, "vs": t.baseline,
+                                          "describe": _describe(t.request)} for t in targets}
             for t in targets:
                 warning = _probe(t)
                 if warning:
@@ -553,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
                         r = _measure(args, mode, t, workdir)
                         raw[t.name].append(r)
                         print(
-                            f"  [{mode} round {rnd + 1}/{args.rounds}] {t.label:<20} {r.rps:>8.0f} req/s  "
+                            f"  [{mode} round {rnd + 1}/{args.rounds}] {t.label:<24} {r.rps:>8.0f} req/s  "
                             f"p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:7.2f} ms  bad {r.bad}",
                             flush=True,
                         )
@@ -569,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             print()
             print("\n\n".join(tables))
-            if not any(t.name not in (DIRECT, ALLOW_ALL) for t in targets):
+            if not any(t.kind == "sidecar" for t in targets):
                 print("\n(sidecar scenario(s) skipped — see the message above)")
         except BaseException:
             failed = True
