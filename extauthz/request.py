@@ -172,11 +172,24 @@ class Request:
     context_extensions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     #: metadata_context.filter_metadata as plain dicts.
     metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
-    #: Query parameters: first value per name; ``query_all`` keeps every value.
-    query: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
-    query_all: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _EMPTY)
     #: Headers whose value is not valid text, by name; only filled from Envoy's raw header_map.
     raw_headers: Mapping[str, bytes] = field(default_factory=lambda: _EMPTY)
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        """Query parameters, first value per name. Parsed when read: most policies never do."""
+        first: dict[str, str] = {}
+        for name, value in _query_pairs(self.raw_query):
+            first.setdefault(name, value)
+        return first
+
+    @property
+    def query_all(self) -> Mapping[str, tuple[str, ...]]:
+        """Query parameters with every value, in order."""
+        every: dict[str, list[str]] = {}
+        for name, value in _query_pairs(self.raw_query):
+            every.setdefault(name, []).append(value)
+        return {name: tuple(values) for name, values in every.items()}
 
     @property
     def time(self) -> datetime.datetime | None:
@@ -190,6 +203,10 @@ class Request:
             return self.body.decode("utf-8")
         except UnicodeDecodeError:
             return None
+
+
+def _query_pairs(raw_query: str) -> list[tuple[str, str]]:
+    return parse_qsl(raw_query, keep_blank_values=True) if raw_query else []
 
 
 def _peer(msg: attribute_context_pb2.AttributeContext.Peer) -> Peer:
@@ -267,18 +284,6 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
     else:
         body = b""
 
-    query: Mapping[str, str] = _EMPTY
-    query_all: Mapping[str, tuple[str, ...]] = _EMPTY
-    if raw_query:
-        pairs = parse_qsl(raw_query, keep_blank_values=True)
-        first: dict[str, str] = {}
-        every: dict[str, list[str]] = {}
-        for name, value in pairs:
-            first.setdefault(name, value)
-            every.setdefault(name, []).append(value)
-        query = first
-        query_all = {name: tuple(values) for name, values in every.items()}
-
     metadata: Mapping[str, Any] = _EMPTY
     if attrs.metadata_context.filter_metadata:
         metadata = {
@@ -309,7 +314,5 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
         sni=attrs.tls_session.sni,
         context_extensions=dict(attrs.context_extensions) if attrs.context_extensions else _EMPTY,
         metadata=metadata,
-        query=query,
-        query_all=query_all,
         raw_headers=raw_headers or _EMPTY,
     )

@@ -42,6 +42,7 @@ from extauthz.signatures.verify import (
 )
 from extauthz.signatures.webhook import PRESETS, WebhookScheme
 from extauthz.stores import Store, store_for
+from extauthz.stores.memory import MemoryStore
 
 log = logging.getLogger("extauthz.signature")
 
@@ -101,6 +102,8 @@ class SignatureCheck:
         self.webhook = webhook
         self.reject_replays = reject_replays
         self.key_owner = key_owner
+        # Only a shared (network) nonce store makes this check wait; the in-process one never does.
+        self.may_wait = reject_replays and not isinstance(store, MemoryStore)
         self.clock: Callable[[], float] = time.time
         if requirements is not None:
             self._challenge = {body: self._challenge_headers(requirements, body) for body in (False, True)}
