@@ -310,83 +310,121 @@ class _Call:
 
 
 class _Pipeliner:
-    """Sends the commands issued during one event-loop turn as one pipelined round trip.
+    """Writes commands to Redis in batches over a few long-lived connections ("lanes").
 
-    The deadline is per batch (one timer instead of one per request): a caller waits at most one
-    loop turn plus ``timeout``, connection checkout included.
+    Each lane is a task that owns one connection: it takes every pending command, writes them in
+    one go, reads the replies, and comes back for more. While the lanes are busy, new commands
+    wait and leave together in the next batch, so under load the cost of a round trip (a write,
+    a wake-up, the connection's bookkeeping) is shared by many requests, and with little load a
+    command leaves at once. A request therefore waits at most one round trip before its own.
+
+    The deadline is per batch (one timer instead of one per request).
     """
 
-    def __init__(self, client: Any, timeout: float, *, cluster: bool, max_batch: int = 512) -> None:
+    def __init__(self, client: Any, timeout: float, *, cluster: bool, lanes: int = 2, max_batch: int = 256) -> None:
         self.client = client
         self.timeout = timeout
         self.cluster = cluster
+        self.lanes = lanes
         self.max_batch = max_batch
         self._pending: list[_Call] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Lanes waiting for work, each as the future that wakes it.
+        self._idle: list[asyncio.Future[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Batches and commands sent (diagnostics: commands per batch shows how much is shared).
+        self.batches = 0
+        self.commands = 0
 
     def submit(self, args: tuple[Any, ...], fallback: tuple[Any, ...] | None = None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._start_lanes(loop)
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append(_Call(args, future, fallback))
-        if len(self._pending) == 1:
-            task = loop.create_task(self._flush())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        while self._idle:
+            waiter = self._idle.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
         return future
 
-    async def _flush(self) -> None:
-        # Runs on the next loop turn: every call submitted until then goes in this batch.
-        pending, self._pending = self._pending, []
-        size = self.max_batch
-        if len(pending) <= size:
-            await self._send(pending)
-        else:
-            await asyncio.gather(*(self._send(pending[i : i + size]) for i in range(0, len(pending), size)))
+    def _start_lanes(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not None and not self.cluster:
+            # Another event loop (tests, or a restarted one): connections of the old one are unusable.
+            self.client.connection_pool.reset()
+        self._loop = loop
+        self._idle = []
+        self._tasks = [loop.create_task(self._lane(), name=f"redis-lane-{i}") for i in range(self.lanes)]
 
-    async def _send(self, batch: list[_Call]) -> None:
+    async def _lane(self) -> None:
+        connection: Any = None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while not self._pending:
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    self._idle.append(waiter)
+                    await waiter
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                connection = await self._send(batch, connection)
+        finally:
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+                with contextlib.suppress(Exception):
+                    await self.client.connection_pool.release(connection)
+
+    async def _send(self, batch: list[_Call], connection: Any) -> Any:
+        """Send one batch and resolve its futures; returns the lane's connection (None: none yet)."""
+        self.batches += 1
+        self.commands += len(batch)
         try:
             async with asyncio.timeout(self.timeout):
-                replies = await self._execute([call.args for call in batch])
-            retry = [
-                i
-                for i, reply in enumerate(replies)
-                if isinstance(reply, redis_errors.NoScriptError) and batch[i].fallback is not None
-            ]
-            if retry:
-                async with asyncio.timeout(self.timeout):
-                    again = await self._execute([batch[i].fallback for i in retry])  # type: ignore[misc]
-                for i, reply in zip(retry, again, strict=True):
-                    replies[i] = reply
-        except BaseException as exc:
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(exc if isinstance(exc, Exception) else StoreError("cancelled"))
-            if not isinstance(exc, Exception):
-                raise
-            return
+                if connection is None and not self.cluster:
+                    # Inside the deadline: connecting includes a handshake that a dead server never answers.
+                    connection = await self.client.connection_pool.get_connection()
+                replies = await self._execute([call.args for call in batch], connection)
+                retry = [
+                    i
+                    for i, reply in enumerate(replies)
+                    if isinstance(reply, redis_errors.NoScriptError) and batch[i].fallback is not None
+                ]
+                if retry:
+                    again = await self._execute([batch[i].fallback for i in retry], connection)  # type: ignore[misc]
+                    for i, reply in zip(retry, again, strict=True):
+                        replies[i] = reply
+        except Exception as exc:
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()  # out of step with the server now; reconnects when next used
+            _fail(batch, exc)
+            return connection
+        except BaseException:  # the lane is cancelled (the store closes): nobody may wait forever
+            _fail(batch, StoreError("the store is closed"))
+            raise
         for call, reply in zip(batch, replies, strict=True):
             if call.future.done():
-                continue  # the caller gave up (timeout)
+                continue  # the caller gave up
             if isinstance(reply, Exception):
                 call.future.set_exception(reply)
             else:
                 call.future.set_result(reply)
+        return connection
 
-    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _execute(self, commands: list[tuple[Any, ...]], connection: Any) -> list[Any]:
         """One reply per command, in order; an error reply (e.g. NOSCRIPT) is returned, not raised."""
         if self.cluster:
             pipe = self.client.pipeline(transaction=False)
             for args in commands:
                 pipe.execute_command(*args)
             return list(await pipe.execute(raise_on_error=False))
-        # One connection, one write, then the replies: redis-py's connection and (hiredis) parser
-        # without its Pipeline objects, which cost more than the round trip itself.
-        pool = self.client.connection_pool
+        # One write, then the replies: redis-py's connection and (hiredis) parser without its
+        # Pipeline objects, which cost more than the round trip itself.
         payload = b"".join(_pack(args) for args in commands)
         for attempt in (1, 2):
-            connection = await pool.get_connection()
             try:
-                await connection.send_packed_command(payload, check_health=False)
+                await connection.send_packed_command(payload, check_health=False)  # connects if needed
                 replies: list[Any] = []
                 for _ in commands:
                     try:
@@ -399,20 +437,24 @@ class _Pipeliner:
                 await connection.disconnect()
                 if attempt == 2:
                     raise
-                # A pooled connection to a Redis that restarted: once more on a fresh one.
-            except BaseException:
-                await connection.disconnect()  # out of step with the server now
-                raise
-            finally:
-                await pool.release(connection)
+                # The connection was to a Redis that restarted since: once more on a fresh one.
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
+        for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+        _fail(self._pending, StoreError("the store is closed"))
+        self._pending = []
+
+
+def _fail(batch: list[_Call], exc: Exception) -> None:
+    for call in batch:
+        if not call.future.done():
+            call.future.set_exception(exc)
 
 
 class RedisStore:
@@ -444,7 +486,9 @@ class RedisStore:
     def _connection_kwargs(self) -> dict[str, Any]:
         s = self.settings
         kwargs: dict[str, Any] = {
-            "socket_timeout": s.timeout,
+            # Deadlines are ours (one per batch, and the probe's): a socket timeout would add a
+            # task per write (redis-py wraps sends in wait_for) for nothing.
+            "socket_timeout": None,
             "socket_connect_timeout": s.timeout,
             # One immediate retry on a fresh connection: pooled ones are dead after a Redis restart.
             "retry": Retry(NoBackoff(), 1),
