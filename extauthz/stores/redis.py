@@ -522,11 +522,9 @@ class RedisStore:
         if s.mode == "sentinel":
             if s.tls:
                 kwargs["ssl"] = True
-            sentinel_kwargs = {
-                k: v
-                for k, v in kwargs.items()
-                if k.startswith("ssl") or k in ("socket_timeout", "socket_connect_timeout")
-            }
+            sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("ssl") or k == "socket_connect_timeout"}
+            # Sentinels are asked only when connecting: a timeout lets a dead one be skipped for the next.
+            sentinel_kwargs["socket_timeout"] = s.timeout
             sentinel = Sentinel(list(s.hosts), sentinel_kwargs=sentinel_kwargs, db=s.db, **kwargs)
             return sentinel.master_for(s.service, redis_class=Redis, max_connections=s.max_connections)
         connection_class: type[Connection] | type[UnixDomainSocketConnection]
