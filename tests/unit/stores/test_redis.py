@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redisd import make_tls_files
+from redisd import free_port, make_tls_files
 
 from extauthz.stores import Charge, StoreConfigError, StoreError
 from extauthz.stores.memory import MemoryStore
@@ -296,8 +296,10 @@ def test_sentinel_url(redis_factory: Any) -> None:
     master = redis_factory()
     sentinel = redis_factory(sentinel_of=(master, "mymaster"))
 
+    dead = free_port()  # a sentinel that is down: the next one is asked
+
     async def test() -> None:
-        store = await started(f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster?timeout=500ms")
+        store = await started(f"redis+sentinel://127.0.0.1:{dead},127.0.0.1:{sentinel.port}/mymaster?timeout=500ms")
         try:
             assert (await store.charge([hourly(1)]))[0].allowed
             assert not (await store.charge([hourly(1)]))[0].allowed
