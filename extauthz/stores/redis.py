@@ -525,6 +525,7 @@ class RedisStore:
             sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("ssl") or k == "socket_connect_timeout"}
             # Sentinels are asked only when connecting: a timeout lets a dead one be skipped for the next.
             sentinel_kwargs["socket_timeout"] = s.timeout
+            sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)  # the default backs off for seconds
             sentinel = Sentinel(list(s.hosts), sentinel_kwargs=sentinel_kwargs, db=s.db, **kwargs)
             return sentinel.master_for(s.service, redis_class=Redis, max_connections=s.max_connections)
         connection_class: type[Connection] | type[UnixDomainSocketConnection]
