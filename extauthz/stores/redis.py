@@ -538,7 +538,7 @@ class RedisStore:
         pool = BlockingConnectionPool(
             connection_class=connection_class, max_connections=s.max_connections, timeout=s.timeout, db=s.db, **kwargs
         )
-        return Redis(connection_pool=pool)
+        return Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
 
     # --- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
