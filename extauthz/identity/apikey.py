@@ -32,9 +32,9 @@ import yaml
 from extauthz.context import CheckContext
 from extauthz.identity import Identity, Rejected, make_identity, source_kind
 from extauthz.identity.credentials import CredentialLocation, extract_first, locations_from_spec
-from extauthz.identity.files import WatchedPath, visible_files, watch_interval
 from extauthz.identity.revocation import RevocationList, revocation_from_spec
 from extauthz.policy.build import BuildContext, Spec
+from extauthz.watched import WatchedPath, visible_files, watch_interval
 
 __all__ = ["ApiKeySource", "ApiKeyTable", "read_key_records"]
 

@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from extauthz.identity.files import WatchedPath
 from extauthz.identity.http import FetchError, HttpClient
+from extauthz.watched import WatchedPath
 
 __all__ = ["ASYMMETRIC_ALGORITHMS", "FileKeys", "KeySet", "RemoteKeys", "VerificationKey", "parse_jwks"]
 

@@ -37,11 +37,11 @@ from extauthz.identity import Identity, Rejected, make_identity, source_kind, un
 from extauthz.identity.cache import ExpiringCache, credential_digest
 from extauthz.identity.certs import check_binding
 from extauthz.identity.credentials import CredentialLocation, extract_first, locations_from_spec
-from extauthz.identity.files import WatchedPath, watch_interval
 from extauthz.identity.http import http_client, url_from_spec
 from extauthz.identity.jwks import ASYMMETRIC_ALGORITHMS, FileKeys, KeySet, RemoteKeys, read_jwks_file
 from extauthz.identity.revocation import RevocationList, revocation_from_spec
 from extauthz.policy.build import BuildContext, Spec
+from extauthz.watched import WatchedPath, watch_interval
 
 __all__ = ["JwtSource"]
 

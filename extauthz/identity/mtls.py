@@ -20,8 +20,8 @@ from typing import Any
 from extauthz.context import CheckContext
 from extauthz.identity import Identity, Rejected, make_identity, source_kind
 from extauthz.identity.certs import CertificateError, TrustBundle, load_bundle, peer_certificate
-from extauthz.identity.files import WatchedPath, watch_interval
 from extauthz.policy.build import BuildContext, Spec
+from extauthz.watched import WatchedPath, watch_interval
 
 __all__ = ["MtlsSource", "SpiffeId", "compile_principal_globs", "parse_spiffe_id"]
 

@@ -17,9 +17,9 @@ import logging
 from pathlib import Path
 
 from extauthz.identity import unavailable
-from extauthz.identity.files import WatchedPath, watch_interval
 from extauthz.policy.build import BuildContext, Spec
 from extauthz.stores import Store, StoreError, store_for
+from extauthz.watched import WatchedPath, watch_interval
 
 __all__ = ["RevocationList", "revocation_from_spec"]
 

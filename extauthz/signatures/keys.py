@@ -24,10 +24,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
+import errno
 import json
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from extauthz.signatures.algorithms import KeyError_, VerificationKey, algorithm_for
+from extauthz.watched import WatchedPath, visible_files
 
 __all__ = ["KeyFolder", "KeySet", "load_key_set"]
 
@@ -194,10 +194,9 @@ def _metadata(folder: Path, errors: list[str]) -> dict[str, dict[str, str]]:
 def key_files(folder: Path) -> list[Path]:
     """Visible regular files of the folder (symlinks followed, dot-entries skipped), sorted."""
     try:
-        names = sorted(os.listdir(folder))
+        return visible_files(folder)
     except OSError:
         return []
-    return [folder / n for n in names if not n.startswith(".") and (folder / n).is_file()]
 
 
 def load_key_set(folder: Path) -> KeySet:
@@ -243,75 +242,45 @@ def load_key_set(folder: Path) -> KeySet:
     return KeySet(MappingProxyType(usable), tuple(errors))
 
 
-def _fingerprint(folder: Path) -> tuple[Any, ...]:
-    items: list[tuple[Any, ...]] = []
-    for path in key_files(folder):
-        try:
-            st = path.stat()
-        except OSError:
-            continue
-        items.append((path.name, os.path.realpath(path), st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(items)
-
-
 class KeyFolder:
     """A key folder shared by every policy that names it, reloaded in the background on change.
 
-    Loaded once, synchronously, when first referenced (policy load time). After the server calls
-    :meth:`start`, a task polls the folder every ``interval`` seconds and swaps in a new
-    :class:`KeySet` when it changed, so rotated, added and removed keys take effect without a
-    restart. A removed file removes its keys (revocation); a folder that cannot be read at all
-    keeps the last keys (a transient mount problem must not lock everyone out) and logs an error.
+    Loaded once, synchronously, when first referenced (policy load time); after the server calls
+    :meth:`start`, rotated, added and removed keys take effect without a restart. A removed file
+    removes its keys (revocation); a folder that cannot be read at all keeps the last keys (a
+    transient mount problem must not lock everyone out) and logs an error.
     """
 
     def __init__(self, folder: Path, interval: float = 2.0) -> None:
         self.folder = folder
-        self.interval = interval
-        self.started = False
-        self._task: asyncio.Task[None] | None = None
-        self._fingerprint = _fingerprint(folder)
-        self.keys = load_key_set(folder)
-        self._report(self.keys)
+        self._watched = WatchedPath(folder, self._load, what="key folder", interval=interval, on_change=self._report)
+        self._watched.refresh()
+
+    def _load(self, folder: Path) -> KeySet:
+        if self._watched.value is not None and not folder.is_dir():
+            raise OSError(errno.ENOENT, "the folder cannot be read; keeping the keys loaded before")
+        return load_key_set(folder)
 
     def _report(self, key_set: KeySet) -> None:
         for error in key_set.errors:
             log.error("key folder %s: %s", self.folder, error)
         log.info("key folder %s: %d usable keys", self.folder, len(key_set))
 
+    @property
+    def keys(self) -> KeySet:
+        return self._watched.value if self._watched.value is not None else KeySet()
+
+    @property
+    def started(self) -> bool:
+        return self._watched.started
+
     async def reload_if_changed(self) -> bool:
         """Reload when the folder changed; True when a new key set was swapped in."""
-        current = await asyncio.to_thread(_fingerprint, self.folder)
-        if current == self._fingerprint:
-            return False
-        if not current and not await asyncio.to_thread(self.folder.is_dir):
-            log.error("key folder %s cannot be read; keeping the %d keys loaded before", self.folder, len(self.keys))
-            return False
-        await asyncio.sleep(0.05)  # let a burst of writes settle
-        self._fingerprint = await asyncio.to_thread(_fingerprint, self.folder)
-        key_set = await asyncio.to_thread(load_key_set, self.folder)
-        self.keys = key_set
-        self._report(key_set)
-        return True
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.reload_if_changed()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("key folder %s: reload failed; keeping the current keys", self.folder)
+        return await asyncio.to_thread(self._watched.refresh)
 
     async def start(self) -> None:
-        if not self.started:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"key-folder:{self.folder}")
-            self.started = True
+        if not self._watched.started:
+            await self._watched.start()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self.started = False
+        await self._watched.aclose()

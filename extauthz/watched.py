@@ -1,4 +1,7 @@
-"""Mounted files (Kubernetes Secrets) that are read at load time and re-read when they change.
+"""Mounted files and folders (Kubernetes Secrets) read at load time and re-read when they change.
+
+Used for every piece of key material a policy names: JWKS files, HMAC and client secrets, API-key
+records, revocation lists, request-signature key folders.
 
 A Secret volume is a folder of symlinks into a hidden timestamped folder that the kubelet swaps
 atomically through ``..data``; a fingerprint of the resolved files (real path, inode, size, mtime)
@@ -19,7 +22,7 @@ from typing import Generic, TypeVar
 
 __all__ = ["WatchedPath", "visible_files"]
 
-log = logging.getLogger("extauthz.identity.files")
+log = logging.getLogger("extauthz.watched")
 
 T = TypeVar("T")
 
@@ -52,11 +55,13 @@ class WatchedPath(Generic[T]):
     """
 
     def __init__(self, path: Path, parse: Callable[[Path], T], *, what: str,
-                 interval: float = DEFAULT_INTERVAL) -> None:
+                 interval: float = DEFAULT_INTERVAL, on_change: Callable[[T], None] | None = None) -> None:
         self.path = path
         self.parse = parse
         self.what = what
         self.interval = interval
+        #: Called with every new value (e.g. to log what a reload found).
+        self.on_change = on_change
         self.value: T | None = None
         self.error: str | None = None
         self.generation = 0
@@ -83,6 +88,8 @@ class WatchedPath(Generic[T]):
         self.generation += 1
         if self.generation > 1:
             log.info("%s %s reloaded", self.what, self.path)
+        if self.on_change is not None:
+            self.on_change(value)
         return True
 
     async def _run(self) -> None:
