@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from material import ISSUER, bearer, claims, decide, mint, public_jwk, write_policy
 
-from extauthz.identity.files import WatchedPath
+from extauthz.watched import WatchedPath
 from extauthz.identity.revocation import RevocationList, parse_denylist
 from extauthz.policy import Services, load_folder
 from extauthz.stores.memory import MemoryStore
