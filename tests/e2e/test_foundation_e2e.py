@@ -98,7 +98,7 @@ def test_admin_bypass_spellings_never_reach_upstream(request_fixture, which: str
 
 
 @pytest.fixture
-def request_fixture(request):  # noqa: ANN001 - pytest's request object
+def request_fixture(request):
     return request.getfixturevalue
 
 

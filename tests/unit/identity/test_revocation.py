@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from material import ISSUER, bearer, claims, decide, mint, public_jwk, write_policy
 
-from extauthz.watched import WatchedPath
 from extauthz.identity.revocation import RevocationList, parse_denylist
 from extauthz.policy import Services, load_folder
 from extauthz.stores.memory import MemoryStore
+from extauthz.watched import WatchedPath
 
 
 def test_denylist_file_format(tmp_path: Path):

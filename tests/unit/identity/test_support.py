@@ -11,9 +11,9 @@ import pytest
 from extauthz.identity import Rejected
 from extauthz.identity.cache import ExpiringCache, credential_digest
 from extauthz.identity.credentials import CredentialLocation
-from extauthz.watched import WatchedPath
 from extauthz.request import request_from_check
 from extauthz.samples import check_request_from_sample
+from extauthz.watched import WatchedPath
 
 
 def _request(path: str = "/", headers: dict | None = None):
