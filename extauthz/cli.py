@@ -7,7 +7,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,9 @@ def _telemetry_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--decision-log-query", default=_env("DECISION_LOG_QUERY", "names"),
                        choices=["none", "names", "full"], help="query string in the decision log: parameter "
                        "names (default), full (credential values redacted), none (env EXTAUTHZ_DECISION_LOG_QUERY)")
+    serve.add_argument("--event-loop", default=_env("EVENT_LOOP", "auto"), choices=["auto", "uvloop", "asyncio"],
+                       help="uvloop (auto: when installed) cuts about 20 us of CPU per Check; asyncio is the "
+                            "standard library loop (env EXTAUTHZ_EVENT_LOOP)")
     serve.add_argument("--workers", type=int, default=int(_env("WORKERS", 1)),
                        help="worker processes sharing the ports (SO_REUSEPORT); metrics are aggregated "
                             "across them (env EXTAUTHZ_WORKERS)")
@@ -249,6 +252,20 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     return serve_process(ns)
 
 
+def _run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run the server on uvloop when asked or available (``auto``), else on asyncio's own loop."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise SystemExit("extauthz: --event-loop uvloop, but uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
     """Run one sidecar process with the ``serve`` options (a worker of ``--workers`` shares its ports)."""
     from extauthz.server import Settings, serve
@@ -286,7 +303,7 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
         reuse_port=reuse_port,
     )
     try:
-        asyncio.run(serve(settings))
+        _run(serve(settings), ns.event_loop)
     except PolicySetError as exc:
         for error in exc.errors:
             print(f"error: {error}", file=sys.stderr)
