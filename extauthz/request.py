@@ -166,14 +166,26 @@ class Request:
     size: int = -1
     #: When Envoy received the request, in seconds since the epoch (0.0 when not sent).
     timestamp: float = 0.0
-    source: Peer = Peer()
-    destination: Peer = Peer()
     sni: str = ""
     context_extensions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     #: metadata_context.filter_metadata as plain dicts.
     metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     #: Headers whose value is not valid text, by name; only filled from Envoy's raw header_map.
     raw_headers: Mapping[str, bytes] = field(default_factory=lambda: _EMPTY)
+    #: Envoy's source and destination peer messages; read through ``source`` and ``destination``.
+    _peers: tuple[Any, Any] = field(default=(None, None), repr=False, compare=False)
+
+    @property
+    def source(self) -> Peer:
+        """The downstream peer. Built when read: most policies never look at it."""
+        message = self._peers[0]
+        return _NO_PEER if message is None else _peer(message)
+
+    @property
+    def destination(self) -> Peer:
+        """The local peer (the address Envoy received the request on)."""
+        message = self._peers[1]
+        return _NO_PEER if message is None else _peer(message)
 
     @property
     def query(self) -> Mapping[str, str]:
@@ -309,8 +321,7 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
         fragment=http.fragment,
         size=http.size,
         timestamp=timestamp,
-        source=_peer(attrs.source),
-        destination=_peer(attrs.destination),
+        _peers=(attrs.source, attrs.destination),
         sni=attrs.tls_session.sni,
         context_extensions=dict(attrs.context_extensions) if attrs.context_extensions else _EMPTY,
         metadata=metadata,
