@@ -174,18 +174,25 @@ class Request:
     raw_headers: Mapping[str, bytes] = field(default_factory=lambda: _EMPTY)
     #: Envoy's source and destination peer messages; read through ``source`` and ``destination``.
     _peers: tuple[Any, Any] = field(default=(None, None), repr=False, compare=False)
+    #: Peers once built (the view stays immutable: this only remembers what was derived).
+    _built: dict[int, Peer] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def source(self) -> Peer:
-        """The downstream peer. Built when read: most policies never look at it."""
-        message = self._peers[0]
-        return _NO_PEER if message is None else _peer(message)
+        """The downstream peer. Built on first read: most policies never look at it."""
+        return self._peer_at(0)
 
     @property
     def destination(self) -> Peer:
         """The local peer (the address Envoy received the request on)."""
-        message = self._peers[1]
-        return _NO_PEER if message is None else _peer(message)
+        return self._peer_at(1)
+
+    def _peer_at(self, index: int) -> Peer:
+        peer = self._built.get(index)
+        if peer is None:
+            message = self._peers[index]
+            peer = self._built[index] = _NO_PEER if message is None else _peer(message)
+        return peer
 
     @property
     def query(self) -> Mapping[str, str]:
