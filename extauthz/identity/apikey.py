@@ -34,7 +34,7 @@ from extauthz.identity import Identity, Rejected, make_identity, source_kind
 from extauthz.identity.credentials import CredentialLocation, extract_first, locations_from_spec
 from extauthz.identity.revocation import RevocationList, revocation_from_spec
 from extauthz.policy.build import BuildContext, Spec
-from extauthz.watched import WatchedPath, visible_files, watch_interval
+from extauthz.watched import WatchedPath, visible_files
 
 __all__ = ["ApiKeySource", "ApiKeyTable", "read_key_records"]
 
@@ -194,16 +194,8 @@ class ApiKeySource:
         keys = spec.str("keys", required=True)
         if keys is None:
             return None
-        path = build.resolve_path(keys)
-        services = build.services
-        table = services.shared(
-            ("identity", "api-keys", str(path), name),
-            lambda: WatchedPath(path, lambda p: read_key_records(p, name), what="API key records",
-                                interval=watch_interval(services.settings)),
-        )
-        table.refresh()
-        if table.value is None:
-            spec.error(table.error or "cannot be read", "keys")
+        table = build.watched(spec.child("keys"), keys, lambda p: read_key_records(p, name),
+                              what="API key records", key=(name,))
         revocation = revocation_from_spec(spec.child("revocation"), build)
         locations = locations_from_spec(spec.child("in"), DEFAULT_LOCATION)
         max_bytes = spec.int("maxKeyBytes", 512, min=16, max=8192)

@@ -25,7 +25,7 @@ from extauthz.identity.certs import check_binding
 from extauthz.identity.credentials import CredentialLocation, extract_first, locations_from_spec
 from extauthz.identity.http import FetchError, HttpClient, http_client, url_from_spec
 from extauthz.policy.build import BuildContext, Spec
-from extauthz.watched import WatchedPath, watch_interval
+from extauthz.watched import WatchedPath
 
 __all__ = ["IntrospectionSource"]
 
@@ -217,15 +217,8 @@ class IntrospectionSource:
         locations = locations_from_spec(spec.child("token"), DEFAULT_LOCATION)
         if endpoint is None or client_id is None or secret_file is None:
             return None
-        path = build.resolve_path(secret_file)
         services = build.services
-        secret = services.shared(
-            ("identity", "client-secret", str(path)),
-            lambda: WatchedPath(path, _read_secret, what="client secret", interval=watch_interval(services.settings)),
-        )
-        secret.refresh()
-        if secret.value is None:
-            spec.error(secret.error or "cannot be read", "clientSecretFile")
+        secret = build.watched(spec.child("clientSecretFile"), secret_file, _read_secret, what="client secret")
         return cls(
             name, endpoint=endpoint, client_id=client_id, secret=secret, http=http_client(services),
             locations=locations, auth_method=auth_method, issuer=spec.str("issuer"), audiences=audiences,

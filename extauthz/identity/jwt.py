@@ -41,7 +41,7 @@ from extauthz.identity.http import http_client, url_from_spec
 from extauthz.identity.jwks import ASYMMETRIC_ALGORITHMS, FileKeys, KeySet, RemoteKeys, read_jwks_file
 from extauthz.identity.revocation import RevocationList, revocation_from_spec
 from extauthz.policy.build import BuildContext, Spec
-from extauthz.watched import WatchedPath, watch_interval
+from extauthz.watched import WatchedPath
 
 __all__ = ["JwtSource"]
 
@@ -413,14 +413,7 @@ class JwtSource:
               min_interval: float, allow_insecure: bool) -> FileKeys | RemoteKeys | None:
         services = build.services
         if which == "jwksFile":
-            path = build.resolve_path(spec.str("jwksFile") or "")
-            watched = services.shared(
-                ("identity", "jwks-file", str(path)),
-                lambda: WatchedPath(path, read_jwks_file, what="key set", interval=watch_interval(services.settings)),
-            )
-            watched.refresh()
-            if watched.value is None:
-                spec.error(watched.error or "cannot be read", "jwksFile")
+            watched = build.watched(spec.child("jwksFile"), spec.str("jwksFile") or "", read_jwks_file, what="key set")
             return FileKeys(watched)
         if which == "jwksUrl":
             url = url_from_spec(spec, "jwksUrl", allow_insecure=allow_insecure)
@@ -456,16 +449,8 @@ class JwtSource:
 
     @staticmethod
     def _secret(spec: Spec, build: BuildContext, secret_file: str, algorithms: frozenset[str]) -> WatchedPath[bytes]:
-        path = build.resolve_path(secret_file)
-        services = build.services
-        watched = services.shared(
-            ("identity", "hmac-secret", str(path)),
-            lambda: WatchedPath(path, _read_secret, what="HMAC secret", interval=watch_interval(services.settings)),
-        )
-        watched.refresh()
-        if watched.value is None:
-            spec.error(watched.error or "cannot be read", "secretFile")
-        else:
+        watched = build.watched(spec.child("secretFile"), secret_file, _read_secret, what="HMAC secret")
+        if watched.value is not None:
             needed = max((_MIN_SECRET[a] for a in algorithms if a in _MIN_SECRET), default=32)
             if len(watched.value) < needed:
                 spec.error(f"the secret must be at least {needed} bytes for the HMAC algorithms allowed", "secretFile")

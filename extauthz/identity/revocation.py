@@ -19,7 +19,7 @@ from pathlib import Path
 from extauthz.identity import unavailable
 from extauthz.policy.build import BuildContext, Spec
 from extauthz.stores import Store, StoreError, store_for
-from extauthz.watched import WatchedPath, watch_interval
+from extauthz.watched import WatchedPath
 
 __all__ = ["RevocationList", "revocation_from_spec"]
 
@@ -75,15 +75,7 @@ def revocation_from_spec(spec: Spec, build: BuildContext) -> RevocationList | No
         return None
     watched: WatchedPath[frozenset[str]] | None = None
     if file_name is not None:
-        path = build.resolve_path(file_name)
-        watched = build.services.shared(
-            ("identity", "denylist", str(path)),
-            lambda: WatchedPath(path, parse_denylist, what="revocation list",
-                                interval=watch_interval(build.services.settings)),
-        )
-        watched.refresh()
-        if watched.value is None:
-            spec.error(watched.error or "cannot be read", "file")
+        watched = build.watched(spec.child("file"), file_name, parse_denylist, what="revocation list")
     store: Store | None = None
     if set_name is not None:
         if not set_name.strip():

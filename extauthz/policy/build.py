@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from extauthz.cel import CelError, Expression, compile_expression
 from extauthz.context import accessor_for
 from extauthz.policy.model import Document, FieldPath, PolicyError
+from extauthz.watched import WatchedPath, watch_interval
 
 __all__ = ["BuildContext", "Services", "Spec"]
 
@@ -66,6 +67,22 @@ class BuildContext:
         """A file path from a policy: relative ones are relative to the policy folder."""
         path = Path(value)
         return path if path.is_absolute() else self.folder / path
+
+    def watched(self, node: Spec, value: str, parse: Callable[[Path], T], *, what: str,
+                key: tuple[Any, ...] = ()) -> WatchedPath[T]:
+        """A mounted file or folder, read now and re-read when it changes, shared by every policy
+        that names it (``key`` tells apart different readings of one path). A read error is reported
+        at ``node``; the caller decides what a missing value means."""
+        path = self.resolve_path(value)
+        services = self.services
+        watched = services.shared(
+            ("watched", what, str(path), *key),
+            lambda: WatchedPath(path, parse, what=what, interval=watch_interval(services.settings)),
+        )
+        watched.refresh()
+        if watched.value is None:
+            node.error(watched.error or "cannot be read")
+        return watched
 
 
 _MISSING: Any = object()
