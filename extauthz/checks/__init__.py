@@ -18,12 +18,11 @@ The contract, for every check:
 from __future__ import annotations
 
 import enum
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from extauthz._plugins import import_submodules
 from extauthz.context import CheckContext, Denial
 
 if TYPE_CHECKING:
@@ -78,8 +77,6 @@ def kinds() -> dict[str, CheckKind]:
     """Every registered check kind by spec section, importing this package's modules once."""
     global _loaded
     if not _loaded:
-        for module in pkgutil.iter_modules(__path__):
-            if not module.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{module.name}")
+        import_submodules(__name__, __path__)
         _loaded = True
     return _KINDS

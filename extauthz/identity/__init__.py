@@ -20,10 +20,10 @@ shared between requests: treat them as read-only.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
+
+from extauthz._plugins import import_submodules
 
 if TYPE_CHECKING:
     from extauthz.context import CheckContext
@@ -105,9 +105,7 @@ def source_kinds() -> dict[str, SourceFactory]:
     """Every registered source kind, importing this package's modules once."""
     global _loaded
     if not _loaded:
-        for module in pkgutil.iter_modules(__path__):
-            if not module.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{module.name}")
+        import_submodules(__name__, __path__)
         _loaded = True
     return _KINDS
 
