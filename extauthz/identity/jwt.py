@@ -67,6 +67,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _time_claim(claims: dict[str, Any], name: str) -> float | None:
+    """A NumericDate claim (exp, nbf, iat), None when absent; anything else is a malformed token."""
+    value = claims.get(name)
+    if value is not None and not _number(value):
+        raise _rejected("malformed_token", f"token {name} claim is not a number")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Verified:
     """A verified token as cached: its identity and what must still be checked per request."""
@@ -249,26 +257,18 @@ class JwtSource:
 
     def _check_claims(self, claims: dict[str, Any], now: float) -> Verified:
         skew = self.clock_skew
-        exp = claims.get("exp")
+        exp = _time_claim(claims, "exp")
         if exp is None:
             if self.require_expiry:
                 raise _rejected("missing_claim", "token has no exp claim")
-        elif not _number(exp):
-            raise _rejected("malformed_token", "token exp claim is not a number")
         elif now > exp + skew:
             raise _rejected("token_expired", "token has expired")
-        nbf = claims.get("nbf")
-        if nbf is not None:
-            if not _number(nbf):
-                raise _rejected("malformed_token", "token nbf claim is not a number")
-            if nbf > now + skew:
-                raise _rejected("token_not_yet_valid", "token is not valid yet")
-        iat = claims.get("iat")
-        if iat is not None:
-            if not _number(iat):
-                raise _rejected("malformed_token", "token iat claim is not a number")
-            if iat > now + skew:
-                raise _rejected("token_issued_in_future", "token is issued in the future")
+        nbf = _time_claim(claims, "nbf")
+        if nbf is not None and nbf > now + skew:
+            raise _rejected("token_not_yet_valid", "token is not valid yet")
+        iat = _time_claim(claims, "iat")
+        if iat is not None and iat > now + skew:
+            raise _rejected("token_issued_in_future", "token is issued in the future")
         if self.max_age is not None:
             if iat is None:
                 raise _rejected("missing_claim", "token has no iat claim")
