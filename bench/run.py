@@ -118,6 +118,10 @@ class Result:
     p99_ms: float
     requests: int
     bad: int  # non-2xx/3xx responses + socket errors + timeouts
+    #: CPU time per request (µs) of the authorization server (all its threads and child processes,
+    #: e.g. the span-export helper) and of its Envoy, over the measured window: less noisy than req/s.
+    authz_cpu_us: float = float("nan")
+    envoy_cpu_us: float = float("nan")
 
 
 def _percentile(sorted_values: list[float], pct: float) -> float:
@@ -323,6 +327,8 @@ class Target:
     baseline: str | None = None
     #: "direct", "baseline" or "sidecar".
     kind: str = "sidecar"
+    #: pid of the authorization server behind this Envoy (None: no ext_authz).
+    authz_pid: int | None = None
 
 
 def _request_for(args: argparse.Namespace, overrides: Mapping[str, object] | None = None) -> RequestSpec:
@@ -409,7 +415,8 @@ def _start_targets(args: argparse.Namespace, stack: contextlib.ExitStack, workdi
     allow_all = _procs.start_allow_all(workdir / ALLOW_ALL)
     stack.callback(allow_all.stop)
     allow_all_envoy = envoy_for(ALLOW_ALL, allow_all.target)
-    targets.append(Target(ALLOW_ALL, "(b) allow-all", allow_all_envoy, default_request, kind="baseline"))
+    targets.append(Target(ALLOW_ALL, "(b) allow-all", allow_all_envoy, default_request, kind="baseline",
+                          authz_pid=allow_all.proc.pid))
     baselines: dict[bytes, Target] = {default_request.raw(): targets[-1]}
     sidecars: list[Target] = []
 
@@ -445,28 +452,73 @@ def _start_targets(args: argparse.Namespace, stack: contextlib.ExitStack, workdi
         baseline = baselines.get(request.raw())
         if baseline is None:  # the same allow-all Envoy and server, sent exactly this scenario's request
             baseline = Target(f"{ALLOW_ALL}:{name}", f"(b:{name}) allow-all", allow_all_envoy, request,
-                              request_name=name, baseline=ALLOW_ALL, kind="baseline")
+                              request_name=name, baseline=ALLOW_ALL, kind="baseline",
+                              authz_pid=allow_all.proc.pid)
             baselines[request.raw()] = baseline
             targets.append(baseline)
         sidecars.append(Target(name, label, envoy_for(name, sidecar.target), request,
-                               request_name=baseline.request_name, baseline=baseline.name))
+                               request_name=baseline.request_name, baseline=baseline.name,
+                               authz_pid=sidecar.proc.pid))
     return targets + sidecars
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int | None, *, with_children: bool) -> float:
+    """utime+stime of a process (all threads) and, optionally, of its live descendants, from /proc."""
+    if pid is None or not Path("/proc").is_dir():
+        return float("nan")
+
+    def stat(p: int) -> list[str] | None:
+        try:
+            text = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            return None
+        return text[text.rindex(")") + 2 :].split()  # fields from 3 (state) on; comm may hold spaces
+
+    pids = {pid}
+    if with_children:
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and (fields := stat(int(entry.name))) is not None:
+                parents[int(entry.name)] = int(fields[1])
+        grew = True
+        while grew:
+            new = {p for p, parent in parents.items() if parent in pids and p not in pids}
+            pids |= new
+            grew = bool(new)
+    ticks = 0
+    for p in pids:
+        if (fields := stat(p)) is not None:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / _CLOCK_TICKS
+
+
 def _measure(args: argparse.Namespace, mode: str, target: Target, workdir: Path) -> Result:
+    """One measured run, with the CPU the authorization server and Envoy spent on it."""
+    cpu_pids = (target.authz_pid, target.envoy.proc.pid)
+    if args.warmup > 0:
+        _load(args, mode, target, workdir, args.warmup)
+    authz0 = _cpu_seconds(cpu_pids[0], with_children=True)
+    envoy0 = _cpu_seconds(cpu_pids[1], with_children=False)
+    r = _load(args, mode, target, workdir, args.duration)
+    authz1 = _cpu_seconds(cpu_pids[0], with_children=True)
+    envoy1 = _cpu_seconds(cpu_pids[1], with_children=False)
+    if r.requests:
+        r.authz_cpu_us = (authz1 - authz0) / r.requests * 1e6
+        r.envoy_cpu_us = (envoy1 - envoy0) / r.requests * 1e6
+    return r
+
+
+def _load(args: argparse.Namespace, mode: str, target: Target, workdir: Path, seconds: float) -> Result:
     raw = target.request.raw()
     port = target.envoy.port
     if mode == "throughput":
         if args.loadgen == "wrk":
-            if args.warmup > 0:
-                run_wrk(args.wrk, port, target.request, args.connections, args.warmup, workdir)
-            return run_wrk(args.wrk, port, target.request, args.connections, args.duration, workdir)
-        if args.warmup > 0:
-            asyncio.run(_closed_loop(port, raw, args.connections, args.warmup))
-        return asyncio.run(_closed_loop(port, raw, args.connections, args.duration))
-    if args.warmup > 0:
-        asyncio.run(_open_loop(port, raw, args.rate, args.warmup, args.rate_connections))
-    return asyncio.run(_open_loop(port, raw, args.rate, args.duration, args.rate_connections))
+            return run_wrk(args.wrk, port, target.request, args.connections, seconds, workdir)
+        return asyncio.run(_closed_loop(port, raw, args.connections, seconds))
+    return asyncio.run(_open_loop(port, raw, args.rate, seconds, args.rate_connections))
 
 
 def _median(results: list[Result]) -> Result:
@@ -476,11 +528,17 @@ def _median(results: list[Result]) -> Result:
         p99_ms=statistics.median(r.p99_ms for r in results),
         requests=sum(r.requests for r in results),
         bad=sum(r.bad for r in results),
+        authz_cpu_us=statistics.median(r.authz_cpu_us for r in results),
+        envoy_cpu_us=statistics.median(r.envoy_cpu_us for r in results),
     )
 
 
 def _ratio(x: float, base: float) -> str:
     return f"{x / base:.2f}x" if base else "-"
+
+
+def _cpu(us: float) -> str:
+    return "-" if us != us else f"{us:.0f}"  # NaN: no such process
 
 
 def _short(label: str) -> str:
@@ -499,7 +557,7 @@ def _table(mode: str, targets: list[Target], med: dict[str, Result], rounds: int
     rwidth = max(8, *(len(t.request_name) for t in targets))
     vwidth = max(4, *(len(_short(t.label)) for t in targets))
     head = (f"{'scenario':<{width}} {'request':<{rwidth}} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'bad':>6}   "
-            f"{'vs':<{vwidth}} {'req/s/vs':>9} {'p50/vs':>8} {'p99/vs':>8}")  # fmt: skip
+            f"{'vs':<{vwidth}} {'req/s/vs':>9} {'p50/vs':>8} {'p99/vs':>8}   {'authz us':>8} {'envoy us':>8}")  # fmt: skip
     out = [f"== {mode}: median of {rounds} round(s) ==", head, "-" * len(head)]
     for t in targets:
         r = med[t.name]
@@ -510,7 +568,8 @@ def _table(mode: str, targets: list[Target], med: dict[str, Result], rounds: int
             ratios = (_ratio(r.rps, base.rps), _ratio(r.p50_ms, base.p50_ms), _ratio(r.p99_ms, base.p99_ms))
         out.append(
             f"{t.label:<{width}} {t.request_name:<{rwidth}} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-            f"{r.bad:>6}   {vs:<{vwidth}} {ratios[0]:>9} {ratios[1]:>8} {ratios[2]:>8}"
+            f"{r.bad:>6}   {vs:<{vwidth}} {ratios[0]:>9} {ratios[1]:>8} {ratios[2]:>8}   "
+            f"{_cpu(r.authz_cpu_us):>8} {_cpu(r.envoy_cpu_us):>8}"
         )
     requests: dict[str, RequestSpec] = {}
     for t in targets:
@@ -519,6 +578,8 @@ def _table(mode: str, targets: list[Target], med: dict[str, Result], rounds: int
     if len(requests) > 1:
         out.append("vs: each sidecar row is divided by the allow-all row that received the same request;"
                    " (b:NAME) rows by (b)")
+    out.append("authz us / envoy us: CPU time per request of the authorization server (all threads and child"
+               " processes) and of its Envoy")
     return "\n".join(out)
 
 

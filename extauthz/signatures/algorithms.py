@@ -68,7 +68,11 @@ def _rsa_v15_sign(key: rsa.RSAPrivateKey, data: bytes) -> bytes:
 
 
 def _hmac_verify(secret: bytes, data: bytes, signature: bytes) -> bool:
-    return hmac.compare_digest(hmac.digest(secret, data, "sha256"), signature)  # one-shot, in OpenSSL
+    # Not hmac.digest(): on CPython 3.11 its one-shot path releases the GIL for any input, and handing
+    # the GIL to another thread and back costs far more than hashing a signature base of a few
+    # hundred bytes (measured: 13 us instead of 1.5 us inside the sidecar). hmac.new releases the GIL
+    # only for inputs of 2 KiB and more, where it pays off.
+    return hmac.compare_digest(hmac.new(secret, data, hashlib.sha256).digest(), signature)
 
 
 def _hmac_sign(secret: bytes, data: bytes) -> bytes:
