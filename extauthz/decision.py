@@ -67,6 +67,10 @@ StageObserver = Callable[[str, float], None]
 class CheckTrace(Protocol):
     """The trace of one Check (extauthz.telemetry.tracing implements it)."""
 
+    #: W3C trace id and the Check's span id, in hex: every Decision of the Check carries them.
+    trace_hex: str
+    span_hex: str
+
     def stage(self, stage: str, check: str) -> Any:
         """Start the span of one stage; the result goes back to ``end_stage``."""
 
@@ -180,7 +184,7 @@ class Authorizer:
             steps.append(f"policy {policy.name} ({policy.file}) selected; checks: {', '.join(policy.check_names)}")
         ctx = CheckContext(request=request, policy=policy, steps=steps)
         denial = await self._run_checks(policy, ctx, trace, stages)
-        return _decision(policy, ctx, denial, decision_id, started)
+        return _decision(policy, ctx, denial, decision_id, started, trace)
 
     def _stages_for_this_check(self) -> StageObserver | None:
         if self.stage_observer is None:
@@ -266,9 +270,13 @@ def _frozen(steps: list[str] | None) -> tuple[str, ...] | None:
 
 
 def _decision(
-    policy: CompiledPolicy, ctx: CheckContext, denial: Denial | None, decision_id: str, started: float
+    policy: CompiledPolicy, ctx: CheckContext, denial: Denial | None, decision_id: str, started: float,
+    trace: CheckTrace | None = None,
 ) -> Decision:
     common: dict[str, Any] = {
+        # Set here rather than by the trace afterwards: a frozen dataclass costs a copy to change.
+        "trace_id": trace.trace_hex if trace is not None else "",
+        "span_id": trace.span_hex if trace is not None else "",
         "decision_id": decision_id,
         "policy": policy.name,
         "dry_run": policy.dry_run,

@@ -42,10 +42,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def _current_ids() -> tuple[str, str]:
-    try:
-        from opentelemetry import trace
-    except ImportError:  # pragma: no cover - a runtime dependency
-        return "", ""
+    from extauthz.telemetry.tracing import CURRENT_CHECK
+
+    check = CURRENT_CHECK.get()
+    if check is not None:  # inside a traced Check
+        return format(check[0], "032x"), format(check[1], "016x")
+    from opentelemetry import trace
+
     context = trace.get_current_span().get_span_context()
     if not context.is_valid:
         return "", ""

@@ -23,27 +23,31 @@ import hashlib
 import hmac
 import logging
 import os
+import random
+import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Sampler, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.context import Denial
 from extauthz.decision import Decision
 
 if TYPE_CHECKING:
-    from extauthz.telemetry.span_export import SpanShipper
+    from extauthz.telemetry.span_export import SpanRecord, SpanShipper
 
 __all__ = ["SubjectHasher", "Tracing", "TracingConfigError", "trace_headers", "tracing_from_env"]
 
@@ -218,10 +222,11 @@ def tracing_from_env(environ: Mapping[str, str] | None = None, *, version: str =
     # The SDK reads OTEL_TRACES_SAMPLER(_ARG) and OTEL_BSP_* itself.
     provider = TracerProvider(resource=_resource(environ, version or "unknown"))
     subjects = SubjectHasher.from_env(environ)
+    standard = not environ.get("OTEL_PROPAGATORS")
     if environ.get("EXTAUTHZ_TRACE_EXPORT", "process").strip().lower() == "inprocess":
         for exporter in exporters:
             provider.add_span_processor(BatchSpanProcessor(_CountingExporter(exporter)))
-        return Tracing(provider, _default_propagator(), subjects)
+        return Tracing(provider, _default_propagator(), subjects, standard_propagation=standard)
     # Default: encode and send from a helper process (see span_export); the configuration was
     # checked above by building the exporters once.
     for exporter in exporters:
@@ -229,7 +234,7 @@ def tracing_from_env(environ: Mapping[str, str] | None = None, *, version: str =
     from extauthz.telemetry.span_export import SpanShipper
 
     os.environ.setdefault("EXTAUTHZ_VERSION", version or "unknown")
-    return Tracing(provider, _default_propagator(), subjects, shipper=SpanShipper())
+    return Tracing(provider, _default_propagator(), subjects, shipper=SpanShipper(), standard_propagation=standard)
 
 
 _STATIC_ATTRIBUTES = {
@@ -237,8 +242,97 @@ _STATIC_ATTRIBUTES = {
     "rpc.service": "envoy.service.auth.v3.Authorization",
     "rpc.method": "Check",
 }
-_OK = Status(StatusCode.UNSET)
 _INTERNAL = SpanKind.INTERNAL.value
+_SERVER = SpanKind.SERVER.value
+_UNSET, _ERROR = StatusCode.UNSET.value, StatusCode.ERROR.value
+
+#: The Check being decided in this task: (trace id, span id), for log lines (see telemetry.logs).
+CURRENT_CHECK: ContextVar[tuple[int, int] | None] = ContextVar("extauthz_current_check", default=None)
+
+_TRACEPARENT = re.compile(r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*$")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+#: B3 "sampled" values that mean sampled (as the SDK's B3 propagator reads them).
+_B3_SAMPLED = frozenset({"1", "True", "true", "d"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Parent:
+    """The caller's span, from the request's trace headers."""
+
+    trace_id: int
+    span_id: int
+    sampled: bool
+    trace_state: TraceState | None = None
+
+
+def parse_parent(headers: Mapping[str, str]) -> _Parent | None:
+    """The parent of the default propagators (W3C trace context, then B3 single, then B3 multi),
+    read the way the SDK's propagators read it, in a few string operations instead of two
+    propagator calls and a context object per Check."""
+    value = headers.get("traceparent")
+    if value is not None:
+        match = _TRACEPARENT.match(value)
+        if match is not None:
+            version, trace_hex, span_hex, flags, rest = match.groups()
+            valid = version != "ff" and not (version == "00" and rest)
+            trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+            if valid and trace_id and span_id:
+                state = headers.get("tracestate")
+                trace_state = TraceState.from_header([state]) if state else None
+                return _Parent(trace_id, span_id, bool(int(flags, 16) & 1), trace_state)
+    single = headers.get("b3")
+    if single:
+        fields = single.split("-", 4)
+        if 2 <= len(fields) <= 4:
+            # Without a sampling field the decision is "deferred", which the SDK reads as sampled.
+            return _b3_parent(fields[0], fields[1], fields[2] if len(fields) > 2 else "1", "")
+        return None  # "0", "1" or "d" alone is a sampling decision without ids
+    trace_hex, span_hex = headers.get("x-b3-traceid"), headers.get("x-b3-spanid")
+    if trace_hex and span_hex:
+        return _b3_parent(trace_hex, span_hex, headers.get("x-b3-sampled", ""), headers.get("x-b3-flags", ""))
+    return None
+
+
+def _b3_parent(trace_hex: str, span_hex: str, sampled: str, flags: str) -> _Parent | None:
+    if len(trace_hex) not in (16, 32) or len(span_hex) != 16 or not _HEX.fullmatch(trace_hex + span_hex):
+        return None
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not trace_id or not span_id:
+        return None
+    return _Parent(trace_id, span_id, sampled in _B3_SAMPLED or flags == "1")
+
+
+def _sampling_rule(sampler: Sampler) -> Callable[[_Parent | None, int], bool] | None:
+    """The decision of the standard samplers (OTEL_TRACES_SAMPLER: always_on, always_off,
+    traceidratio and their parentbased_ forms, with the SDK's default parent delegates) as a plain
+    function; None for any other sampler, which is then asked through its own API."""
+    description = sampler.get_description()
+    parent_based = False
+    if description.startswith("ParentBased{root:"):
+        root, sep, rest = description[len("ParentBased{root:") :].partition(",remoteParentSampled:")
+        if rest != ("AlwaysOnSampler,remoteParentNotSampled:AlwaysOffSampler,localParentSampled:AlwaysOnSampler,"
+                    "localParentNotSampled:AlwaysOffSampler}") or not sep:  # fmt: skip
+            return None
+        description, parent_based = root, True
+    if description == "AlwaysOnSampler":
+        def root_rule(trace_id: int) -> bool:
+            return True
+    elif description == "AlwaysOffSampler":
+        def root_rule(trace_id: int) -> bool:
+            return False
+    elif description.startswith("TraceIdRatioBased{") and description.endswith("}"):
+        try:
+            bound = TraceIdRatioBased.get_bound_for_rate(float(description[len("TraceIdRatioBased{") : -1]))
+        except ValueError:
+            return None
+
+        def root_rule(trace_id: int) -> bool:
+            return trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < bound
+    else:
+        return None
+    if not parent_based:
+        return lambda parent, trace_id: root_rule(trace_id)
+    return lambda parent, trace_id: parent.sampled if parent is not None else root_rule(trace_id)
 
 
 class Tracing:
@@ -247,12 +341,16 @@ class Tracing:
     The SDK's general-purpose Span costs tens of microseconds (locks, attribute validation, a
     sampler call per span). A Check's spans are simpler: one sampling decision for the Check (the
     configured sampler, honouring the caller's decision), its stage spans share it, attributes are
-    plain values built here, and finished spans go to the span processor as ReadableSpans -- the
-    same objects the SDK exports. Unsampled Checks create no span objects at all.
+    plain values built here, and finished spans go out as plain records (to the exporter process)
+    or, in process, to the span processor as the SDK's ReadableSpans. Unsampled Checks create no
+    span objects at all. With the default propagators and a standard sampler, the parent and the
+    sampling decision are computed here too (``parse_parent``, ``_sampling_rule``): same results,
+    a fraction of the cost.
     """
 
     def __init__(self, provider: TracerProvider, propagator: TextMapPropagator, subjects: SubjectHasher,
-                 processor: SpanProcessor | None = None, shipper: SpanShipper | None = None) -> None:  # fmt: skip
+                 processor: SpanProcessor | None = None, shipper: SpanShipper | None = None, *,
+                 standard_propagation: bool = True) -> None:  # fmt: skip
         self.provider = provider
         self.propagator = propagator
         self.subjects = subjects
@@ -265,24 +363,45 @@ class Tracing:
         #: When set, finished spans go to the exporter process instead of the processor.
         self.shipper = shipper
         self._stage_names: dict[str, str] = {}
+        #: Fast paths: None means ask the propagator / sampler through the OpenTelemetry API.
+        self._parse = parse_parent if standard_propagation else None
+        self._rule = _sampling_rule(self.sampler)
+        self._random_ids = isinstance(self.ids, RandomIdGenerator)
+
+    def _span_id(self) -> int:
+        if self._random_ids:
+            span_id = random.getrandbits(64)
+            while not span_id:
+                span_id = random.getrandbits(64)
+            return span_id
+        return self.ids.generate_span_id()
 
     def begin(self, message: external_auth_pb2.CheckRequest) -> _CheckSpan:
-        parent_context = self.propagator.extract(trace_headers(message), getter=_GETTER)
-        parent = trace.get_current_span(parent_context).get_span_context()
-        if not parent.is_valid:
-            parent = None
-        trace_id = parent.trace_id if parent is not None else self.ids.generate_trace_id()
-        result = self.sampler.should_sample(parent_context, trace_id, "extauthz.check", SpanKind.SERVER)
-        sampled = result.decision.is_sampled()
-        trace_state = result.trace_state if result.trace_state is not None else (
-            parent.trace_state if parent is not None else None)  # fmt: skip
-        context = SpanContext(trace_id, self.ids.generate_span_id(), is_remote=False,
-                              trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
-                              trace_state=trace_state)  # fmt: skip
-        # Code running inside the Check (logs, client libraries) sees the Check's span as current.
-        token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(context), parent_context))
-        extra = dict(result.attributes) if sampled and result.attributes else None
-        return _CheckSpan(self, context, parent, sampled, token, extra)
+        headers = trace_headers(message)
+        if self._parse is not None and self._rule is not None:
+            parent = self._parse(headers)
+            trace_id = parent.trace_id if parent is not None else self.ids.generate_trace_id()
+            sampled = self._rule(parent, trace_id)
+            if parent is None:
+                parent_context = None
+            else:
+                parent_context = SpanContext(parent.trace_id, parent.span_id, is_remote=True,
+                                             trace_flags=TraceFlags(TraceFlags.SAMPLED if parent.sampled else 0),
+                                             trace_state=parent.trace_state)  # fmt: skip
+            trace_state, extra = parent.trace_state if parent is not None else None, None
+        else:
+            otel_parent = self.propagator.extract(headers, getter=_GETTER)
+            found = trace.get_current_span(otel_parent).get_span_context()
+            parent_context = found if found.is_valid else None
+            trace_id = parent_context.trace_id if parent_context is not None else self.ids.generate_trace_id()
+            result = self.sampler.should_sample(otel_parent, trace_id, "extauthz.check", SpanKind.SERVER)
+            sampled = result.decision.is_sampled()
+            trace_state = result.trace_state if result.trace_state is not None else (
+                parent_context.trace_state if parent_context is not None else None)  # fmt: skip
+            extra = dict(result.attributes) if sampled and result.attributes else None
+        span_id = self._span_id()
+        token = CURRENT_CHECK.set((trace_id, span_id))
+        return _CheckSpan(self, trace_id, span_id, trace_state, parent_context, sampled, token, extra)
 
     def stage_name(self, stage: str) -> str:
         name = self._stage_names.get(stage)
@@ -290,21 +409,15 @@ class Tracing:
             name = self._stage_names[stage] = f"extauthz.{stage}"
         return name
 
-    def emit(self, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind,
-             attributes: dict[str, Any], status: Status, start: int, end: int) -> None:  # fmt: skip
+    def emit(self, records: list[SpanRecord]) -> None:
+        """Hand a Check's finished spans on: to the exporter process, or to the span processor."""
         if self.shipper is not None:
-            state = context.trace_state
-            self.shipper.add((
-                name, context.trace_id, context.span_id, parent.span_id if parent is not None else 0,
-                parent.is_remote if parent is not None else False, int(context.trace_flags),
-                list(state.items()) if state else None, kind.value, start, end, attributes,
-                status.status_code.value, status.description or "",
-            ))  # fmt: skip
+            self.shipper.add(records)
             return
-        self.processor.on_end(ReadableSpan(
-            name, context, parent, self.resource, attributes, kind=kind, status=status, start_time=start,
-            end_time=end, instrumentation_scope=self.scope,
-        ))  # fmt: skip
+        from extauthz.telemetry.span_export import sdk_span
+
+        for record in records:
+            self.processor.on_end(sdk_span(record, self.resource, self.scope))
 
     def shutdown(self) -> None:
         """Flush pending spans (bounded by OTEL_BSP_EXPORT_TIMEOUT) and stop the exporter."""
@@ -321,19 +434,27 @@ class _Stage:
 
 
 class _CheckSpan:
-    """One Check's span (implements decision.CheckTrace)."""
+    """One Check's span (implements decision.CheckTrace). Its stage spans are collected as records
+    and handed on together when the Check ends."""
 
-    __slots__ = ("_ended", "context", "extra", "owner", "parent", "sampled", "start", "token")
+    __slots__ = ("_ended", "_records", "_state", "extra", "owner", "parent", "sampled", "span_hex", "span_id",
+                 "start", "token", "trace_hex", "trace_id")  # fmt: skip
 
-    def __init__(self, owner: Tracing, context: SpanContext, parent: SpanContext | None, sampled: bool,
-                 token: object, extra: dict[str, Any] | None) -> None:  # fmt: skip
+    def __init__(self, owner: Tracing, trace_id: int, span_id: int, trace_state: TraceState | None,
+                 parent: SpanContext | None, sampled: bool, token: Token[tuple[int, int] | None],
+                 extra: dict[str, Any] | None) -> None:  # fmt: skip
         self.owner = owner
-        self.context = context
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.trace_hex = format(trace_id, "032x")
+        self.span_hex = format(span_id, "016x")
+        self._state = list(trace_state.items()) if trace_state else None
         self.parent = parent
         self.sampled = sampled
         self.token = token
         self.extra = extra
         self.start = time.time_ns()
+        self._records: list[SpanRecord] = []
         self._ended = False
 
     def stage(self, stage: str, check: str) -> _Stage | None:
@@ -345,27 +466,17 @@ class _CheckSpan:
         if handle is None:
             return
         end = time.time_ns()
-        owner = self.owner
         attributes: dict[str, Any] = {"extauthz.check": handle.check} if handle.check else {}
-        status = _OK
+        code, description = _UNSET, ""
         if denial is not None:
             attributes["extauthz.denied"] = True
             attributes["extauthz.reason"] = denial.reason
         if error is not None:
             # The type only: an exception's text may quote request data.
-            attributes["error.type"] = type(error).__name__
-            status = Status(StatusCode.ERROR, type(error).__name__)
-        mine = self.context
-        shipper = owner.shipper
-        if shipper is not None:  # the common case, without building a SpanContext
-            state = mine.trace_state
-            shipper.add((handle.name, mine.trace_id, owner.ids.generate_span_id(), mine.span_id, False,
-                         int(mine.trace_flags), list(state.items()) if state else None, _INTERNAL, handle.start, end,
-                         attributes, status.status_code.value, status.description or ""))  # fmt: skip
-            return
-        context = SpanContext(mine.trace_id, owner.ids.generate_span_id(), is_remote=False,
-                              trace_flags=mine.trace_flags, trace_state=mine.trace_state)  # fmt: skip
-        owner.emit(handle.name, context, mine, SpanKind.INTERNAL, attributes, status, handle.start, end)
+            attributes["error.type"] = description = type(error).__name__
+            code = _ERROR
+        self._records.append((handle.name, self.trace_id, self.owner._span_id(), self.span_id, False, 1, self._state,
+                              _INTERNAL, handle.start, end, attributes, code, description))  # fmt: skip
 
     def finish(self, decision: Decision) -> Decision:
         if self.sampled:
@@ -373,24 +484,33 @@ class _CheckSpan:
             if self.extra:
                 attributes.update(self.extra)
             attributes.update(decision_attributes(decision, self.owner.subjects))
-            status = Status(StatusCode.ERROR, decision.reason) if decision.status >= 500 else _OK
-            self._end(attributes, status)
+            if decision.status >= 500:
+                self._end(attributes, _ERROR, decision.reason)
+            else:
+                self._end(attributes, _UNSET, "")
         else:
-            self._end(None, _OK)
-        context = self.context
-        return replace(decision, trace_id=format(context.trace_id, "032x"), span_id=format(context.span_id, "016x"))
+            self._end(None, _UNSET, "")
+        if decision.trace_id == self.trace_hex and decision.span_id == self.span_hex:
+            return decision
+        return replace(decision, trace_id=self.trace_hex, span_id=self.span_hex)
 
     def abort(self) -> None:
-        self._end(dict(_STATIC_ATTRIBUTES) if self.sampled else None, Status(StatusCode.ERROR, "cancelled"))
+        self._end(dict(_STATIC_ATTRIBUTES) if self.sampled else None, _ERROR, "cancelled")
 
-    def _end(self, attributes: dict[str, Any] | None, status: Status) -> None:
+    def _end(self, attributes: dict[str, Any] | None, code: int, description: str) -> None:
         if self._ended:
             return
         self._ended = True
-        otel_context.detach(self.token)  # type: ignore[arg-type]
-        if attributes is not None:
-            self.owner.emit("extauthz.check", self.context, self.parent, SpanKind.SERVER, attributes, status,
-                            self.start, time.time_ns())  # fmt: skip
+        CURRENT_CHECK.reset(self.token)
+        if attributes is None:
+            return
+        parent = self.parent
+        self._records.append((
+            "extauthz.check", self.trace_id, self.span_id, parent.span_id if parent is not None else 0,
+            parent is not None and parent.is_remote, 1, self._state, _SERVER, self.start, time.time_ns(),
+            attributes, code, description,
+        ))  # fmt: skip
+        self.owner.emit(self._records)
 
 
 def outcome(decision: Decision) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -290,9 +291,89 @@ def test_a_dead_exporter_process_drops_and_counts_spans() -> None:
     shipper._proc.wait(10)
     record = ("extauthz.check", 1, 2, 0, False, 1, None, 1, 0, 1, {"a": 1}, 0, "")
     for _ in range(5):
-        shipper.add(record)
+        shipper.add([record])
     deadline = time.monotonic() + 5
     while shipper.dropped < 5 and time.monotonic() < deadline:
         time.sleep(0.02)
     shipper.shutdown()
     assert shipper.dropped == 5 and installed.trace_export_errors._value.get() == 5
+
+
+PARENT_HEADERS = [
+    {},
+    {"traceparent": TRACEPARENT},
+    {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00", "tracestate": "a=1,b=2"},
+    {"traceparent": f" 01-{TRACE_ID}-{PARENT_ID}-03-future\t"},
+    {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01-extra"},
+    {"traceparent": f"ff-{TRACE_ID}-{PARENT_ID}-01"},
+    {"traceparent": f"00-{'0' * 32}-{PARENT_ID}-01"},
+    {"traceparent": f"00-{TRACE_ID.upper()}-{PARENT_ID}-01"},
+    {"traceparent": "garbage", "b3": f"{TRACE_ID}-{PARENT_ID}-1"},
+    {"b3": f"{TRACE_ID}-{PARENT_ID}"},
+    {"b3": f"{TRACE_ID[16:]}-{PARENT_ID}-d"},
+    {"b3": f"{TRACE_ID.upper()}-{PARENT_ID}-true-{'3' * 16}"},
+    {"b3": f"{TRACE_ID}-{PARENT_ID}-0"},
+    {"b3": "1"},
+    {"b3": f"{TRACE_ID}-{PARENT_ID}-1-{'3' * 16}-x"},
+    {"b3": f"{TRACE_ID}-{'0' * 16}-1"},
+    {"b3": f"{TRACE_ID}-zz{PARENT_ID[2:]}-1"},
+    {"x-b3-traceid": TRACE_ID, "x-b3-spanid": PARENT_ID, "x-b3-sampled": "1"},
+    {"x-b3-traceid": TRACE_ID, "x-b3-spanid": PARENT_ID, "x-b3-flags": "1"},
+    {"x-b3-traceid": TRACE_ID, "x-b3-spanid": PARENT_ID},
+    {"x-b3-traceid": TRACE_ID[:15], "x-b3-spanid": PARENT_ID, "x-b3-sampled": "1"},
+]
+
+
+@pytest.mark.parametrize("headers", PARENT_HEADERS)
+def test_native_parent_parsing_agrees_with_the_sdk_propagators(headers: dict[str, str]) -> None:
+    from opentelemetry import trace
+
+    from extauthz.telemetry.tracing import _default_propagator, parse_parent
+
+    context = trace.get_current_span(_default_propagator().extract(headers)).get_span_context()
+    ours = parse_parent(headers)
+    if not context.is_valid:
+        assert ours is None
+        return
+    assert ours is not None
+    assert (ours.trace_id, ours.span_id, ours.sampled) == (context.trace_id, context.span_id, context.trace_flags.sampled)
+    assert dict(ours.trace_state or {}) == dict(context.trace_state or {})
+
+
+@pytest.mark.parametrize(
+    "name", ["always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
+             "parentbased_traceidratio"],
+)  # fmt: skip
+def test_native_sampling_agrees_with_the_sdk_sampler(name: str, monkeypatch) -> None:
+    import random
+
+    from opentelemetry.sdk.trace import sampling
+    from opentelemetry.trace import TraceFlags
+
+    from extauthz.telemetry.tracing import _Parent, _sampling_rule
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.3")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", name)
+    sampler = sampling._get_from_env_or_default()
+    rule = _sampling_rule(sampler)
+    assert rule is not None
+    rng = random.Random(7)
+    for _ in range(300):
+        trace_id = rng.getrandbits(128)
+        parent = None if rng.random() < 0.5 else _Parent(trace_id, rng.getrandbits(64) or 1, rng.random() < 0.5)
+        if parent is None:
+            context = None
+        else:
+            span = trace.NonRecordingSpan(trace.SpanContext(parent.trace_id, parent.span_id, True,
+                                                            TraceFlags(1 if parent.sampled else 0)))  # fmt: skip
+            context = trace.set_span_in_context(span)
+        expected = sampler.should_sample(context, trace_id, "extauthz.check").decision.is_sampled()
+        assert rule(parent, trace_id) == expected
+
+
+def test_a_custom_sampler_is_asked_through_its_own_api() -> None:
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    from extauthz.telemetry.tracing import _sampling_rule
+
+    assert _sampling_rule(ParentBased(TraceIdRatioBased(0.5), remote_parent_not_sampled=TraceIdRatioBased(1.0))) is None
