@@ -138,12 +138,12 @@ class Sidecar:
             self.metrics.malformed.inc()
             log.warning("malformed CheckRequest (%d bytes)", len(request_bytes))
             return to_check_response(_malformed(f"malformed-{self._malformed_count}")).SerializeToString()
-        in_flight = self.metrics.grpc_in_flight
-        in_flight.inc()
+        metrics = self.metrics
+        metrics.in_flight += 1
         try:
             decision = await self.authorizer.check(message)
         finally:
-            in_flight.dec()
+            metrics.in_flight -= 1
         return to_check_response(decision).SerializeToString()
 
     async def _start_grpc(self) -> None:
@@ -226,6 +226,14 @@ class Sidecar:
                                      interval=self.settings.reload_interval)
         self.watcher.mark_loaded()
         self.watcher.start()
+        self._publish_metrics()
+
+    def _publish_metrics(self) -> None:
+        """Every second, publish the per-Check counts the request path keeps in plain Python."""
+        if self._stopping:
+            return
+        self.metrics.flush()
+        asyncio.get_running_loop().call_later(1.0, self._publish_metrics)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight checks finish (up to the grace period), then close."""
@@ -252,6 +260,7 @@ class Sidecar:
             await asyncio.to_thread(self.decision_log.close)
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)
+        self.metrics.flush()
         if process_metrics.current() is self.metrics:
             process_metrics.install(None)
         self._stopped.set()

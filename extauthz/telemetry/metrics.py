@@ -46,6 +46,9 @@ STAGE_BUCKETS = (
 #: Remote fetches (JWKS, introspection) take milliseconds to seconds.
 FETCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+#: Decisions counted before the request path publishes them (also published every second and on scrape).
+FLUSH_EVERY = 1024
+
 #: Values of ``extauthz_store_circuit_state``.
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -121,20 +124,42 @@ class Metrics:
         # Label children are cached: .labels() costs a microsecond, a cached child's inc a fraction.
         self._check_children: dict[tuple[str, str, str], Any] = {}
         self._stage_children: dict[str, Any] = {}
+        #: Checks being decided now (the request path counts in a plain int; see flush).
+        self.in_flight = 0
+        # Per-Check counts and durations wait here until flush(): a dict update and a list append
+        # instead of prometheus-client's locked increments and bucket search on every Check.
+        self._pending_checks: dict[tuple[str, str, str], int] = {}
+        self._pending_durations: list[float] = []
 
     # --- observers (the request path: keep them cheap) -------------------------------------------
     def observe(self, decision: Decision) -> None:
-        """Decision observer: count the outcome and record the duration."""
+        """Decision observer: count the outcome and record the duration (published by flush)."""
         if decision.allowed:
             outcome = "dry_run_deny" if decision.would_deny else "allow"
         else:
             outcome = "deny"
         key = (outcome, decision.reason, decision.policy or "-")
-        child = self._check_children.get(key)
-        if child is None:
-            child = self._check_children[key] = self.checks.labels(*key)
-        child.inc()
-        self.check_duration.observe(decision.duration)
+        pending = self._pending_checks
+        pending[key] = pending.get(key, 0) + 1
+        durations = self._pending_durations
+        durations.append(decision.duration)
+        if len(durations) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Publish what the request path counted since the last flush. Called before every scrape
+        and, by the server, every second (multiprocess mode reads the values other workers wrote)."""
+        pending, self._pending_checks = self._pending_checks, {}
+        durations, self._pending_durations = self._pending_durations, []
+        for key, count in pending.items():
+            child = self._check_children.get(key)
+            if child is None:
+                child = self._check_children[key] = self.checks.labels(*key)
+            child.inc(count)
+        observe = self.check_duration.observe
+        for seconds in durations:
+            observe(seconds)
+        self.grpc_in_flight.set(self.in_flight)
 
     def stage(self, stage: str, seconds: float) -> None:
         """Stage observer: the time one stage of a Check took."""
@@ -146,6 +171,7 @@ class Metrics:
     # --- exposition ------------------------------------------------------------------------------
     def exposition(self) -> bytes:
         """The text served on /metrics: this process' registry, or every process' in multiprocess mode."""
+        self.flush()
         if self.multiprocess:
             from prometheus_client import multiprocess
 

@@ -130,7 +130,12 @@ def test_in_flight_counts_checks_being_decided(policy_dir, policy_yaml) -> None:
     async def scenario() -> None:
         sidecar = Sidecar(Settings(policies=folder, listen=f"127.0.0.1:{_free_port()}", http_port=_free_port()))
         seen: list[float] = []
-        sidecar.authorizer.observers.append(lambda d: seen.append(sidecar.metrics.grpc_in_flight._value.get()))
+
+        def scrape_now(decision: object) -> None:  # a scrape while the Check is being decided
+            sidecar.metrics.flush()
+            seen.append(sidecar.metrics.grpc_in_flight._value.get())
+
+        sidecar.authorizer.observers.append(scrape_now)
         await sidecar.start()
         try:
             await _send(sidecar.settings.listen, [{"method": "GET", "path": "/api/orders"}])
@@ -184,6 +189,7 @@ def test_several_workers_report_one_correct_total(policy_dir, policy_yaml, tmp_p
 
         time.sleep(1.0)  # let the second worker bind too
         asyncio.run(load())
+        time.sleep(1.5)  # each worker publishes its per-Check counts every second (and on its own scrapes)
         for _ in range(6):  # every answer, whichever worker gives it, has the full totals
             s = _scrape(http_port)
             assert _value(s, "extauthz_checks_total", decision="allow", reason="allowed", policy="orders") == 60
