@@ -125,6 +125,23 @@ def _dependencies(expr: ast_pb2.Expr, roots: Iterable[str]) -> list[tuple[str, .
     return sorted(kept)
 
 
+def _plain_path(node: ast_pb2.Expr) -> tuple[str, ...] | None:
+    """The path when the whole expression is a plain read such as ``identity.subject`` or
+    ``request.headers['x-tenant']`` (no ``has()``, no optional access), else None."""
+    kind = node.WhichOneof("expr_kind")
+    if kind == "ident_expr":
+        return (node.ident_expr.name,) if node.ident_expr.name in VARIABLES else None
+    if kind == "select_expr" and not node.select_expr.test_only:
+        base = _plain_path(node.select_expr.operand)
+        return None if base is None else (*base, node.select_expr.field)
+    if kind == "call_expr" and node.call_expr.function == "_[_]" and not node.call_expr.HasField("target"):
+        target, index = node.call_expr.args
+        if index.WhichOneof("expr_kind") == "const_expr" and index.const_expr.HasField("string_value"):
+            base = _plain_path(target)
+            return None if base is None else (*base, index.const_expr.string_value)
+    return None
+
+
 def _check_fields(paths: Iterable[tuple[str, ...]]) -> None:
     for path in paths:
         fields = VARIABLES.get(path[0])
@@ -166,7 +183,7 @@ def _build_activation(
 class Expression:
     """A compiled CEL expression bound to the paths it reads."""
 
-    __slots__ = ("_getters", "_memo", "_program", "paths", "result_type", "source")
+    __slots__ = ("_direct", "_getters", "_memo", "_program", "paths", "result_type", "source")
 
     def __init__(
         self,
@@ -175,6 +192,7 @@ class Expression:
         paths: tuple[tuple[str, ...], ...],
         getters: tuple[Accessor, ...],
         result_type: str,
+        direct: Accessor | None = None,
     ) -> None:
         self.source = source
         self._program = program
@@ -182,6 +200,10 @@ class Expression:
         self._getters = getters
         self.result_type = result_type
         self._memo: dict[tuple, Any] = {}
+        #: For an expression that only reads one value (``identity.subject``): its accessor. A
+        #: string or bool read that way is the result CEL would give, without building an
+        #: activation; anything else (absent, a map, a number) goes through the program.
+        self._direct = direct
 
     @property
     def variables(self) -> frozenset[str]:
@@ -189,6 +211,10 @@ class Expression:
 
     def evaluate(self, ctx: Any) -> Any:
         """Evaluate against ``ctx`` (read through the accessors); raise CelError on any error."""
+        if self._direct is not None:
+            value = self._direct(ctx)
+            if type(value) is str or type(value) is bool:
+                return value
         data, key = _build_activation(self.paths, self._getters, ctx)
         memo = self._memo
         if key is not None:
@@ -242,7 +268,9 @@ def compile_expression(
     if expect is not None and result_type not in (expect, "dyn"):
         raise CelError(f"expression has type {result_type}, expected {expect}")
     getters = tuple(accessor(path) for path in paths)
-    return Expression(source, program, paths, getters, result_type)
+    plain = _plain_path(checked.expr)
+    direct = getters[0] if plain is not None and paths == (plain,) else None
+    return Expression(source, program, paths, getters, result_type, direct)
 
 
 def _clean_message(message: str) -> str:

@@ -88,6 +88,21 @@ def test_missing_header_is_an_error_but_optional_syntax_works() -> None:
     assert compile_("has(request.headers.x)").evaluate(ctx_for()) is False
 
 
+def test_plain_reads_skip_the_runtime_with_the_same_results() -> None:
+    plain = compile_("request.headers['x-tenant']")
+    assert plain._direct is not None
+    assert plain.evaluate(ctx_for(headers={"x-tenant": "acme"})) == "acme"
+    with pytest.raises(CelError, match="x-tenant"):  # absent: the runtime's own error
+        plain.evaluate(ctx_for())
+    assert compile_("request.method").evaluate(ctx_for(method="PUT")) == "PUT"
+    # Not a string or bool (a number, a map): through the runtime, whose conversions apply.
+    assert compile_("request.size").evaluate(ctx_for()) == compile_("request.size + 0").evaluate(ctx_for())
+    assert compile_("request.headers").evaluate(ctx_for(headers={"a": "b"}))["a"] == "b"
+    for source in ("has(request.headers.x)", "request.headers[?'x']", "request.method == 'GET'"):
+        assert compile_(source)._direct is None, source
+    assert compile_("has(request.headers.x)").evaluate(ctx_for(headers={"x": "1"})) is True
+
+
 def test_every_request_field_is_readable() -> None:
     ctx = ctx_for(method="POST", host="h.com", path="/p?q=1&q=2", headers={"a": "b"}, body="hi",
                   source={"address": "10.0.0.1", "port": 9, "principal": "p", "labels": {"l": "v"}},
