@@ -40,7 +40,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Sampler, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace import SpanKind, StatusCode, TraceState
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.context import Denial
@@ -382,26 +382,22 @@ class Tracing:
             parent = self._parse(headers)
             trace_id = parent.trace_id if parent is not None else self.ids.generate_trace_id()
             sampled = self._rule(parent, trace_id)
-            if parent is None:
-                parent_context = None
-            else:
-                parent_context = SpanContext(parent.trace_id, parent.span_id, is_remote=True,
-                                             trace_flags=TraceFlags(TraceFlags.SAMPLED if parent.sampled else 0),
-                                             trace_state=parent.trace_state)  # fmt: skip
-            trace_state, extra = parent.trace_state if parent is not None else None, None
+            trace_state = parent.trace_state if parent is not None else None
+            parent_span_id, parent_remote, extra = (parent.span_id if parent is not None else 0), True, None
         else:
             otel_parent = self.propagator.extract(headers, getter=_GETTER)
             found = trace.get_current_span(otel_parent).get_span_context()
-            parent_context = found if found.is_valid else None
-            trace_id = parent_context.trace_id if parent_context is not None else self.ids.generate_trace_id()
+            parent_span_id = found.span_id if found.is_valid else 0
+            parent_remote = found.is_remote
+            trace_id = found.trace_id if parent_span_id else self.ids.generate_trace_id()
             result = self.sampler.should_sample(otel_parent, trace_id, "extauthz.check", SpanKind.SERVER)
             sampled = result.decision.is_sampled()
             trace_state = result.trace_state if result.trace_state is not None else (
-                parent_context.trace_state if parent_context is not None else None)  # fmt: skip
+                found.trace_state if parent_span_id else None)  # fmt: skip
             extra = dict(result.attributes) if sampled and result.attributes else None
         span_id = self._span_id()
         token = CURRENT_CHECK.set((trace_id, span_id))
-        return _CheckSpan(self, trace_id, span_id, trace_state, parent_context, sampled, token, extra)
+        return _CheckSpan(self, trace_id, span_id, trace_state, parent_span_id, parent_remote, sampled, token, extra)
 
     def stage_name(self, stage: str) -> str:
         name = self._stage_names.get(stage)
@@ -437,11 +433,11 @@ class _CheckSpan:
     """One Check's span (implements decision.CheckTrace). Its stage spans are collected as records
     and handed on together when the Check ends."""
 
-    __slots__ = ("_ended", "_records", "_state", "extra", "owner", "parent", "sampled", "span_hex", "span_id",
-                 "start", "token", "trace_hex", "trace_id")  # fmt: skip
+    __slots__ = ("_ended", "_records", "_state", "extra", "owner", "parent_remote", "parent_span_id", "sampled",
+                 "span_hex", "span_id", "start", "token", "trace_hex", "trace_id")  # fmt: skip
 
     def __init__(self, owner: Tracing, trace_id: int, span_id: int, trace_state: TraceState | None,
-                 parent: SpanContext | None, sampled: bool, token: Token[tuple[int, int] | None],
+                 parent_span_id: int, parent_remote: bool, sampled: bool, token: Token[tuple[int, int] | None],
                  extra: dict[str, Any] | None) -> None:  # fmt: skip
         self.owner = owner
         self.trace_id = trace_id
@@ -449,7 +445,9 @@ class _CheckSpan:
         self.trace_hex = format(trace_id, "032x")
         self.span_hex = format(span_id, "016x")
         self._state = list(trace_state.items()) if trace_state else None
-        self.parent = parent
+        #: The caller's span (0: none, this Check starts the trace).
+        self.parent_span_id = parent_span_id
+        self.parent_remote = parent_remote
         self.sampled = sampled
         self.token = token
         self.extra = extra
@@ -504,10 +502,9 @@ class _CheckSpan:
         CURRENT_CHECK.reset(self.token)
         if attributes is None:
             return
-        parent = self.parent
         self._records.append((
-            "extauthz.check", self.trace_id, self.span_id, parent.span_id if parent is not None else 0,
-            parent is not None and parent.is_remote, 1, self._state, _SERVER, self.start, time.time_ns(),
+            "extauthz.check", self.trace_id, self.span_id, self.parent_span_id,
+            bool(self.parent_span_id) and self.parent_remote, 1, self._state, _SERVER, self.start, time.time_ns(),
             attributes, code, description,
         ))  # fmt: skip
         self.owner.emit(self._records)
