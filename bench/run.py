@@ -97,6 +97,9 @@ SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
                             setup=lambda workdir: __import__("hmac_scenario").hmac_setup(workdir)),
     "tracing": SidecarScenario("tracing on: every Check's spans exported over OTLP gRPC (bench/tracing_scenario.py)",
                                setup=lambda workdir: __import__("tracing_scenario").tracing_setup(workdir)),
+    "tracing-10pct": SidecarScenario(
+        "tracing on as deploy/k8s ships it: parentbased_traceidratio 0.1, requests without trace headers",
+        setup=lambda workdir: __import__("tracing_scenario").tracing_setup(workdir, ratio=0.1)),
     "jwt": SidecarScenario("RS256 JWT bearer token on the accounts-api example policy (bench/jwt_scenario.py)",
                            setup=lambda workdir: __import__("jwt_scenario").jwt_setup(workdir)),
     "quota-redis": SidecarScenario("orders-api + 3 quotas charged in a local Redis (bench/quota_scenario.py)",

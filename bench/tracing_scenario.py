@@ -26,7 +26,10 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 @contextlib.contextmanager
-def tracing_setup(workdir: Path) -> Iterator[dict]:
+def tracing_setup(workdir: Path, *, ratio: float | None = None) -> Iterator[dict]:
+    """Every request sampled (the caller's traceparent says so), or with ``ratio``: the sampling
+    deploy/k8s ships (parentbased_traceidratio), requests without trace headers, so the sidecar
+    starts each trace and samples that fraction of them -- the steady cost in a typical mesh."""
     sys.path.insert(0, str(ROOT / "tests" / "e2e"))
     import _procs
 
@@ -37,15 +40,17 @@ def tracing_setup(workdir: Path) -> Iterator[dict]:
     )  # fmt: skip
     try:
         _procs.wait_for_tcp("127.0.0.1", port, 20, proc=sink)
-        yield {
-            "env": {
-                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                "OTEL_TRACES_SAMPLER": "parentbased_always_on",
-                "OTEL_SERVICE_NAME": "extauthz-bench",
-            },
-            "headers": {"traceparent": TRACEPARENT},
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+            "OTEL_SERVICE_NAME": "extauthz-bench",
         }
+        if ratio is None:
+            yield {"env": env, "headers": {"traceparent": TRACEPARENT}}
+        else:
+            yield {"env": {**env, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                           "OTEL_TRACES_SAMPLER_ARG": str(ratio)}}  # fmt: skip
     finally:
         sink.stop()
         print(f"otlp sink: {sink.log_tail(1)}")
