@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -116,6 +116,8 @@ class SubjectHasher:
 
     mode: str = "hash"
     key: bytes = b""
+    #: Hashes already computed (the same callers come back); bounded.
+    _known: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SubjectHasher:
@@ -132,7 +134,12 @@ class SubjectHasher:
             return {}
         if self.mode == "plain":
             return {"extauthz.identity.subject": subject[:_MAX_ATTRIBUTE_CHARS]}
-        digest = hmac.new(self.key, subject.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:32]
+        digest = self._known.get(subject)
+        if digest is None:
+            digest = hmac.new(self.key, subject.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:32]
+            if len(self._known) >= 4096:
+                self._known.clear()
+            self._known[subject] = digest
         return {"extauthz.identity.subject_hash": digest}
 
 
