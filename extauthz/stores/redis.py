@@ -7,18 +7,33 @@ Connection (``extauthz serve --redis-url URL``, ``--redis-password-file FILE``):
 - ``redis+cluster://h1:6379,h2:6379`` (``rediss+cluster://`` for TLS).
 
 Query parameters (anything else is refused, so a typo is an error at start, not a silent default):
-``timeout`` (deadline of one operation, default 250ms), ``max_connections`` (pool size, default 32),
-``probe_interval`` (how often an open circuit tries Redis again, default 500ms), ``prefix`` (key
-prefix, default ``extauthz``), ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` (TLS files),
-``ssl_check_hostname`` (default true), ``db``. The password comes from the password file (a mounted
-Secret; re-read when it changes) or the URL; the username (Redis ACL) from the URL.
+``timeout`` (deadline of one operation, default 250ms), ``max_connections`` (connections per
+Cluster node, default 32; any other Redis gets one connection), ``probe_interval`` (how often an
+open circuit tries Redis again, default 500ms), ``prefix`` (key prefix, default ``extauthz``),
+``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` (TLS files), ``ssl_check_hostname`` (default
+true), ``db``. The password comes from the password file (a mounted Secret; re-read when it
+changes) or the URL; the username (Redis ACL) from the URL.
 
 Every quota of a request is charged by one Lua script (EVALSHA, falling back to EVAL after a
 NOSCRIPT, e.g. when Redis restarted), using Redis's clock, so replicas with skewed clocks agree.
-Concurrent requests are written to Redis together: calls made in the same event-loop turn share
-one pipelined round trip. Counter keys carry their own hash tag, so they spread over a Cluster; on
-a Cluster the counters of one request that live in different slots are charged by one script per
-slot, sent together, and the charges of a refused request are refunded.
+Counter keys carry their own hash tag, so they spread over a Cluster; on a Cluster the counters of
+one request that live in different slots are charged by one script per slot, sent together, and
+the charges of a refused request are refunded.
+
+A single server (or a Sentinel's master) is spoken to over one pipelined connection of our own, an
+asyncio Protocol with hiredis's parser, not redis-py's client: a round trip is on the path of every
+request, and redis-py's connection, per-read bookkeeping and the tasks and timers around them cost
+more CPU than the round trip itself. Commands issued in one event-loop turn leave in one write at
+the end of that turn, so concurrent requests share a round trip without any of them waiting for
+another, and under load a write carries many. Redis answers in order, so replies resolve the
+waiting commands from the oldest. One timer watches the earliest deadline of the waiting commands,
+rather than a timer set and cancelled for every command: past it, Redis or the network is stuck
+and a late reply would answer the wrong command, so every waiting command fails and the connection
+is dropped. A connection Redis closes (killed, restarted) fails its commands at once rather than at
+the deadline. The next command opens a new connection (AUTH with the password file's current
+password, SELECT; through Sentinel, the master's address is asked anew), inside its own deadline.
+A Cluster goes through redis-py's cluster pipeline (it knows the slots and follows redirections),
+in batches over a few long-lived tasks.
 
 A circuit breaker guards the request path: the first error, or a second ``timeout`` in a row (one
 slow round trip may be a pause of this process), opens it. Then every operation fails at once with
@@ -32,17 +47,18 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
+import ssl
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import hiredis
+from hiredis import pack_command
 from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -300,31 +316,347 @@ class _PasswordFile(CredentialProvider):
         return self.get_credentials()
 
 
+#: Error replies that callers tell apart (redis-py's classes); any other error reply is a ResponseError.
+_ERRORS: dict[str, type[redis_errors.ResponseError] | type[redis_errors.ConnectionError]] = {
+    "NOSCRIPT": redis_errors.NoScriptError,
+    "READONLY": redis_errors.ReadOnlyError,
+    "WRONGPASS": redis_errors.AuthenticationError,
+    "NOAUTH": redis_errors.AuthenticationError,
+    "NOPERM": redis_errors.NoPermissionError,
+    "LOADING": redis_errors.BusyLoadingError,
+    "OOM": redis_errors.OutOfMemoryError,
+}
+#: One command on its way: the caller's future, the EVAL to send after a NOSCRIPT, the deadline (loop time).
+_Waiting = tuple[asyncio.Future[Any], tuple[Any, ...] | None, float]
+
+
+def _error_reply(reply: redis_errors.ResponseError) -> Exception:
+    """An error reply as redis-py would raise it ("NOSCRIPT No matching script" -> NoScriptError)."""
+    message = str(reply)
+    code, _, rest = message.partition(" ")
+    error_class = _ERRORS.get(code)
+    return reply if error_class is None else error_class(rest)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to Redis, pipelined: commands are written in order, replies matched in order.
+
+    Built by :class:`_Pipeline`, which owns the commands' entry point (the hot path lives there).
+    """
+
+    def __init__(self, pipeline: _Pipeline, loop: asyncio.AbstractEventLoop) -> None:
+        self.pipeline = pipeline
+        self.loop = loop
+        self.transport: asyncio.BaseTransport | None = None
+        self.reader = hiredis.Reader(protocolError=redis_errors.InvalidResponse,
+                                     replyError=redis_errors.ResponseError)  # fmt: skip
+        #: Every command written or to be written, oldest first; replies resolve them from the left.
+        self.waiting: deque[_Waiting] = deque()
+        #: Commands not yet written (packed), in the order of ``waiting``.
+        self.out: list[bytes] = []
+        #: Connected and past AUTH/SELECT: commands may be written.
+        self.ready = False
+        #: A write of ``out`` is scheduled for the end of this loop turn.
+        self.flushing = False
+        #: Dropped: its commands have failed, nothing more is read or written.
+        self.closed = False
+        #: The one timer, at the earliest deadline of the waiting commands when it was armed
+        #: (``watchdog_at``); re-armed when it fires, not when replies come (see _expire).
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.watchdog_at = 0.0
+        #: Connecting and the handshake (see _Pipeline._establish).
+        self.task: asyncio.Task[None] | None = None
+
+    # --- asyncio.Protocol ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if self.closed:  # timed out while connecting
+            transport.abort()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        reader = self.reader
+        reader.feed(data)
+        waiting = self.waiting
+        resend = False
+        while True:
+            try:
+                reply = reader.gets()
+            except redis_errors.InvalidResponse as exc:
+                self.fail(exc)
+                return
+            if reply is False:
+                break
+            if not waiting:
+                self.fail(redis_errors.InvalidResponse("redis sent a reply for no command"))
+                return
+            future, fallback, deadline = waiting.popleft()
+            if type(reply) is redis_errors.ResponseError:
+                error = _error_reply(reply)
+                if future.done():
+                    continue  # the caller gave up
+                if fallback is not None and type(error) is redis_errors.NoScriptError:
+                    # The script is not loaded (Redis restarted, or SCRIPT FLUSH): send it with the
+                    # command, behind the ones already queued, answering the same caller.
+                    waiting.append((future, None, deadline))
+                    self.out.append(pack_command(fallback))
+                    resend = True
+                    continue
+                future.set_exception(error)
+                if type(error) is redis_errors.ReadOnlyError:
+                    # A replica now (a Sentinel failover): the next connection asks for the master again.
+                    self.fail(redis_errors.ConnectionError("redis is a read-only replica now"))
+                    return
+            elif not future.done():
+                future.set_result(reply)
+        if resend and not self.flushing:
+            self.flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # close; connection_lost fails what is waiting
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.closed:
+            # Redis went away (killed, restarted, a network failure): say so now rather than at the deadline.
+            why = f": {_describe(exc)}" if exc is not None else ""
+            self.fail(redis_errors.ConnectionError(f"redis closed the connection{why}"))
+
+    # --- ours ------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write every queued command at once (scheduled by the first command of a loop turn)."""
+        self.flushing = False
+        out = self.out
+        if not out or self.closed:
+            return
+        pipeline = self.pipeline
+        pipeline.batches += 1
+        pipeline.commands += len(out)
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
+        out.clear()
+
+    def handshake(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
+        """Write ``commands`` ahead of everything queued (nothing was written yet); their futures."""
+        deadline = self.waiting[0][2] if self.waiting else self.loop.time() + self.pipeline.timeout
+        entries = [(self.loop.create_future(), None, deadline) for _ in commands]
+        self.waiting.extendleft(reversed(entries))
+        self.transport.write(b"".join(pack_command(args) for args in commands))  # type: ignore[union-attr]
+        return [future for future, _, _ in entries]
+
+    def start(self) -> None:
+        """Connected and authenticated: write what queued up meanwhile."""
+        self.ready = True
+        if not self.flushing:
+            self.flush()
+
+    def _expire(self) -> None:
+        """The watchdog: fail everything if a command is past its deadline, else wait for the earliest."""
+        self.watchdog = None
+        if self.closed or not self.waiting:
+            return
+        # Deadlines are nearly in order (all but the probe's and the start's have the same timeout):
+        # this scan runs once per timer, not per command.
+        deadline = min(entry[2] for entry in self.waiting)
+        if deadline - self.loop.time() > 0.001:  # the one it was armed for was answered meanwhile
+            self.watchdog = self.loop.call_at(deadline, self._expire)
+            self.watchdog_at = deadline
+            return
+        # No reply in time: Redis (or the network) is stuck, and a late reply would answer the
+        # wrong command; every command waiting here fails and the next one gets a new connection.
+        self.fail(TimeoutError("redis did not answer in time"))
+
+    def fail(self, exc: BaseException) -> None:
+        """Fail every waiting command with ``exc`` and drop the connection."""
+        if self.pipeline._conn is self:
+            self.pipeline._conn = None
+        if self.closed:
+            return
+        self.closed = True
+        self.ready = False
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        self.out.clear()
+        waiting, self.waiting = self.waiting, deque()
+        for future, _, _ in waiting:
+            if not future.done():
+                future.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()  # type: ignore[attr-defined]
+        task = self.task
+        if task is not None and not task.done() and task is not asyncio.current_task(self.loop):
+            task.cancel()  # still connecting
+
+    def abandon(self) -> None:
+        """Drop a connection of another (finished) event loop without touching its futures."""
+        self.closed = True
+        with contextlib.suppress(Exception):
+            if self.transport is not None:
+                self.transport.abort()  # type: ignore[attr-defined]
+
+
+class _Pipeline:
+    """Commands to one Redis server (or a Sentinel's master) over one pipelined connection.
+
+    ``submit`` queues a command and returns its future; the commands of one event-loop turn leave
+    in one write at the end of the turn. The connection is opened by the first command that needs
+    it (the others queue behind the handshake) and dropped on a timeout, an error or when Redis
+    closes it; the next command opens a new one.
+    """
+
+    def __init__(
+        self, settings: RedisSettings, credentials: CredentialProvider | None, sentinel_kwargs: dict[str, Any]
+    ) -> None:
+        self.settings = settings
+        self.credentials = credentials
+        self.timeout = settings.timeout
+        self.sentinel_kwargs = sentinel_kwargs
+        self._conn: _Connection | None = None
+        self._sentinel: tuple[asyncio.AbstractEventLoop, Sentinel] | None = None
+        self._ssl: ssl.SSLContext | None = None
+        #: Writes and commands sent (diagnostics: commands per write shows how much is shared).
+        self.batches = 0
+        self.commands = 0
+
+    def submit(
+        self, args: tuple[Any, ...], fallback: tuple[Any, ...] | None = None, timeout: float | None = None
+    ) -> asyncio.Future[Any]:
+        """Send ``args``; the future gets the reply or the exception. ``fallback`` replaces a NOSCRIPT.
+
+        ``timeout`` (default: the store's) bounds everything: connecting, the handshake, the reply.
+        """
+        loop = asyncio.get_running_loop()
+        conn = self._conn
+        if conn is None or conn.loop is not loop:
+            conn = self._connect(loop)
+        packed = pack_command(args)
+        future = loop.create_future()
+        deadline = loop.time() + (timeout or self.timeout)
+        conn.waiting.append((future, fallback, deadline))
+        conn.out.append(packed)
+        watchdog = conn.watchdog
+        if watchdog is None or deadline < conn.watchdog_at:
+            if watchdog is not None:
+                watchdog.cancel()
+            conn.watchdog = loop.call_at(deadline, conn._expire)
+            conn.watchdog_at = deadline
+        if conn.ready and not conn.flushing:
+            conn.flushing = True
+            loop.call_soon(conn.flush)
+        return future
+
+    def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        if self._conn is not None:
+            # Another event loop (tests, or a restarted one): the old connection is unusable.
+            self._conn.abandon()
+        conn = _Connection(self, loop)
+        self._conn = conn
+        conn.task = loop.create_task(self._establish(conn), name="redis-connect")
+        return conn
+
+    async def _establish(self, conn: _Connection) -> None:
+        s = self.settings
+        loop = conn.loop
+        try:
+            if s.mode == "unix":
+                await loop.create_unix_connection(lambda: conn, s.path)
+            else:
+                if s.mode == "sentinel":
+                    host, port = await self._sentinel_for(loop).discover_master(s.service)
+                else:
+                    host, port = s.hosts[0]
+                await loop.create_connection(lambda: conn, host, port, ssl=self._ssl_context() if s.tls else None)
+            commands = self._handshake()
+            if commands and not conn.closed:
+                await asyncio.gather(*conn.handshake(commands))
+        except asyncio.CancelledError:
+            # The deadline passed (the commands failed already) or the loop is shutting down.
+            conn.fail(StoreError("the store is closed"))
+            raise
+        except Exception as exc:
+            conn.fail(exc if isinstance(exc, _FAILURES) else redis_errors.ConnectionError(_describe(exc)))
+            return
+        if not conn.closed:
+            conn.start()
+
+    def _handshake(self) -> list[tuple[Any, ...]]:
+        """AUTH (with the password file's current password) and SELECT, for a new connection."""
+        s = self.settings
+        commands: list[tuple[Any, ...]] = []
+        credentials: tuple[str, ...] = ()
+        if self.credentials is not None:
+            credentials = self.credentials.get_credentials()
+        elif s.username or s.password:
+            credentials = (s.username, s.password or "") if s.username else (s.password or "",)
+        if credentials:
+            commands.append(("AUTH", *credentials))
+        if s.db:
+            commands.append(("SELECT", s.db))
+        return commands
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """Built once, as redis-py does: the system CAs plus ``ssl_ca_certs``, a client certificate if given."""
+        if self._ssl is None:
+            s = self.settings
+            context = ssl.create_default_context()
+            context.check_hostname = s.ssl_check_hostname
+            context.verify_mode = ssl.CERT_REQUIRED
+            if s.ssl_certfile or s.ssl_keyfile:
+                context.load_cert_chain(certfile=s.ssl_certfile, keyfile=s.ssl_keyfile)  # type: ignore[arg-type]
+            if s.ssl_ca_certs:
+                context.load_verify_locations(cafile=s.ssl_ca_certs)
+            self._ssl = context
+        return self._ssl
+
+    def _sentinel_for(self, loop: asyncio.AbstractEventLoop) -> Sentinel:
+        """redis-py's Sentinel client, asked for the master's address on each new connection."""
+        if self._sentinel is None or self._sentinel[0] is not loop:
+            s = self.settings
+            self._sentinel = (loop, Sentinel(list(s.hosts), sentinel_kwargs=self.sentinel_kwargs))
+        return self._sentinel[1]
+
+    async def aclose(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            if conn.loop is asyncio.get_running_loop():
+                conn.fail(StoreError("the store is closed"))
+                if conn.task is not None:
+                    with contextlib.suppress(BaseException):
+                        await conn.task
+            else:
+                conn.abandon()
+            self._conn = None
+        sentinel, self._sentinel = self._sentinel, None
+        if sentinel is not None and sentinel[0] is asyncio.get_running_loop():
+            for client in sentinel[1].sentinels:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+
 @dataclass(slots=True)
 class _Call:
-    """One command for the pipeline; ``fallback`` replaces an EVALSHA after NOSCRIPT."""
+    """One command for the cluster pipeline; ``fallback`` replaces an EVALSHA after NOSCRIPT."""
 
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
     fallback: tuple[Any, ...] | None = None
 
 
-class _Pipeliner:
-    """Writes commands to Redis in batches over a few long-lived connections ("lanes").
+class _ClusterPipeliner:
+    """Writes commands to a Redis Cluster in batches over a few long-lived "lanes".
 
-    Each lane is a task that owns one connection: it takes every pending command, writes them in
-    one go, reads the replies, and comes back for more. While the lanes are busy, new commands
-    wait and leave together in the next batch, so under load the cost of a round trip (a write,
-    a wake-up, the connection's bookkeeping) is shared by many requests, and with little load a
-    command leaves at once. A request therefore waits at most one round trip before its own.
+    Each lane is a task: it takes every pending command, sends them through redis-py's cluster
+    pipeline (which knows the slots and follows MOVED/ASK), and comes back for more. While the
+    lanes are busy, new commands wait and leave together in the next batch, so under load the cost
+    of a round trip is shared by many requests, and with little load a command leaves at once.
 
     The deadline is per batch (one timer instead of one per request).
     """
 
-    def __init__(self, client: Any, timeout: float, *, cluster: bool, lanes: int = 2, max_batch: int = 256) -> None:
+    def __init__(self, client: Any, timeout: float, *, lanes: int = 2, max_batch: int = 256) -> None:
         self.client = client
         self.timeout = timeout
-        self.cluster = cluster
         self.lanes = lanes
         self.max_batch = max_batch
         self._pending: list[_Call] = []
@@ -336,10 +668,15 @@ class _Pipeliner:
         self.batches = 0
         self.commands = 0
 
-    def submit(self, args: tuple[Any, ...], fallback: tuple[Any, ...] | None = None) -> asyncio.Future[Any]:
+    def submit(
+        self, args: tuple[Any, ...], fallback: tuple[Any, ...] | None = None, timeout: float | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue ``args`` for the next batch (``timeout`` is unused: the batch's deadline applies)."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
-            self._start_lanes(loop)
+            self._loop = loop
+            self._idle = []
+            self._tasks = [loop.create_task(self._lane(), name=f"redis-lane-{i}") for i in range(self.lanes)]
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append(_Call(args, future, fallback))
         while self._idle:
@@ -349,57 +686,35 @@ class _Pipeliner:
                 break
         return future
 
-    def _start_lanes(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop is not None and not self.cluster:
-            # Another event loop (tests, or a restarted one): connections of the old one are unusable.
-            self.client.connection_pool.reset()
-        self._loop = loop
-        self._idle = []
-        self._tasks = [loop.create_task(self._lane(), name=f"redis-lane-{i}") for i in range(self.lanes)]
-
     async def _lane(self) -> None:
-        connection: Any = None
         loop = asyncio.get_running_loop()
-        try:
-            while True:
-                while not self._pending:
-                    waiter: asyncio.Future[None] = loop.create_future()
-                    self._idle.append(waiter)
-                    await waiter
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                connection = await self._send(batch, connection)
-        finally:
-            if connection is not None:
-                with contextlib.suppress(Exception):
-                    await connection.disconnect()
-                with contextlib.suppress(Exception):
-                    await self.client.connection_pool.release(connection)
+        while True:
+            while not self._pending:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            await self._send(batch)
 
-    async def _send(self, batch: list[_Call], connection: Any) -> Any:
-        """Send one batch and resolve its futures; returns the lane's connection (None: none yet)."""
+    async def _send(self, batch: list[_Call]) -> None:
+        """Send one batch and resolve its futures."""
         self.batches += 1
         self.commands += len(batch)
         try:
             async with asyncio.timeout(self.timeout):
-                if connection is None and not self.cluster:
-                    # Inside the deadline: connecting includes a handshake that a dead server never answers.
-                    connection = await self.client.connection_pool.get_connection()
-                replies = await self._execute([call.args for call in batch], connection)
+                replies = await self._execute([call.args for call in batch])
                 retry = [
                     i
                     for i, reply in enumerate(replies)
                     if isinstance(reply, redis_errors.NoScriptError) and batch[i].fallback is not None
                 ]
                 if retry:
-                    again = await self._execute([batch[i].fallback for i in retry], connection)  # type: ignore[misc]
+                    again = await self._execute([batch[i].fallback for i in retry])  # type: ignore[misc]
                     for i, reply in zip(retry, again, strict=True):
                         replies[i] = reply
         except Exception as exc:
-            if connection is not None:
-                with contextlib.suppress(Exception):
-                    await connection.disconnect()  # out of step with the server now; reconnects when next used
             _fail(batch, exc)
-            return connection
+            return
         except BaseException:  # the lane is cancelled (the store closes): nobody may wait forever
             _fail(batch, StoreError("the store is closed"))
             raise
@@ -410,35 +725,13 @@ class _Pipeliner:
                 call.future.set_exception(reply)
             else:
                 call.future.set_result(reply)
-        return connection
 
-    async def _execute(self, commands: list[tuple[Any, ...]], connection: Any) -> list[Any]:
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """One reply per command, in order; an error reply (e.g. NOSCRIPT) is returned, not raised."""
-        if self.cluster:
-            pipe = self.client.pipeline(transaction=False)
-            for args in commands:
-                pipe.execute_command(*args)
-            return list(await pipe.execute(raise_on_error=False))
-        # One write, then the replies: redis-py's connection and (hiredis) parser without its
-        # Pipeline objects, which cost more than the round trip itself.
-        payload = b"".join(_pack(args) for args in commands)
-        for attempt in (1, 2):
-            try:
-                await connection.send_packed_command(payload, check_health=False)  # connects if needed
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        # No per-read timer: the batch has one deadline (see _send).
-                        replies.append(await connection.read_response(timeout=math.inf))
-                    except redis_errors.ResponseError as exc:
-                        replies.append(exc)
-                return replies
-            except redis_errors.ConnectionError:
-                await connection.disconnect()
-                if attempt == 2:
-                    raise
-                # The connection was to a Redis that restarted since: once more on a fresh one.
-        raise AssertionError("unreachable")
+        pipe = self.client.pipeline(transaction=False)
+        for args in commands:
+            pipe.execute_command(*args)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def aclose(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -469,8 +762,14 @@ class RedisStore:
         self.cluster = self.settings.mode == "cluster"
         #: Every key this store writes starts with it (``prefix`` URL parameter).
         self._key_prefix = self.settings.prefix + ":"
-        self.client = self._client()
-        self._pipeliner = _Pipeliner(self.client, self.timeout, cluster=self.cluster)
+        #: A Cluster goes through redis-py's RedisCluster (None for the other modes: see _Pipeline).
+        self.client: Any = None
+        self._pipeline: _Pipeline | _ClusterPipeliner
+        if self.cluster:
+            self.client = self._cluster_client()
+            self._pipeline = _ClusterPipeliner(self.client, self.timeout)
+        else:
+            self._pipeline = _Pipeline(self.settings, self._credentials, self._sentinel_kwargs())
         self._charge_sha = hashlib.sha1(CHARGE_SCRIPT.encode()).hexdigest()
         self._refund_sha = hashlib.sha1(REFUND_SCRIPT.encode()).hexdigest()
         self.started = False
@@ -510,35 +809,26 @@ class RedisStore:
             )
         return kwargs
 
-    def _client(self) -> Any:
+    def _cluster_client(self) -> Any:
         s = self.settings
         kwargs = self._connection_kwargs()
-        if s.mode == "cluster":
-            if s.tls:
-                kwargs["ssl"] = True
-            return RedisCluster(
-                startup_nodes=[ClusterNode(h, p) for h, p in s.hosts], max_connections=s.max_connections, **kwargs
-            )
-        if s.mode == "sentinel":
-            if s.tls:
-                kwargs["ssl"] = True
-            sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("ssl") or k == "socket_connect_timeout"}
-            # Sentinels are asked only when connecting: a timeout lets a dead one be skipped for the next.
-            sentinel_kwargs["socket_timeout"] = s.timeout
-            sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)  # the default backs off for seconds
-            sentinel = Sentinel(list(s.hosts), sentinel_kwargs=sentinel_kwargs, db=s.db, **kwargs)
-            return sentinel.master_for(s.service, redis_class=Redis, max_connections=s.max_connections)
-        connection_class: type[Connection] | type[UnixDomainSocketConnection]
-        if s.mode == "unix":
-            connection_class = UnixDomainSocketConnection
-            kwargs["path"] = s.path
-        else:
-            connection_class = SSLConnection if s.tls else Connection
-            kwargs["host"], kwargs["port"] = s.hosts[0]
-        pool = BlockingConnectionPool(
-            connection_class=connection_class, max_connections=s.max_connections, timeout=s.timeout, db=s.db, **kwargs
+        if s.tls:
+            kwargs["ssl"] = True
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in s.hosts], max_connections=s.max_connections, **kwargs
         )
-        return Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
+
+    def _sentinel_kwargs(self) -> dict[str, Any]:
+        """How to talk to the sentinels themselves (TLS as for the master, no AUTH)."""
+        s = self.settings
+        kwargs = self._connection_kwargs()
+        if s.tls:
+            kwargs["ssl"] = True
+        sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("ssl") or k == "socket_connect_timeout"}
+        # Sentinels are asked only when connecting: a timeout lets a dead one be skipped for the next.
+        sentinel_kwargs["socket_timeout"] = s.timeout
+        sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)  # the default backs off for seconds
+        return sentinel_kwargs
 
     # --- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -560,8 +850,9 @@ class RedisStore:
             for script in (CHARGE_SCRIPT, REFUND_SCRIPT):
                 await self.client.execute_command("SCRIPT", "LOAD", script, target_nodes=self.client.get_primaries())
         else:
-            for script in (CHARGE_SCRIPT, REFUND_SCRIPT):
-                await self.client.script_load(script)
+            timeout = max(self.timeout, 1.0)  # connecting (TLS, sentinels) at start may take longer
+            scripts = (CHARGE_SCRIPT, REFUND_SCRIPT)
+            await asyncio.gather(*(self._pipeline.submit(("SCRIPT", "LOAD", s), timeout=timeout) for s in scripts))
 
     async def aclose(self) -> None:
         for task in (self._probe, self._watch):
@@ -569,9 +860,10 @@ class RedisStore:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        await self._pipeliner.aclose()
-        with contextlib.suppress(Exception):
-            await self.client.aclose()
+        await self._pipeline.aclose()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
 
     async def _watch_password(self) -> None:
         assert self._credentials is not None
@@ -616,7 +908,8 @@ class RedisStore:
                         await self.client.initialize()
                         await self.client.execute_command("PING", target_nodes=self.client.get_primaries())
                     else:
-                        await self.client.ping()
+                        # On the connection requests use: when it answers, it is ready for them.
+                        await self._pipeline.submit(("PING",), timeout=max(self.timeout, 0.5))
             except _FAILURES:
                 _circuit_metric("open")
                 continue
@@ -637,7 +930,7 @@ class RedisStore:
             self._ensure_probe()
             raise StoreError("redis circuit is open")
         try:
-            reply = await self._pipeliner.submit(args, fallback)
+            reply = await self._pipeline.submit(args, fallback)
         except _FAILURES as exc:
             if isinstance(exc, TimeoutError | redis_errors.TimeoutError) and not self._slow:
                 # One slow round trip can be a pause of this process (GC, a CPU spike), not Redis:
@@ -714,15 +1007,6 @@ class RedisStore:
             _store_error_metric("charge")
             raise StoreError("redis charge script gave an unexpected reply") from None
         return values[0] == 1, results
-
-
-def _pack(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP (an array of bulk strings)."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
 
 
 def _describe(exc: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_a_dead_redis_costs_one_timeout_then_fails_fast_and_recovery_is_automati
             while store.circuit_open and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert not store.circuit_open
-            # The script is gone from the new server and the pooled connections are dead: both handled.
+            # The script is gone from the new server and the old connection is dead: both handled.
             assert (await store.charge([hourly(5)]))[0].remaining == 4
             assert store.trips == 1
         finally:
@@ -137,8 +138,12 @@ def test_a_dead_redis_costs_one_timeout_then_fails_fast_and_recovery_is_automati
     run(test)
 
 
-def test_a_redis_that_stops_answering_costs_two_timeouts_then_fails_fast() -> None:
-    """A black hole (accepts, never answers): one slow round trip may be our own pause, two open the circuit."""
+@pytest.mark.parametrize("credentials", ["", "app:secret@"])
+def test_a_redis_that_stops_answering_costs_two_timeouts_then_fails_fast(credentials: str) -> None:
+    """A black hole (accepts, never answers): one slow round trip may be our own pause, two open the circuit.
+
+    With credentials, the connection's AUTH is what goes unanswered: connecting is inside the deadline.
+    """
 
     async def test() -> None:
         async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -147,7 +152,7 @@ def test_a_redis_that_stops_answering_costs_two_timeouts_then_fails_fast() -> No
 
         hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
         port = hole.sockets[0].getsockname()[1]
-        store = RedisStore(f"redis://127.0.0.1:{port}/0?timeout=150ms&probe_interval=10s")
+        store = RedisStore(f"redis://{credentials}127.0.0.1:{port}/0?timeout=150ms&probe_interval=10s")
         try:
             for _ in range(2):
                 t0 = time.perf_counter()
@@ -162,6 +167,103 @@ def test_a_redis_that_stops_answering_costs_two_timeouts_then_fails_fast() -> No
         finally:
             await store.aclose()
             hole.close()
+
+    run(test)
+
+
+def test_a_command_in_flight_when_redis_dies_fails_at_once_not_at_the_deadline(redis_factory: Any) -> None:
+    redis_server = redis_factory(extra=("--enable-debug-command", "local"))
+
+    async def test() -> None:
+        store = await started(redis_server.url + "?timeout=5s&probe_interval=10s")
+        try:
+            assert (await store.charge([hourly(5)]))[0].allowed
+            pause = asyncio.create_task(asyncio.to_thread(redis_server.client().execute_command, "DEBUG", "SLEEP", "3"))
+            await asyncio.sleep(0.1)
+            in_flight = asyncio.ensure_future(store.charge([hourly(5)]))
+            await asyncio.sleep(0.1)
+            t0 = time.perf_counter()
+            redis_server.kill()
+            with pytest.raises(StoreError, match="ConnectionError"):
+                await in_flight
+            assert time.perf_counter() - t0 < 1.0  # the connection closed: no waiting for the 5 s deadline
+            assert store.circuit_open and store.trips == 1
+            with contextlib.suppress(Exception):
+                await pause  # its client saw the server die too
+        finally:
+            await store.aclose()
+
+    run(test)
+
+
+def test_commands_issued_together_share_one_write(redis_server: Any) -> None:
+    async def test() -> None:
+        store = await started(redis_server.url)
+        try:
+            pipeline = store._pipeline
+            batches, commands = pipeline.batches, pipeline.commands
+            results = await asyncio.gather(*(store.charge([hourly(10, f"k{i % 5}")]) for i in range(50)))
+            assert sorted(r[0].allowed for r in results) == [True] * 50
+            assert (pipeline.batches - batches, pipeline.commands - commands) == (1, 50)
+        finally:
+            await store.aclose()
+
+    run(test)
+
+
+def test_noscript_fallbacks_in_a_shared_write_answer_their_own_callers(redis_server: Any) -> None:
+    """After a SCRIPT FLUSH every EVALSHA of a write fails; each is sent again as EVAL, in order, among other commands."""
+    redis_server.client().sadd("revoked", "member")
+
+    async def test() -> list[Any]:
+        store = await started(redis_server.url)
+        try:
+            redis_server.client().script_flush()
+            return list(await asyncio.gather(
+                store.charge([hourly(2, "a")]), store.is_member("revoked", "member"),
+                store.charge([hourly(3, "b", cost=2)]), store.remember_once("nonce", 60),
+                store.is_member("revoked", "other"), store.charge([hourly(2, "a")]), store.charge([hourly(2, "a")]),
+            ))  # fmt: skip
+        finally:
+            await store.aclose()
+
+    a1, member, b, fresh, other, a2, a3 = run(test)
+    assert (member, fresh, other) == (True, True, False)
+    assert [(r[0].allowed, r[0].remaining) for r in (a1, b, a2, a3)] == [(True, 1), (True, 1), (True, 0), (False, 0)]
+
+
+def test_unix_socket_and_a_database_number(redis_factory: Any, tmp_path: Path) -> None:
+    socket_path = tmp_path / "redis.sock"
+    server = redis_factory(extra=("--unixsocket", str(socket_path), "--unixsocketperm", "700"))
+
+    async def test() -> list[bool]:
+        store = await started(f"unix://{socket_path}?db=3")
+        try:
+            return [(await store.charge([hourly(1)]))[0].allowed for _ in range(2)]
+        finally:
+            await store.aclose()
+
+    assert run(test) == [True, False]
+    assert list(server.client().info("keyspace")) == ["db3"]
+
+
+def test_an_acl_user_from_the_url_with_the_password_from_the_url_or_a_file(redis_server: Any, tmp_path: Path) -> None:
+    redis_server.client().acl_setuser("app", enabled=True, passwords=["+app-secret"], keys=["*"], commands=["+@all"])
+    secret = tmp_path / "password"
+    secret.write_text("app-secret\n")
+    port = redis_server.port
+
+    async def test() -> None:
+        from_url = await started(f"redis://app:app-secret@127.0.0.1:{port}/0")
+        from_file = await started(f"redis://app@127.0.0.1:{port}/0", password_file=str(secret))
+        wrong = await started(f"redis://app:nope@127.0.0.1:{port}/0?probe_interval=10s")
+        try:
+            assert (await from_url.charge([hourly(2)]))[0].remaining == 1
+            assert (await from_file.charge([hourly(2)]))[0].remaining == 0
+            assert wrong.circuit_open  # WRONGPASS at start: failing fast, never allowing
+        finally:
+            for store in (from_url, from_file, wrong):
+                await store.aclose()
 
     run(test)
 
@@ -263,11 +365,16 @@ def test_the_password_file_is_reread_when_it_changes(redis_factory: Any, tmp_pat
         store = await started(server.url, password_file=str(secret))
         try:
             assert (await store.charge([hourly(5)]))[0].allowed
-            server.client().config_set("requirepass", "second")
+            admin = server.client()
+            admin.config_set("requirepass", "second")
             secret.write_text("second")
             assert store._credentials is not None and store._credentials.reload() is True
-            await store.client.connection_pool.disconnect()  # as after a Redis restart
+            # As after a Redis restart: the server drops the store's connection (the store sees it
+            # close), and the next command opens a new one, authenticated with the new password.
+            assert admin.client_kill_filter(_type="normal", skipme=True) == 1
+            await asyncio.sleep(0.05)
             assert (await store.charge([hourly(5)]))[0].allowed
+            assert not store.circuit_open
         finally:
             await store.aclose()
 
