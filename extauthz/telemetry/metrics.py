@@ -13,6 +13,8 @@ values to files there and ``/metrics`` (served by any worker) aggregates all of 
 
 from __future__ import annotations
 
+import bisect
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -156,9 +158,8 @@ class Metrics:
             if child is None:
                 child = self._check_children[key] = self.checks.labels(*key)
             child.inc(count)
-        observe = self.check_duration.observe
-        for seconds in durations:
-            observe(seconds)
+        if durations:
+            _observe_many(self.check_duration, durations)
         self.grpc_in_flight.set(self.in_flight)
 
     def stage(self, stage: str, seconds: float) -> None:
@@ -179,6 +180,29 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _observe_many(histogram: Histogram, values: list[float]) -> None:
+    """``histogram.observe(v) for v in values``, with one increment per bucket instead of per value.
+
+    prometheus-client has no batch API; this uses its Histogram's value slots (``_upper_bounds``,
+    ``_buckets``, ``_sum``; stable for years, in single and multiprocess mode alike) when they are
+    there, and falls back to observe() one by one when a version lays them out differently.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    slots = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or slots is None or total is None or len(bounds) != len(slots):
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect.bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value
+    for slot, count in zip(slots, counts, strict=True):
+        if count:
+            slot.inc(count)
+    total.inc(math.fsum(values))
 
 
 def _version() -> str:

@@ -224,3 +224,22 @@ def test_workers_bounds(workers: str, tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--policies", str(tmp_path), "--workers", workers],
                          capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=60)  # fmt: skip
     assert res.returncode == 2
+
+
+def test_batched_durations_give_the_same_histogram_as_one_by_one() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from extauthz.telemetry.metrics import DURATION_BUCKETS, _observe_many
+
+    values = [0.0, 0.000025, 0.00003, 0.0001, 0.0007, 0.0025, 0.3, 1.0, 7.5] * 3
+    one, batched = CollectorRegistry(), CollectorRegistry()
+    by_one = Histogram("d", "d", buckets=DURATION_BUCKETS, registry=one)
+    for value in values:
+        by_one.observe(value)
+    _observe_many(Histogram("d", "d", buckets=DURATION_BUCKETS, registry=batched), values)
+
+    def samples(registry: CollectorRegistry) -> dict:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for m in registry.collect() for s in m.samples
+                if not s.name.endswith("_created")}  # fmt: skip
+
+    assert samples(batched) == pytest.approx(samples(one))
