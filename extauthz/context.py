@@ -138,7 +138,7 @@ def accessor_for(path: tuple[str, ...]) -> Accessor:
     def get(ctx: CheckContext) -> Any:
         value = root(ctx)
         for key in keys:
-            if isinstance(value, Mapping):
+            if type(value) is dict or isinstance(value, Mapping):  # the ABC check only for other maps
                 value = value.get(key, MISSING)
                 if value is MISSING:
                     return MISSING
