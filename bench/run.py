@@ -44,6 +44,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
@@ -548,30 +549,44 @@ def _short(label: str) -> str:
     return label.split(" ", 1)[0]
 
 
-def _describe(req: RequestSpec) -> str:
+def _describe(req: RequestSpec | str) -> str:
+    if isinstance(req, str):  # already described (a saved run)
+        return req
     headers = f"{len(req.headers)} header{'s' if len(req.headers) != 1 else ''}" if req.headers else "no headers"
     body = f"{len(req.body)} B body" if req.body else "no body"
     return f"{req.method} {req.path} (Host {req.host}), {headers}, {body}"
 
 
-def _table(mode: str, targets: list[Target], med: dict[str, Result], rounds: int) -> str:
+def _round_ratio(raw: dict[str, list[Result]], name: str, baseline: str) -> float:
+    """The median over rounds of (this row's req/s / its baseline's req/s in the same round): a
+    slowdown of the whole machine during one round moves both, so this moves less than the ratio
+    of the two medians."""
+    pairs = zip(raw.get(name, ()), raw.get(baseline, ()), strict=False)
+    ratios = [r.rps / b.rps for r, b in pairs if b.rps]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def _table(mode: str, targets: list[Target], med: dict[str, Result], rounds: int,
+           raw: dict[str, list[Result]] | None = None) -> str:
     labels = {t.name: t.label for t in targets}
     width = max(22, *(len(t.label) for t in targets))
     rwidth = max(8, *(len(t.request_name) for t in targets))
     vwidth = max(4, *(len(_short(t.label)) for t in targets))
     head = (f"{'scenario':<{width}} {'request':<{rwidth}} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'bad':>6}   "
-            f"{'vs':<{vwidth}} {'req/s/vs':>9} {'p50/vs':>8} {'p99/vs':>8}   {'authz us':>8} {'envoy us':>8}")  # fmt: skip
+            f"{'vs':<{vwidth}} {'req/s/vs':>9} {'rounds':>7} {'p50/vs':>8} {'p99/vs':>8}   {'authz us':>8} {'envoy us':>8}")  # fmt: skip
     out = [f"== {mode}: median of {rounds} round(s) ==", head, "-" * len(head)]
     for t in targets:
         r = med[t.name]
         base = med.get(t.baseline) if t.baseline else None
-        vs, ratios = "", ("", "", "")
+        vs, ratios, per_round = "", ("", "", ""), ""
         if base is not None and t.baseline is not None:
             vs = _short(labels[t.baseline])
             ratios = (_ratio(r.rps, base.rps), _ratio(r.p50_ms, base.p50_ms), _ratio(r.p99_ms, base.p99_ms))
+            if raw is not None:
+                per_round = f"{_round_ratio(raw, t.name, t.baseline):.2f}x"
         out.append(
             f"{t.label:<{width}} {t.request_name:<{rwidth}} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-            f"{r.bad:>6}   {vs:<{vwidth}} {ratios[0]:>9} {ratios[1]:>8} {ratios[2]:>8}   "
+            f"{r.bad:>6}   {vs:<{vwidth}} {ratios[0]:>9} {per_round:>7} {ratios[1]:>8} {ratios[2]:>8}   "
             f"{_cpu(r.authz_cpu_us):>8} {_cpu(r.envoy_cpu_us):>8}"
         )
     requests: dict[str, RequestSpec] = {}
@@ -581,9 +596,26 @@ def _table(mode: str, targets: list[Target], med: dict[str, Result], rounds: int
     if len(requests) > 1:
         out.append("vs: each sidecar row is divided by the allow-all row that received the same request;"
                    " (b:NAME) rows by (b)")
+    out.append("req/s/vs: ratio of the medians; rounds: median of the ratios within each round")
     out.append("authz us / envoy us: CPU time per request of the authorization server (all threads and child"
                " processes) and of its Envoy")
     return "\n".join(out)
+
+
+def report_from_json(path: Path) -> str:
+    """The tables of a run saved with --json (e.g. to add a column to an old run)."""
+    saved = json.loads(path.read_text())
+    targets = []
+    for name, t in saved["targets"].items():
+        targets.append(SimpleNamespace(name=name, label=t["label"], request_name=t["request"], baseline=t["vs"],
+                                       request=t["describe"]))  # fmt: skip
+    tables = []
+    for mode, data in saved["modes"].items():
+        raw = {n: [Result(**r) for r in rs] for n, rs in data["rounds"].items()}
+        med = {n: Result(**r) for n, r in data["median"].items()}
+        rounds = max(len(rs) for rs in raw.values())
+        tables.append(_table(mode, targets, med, rounds, raw))  # type: ignore[arg-type]
+    return "\n\n".join(tables)
 
 
 def _envoy_version() -> str:
@@ -642,6 +674,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 3 s, 1 s warm-up")
     p.add_argument("--json", metavar="FILE", help="also write all raw and median results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
+    p.add_argument("--report", metavar="FILE", help="print the tables of a run saved with --json, and exit")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 3.0, 1.0
@@ -660,6 +693,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        print(report_from_json(Path(args.report)))
+        return 0
     if args.list:
         for name, sc in SIDECAR_SCENARIOS.items():
             print(f"{name:<14} {sc.description}")
@@ -705,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
                     title = f"throughput (closed loop, {args.loadgen}, {args.connections} connections)"
                 else:
                     title = f"rate (open loop, {args.rate:.0f} req/s)"
-                tables.append(_table(title, targets, med, args.rounds))
+                tables.append(_table(title, targets, med, args.rounds, raw))
                 report["modes"][mode] = {
                     "rounds": {n: [vars(r) for r in rs] for n, rs in raw.items()},
                     "median": {n: vars(r) for n, r in med.items()},
