@@ -110,6 +110,30 @@ def test_b3_and_w3c_parents(headers, policy_dir, policy_yaml, tracing, span_expo
     assert format(check.parent.span_id, "016x") == PARENT_ID
 
 
+def test_a_configured_propagator_and_sampler_go_through_the_sdk(policy_dir, policy_yaml, span_exporter) -> None:
+    """OTEL_PROPAGATORS set, or a sampler that is not one of the built-in six: no native shortcut."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from extauthz.telemetry.tracing import Tracing
+
+    sampler = ParentBased(TraceIdRatioBased(0.0), remote_parent_not_sampled=TraceIdRatioBased(1.0))
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    tracing = Tracing(provider, TraceContextTextMapPropagator(), SubjectHasher("none"), standard_propagation=False)
+    assert tracing._parse is None and tracing._rule is None
+    authorizer = _authorizer(policy_dir(**{"o.yaml": policy_yaml("orders", ORDERS)}), tracing)
+    # An unsampled parent, which this sampler samples anyway.
+    decision = _decide(authorizer, method="GET", path="/api/orders",
+                       headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00", "b3": f"{'1' * 32}-{'2' * 16}-1"})
+    check = _by_name(span_exporter.get_finished_spans())["extauthz.check"]
+    assert format(check.parent.span_id, "016x") == PARENT_ID and check.parent.is_remote
+    assert decision.trace_id == TRACE_ID
+    provider.shutdown()
+
+
 def test_without_trace_headers_a_root_span_is_started(policy_dir, policy_yaml, tracing, span_exporter) -> None:
     authorizer = _authorizer(policy_dir(**{"o.yaml": policy_yaml("orders", ORDERS)}), tracing)
     decision = _decide(authorizer, method="GET", path="/api/orders")
