@@ -13,8 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.context import CheckContext, Denial
@@ -26,9 +25,12 @@ __all__ = ["Authorizer", "CheckTrace", "CheckTracer", "Decision", "DecisionObser
 log = logging.getLogger("extauthz.decision")
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What was decided for one request, and why. Never holds a secret."""
+class Decision(NamedTuple):
+    """What was decided for one request, and why. Never holds a secret.
+
+    Immutable; a NamedTuple rather than a frozen dataclass because one is built for every Check and
+    a frozen dataclass of this size takes three times as long to build.
+    """
 
     #: What Envoy is told: True lets the request through (dry-run policies always do).
     allowed: bool
@@ -274,7 +276,7 @@ def _decision(
     trace: CheckTrace | None = None,
 ) -> Decision:
     common: dict[str, Any] = {
-        # Set here rather than by the trace afterwards: a frozen dataclass costs a copy to change.
+        # Set here rather than by the trace afterwards: changing an immutable Decision costs a copy.
         "trace_id": trace.trace_hex if trace is not None else "",
         "span_id": trace.span_hex if trace is not None else "",
         "decision_id": decision_id,

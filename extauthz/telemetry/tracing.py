@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -497,7 +497,7 @@ class _CheckSpan:
             self._end(None, _UNSET, "")
         if decision.trace_id == self.trace_hex and decision.span_id == self.span_hex:
             return decision
-        return replace(decision, trace_id=self.trace_hex, span_id=self.span_hex)
+        return decision._replace(trace_id=self.trace_hex, span_id=self.span_hex)
 
     def abort(self) -> None:
         self._end(dict(_STATIC_ATTRIBUTES) if self.sampled else None, _ERROR, "cancelled")
