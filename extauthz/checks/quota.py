@@ -20,7 +20,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from extauthz.cel import CelError, Expression
 from extauthz.checks import Phase, register
@@ -70,17 +70,15 @@ class Quota:
     fixed_key: str
 
 
-@dataclass(frozen=True, slots=True)
-class _Applied:
-    """A quota that applies to this request, with its charge."""
+class _Applied(NamedTuple):
+    """A quota that applies to this request, with its charge (built per Check: a NamedTuple)."""
 
     quota: Quota
     charge: Charge
     digest: str
 
 
-@dataclass(frozen=True, slots=True)
-class _Outcome:
+class _Outcome(NamedTuple):
     """The store's answer for one request."""
 
     #: Per applied quota; None where the quota was not charged (store down, ``onStoreError: allow``).
