@@ -171,3 +171,21 @@ def test_joined_authority_is_refused() -> None:
     message.attributes.request.http.headers[":authority"] = "a.example.com,b.example.com"
     with pytest.raises(BadRequest):
         request_from_check(message)
+
+
+def test_remembered_normalization_gives_the_same_answers_and_stays_bounded(monkeypatch) -> None:
+    from extauthz import request as request_module
+
+    monkeypatch.setattr(request_module, "_NORMALIZED", {})
+    for _ in range(2):  # the second time from memory
+        view = request_from_check(check_request_from_sample({"host": "API.Example.com.:8443", "path": "/a/./b//c"}))
+        assert (view.host, view.path) == ("api.example.com", "/a/b/c")
+        with pytest.raises(BadRequest):  # refusals are never remembered as answers
+            request_from_check(check_request_from_sample({"host": "h", "path": "/a/%2F"}))
+    monkeypatch.setattr(request_module, "_MEMO_ENTRIES", 8)
+    for i in range(50):
+        request_from_check(check_request_from_sample({"host": "h", "path": f"/p/{i}"}))
+    assert len(request_module._NORMALIZED) <= 8
+    long_path = "/" + "x" * 300
+    assert request_from_check(check_request_from_sample({"host": "h", "path": long_path})).path == long_path
+    assert (False, long_path) not in request_module._NORMALIZED
