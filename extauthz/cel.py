@@ -70,27 +70,36 @@ _ENV = _cel.NewEnv(
 )
 
 
+def _access_path(node: ast_pb2.Expr, roots: Iterable[str], *, plain: bool = False) -> tuple[str, ...] | None:
+    """The constant access path ``node`` reads from a root variable (``request.headers['x']``), or None.
+
+    ``plain`` accepts only reads whose result is the value itself: no ``has()`` (a select that only
+    tests presence) and no optional access (``[?k]``, ``.?f``), which wrap the value.
+    """
+    kind = node.WhichOneof("expr_kind")
+    if kind == "ident_expr":
+        return (node.ident_expr.name,) if node.ident_expr.name in roots else None
+    if kind == "select_expr":
+        if plain and node.select_expr.test_only:
+            return None
+        base = _access_path(node.select_expr.operand, roots, plain=plain)
+        return None if base is None else (*base, node.select_expr.field)
+    indexes = ("_[_]",) if plain else ("_[_]", "_[?_]", "_?._")
+    if kind == "call_expr" and node.call_expr.function in indexes and not node.call_expr.HasField("target"):
+        target, index = node.call_expr.args
+        if index.WhichOneof("expr_kind") == "const_expr" and index.const_expr.HasField("string_value"):
+            base = _access_path(target, roots, plain=plain)
+            return None if base is None else (*base, index.const_expr.string_value)
+    return None
+
+
 def _dependencies(expr: ast_pb2.Expr, roots: Iterable[str]) -> list[tuple[str, ...]]:
     """Every maximal constant access path starting at a root variable."""
     roots = set(roots)
     found: list[tuple[str, ...]] = []
 
-    def path_of(node: ast_pb2.Expr) -> tuple[str, ...] | None:
-        kind = node.WhichOneof("expr_kind")
-        if kind == "ident_expr":
-            return (node.ident_expr.name,) if node.ident_expr.name in roots else None
-        if kind == "select_expr":
-            base = path_of(node.select_expr.operand)
-            return None if base is None else (*base, node.select_expr.field)
-        if kind == "call_expr" and node.call_expr.function in ("_[_]", "_[?_]", "_?._"):
-            target, index = node.call_expr.args
-            if index.WhichOneof("expr_kind") == "const_expr" and index.const_expr.HasField("string_value"):
-                base = path_of(target)
-                return None if base is None else (*base, index.const_expr.string_value)
-        return None
-
     def visit(node: ast_pb2.Expr) -> None:
-        path = path_of(node)
+        path = _access_path(node, roots)
         if path is not None:
             found.append(path)
             return
@@ -123,23 +132,6 @@ def _dependencies(expr: ast_pb2.Expr, roots: Iterable[str]) -> list[tuple[str, .
         if not any(path[: len(p)] == p for p in kept):
             kept.append(path)
     return sorted(kept)
-
-
-def _plain_path(node: ast_pb2.Expr) -> tuple[str, ...] | None:
-    """The path when the whole expression is a plain read such as ``identity.subject`` or
-    ``request.headers['x-tenant']`` (no ``has()``, no optional access), else None."""
-    kind = node.WhichOneof("expr_kind")
-    if kind == "ident_expr":
-        return (node.ident_expr.name,) if node.ident_expr.name in VARIABLES else None
-    if kind == "select_expr" and not node.select_expr.test_only:
-        base = _plain_path(node.select_expr.operand)
-        return None if base is None else (*base, node.select_expr.field)
-    if kind == "call_expr" and node.call_expr.function == "_[_]" and not node.call_expr.HasField("target"):
-        target, index = node.call_expr.args
-        if index.WhichOneof("expr_kind") == "const_expr" and index.const_expr.HasField("string_value"):
-            base = _plain_path(target)
-            return None if base is None else (*base, index.const_expr.string_value)
-    return None
 
 
 def _check_fields(paths: Iterable[tuple[str, ...]]) -> None:
@@ -268,7 +260,7 @@ def compile_expression(
     if expect is not None and result_type not in (expect, "dyn"):
         raise CelError(f"expression has type {result_type}, expected {expect}")
     getters = tuple(accessor(path) for path in paths)
-    plain = _plain_path(checked.expr)
+    plain = _access_path(checked.expr, VARIABLES, plain=True)
     direct = getters[0] if plain is not None and paths == (plain,) else None
     return Expression(source, program, paths, getters, result_type, direct)
 

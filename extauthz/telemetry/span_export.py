@@ -25,6 +25,9 @@ import sys
 import threading
 from typing import Any
 
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
 __all__ = ["SpanRecord", "SpanShipper", "main"]
 
 log = logging.getLogger("extauthz.tracing")
@@ -255,11 +258,8 @@ def _batches(stream: Any) -> Any:
         yield marshal.loads(stream.read(_FRAME.unpack(head)[0]))
 
 
-def sdk_span(record: SpanRecord, resource: Any, scope: Any) -> Any:
+def sdk_span(record: SpanRecord, resource: Any, scope: Any) -> ReadableSpan:
     """The SDK's ReadableSpan for a span record (for the SDK's span processors and exporters)."""
-    from opentelemetry.sdk.trace import ReadableSpan
-    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
-
     (name, trace_id, span_id, parent_id, parent_remote, flags, state, kind, start, end, attributes, code,
      description) = record  # fmt: skip
     trace_state = TraceState(state) if state else None

@@ -45,6 +45,7 @@ from opentelemetry.trace import SpanKind, StatusCode, TraceState
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.context import Denial
 from extauthz.decision import Decision
+from extauthz.telemetry.span_export import sdk_span
 
 if TYPE_CHECKING:
     from extauthz.telemetry.span_export import SpanRecord, SpanShipper
@@ -417,8 +418,6 @@ class Tracing:
         if self.shipper is not None:
             self.shipper.add(records)
             return
-        from extauthz.telemetry.span_export import sdk_span
-
         for record in records:
             self.processor.on_end(sdk_span(record, self.resource, self.scope))
 
@@ -565,29 +564,12 @@ def decision_attributes(decision: Decision, subjects: SubjectHasher) -> dict[str
 
 
 def parse_trace_ids(headers: Mapping[str, str]) -> tuple[str, str]:
-    """(trace id, parent span id) from a request's traceparent or B3 headers, without the SDK.
+    """(trace id, parent span id) in hex from a request's traceparent or B3 headers, without the SDK.
 
-    Used by the decision log when tracing is off, so log lines still join the request's trace.
+    Used by the decision log when tracing is off, so log lines still join the request's trace; it
+    reads the headers exactly as tracing does (``parse_parent``).
     """
-    value = headers.get("traceparent", "")
-    parts = value.split("-")
-    if (len(parts) >= 4 and len(parts[1]) == 32 and len(parts[2]) == 16 and _is_hex(parts[1] + parts[2])
-            and parts[1] != "0" * 32):
-        return parts[1].lower(), parts[2].lower()
-    b3 = headers.get("b3", "")
-    if b3:
-        fields = b3.split("-")
-        if len(fields) >= 2 and len(fields[0]) in (16, 32) and len(fields[1]) == 16 and _is_hex(fields[0] + fields[1]):
-            return fields[0].lower().rjust(32, "0"), fields[1].lower()
-    trace_id, span_id = headers.get("x-b3-traceid", ""), headers.get("x-b3-spanid", "")
-    if len(trace_id) in (16, 32) and len(span_id) == 16 and _is_hex(trace_id + span_id):
-        return trace_id.lower().rjust(32, "0"), span_id.lower()
-    return "", ""
-
-
-def _is_hex(text: str) -> bool:
-    try:
-        int(text, 16)
-    except ValueError:
-        return False
-    return True
+    parent = parse_parent(headers)
+    if parent is None:
+        return "", ""
+    return format(parent.trace_id, "032x"), format(parent.span_id, "016x")
