@@ -7,7 +7,6 @@ timeout, no policy) is a denial.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import os
@@ -17,6 +16,7 @@ from typing import Any, NamedTuple, Protocol
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.context import CheckContext, Denial
+from extauthz.deadlines import DeadlineWatch
 from extauthz.policy.compiler import CompiledPolicy, PolicySet
 from extauthz.request import BadRequest, Request, request_from_check
 
@@ -118,6 +118,7 @@ class Authorizer:
         #: Tracing; None (not configured) means no span work at all.
         self.tracer: CheckTracer | None = None
         self._ids = _DecisionIds()
+        self._deadlines = DeadlineWatch()
 
     def swap(self, policy_set: PolicySet) -> None:
         """Atomically replace the live set: a Check uses exactly one set from start to end."""
@@ -208,8 +209,7 @@ class Authorizer:
                 return await self._run_observed(policy, ctx, trace, stages)
         try:
             if policy.may_wait:
-                async with asyncio.timeout(self.check_timeout):
-                    return await run(policy, ctx, trace)
+                return await self._deadlines.run(run(policy, ctx, trace), self.check_timeout)
             return await run(policy, ctx, trace)
         except TimeoutError:
             ctx.attributes["error"] = f"checks did not finish within {self.check_timeout}s"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote_to_bytes
@@ -125,9 +124,11 @@ def normalize_host(raw: str) -> str:
     return host
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """One end of the connection as Envoy saw it (source or destination)."""
+class Peer(NamedTuple):
+    """One end of the connection as Envoy saw it (source or destination).
+
+    A NamedTuple, like Request and for the same reason: built on the request path, never mutated.
+    """
 
     address: str = ""
     port: int = 0
@@ -135,7 +136,7 @@ class Peer:
     #: The PEM certificate, URL-decoded from what Envoy sends; empty when not sent.
     certificate: str = ""
     service: str = ""
-    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    labels: Mapping[str, str] = _EMPTY
 
 
 _NO_PEER = Peer()
@@ -245,14 +246,8 @@ def _peer(msg: attribute_context_pb2.AttributeContext.Peer) -> Peer:
         return _NO_PEER
     if certificate:
         certificate = unquote_to_bytes(certificate).decode("utf-8", "replace")
-    return Peer(
-        address=address,
-        port=sock.port_value,
-        principal=principal,
-        certificate=certificate,
-        service=msg.service,
-        labels=dict(msg.labels) if msg.labels else _EMPTY,
-    )
+    labels = msg.labels
+    return Peer(address, sock.port_value, principal, certificate, msg.service, dict(labels) if labels else _EMPTY)
 
 
 def _headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> tuple[Mapping[str, str], dict[str, bytes]]:

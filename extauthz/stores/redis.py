@@ -771,6 +771,8 @@ class RedisStore:
         else:
             self._pipeline = _Pipeline(self.settings, self._credentials, self._sentinel_kwargs())
         self._charge_sha = hashlib.sha1(CHARGE_SCRIPT.encode()).hexdigest()
+        #: Charge numbers (interval, burst, cost, enforce) -> their text for the script: they repeat.
+        self._specs: dict[tuple[Any, ...], str] = {}
         self._refund_sha = hashlib.sha1(REFUND_SCRIPT.encode()).hexdigest()
         self.started = False
         self.circuit_open = False
@@ -994,7 +996,17 @@ class RedisStore:
     async def _charge_group(self, idx: list[int], charges: Sequence[Charge]) -> tuple[bool, list[ChargeResult]]:
         prefix = self._key_prefix
         keys = tuple(prefix + charges[i].key for i in idx)
-        spec = " ".join(charges[i].spec for i in idx)
+        specs = self._specs
+        parts = []
+        for i in idx:
+            numbers = charges[i][1:]
+            text = specs.get(numbers)
+            if text is None:
+                if len(specs) >= 1024:  # costs from expressions can vary without bound
+                    specs.clear()
+                text = specs[numbers] = charges[i].spec
+            parts.append(text)
+        spec = " ".join(parts)
         tail = (len(keys), *keys, spec)
         reply = await self._call("charge", ("EVALSHA", self._charge_sha, *tail), ("EVAL", CHARGE_SCRIPT, *tail))
         try:

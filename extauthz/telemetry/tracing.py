@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from opentelemetry import trace
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator
@@ -263,8 +263,7 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 _B3_SAMPLED = frozenset({"1", "True", "true", "d"})
 
 
-@dataclass(frozen=True, slots=True)
-class _Parent:
+class _Parent(NamedTuple):
     """The caller's span, from the request's trace headers."""
 
     trace_id: int
