@@ -39,9 +39,20 @@ _SCOPE, _SPANS, _SCOPE_NAME, _SCOPE_VERSION = b"\x0a", b"\x12", b"\x0a", b"\x12"
 
 #: Span.flags: the parent's is-remote bit is known (0x100), and set when it is remote (0x200).
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200
+_LOCAL_FLAGS = _FLAGS + _FIXED32.pack(_HAS_IS_REMOTE)
+_REMOTE_FLAGS = _FLAGS + _FIXED32.pack(_HAS_IS_REMOTE | _IS_REMOTE)
 
-#: Pre-encoded attributes kept; beyond that the cache starts over (values such as ids never repeat).
+#: Pre-encoded attributes kept per name, and names kept; beyond that a cache starts over (values such
+#: as decision ids never repeat).
 _CACHE_LIMIT = 8192
+
+# Fixed-size runs of a span, packed in one call each: ids (bytes 16 and 8 long) and times (fixed64).
+_LOW64 = (1 << 64) - 1
+_TRACE_ID_HEAD, _SPAN_ID_HEAD, _PARENT_HEAD = _TRACE_ID + b"\x10", _SPAN_ID + b"\x08", _PARENT_SPAN_ID + b"\x08"
+_IDS = struct.Struct(">2sQQ2sQ")
+_IDS_WITH_PARENT = struct.Struct(">2sQQ2sQ2sQ")
+_TIMES = struct.Struct("<1sQ1sQ")
+_EMPTY_STATUS = _STATUS + b"\x00"
 
 
 def _varint(value: int) -> bytes:
@@ -86,42 +97,58 @@ class SpanEncoder:
         if scope_version:
             scope += _field(_SCOPE_VERSION, scope_version.encode())
         self._scope = _field(_SCOPE, scope)
-        self._attributes: dict[tuple[str, type, Any], bytes] = {}
-        self._names: dict[str, bytes] = {}
+        self._attributes: dict[str, dict[Any, bytes]] = {}
+        #: (name, kind) -> the span's encoded name and kind.
+        self._names: dict[tuple[str, int], bytes] = {}
 
     def _attribute(self, key: str, value: Any) -> bytes:
-        cache_key = (key, type(value), value)
-        encoded = self._attributes.get(cache_key)
-        if encoded is None:
+        # Keyed by name, then by value: no tuple per attribute. Only strings are keyed by themselves:
+        # True == 1 == 1.0 in a dict, and they encode differently.
+        values = self._attributes.get(key)
+        if values is None:
             if len(self._attributes) >= _CACHE_LIMIT:
                 self._attributes.clear()
-            encoded = self._attributes[cache_key] = _field(_ATTRIBUTE, _key_value(key, value))
+            values = self._attributes[key] = {}
+        value_key = value if type(value) is str else (type(value), value)
+        encoded = values.get(value_key)
+        if encoded is None:
+            if len(values) >= _CACHE_LIMIT:
+                values.clear()
+            encoded = values[value_key] = _field(_ATTRIBUTE, _key_value(key, value))
         return encoded
+
+    def _ids(self, trace_id: int, span_id: int, parent_id: int) -> bytes:
+        if parent_id:
+            return _IDS_WITH_PARENT.pack(_TRACE_ID_HEAD, trace_id >> 64, trace_id & _LOW64, _SPAN_ID_HEAD, span_id,
+                                         _PARENT_HEAD, parent_id)  # fmt: skip
+        return _IDS.pack(_TRACE_ID_HEAD, trace_id >> 64, trace_id & _LOW64, _SPAN_ID_HEAD, span_id)
 
     def span(self, record: tuple[Any, ...]) -> bytes:
         """One Span message (without its field tag in ScopeSpans). ``kind`` is the SDK's SpanKind value,
         which is one less than OTLP's (the SDK has no UNSPECIFIED)."""
         (name, trace_id, span_id, parent_id, parent_remote, _flags, state, kind, start, end, attributes,
          code, description) = record  # fmt: skip
-        encoded_name = self._names.get(name)
-        if encoded_name is None:
-            encoded_name = self._names[name] = _field(_NAME, name.encode("utf-8", "replace"))
-        parts = [_TRACE_ID, b"\x10", trace_id.to_bytes(16, "big"), _SPAN_ID, b"\x08", span_id.to_bytes(8, "big")]
-        if state:
-            parts.append(_field(_TRACE_STATE, ",".join(f"{k}={v}" for k, v in state).encode()))
-        if parent_id:
-            parts += (_PARENT_SPAN_ID, b"\x08", parent_id.to_bytes(8, "big"))
-        parts += (encoded_name, _KIND, _varint(kind + 1), _START, _FIXED64.pack(start), _END, _FIXED64.pack(end))
+        head = self._names.get((name, kind))
+        if head is None:
+            head = _field(_NAME, name.encode("utf-8", "replace")) + _KIND + _varint(kind + 1)
+            self._names[(name, kind)] = head
         attribute = self._attribute
-        parts += [attribute(k, v) for k, v in attributes.items()]
-        status = b""
-        if description:
-            status += _field(_STATUS_MESSAGE, description.encode("utf-8", "replace"))
-        if code:
-            status += _STATUS_CODE + _varint(code)
-        parts.append(_field(_STATUS, status))
-        parts += (_FLAGS, _FIXED32.pack(_HAS_IS_REMOTE | (_IS_REMOTE if parent_id and parent_remote else 0)))
-        return b"".join(parts)
+        parts = [attribute(k, v) for k, v in attributes.items()] if attributes else []
+        if state:  # after the ids here, before them in the SDK: field order means nothing to a parser
+            middle = _field(_TRACE_STATE, ",".join(f"{k}={v}" for k, v in state).encode())
+        else:
+            middle = b""
+        if description or code:
+            status = _field(_STATUS_MESSAGE, description.encode("utf-8", "replace")) if description else b""
+            if code:
+                status += _STATUS_CODE + _varint(code)
+            tail = _field(_STATUS, status)
+        else:
+            tail = _EMPTY_STATUS
+        return b"".join((
+            self._ids(trace_id, span_id, parent_id), middle, head, _TIMES.pack(_START, start, _END, end),
+            *parts, tail, _REMOTE_FLAGS if parent_id and parent_remote else _LOCAL_FLAGS,
+        ))  # fmt: skip
 
     def request(self, spans: Iterable[bytes]) -> bytes:
         """The ExportTraceServiceRequest holding ``spans`` (encoded by :meth:`span`)."""
