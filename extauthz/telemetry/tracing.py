@@ -249,7 +249,7 @@ _STATIC_ATTRIBUTES = {
     "rpc.system": "grpc",
     "rpc.service": "envoy.service.auth.v3.Authorization",
     "rpc.method": "Check",
-}
+}  # and decision_attributes() starts with the same three
 _INTERNAL = SpanKind.INTERNAL.value
 _SERVER = SpanKind.SERVER.value
 _UNSET, _ERROR = StatusCode.UNSET.value, StatusCode.ERROR.value
@@ -483,10 +483,7 @@ class _CheckSpan:
 
     def finish(self, decision: Decision) -> Decision:
         if self.sampled:
-            attributes = dict(_STATIC_ATTRIBUTES)
-            if self.extra:
-                attributes.update(self.extra)
-            attributes.update(decision_attributes(decision, self.owner.subjects))
+            attributes = decision_attributes(decision, self.owner.subjects, self.extra)
             if decision.status >= 500:
                 self._end(attributes, _ERROR, decision.reason)
             else:
@@ -522,15 +519,26 @@ def outcome(decision: Decision) -> str:
     return "deny"
 
 
-def decision_attributes(decision: Decision, subjects: SubjectHasher) -> dict[str, Any]:
-    """Span attributes of a decision: what decided and why, never a secret."""
+def decision_attributes(decision: Decision, subjects: SubjectHasher,
+                        sampler_attributes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The attributes of a Check's span: the call, what decided and why, never a secret.
+
+    One dict display for what every span has, then what this decision adds: it runs for every
+    sampled Check.
+    """
     attributes: dict[str, Any] = {
+        "rpc.system": "grpc",
+        "rpc.service": "envoy.service.auth.v3.Authorization",
+        "rpc.method": "Check",
         "extauthz.decision": outcome(decision),
         "extauthz.reason": decision.reason,
         "extauthz.status": decision.status,
         "extauthz.decision_id": decision.decision_id,
         "extauthz.dry_run": decision.dry_run,
     }
+    if sampler_attributes:  # a custom sampler's: never over what the Check itself says
+        for name, value in sampler_attributes.items():
+            attributes.setdefault(name, value)
     if decision.policy:
         attributes["extauthz.policy"] = decision.policy
     if decision.rule:
@@ -542,23 +550,28 @@ def decision_attributes(decision: Decision, subjects: SubjectHasher) -> dict[str
         attributes["http.request.method"] = request.method
         if request.host:
             attributes["server.address"] = request.host
-        attributes["url.path"] = request.path[:_MAX_ATTRIBUTE_CHARS]
-        if request.source.address:
-            attributes["client.address"] = request.source.address
+        path = request.path
+        attributes["url.path"] = path if len(path) <= _MAX_ATTRIBUTE_CHARS else path[:_MAX_ATTRIBUTE_CHARS]
+        address = request.source.address
+        if address:
+            attributes["client.address"] = address
     identity = decision.identity
     if identity is not None:
         attributes["extauthz.identity.kind"] = str(identity.get("kind", ""))
         source = identity.get("source")
         if source:
             attributes["extauthz.identity.source"] = str(source)
-        attributes.update(subjects.attributes(str(identity.get("subject") or "")))
-    for name, value in (decision.attributes or {}).items():
-        if name == "error":
-            attributes["error.type"] = str(value).split(":", 1)[0][:64]
-        elif isinstance(value, bool | int | float) and not is_secret_name(name):
-            attributes[f"extauthz.{name}"] = value
-        elif isinstance(value, str) and not is_secret_name(name):
-            attributes[f"extauthz.{name}"] = value[:_MAX_ATTRIBUTE_CHARS]
+        subject = identity.get("subject")
+        if subject:
+            attributes.update(subjects.attributes(str(subject)))
+    if decision.attributes:
+        for name, value in decision.attributes.items():
+            if name == "error":
+                attributes["error.type"] = str(value).split(":", 1)[0][:64]
+            elif isinstance(value, bool | int | float) and not is_secret_name(name):
+                attributes[f"extauthz.{name}"] = value
+            elif isinstance(value, str) and not is_secret_name(name):
+                attributes[f"extauthz.{name}"] = value[:_MAX_ATTRIBUTE_CHARS]
     return attributes
 
 
