@@ -77,7 +77,8 @@ class SidecarScenario:
 
     setup(workdir) is an optional context manager factory run once before the sidecar starts (e.g. to
     start a real Redis, write keys, mint a JWT); it yields a dict that may contain "extra_args"
-    (list), "env" (dict), "headers" (dict), "path", "host", "method", "body" — merged over the fields.
+    (list), "env" (dict), "headers" (dict), "path", "host", "method", "body" — merged over the fields —
+    and "cpu_pids" (servers whose CPU time counts as the sidecar's, e.g. its redis-server).
     """
 
     description: str
@@ -333,6 +334,8 @@ class Target:
     kind: str = "sidecar"
     #: pid of the authorization server behind this Envoy (None: no ext_authz).
     authz_pid: int | None = None
+    #: Servers the sidecar needs on this machine (the scenario's redis-server): their CPU counts as its.
+    helper_pids: tuple[int, ...] = ()
 
 
 def _request_for(args: argparse.Namespace, overrides: Mapping[str, object] | None = None) -> RequestSpec:
@@ -462,7 +465,7 @@ def _start_targets(args: argparse.Namespace, stack: contextlib.ExitStack, workdi
             targets.append(baseline)
         sidecars.append(Target(name, label, envoy_for(name, sidecar.target), request,
                                request_name=baseline.request_name, baseline=baseline.name,
-                               authz_pid=sidecar.proc.pid))
+                               authz_pid=sidecar.proc.pid, helper_pids=tuple(overrides.get("cpu_pids", ()))))
     return targets + sidecars
 
 
@@ -504,10 +507,15 @@ def _measure(args: argparse.Namespace, mode: str, target: Target, workdir: Path)
     cpu_pids = (target.authz_pid, target.envoy.proc.pid)
     if args.warmup > 0:
         _load(args, mode, target, workdir, args.warmup)
-    authz0 = _cpu_seconds(cpu_pids[0], with_children=True)
+
+    def authz_cpu() -> float:
+        own = _cpu_seconds(cpu_pids[0], with_children=True)
+        return own + sum(_cpu_seconds(pid, with_children=False) for pid in target.helper_pids)
+
+    authz0 = authz_cpu()
     envoy0 = _cpu_seconds(cpu_pids[1], with_children=False)
     r = _load(args, mode, target, workdir, args.duration)
-    authz1 = _cpu_seconds(cpu_pids[0], with_children=True)
+    authz1 = authz_cpu()
     envoy1 = _cpu_seconds(cpu_pids[1], with_children=False)
     if r.requests:
         r.authz_cpu_us = (authz1 - authz0) / r.requests * 1e6
@@ -545,6 +553,13 @@ def _cpu(us: float) -> str:
     return "-" if us != us else f"{us:.0f}"  # NaN: no such process
 
 
+def _cpu_ratio(row: Result, base: Result) -> str:
+    """Baseline CPU per request over this row's (authorization server + Envoy): the throughput ratio
+    a CPU-bound machine would show, without the noise of req/s on a shared one."""
+    row_us, base_us = row.authz_cpu_us + row.envoy_cpu_us, base.authz_cpu_us + base.envoy_cpu_us
+    return "-" if row_us != row_us or base_us != base_us or not row_us else f"{base_us / row_us:.2f}x"
+
+
 def _short(label: str) -> str:
     return label.split(" ", 1)[0]
 
@@ -573,21 +588,23 @@ def _table(mode: str, targets: list[Target], med: dict[str, Result], rounds: int
     rwidth = max(8, *(len(t.request_name) for t in targets))
     vwidth = max(4, *(len(_short(t.label)) for t in targets))
     head = (f"{'scenario':<{width}} {'request':<{rwidth}} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'bad':>6}   "
-            f"{'vs':<{vwidth}} {'req/s/vs':>9} {'rounds':>7} {'p50/vs':>8} {'p99/vs':>8}   {'authz us':>8} {'envoy us':>8}")  # fmt: skip
+            f"{'vs':<{vwidth}} {'req/s/vs':>9} {'rounds':>7} {'p50/vs':>8} {'p99/vs':>8}   {'authz us':>8} {'envoy us':>8}"
+            f" {'cpu/vs':>7}")  # fmt: skip
     out = [f"== {mode}: median of {rounds} round(s) ==", head, "-" * len(head)]
     for t in targets:
         r = med[t.name]
         base = med.get(t.baseline) if t.baseline else None
-        vs, ratios, per_round = "", ("", "", ""), ""
+        vs, ratios, per_round, cpu_ratio = "", ("", "", ""), "", ""
         if base is not None and t.baseline is not None:
             vs = _short(labels[t.baseline])
             ratios = (_ratio(r.rps, base.rps), _ratio(r.p50_ms, base.p50_ms), _ratio(r.p99_ms, base.p99_ms))
+            cpu_ratio = _cpu_ratio(r, base)
             if raw is not None:
                 per_round = f"{_round_ratio(raw, t.name, t.baseline):.2f}x"
         out.append(
             f"{t.label:<{width}} {t.request_name:<{rwidth}} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
             f"{r.bad:>6}   {vs:<{vwidth}} {ratios[0]:>9} {per_round:>7} {ratios[1]:>8} {ratios[2]:>8}   "
-            f"{_cpu(r.authz_cpu_us):>8} {_cpu(r.envoy_cpu_us):>8}"
+            f"{_cpu(r.authz_cpu_us):>8} {_cpu(r.envoy_cpu_us):>8} {cpu_ratio:>7}"
         )
     requests: dict[str, RequestSpec] = {}
     for t in targets:
@@ -598,7 +615,9 @@ def _table(mode: str, targets: list[Target], med: dict[str, Result], rounds: int
                    " (b:NAME) rows by (b)")
     out.append("req/s/vs: ratio of the medians; rounds: median of the ratios within each round")
     out.append("authz us / envoy us: CPU time per request of the authorization server (all threads and child"
-               " processes) and of its Envoy")
+               " processes, and the scenario's redis-server) and of its Envoy")
+    out.append("cpu/vs: the baseline's authz+envoy CPU per request divided by this row's: the throughput ratio on"
+               " a CPU-bound machine, with less noise than req/s")
     return "\n".join(out)
 
 
