@@ -9,7 +9,7 @@ from extauthz.api.envoy.config.core.v3 import base_pb2
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Decision
 
-__all__ = ["to_check_response"]
+__all__ = ["check_response_bytes", "to_check_response"]
 
 # google.rpc.Code values
 _OK = 0
@@ -31,7 +31,10 @@ def _add_header(options: Any, name: str, value: str, action: int) -> None:
 
 
 def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
-    """Build the response in place: nested constructors cost several times more per request."""
+    """The response as a message (the API and tests); the server sends check_response_bytes().
+
+    Built in place: nested constructors cost several times more per request.
+    """
     response = external_auth_pb2.CheckResponse()
     fields = response.dynamic_metadata.fields
     fields["decision_id"].string_value = decision.decision_id
@@ -68,3 +71,129 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
         separators=(",", ":"),
     )
     return response
+
+
+# --- the same response, straight to wire bytes ----------------------------------------------------
+#
+# Setting a dozen protobuf fields from Python and serializing them is, after parsing the request,
+# the largest fixed cost of a Check. A response is a few short strings, most of them the same from
+# one Check to the next (policy, rule, reason, header names and values): their encodings are kept
+# and joined. ``check_response_bytes(d)`` parses into exactly ``to_check_response(d)``; a test
+# checks that over allows, denials, dry runs, headers and non-ASCII text.
+# Field numbers: envoy/service/auth/v3/external_auth.proto, google/rpc/status.proto,
+# envoy/config/core/v3/base.proto, envoy/type/v3/http_status.proto, google/protobuf/struct.proto.
+
+#: CheckResponse: status 1, denied_response 2, ok_response 3, dynamic_metadata 4.
+_STATUS, _DENIED, _OK_RESPONSE, _METADATA = 0x0A, 0x12, 0x1A, 0x22
+#: OkHttpResponse: headers 2, headers_to_remove 5, response_headers_to_add 6.
+_OK_HEADERS, _OK_REMOVE, _OK_CLIENT_HEADERS = 0x12, 0x2A, 0x32
+#: DeniedHttpResponse: status 1 (HttpStatus: code 1), headers 2, body 3.
+_DENIED_STATUS, _DENIED_HEADERS, _DENIED_BODY = 0x0A, 0x12, 0x1A
+#: Struct.fields 1 (map entry: key 1, value 2); Value: string_value 3, bool_value 4.
+#: HeaderValueOption: header 1 (HeaderValue: key 1, value 2), append_action 3.
+#: google.rpc.Status: code 1, message 2.
+_KEEP_LIMIT = 4096
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL = [bytes((i,)) for i in range(0x80)]
+
+
+def _delimited(tag: int, payload: bytes) -> bytes:
+    return _SMALL[tag] + _varint(len(payload)) + payload
+
+
+def _text(tag: int, value: str) -> bytes:
+    """A singular string field: not written when empty."""
+    return _delimited(tag, value.encode("utf-8")) if value else b""
+
+
+def _element(tag: int, value: str) -> bytes:
+    """One element of a repeated string field: written even when empty."""
+    return _delimited(tag, value.encode("utf-8"))
+
+
+def _metadata_entry(name: str, value: str | bool) -> bytes:
+    # Value.kind is a oneof: an empty string or False is still written (to_check_response sets them).
+    if type(value) is bool:
+        encoded = b"\x20\x01" if value else b"\x20\x00"
+    else:
+        encoded = _element(0x1A, value)  # type: ignore[arg-type]
+    return _delimited(0x0A, _text(0x0A, name) + _delimited(0x12, encoded))
+
+
+def _header_option(tag: int, name: str, value: str, action: int) -> bytes:
+    option = _delimited(0x0A, _text(0x0A, name) + _text(0x12, value))
+    if action:
+        option += b"\x18" + _varint(action)
+    return _delimited(tag, option)
+
+
+#: Encodings kept by their inputs: (field, ...) -> bytes. Bounded; long values are not kept.
+_kept: dict[tuple[Any, ...], bytes] = {}
+
+
+def _keep(key: tuple[Any, ...], encoded: bytes) -> bytes:
+    if len(encoded) <= _KEEP_BYTES:
+        if len(_kept) >= _KEEP_LIMIT:
+            _kept.clear()
+        _kept[key] = encoded
+    return encoded
+
+
+_KEEP_BYTES = 512
+#: decision_id's entry up to its value: the value is new in every Check.
+_DECISION_ID_HEAD = _text(0x0A, "decision_id")
+_JSON_CONTENT_TYPE = _header_option(_DENIED_HEADERS, "content-type", "application/json", _OVERWRITE)
+
+
+def check_response_bytes(decision: Decision) -> bytes:
+    """``to_check_response(decision).SerializeToString()``, parsed alike."""
+    kept = _kept
+    value = _element(0x1A, decision.decision_id)
+    entry = _DECISION_ID_HEAD + _SMALL[0x12] + _varint(len(value)) + value
+    fields = [_SMALL[0x0A], _varint(len(entry)), entry]
+    for key in (("policy", decision.policy), ("rule", decision.rule), ("reason", decision.reason)):
+        fields.append(kept.get(key) or _keep(key, _metadata_entry(*key)))
+    if decision.dry_run:
+        fields.append(_metadata_entry("dry_run", True))
+        fields.append(_metadata_entry("would_deny", decision.would_deny))
+    metadata = b"".join(fields)
+    metadata = _SMALL[_METADATA] + _varint(len(metadata)) + metadata
+    if decision.allowed:
+        parts = []
+        for name, text in decision.upstream_headers:
+            key = (_OK_HEADERS, name, text)
+            parts.append(kept.get(key) or _keep(key, _header_option(_OK_HEADERS, name, text, _OVERWRITE)))
+        for name in decision.remove_headers:
+            parts.append(_element(_OK_REMOVE, name))
+        for name, text in decision.client_headers:
+            key = (_OK_CLIENT_HEADERS, name, text)
+            parts.append(kept.get(key) or _keep(key, _header_option(_OK_CLIENT_HEADERS, name, text, _APPEND)))
+        ok = b"".join(parts)
+        return _SMALL[_OK_RESPONSE] + _varint(len(ok)) + ok + metadata
+    if decision.status == 401:
+        code = _UNAUTHENTICATED
+    elif decision.status >= 500:
+        code = _UNAVAILABLE
+    else:
+        code = _PERMISSION_DENIED
+    status = _delimited(_STATUS, b"\x08" + _varint(code) + _text(0x12, decision.reason))
+    body = json.dumps(
+        {"error": decision.message, "reason": decision.reason, "decision_id": decision.decision_id},
+        separators=(",", ":"),
+    )
+    denied = [_delimited(_DENIED_STATUS, b"\x08" + _varint(decision.status)), _JSON_CONTENT_TYPE]
+    denied += [_header_option(_DENIED_HEADERS, name, text, _APPEND) for name, text in decision.client_headers]
+    denied.append(_text(_DENIED_BODY, body))
+    return status + _delimited(_DENIED, b"".join(denied)) + metadata

@@ -19,7 +19,7 @@ from extauthz import client_ip
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Authorizer, Decision
 from extauthz.policy import PolicySet, PolicySetError, PolicyWatcher, Services, load_folder
-from extauthz.responses import to_check_response
+from extauthz.responses import check_response_bytes
 from extauthz.telemetry import metrics as process_metrics
 from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
 from extauthz.telemetry.metrics import Metrics
@@ -60,6 +60,18 @@ class Settings:
 
 def _malformed(decision_id: str) -> Decision:
     return Decision(False, 400, "malformed_request", "CheckRequest could not be parsed", decision_id)
+
+
+def response_bytes(decision: Decision) -> bytes:
+    """The CheckResponse for ``decision``; one that cannot be encoded is a 503 denial, never an allow."""
+    try:
+        return check_response_bytes(decision)
+    except (ValueError, UnicodeError) as exc:
+        # A header value that is not valid text (it came from request data through a policy).
+        log.error("decision %s could not be sent (%s in a header value); denying with 503",
+                  decision.decision_id, type(exc).__name__)  # never the value itself
+        return check_response_bytes(Decision(False, 503, "internal_error", "authorization failed",
+                                             decision.decision_id, policy=decision.policy, rule=decision.rule))
 
 
 class Sidecar:
@@ -137,14 +149,14 @@ class Sidecar:
             self._malformed_count += 1
             self.metrics.malformed.inc()
             log.warning("malformed CheckRequest (%d bytes)", len(request_bytes))
-            return to_check_response(_malformed(f"malformed-{self._malformed_count}")).SerializeToString()
+            return check_response_bytes(_malformed(f"malformed-{self._malformed_count}"))
         metrics = self.metrics
         metrics.in_flight += 1
         try:
             decision = await self.authorizer.check(message)
         finally:
             metrics.in_flight -= 1
-        return to_check_response(decision).SerializeToString()
+        return response_bytes(decision)
 
     async def _start_grpc(self) -> None:
         options = [
