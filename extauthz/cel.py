@@ -142,34 +142,33 @@ def _check_fields(paths: Iterable[tuple[str, ...]]) -> None:
             raise CelError(f"unknown field '{path[1]}' on {path[0]} (known: {known})")
 
 
-def _build_activation(
-    paths: tuple[tuple[str, ...], ...], getters: tuple[Accessor, ...], ctx: Any
-) -> tuple[dict[str, Any], tuple | None]:
+def _memo_key(values: list[Any]) -> tuple | None:
+    """The memo key of an expression's inputs, or None when one of them is not simply hashable."""
+    key: list[Any] = []
+    for value in values:
+        kind = type(value)
+        if kind is str or value is MISSING or value is None:
+            key.append(value)
+        elif kind is int or kind is bytes or kind is bool or kind is float:
+            key.append((kind, value))
+        elif kind is list and len(value) <= 32 and all(type(v) is str for v in value):
+            key.append((list, *value))  # lists of strings (identity.scopes) are memoized too
+        else:
+            return None
+    return tuple(key)
+
+
+def _activation(paths: tuple[tuple[str, ...], ...], values: list[Any]) -> dict[str, Any]:
     data: dict[str, Any] = {}
-    key: list[Any] | None = []
-    for path, getter in zip(paths, getters, strict=True):
-        value = getter(ctx)
-        if key is not None:
-            kind = type(value)
-            if kind is str or value is MISSING or value is None:
-                key.append(value)
-            elif kind is int or kind is bytes or kind is bool or kind is float:
-                key.append((kind, value))
-            elif kind is list and len(value) <= 32 and all(type(v) is str for v in value):
-                key.append((list, *value))  # lists of strings (identity.scopes) are memoized too
-            else:
-                key = None
-        if value is MISSING:
-            # Create the parents so that has()/optional tests see an absent key, not an absent map.
-            parent = data
-            for part in path[:-1]:
-                parent = parent.setdefault(part, {})
-            continue
+    for path, value in zip(paths, values, strict=True):
         parent = data
         for part in path[:-1]:
             parent = parent.setdefault(part, {})
-        parent[path[-1]] = value
-    return data, (tuple(key) if key is not None else None)
+        # An absent value still gets its parents, so that has()/optional tests see an absent key,
+        # not an absent map.
+        if value is not MISSING:
+            parent[path[-1]] = value
+    return data
 
 
 class Expression:
@@ -207,14 +206,15 @@ class Expression:
             value = self._direct(ctx)
             if type(value) is str or type(value) is bool:
                 return value
-        data, key = _build_activation(self.paths, self._getters, ctx)
+        values = [getter(ctx) for getter in self._getters]
+        key = _memo_key(values)
         memo = self._memo
         if key is not None:
             hit = memo.get(key, MISSING)
             if hit is not MISSING:
-                return hit
+                return hit  # the common case: the activation is only built for the runtime
         try:
-            value = self._program.eval(data=data)
+            value = self._program.eval(data=_activation(self.paths, values))
             if value.type() == _cel.Type.ERROR:
                 raise CelError(str(value.value()))
             result = value.plain_value()

@@ -132,6 +132,8 @@ class Metrics:
         # instead of prometheus-client's locked increments and bucket search on every Check.
         self._pending_checks: dict[tuple[str, str, str], int] = {}
         self._pending_durations: list[float] = []
+        #: stage -> its durations since the last flush.
+        self._pending_stages: dict[str, list[float]] = {}
 
     # --- observers (the request path: keep them cheap) -------------------------------------------
     def observe(self, decision: Decision) -> None:
@@ -160,14 +162,22 @@ class Metrics:
             child.inc(count)
         if durations:
             _observe_many(self.check_duration, durations)
+        stages, self._pending_stages = self._pending_stages, {}
+        for stage, seconds in stages.items():
+            child = self._stage_children.get(stage)
+            if child is None:
+                child = self._stage_children[stage] = self.stage_duration.labels(stage)
+            _observe_many(child, seconds)
         self.grpc_in_flight.set(self.in_flight)
 
     def stage(self, stage: str, seconds: float) -> None:
-        """Stage observer: the time one stage of a Check took."""
-        child = self._stage_children.get(stage)
-        if child is None:
-            child = self._stage_children[stage] = self.stage_duration.labels(stage)
-        child.observe(seconds)
+        """Stage observer: the time one stage of a Check took (published with the Check counts)."""
+        pending = self._pending_stages.get(stage)
+        if pending is None:
+            pending = self._pending_stages[stage] = []
+        pending.append(seconds)
+        if len(pending) >= FLUSH_EVERY:
+            self.flush()
 
     # --- exposition ------------------------------------------------------------------------------
     def exposition(self) -> bytes:
