@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-bytes", type=int, default=int(_env("MAX_MESSAGE_BYTES", 16 * 1024 * 1024)),
                        help="largest CheckRequest accepted (env EXTAUTHZ_MAX_MESSAGE_BYTES)")
     serve.add_argument("--check-timeout", type=float, default=float(_env("CHECK_TIMEOUT", 1.0)),
-                       help="seconds a check may wait on I/O before denying 503 (env EXTAUTHZ_CHECK_TIMEOUT)")
+                       help="seconds a check may wait on I/O before denying 503, enforced within a tenth of it "
+                            "(at most 50 ms late) (env EXTAUTHZ_CHECK_TIMEOUT)")
     serve.add_argument("--reload-interval", type=float, default=float(_env("RELOAD_INTERVAL", 1.0)),
                        help="seconds between policy folder checks (env EXTAUTHZ_RELOAD_INTERVAL)")
     serve.add_argument("--grace", type=float, default=float(_env("GRACE", 10.0)),
