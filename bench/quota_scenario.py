@@ -1,4 +1,5 @@
-"""The ``quota-redis`` sidecar scenario of bench/run.py: every request is charged to quotas in Redis.
+"""The ``quota-redis`` and ``quota-memory`` sidecar scenarios of bench/run.py: every request is
+charged to three quotas, in Redis or in the sidecar's own in-process store.
 
 The setup starts a private redis-server (tests/redisd.py: a free port, no persistence, stopped by
 pid afterwards) and writes a policy folder holding the ``orders-api`` example policy (the one the
@@ -6,7 +7,8 @@ plain ``extauthz`` scenario decides the default request with) plus three quotas:
 address (``source.client_ip``, with RateLimit headers), per tenant header, and a global one. The
 limits are far above the load, so every request is allowed and all three counters are charged in
 Redis, in one Lua script, on every request. Comparing this row with ``extauthz`` gives what quotas
-with a local Redis add; with ``allow-all`` the ratio the issue asks for.
+with a local Redis add; with ``allow-all`` the ratio the issue asks for. ``quota-memory`` runs the
+same policy without ``--redis-url``: the quota logic alone, with no I/O and no wait.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ def policy_with_quotas() -> str:
     text = (ROOT / "policies" / "orders.yaml").read_text()
     first = text.split("\n---", 1)[0].rstrip("\n")
     return first + "\n" + QUOTAS.lstrip("\n")
+
+
+@contextlib.contextmanager
+def quota_memory_setup(workdir: Path) -> Iterator[dict]:
+    """The same policy and quotas with the default in-process store: what the quota logic itself costs."""
+    (workdir / "policies").mkdir(parents=True, exist_ok=True)
+    (workdir / "policies" / "orders-quotas.yaml").write_text(policy_with_quotas())
+    yield {"extra_args": ["--policies", str(workdir / "policies")]}
 
 
 @contextlib.contextmanager

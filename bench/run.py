@@ -104,6 +104,8 @@ SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
         setup=lambda workdir: __import__("tracing_scenario").tracing_setup(workdir, ratio=0.1)),
     "jwt": SidecarScenario("RS256 JWT bearer token on the accounts-api example policy (bench/jwt_scenario.py)",
                            setup=lambda workdir: __import__("jwt_scenario").jwt_setup(workdir)),
+    "quota-memory": SidecarScenario("orders-api + the same 3 quotas in the in-process store (bench/quota_scenario.py)",
+                                    setup=lambda workdir: __import__("quota_scenario").quota_memory_setup(workdir)),
     "quota-redis": SidecarScenario("orders-api + 3 quotas charged in a local Redis (bench/quota_scenario.py)",
                                    setup=lambda workdir: __import__("quota_scenario").quota_redis_setup(workdir)),
 }
