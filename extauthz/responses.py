@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from extauthz._wire import varint
 from extauthz.api.envoy.config.core.v3 import base_pb2
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Decision
@@ -54,23 +55,29 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
         for name, value in decision.client_headers:
             _add_header(ok.response_headers_to_add, name, value, _APPEND)
         return response
-    if decision.status == 401:
-        response.status.code = _UNAUTHENTICATED
-    elif decision.status >= 500:
-        response.status.code = _UNAVAILABLE
-    else:
-        response.status.code = _PERMISSION_DENIED
+    response.status.code = _grpc_code(decision.status)
     response.status.message = decision.reason
     denied = response.denied_response
     denied.status.code = decision.status  # type: ignore[assignment]
     _add_header(denied.headers, "content-type", "application/json", _OVERWRITE)
     for name, value in decision.client_headers:
         _add_header(denied.headers, name, value, _APPEND)
-    denied.body = json.dumps(
-        {"error": decision.message, "reason": decision.reason, "decision_id": decision.decision_id},
-        separators=(",", ":"),
-    )
+    denied.body = _denial_body(decision)
     return response
+
+
+def _grpc_code(http_status: int) -> int:
+    """The gRPC status of a denial (Envoy logs it; the client gets the HTTP status)."""
+    if http_status == 401:
+        return _UNAUTHENTICATED
+    if http_status >= 500:
+        return _UNAVAILABLE
+    return _PERMISSION_DENIED
+
+
+def _denial_body(decision: Decision) -> str:
+    return json.dumps({"error": decision.message, "reason": decision.reason, "decision_id": decision.decision_id},
+                      separators=(",", ":"))  # fmt: skip
 
 
 # --- the same response, straight to wire bytes ----------------------------------------------------
@@ -92,25 +99,12 @@ _DENIED_STATUS, _DENIED_HEADERS, _DENIED_BODY = 0x0A, 0x12, 0x1A
 #: Struct.fields 1 (map entry: key 1, value 2); Value: string_value 3, bool_value 4.
 #: HeaderValueOption: header 1 (HeaderValue: key 1, value 2), append_action 3.
 #: google.rpc.Status: code 1, message 2.
-_KEEP_LIMIT = 4096
-
-
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return _SMALL[value]
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_SMALL = [bytes((i,)) for i in range(0x80)]
+#: Kept encodings: at most this many, each at most this long (decision ids are never kept).
+_KEEP_LIMIT, _KEEP_BYTES = 4096, 512
 
 
 def _delimited(tag: int, payload: bytes) -> bytes:
-    return _SMALL[tag] + _varint(len(payload)) + payload
+    return varint(tag) + varint(len(payload)) + payload
 
 
 def _text(tag: int, value: str) -> bytes:
@@ -135,7 +129,7 @@ def _metadata_entry(name: str, value: str | bool) -> bytes:
 def _header_option(tag: int, name: str, value: str, action: int) -> bytes:
     option = _delimited(0x0A, _text(0x0A, name) + _text(0x12, value))
     if action:
-        option += b"\x18" + _varint(action)
+        option += b"\x18" + varint(action)
     return _delimited(tag, option)
 
 
@@ -151,7 +145,6 @@ def _keep(key: tuple[Any, ...], encoded: bytes) -> bytes:
     return encoded
 
 
-_KEEP_BYTES = 512
 #: decision_id's entry up to its value: the value is new in every Check.
 _DECISION_ID_HEAD = _text(0x0A, "decision_id")
 _JSON_CONTENT_TYPE = _header_option(_DENIED_HEADERS, "content-type", "application/json", _OVERWRITE)
@@ -160,16 +153,13 @@ _JSON_CONTENT_TYPE = _header_option(_DENIED_HEADERS, "content-type", "applicatio
 def check_response_bytes(decision: Decision) -> bytes:
     """``to_check_response(decision).SerializeToString()``, parsed alike."""
     kept = _kept
-    value = _element(0x1A, decision.decision_id)
-    entry = _DECISION_ID_HEAD + _SMALL[0x12] + _varint(len(value)) + value
-    fields = [_SMALL[0x0A], _varint(len(entry)), entry]
+    fields = [_delimited(0x0A, _DECISION_ID_HEAD + _delimited(0x12, _element(0x1A, decision.decision_id)))]
     for key in (("policy", decision.policy), ("rule", decision.rule), ("reason", decision.reason)):
         fields.append(kept.get(key) or _keep(key, _metadata_entry(*key)))
     if decision.dry_run:
         fields.append(_metadata_entry("dry_run", True))
         fields.append(_metadata_entry("would_deny", decision.would_deny))
-    metadata = b"".join(fields)
-    metadata = _SMALL[_METADATA] + _varint(len(metadata)) + metadata
+    metadata = _delimited(_METADATA, b"".join(fields))
     if decision.allowed:
         parts = []
         for name, text in decision.upstream_headers:
@@ -180,20 +170,9 @@ def check_response_bytes(decision: Decision) -> bytes:
         for name, text in decision.client_headers:
             key = (_OK_CLIENT_HEADERS, name, text)
             parts.append(kept.get(key) or _keep(key, _header_option(_OK_CLIENT_HEADERS, name, text, _APPEND)))
-        ok = b"".join(parts)
-        return _SMALL[_OK_RESPONSE] + _varint(len(ok)) + ok + metadata
-    if decision.status == 401:
-        code = _UNAUTHENTICATED
-    elif decision.status >= 500:
-        code = _UNAVAILABLE
-    else:
-        code = _PERMISSION_DENIED
-    status = _delimited(_STATUS, b"\x08" + _varint(code) + _text(0x12, decision.reason))
-    body = json.dumps(
-        {"error": decision.message, "reason": decision.reason, "decision_id": decision.decision_id},
-        separators=(",", ":"),
-    )
-    denied = [_delimited(_DENIED_STATUS, b"\x08" + _varint(decision.status)), _JSON_CONTENT_TYPE]
+        return _delimited(_OK_RESPONSE, b"".join(parts)) + metadata
+    status = _delimited(_STATUS, b"\x08" + varint(_grpc_code(decision.status)) + _text(0x12, decision.reason))
+    denied = [_delimited(_DENIED_STATUS, b"\x08" + varint(decision.status)), _JSON_CONTENT_TYPE]
     denied += [_header_option(_DENIED_HEADERS, name, text, _APPEND) for name, text in decision.client_headers]
-    denied.append(_text(_DENIED_BODY, body))
+    denied.append(_text(_DENIED_BODY, _denial_body(decision)))
     return status + _delimited(_DENIED, b"".join(denied)) + metadata

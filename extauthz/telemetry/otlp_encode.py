@@ -17,6 +17,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from extauthz._wire import varint
+
 __all__ = ["SpanEncoder"]
 
 _FIXED64 = struct.Struct("<Q")
@@ -55,20 +57,9 @@ _TIMES = struct.Struct("<1sQ1sQ")
 _EMPTY_STATUS = _STATUS + b"\x00"
 
 
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64  # int64 on the wire: two's complement, ten bytes
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _field(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field: tag, length, payload."""
-    return tag + _varint(len(payload)) + payload
+    return tag + varint(len(payload)) + payload
 
 
 def _any_value(value: Any) -> bytes:
@@ -77,7 +68,7 @@ def _any_value(value: Any) -> bytes:
     if isinstance(value, str):
         return _field(_STRING, value.encode("utf-8", "replace"))
     if isinstance(value, int):
-        return _INT + _varint(value)
+        return _INT + varint(value)
     if isinstance(value, float):
         return _DOUBLE_TAG + _DOUBLE.pack(value)
     return _field(_STRING, str(value).encode("utf-8", "replace"))
@@ -130,7 +121,7 @@ class SpanEncoder:
          code, description) = record  # fmt: skip
         head = self._names.get((name, kind))
         if head is None:
-            head = _field(_NAME, name.encode("utf-8", "replace")) + _KIND + _varint(kind + 1)
+            head = _field(_NAME, name.encode("utf-8", "replace")) + _KIND + varint(kind + 1)
             self._names[(name, kind)] = head
         attribute = self._attribute
         parts = [attribute(k, v) for k, v in attributes.items()] if attributes else []
@@ -141,7 +132,7 @@ class SpanEncoder:
         if description or code:
             status = _field(_STATUS_MESSAGE, description.encode("utf-8", "replace")) if description else b""
             if code:
-                status += _STATUS_CODE + _varint(code)
+                status += _STATUS_CODE + varint(code)
             tail = _field(_STATUS, status)
         else:
             tail = _EMPTY_STATUS
