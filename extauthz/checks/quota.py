@@ -27,6 +27,7 @@ from extauthz.checks import Phase, register
 from extauthz.context import CheckContext, Denial
 from extauthz.policy.build import BuildContext, Spec
 from extauthz.stores import Charge, ChargeResult, Store, StoreConfigError, StoreError, local_store, store_for
+from extauthz.stores.memory import MemoryStore
 
 __all__ = ["MAX_KEY_BYTES", "Quota", "QuotaCheck"]
 
@@ -193,29 +194,9 @@ class QuotaCheck:
         return digest
 
     async def _charge(self, ctx: CheckContext, applied: list[_Applied]) -> _Outcome:
-        charges = [entry.charge for entry in applied]
-        try:
-            return _Outcome(list(await self.store.charge(charges)), self.store_name)
-        except StoreError as exc:
-            failure = str(exc)
-        for entry in applied:
-            if entry.quota.enforce and entry.quota.on_store_error == "deny":
-                ctx.attributes["quota_store"] = "unavailable"
-                ctx.attributes["error"] = f"quota {entry.quota.name}: {failure}"
-                ctx.note(f"quota {entry.quota.name}: store unavailable ({failure}) -> deny (onStoreError: deny)")
-                return _Outcome([], "unavailable", refused_by=entry.quota.name)
-        results: list[ChargeResult | None] = [None] * len(applied)
-        local = [i for i, entry in enumerate(applied) if entry.quota.on_store_error == "local"]
-        if local:
-            local_results = await self.fallback.charge([charges[i] for i in local])
-            for i, result in zip(local, local_results, strict=True):
-                results[i] = result
-        for i, entry in enumerate(applied):
-            how = "in-process limiter" if results[i] is not None else "not charged"
-            ctx.note(f"quota {entry.quota.name}: store unavailable ({failure}) -> {how} "
-                     f"(onStoreError: {entry.quota.on_store_error})")  # fmt: skip
-        ctx.attributes["quota_store"] = "local" if local else "skipped"
-        return _Outcome(results, "local")
+        """The in-process store: it answers at once and cannot fail."""
+        store: MemoryStore = self.store  # type: ignore[assignment]  # from_spec chose this class for it
+        return _Outcome(store.charge_now([entry.charge for entry in applied]), self.store_name)
 
     def _decide(self, ctx: CheckContext, applied: list[_Applied], outcome: _Outcome) -> Denial | None:
         source = outcome.source
@@ -258,6 +239,31 @@ class _StoreQuotaCheck(QuotaCheck):
     """The same check when counters live in Redis: it waits on I/O, so the pipeline's timeout applies."""
 
     may_wait: ClassVar[bool] = True
+
+    async def _charge(self, ctx: CheckContext, applied: list[_Applied]) -> _Outcome:
+        charges = [entry.charge for entry in applied]
+        try:
+            return _Outcome(list(await self.store.charge(charges)), self.store_name)
+        except StoreError as exc:
+            failure = str(exc)
+        for entry in applied:
+            if entry.quota.enforce and entry.quota.on_store_error == "deny":
+                ctx.attributes["quota_store"] = "unavailable"
+                ctx.attributes["error"] = f"quota {entry.quota.name}: {failure}"
+                ctx.note(f"quota {entry.quota.name}: store unavailable ({failure}) -> deny (onStoreError: deny)")
+                return _Outcome([], "unavailable", refused_by=entry.quota.name)
+        results: list[ChargeResult | None] = [None] * len(applied)
+        local = [i for i, entry in enumerate(applied) if entry.quota.on_store_error == "local"]
+        if local:
+            local_results = await self.fallback.charge([charges[i] for i in local])
+            for i, result in zip(local, local_results, strict=True):
+                results[i] = result
+        for i, entry in enumerate(applied):
+            how = "in-process limiter" if results[i] is not None else "not charged"
+            ctx.note(f"quota {entry.quota.name}: store unavailable ({failure}) -> {how} "
+                     f"(onStoreError: {entry.quota.on_store_error})")  # fmt: skip
+        ctx.attributes["quota_store"] = "local" if local else "skipped"
+        return _Outcome(results, "local")
 
 
 class _QuotaInputError(Exception):

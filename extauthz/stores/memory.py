@@ -94,8 +94,13 @@ class MemoryStore:
         """:meth:`charge` without the coroutine: atomic because it never yields."""
         now = self._clock()
         tats = self._tats
-        steps = [gcra_step(tats.get(c.key, 0), now, c.interval_us, c.burst, c.cost) for c in charges]
-        admitted = all(step.allowed for step, c in zip(steps, charges, strict=True) if c.enforce)
+        steps = []
+        admitted = True
+        for c in charges:
+            step = gcra_step(tats.get(c.key, 0), now, c.interval_us, c.burst, c.cost)
+            if c.enforce and not step.allowed:
+                admitted = False
+            steps.append(step)
         results: list[ChargeResult] = []
         for step, c in zip(steps, charges, strict=True):
             if admitted and step.allowed and c.cost:
