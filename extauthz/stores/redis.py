@@ -617,6 +617,8 @@ class _Pipeline:
         return self._sentinel[1]
 
     async def aclose(self) -> None:
+        if self.commands:
+            log.info("redis: %d commands sent in %d writes", self.commands, self.batches)
         conn = self._conn
         if conn is not None:
             if conn.loop is asyncio.get_running_loop():
