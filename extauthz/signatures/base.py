@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
+from typing import NamedTuple
 from urllib.parse import quote, unquote_plus
 
 from extauthz.request import Request
@@ -69,9 +70,12 @@ class ComponentError(ValueError):
         self.missing = missing
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """What a signature base is built from: the request (or, for RFC examples, a response)."""
+class Message(NamedTuple):
+    """What a signature base is built from: the request (or, for RFC examples, a response).
+
+    A NamedTuple (built for every signed request): immutable like a frozen dataclass, built in a
+    fraction of the time. ``message._replace(...)`` makes a changed copy.
+    """
 
     method: str = ""
     scheme: str = ""
@@ -80,9 +84,9 @@ class Message:
     #: The request target as sent: origin form "/path?query", "*", or authority form.
     target: str = ""
     #: Lower-case field name -> combined value (as Envoy forwards it).
-    fields: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    fields: Mapping[str, str] = MappingProxyType({})
     #: Lower-case field name -> each field line's value, when known (Envoy ``encode_raw_headers``).
-    field_lines: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _EMPTY)
+    field_lines: Mapping[str, tuple[str, ...]] = _EMPTY
     #: Response status (only for signing/verifying response examples).
     status: int | None = None
 

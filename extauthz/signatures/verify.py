@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from extauthz.signatures.algorithms import VerificationKey
 from extauthz.signatures.base import ComponentError, Message, covered_components, signature_base
@@ -91,8 +92,9 @@ class Requirements:
                            self.required_keys | frozenset(_key(c) for c in self.body_components))
 
 
-@dataclass(frozen=True, slots=True)
-class Verified:
+class Verified(NamedTuple):
+    """A signature that verified (one per signed request: a NamedTuple, cheap to build)."""
+
     label: str
     key: VerificationKey
     created: int

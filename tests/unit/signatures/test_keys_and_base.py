@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -185,7 +184,7 @@ _PARAMS = st.sampled_from([
     (("bs", True), ("sf", True)), (("x", True), ("y", True)), (("y", True), ("x", True)),
 ])
 _ITEMS = st.lists(st.builds(Item, st.one_of(_NAMES, _NAMES.map(Token), st.just(5)), _PARAMS), max_size=6).map(tuple)
-_BASE_MESSAGE = dataclasses.replace(MSG, fields={**MSG.fields, "x-lines": "a,b", "x-break": "a\r\nb", "x-cafe": "caf\u00e9"},
+_BASE_MESSAGE = MSG._replace(fields={**MSG.fields, "x-lines": "a,b", "x-break": "a\r\nb", "x-cafe": "caf\u00e9"},
                                     field_lines={"x-lines": (" a ", "b\t")})
 
 

@@ -54,7 +54,7 @@ def _signed(message: Message, key: object, *, components: list[str] = COMPONENTS
             algorithm: str = "ed25519", created: int = NOW, **kw: object) -> Message:
     headers = sign_message(message, components, key_id=key_id, algorithm=algorithm, private_key=key,
                            created=created, **kw)  # type: ignore[arg-type]
-    return dataclasses.replace(message, fields={**message.fields, "signature-input": headers.signature_input,
+    return message._replace(fields={**message.fields, "signature-input": headers.signature_input,
                                                 "signature": headers.signature})
 
 
@@ -85,7 +85,7 @@ def test_valid_signature_verifies(keys: KeySet, ed_key: ed25519.Ed25519PrivateKe
 ])
 def test_changed_covered_header_is_invalid(keys: KeySet, ed_key, change, reason) -> None:
     signed = _signed(_message(), ed_key, nonce="n")
-    altered = dataclasses.replace(signed, fields={**signed.fields, **change})
+    altered = signed._replace(fields={**signed.fields, **change})
     assert _reason(altered, keys) == reason
 
 
@@ -103,7 +103,7 @@ def test_partial_body_can_never_satisfy_a_digest(keys: KeySet, ed_key) -> None:
 def test_missing_covered_header(keys: KeySet, ed_key) -> None:
     signed = _signed(_message(), ed_key, nonce="n")
     fields = {k: v for k, v in signed.fields.items() if k != "x-tenant"}
-    assert _reason(dataclasses.replace(signed, fields=fields), keys) == "signature_component_missing"
+    assert _reason(signed._replace(fields=fields), keys) == "signature_component_missing"
 
 
 def test_insufficient_coverage(keys: KeySet, ed_key) -> None:
@@ -141,10 +141,10 @@ def test_key_and_algorithm_checks(keys: KeySet, ed_key) -> None:
     # The request cannot choose the algorithm: alg must match the key's.
     signed = _signed(_message(), ed_key, nonce="n", include_alg=True)
     forged = signed.fields["signature-input"].replace('alg="ed25519"', 'alg="hmac-sha256"')
-    assert _reason(dataclasses.replace(signed, fields={**signed.fields, "signature-input": forged}), keys) \
+    assert _reason(signed._replace(fields={**signed.fields, "signature-input": forged}), keys) \
         == "signature_algorithm_rejected"
     unknown = signed.fields["signature-input"].replace('alg="ed25519"', 'alg="rot13"')
-    assert _reason(dataclasses.replace(signed, fields={**signed.fields, "signature-input": unknown}), keys) \
+    assert _reason(signed._replace(fields={**signed.fields, "signature-input": unknown}), keys) \
         == "signature_algorithm_rejected"
     # An HMAC secret cannot verify a signature made for another key id.
     hmac_signed = _signed(_message(), b"0123456789abcdef0123456789abcdef", key_id="hmac-1", algorithm="hmac-sha256",
@@ -153,7 +153,7 @@ def test_key_and_algorithm_checks(keys: KeySet, ed_key) -> None:
 
 
 def _with(message: Message, **fields: str) -> Message:
-    return dataclasses.replace(message, fields={**message.fields, **fields})
+    return message._replace(fields={**message.fields, **fields})
 
 
 @pytest.mark.parametrize(("signature_input", "signature"), [
