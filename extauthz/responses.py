@@ -154,8 +154,8 @@ def check_response_bytes(decision: Decision) -> bytes:
     """``to_check_response(decision).SerializeToString()``, parsed alike."""
     kept = _kept
     fields = [_delimited(0x0A, _DECISION_ID_HEAD + _delimited(0x12, _element(0x1A, decision.decision_id)))]
-    for key in (("policy", decision.policy), ("rule", decision.rule), ("reason", decision.reason)):
-        fields.append(kept.get(key) or _keep(key, _metadata_entry(*key)))
+    for entry in (("policy", decision.policy), ("rule", decision.rule), ("reason", decision.reason)):
+        fields.append(kept.get(entry) or _keep(entry, _metadata_entry(*entry)))
     if decision.dry_run:
         fields.append(_metadata_entry("dry_run", True))
         fields.append(_metadata_entry("would_deny", decision.would_deny))

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -83,7 +84,7 @@ class _Outcome(NamedTuple):
     """The store's answer for one request."""
 
     #: Per applied quota; None where the quota was not charged (store down, ``onStoreError: allow``).
-    results: list[ChargeResult | None]
+    results: Sequence[ChargeResult | None]
     #: Where the answer came from: "memory", "redis", "local" or "unavailable".
     source: str
     #: The quota whose ``onStoreError: deny`` refused the request when the store failed.
