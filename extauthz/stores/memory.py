@@ -14,8 +14,9 @@ __all__ = ["GcraStep", "MemoryStore", "gcra_step"]
 
 log = logging.getLogger("extauthz.stores.memory")
 
-#: Expired counters dropped per charge: keeps the table near the live keys at O(1) per request.
-_SWEEP_PER_CHARGE = 4
+#: Every this many charges, up to this many expired counters are dropped: the table stays near the
+#: live keys at O(1) per request, and most requests skip the sweep altogether.
+_SWEEP_EVERY, _SWEEP_AT_MOST = 16, 64
 
 
 class GcraStep(NamedTuple):
@@ -58,6 +59,8 @@ class MemoryStore:
         self._sets: dict[str, set[str]] = {}
         self._tats: OrderedDict[str, int] = OrderedDict()
         self._clock = clock
+        #: Charges until the next sweep of expired counters.
+        self._countdown = _SWEEP_EVERY
         #: Live counters dropped because the table was full (each gave its key a full bucket).
         self.evicted = 0
 
@@ -113,18 +116,29 @@ class MemoryStore:
                 # Had room, but another counter refused the request: nothing charged here.
                 reset_us = max(0, step.tat - c.cost * c.interval_us - now)
                 results.append(ChargeResult(True, step.remaining + c.cost, 0.0, reset_us / 1e6))
-        self._sweep(now)
+        self._countdown -= 1
+        if self._countdown <= 0:
+            self._countdown = _SWEEP_EVERY
+            self._sweep(now)
+        if len(tats) > self._max_keys:
+            self._evict(now)
         return results
 
     def _sweep(self, now: int) -> None:
+        """Drop expired counters from the least recently charged end."""
         tats = self._tats
-        for _ in range(_SWEEP_PER_CHARGE):
+        for _ in range(_SWEEP_AT_MOST):
             if not tats:
                 return
             key, tat = next(iter(tats.items()))
             if tat > now:
-                break
+                return
             del tats[key]
+
+    def _evict(self, now: int) -> None:
+        """The table is over its bound: expired counters go first, then the least recently charged."""
+        self._sweep(now)
+        tats = self._tats
         while len(tats) > self._max_keys:
             tats.popitem(last=False)
             self.evicted += 1
