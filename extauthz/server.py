@@ -67,11 +67,13 @@ def response_bytes(decision: Decision) -> bytes:
     try:
         return check_response_bytes(decision)
     except (ValueError, UnicodeError) as exc:
-        # A header value that is not valid text (it came from request data through a policy).
-        log.error("decision %s could not be sent (%s in a header value); denying with 503",
-                  decision.decision_id, type(exc).__name__)  # never the value itself
+        # Text that cannot be encoded (a header value built from request data, or a rule name). The
+        # decision log has the decision's policy and rule under its id; the denial carries only fixed
+        # text and the id, so it always encodes.
+        log.error("decision %s could not be sent (%s); denying with 503", decision.decision_id,
+                  type(exc).__name__)  # never the value itself
         return check_response_bytes(Decision(False, 503, "internal_error", "authorization failed",
-                                             decision.decision_id, policy=decision.policy, rule=decision.rule))
+                                             decision.decision_id))
 
 
 class Sidecar:
