@@ -14,10 +14,11 @@ opentelemetry/proto/{trace,common,resource}/v1/*.proto.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from extauthz._wire import varint
+from extauthz.telemetry.check_spans import SERVER, CheckRecord, Facts, attributes_from_facts, expand, random_span_id
 
 __all__ = ["SpanEncoder"]
 
@@ -55,6 +56,12 @@ _IDS = struct.Struct(">2sQQ2sQ")
 _IDS_WITH_PARENT = struct.Struct(">2sQQ2sQ2sQ")
 _TIMES = struct.Struct("<1sQ1sQ")
 _EMPTY_STATUS = _STATUS + b"\x00"
+_DECISION_ID_KEY = _KEY + bytes([len("extauthz.decision_id")]) + b"extauthz.decision_id"
+
+
+def _trace_state(state: list[tuple[str, str]] | None) -> bytes:
+    # After the ids here, before them in the SDK: field order means nothing to a parser.
+    return _field(_TRACE_STATE, ",".join(f"{k}={v}" for k, v in state).encode()) if state else b""
 
 
 def _field(tag: bytes, payload: bytes) -> bytes:
@@ -91,6 +98,10 @@ class SpanEncoder:
         self._attributes: dict[str, dict[Any, bytes]] = {}
         #: (name, kind) -> the span's encoded name and kind.
         self._names: dict[tuple[str, int], bytes] = {}
+        #: A stage's (stage, check, denial, error) -> its encoded head, and what follows its times.
+        self._stages: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+        #: A Check span's facts but the decision id -> what precedes and follows the decision id.
+        self._check_tails: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
 
     def _attribute(self, key: str, value: Any) -> bytes:
         # Keyed by name, then by value: no tuple per attribute. Only strings are keyed by themselves:
@@ -119,27 +130,90 @@ class SpanEncoder:
         which is one less than OTLP's (the SDK has no UNSPECIFIED)."""
         (name, trace_id, span_id, parent_id, parent_remote, _flags, state, kind, start, end, attributes,
          code, description) = record  # fmt: skip
+        tail = self._tail(attributes, code, description, parent_id and parent_remote)
+        return b"".join((
+            self._ids(trace_id, span_id, parent_id), _trace_state(state), self._head(name, kind),
+            _TIMES.pack(_START, start, _END, end), tail,
+        ))  # fmt: skip
+
+    def _head(self, name: str, kind: int) -> bytes:
         head = self._names.get((name, kind))
         if head is None:
             head = _field(_NAME, name.encode("utf-8", "replace")) + _KIND + varint(kind + 1)
             self._names[(name, kind)] = head
+        return head
+
+    def _tail(self, attributes: Mapping[str, Any] | None, code: int, description: str, remote: Any) -> bytes:
+        """What follows the times: attributes, status and flags."""
         attribute = self._attribute
         parts = [attribute(k, v) for k, v in attributes.items()] if attributes else []
-        if state:  # after the ids here, before them in the SDK: field order means nothing to a parser
-            middle = _field(_TRACE_STATE, ",".join(f"{k}={v}" for k, v in state).encode())
-        else:
-            middle = b""
         if description or code:
             status = _field(_STATUS_MESSAGE, description.encode("utf-8", "replace")) if description else b""
             if code:
                 status += _STATUS_CODE + varint(code)
-            tail = _field(_STATUS, status)
+            parts.append(_field(_STATUS, status))
         else:
-            tail = _EMPTY_STATUS
-        return b"".join((
-            self._ids(trace_id, span_id, parent_id), middle, head, _TIMES.pack(_START, start, _END, end),
-            *parts, tail, _REMOTE_FLAGS if parent_id and parent_remote else _LOCAL_FLAGS,
-        ))  # fmt: skip
+            parts.append(_EMPTY_STATUS)
+        parts.append(_REMOTE_FLAGS if remote else _LOCAL_FLAGS)
+        return b"".join(parts)
+
+    def check_spans(self, record: CheckRecord, span_id: Callable[[], int] = random_span_id) -> list[bytes]:
+        """The spans of one Check record (see check_spans), encoded: the same bytes as encoding each
+        span of ``check_spans.expand(record)``, but what repeats from Check to Check is kept encoded:
+        a stage span costs two struct packs and a join."""
+        (trace_id, check_id, parent_id, parent_remote, state, start, end, code, description, facts, sampler,
+         stages) = record  # fmt: skip
+        state_bytes = _trace_state(state)
+        high, low = trace_id >> 64, trace_id & _LOW64
+        known = self._stages
+        spans = []
+        for stage in stages:
+            key = (stage[0], stage[1], stage[4], stage[5])
+            rest = known.get(key)
+            if rest is None:
+                if len(known) >= _CACHE_LIMIT:
+                    known.clear()
+                rest = known[key] = self._stage_rest(stage)
+            spans.append(b"".join((
+                _IDS_WITH_PARENT.pack(_TRACE_ID_HEAD, high, low, _SPAN_ID_HEAD, span_id(), _PARENT_HEAD, check_id),
+                state_bytes, rest[0], _TIMES.pack(_START, stage[2], _END, stage[3]), rest[1],
+            )))  # fmt: skip
+        if sampler or (facts is not None and facts[15]):
+            tail = self._tail(attributes_from_facts(facts, sampler), code, description, parent_id and parent_remote)
+        else:
+            tail = self._check_tail(facts, code, description, bool(parent_id and parent_remote))
+        spans.append(b"".join((
+            self._ids(trace_id, check_id, parent_id), state_bytes, self._head("extauthz.check", SERVER),
+            _TIMES.pack(_START, start, _END, end), tail,
+        )))  # fmt: skip
+        return spans
+
+    def _stage_rest(self, stage: tuple[Any, ...]) -> tuple[bytes, bytes]:
+        """A stage span's encoded head, and what follows its times (the same for every Check)."""
+        span = expand((0, 0, 0, False, None, 0, 0, 0, "", None, None, [stage]), int)[0]
+        name, kind, attributes, code, description = span[0], span[7], span[10], span[11], span[12]
+        return self._head(name, kind), self._tail(attributes, code, description, False)
+
+    def _check_tail(self, facts: Facts | None, code: int, description: str, remote: bool) -> bytes:
+        """The Check span's attributes, status and flags. Only the decision id differs between two
+        Checks decided alike: the rest is kept encoded, before and after it."""
+        if facts is None:
+            return self._tail(attributes_from_facts(None), code, description, remote)
+        key = (facts[:3], facts[4:15], code, description, remote)
+        pieces = self._check_tails.get(key)
+        if pieces is None:
+            if len(self._check_tails) >= _CACHE_LIMIT:
+                self._check_tails.clear()
+            encoded = self._tail(attributes_from_facts(facts), code, description, remote)
+            marker = _field(_ATTRIBUTE, _key_value("extauthz.decision_id", facts[3]))
+            before, found, after = encoded.partition(marker)
+            if not found:  # cannot happen: the attributes always hold the decision id
+                return encoded
+            pieces = self._check_tails[key] = (before, after)
+        # Never the same twice: encoded here, not kept.
+        value = _field(_STRING, facts[3].encode("utf-8", "replace"))
+        decision_id = _field(_ATTRIBUTE, _DECISION_ID_KEY + _field(_VALUE, value))
+        return b"".join((pieces[0], decision_id, pieces[1]))
 
     def request(self, spans: Iterable[bytes]) -> bytes:
         """The ExportTraceServiceRequest holding ``spans`` (encoded by :meth:`span`)."""

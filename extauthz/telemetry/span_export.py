@@ -2,12 +2,13 @@
 
 Encoding a span for OTLP costs the Python SDK some 25 microseconds, and a Check has several spans:
 done in the sidecar (even on the batch processor's thread, which shares the GIL) that would cost a
-large share of its throughput. Instead the sidecar hands a Check's finished spans, as plain tuples,
-to a :class:`SpanShipper`; a thread marshals batches of them down a pipe to a child process
-(``python -m extauthz.telemetry.span_export``). The child encodes them to OTLP itself (see
-otlp_encode: pre-encoded attributes make a span cost a few microseconds instead of 25) and sends
-them, batched as the ``OTEL_BSP_*`` variables say, with the SDK's OTLP exporter configured by the
-same ``OTEL_*`` variables. Other exporters (console) get SDK spans and its batch span processor.
+large share of its throughput. Instead the sidecar hands each Check's spans, as one compact record
+(see check_spans), to a :class:`SpanShipper`; a thread marshals batches of them down a pipe to a
+child process (``python -m extauthz.telemetry.span_export``). The child expands the records into
+spans and encodes them to OTLP itself (see otlp_encode: pre-encoded attributes make a span cost a
+few microseconds instead of 25) and sends them, batched as the ``OTEL_BSP_*`` variables say, with the
+SDK's OTLP exporter configured by the same ``OTEL_*`` variables. Other exporters (console) get SDK
+spans and its batch span processor.
 
 Failure is contained: if the child falls behind or dies, spans are dropped and counted
 (``extauthz_trace_export_errors_total``); requests are never slowed or failed by tracing.
@@ -28,6 +29,8 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
+from extauthz.telemetry.check_spans import CheckRecord, expand
+
 __all__ = ["SpanRecord", "SpanShipper", "main"]
 
 log = logging.getLogger("extauthz.tracing")
@@ -37,14 +40,14 @@ log = logging.getLogger("extauthz.tracing")
 SpanRecord = tuple[Any, ...]
 
 _FRAME = struct.Struct("!I")
-#: Spans held while the child catches up; beyond that new spans are dropped.
-MAX_PENDING = 50_000
+#: Checks held while the child catches up; beyond that new ones are dropped.
+MAX_PENDING = 10_000
 #: Seconds between batches when spans trickle in.
 FLUSH_INTERVAL = 0.05
 
 
 class SpanShipper:
-    """Collects span records on the request path; a thread ships them to the exporter process."""
+    """Collects Check records on the request path; a thread ships them to the exporter process."""
 
     def __init__(self, argv: list[str] | None = None) -> None:
         self._proc = subprocess.Popen(
@@ -52,7 +55,7 @@ class SpanShipper:
         )  # fmt: skip
         assert self._proc.stdin is not None
         self._fd = self._proc.stdin.fileno()
-        self._pending: list[SpanRecord] = []
+        self._pending: list[CheckRecord] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
@@ -62,13 +65,13 @@ class SpanShipper:
         self._thread.start()
 
     # --- the request path ------------------------------------------------------------------------
-    def add(self, records: list[SpanRecord]) -> None:
-        """Queue the spans of one Check (one lock round for all of them)."""
+    def add(self, record: CheckRecord) -> None:
+        """Queue the spans of one Check."""
         with self._lock:
             if len(self._pending) >= MAX_PENDING or self._stopped:
-                self._drop(len(records))
+                self._drop(_span_count([record]))
                 return
-            self._pending += records
+            self._pending.append(record)
 
     # --- the shipping thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -83,18 +86,18 @@ class SpanShipper:
             if stopped:
                 return
 
-    def _ship(self, batch: list[SpanRecord]) -> None:
+    def _ship(self, batch: list[CheckRecord]) -> None:
         payload = marshal.dumps(batch)
         data = memoryview(_FRAME.pack(len(payload)) + payload)
         try:
             while data:
                 written = os.write(self._fd, data)  # releases the GIL while the pipe is full
                 data = data[written:]
-            self.shipped += len(batch)
+            self.shipped += _span_count(batch)
         except OSError as exc:
             log.warning("span exporter process unavailable (%s); dropping spans", exc.strerror)
             with self._lock:
-                self._drop(len(batch))
+                self._drop(_span_count(batch))
 
     def _drop(self, count: int) -> None:
         self.dropped += count
@@ -122,16 +125,28 @@ class SpanShipper:
             self._proc.wait(5)
 
 
+class _RawTraceStub:
+    """TraceService's Export method on a channel, taking and returning wire bytes: the request is
+    already encoded, so parsing it into a message only to serialize it again would be waste."""
+
+    def __init__(self, channel: Any) -> None:
+        self.Export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+
+
 class _EncodedSender:
     """Sends pre-encoded ExportTraceServiceRequests through the SDK's own OTLP exporter, so its
     configuration (OTEL_EXPORTER_OTLP_* endpoint, headers, TLS, compression, timeout) and its retry
     rules apply unchanged; only the per-span encoding is ours.
 
-    The gRPC exporter turns what it is given into the request with ``_translate_data`` (and counts
-    spans with ``_count_data``): for this instance both read our (request, count) pair. The HTTP
-    exporter sends bytes with its client's ``export``. :meth:`supports` checks those hooks exist, so
-    an SDK that changed them gets the SDK path instead of a broken one.
+    The gRPC exporter calls ``self._client.Export`` with what ``_translate_data`` makes of its input
+    (and counts spans with ``_count_data``), and builds ``_client`` from ``_stub`` and ``_channel``
+    (again after a reconnection): for this instance the stub sends bytes as they are, and both hooks
+    read our (request bytes, count) pair. The HTTP exporter sends bytes with its client's
+    ``export``. :meth:`supports` checks those hooks exist, so an SDK that changed them gets the SDK
+    path instead of a broken one.
     """
+
+    _GRPC_HOOKS = ("_export", "_translate_data", "_count_data", "_stub", "_channel", "_client")
 
     def __init__(self, exporter: Any) -> None:
         self.exporter = exporter
@@ -139,21 +154,21 @@ class _EncodedSender:
         if self.grpc:
             exporter._translate_data = lambda pair: pair[0]
             exporter._count_data = lambda pair: pair[1]
+            exporter._stub = _RawTraceStub
+            exporter._client = _RawTraceStub(exporter._channel)
 
-    @staticmethod
-    def supports(exporter: Any) -> bool:
+    @classmethod
+    def supports(cls, exporter: Any) -> bool:
         module = type(exporter).__module__
         if ".proto.grpc." in module:
-            return all(hasattr(exporter, name) for name in ("_export", "_translate_data", "_count_data"))
+            return all(hasattr(exporter, name) for name in cls._GRPC_HOOKS) and exporter._channel is not None
         if ".proto.http." in module:
             return hasattr(getattr(exporter, "_client", None), "export")
         return False
 
     def send(self, request: bytes, count: int) -> bool:
         if self.grpc:
-            from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-            result = self.exporter._export((ExportTraceServiceRequest.FromString(request), count))
+            result = self.exporter._export((request, count))
             return getattr(result, "name", "") == "SUCCESS"
         return bool(getattr(self.exporter._client.export(request), "success", False))
 
@@ -239,9 +254,9 @@ def main() -> int:
 
         encoder = SpanEncoder(dict(resource.attributes), "extauthz")
         batcher = _Batcher(encoder, [_EncodedSender(e) for e in exporters], os.environ)
-        span = encoder.span
+        encode = encoder.check_spans
         for records in _batches(sys.stdin.buffer):
-            batcher.add([span(r) for r in records])
+            batcher.add([span for record in records for span in encode(record)])
         batcher.close()
         for exporter in exporters:
             exporter.shutdown()
@@ -250,12 +265,16 @@ def main() -> int:
 
 
 def _batches(stream: Any) -> Any:
-    """The span record lists the sidecar writes, until EOF."""
+    """The lists of Check records the sidecar writes, until EOF."""
     while True:
         head = stream.read(_FRAME.size)
         if len(head) < _FRAME.size:
             return
         yield marshal.loads(stream.read(_FRAME.unpack(head)[0]))
+
+
+def _span_count(records: list[CheckRecord]) -> int:
+    return sum(len(record[-1]) + 1 for record in records)
 
 
 def sdk_span(record: SpanRecord, resource: Any, scope: Any) -> ReadableSpan:
@@ -285,7 +304,8 @@ def _export_with_sdk(resource: Any, exporters: list[Any]) -> int:
     scope = InstrumentationScope("extauthz")
     for records in _batches(sys.stdin.buffer):
         for record in records:
-            processor.on_end(sdk_span(record, resource, scope))
+            for span in expand(record):
+                processor.on_end(sdk_span(span, resource, scope))
     provider.shutdown()
     return 0
 

@@ -23,7 +23,6 @@ import hashlib
 import hmac
 import logging
 import os
-import random
 import re
 import sys
 import time
@@ -45,10 +44,11 @@ from opentelemetry.trace import SpanKind, StatusCode, TraceState
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.context import Denial
 from extauthz.decision import Decision
+from extauthz.telemetry.check_spans import CheckRecord, Facts, attributes_from_facts, expand, random_span_id
 from extauthz.telemetry.span_export import sdk_span
 
 if TYPE_CHECKING:
-    from extauthz.telemetry.span_export import SpanRecord, SpanShipper
+    from extauthz.telemetry.span_export import SpanShipper
 
 __all__ = ["SubjectHasher", "Tracing", "TracingConfigError", "trace_headers", "tracing_from_env"]
 
@@ -131,17 +131,22 @@ class SubjectHasher:
         return cls(mode, key or os.urandom(32))
 
     def attributes(self, subject: str) -> dict[str, str]:
+        pair = self.attribute(subject)
+        return {} if pair is None else {pair[0]: pair[1]}
+
+    def attribute(self, subject: str) -> tuple[str, str] | None:
+        """The (name, value) of the subject's span attribute, or None for none."""
         if not subject or self.mode == "none":
-            return {}
+            return None
         if self.mode == "plain":
-            return {"extauthz.identity.subject": subject[:_MAX_ATTRIBUTE_CHARS]}
+            return ("extauthz.identity.subject", subject[:_MAX_ATTRIBUTE_CHARS])
         digest = self._known.get(subject)
         if digest is None:
             digest = hmac.new(self.key, subject.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:32]
             if len(self._known) >= 4096:
                 self._known.clear()
             self._known[subject] = digest
-        return {"extauthz.identity.subject_hash": digest}
+        return ("extauthz.identity.subject_hash", digest)
 
 
 class _CountingExporter(SpanExporter):
@@ -245,13 +250,6 @@ def tracing_from_env(environ: Mapping[str, str] | None = None, *, version: str =
     return Tracing(provider, _default_propagator(), subjects, shipper=SpanShipper(), standard_propagation=standard)
 
 
-_STATIC_ATTRIBUTES = {
-    "rpc.system": "grpc",
-    "rpc.service": "envoy.service.auth.v3.Authorization",
-    "rpc.method": "Check",
-}  # and decision_attributes() starts with the same three
-_INTERNAL = SpanKind.INTERNAL.value
-_SERVER = SpanKind.SERVER.value
 _UNSET, _ERROR = StatusCode.UNSET.value, StatusCode.ERROR.value
 
 #: The Check being decided in this task: (trace id, span id), for log lines (see telemetry.logs).
@@ -369,19 +367,13 @@ class Tracing:
         self.scope = InstrumentationScope("extauthz")
         #: When set, finished spans go to the exporter process instead of the processor.
         self.shipper = shipper
-        self._stage_names: dict[str, str] = {}
         #: Fast paths: None means ask the propagator / sampler through the OpenTelemetry API.
         self._parse = parse_parent if standard_propagation else None
         self._rule = _sampling_rule(self.sampler)
         self._random_ids = isinstance(self.ids, RandomIdGenerator)
 
     def _span_id(self) -> int:
-        if self._random_ids:
-            span_id = random.getrandbits(64)
-            while not span_id:
-                span_id = random.getrandbits(64)
-            return span_id
-        return self.ids.generate_span_id()
+        return random_span_id() if self._random_ids else self.ids.generate_span_id()
 
     def begin(self, message: external_auth_pb2.CheckRequest) -> _CheckSpan:
         headers = trace_headers(message)
@@ -406,19 +398,13 @@ class Tracing:
         token = CURRENT_CHECK.set((trace_id, span_id))
         return _CheckSpan(self, trace_id, span_id, trace_state, parent_span_id, parent_remote, sampled, token, extra)
 
-    def stage_name(self, stage: str) -> str:
-        name = self._stage_names.get(stage)
-        if name is None:
-            name = self._stage_names[stage] = f"extauthz.{stage}"
-        return name
-
-    def emit(self, records: list[SpanRecord]) -> None:
+    def emit(self, record: CheckRecord) -> None:
         """Hand a Check's finished spans on: to the exporter process, or to the span processor."""
         if self.shipper is not None:
-            self.shipper.add(records)
+            self.shipper.add(record)
             return
-        for record in records:
-            self.processor.on_end(sdk_span(record, self.resource, self.scope))
+        for span in expand(record, self._span_id):
+            self.processor.on_end(sdk_span(span, self.resource, self.scope))
 
     def shutdown(self) -> None:
         """Flush pending spans (bounded by OTEL_BSP_EXPORT_TIMEOUT) and stop the exporter."""
@@ -427,18 +413,11 @@ class Tracing:
         self.provider.shutdown()
 
 
-@dataclass(slots=True)
-class _Stage:
-    name: str
-    check: str
-    start: int
-
-
 class _CheckSpan:
-    """One Check's span (implements decision.CheckTrace). Its stage spans are collected as records
-    and handed on together when the Check ends."""
+    """One Check's span (implements decision.CheckTrace). Its stages are noted as plain tuples and
+    handed on, with the decision's facts, as one record when the Check ends (see check_spans)."""
 
-    __slots__ = ("_ended", "_records", "_state", "extra", "owner", "parent_remote", "parent_span_id", "sampled",
+    __slots__ = ("_ended", "_stages", "_state", "extra", "owner", "parent_remote", "parent_span_id", "sampled",
                  "span_hex", "span_id", "start", "token", "trace_hex", "trace_id")  # fmt: skip
 
     def __init__(self, owner: Tracing, trace_id: int, span_id: int, trace_state: TraceState | None,
@@ -457,37 +436,30 @@ class _CheckSpan:
         self.token = token
         self.extra = extra
         self.start = time.time_ns()
-        self._records: list[SpanRecord] = []
+        self._stages: list[tuple[Any, ...]] = []
         self._ended = False
 
-    def stage(self, stage: str, check: str) -> _Stage | None:
+    def stage(self, stage: str, check: str) -> tuple[str, str, int] | None:
         if not self.sampled:
             return None
-        return _Stage(self.owner.stage_name(stage), check, time.time_ns())
+        return (stage, check, time.time_ns())
 
-    def end_stage(self, handle: _Stage | None, denial: Denial | None, error: BaseException | None = None) -> None:
+    def end_stage(self, handle: tuple[str, str, int] | None, denial: Denial | None,
+                  error: BaseException | None = None) -> None:  # fmt: skip
         if handle is None:
             return
-        end = time.time_ns()
-        attributes: dict[str, Any] = {"extauthz.check": handle.check} if handle.check else {}
-        code, description = _UNSET, ""
-        if denial is not None:
-            attributes["extauthz.denied"] = True
-            attributes["extauthz.reason"] = denial.reason
-        if error is not None:
-            # The type only: an exception's text may quote request data.
-            attributes["error.type"] = description = type(error).__name__
-            code = _ERROR
-        self._records.append((handle.name, self.trace_id, self.owner._span_id(), self.span_id, False, 1, self._state,
-                              _INTERNAL, handle.start, end, attributes, code, description))  # fmt: skip
+        # The error's type only: an exception's text may quote request data.
+        self._stages.append((handle[0], handle[1], handle[2], time.time_ns(),
+                             None if denial is None else denial.reason,
+                             None if error is None else type(error).__name__))  # fmt: skip
 
     def finish(self, decision: Decision) -> Decision:
         if self.sampled:
-            attributes = decision_attributes(decision, self.owner.subjects, self.extra)
+            facts = decision_facts(decision, self.owner.subjects)
             if decision.status >= 500:
-                self._end(attributes, _ERROR, decision.reason)
+                self._end(facts, _ERROR, decision.reason)
             else:
-                self._end(attributes, _UNSET, "")
+                self._end(facts, _UNSET, "")
         else:
             self._end(None, _UNSET, "")
         if decision.trace_id == self.trace_hex and decision.span_id == self.span_hex:
@@ -495,21 +467,18 @@ class _CheckSpan:
         return decision._replace(trace_id=self.trace_hex, span_id=self.span_hex)
 
     def abort(self) -> None:
-        self._end(dict(_STATIC_ATTRIBUTES) if self.sampled else None, _ERROR, "cancelled")
+        self._end(None, _ERROR, "cancelled")
 
-    def _end(self, attributes: dict[str, Any] | None, code: int, description: str) -> None:
+    def _end(self, facts: Facts | None, code: int, description: str) -> None:
         if self._ended:
             return
         self._ended = True
         CURRENT_CHECK.reset(self.token)
-        if attributes is None:
+        if not self.sampled:
             return
-        self._records.append((
-            "extauthz.check", self.trace_id, self.span_id, self.parent_span_id,
-            bool(self.parent_span_id) and self.parent_remote, 1, self._state, _SERVER, self.start, time.time_ns(),
-            attributes, code, description,
-        ))  # fmt: skip
-        self.owner.emit(self._records)
+        parent = self.parent_span_id
+        self.owner.emit((self.trace_id, self.span_id, parent, bool(parent) and self.parent_remote, self._state,
+                         self.start, time.time_ns(), code, description, facts, self.extra, self._stages))  # fmt: skip
 
 
 def outcome(decision: Decision) -> str:
@@ -519,60 +488,51 @@ def outcome(decision: Decision) -> str:
     return "deny"
 
 
-def decision_attributes(decision: Decision, subjects: SubjectHasher,
-                        sampler_attributes: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The attributes of a Check's span: the call, what decided and why, never a secret.
+def decision_facts(decision: Decision, subjects: SubjectHasher) -> Facts:
+    """What a Check's span says of its decision, as check_spans.Facts: values only, never a secret.
 
-    One dict display for what every span has, then what this decision adds: it runs for every
-    sampled Check.
+    It runs for every sampled Check, in the sidecar: one tuple, no names (the exporter process
+    puts the names back), and only attribute values that are safe to export.
     """
-    attributes: dict[str, Any] = {
-        "rpc.system": "grpc",
-        "rpc.service": "envoy.service.auth.v3.Authorization",
-        "rpc.method": "Check",
-        "extauthz.decision": outcome(decision),
-        "extauthz.reason": decision.reason,
-        "extauthz.status": decision.status,
-        "extauthz.decision_id": decision.decision_id,
-        "extauthz.dry_run": decision.dry_run,
-    }
-    if sampler_attributes:  # a custom sampler's: never over what the Check itself says
-        for name, value in sampler_attributes.items():
-            attributes.setdefault(name, value)
-    if decision.policy:
-        attributes["extauthz.policy"] = decision.policy
-    if decision.rule:
-        attributes["extauthz.rule"] = decision.rule
-    if decision.would_deny:
-        attributes["extauthz.would_deny"] = True
     request = decision.request
     if request is not None:
-        attributes["http.request.method"] = request.method
-        if request.host:
-            attributes["server.address"] = request.host
         path = request.path
-        attributes["url.path"] = path if len(path) <= _MAX_ATTRIBUTE_CHARS else path[:_MAX_ATTRIBUTE_CHARS]
-        address = request.source.address
-        if address:
-            attributes["client.address"] = address
+        method, host, address = request.method, request.host, request.source.address
+        if len(path) > _MAX_ATTRIBUTE_CHARS:
+            path = path[:_MAX_ATTRIBUTE_CHARS]
+    else:
+        method = host = path = address = None
     identity = decision.identity
     if identity is not None:
-        attributes["extauthz.identity.kind"] = str(identity.get("kind", ""))
-        source = identity.get("source")
+        kind, source, subject = str(identity.get("kind", "")), identity.get("source"), identity.get("subject")
         if source:
-            attributes["extauthz.identity.source"] = str(source)
-        subject = identity.get("subject")
-        if subject:
-            attributes.update(subjects.attributes(str(subject)))
-    if decision.attributes:
-        for name, value in decision.attributes.items():
-            if name == "error":
-                attributes["error.type"] = str(value).split(":", 1)[0][:64]
-            elif isinstance(value, bool | int | float) and not is_secret_name(name):
-                attributes[f"extauthz.{name}"] = value
-            elif isinstance(value, str) and not is_secret_name(name):
-                attributes[f"extauthz.{name}"] = value[:_MAX_ATTRIBUTE_CHARS]
+            source = str(source)
+        subject_attribute = subjects.attribute(str(subject)) if subject else None
+    else:
+        kind = source = subject_attribute = None
+    extra = _safe_attributes(decision.attributes) if decision.attributes else None
+    return (outcome(decision), decision.reason, decision.status, decision.decision_id, decision.dry_run,
+            decision.policy, decision.rule, decision.would_deny, method, host, path, address, kind, source,
+            subject_attribute, extra)  # fmt: skip
+
+
+def _safe_attributes(found: Mapping[str, Any]) -> dict[str, Any]:
+    """A check's context attributes as span attributes: plain values, secret-named ones left out."""
+    attributes: dict[str, Any] = {}
+    for name, value in found.items():
+        if name == "error":
+            attributes["error.type"] = str(value).split(":", 1)[0][:64]
+        elif isinstance(value, bool | int | float) and not is_secret_name(name):
+            attributes[f"extauthz.{name}"] = value
+        elif isinstance(value, str) and not is_secret_name(name):
+            attributes[f"extauthz.{name}"] = value[:_MAX_ATTRIBUTE_CHARS]
     return attributes
+
+
+def decision_attributes(decision: Decision, subjects: SubjectHasher,
+                        sampler_attributes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The attributes of a Check's span: the call, what decided and why, never a secret."""
+    return attributes_from_facts(decision_facts(decision, subjects), sampler_attributes)
 
 
 def parse_trace_ids(headers: Mapping[str, str]) -> tuple[str, str]:

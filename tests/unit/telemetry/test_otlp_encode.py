@@ -54,3 +54,41 @@ def test_integers_survive_the_round_trip(value: int) -> None:
     record = ("s", TRACE_ID, 1, 0, False, 1, None, 0, 1, 2, {"n": value}, 0, "")
     span = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(record)])).resource_spans[0]
     assert span.scope_spans[0].spans[0].attributes[0].value.int_value == value
+
+
+def _facts(**changes: object) -> tuple:
+    facts = {"outcome": "allow", "reason": "allowed", "status": 200, "decision_id": "d-1", "dry_run": False,
+             "policy": "orders-api", "rule": "read", "would_deny": False, "method": "GET",
+             "host": "orders.example.com", "path": "/api/orders", "address": "10.0.0.7", "kind": "jwt",
+             "source": "issuer", "subject": ("extauthz.identity.subject_hash", "ab12"), "extra": None}  # fmt: skip
+    facts.update(changes)
+    return tuple(facts.values())
+
+
+STAGES = [("select", "", 10, 11, None, None), ("identity", "identity", 11, 14, None, None),
+          ("rules", "rules", 14, 15, "denied_by_rule", None), ("quota", "quota", 15, 16, None, "TimeoutError")]  # fmt: skip
+CHECK_RECORDS = [
+    # trace, span, parent, remote, state, start, end, code, text, facts, sampler attributes, stages
+    (TRACE_ID, 0x1111, 0x00F067AA0BA902B7, True, [("vendor", "v1")], 10, 20, 0, "", _facts(), None, STAGES),
+    (TRACE_ID, 0x1112, 0, False, None, 10, 20, 0, "", _facts(decision_id="d-2"), None, STAGES[:1]),
+    (TRACE_ID, 0x1113, 0x22, False, None, 10, 20, 2, "internal_error",
+     _facts(outcome="deny", reason="internal_error", status=503, method=None, kind=None,
+            extra={"error.type": "KeyError", "extauthz.quota": "per-user"}), None, STAGES),
+    (TRACE_ID, 0x1114, 0x22, True, None, 10, 20, 0, "", _facts(subject=None, rule=""), {"sampler.note": "x"}, []),
+    (TRACE_ID, 0x1115, 0x22, True, None, 10, 20, 2, "cancelled", None, None, STAGES[:2]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("record", CHECK_RECORDS)
+def test_check_records_encode_as_their_expanded_spans(record: tuple) -> None:
+    from extauthz.telemetry.check_spans import expand
+
+    encoder = SpanEncoder(RESOURCE, "extauthz")
+    for _ in range(2):  # the second time from what the encoder kept
+        ours = ExportTraceServiceRequest.FromString(
+            encoder.request(encoder.check_spans(record, iter(range(0x9000, 0x9100)).__next__)))
+        sdk = encode_spans([_sdk_span(span) for span in expand(record, iter(range(0x9000, 0x9100)).__next__)])
+        assert ours == sdk
+    spans = sdk.resource_spans[0].scope_spans[0].spans
+    assert [s.name for s in spans] == [f"extauthz.{stage[0]}" for stage in record[-1]] + ["extauthz.check"]
+    assert all(s.parent_span_id == spans[-1].span_id for s in spans[:-1])

@@ -313,14 +313,15 @@ def test_a_dead_exporter_process_drops_and_counts_spans() -> None:
     metrics.install(installed)
     shipper = SpanShipper([sys.executable, "-c", "pass"])  # exits at once: the pipe breaks
     shipper._proc.wait(10)
-    record = ("extauthz.check", 1, 2, 0, False, 1, None, 1, 0, 1, {"a": 1}, 0, "")
+    # A Check with one stage: two spans each.
+    record = (1, 2, 0, False, None, 0, 1, 0, "", None, None, [("select", "", 0, 1, None, None)])
     for _ in range(5):
-        shipper.add([record])
+        shipper.add(record)
     deadline = time.monotonic() + 5
-    while shipper.dropped < 5 and time.monotonic() < deadline:
+    while shipper.dropped < 10 and time.monotonic() < deadline:
         time.sleep(0.02)
     shipper.shutdown()
-    assert shipper.dropped == 5 and installed.trace_export_errors._value.get() == 5
+    assert shipper.dropped == 10 and installed.trace_export_errors._value.get() == 10
 
 
 PARENT_HEADERS = [
