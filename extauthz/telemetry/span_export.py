@@ -4,7 +4,7 @@ Encoding a span for OTLP costs the Python SDK some 25 microseconds, and a Check 
 done in the sidecar (even on the batch processor's thread, which shares the GIL) that would cost a
 large share of its throughput. Instead the sidecar hands each Check's spans, as one compact record
 (see check_spans), to a :class:`SpanShipper`; a thread marshals batches of them down a pipe to a
-child process (``python -m extauthz.telemetry.span_export``). The child expands the records into
+child process (``python -m extauthz.telemetry.export_process``). The child expands the records into
 spans and encodes them to OTLP itself (see otlp_encode: pre-encoded attributes make a span cost a
 few microseconds instead of 25) and sends them, batched as the ``OTEL_BSP_*`` variables say, with the
 SDK's OTLP exporter configured by the same ``OTEL_*`` variables. Other exporters (console) get SDK
@@ -51,7 +51,7 @@ class SpanShipper:
 
     def __init__(self, argv: list[str] | None = None) -> None:
         self._proc = subprocess.Popen(
-            argv or [sys.executable, "-m", "extauthz.telemetry.span_export"], stdin=subprocess.PIPE,
+            argv or [sys.executable, "-m", "extauthz.telemetry.export_process"], stdin=subprocess.PIPE,
         )  # fmt: skip
         assert self._proc.stdin is not None
         self._fd = self._proc.stdin.fileno()
@@ -308,7 +308,3 @@ def _export_with_sdk(resource: Any, exporters: list[Any]) -> int:
                 processor.on_end(sdk_span(span, resource, scope))
     provider.shutdown()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
