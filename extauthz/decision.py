@@ -202,15 +202,11 @@ class Authorizer:
         self, policy: CompiledPolicy, ctx: CheckContext, trace: CheckTrace | None = None,
         stages: StageObserver | None = None,
     ) -> Denial | None:
-        if trace is None and stages is None:
-            run = _run_all
-        else:
-            async def run(policy: CompiledPolicy, ctx: CheckContext, trace: CheckTrace | None) -> Denial | None:
-                return await self._run_observed(policy, ctx, trace, stages)
+        work = _run_all(policy, ctx) if trace is None and stages is None else _run_observed(policy, ctx, trace, stages)
         try:
             if policy.may_wait:
-                return await self._deadlines.run(run(policy, ctx, trace), self.check_timeout)
-            return await run(policy, ctx, trace)
+                return await self._deadlines.run(work, self.check_timeout)
+            return await work
         except TimeoutError:
             ctx.attributes["error"] = f"checks did not finish within {self.check_timeout}s"
             ctx.note("timeout -> deny")
@@ -222,13 +218,20 @@ class Authorizer:
             return Denial(503, "internal_error", "authorization failed")
 
 
-    async def _run_observed(
-        self, policy: CompiledPolicy, ctx: CheckContext, trace: CheckTrace | None, stages: StageObserver | None
-    ) -> Denial | None:
-        """_run_all with a span and/or a duration per check."""
-        for check, name in zip(policy.checks, policy.check_names, strict=True):
-            stage = _stage_of(name)
-            span = trace.stage(stage, name) if trace is not None else None
+async def _run_observed(
+    policy: CompiledPolicy, ctx: CheckContext, trace: CheckTrace | None, stages: StageObserver | None
+) -> Denial | None:
+    """_run_all with a span and/or a duration per check."""
+    for check, name in zip(policy.checks, policy.check_names, strict=True):
+        stage = _stage_of(name)
+        span = trace.stage(stage, name) if trace is not None else None
+        if stages is None:
+            try:
+                denial = await check.check(ctx)
+            except BaseException as exc:
+                trace.end_stage(span, None, exc)  # type: ignore[union-attr]  # traced when not timed
+                raise
+        else:
             began = time.perf_counter()
             try:
                 denial = await check.check(ctx)
@@ -236,16 +239,15 @@ class Authorizer:
                 if trace is not None:
                     trace.end_stage(span, None, exc)
                 raise
-            if stages is not None:
-                stages(stage, time.perf_counter() - began)
-            if trace is not None:
-                trace.end_stage(span, denial)
-            if denial is not None:
-                return denial
-        return None
+            stages(stage, time.perf_counter() - began)
+        if trace is not None:
+            trace.end_stage(span, denial)
+        if denial is not None:
+            return denial
+    return None
 
 
-async def _run_all(policy: CompiledPolicy, ctx: CheckContext, trace: CheckTrace | None = None) -> Denial | None:
+async def _run_all(policy: CompiledPolicy, ctx: CheckContext) -> Denial | None:
     for check in policy.checks:
         denial = await check.check(ctx)
         if denial is not None:

@@ -189,6 +189,19 @@ class Request(NamedTuple):
         return self._peer_at(0)
 
     @property
+    def source_address(self) -> str:
+        """``source.address`` without building the peer (spans and logs want only this)."""
+        cache = self.peer_cache
+        peer = cache.get(0) if cache is not None else None
+        if peer is not None:
+            return peer.address
+        message = self.peer_messages[0]
+        if message is None:
+            return ""
+        address = message.address
+        return address.socket_address.address or address.pipe.path
+
+    @property
     def destination(self) -> Peer:
         """The local peer (the address Envoy received the request on)."""
         return self._peer_at(1)

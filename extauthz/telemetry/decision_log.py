@@ -141,7 +141,7 @@ def decision_record(decision: Decision, when: float, config: DecisionLogConfig,
                 record["query_params"] = list(dict.fromkeys(name for name, _ in pairs))
             else:
                 record["query"] = {name: REDACTED if _secret_param(name) else value for name, value in pairs}
-        record["source_address"] = request.source.address
+        record["source_address"] = request.source_address
         if request.source.principal:
             record["source_principal"] = request.source.principal
         if config.headers:

@@ -16,6 +16,7 @@ Failure is contained: if the child falls behind or dies, spans are dropped and c
 
 from __future__ import annotations
 
+import collections
 import logging
 import marshal
 import os
@@ -55,7 +56,9 @@ class SpanShipper:
         )  # fmt: skip
         assert self._proc.stdin is not None
         self._fd = self._proc.stdin.fileno()
-        self._pending: list[CheckRecord] = []
+        #: Appended on the request path, emptied by the shipping thread: each side's deque operation
+        #: is atomic, so neither takes a lock.
+        self._pending: collections.deque[CheckRecord] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
@@ -67,20 +70,20 @@ class SpanShipper:
     # --- the request path ------------------------------------------------------------------------
     def add(self, record: CheckRecord) -> None:
         """Queue the spans of one Check."""
-        with self._lock:
-            if len(self._pending) >= MAX_PENDING or self._stopped:
+        if len(self._pending) >= MAX_PENDING or self._stopped:
+            with self._lock:
                 self._drop(_span_count([record]))
-                return
-            self._pending.append(record)
+            return
+        self._pending.append(record)
 
     # --- the shipping thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             self._wake.wait(FLUSH_INTERVAL)
             self._wake.clear()
-            with self._lock:
-                batch, self._pending = self._pending, []
-                stopped = self._stopped
+            stopped = self._stopped
+            pending = self._pending
+            batch = [pending.popleft() for _ in range(len(pending))]
             if batch:
                 self._ship(batch)
             if stopped:

@@ -497,7 +497,7 @@ def decision_facts(decision: Decision, subjects: SubjectHasher) -> Facts:
     request = decision.request
     if request is not None:
         path = request.path
-        method, host, address = request.method, request.host, request.source.address
+        method, host, address = request.method, request.host, request.source_address
         if len(path) > _MAX_ATTRIBUTE_CHARS:
             path = path[:_MAX_ATTRIBUTE_CHARS]
     else:

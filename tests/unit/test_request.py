@@ -189,3 +189,15 @@ def test_remembered_normalization_gives_the_same_answers_and_stays_bounded(monke
     long_path = "/" + "x" * 300
     assert request_from_check(check_request_from_sample({"host": "h", "path": long_path})).path == long_path
     assert (False, long_path) not in request_module._NORMALIZED
+
+
+def test_source_address_reads_what_the_source_peer_would_say() -> None:
+    tcp = check_request_from_sample({"path": "/x", "source": {"address": "10.1.2.3", "port": 5555}})
+    pipe = check_request_from_sample({"path": "/x"})
+    pipe.attributes.source.address.pipe.path = "/run/envoy.sock"
+    for message, expected in ((tcp, "10.1.2.3"), (pipe, "/run/envoy.sock"),
+                              (check_request_from_sample({"path": "/x"}), "")):  # fmt: skip
+        request = request_from_check(message)
+        assert request.source_address == expected  # before the peer is built ...
+        assert request.source.address == expected
+        assert request.source_address == expected  # ... and after
