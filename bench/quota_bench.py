@@ -3,6 +3,7 @@
     python bench/quota_bench.py                      # memory store (the default store)
     python bench/quota_bench.py --redis-url URL      # a Redis store (start your own redis-server)
     python bench/quota_bench.py --requests 50000 --keys 1000 --quotas 2
+    python bench/quota_bench.py --redis-url URL --rate 500 --requests 15000   # added latency at 500 req/s
 
 The policy has ``--quotas`` quotas (a per-key one with RateLimit headers, plus keyless global ones),
 all charged on every request, keyed by ``--keys`` distinct API keys in rotation, with limits that
@@ -11,7 +12,10 @@ never refuse (a refusal is cheaper than an allow, so allowing measures the expen
 gives p50/p90/p99 in microseconds, the calls per second of the sequential loop, and the CPU this
 process spent per call (``time.process_time`` over the timed loop: the sidecar's side of the cost,
 without the time spent waiting for Redis). With ``--concurrency N`` against Redis, N tasks run at
-once and the per-call times include queueing.
+once and the per-call times include queueing. With ``--rate R`` the calls start on an open-loop
+schedule of R per second (the rate of issue 4's "added p99 at 500 req/s"), each timed from its start;
+``--ping`` times a bare Redis PING on the same connection and schedule instead: the round-trip floor
+of the machine, to read the quota check's figures against.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ async def _run(args: argparse.Namespace) -> dict[str, float]:
     ]  # fmt: skip
     timings: list[float] = []
 
+    store = getattr(check, "store", None)
+
     async def one(i: int) -> None:
         ctx = CheckContext(request=requests[i % len(requests)], policy=policy)
         t0 = time.perf_counter_ns()
@@ -84,12 +90,33 @@ async def _run(args: argparse.Namespace) -> dict[str, float]:
         if denial is not None:
             raise SystemExit(f"unexpected denial: {denial}")
 
+    if args.ping:  # the floor: a Redis round trip with no work, through the same connection
+
+        async def one(i: int) -> None:
+            t0 = time.perf_counter_ns()
+            await store._call("ping", ("PING",))  # type: ignore[union-attr]
+            timings.append((time.perf_counter_ns() - t0) / 1000)
+
     for i in range(min(2000, args.requests)):  # warm-up: CEL memo, digests, connections
         await one(i)
     timings.clear()
     started = time.perf_counter()
     cpu_started = time.process_time()
-    if args.concurrency <= 1:
+    if args.rate:
+        # Open loop: call i starts at i / rate seconds (never earlier), whether or not earlier calls
+        # have finished; each call is timed from its own start, so this is the latency the quota
+        # check adds to a request at that rate, not the event loop timer's lateness.
+        pending: set[asyncio.Task[None]] = set()
+        for i in range(args.requests):
+            delay = started + i / args.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(i))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.gather(*pending)
+    elif args.concurrency <= 1:
         for i in range(args.requests):
             await one(i)
     else:
@@ -118,16 +145,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quotas", type=int, default=2, help="quotas charged per request (1 per-key + N-1 global)")
     p.add_argument("--redis-url", help="measure a Redis store instead of the memory store")
     p.add_argument("--concurrency", type=int, default=1, help="concurrent tasks (useful with --redis-url)")
+    p.add_argument("--ping", action="store_true",
+                   help="with --redis-url: time a PING on the store's connection instead of the check (the floor)")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="open loop: start this many calls per second, whatever earlier ones are doing (e.g. 500)")
     p.add_argument("--rounds", type=int, default=3, help="repeat and report the median round")
     args = p.parse_args(argv)
     if not (1 <= args.requests <= 1_000_000 and 1 <= args.keys <= 100_000 and 1 <= args.quotas <= 10
-            and 1 <= args.concurrency <= 256 and 1 <= args.rounds <= 10):  # fmt: skip
-        p.error("bounds: requests 1..1e6, keys 1..1e5, quotas 1..10, concurrency 1..256, rounds 1..10")
+            and 1 <= args.concurrency <= 256 and 1 <= args.rounds <= 10 and 0 <= args.rate <= 20_000):  # fmt: skip
+        p.error("bounds: requests 1..1e6, keys 1..1e5, quotas 1..10, concurrency 1..256, rounds 1..10, rate 0..20000")
+    if args.rate and args.requests / args.rate > 120:
+        p.error("--requests / --rate must be at most 120 seconds")
+    if args.ping and not args.redis_url:
+        p.error("--ping needs --redis-url")
     store = "redis" if args.redis_url else "memory"
-    rounds = [asyncio.run(_run(args)) for _ in range(args.rounds)]
+    try:  # the event loop `extauthz serve` uses by default
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    rounds = [run(_run(args)) for _ in range(args.rounds)]
     median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    print(f"quota check, {store} store, {args.quotas} quota(s), {args.keys} keys, {args.requests} calls x "
-          f"{args.rounds} rounds, concurrency {args.concurrency}")  # fmt: skip
+    print(f"{'PING (the floor)' if args.ping else 'quota check'}, {store} store, {args.quotas} quota(s), {args.keys} keys, {args.requests} calls x "
+          f"{args.rounds} rounds, " + (f"open loop at {args.rate:g}/s" if args.rate else f"concurrency {args.concurrency}"))
     for i, r in enumerate(rounds, 1):
         print(f"  round {i}: p50 {r['p50']:7.1f} us  p90 {r['p90']:7.1f} us  p99 {r['p99']:7.1f} us  "
               f"{r['rate']:9.0f} checks/s  cpu {r['cpu']:6.1f} us/check")  # fmt: skip

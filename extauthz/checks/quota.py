@@ -132,6 +132,17 @@ class QuotaCheck:
 
     # --- per request -----------------------------------------------------------------------------
     async def check(self, ctx: CheckContext) -> Denial | None:
+        applied = self._applicable(ctx)
+        if type(applied) is not list:
+            return applied  # type: ignore[return-value]  # a denial, or None: no quota applies
+        # The in-process store answers at once and cannot fail.
+        store: MemoryStore = self.store  # type: ignore[assignment]  # from_spec chose this class for it
+        return self._decide(ctx, applied, store.charge_now([entry.charge for entry in applied]), self.store_name)
+
+    def _applicable(self, ctx: CheckContext) -> list[_Applied] | Denial | None:
+        """The quotas that apply to this request with their charges; or what ends the check before
+        anything is charged: None when no quota applies, a denial for bad input or a cost that no
+        bucket can hold."""
         applied: list[_Applied] = []
         for quota in self.quotas:
             try:
@@ -150,11 +161,7 @@ class QuotaCheck:
                 return Denial(429, "quota_cost_exceeds_burst",
                               f"this request costs more than quota {quota.name} can ever allow",
                               rule=f"quota:{quota.name}")  # fmt: skip
-        outcome = await self._charge(ctx, applied)
-        if outcome.refused_by is not None:
-            return Denial(503, "quota_store_unavailable", "quota state is unavailable",
-                          rule=f"quota:{outcome.refused_by}")  # fmt: skip
-        return self._decide(ctx, applied, outcome)
+        return applied
 
     def _apply(self, quota: Quota, ctx: CheckContext) -> _Applied | None:
         if quota.when is not None:
@@ -194,17 +201,13 @@ class QuotaCheck:
             self._digests[value] = digest
         return digest
 
-    async def _charge(self, ctx: CheckContext, applied: list[_Applied]) -> _Outcome:
-        """The in-process store: it answers at once and cannot fail."""
-        store: MemoryStore = self.store  # type: ignore[assignment]  # from_spec chose this class for it
-        return _Outcome(store.charge_now([entry.charge for entry in applied]), self.store_name)
-
-    def _decide(self, ctx: CheckContext, applied: list[_Applied], outcome: _Outcome) -> Denial | None:
-        source = outcome.source
+    def _decide(
+        self, ctx: CheckContext, applied: list[_Applied], results: Sequence[ChargeResult | None], source: str
+    ) -> Denial | None:
         exceeded: list[tuple[_Applied, ChargeResult]] = []
         shadow_exceeded: list[str] = []
         header_items: list[tuple[Quota, ChargeResult]] = []
-        for entry, result in zip(applied, outcome.results, strict=True):
+        for entry, result in zip(applied, results, strict=True):
             quota = entry.quota
             if result is None:
                 continue
@@ -240,6 +243,16 @@ class _StoreQuotaCheck(QuotaCheck):
     """The same check when counters live in Redis: it waits on I/O, so the pipeline's timeout applies."""
 
     may_wait: ClassVar[bool] = True
+
+    async def check(self, ctx: CheckContext) -> Denial | None:
+        applied = self._applicable(ctx)
+        if type(applied) is not list:
+            return applied  # type: ignore[return-value]  # a denial, or None: no quota applies
+        outcome = await self._charge(ctx, applied)
+        if outcome.refused_by is not None:
+            return Denial(503, "quota_store_unavailable", "quota state is unavailable",
+                          rule=f"quota:{outcome.refused_by}")  # fmt: skip
+        return self._decide(ctx, applied, outcome.results, outcome.source)
 
     async def _charge(self, ctx: CheckContext, applied: list[_Applied]) -> _Outcome:
         charges = [entry.charge for entry in applied]

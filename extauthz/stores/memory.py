@@ -94,28 +94,40 @@ class MemoryStore:
         return self.charge_now(charges)
 
     def charge_now(self, charges: Sequence[Charge]) -> list[ChargeResult]:
-        """:meth:`charge` without the coroutine: atomic because it never yields."""
+        """:meth:`charge` without the coroutine: atomic because it never yields.
+
+        The arithmetic of :func:`gcra_step`, written out here with plain tuples: this runs for
+        every Check with quotas (a test holds the two to the same answers).
+        """
         now = self._clock()
         tats = self._tats
+        known = tats.get
+        # First every counter's step, then, only if every enforcing counter had room, the charge.
         steps = []
         admitted = True
         for c in charges:
-            step = gcra_step(tats.get(c.key, 0), now, c.interval_us, c.burst, c.cost)
-            if c.enforce and not step.allowed:
+            tat = known(c.key, 0)
+            base = tat if tat > now else now
+            new_tat = base + c.cost * c.interval_us
+            allow_at = new_tat - c.burst * c.interval_us
+            allowed = allow_at <= now
+            if not allowed and c.enforce:
                 admitted = False
-            steps.append(step)
+            steps.append((allowed, base, new_tat, allow_at))
         results: list[ChargeResult] = []
-        for step, c in zip(steps, charges, strict=True):
-            if admitted and step.allowed and c.cost:
-                tats[c.key] = step.tat
-                tats.move_to_end(c.key)
-                results.append(ChargeResult(True, step.remaining, 0.0, step.reset_us / 1e6))
-            elif admitted or not step.allowed:
-                results.append(ChargeResult(step.allowed, step.remaining, step.retry_us / 1e6, step.reset_us / 1e6))
+        for (allowed, base, new_tat, allow_at), c in zip(steps, charges, strict=True):
+            interval = c.interval_us
+            if not allowed:
+                available = (now - (base - c.burst * interval)) // interval
+                results.append(ChargeResult(False, max(0, available), (allow_at - now) / 1e6, (base - now) / 1e6))
+            elif admitted:
+                if c.cost:
+                    tats[c.key] = new_tat
+                    tats.move_to_end(c.key)
+                results.append(ChargeResult(True, (now - allow_at) // interval, 0.0, (new_tat - now) / 1e6))
             else:
                 # Had room, but another counter refused the request: nothing charged here.
-                reset_us = max(0, step.tat - c.cost * c.interval_us - now)
-                results.append(ChargeResult(True, step.remaining + c.cost, 0.0, reset_us / 1e6))
+                results.append(ChargeResult(True, (now - allow_at) // interval + c.cost, 0.0, (base - now) / 1e6))
         self._countdown -= 1
         if self._countdown <= 0:
             self._countdown = _SWEEP_EVERY

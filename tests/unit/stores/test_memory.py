@@ -171,3 +171,36 @@ def test_a_saturating_client_gets_exactly_burst_plus_the_rate() -> None:
         admitted += charge(store, quota)[0].allowed
         clock.now += 1000
     assert admitted == 20 + 299  # the burst, then one per 10 ms until t = 2.999 s
+
+
+def _reference_charge(tats: dict[str, int], now: int, charges: list[Charge]) -> list[tuple]:
+    """All-or-nothing charging spelled out with gcra_step: what charge_now must answer."""
+    steps = [gcra_step(tats.get(c.key, 0), now, c.interval_us, c.burst, c.cost) for c in charges]
+    admitted = all(step.allowed for step, c in zip(steps, charges, strict=True) if c.enforce)
+    results = []
+    for step, c in zip(steps, charges, strict=True):
+        if admitted and step.allowed:
+            if c.cost:
+                tats[c.key] = step.tat
+            results.append((True, step.remaining, 0.0, step.reset_us / 1e6))
+        elif not step.allowed:
+            results.append((False, step.remaining, step.retry_us / 1e6, step.reset_us / 1e6))
+        else:  # had room, refused by another counter: nothing charged, the cost still available
+            results.append((True, step.remaining + c.cost, 0.0, (step.tat - c.cost * c.interval_us - now) / 1e6))
+    return results
+
+
+@given(st.lists(st.tuples(
+    st.integers(0, 3 * SECOND),  # time since the previous request
+    st.lists(st.tuples(st.sampled_from("abc"), st.integers(1, 50_000), st.integers(1, 5), st.integers(0, 4),
+                       st.booleans()), min_size=1, max_size=3),
+), max_size=40))  # fmt: skip
+@settings(max_examples=150, deadline=None)
+def test_charge_now_answers_as_the_step_function_says(requests: list) -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    tats: dict[str, int] = {}
+    for gap, specs in requests:
+        clock.now += gap
+        charges = [Charge(key, interval, burst, cost, enforce) for key, interval, burst, cost, enforce in specs]
+        assert [tuple(r) for r in store.charge_now(charges)] == _reference_charge(tats, clock.now, charges)
