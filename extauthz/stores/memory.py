@@ -77,11 +77,12 @@ class MemoryStore:
         if expires is not None and expires > now:
             return False
         if len(self._seen) >= self._max_keys:
-            self._evict(now)
+            self._evict_seen(now)
         self._seen[key] = now + ttl
         return True
 
-    def _evict(self, now: float) -> None:
+    def _evict_seen(self, now: float) -> None:
+        """The remembered-keys table is full: expired keys go, then, if need be, the older half."""
         for key in [k for k, exp in self._seen.items() if exp <= now]:
             del self._seen[key]
         if len(self._seen) >= self._max_keys:
@@ -133,7 +134,7 @@ class MemoryStore:
             self._countdown = _SWEEP_EVERY
             self._sweep(now)
         if len(tats) > self._max_keys:
-            self._evict(now)
+            self._evict_counters(now)
         return results
 
     def _sweep(self, now: int) -> None:
@@ -147,7 +148,7 @@ class MemoryStore:
                 return
             del tats[key]
 
-    def _evict(self, now: int) -> None:
+    def _evict_counters(self, now: int) -> None:
         """The table is over its bound: expired counters go first, then the least recently charged."""
         self._sweep(now)
         tats = self._tats

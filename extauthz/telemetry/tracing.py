@@ -494,6 +494,11 @@ def decision_facts(decision: Decision, subjects: SubjectHasher) -> Facts:
     It runs for every sampled Check, in the sidecar: one tuple, no names (the exporter process
     puts the names back), and only attribute values that are safe to export.
     """
+    method: str | None
+    host: str | None
+    path: str | None
+    address: str | None
+    kind: str | None
     request = decision.request
     if request is not None:
         path = request.path

@@ -204,3 +204,12 @@ def test_charge_now_answers_as_the_step_function_says(requests: list) -> None:
         clock.now += gap
         charges = [Charge(key, interval, burst, cost, enforce) for key, interval, burst, cost, enforce in specs]
         assert [tuple(r) for r in store.charge_now(charges)] == _reference_charge(tats, clock.now, charges)
+
+
+def test_remembered_keys_stay_within_the_bound() -> None:
+    # Nonces and webhook replay keys: live ones beyond the bound push out the older half.
+    store = MemoryStore(max_keys=20)
+    for i in range(100):
+        assert asyncio.run(store.remember_once(f"nonce-{i}", 60.0)) is True
+    assert len(store._seen) <= 20
+    assert asyncio.run(store.remember_once("nonce-99", 60.0)) is False  # the newest are still known
