@@ -87,10 +87,10 @@ class IdentityCheck:
                 granted = identity.get("scopes") or ()
                 missing = [s for s in entry.required_scopes if s not in granted]
                 if missing:
-                    rejected = Rejected("insufficient_scope", "token lacks a required scope", status=403,
-                                        error="insufficient_scope", scope=" ".join(entry.required_scopes))
+                    shortfall = Rejected("insufficient_scope", "token lacks a required scope", status=403,
+                                         error="insufficient_scope", scope=" ".join(entry.required_scopes))
                     ctx.identity = identity
-                    return self._rejection(ctx, entry, rejected)
+                    return self._rejection(ctx, entry, shortfall)
             ctx.identity = identity
             # The subject is in the decision's identity, where the decision log and traces apply
             # their subject privacy setting (hash/plain/none); attributes are logged as they are.
