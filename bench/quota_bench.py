@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("bounds: requests 1..1e6, keys 1..1e5, quotas 1..10, concurrency 1..256, rounds 1..10, rate 0..20000")
     if args.rate and args.requests / args.rate > 120:
         p.error("--requests / --rate must be at most 120 seconds")
+    if args.rate and args.concurrency > 1:
+        p.error("--rate and --concurrency exclude each other (an open loop has no fixed concurrency)")
     if args.ping and not args.redis_url:
         p.error("--ping needs --redis-url")
     store = "redis" if args.redis_url else "memory"

@@ -63,6 +63,8 @@ class MemoryStore:
         self._countdown = _SWEEP_EVERY
         #: Live counters dropped because the table was full (each gave its key a full bucket).
         self.evicted = 0
+        #: Live remembered keys (nonces) dropped because their table was full.
+        self.forgotten = 0
 
     async def is_member(self, set_name: str, member: str) -> bool:
         return member in self._sets.get(set_name, ())
@@ -87,9 +89,14 @@ class MemoryStore:
             del self._seen[key]
         if len(self._seen) >= self._max_keys:
             # Still full of live entries: refusing new ones would deny everyone, dropping the
-            # oldest half keeps replay protection for the most recent requests.
-            for key in list(self._seen)[: len(self._seen) // 2]:
+            # oldest half keeps replay protection for the most recent requests. The dropped ones
+            # could be replayed within their validity: said loudly, since that weakens a policy.
+            dropped = list(self._seen)[: len(self._seen) // 2]
+            for key in dropped:
                 del self._seen[key]
+            self.forgotten += len(dropped)
+            log.warning("replay table full (%d keys): %d live nonces forgotten so far, which could be replayed "
+                        "until they expire; use Redis or raise the limit", self._max_keys, self.forgotten)
 
     async def charge(self, charges: Sequence[Charge]) -> list[ChargeResult]:
         return self.charge_now(charges)

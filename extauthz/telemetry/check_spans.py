@@ -7,6 +7,8 @@ decision's facts as a flat tuple, and per stage its name, check, times and outco
 process (or, with in-process export, the span processor's caller) expands that into the spans.
 Everything in a record is already safe to export: secret-named attributes are dropped and the
 subject is hashed before the record is made, so the pipe never carries more than the spans will.
+Stage spans get their ids when expanded (random, as the SDK's default id generator makes them;
+the Check span's id comes from the sidecar, which logs it).
 """
 
 from __future__ import annotations
@@ -24,8 +26,14 @@ CheckRecord = tuple[Any, ...]
 
 #: (decision, reason, status, decision_id, dry_run, policy, rule, would_deny, method, host, path,
 #:  client address, identity kind or None, identity source, subject (name, value) or None,
-#:  decision attributes already filtered and renamed, or None); see tracing.decision_facts.
+#:  decision attributes already filtered and renamed, or None); see tracing.decision_facts. Values
+#:  have exactly these types (str, str, int, str, bool, str, str, bool, then str or None): the
+#:  encoder keeps encodings by value, and True == 1 in a dict. A plain tuple, not a NamedTuple,
+#:  because marshal only takes plain ones; the positions that are read by index are named here.
 Facts = tuple[Any, ...]
+FACTS_LENGTH = 16
+DECISION_ID = 3
+EXTRA = 15
 
 #: The SDK's values of SpanKind and StatusCode (as span records carry them).
 INTERNAL, SERVER = 0, 1

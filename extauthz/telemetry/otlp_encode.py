@@ -18,7 +18,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from extauthz._wire import varint
-from extauthz.telemetry.check_spans import SERVER, CheckRecord, Facts, attributes_from_facts, expand, random_span_id
+from extauthz.telemetry.check_spans import (
+    DECISION_ID,
+    EXTRA,
+    SERVER,
+    CheckRecord,
+    Facts,
+    attributes_from_facts,
+    expand,
+    random_span_id,
+)
 
 __all__ = ["SpanEncoder"]
 
@@ -178,7 +187,7 @@ class SpanEncoder:
                 _IDS_WITH_PARENT.pack(_TRACE_ID_HEAD, high, low, _SPAN_ID_HEAD, span_id(), _PARENT_HEAD, check_id),
                 state_bytes, rest[0], _TIMES.pack(_START, stage[2], _END, stage[3]), rest[1],
             )))  # fmt: skip
-        if sampler or (facts is not None and facts[15]):
+        if sampler or (facts is not None and facts[EXTRA]):
             tail = self._tail(attributes_from_facts(facts, sampler), code, description, parent_id and parent_remote)
         else:
             tail = self._check_tail(facts, code, description, bool(parent_id and parent_remote))
@@ -199,19 +208,19 @@ class SpanEncoder:
         Checks decided alike: the rest is kept encoded, before and after it."""
         if facts is None:
             return self._tail(attributes_from_facts(None), code, description, remote)
-        key = (facts[:3], facts[4:15], code, description, remote)
+        key = (facts[:DECISION_ID], facts[DECISION_ID + 1 : EXTRA], code, description, remote)
         pieces = self._check_tails.get(key)
         if pieces is None:
             if len(self._check_tails) >= _CACHE_LIMIT:
                 self._check_tails.clear()
             encoded = self._tail(attributes_from_facts(facts), code, description, remote)
-            marker = _field(_ATTRIBUTE, _key_value("extauthz.decision_id", facts[3]))
+            marker = _field(_ATTRIBUTE, _key_value("extauthz.decision_id", facts[DECISION_ID]))
             before, found, after = encoded.partition(marker)
             if not found:  # cannot happen: the attributes always hold the decision id
                 return encoded
             pieces = self._check_tails[key] = (before, after)
         # Never the same twice: encoded here, not kept.
-        value = _field(_STRING, facts[3].encode("utf-8", "replace"))
+        value = _field(_STRING, facts[DECISION_ID].encode("utf-8", "replace"))
         decision_id = _field(_ATTRIBUTE, _DECISION_ID_KEY + _field(_VALUE, value))
         return b"".join((pieces[0], decision_id, pieces[1]))
 

@@ -90,7 +90,13 @@ class SpanShipper:
                 return
 
     def _ship(self, batch: list[CheckRecord]) -> None:
-        payload = marshal.dumps(batch)
+        try:
+            payload = marshal.dumps(batch)
+        except ValueError:  # cannot happen: decision_facts makes records of plain values only
+            log.error("span records could not be marshalled; dropping %d spans", _span_count(batch))
+            with self._lock:
+                self._drop(_span_count(batch))
+            return
         data = memoryview(_FRAME.pack(len(payload)) + payload)
         try:
             while data:
@@ -116,6 +122,11 @@ class SpanShipper:
             self._stopped = True
         self._wake.set()
         self._thread.join(timeout)
+        # A Check that ended while the thread took its last batch: counted, not lost silently.
+        left = [self._pending.popleft() for _ in range(len(self._pending))]
+        if left:
+            with self._lock:
+                self._drop(_span_count(left))
         try:
             os.close(self._fd)
             self._proc.stdin.close()  # type: ignore[union-attr]
@@ -257,14 +268,29 @@ def main() -> int:
 
         encoder = SpanEncoder(dict(resource.attributes), "extauthz")
         batcher = _Batcher(encoder, [_EncodedSender(e) for e in exporters], os.environ)
-        encode = encoder.check_spans
         for records in _batches(sys.stdin.buffer):
-            batcher.add([span for record in records for span in encode(record)])
+            batcher.add(_encoded(encoder, records))
         batcher.close()
         for exporter in exporters:
             exporter.shutdown()
         return 0
     return _export_with_sdk(resource, exporters)
+
+
+def _encoded(encoder: Any, records: list[CheckRecord]) -> list[bytes]:
+    """The encoded spans of ``records``; a record that cannot be encoded is logged and skipped, so
+    one bad record never stops the exporter."""
+    encode = encoder.check_spans
+    try:
+        return [span for record in records for span in encode(record)]
+    except Exception:
+        spans: list[bytes] = []
+        for record in records:
+            try:
+                spans += encode(record)
+            except Exception as exc:
+                log.error("a span record could not be encoded (%s); its spans are dropped", type(exc).__name__)
+        return spans
 
 
 def _batches(stream: Any) -> Any:

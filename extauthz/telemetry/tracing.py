@@ -516,8 +516,8 @@ def decision_facts(decision: Decision, subjects: SubjectHasher) -> Facts:
     else:
         kind = source = subject_attribute = None
     extra = _safe_attributes(decision.attributes) if decision.attributes else None
-    return (outcome(decision), decision.reason, decision.status, decision.decision_id, decision.dry_run,
-            decision.policy, decision.rule, decision.would_deny, method, host, path, address, kind, source,
+    return (outcome(decision), decision.reason, int(decision.status), decision.decision_id, bool(decision.dry_run),
+            decision.policy, decision.rule, bool(decision.would_deny), method, host, path, address, kind, source,
             subject_attribute, extra)  # fmt: skip
 
 
@@ -527,10 +527,18 @@ def _safe_attributes(found: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in found.items():
         if name == "error":
             attributes["error.type"] = str(value).split(":", 1)[0][:64]
-        elif isinstance(value, bool | int | float) and not is_secret_name(name):
-            attributes[f"extauthz.{name}"] = value
-        elif isinstance(value, str) and not is_secret_name(name):
-            attributes[f"extauthz.{name}"] = value[:_MAX_ATTRIBUTE_CHARS]
+        elif is_secret_name(name):
+            continue
+        # Exactly bool, int, float or str (an enum member or other subclass becomes its plain value):
+        # the record crosses to the exporter process by marshal, which takes nothing else.
+        elif isinstance(value, bool):
+            attributes[f"extauthz.{name}"] = bool(value)
+        elif isinstance(value, int):
+            attributes[f"extauthz.{name}"] = int(value)
+        elif isinstance(value, float):
+            attributes[f"extauthz.{name}"] = float(value)
+        elif isinstance(value, str):
+            attributes[f"extauthz.{name}"] = value[:_MAX_ATTRIBUTE_CHARS]  # a slice is a plain str
     return attributes
 
 

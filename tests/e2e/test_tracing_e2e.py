@@ -1,62 +1,28 @@
 """Traces through a real Envoy: the client's traceparent -> Envoy -> sidecar span -> OTLP gRPC receiver.
 
-The receiver is the OTLP TraceService from opentelemetry-proto, served by a grpc server in this test,
-so what is checked is exactly what a collector would receive.
+The receiver is the OTLP TraceService from opentelemetry-proto (tests/otlpd.py), so what is checked
+is exactly what a collector would receive.
 """
 
 from __future__ import annotations
 
 import http.client
-import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 
-import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from otlpd import OtlpReceiver, attribute_value
 
 pytestmark = pytest.mark.e2e
 
 SECRET = "e2e-bearer-token-never-in-spans"
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Collects exported spans: (resource attributes, span) pairs."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[dict, object]] = []
-        self.raw: list[bytes] = []
-        self.lock = threading.Lock()
-
-    def Export(self, request, context):
-        with self.lock:
-            self.raw.append(request.SerializeToString())
-            for resource_spans in request.resource_spans:
-                resource = {kv.key: _value(kv.value) for kv in resource_spans.resource.attributes}
-                for scope_spans in resource_spans.scope_spans:
-                    for span in scope_spans.spans:
-                        self.spans.append((resource, span))
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def of_trace(self, trace_id: str) -> list:
-        with self.lock:
-            return [(r, s) for r, s in self.spans if s.trace_id.hex() == trace_id]
-
-
-def _value(value) -> object:
-    return getattr(value, value.WhichOneof("value")) if value.WhichOneof("value") else None
-
-
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[tuple[Receiver, int]]:
-    servicer = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield servicer, port
-    server.stop(0)
+def receiver() -> Iterator[tuple[OtlpReceiver, int]]:
+    servicer = OtlpReceiver().start()
+    yield servicer, servicer.port
+    servicer.stop()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +50,7 @@ def _get(port: int, method: str, path: str, headers: dict[str, str]) -> int:
         conn.close()
 
 
-def _wait_for(receiver: Receiver, trace_id: str, names: set[str], timeout: float = 15.0) -> list:
+def _wait_for(receiver: OtlpReceiver, trace_id: str, names: set[str], timeout: float = 15.0) -> list:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         spans = receiver.of_trace(trace_id)
@@ -95,7 +61,7 @@ def _wait_for(receiver: Receiver, trace_id: str, names: set[str], timeout: float
 
 
 def _attrs(span) -> dict:
-    return {kv.key: _value(kv.value) for kv in span.attributes}
+    return {kv.key: attribute_value(kv.value) for kv in span.attributes}
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
@@ -92,3 +94,38 @@ def test_check_records_encode_as_their_expanded_spans(record: tuple) -> None:
     spans = sdk.resource_spans[0].scope_spans[0].spans
     assert [s.name for s in spans] == [f"extauthz.{stage[0]}" for stage in record[-1]] + ["extauthz.check"]
     assert all(s.parent_span_id == spans[-1].span_id for s in spans[:-1])
+
+
+_TEXT = st.sampled_from(["", "a", "orders-api", "/api/orders", "grüße", "x" * 40])
+_MAYBE = st.one_of(st.none(), _TEXT)
+_VALUE = st.one_of(st.booleans(), st.integers(-3, 2**40), st.floats(allow_nan=False, allow_infinity=False), _TEXT)
+# Facts as decision_facts makes them: the documented types, in the documented places.
+_FACTS = st.tuples(
+    st.sampled_from(["allow", "deny", "dry_run_deny"]), _TEXT, st.sampled_from([200, 400, 403, 429, 503]), _TEXT,
+    st.booleans(), _TEXT, _TEXT, st.booleans(), _MAYBE, _MAYBE, _MAYBE, _MAYBE, _MAYBE, _MAYBE,
+    st.one_of(st.none(), st.tuples(st.sampled_from(["extauthz.identity.subject", "extauthz.identity.subject_hash"]),
+                                   _TEXT)),
+    st.one_of(st.none(), st.dictionaries(st.sampled_from(["extauthz.quota", "error.type", "extauthz.n"]), _VALUE,
+                                         min_size=1, max_size=2)),
+)
+_STAGE = st.tuples(st.sampled_from(["select", "identity", "rules", "quota"]), st.sampled_from(["", "jwt", "rules"]),
+                   st.integers(0, 2**62), st.integers(0, 2**62), _MAYBE, st.sampled_from([None, "KeyError"]))
+_RECORD = st.tuples(
+    st.integers(1, 2**128 - 1), st.integers(1, 2**64 - 1), st.sampled_from([0, 0x22]), st.booleans(),
+    st.sampled_from([None, [("vendor", "v1")]]), st.integers(0, 2**62), st.integers(0, 2**62), st.sampled_from([0, 2]),
+    st.sampled_from(["", "cancelled", "internal_error"]), st.one_of(st.none(), _FACTS),
+    st.one_of(st.none(), st.dictionaries(st.sampled_from(["sampler.x", "extauthz.decision"]), _VALUE, max_size=2)),
+    st.lists(_STAGE, max_size=4),
+)  # fmt: skip
+
+
+@given(st.lists(_RECORD, min_size=1, max_size=6))
+@settings(max_examples=300, deadline=None)
+def test_check_records_encode_as_their_spans_whatever_the_encoder_kept(records: list) -> None:
+    from extauthz.telemetry.check_spans import expand
+
+    encoder = SpanEncoder(RESOURCE, "extauthz")  # one encoder for the sequence: its caches carry over
+    for record in records:
+        ours = encoder.check_spans(record, iter(range(1, 99)).__next__)
+        fresh = SpanEncoder(RESOURCE, "extauthz")
+        assert ours == [fresh.span(span) for span in expand(record, iter(range(1, 99)).__next__)]

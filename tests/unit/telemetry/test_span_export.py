@@ -1,0 +1,76 @@
+"""The exporter process end to end: Check records through the pipe, OTLP bytes to a real receiver."""
+
+from __future__ import annotations
+
+import enum
+import marshal
+import time
+
+import pytest
+from otlpd import OtlpReceiver
+
+from extauthz.decision import Decision
+from extauthz.telemetry.span_export import SpanShipper
+from extauthz.telemetry.tracing import SubjectHasher, decision_attributes, decision_facts
+
+FACTS = ("allow", "allowed", 200, "d-0", False, "orders-api", "read", False, "GET", "orders.example.com", "/api",
+         "10.0.0.7", "jwt", "issuer", ("extauthz.identity.subject_hash", "ab12"), None)  # fmt: skip
+
+
+def _record(n: int) -> tuple:
+    facts = (*FACTS[:3], f"d-{n}", *FACTS[4:])
+    return (0x4BF92F3577B34DA6A3CE929D0E0E4736, n, 0x00F067AA0BA902B7, True, None, 10, 20, 0, "", facts, None,
+            [("select", "", 10, 11, None, None), ("rules", "rules", 11, 12, "denied_by_rule", None)])  # fmt: skip
+
+
+def _wait(condition, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_records_reach_a_collector_and_again_after_it_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    receiver = OtlpReceiver().start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    shipper = SpanShipper()
+    try:
+        shipper.add(_record(1))
+        assert _wait(lambda: receiver.decision_ids() == {"d-1"}, 15)
+        spans = [span for _, span in receiver.spans]
+        assert [s.name for s in spans] == ["extauthz.select", "extauthz.rules", "extauthz.check"]
+        assert spans[0].parent_span_id == spans[2].span_id == (1).to_bytes(8, "big")
+        receiver.stop()  # the collector restarts: the exporter's channel is rebuilt, still sending bytes
+        receiver.start()
+        for n in (2, 3):
+            shipper.add(_record(n))
+        assert _wait(lambda: {"d-2", "d-3"} <= receiver.decision_ids(), 20)
+    finally:
+        shipper.shutdown()
+        receiver.stop()
+    assert shipper.dropped == 0
+
+
+class _Level(enum.IntEnum):
+    HIGH = 3
+
+
+class _Name(enum.StrEnum):
+    GOLD = "gold"
+
+
+def test_facts_are_plain_values_whatever_a_check_put_in_its_attributes() -> None:
+    decision = Decision(True, 200, "allowed", "", "d-1", "p", "r", dry_run=1, would_deny=0,  # type: ignore[arg-type]
+                        attributes={"level": _Level.HIGH, "tier": _Name.GOLD, "api_key": "s3cret", "ok": True})
+    facts = decision_facts(decision, SubjectHasher("none"))
+    marshal.dumps(facts)  # the pipe to the exporter process takes nothing else
+    assert facts[4] is True and facts[7] is False  # plain bools, not 1 and 0
+    extra = facts[-1]
+    assert extra == {"extauthz.level": 3, "extauthz.tier": "gold", "extauthz.ok": True}
+    assert type(extra["extauthz.level"]) is int and type(extra["extauthz.tier"]) is str
+    assert "extauthz.api_key" not in decision_attributes(decision, SubjectHasher("none"))
