@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -60,7 +61,7 @@ def measure(name: str, checks: int, rounds: int) -> dict:
     from extauthz import cli
     from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
     from extauthz.samples import check_request_from_sample
-    from extauthz.server import Settings, Sidecar
+    from extauthz.server import GC_THRESHOLDS, Settings, Sidecar
     from extauthz.telemetry.decision_log import DecisionLogConfig
     from extauthz.telemetry.logs import configure_logging
     from extauthz.telemetry.tracing import tracing_from_env
@@ -88,6 +89,7 @@ def measure(name: str, checks: int, rounds: int) -> dict:
         data = check_request_from_sample(_sample(request)).SerializeToString()
 
         async def main() -> dict:
+            gc.set_threshold(*GC_THRESHOLDS)  # as `extauthz serve` sets it
             sidecar = Sidecar(settings)
             sidecar.load_initial()
             await sidecar.start()

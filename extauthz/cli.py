@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -269,7 +270,7 @@ def _run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
 
 def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
     """Run one sidecar process with the ``serve`` options (a worker of ``--workers`` shares its ports)."""
-    from extauthz.server import Settings, serve
+    from extauthz.server import GC_THRESHOLDS, Settings, serve
     from extauthz.telemetry.decision_log import DecisionLogConfig
     from extauthz.telemetry.tracing import TracingConfigError, tracing_from_env
 
@@ -303,6 +304,7 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
         tracing=tracing,
         reuse_port=reuse_port,
     )
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         _run(serve(settings), ns.event_loop)
     except PolicySetError as exc:

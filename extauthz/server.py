@@ -58,6 +58,14 @@ class Settings:
     reuse_port: bool = False
 
 
+#: The garbage collector's thresholds in a serving process. Objects that outlive a few allocations
+#: (in-flight gRPC calls, span records waiting for the shipper) make every young-generation
+#: collection scan thousands of them, and at the default threshold of 700 one ran every few Checks.
+#: Ten thousand makes them rarer at no memory cost worth counting (in process with tracing on:
+#: 143 -> 41 ms of collections per 51,400 Checks).
+GC_THRESHOLDS = (10_000, 20, 20)
+
+
 def _malformed(decision_id: str) -> Decision:
     return Decision(False, 400, "malformed_request", "CheckRequest could not be parsed", decision_id)
 
