@@ -11,12 +11,14 @@ SDK's OTLP exporter configured by the same ``OTEL_*`` variables. Other exporters
 spans and its batch span processor.
 
 Failure is contained: if the child falls behind or dies, spans are dropped and counted
-(``extauthz_trace_export_errors_total``); requests are never slowed or failed by tracing.
+(``extauthz_trace_export_errors_total``); requests are never slowed or failed by tracing. A child
+that exited is started again (after 1 s, then 2, 4, ... up to 60 s while it keeps exiting).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import marshal
 import os
@@ -25,6 +27,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
@@ -47,15 +50,24 @@ MAX_PENDING = 10_000
 FLUSH_INTERVAL = 0.05
 
 
+#: Seconds before an exporter process that exited is started again; doubled while it keeps exiting.
+RESTART_DELAY, MAX_RESTART_DELAY = 1.0, 60.0
+
+
 class SpanShipper:
-    """Collects Check records on the request path; a thread ships them to the exporter process."""
+    """Collects Check records on the request path; a thread ships them to the exporter process.
+
+    The exporter process is started again when it exits (killed, out of memory, a bug): spans
+    meanwhile are dropped and counted, and tracing resumes without restarting the sidecar.
+    """
 
     def __init__(self, argv: list[str] | None = None) -> None:
-        self._proc = subprocess.Popen(
-            argv or [sys.executable, "-m", "extauthz.telemetry.export_process"], stdin=subprocess.PIPE,
-        )  # fmt: skip
-        assert self._proc.stdin is not None
-        self._fd = self._proc.stdin.fileno()
+        self._argv = argv or [sys.executable, "-m", "extauthz.telemetry.export_process"]
+        self._proc = self._spawn()
+        self._fd = self._proc.stdin.fileno()  # type: ignore[union-attr]
+        self._restart_delay = RESTART_DELAY
+        self._restart_at = 0.0
+        self.restarts = 0
         #: Appended on the request path, emptied by the shipping thread: each side's deque operation
         #: is atomic, so neither takes a lock.
         self._pending: collections.deque[CheckRecord] = collections.deque()
@@ -77,6 +89,9 @@ class SpanShipper:
         self._pending.append(record)
 
     # --- the shipping thread ---------------------------------------------------------------------
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self._argv, stdin=subprocess.PIPE)
+
     def _run(self) -> None:
         while True:
             self._wake.wait(FLUSH_INTERVAL)
@@ -84,10 +99,40 @@ class SpanShipper:
             stopped = self._stopped
             pending = self._pending
             batch = [pending.popleft() for _ in range(len(pending))]
+            if not stopped and self._proc.poll() is not None and not self._restart():
+                if batch:
+                    with self._lock:
+                        self._drop(_span_count(batch))
+                continue
             if batch:
                 self._ship(batch)
             if stopped:
                 return
+
+    def _restart(self) -> bool:
+        """Start the exporter process again if it is time; whether one is running now."""
+        now = time.monotonic()
+        if now < self._restart_at:
+            return False
+        code = self._proc.returncode
+        # Through the file object, never os.close: it would close the descriptor again when it is
+        # collected, and by then the number may be the new pipe's.
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            self._proc = self._spawn()
+        except OSError as exc:
+            log.error("span exporter process could not be started again (%s)", exc.strerror)
+            self._restart_at = now + self._restart_delay
+            self._restart_delay = min(self._restart_delay * 2, MAX_RESTART_DELAY)
+            return False
+        self._fd = self._proc.stdin.fileno()  # type: ignore[union-attr]
+        self.restarts += 1
+        log.warning("span exporter process exited (code %s); started again", code)
+        # The next exit, if it comes soon, waits longer: a process that cannot start is not spun.
+        self._restart_at = now + self._restart_delay
+        self._restart_delay = min(self._restart_delay * 2, MAX_RESTART_DELAY)
+        return True
 
     def _ship(self, batch: list[CheckRecord]) -> None:
         try:
@@ -127,11 +172,8 @@ class SpanShipper:
         if left:
             with self._lock:
                 self._drop(_span_count(left))
-        try:
-            os.close(self._fd)
-            self._proc.stdin.close()  # type: ignore[union-attr]
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()  # type: ignore[union-attr]  # closes self._fd: EOF for the child
         try:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:

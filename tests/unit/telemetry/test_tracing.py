@@ -311,17 +311,48 @@ def test_a_dead_exporter_process_drops_and_counts_spans() -> None:
 
     installed = Metrics()
     metrics.install(installed)
-    shipper = SpanShipper([sys.executable, "-c", "pass"])  # exits at once: the pipe breaks
-    shipper._proc.wait(10)
+    shipper = SpanShipper([sys.executable, "-c", "raise SystemExit(3)"])  # exits at once, every time
     # A Check with one stage: two spans each.
     record = (1, 2, 0, False, None, 0, 1, 0, "", None, None, [("select", "", 0, 1, None, None)])
+    deadline = time.monotonic() + 10
+    while not (shipper.restarts and shipper._proc.poll() is not None) and time.monotonic() < deadline:
+        shipper.add(record)  # gets the first exit noticed and the process started again
+        time.sleep(0.05)
+    assert shipper.restarts == 1  # the next start waits (doubling from 1 s): no spinning
+    before = shipper.dropped
     for _ in range(5):
         shipper.add(record)
-    deadline = time.monotonic() + 5
-    while shipper.dropped < 10 and time.monotonic() < deadline:
+    while shipper.dropped < before + 10 and time.monotonic() < deadline:
         time.sleep(0.02)
     shipper.shutdown()
-    assert shipper.dropped == 10 and installed.trace_export_errors._value.get() == 10
+    assert shipper.dropped >= before + 10
+    assert installed.trace_export_errors._value.get() == shipper.dropped
+
+
+def test_an_exporter_process_that_exited_is_started_again(tmp_path) -> None:
+    import sys
+    import time
+
+    from extauthz.telemetry.span_export import SpanShipper
+
+    marker, received = tmp_path / "started-once", tmp_path / "received"
+    # The first process exits at once; the second reads everything until EOF and says how much.
+    script = (f"import pathlib, sys\nm = pathlib.Path({str(marker)!r})\nif not m.exists():\n"
+              f"    m.touch(); raise SystemExit(9)\n"
+              f"pathlib.Path({str(received)!r}).write_text(str(len(sys.stdin.buffer.read())))\n")  # fmt: skip
+    shipper = SpanShipper([sys.executable, "-c", script])
+    record = (1, 2, 0, False, None, 0, 1, 0, "", None, None, [("select", "", 0, 1, None, None)])
+    deadline = time.monotonic() + 10
+    while not shipper.restarts and time.monotonic() < deadline:
+        shipper.add(record)
+        time.sleep(0.05)
+    assert shipper.restarts == 1 and marker.exists()
+    for _ in range(3):
+        shipper.add(record)
+    while shipper.shipped < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    shipper.shutdown()
+    assert shipper.shipped >= 6 and int(received.read_text()) > 0
 
 
 PARENT_HEADERS = [
