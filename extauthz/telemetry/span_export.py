@@ -90,6 +90,7 @@ class SpanShipper:
 
     # --- the shipping thread ---------------------------------------------------------------------
     def _spawn(self) -> subprocess.Popen[bytes]:
+        self._started_at = time.monotonic()
         return subprocess.Popen(self._argv, stdin=subprocess.PIPE)
 
     def _run(self) -> None:
@@ -114,6 +115,8 @@ class SpanShipper:
         now = time.monotonic()
         if now < self._restart_at:
             return False
+        if now - self._started_at > MAX_RESTART_DELAY:  # it had run well: not "keeps exiting"
+            self._restart_delay = RESTART_DELAY
         code = self._proc.returncode
         # Through the file object, never os.close: it would close the descriptor again when it is
         # collected, and by then the number may be the new pipe's.
