@@ -74,3 +74,30 @@ def test_facts_are_plain_values_whatever_a_check_put_in_its_attributes() -> None
     assert extra == {"extauthz.level": 3, "extauthz.tier": "gold", "extauthz.ok": True}
     assert type(extra["extauthz.level"]) is int and type(extra["extauthz.tier"]) is str
     assert "extauthz.api_key" not in decision_attributes(decision, SubjectHasher("none"))
+
+
+def test_tracing_resumes_after_the_exporter_process_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    receiver = OtlpReceiver().start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    shipper = SpanShipper()
+    try:
+        shipper.add(_record(1))
+        assert _wait(lambda: "d-1" in receiver.decision_ids(), 15)
+        os.kill(shipper._proc.pid, signal.SIGKILL)
+        n = 2
+        deadline = time.monotonic() + 20
+        while shipper.restarts == 0 and time.monotonic() < deadline:  # Checks go on meanwhile
+            shipper.add(_record(n))
+            n += 1
+            time.sleep(0.05)
+        assert shipper.restarts == 1
+        shipper.add(_record(1000))
+        assert _wait(lambda: "d-1000" in receiver.decision_ids(), 15)
+    finally:
+        shipper.shutdown()
+        receiver.stop()
