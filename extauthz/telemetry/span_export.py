@@ -12,7 +12,8 @@ spans and its batch span processor.
 
 Failure is contained: if the child falls behind or dies, spans are dropped and counted
 (``extauthz_trace_export_errors_total``); requests are never slowed or failed by tracing. A child
-that exited is started again (after 1 s, then 2, 4, ... up to 60 s while it keeps exiting).
+that exited, or that read nothing for WRITE_TIMEOUT seconds (then it is killed), is started again
+(after 1 s, then 2, 4, ... up to 60 s while it keeps exiting).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import logging
 import marshal
 import os
+import select
 import signal
 import struct
 import subprocess
@@ -52,6 +54,9 @@ FLUSH_INTERVAL = 0.05
 
 #: Seconds before an exporter process that exited is started again; doubled while it keeps exiting.
 RESTART_DELAY, MAX_RESTART_DELAY = 1.0, 60.0
+#: Seconds a batch may wait for room in the pipe: an exporter process that reads nothing for this
+#: long is stuck, and is killed (then started again like one that exited).
+WRITE_TIMEOUT = 10.0
 
 
 class SpanShipper:
@@ -91,7 +96,9 @@ class SpanShipper:
     # --- the shipping thread ---------------------------------------------------------------------
     def _spawn(self) -> subprocess.Popen[bytes]:
         self._started_at = time.monotonic()
-        return subprocess.Popen(self._argv, stdin=subprocess.PIPE)
+        proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE)
+        os.set_blocking(proc.stdin.fileno(), False)  # type: ignore[union-attr]  # see _ship
+        return proc
 
     def _run(self) -> None:
         while True:
@@ -146,13 +153,23 @@ class SpanShipper:
                 self._drop(_span_count(batch))
             return
         data = memoryview(_FRAME.pack(len(payload)) + payload)
+        deadline = time.monotonic() + WRITE_TIMEOUT
         try:
             while data:
-                written = os.write(self._fd, data)  # releases the GIL while the pipe is full
+                try:
+                    written = os.write(self._fd, data)
+                except BlockingIOError:  # the pipe is full: wait for room, without the GIL
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        log.warning("span exporter process read nothing for %gs; killing it", WRITE_TIMEOUT)
+                        self._proc.kill()
+                        raise
+                    select.select([], [self._fd], [], min(remaining, 1.0))
+                    continue
                 data = data[written:]
             self.shipped += _span_count(batch)
         except OSError as exc:
-            log.warning("span exporter process unavailable (%s); dropping spans", exc.strerror)
+            log.warning("span exporter process unavailable (%s); dropping spans", exc.strerror or type(exc).__name__)
             with self._lock:
                 self._drop(_span_count(batch))
 

@@ -433,3 +433,22 @@ def test_a_custom_sampler_is_asked_through_its_own_api() -> None:
     from extauthz.telemetry.tracing import _sampling_rule
 
     assert _sampling_rule(ParentBased(TraceIdRatioBased(0.5), remote_parent_not_sampled=TraceIdRatioBased(1.0))) is None
+
+
+def test_an_exporter_process_that_reads_nothing_is_killed_and_started_again(monkeypatch) -> None:
+    import sys
+    import time
+
+    from extauthz.telemetry import span_export
+    from extauthz.telemetry.span_export import SpanShipper
+
+    monkeypatch.setattr(span_export, "WRITE_TIMEOUT", 0.5)
+    shipper = SpanShipper([sys.executable, "-c", "import time; time.sleep(60)"])  # never reads its stdin
+    for i in range(3000):  # distinct records (marshal writes a repeated object once): more than a pipe holds
+        shipper.add((i + 1, 2, 0, False, None, 0, 1, 0, f"d-{i}", None, None, [("select", "", 0, i, None, None)]))
+    deadline = time.monotonic() + 15
+    while not shipper.restarts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shipper.shutdown(timeout=2)
+    assert shipper.restarts == 1
+    assert shipper.dropped >= 2 * 3000 - shipper.shipped  # the stuck batch is counted, not lost
