@@ -72,6 +72,8 @@ class CheckTrace(Protocol):
     #: W3C trace id and the Check's span id, in hex: every Decision of the Check carries them.
     trace_hex: str
     span_hex: str
+    #: Whether spans are recorded: when not, the pipeline skips the stage calls altogether.
+    sampled: bool
 
     def stage(self, stage: str, check: str) -> Any:
         """Start the span of one stage; the result goes back to ``end_stage``."""
@@ -170,12 +172,13 @@ class Authorizer:
         if policy_set is None:
             return Decision(False, 503, "not_ready", "no policy set loaded", decision_id, request=request,
                             duration=time.perf_counter() - started)
-        if trace is None:
+        spans = trace if trace is not None and trace.sampled else None  # an unsampled trace records no stage
+        if spans is None:
             policy = policy_set.select(request.host, request.path, request.method)
         else:
-            span = trace.stage("select", "")
+            span = spans.stage("select", "")
             policy = policy_set.select(request.host, request.path, request.method)
-            trace.end_stage(span, None)
+            spans.end_stage(span, None)
         if stages is not None:
             stages("select", time.perf_counter() - parsed)
         if policy is None:
@@ -186,7 +189,7 @@ class Authorizer:
         if steps is not None:
             steps.append(f"policy {policy.name} ({policy.file}) selected; checks: {', '.join(policy.check_names)}")
         ctx = CheckContext(request=request, policy=policy, steps=steps)
-        denial = await self._run_checks(policy, ctx, trace, stages)
+        denial = await self._run_checks(policy, ctx, spans, stages)
         return _decision(policy, ctx, denial, decision_id, started, trace)
 
     def _stages_for_this_check(self) -> StageObserver | None:
