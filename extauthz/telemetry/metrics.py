@@ -119,7 +119,9 @@ class Metrics:
             "extauthz_decision_log_dropped", "Decision log lines dropped because the writer fell behind", registry=r
         )
         self.trace_export_errors = Counter(
-            "extauthz_trace_export_errors", "Span batches the trace exporter failed to send", registry=r
+            "extauthz_trace_export_errors",
+            "Spans not exported: dropped on the way to the exporter, or refused or unanswered by the collector",
+            registry=r,
         )
         self.build_info = gauge("extauthz_build_info", "Version of the running sidecar (always 1)", ("version",))
         self.build_info.labels(_version()).set(1)
@@ -242,6 +244,13 @@ def _guarded(fn: Callable[[Metrics], None]) -> None:
     metrics = _current
     if metrics is not None:
         fn(metrics)
+
+
+def count_export_errors(spans: int) -> None:
+    """``spans`` spans were not exported (dropped on the way, or the collector refused them)."""
+    metrics = _current
+    if metrics is not None:
+        metrics.trace_export_errors.inc(spans)
 
 
 def store_error(store: str, operation: str) -> None:

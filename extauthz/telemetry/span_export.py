@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from extauthz.telemetry.check_spans import CheckRecord, expand
+from extauthz.telemetry.metrics import count_export_errors
 
 __all__ = ["SpanRecord", "SpanShipper", "main"]
 
@@ -79,8 +80,11 @@ class SpanShipper:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
+        #: Spans dropped here (the exporter process down or behind), shipped to it, and reported
+        #: by it as not exported (the collector refused them or did not answer).
         self.dropped = 0
         self.shipped = 0
+        self.failed = 0
         self._thread = threading.Thread(target=self._run, name="span-shipper", daemon=True)
         self._thread.start()
 
@@ -96,9 +100,30 @@ class SpanShipper:
     # --- the shipping thread ---------------------------------------------------------------------
     def _spawn(self) -> subprocess.Popen[bytes]:
         self._started_at = time.monotonic()
-        proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE)
+        # stdin: the records; stdout: the child's reports of spans it could not export (see main).
+        proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         os.set_blocking(proc.stdin.fileno(), False)  # type: ignore[union-attr]  # see _ship
+        os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]  # see _collect_reports
+        self._reports = b""
         return proc
+
+    def _collect_reports(self) -> None:
+        """Count what the exporter process says it could not export (one number per line)."""
+        stdout = self._proc.stdout
+        if stdout is None:
+            return
+        try:
+            data = os.read(stdout.fileno(), 65536)
+        except (BlockingIOError, OSError, ValueError):  # nothing yet, or closed
+            return
+        if not data:
+            return
+        lines = (self._reports + data).split(b"\n")
+        self._reports = lines.pop()
+        failed = sum(int(line) for line in lines if line.strip().isdigit())
+        if failed:
+            self.failed += failed
+            count_export_errors(failed)
 
     def _run(self) -> None:
         while True:
@@ -107,6 +132,7 @@ class SpanShipper:
             stopped = self._stopped
             pending = self._pending
             batch = [pending.popleft() for _ in range(len(pending))]
+            self._collect_reports()
             if not stopped and self._proc.poll() is not None and not self._restart():
                 if batch:
                     with self._lock:
@@ -127,8 +153,10 @@ class SpanShipper:
         code = self._proc.returncode
         # Through the file object, never os.close: it would close the descriptor again when it is
         # collected, and by then the number may be the new pipe's.
+        self._collect_reports()
         with contextlib.suppress(OSError):
             self._proc.stdin.close()  # type: ignore[union-attr]
+            self._proc.stdout.close()  # type: ignore[union-attr]
         try:
             self._proc = self._spawn()
         except OSError as exc:
@@ -175,11 +203,7 @@ class SpanShipper:
 
     def _drop(self, count: int) -> None:
         self.dropped += count
-        from extauthz.telemetry import metrics
-
-        current = metrics.current()
-        if current is not None:
-            current.trace_export_errors.inc(count)
+        count_export_errors(count)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Ship what is pending, close the pipe, and let the child flush and exit."""
@@ -199,6 +223,9 @@ class SpanShipper:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait(5)
+        self._collect_reports()  # what the child said as it flushed
+        with contextlib.suppress(OSError):
+            self._proc.stdout.close()  # type: ignore[union-attr]
 
 
 class _RawTraceStub:
@@ -249,6 +276,19 @@ class _EncodedSender:
         return bool(getattr(self.exporter._client.export(request), "success", False))
 
 
+_REPORT_LOCK = threading.Lock()
+
+
+def _report_not_exported(spans: int) -> None:
+    """In the exporter process: tell the sidecar that ``spans`` spans were not exported (it counts
+    them in extauthz_trace_export_errors_total), one number per line on stdout."""
+    if spans <= 0:
+        return
+    with _REPORT_LOCK, contextlib.suppress(OSError, ValueError):
+        sys.stdout.buffer.write(b"%d\n" % spans)
+        sys.stdout.buffer.flush()
+
+
 class _Batcher:
     """The batch span processor's job for encoded spans: up to ``batch_size`` spans per request,
     sent when a batch is full or ``delay`` seconds after the first span; at most ``queue_size``
@@ -278,6 +318,7 @@ class _Batcher:
             room = self.queue_size - len(self._spans)
             if room < len(spans):
                 self.dropped += len(spans) - max(room, 0)
+                _report_not_exported(len(spans) - max(room, 0))
                 spans = spans[: max(room, 0)]
             self._spans += spans
             if len(self._spans) >= self.batch_size:
@@ -299,10 +340,13 @@ class _Batcher:
         request = self.encoder.request(batch)
         for sender in self.senders:
             try:
-                if not sender.send(request, len(batch)):
-                    log.warning("trace export of %d spans failed", len(batch))
+                sent = sender.send(request, len(batch))
             except Exception:
                 log.warning("trace export failed", exc_info=True)
+                sent = False
+            if not sent:
+                log.warning("trace export of %d spans failed", len(batch))
+                _report_not_exported(len(batch))
 
     def close(self, timeout: float = 30.0) -> None:
         with self._cond:
@@ -390,7 +434,7 @@ def _export_with_sdk(resource: Any, exporters: list[Any]) -> int:
 
     provider = TracerProvider(resource=resource)
     for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(_CountingExporter(exporter)))
+        provider.add_span_processor(BatchSpanProcessor(_CountingExporter(exporter, _report_not_exported)))
     processor = provider._active_span_processor
     scope = InstrumentationScope("extauthz")
     for records in _batches(sys.stdin.buffer):

@@ -45,6 +45,7 @@ from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.context import Denial
 from extauthz.decision import Decision
 from extauthz.telemetry.check_spans import CheckRecord, Facts, attributes_from_facts, expand, random_span_id
+from extauthz.telemetry.metrics import count_export_errors
 from extauthz.telemetry.span_export import sdk_span
 
 if TYPE_CHECKING:
@@ -150,10 +151,12 @@ class SubjectHasher:
 
 
 class _CountingExporter(SpanExporter):
-    """Delegates to the real exporter and counts failed batches (extauthz_trace_export_errors)."""
+    """Delegates to the real exporter and counts the spans of failed batches (by default into
+    extauthz_trace_export_errors; the exporter process reports them to the sidecar instead)."""
 
-    def __init__(self, inner: SpanExporter) -> None:
+    def __init__(self, inner: SpanExporter, on_failure: Callable[[int], None] = count_export_errors) -> None:
         self.inner = inner
+        self.on_failure = on_failure
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
@@ -162,11 +165,7 @@ class _CountingExporter(SpanExporter):
             log.warning("trace export failed", exc_info=True)
             result = SpanExportResult.FAILURE
         if result is not SpanExportResult.SUCCESS:
-            from extauthz.telemetry import metrics
-
-            m = metrics.current()
-            if m is not None:
-                m.trace_export_errors.inc()
+            self.on_failure(len(spans))
         return result
 
     def shutdown(self) -> None:

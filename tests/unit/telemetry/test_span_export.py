@@ -101,3 +101,30 @@ def test_tracing_resumes_after_the_exporter_process_is_killed(monkeypatch: pytes
     finally:
         shipper.shutdown()
         receiver.stop()
+
+
+def test_spans_the_collector_never_gets_are_counted_in_the_sidecar(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from extauthz.telemetry import metrics
+    from extauthz.telemetry.metrics import Metrics
+
+    installed = Metrics()
+    metrics.install(installed)
+    with socket.socket() as probe:  # a port nothing listens on: every export fails
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    shipper = SpanShipper()
+    try:
+        for n in range(1, 4):
+            shipper.add(_record(n))  # 3 spans each
+        assert _wait(lambda: shipper.failed >= 9, 20)  # the shipping thread reads the reports
+    finally:
+        shipper.shutdown()
+        metrics.install(None)
+    assert shipper.dropped == 0 and shipper.failed == 9
+    assert installed.trace_export_errors._value.get() == 9
