@@ -192,6 +192,7 @@ class SpanShipper:
                         log.warning("span exporter process read nothing for %gs; killing it", WRITE_TIMEOUT)
                         self._proc.kill()
                         raise
+                    self._collect_reports()  # so the child never waits on its report pipe meanwhile
                     select.select([], [self._fd], [], min(remaining, 1.0))
                     continue
                 data = data[written:]
