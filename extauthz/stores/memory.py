@@ -31,7 +31,9 @@ class GcraStep(NamedTuple):
 
 
 def gcra_step(tat: int, now: int, interval: int, burst: int, cost: int) -> GcraStep:
-    """The GCRA arithmetic shared by every store (the Redis script is its transcription)."""
+    """The GCRA arithmetic of every store, as the reference: the Redis script and
+    MemoryStore.charge_now are transcriptions of it (tests hold charge_now to its answers, and the
+    Redis script to charge_now's)."""
     base = tat if tat > now else now
     new_tat = base + cost * interval
     allow_at = new_tat - burst * interval

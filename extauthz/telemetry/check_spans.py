@@ -1,7 +1,7 @@
 """One Check's spans as a single compact record, and its expansion into span records.
 
 A sampled Check has a span of its own and one per stage. Building five span tuples with attribute
-dicts, and pickling them across to the exporter process, cost the sidecar about as much as deciding
+dicts, and marshalling them across to the exporter process, cost the sidecar about as much as deciding
 the Check. So the sidecar keeps only what differs from one Check to the next: ids, times, the
 decision's facts as a flat tuple, and per stage its name, check, times and outcome. The exporter
 process (or, with in-process export, the span processor's caller) expands that into the spans.
@@ -31,7 +31,6 @@ CheckRecord = tuple[Any, ...]
 #:  encoder keeps encodings by value, and True == 1 in a dict. A plain tuple, not a NamedTuple,
 #:  because marshal only takes plain ones; the positions that are read by index are named here.
 Facts = tuple[Any, ...]
-FACTS_LENGTH = 16
 DECISION_ID = 3
 EXTRA = 15
 

@@ -141,9 +141,10 @@ def decision_record(decision: Decision, when: float, config: DecisionLogConfig,
                 record["query_params"] = list(dict.fromkeys(name for name, _ in pairs))
             else:
                 record["query"] = {name: REDACTED if _secret_param(name) else value for name, value in pairs}
-        record["source_address"] = request.source_address
-        if request.source.principal:
-            record["source_principal"] = request.source.principal
+        source = request.source  # built once here: the principal is read too
+        record["source_address"] = source.address
+        if source.principal:
+            record["source_principal"] = source.principal
         if config.headers:
             headers = {}
             for name in config.headers:

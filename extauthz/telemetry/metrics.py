@@ -248,9 +248,7 @@ def _guarded(fn: Callable[[Metrics], None]) -> None:
 
 def count_export_errors(spans: int) -> None:
     """``spans`` spans were not exported (dropped on the way, or the collector refused them)."""
-    metrics = _current
-    if metrics is not None:
-        metrics.trace_export_errors.inc(spans)
+    _guarded(lambda m: m.trace_export_errors.inc(spans))
 
 
 def store_error(store: str, operation: str) -> None:

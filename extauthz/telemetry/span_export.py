@@ -151,9 +151,9 @@ class SpanShipper:
         if now - self._started_at > MAX_RESTART_DELAY:  # it had run well: not "keeps exiting"
             self._restart_delay = RESTART_DELAY
         code = self._proc.returncode
-        # Through the file object, never os.close: it would close the descriptor again when it is
-        # collected, and by then the number may be the new pipe's.
-        self._collect_reports()
+        self._collect_reports()  # what it said before it went
+        # Through the file objects, never os.close: they would close the descriptors again when
+        # collected, and by then the numbers may be the new pipes'.
         with contextlib.suppress(OSError):
             self._proc.stdin.close()  # type: ignore[union-attr]
             self._proc.stdout.close()  # type: ignore[union-attr]

@@ -1,15 +1,22 @@
-"""The exporter process end to end: Check records through the pipe, OTLP bytes to a real receiver."""
+"""The span shipper and its exporter process: Check records through the pipe, OTLP bytes to a real
+receiver, restarts, and what is counted when spans are lost."""
 
 from __future__ import annotations
 
 import enum
 import marshal
+import os
+import signal
+import socket
+import sys
 import time
 
 import pytest
 from otlpd import OtlpReceiver
 
 from extauthz.decision import Decision
+from extauthz.telemetry import metrics, span_export
+from extauthz.telemetry.metrics import Metrics
 from extauthz.telemetry.span_export import SpanShipper
 from extauthz.telemetry.tracing import SubjectHasher, decision_attributes, decision_facts
 
@@ -77,9 +84,6 @@ def test_facts_are_plain_values_whatever_a_check_put_in_its_attributes() -> None
 
 
 def test_tracing_resumes_after_the_exporter_process_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-    import signal
-
     receiver = OtlpReceiver().start()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
@@ -104,11 +108,6 @@ def test_tracing_resumes_after_the_exporter_process_is_killed(monkeypatch: pytes
 
 
 def test_spans_the_collector_never_gets_are_counted_in_the_sidecar(monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-
-    from extauthz.telemetry import metrics
-    from extauthz.telemetry.metrics import Metrics
-
     installed = Metrics()
     metrics.install(installed)
     with socket.socket() as probe:  # a port nothing listens on: every export fails
@@ -128,3 +127,61 @@ def test_spans_the_collector_never_gets_are_counted_in_the_sidecar(monkeypatch: 
         metrics.install(None)
     assert shipper.dropped == 0 and shipper.failed == 9
     assert installed.trace_export_errors._value.get() == 9
+
+
+def test_a_dead_exporter_process_drops_and_counts_spans() -> None:
+    installed = Metrics()
+    metrics.install(installed)
+    shipper = SpanShipper([sys.executable, "-c", "raise SystemExit(3)"])  # exits at once, every time
+    # A Check with one stage: two spans each.
+    record = (1, 2, 0, False, None, 0, 1, 0, "", None, None, [("select", "", 0, 1, None, None)])
+    deadline = time.monotonic() + 10
+    while not (shipper.restarts and shipper._proc.poll() is not None) and time.monotonic() < deadline:
+        shipper.add(record)  # gets the first exit noticed and the process started again
+        time.sleep(0.05)
+    assert shipper.restarts == 1  # the next start waits (doubling from 1 s): no spinning
+    before = shipper.dropped
+    for _ in range(5):
+        shipper.add(record)
+    while shipper.dropped < before + 10 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    shipper.shutdown()
+    assert shipper.dropped >= before + 10
+    assert installed.trace_export_errors._value.get() == shipper.dropped
+
+
+def test_an_exporter_process_that_exited_is_started_again(tmp_path) -> None:
+
+
+    marker, received = tmp_path / "started-once", tmp_path / "received"
+    # The first process exits at once; the second reads everything until EOF and says how much.
+    script = (f"import pathlib, sys\nm = pathlib.Path({str(marker)!r})\nif not m.exists():\n"
+              f"    m.touch(); raise SystemExit(9)\n"
+              f"pathlib.Path({str(received)!r}).write_text(str(len(sys.stdin.buffer.read())))\n")  # fmt: skip
+    shipper = SpanShipper([sys.executable, "-c", script])
+    record = (1, 2, 0, False, None, 0, 1, 0, "", None, None, [("select", "", 0, 1, None, None)])
+    deadline = time.monotonic() + 10
+    while not shipper.restarts and time.monotonic() < deadline:
+        shipper.add(record)
+        time.sleep(0.05)
+    assert shipper.restarts == 1 and marker.exists()
+    for _ in range(3):
+        shipper.add(record)
+    while shipper.shipped < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    shipper.shutdown()
+    assert shipper.shipped >= 6 and int(received.read_text()) > 0
+
+
+def test_an_exporter_process_that_reads_nothing_is_killed_and_started_again(monkeypatch: pytest.MonkeyPatch) -> None:
+
+    monkeypatch.setattr(span_export, "WRITE_TIMEOUT", 0.5)
+    shipper = SpanShipper([sys.executable, "-c", "import time; time.sleep(60)"])  # never reads its stdin
+    for i in range(3000):  # distinct records (marshal writes a repeated object once): more than a pipe holds
+        shipper.add((i + 1, 2, 0, False, None, 0, 1, 0, f"d-{i}", None, None, [("select", "", 0, i, None, None)]))
+    deadline = time.monotonic() + 15
+    while not shipper.restarts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shipper.shutdown(timeout=2)
+    assert shipper.restarts == 1
+    assert shipper.dropped >= 2 * 3000 - shipper.shipped  # the stuck batch is counted, not lost
