@@ -95,6 +95,10 @@ def _telemetry_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--decision-log-query", default=_env("DECISION_LOG_QUERY", "names"),
                        choices=["none", "names", "full"], help="query string in the decision log: parameter "
                        "names (default), full (credential values redacted), none (env EXTAUTHZ_DECISION_LOG_QUERY)")
+    serve.add_argument("--dynamic-metadata", default=_env("DYNAMIC_METADATA", "deny"), choices=["deny", "all", "off"],
+                       help="which decisions send Envoy dynamic metadata (decision_id, policy, rule, reason): "
+                            "deny (default: denials and dry-run decisions), all, or off "
+                            "(env EXTAUTHZ_DYNAMIC_METADATA)")
     serve.add_argument("--event-loop", default=_env("EVENT_LOOP", "auto"), choices=["auto", "uvloop", "asyncio"],
                        help="uvloop (auto: when installed) cuts about 20 us of CPU per Check; asyncio is the "
                             "standard library loop (env EXTAUTHZ_EVENT_LOOP)")
@@ -270,6 +274,7 @@ def _run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
 
 def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
     """Run one sidecar process with the ``serve`` options (a worker of ``--workers`` shares its ports)."""
+    from extauthz.responses import DYNAMIC_METADATA_MODES
     from extauthz.server import GC_THRESHOLDS, Settings, serve
     from extauthz.telemetry.decision_log import DecisionLogConfig
     from extauthz.telemetry.tracing import TracingConfigError, tracing_from_env
@@ -283,6 +288,8 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
             query=ns.decision_log_query,
         )
         tracing = tracing_from_env(version=_version())
+        if ns.dynamic_metadata not in DYNAMIC_METADATA_MODES:  # from the environment: argparse checks flags only
+            raise ValueError(f"EXTAUTHZ_DYNAMIC_METADATA must be one of {', '.join(DYNAMIC_METADATA_MODES)}")
     except (ValueError, TracingConfigError) as exc:
         print(f"extauthz: not starting: {exc}", file=sys.stderr)
         return 2
@@ -303,6 +310,7 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
         decision_log=decision_log,
         tracing=tracing,
         reuse_port=reuse_port,
+        dynamic_metadata=ns.dynamic_metadata,
     )
     gc.set_threshold(*GC_THRESHOLDS)
     try:

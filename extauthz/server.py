@@ -19,7 +19,7 @@ from extauthz import client_ip
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Authorizer, Decision
 from extauthz.policy import PolicySet, PolicySetError, PolicyWatcher, Services, load_folder
-from extauthz.responses import check_response_bytes
+from extauthz.responses import DYNAMIC_METADATA_MODES, check_response_bytes
 from extauthz.telemetry import metrics as process_metrics
 from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
 from extauthz.telemetry.metrics import Metrics
@@ -56,6 +56,14 @@ class Settings:
     tracing: Any = None
     #: Share the gRPC and HTTP ports with sibling worker processes (SO_REUSEPORT; ``--workers``).
     reuse_port: bool = False
+    #: Which decisions carry dynamic metadata to Envoy: "deny" (denials and dry-run), "all" or "off"
+    #: (see extauthz.responses).
+    dynamic_metadata: str = "deny"
+
+    def __post_init__(self) -> None:
+        if self.dynamic_metadata not in DYNAMIC_METADATA_MODES:
+            raise ValueError(f"dynamic_metadata must be one of {', '.join(DYNAMIC_METADATA_MODES)}, "
+                             f"not {self.dynamic_metadata!r}")
 
 
 #: The garbage collector's thresholds in a serving process. Objects that outlive a few allocations
@@ -70,10 +78,10 @@ def _malformed(decision_id: str) -> Decision:
     return Decision(False, 400, "malformed_request", "CheckRequest could not be parsed", decision_id)
 
 
-def response_bytes(decision: Decision) -> bytes:
+def response_bytes(decision: Decision, metadata: str = "deny") -> bytes:
     """The CheckResponse for ``decision``; one that cannot be encoded is a 503 denial, never an allow."""
     try:
-        return check_response_bytes(decision)
+        return check_response_bytes(decision, metadata)
     except (ValueError, UnicodeError) as exc:
         # Text that cannot be encoded (a header value built from request data, or a rule name). The
         # decision log has the decision's policy and rule under its id; the denial carries only fixed
@@ -81,7 +89,7 @@ def response_bytes(decision: Decision) -> bytes:
         log.error("decision %s could not be sent (%s); denying with 503", decision.decision_id,
                   type(exc).__name__)  # never the value itself
         return check_response_bytes(Decision(False, 503, "internal_error", "authorization failed",
-                                             decision.decision_id))
+                                             decision.decision_id), metadata)
 
 
 class Sidecar:
@@ -115,6 +123,7 @@ class Sidecar:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._malformed_count = 0
+        self._metadata = settings.dynamic_metadata
 
     # --- policies -------------------------------------------------------------------------
     def load_initial(self) -> PolicySet:
@@ -159,14 +168,14 @@ class Sidecar:
             self._malformed_count += 1
             self.metrics.malformed.inc()
             log.warning("malformed CheckRequest (%d bytes)", len(request_bytes))
-            return check_response_bytes(_malformed(f"malformed-{self._malformed_count}"))
+            return check_response_bytes(_malformed(f"malformed-{self._malformed_count}"), self._metadata)
         metrics = self.metrics
         metrics.in_flight += 1
         try:
             decision = await self.authorizer.check(message)
         finally:
             metrics.in_flight -= 1
-        return response_bytes(decision)
+        return response_bytes(decision, self._metadata)
 
     async def _start_grpc(self) -> None:
         options = [

@@ -157,3 +157,32 @@ def test_large_body_and_odd_headers_do_not_break_the_sidecar(envoy) -> None:
     status, _, _ = request(envoy.port, "GET", "/api/orders", headers={**ORDERS, "x-bin": "caf\xe9"})
     assert status in (200, 400)
     assert request(envoy.port, "GET", "/api/orders", headers=ORDERS)[0] == 200
+
+
+def _access_log_line(envoy, request_id: str) -> dict:
+    """Envoy's JSON access log line for ``request_id`` (Envoy flushes its log about once a second)."""
+    deadline = time.monotonic() + 10
+    while True:
+        for line in envoy.proc.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and f'"{request_id}"' in line:
+                return json.loads(line)
+        assert time.monotonic() < deadline, f"no access log line for {request_id}"
+        time.sleep(0.2)
+
+
+def test_envoys_access_log_names_the_policy_rule_and_reason_of_a_denial(envoy) -> None:
+    """The dynamic metadata reaches Envoy with a denial, so the shipped access log says why; an
+    allowed request carries none by default (--dynamic-metadata deny) and its line shows nulls."""
+    status, _, body = request(envoy.port, "DELETE", "/api/orders/7?token=secret-value", headers=ORDERS)
+    assert status == 403
+    decision_id = json.loads(body)["decision_id"]
+    denied = _access_log_line(envoy, decision_id)
+    assert denied["authz_decision_id"] == decision_id
+    assert (denied["authz_policy"], denied["authz_rule"], denied["authz_reason"]) == (
+        "orders-api", "no-deletes", "denied_by_rule")
+    assert denied["path"] == "/api/orders/7" and "secret-value" not in json.dumps(denied)
+    status, _, body = request(envoy.port, "GET", "/api/orders/7", headers=ORDERS)
+    assert status == 200
+    allowed_id = json.loads(body)["headers"]["x-request-id"][0]
+    allowed = _access_log_line(envoy, allowed_id)
+    assert allowed["status"] == 200 and allowed["authz_reason"] is None

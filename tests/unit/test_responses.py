@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Decision
-from extauthz.responses import check_response_bytes, to_check_response
+from extauthz.responses import DYNAMIC_METADATA_MODES, check_response_bytes, to_check_response
 
 HEADERS = (("x-user", "alice"), ("x-tenant", "acme"))
 CASES = [
@@ -32,14 +32,28 @@ CASES = [
 ]  # fmt: skip
 
 
-def _parsed(decision: Decision) -> external_auth_pb2.CheckResponse:
-    return external_auth_pb2.CheckResponse.FromString(check_response_bytes(decision))
+def _parsed(decision: Decision, metadata: str = "deny") -> external_auth_pb2.CheckResponse:
+    return external_auth_pb2.CheckResponse.FromString(check_response_bytes(decision, metadata))
+
+
+@pytest.mark.parametrize("metadata", DYNAMIC_METADATA_MODES)
+@pytest.mark.parametrize("decision", CASES, ids=lambda d: f"{d.status}-{d.reason or 'empty'}")
+def test_wire_bytes_parse_into_the_message(decision: Decision, metadata: str) -> None:
+    assert _parsed(decision, metadata) == to_check_response(decision, metadata)
+    assert _parsed(decision, metadata) == to_check_response(decision, metadata)  # now from kept encodings
 
 
 @pytest.mark.parametrize("decision", CASES, ids=lambda d: f"{d.status}-{d.reason or 'empty'}")
-def test_wire_bytes_parse_into_the_message(decision: Decision) -> None:
-    assert _parsed(decision) == to_check_response(decision)
-    assert _parsed(decision) == to_check_response(decision)  # the second time from kept encodings
+def test_which_decisions_carry_dynamic_metadata(decision: Decision) -> None:
+    """deny (the default): denials and dry-run decisions, whose reason an operator looks for in
+    Envoy's access log; all: every decision; off: none."""
+    carries = {mode: _parsed(decision, mode).HasField("dynamic_metadata") for mode in DYNAMIC_METADATA_MODES}
+    assert carries == {"deny": not decision.allowed or decision.dry_run, "all": True, "off": False}
+    assert _parsed(decision) == _parsed(decision, "deny")
+    if carries["deny"]:
+        fields = _parsed(decision).dynamic_metadata.fields
+        assert fields["decision_id"].string_value == decision.decision_id
+        assert fields["reason"].string_value == decision.reason
 
 
 _text = st.text(max_size=40)
@@ -51,20 +65,21 @@ _header = st.tuples(st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, 
     allowed=st.booleans(), status=st.sampled_from([200, 400, 401, 403, 429, 500, 503]), reason=_text,
     message=_text, decision_id=_text, policy=_text, rule=_text, dry_run=st.booleans(), would_deny=st.booleans(),
     upstream=st.lists(_header, max_size=4), remove=st.lists(_text, max_size=3), client=st.lists(_header, max_size=4),
+    metadata=st.sampled_from(DYNAMIC_METADATA_MODES),
 )  # fmt: skip
 def test_any_decision(allowed: bool, status: int, reason: str, message: str, decision_id: str, policy: str,
                       rule: str, dry_run: bool, would_deny: bool, upstream: list, remove: list,
-                      client: list) -> None:  # fmt: skip
+                      client: list, metadata: str) -> None:  # fmt: skip
     decision = Decision(allowed, status, reason, message, decision_id, policy=policy, rule=rule, dry_run=dry_run,
                         would_deny=would_deny, upstream_headers=tuple(upstream), remove_headers=tuple(remove),
                         client_headers=tuple(client))  # fmt: skip
     try:
-        expected = to_check_response(decision)
+        expected = to_check_response(decision, metadata)
     except (ValueError, UnicodeError):  # text protobuf refuses (lone surrogates): so must we
         with pytest.raises((ValueError, UnicodeError)):
-            check_response_bytes(decision)
+            check_response_bytes(decision, metadata)
         return
-    assert _parsed(decision) == expected
+    assert _parsed(decision, metadata) == expected
 
 
 def test_text_protobuf_refuses_is_refused_alike_and_the_server_denies() -> None:

@@ -80,6 +80,37 @@ def test_check_health_and_probes(policy_dir, policy_yaml) -> None:
     run(scenario())
 
 
+@pytest.mark.parametrize("mode", ["deny", "all", "off"])
+def test_dynamic_metadata_setting(policy_dir, policy_yaml, mode: str) -> None:
+    async def scenario() -> None:
+        folder = policy_dir(**{"a.yaml": policy_yaml("a", ALLOW_GET)})
+        sc = Sidecar(Settings(policies=folder, listen=f"127.0.0.1:{_free_port()}", http_port=_free_port(),
+                              grace=1.0, dynamic_metadata=mode))  # fmt: skip
+        await sc.start()
+        try:
+            allowed = await _check(sc, method="GET", path="/x", headers={"x-request-id": "rid-1"})
+            denied = await _check(sc, method="POST", path="/x", headers={"x-request-id": "rid-2"})
+        finally:
+            await sc.stop()
+        assert allowed.WhichOneof("http_response") == "ok_response"
+        assert allowed.HasField("dynamic_metadata") is (mode == "all")
+        assert denied.HasField("dynamic_metadata") is (mode != "off")
+        if mode != "off":
+            fields = denied.dynamic_metadata.fields
+            assert (fields["decision_id"].string_value, fields["policy"].string_value) == ("rid-2", "a")
+
+    run(scenario())
+
+
+def test_unknown_dynamic_metadata_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dynamic_metadata must be one of"):
+        Settings(policies=tmp_path, dynamic_metadata="some")
+    env = {**os.environ, "EXTAUTHZ_DYNAMIC_METADATA": "some"}
+    res = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--policies", str(tmp_path)], env=env,
+                         capture_output=True, timeout=60)  # fmt: skip
+    assert res.returncode == 2 and b"EXTAUTHZ_DYNAMIC_METADATA must be one of" in res.stderr
+
+
 def test_malformed_check_request_is_a_clear_deny(policy_dir, policy_yaml) -> None:
     async def scenario() -> None:
         folder = policy_dir(**{"a.yaml": policy_yaml("a", ALLOW_GET)})
