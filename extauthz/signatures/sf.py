@@ -496,11 +496,20 @@ def _done(parser: _Parser) -> None:
         raise parser.fail("unexpected characters")
 
 
+#: A Dictionary of one byte-sequence member without parameters: the shape of a Signature field
+#: ("sig1=:...:") and of most Content-Digest fields ("sha-256=:...:"), read with one match.
+_ONE_BYTES_MEMBER_RE = re.compile("(" + _KEY_PATTERN + r")=:([A-Za-z0-9+/]*+={0,2}+):")
+
+
 def parse_dictionary(text: str, limits: Limits = DEFAULT_LIMITS) -> list[tuple[str, Member]]:
     """Parse a Dictionary, keeping member order; duplicate keys are an error."""
     if len(text) <= limits.max_length and text.isascii():
+        stripped = text.strip(" ")
         try:
-            return _scan_dictionary(text.strip(" "), limits)
+            match = _ONE_BYTES_MEMBER_RE.fullmatch(stripped)
+            if match is not None and limits.max_members:
+                return [(match.group(1), Item(_bare_value(match.group(2), 2)))]
+            return _scan_dictionary(stripped, limits)
         except _NotSimple:
             pass  # the reference parser decides, and explains any error
     parser = _Parser(text, limits)

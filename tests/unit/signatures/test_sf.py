@@ -154,6 +154,17 @@ def test_scanner_and_reference_parser_agree(text: str, limits: Limits) -> None:
 
 
 @pytest.mark.parametrize("text", [
+    "sig1=:aGk=:", "sig1=:aGk:", "sig1=:aGl=:", "sig1=::", "sig1=:a:", "sig1=:a===:", "sig1=:aGk=:;p=1",
+    "  sha-256=:aGk=:  ", "sig1=:aGk=: ", "sig1=:aGk=:,", "sig1=:aGk=:, sig2=:aGk=:", "Sig1=:aGk=:", "*x=:aGk=:",
+    "sig1=:aG k=:", "sig1=:aGk=", "sig1=:+/+/:", "sig1=:-_-_:", "s" * 70 + "=:aGk=:",
+])  # fmt: skip
+@pytest.mark.parametrize("limits", [sf.DEFAULT_LIMITS, _SMALL, Limits(max_length=96, max_members=0)])
+def test_one_byte_sequence_member_is_read_as_the_reference_parser_reads_it(text: str, limits: Limits) -> None:
+    """The Signature / Content-Digest shape has a one-match path of its own."""
+    assert _outcome(parse_dictionary, text, limits) == _outcome(_reference, text, limits)
+
+
+@pytest.mark.parametrize("text", [
     'sig1=( "@method" "@path");created=1', 'sig1=("@method"  "@path");created=1', 'sig1=("@method" );created=1',
     'sig1=("@method");created=01', 'sig1=("@method");created=-0', 'sig1=("@method");x=1.50',
     'sig1=("@method");x=?1', 'sig1=("@method"); created=1', 'sig1=("@method");b=:aGk:', 'sig1=("@method";sf=?1)',
