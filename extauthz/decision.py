@@ -280,10 +280,16 @@ def _decision(
     policy: CompiledPolicy, ctx: CheckContext, denial: Denial | None, decision_id: str, started: float,
     trace: CheckTrace | None = None,
 ) -> Decision:
+    # Trace ids are set here rather than by the trace afterwards: changing a Decision costs a copy.
+    trace_id, span_id = (trace.trace_hex, trace.span_hex) if trace is not None else ("", "")
+    if denial is None:  # the common case, positional in field order: keyword binding costs more
+        return Decision(True, 200, "allowed", "", decision_id, policy.name, ctx.rule, policy.dry_run, False,
+                        ctx.request, ctx.identity, tuple(ctx.upstream_headers), tuple(ctx.remove_headers),
+                        tuple(ctx.client_headers), ctx.attributes or None, time.perf_counter() - started,
+                        _frozen(ctx.steps), trace_id, span_id)  # fmt: skip
     common: dict[str, Any] = {
-        # Set here rather than by the trace afterwards: changing an immutable Decision costs a copy.
-        "trace_id": trace.trace_hex if trace is not None else "",
-        "span_id": trace.span_hex if trace is not None else "",
+        "trace_id": trace_id,
+        "span_id": span_id,
         "decision_id": decision_id,
         "policy": policy.name,
         "dry_run": policy.dry_run,
@@ -294,10 +300,6 @@ def _decision(
         "steps": _frozen(ctx.steps),
         "duration": time.perf_counter() - started,
     }
-    if denial is None:
-        return Decision(True, 200, "allowed", "", rule=ctx.rule,
-                        upstream_headers=tuple(ctx.upstream_headers), remove_headers=tuple(ctx.remove_headers),
-                        **common)
     if policy.dry_run:
         ctx.note(f"dry-run: would deny ({denial.reason}); allowing")
         common["steps"] = _frozen(ctx.steps)

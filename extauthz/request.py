@@ -316,7 +316,7 @@ def _headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> tuple[
     duplicated pseudo-header is ambiguous and refused. The common case reuses the message's own
     map, read-only, instead of copying it for every request.
     """
-    if not http.header_map.headers:
+    if not http.HasField("header_map"):
         return http.headers, {}
     joined: dict[str, str] = {}
     raw: dict[str, bytes] = {}
