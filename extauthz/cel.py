@@ -174,7 +174,7 @@ def _activation(paths: tuple[tuple[str, ...], ...], values: list[Any]) -> dict[s
 class Expression:
     """A compiled CEL expression bound to the paths it reads."""
 
-    __slots__ = ("_direct", "_getters", "_memo", "_program", "paths", "result_type", "source")
+    __slots__ = ("_direct", "_getters", "_memo", "_program", "_single", "paths", "result_type", "source")
 
     def __init__(
         self,
@@ -189,6 +189,7 @@ class Expression:
         self._program = program
         self.paths = paths
         self._getters = getters
+        self._single = getters[0] if len(getters) == 1 else None
         self.result_type = result_type
         self._memo: dict[tuple, Any] = {}
         #: For an expression that only reads one value (``identity.subject``): its accessor. A
@@ -206,9 +207,22 @@ class Expression:
             value = self._direct(ctx)
             if type(value) is str or type(value) is bool:
                 return value
-        values = [getter(ctx) for getter in self._getters]
-        key = _memo_key(values)
         memo = self._memo
+        single = self._single
+        if single is not None:  # one input, most often a string: it is its own memo key
+            value = single(ctx)
+            if type(value) is str or value is MISSING:
+                hit = memo.get(value, MISSING)  # never equal to the tuple keys of other inputs
+                if hit is not MISSING:
+                    return hit
+                values = [value]
+                key: Any = value
+            else:
+                values = [value]
+                key = _memo_key(values)
+        else:
+            values = [getter(ctx) for getter in self._getters]
+            key = _memo_key(values)
         if key is not None:
             hit = memo.get(key, MISSING)
             if hit is not MISSING:

@@ -79,6 +79,17 @@ def test_memo_never_confuses_types() -> None:
     assert expr.evaluate(a) is True
 
 
+def test_one_input_memo_keys_strings_absence_and_other_types_apart() -> None:
+    """One-input expressions key the memo by the value itself when it is a string or absent."""
+    expr = compile_("request.headers[?'x-tenant'].orValue('none') + '!'")
+    seen = [expr.evaluate(ctx_for(headers={"x-tenant": t} if t else {})) for t in ("a", None, "b", None, "a", "none")]
+    assert seen == ["a!", "none!", "b!", "none!", "a!", "none!"]
+    expr = compile_("identity.v == 1")
+    for value, expected in [("1", False), (1, True), (True, False), ("1", False), (1, True), (None, False)]:
+        ctx = CheckContext(request=ctx_for().request, identity={"v": value})
+        assert expr.evaluate(ctx) is expected, value
+
+
 def test_missing_header_is_an_error_but_optional_syntax_works() -> None:
     with pytest.raises(CelError, match="x-tenant"):
         compile_("request.headers['x-tenant'] == 'a'").evaluate(ctx_for())
