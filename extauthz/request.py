@@ -169,6 +169,8 @@ class Request(NamedTuple):
     partial_body: bool = False
     #: Headers whose value is not valid text, by name; only filled from Envoy's raw header_map.
     raw_headers: Mapping[str, bytes] = _EMPTY
+    #: Each line of a header sent more than once, by name; only filled from Envoy's raw header_map.
+    header_lines: Mapping[str, tuple[str, ...]] = _EMPTY
     #: Envoy's AttributeContext (read-only), for the fields below; None for an empty request.
     attributes: Any = None
     #: What was derived from ``attributes`` once read (peers, maps): give each Request its own dict
@@ -308,18 +310,23 @@ def _peer(msg: attribute_context_pb2.AttributeContext.Peer) -> Peer:
     return Peer(address, sock.port_value, principal, certificate, msg.service, dict(labels) if labels else _EMPTY)
 
 
-def _headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> tuple[Mapping[str, str], dict[str, bytes]]:
-    """Headers as one value per lower-case name.
+def _headers(
+    http: attribute_context_pb2.AttributeContext.HttpRequest,
+) -> tuple[Mapping[str, str], dict[str, bytes], dict[str, tuple[str, ...]]]:
+    """Headers as one value per lower-case name, raw values that are not text, and the lines of
+    headers sent more than once.
 
     Envoy fills either ``headers`` (duplicates already joined with ",") or, with
-    ``encode_raw_headers``, ``header_map`` with one entry per occurrence and raw bytes. A
-    duplicated pseudo-header is ambiguous and refused. The common case reuses the message's own
-    map, read-only, instead of copying it for every request.
+    ``encode_raw_headers``, ``header_map`` with one entry per occurrence and raw bytes. Policies see
+    the ","-joined value either way; the separate lines (``encode_raw_headers`` only) let a signature
+    cover a repeated header as RFC 9421 combines it. A duplicated pseudo-header is ambiguous and
+    refused. The common case reuses the message's own map, read-only, instead of copying it.
     """
     if not http.HasField("header_map"):
-        return http.headers, {}
+        return http.headers, {}, {}
     joined: dict[str, str] = {}
     raw: dict[str, bytes] = {}
+    every: dict[str, list[str]] = {}
     for entry in http.header_map.headers:
         name = entry.key.lower()
         value_bytes = entry.raw_value if entry.raw_value else entry.value.encode()
@@ -332,9 +339,11 @@ def _headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> tuple[
             if name.startswith(":"):
                 raise BadRequest("duplicate_header", f"pseudo-header {name} appears more than once")
             joined[name] = joined[name] + "," + value
+            every[name].append(value)
         else:
             joined[name] = value
-    return joined, raw
+            every[name] = [value]
+    return joined, raw, {name: tuple(values) for name, values in every.items() if len(values) > 1}
 
 
 #: Normalized hosts and paths by their raw text: a service sees the same few over and over, and
@@ -359,7 +368,7 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
     """Build the request view from a CheckRequest, or raise BadRequest."""
     attrs = check.attributes
     http = attrs.request.http
-    headers, raw_headers = _headers(http)
+    headers, raw_headers, header_lines = _headers(http)
 
     authority = headers.get(":authority", http.host)
     host_header = headers.get("host")
@@ -389,6 +398,7 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
         body,
         headers.get("x-envoy-auth-partial-body") == "true",
         raw_headers or _EMPTY,
+        header_lines or _EMPTY,
         attrs,
         {},
     )

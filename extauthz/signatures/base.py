@@ -100,14 +100,13 @@ class Message(NamedTuple):
 def message_from_request(request: Request) -> Message:
     headers = request.headers
     authority = headers.get(":authority") or headers.get("host") or ""
-    lines = getattr(request, "header_lines", None) or _EMPTY
     return Message(
         method=request.method,
         scheme=(request.scheme or headers.get(":scheme", "")),
         authority=authority,
         target=request.raw_path,
         fields=headers,
-        field_lines=lines,
+        field_lines=request.header_lines,
     )
 
 

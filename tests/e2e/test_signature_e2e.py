@@ -213,6 +213,36 @@ def test_duplicated_covered_header_is_joined_by_envoy_with_a_bare_comma(stack) -
         assert (status == 200) is ok, (signed_as, raw)
 
 
+@pytest.fixture(scope="module")
+def raw_headers_stack(tmp_path_factory, extauthz_factory, envoy_factory, echo_upstream):
+    """The same sidecar behind an Envoy whose ext_authz sends encode_raw_headers (one entry per line)."""
+
+    def encode_raw_headers(config: dict) -> None:
+        for listener in config["static_resources"]["listeners"]:
+            for chain in listener["filter_chains"]:
+                for f in chain["filters"]:
+                    for http_filter in f.get("typed_config", {}).get("http_filters", []):
+                        if http_filter["name"] == "envoy.filters.http.ext_authz":
+                            http_filter["typed_config"]["encode_raw_headers"] = True
+
+    sidecar = extauthz_factory(_write_setup(tmp_path_factory.mktemp("signature-raw")))
+    return envoy_factory(ext_authz=sidecar.target, upstream_port=echo_upstream.port, mutate=encode_raw_headers)
+
+
+def test_duplicated_covered_header_is_combined_as_rfc9421_says_with_encode_raw_headers(raw_headers_stack) -> None:
+    """With encode_raw_headers Envoy hands over every field line, and the sidecar combines them with
+    ", " as RFC 9421 does; policies still see the ","-joined value."""
+    target = "/derived/dup"
+    for signed_as, ok in (("a, b", True), ("a,b", False)):
+        headers = _signed("GET", target, b"", components=("@method", "x-multi"), nonce=None,
+                          extra={"x-multi": signed_as})
+        headers = [h for h in headers if h[0] != "x-multi"] + [("X-Multi", "a"), ("X-Multi", "b")]
+        status, _, raw = _send(raw_headers_stack.port, "GET", target, headers)
+        assert (status == 200) is ok, (signed_as, raw)
+    headers = _signed("POST", "/api/transfers", BODY)  # one line per header: as with the headers map
+    assert _send(raw_headers_stack.port, "POST", "/api/transfers", headers, BODY)[0] == 200
+
+
 def test_webhook_hmac_through_envoy(stack) -> None:
     body = b'{"zen": "Keep it logically awesome."}'
     good = [("X-Hub-Signature-256", sign_webhook("sha256-hex", HMAC_SECRET, body))]

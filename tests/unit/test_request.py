@@ -157,6 +157,12 @@ def test_raw_header_map_joins_duplicates_and_keeps_bytes() -> None:
     request = request_from_check(message)
     assert request.headers["x-a"] == "1,2"
     assert request.raw_headers["x-bin"] == b"\xff"
+    assert request.header_lines == {"x-a": ("1", "2")}  # only what was sent more than once
+
+
+def test_headers_map_has_no_separate_lines() -> None:
+    request = request_from_check(check_request_from_sample({"headers": {"x-a": "1,2"}}))
+    assert request.headers["x-a"] == "1,2" and request.header_lines == {}
 
 
 def test_authority_and_host_that_disagree_are_refused() -> None:
