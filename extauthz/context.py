@@ -59,7 +59,8 @@ class CheckContext:
 
 def _peer_field(peer_of: Callable[[Request], Peer], name: str) -> Callable[[CheckContext], Any]:
     if name == "client_ip":  # source only: the peer, or x-forwarded-for with --xff-trusted-hops
-        return lambda ctx: client_ip(ctx.request.source.address, ctx.request.headers.get("x-forwarded-for"))
+        # source_address: the peer's address without building the whole peer (certificate and all).
+        return lambda ctx: client_ip(ctx.request.source_address, ctx.request.headers.get("x-forwarded-for"))
 
     def get(ctx: CheckContext) -> Any:
         value = getattr(peer_of(ctx.request), name)
