@@ -45,7 +45,9 @@ spec:
 
 @contextlib.contextmanager
 def hmac_setup(workdir: Path) -> Iterator[dict]:
-    secret = os.urandom(32)
+    # Text, not raw random bytes: a .secret file loses one trailing newline (as `echo` writes), so a
+    # random secret ending in b"\n" (1 run in 256) would not be the one the sidecar loads.
+    secret = os.urandom(32).hex().encode()
     (workdir / "keys").mkdir(parents=True, exist_ok=True)
     (workdir / "keys" / "bench-client.secret").write_bytes(secret)
     (workdir / "policies").mkdir(exist_ok=True)
