@@ -211,14 +211,13 @@ class Expression:
         single = self._single
         if single is not None:  # one input, most often a string: it is its own memo key
             value = single(ctx)
+            values = [value]
             if type(value) is str or value is MISSING:
                 hit = memo.get(value, MISSING)  # never equal to the tuple keys of other inputs
                 if hit is not MISSING:
                     return hit
-                values = [value]
                 key: Any = value
             else:
-                values = [value]
                 key = _memo_key(values)
         else:
             values = [getter(ctx) for getter in self._getters]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote_to_bytes
@@ -142,6 +142,15 @@ class Peer(NamedTuple):
 _NO_PEER = Peer()
 
 
+def _http_field(name: str, default: str | int, doc: str | None = None) -> Any:
+    """A Request property reading ``attributes.request.http.<name>`` when a policy asks for it."""
+
+    def read(request: Request) -> Any:
+        return default if request.attributes is None else getattr(request.attributes.request.http, name)
+
+    return property(read, doc=doc)
+
+
 class Request(NamedTuple):
     """What a policy sees of one HTTP request. Built once per Check, never mutated.
 
@@ -177,26 +186,11 @@ class Request(NamedTuple):
     #: (None: no caching). Only remembers what was derived; the view itself stays immutable.
     derived: dict[Any, Any] | None = None
 
-    @property
-    def id(self) -> str:
-        """Envoy's stream id (``x-request-id`` is the id Envoy's logs and the upstream see)."""
-        return self.attributes.request.http.id if self.attributes is not None else ""
-
-    @property
-    def scheme(self) -> str:
-        return self.attributes.request.http.scheme if self.attributes is not None else ""
-
-    @property
-    def protocol(self) -> str:
-        return self.attributes.request.http.protocol if self.attributes is not None else ""
-
-    @property
-    def fragment(self) -> str:
-        return self.attributes.request.http.fragment if self.attributes is not None else ""
-
-    @property
-    def size(self) -> int:
-        return self.attributes.request.http.size if self.attributes is not None else -1
+    id = _http_field("id", "", "Envoy's stream id (``x-request-id`` is the id Envoy's logs and the upstream see).")
+    scheme = _http_field("scheme", "")
+    protocol = _http_field("protocol", "")
+    fragment = _http_field("fragment", "")
+    size = _http_field("size", -1, "The request size in bytes; -1 when Envoy does not know it.")
 
     @property
     def timestamp(self) -> float:
@@ -220,7 +214,7 @@ class Request(NamedTuple):
         """metadata_context.filter_metadata as plain dicts."""
         return self._derive("metadata", _filter_metadata)
 
-    def _derive(self, name: str, build: Any) -> Any:
+    def _derive(self, name: str, build: Callable[[Any], Any]) -> Any:
         derived = self.derived
         value = derived.get(name) if derived is not None else None
         if value is None:

@@ -204,13 +204,18 @@ def test_duplicated_covered_header_is_joined_by_envoy_with_a_bare_comma(stack) -
     A covered header sent on several lines therefore verifies only if signed as Envoy joins it;
     clients must send covered headers once (documented).
     """
-    target = "/derived/dup"
     for signed_as, ok in (("a, b", False), ("a,b", True)):
-        headers = _signed("GET", target, b"", components=("@method", "x-multi"), nonce=None,
-                          extra={"x-multi": signed_as})
-        headers = [h for h in headers if h[0] != "x-multi"] + [("X-Multi", "a"), ("X-Multi", "b")]
-        status, _, raw = _send(stack.port, "GET", target, headers)
+        status, raw = _send_header_on_two_lines(stack.port, signed_as)
         assert (status == 200) is ok, (signed_as, raw)
+
+
+def _send_header_on_two_lines(port: int, signed_as: str) -> tuple[int, bytes]:
+    """A GET covering x-multi, signed as if its value were ``signed_as``, sent as "a" and "b" lines."""
+    headers = _signed("GET", "/derived/dup", b"", components=("@method", "x-multi"), nonce=None,
+                      extra={"x-multi": signed_as})
+    headers = [h for h in headers if h[0] != "x-multi"] + [("X-Multi", "a"), ("X-Multi", "b")]
+    status, _, raw = _send(port, "GET", "/derived/dup", headers)
+    return status, raw
 
 
 @pytest.fixture(scope="module")
@@ -232,12 +237,8 @@ def raw_headers_stack(tmp_path_factory, extauthz_factory, envoy_factory, echo_up
 def test_duplicated_covered_header_is_combined_as_rfc9421_says_with_encode_raw_headers(raw_headers_stack) -> None:
     """With encode_raw_headers Envoy hands over every field line, and the sidecar combines them with
     ", " as RFC 9421 does; policies still see the ","-joined value."""
-    target = "/derived/dup"
     for signed_as, ok in (("a, b", True), ("a,b", False)):
-        headers = _signed("GET", target, b"", components=("@method", "x-multi"), nonce=None,
-                          extra={"x-multi": signed_as})
-        headers = [h for h in headers if h[0] != "x-multi"] + [("X-Multi", "a"), ("X-Multi", "b")]
-        status, _, raw = _send(raw_headers_stack.port, "GET", target, headers)
+        status, raw = _send_header_on_two_lines(raw_headers_stack.port, signed_as)
         assert (status == 200) is ok, (signed_as, raw)
     headers = _signed("POST", "/api/transfers", BODY)  # one line per header: as with the headers map
     assert _send(raw_headers_stack.port, "POST", "/api/transfers", headers, BODY)[0] == 200

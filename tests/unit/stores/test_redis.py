@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -171,6 +172,24 @@ def test_a_redis_that_stops_answering_costs_two_timeouts_then_fails_fast(credent
     run(test)
 
 
+async def _put_to_sleep(server: Any, seconds: float) -> asyncio.Task[Any]:
+    """DEBUG SLEEP on its own connection; returns (the sleeping command's task) once redis-server is
+    asleep, i.e. a PING on another connection goes unanswered for 20 ms, so a loaded machine cannot
+    make the test send its command before the sleep began."""
+    pause = asyncio.create_task(asyncio.to_thread(server.client().execute_command, "DEBUG", "SLEEP", str(seconds)))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=1) as probe:
+            probe.sendall(b"PING\r\n")
+            probe.settimeout(0.02)
+            try:
+                probe.recv(64)
+            except TimeoutError:
+                return pause
+        await asyncio.sleep(0.01)
+    raise AssertionError("redis-server never went to sleep")
+
+
 def test_a_command_in_flight_when_redis_dies_fails_at_once_not_at_the_deadline(redis_factory: Any) -> None:
     redis_server = redis_factory(extra=("--enable-debug-command", "local"))
 
@@ -178,8 +197,7 @@ def test_a_command_in_flight_when_redis_dies_fails_at_once_not_at_the_deadline(r
         store = await started(redis_server.url + "?timeout=5s&probe_interval=10s")
         try:
             assert (await store.charge([hourly(5)]))[0].allowed
-            pause = asyncio.create_task(asyncio.to_thread(redis_server.client().execute_command, "DEBUG", "SLEEP", "3"))
-            await asyncio.sleep(0.1)
+            pause = await _put_to_sleep(redis_server, 3)
             in_flight = asyncio.ensure_future(store.charge([hourly(5)]))
             await asyncio.sleep(0.1)
             t0 = time.perf_counter()
@@ -274,10 +292,7 @@ def test_one_slow_round_trip_does_not_open_the_circuit(redis_factory: Any) -> No
     async def test() -> None:
         store = await started(redis_server.url + "?timeout=100ms")
         try:
-            pause = asyncio.create_task(
-                asyncio.to_thread(redis_server.client().execute_command, "DEBUG", "SLEEP", "0.3")
-            )
-            await asyncio.sleep(0.05)
+            pause = await _put_to_sleep(redis_server, 0.3)
             with pytest.raises(StoreError, match="Timeout"):
                 await store.charge([hourly(5)])
             await pause
