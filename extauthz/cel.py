@@ -191,7 +191,7 @@ class Expression:
         self._getters = getters
         self._single = getters[0] if len(getters) == 1 else None
         self.result_type = result_type
-        self._memo: dict[tuple, Any] = {}
+        self._memo: dict[Any, Any] = {}  # tuples of inputs; a lone string or MISSING as itself
         #: For an expression that only reads one value (``identity.subject``): its accessor. A
         #: string or bool read that way is the result CEL would give, without building an
         #: activation; anything else (absent, a map, a number) goes through the program.

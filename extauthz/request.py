@@ -142,15 +142,6 @@ class Peer(NamedTuple):
 _NO_PEER = Peer()
 
 
-def _http_field(name: str, default: str | int, doc: str | None = None) -> Any:
-    """A Request property reading ``attributes.request.http.<name>`` when a policy asks for it."""
-
-    def read(request: Request) -> Any:
-        return default if request.attributes is None else getattr(request.attributes.request.http, name)
-
-    return property(read, doc=doc)
-
-
 class Request(NamedTuple):
     """What a policy sees of one HTTP request. Built once per Check, never mutated.
 
@@ -186,11 +177,28 @@ class Request(NamedTuple):
     #: (None: no caching). Only remembers what was derived; the view itself stays immutable.
     derived: dict[Any, Any] | None = None
 
-    id = _http_field("id", "", "Envoy's stream id (``x-request-id`` is the id Envoy's logs and the upstream see).")
-    scheme = _http_field("scheme", "")
-    protocol = _http_field("protocol", "")
-    fragment = _http_field("fragment", "")
-    size = _http_field("size", -1, "The request size in bytes; -1 when Envoy does not know it.")
+    # Plain properties (mypy allows no other class attributes in a NamedTuple).
+    @property
+    def id(self) -> str:
+        """Envoy's stream id (``x-request-id`` is the id Envoy's logs and the upstream see)."""
+        return "" if self.attributes is None else self.attributes.request.http.id
+
+    @property
+    def scheme(self) -> str:
+        return "" if self.attributes is None else self.attributes.request.http.scheme
+
+    @property
+    def protocol(self) -> str:
+        return "" if self.attributes is None else self.attributes.request.http.protocol
+
+    @property
+    def fragment(self) -> str:
+        return "" if self.attributes is None else self.attributes.request.http.fragment
+
+    @property
+    def size(self) -> int:
+        """The request size in bytes; -1 when Envoy does not know it."""
+        return -1 if self.attributes is None else self.attributes.request.http.size
 
     @property
     def timestamp(self) -> float:
