@@ -81,7 +81,8 @@ class IdentityCheck:
             except Rejected as rejected:
                 return self._rejection(ctx, entry, rejected)
             if identity is None:
-                ctx.note(f"identity {source.name} ({source.kind}): no credentials")
+                if ctx.steps is not None:  # explain only: no formatting on the serving path
+                    ctx.note(f"identity {source.name} ({source.kind}): no credentials")
                 continue
             if entry.required_scopes:
                 granted = identity.get("scopes") or ()
@@ -96,7 +97,8 @@ class IdentityCheck:
             # their subject privacy setting (hash/plain/none); attributes are logged as they are.
             ctx.attributes["identity_kind"] = source.kind
             ctx.attributes["identity_source"] = source.name
-            ctx.note(f"identity {source.name} ({source.kind}): accepted subject {identity.get('subject', '')!r}")
+            if ctx.steps is not None:
+                ctx.note(f"identity {source.name} ({source.kind}): accepted subject {identity.get('subject', '')!r}")
             return None
         ctx.note("identity: no source found credentials -> deny")
         return self.missing

@@ -169,7 +169,8 @@ class QuotaCheck:
             if holds is not True:
                 if holds is not False:
                     raise _QuotaInputError(f"when gave {type(holds).__name__}, not bool")
-                ctx.note(f"quota {quota.name}: when is false")
+                if ctx.steps is not None:  # explain only: no formatting on the serving path
+                    ctx.note(f"quota {quota.name}: when is false")
                 return None
         if quota.key is None:
             key, digest = quota.fixed_key, ""

@@ -67,7 +67,8 @@ class ResponseCheck:
                 ctx.remove_headers.append(header.name)
                 continue
             ctx.upstream_headers.append((header.name, text))
-            ctx.note(f"header {header.name}: set")
+            if ctx.steps is not None:  # explain only: no formatting on the serving path
+                ctx.note(f"header {header.name}: set")
         return None
 
 

@@ -64,7 +64,8 @@ class RulesCheck:
                     if holds is not False:
                         ctx.attributes["error"] = f"rule {rule.name}: when gave {type(holds).__name__}, not bool"
                         return Denial(503, "internal_error", "policy evaluation failed", rule=rule.name)
-                    ctx.note(f"rule {rule.name}: when is false")
+                    if ctx.steps is not None:  # explain only: no formatting on the serving path
+                        ctx.note(f"rule {rule.name}: when is false")
                     continue
             ctx.rule = rule.name
             if ctx.steps is not None:

@@ -103,10 +103,10 @@ class IntrospectionSource:
                 task = asyncio.get_running_loop().create_task(self._lookup(token, digest))
                 self._inflight[digest] = task
                 task.add_done_callback(lambda done: self._finished(digest, done))
-            else:
+            elif ctx.steps is not None:  # explain only: no formatting on the serving path
                 ctx.note(f"identity {self.name}: joining an introspection call in flight")
             result = await asyncio.shield(task)
-        else:
+        elif ctx.steps is not None:
             ctx.note(f"identity {self.name}: introspection result cached")
         if isinstance(result, Rejected):
             raise result.again()

@@ -160,7 +160,7 @@ class JwtSource:
             entry = await self._verify(token, now)
             if self.cache is not None:
                 self.cache.put(digest, entry, self._cache_until(entry, now), now)
-        else:
+        elif ctx.steps is not None:  # explain only: no formatting on the serving path
             ctx.note(f"identity {self.name}: token verified earlier (cached)")
         if entry.thumbprint is not None:
             check_binding(ctx, entry.thumbprint)
