@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _telemetry_arguments(serve: argparse.ArgumentParser) -> None:
     """Logs, decision log and workers (tracing is configured by the standard OTEL_* variables)."""
+    from extauthz.responses import DYNAMIC_METADATA_MODES
     from extauthz.telemetry.decision_log import DEFAULT_ALLOW_SAMPLE
 
     serve.add_argument("--log-format", default=_env("LOG_FORMAT", "json"), choices=["json", "text"],
@@ -95,7 +96,7 @@ def _telemetry_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--decision-log-query", default=_env("DECISION_LOG_QUERY", "names"),
                        choices=["none", "names", "full"], help="query string in the decision log: parameter "
                        "names (default), full (credential values redacted), none (env EXTAUTHZ_DECISION_LOG_QUERY)")
-    serve.add_argument("--dynamic-metadata", default=_env("DYNAMIC_METADATA", "deny"), choices=["deny", "all", "off"],
+    serve.add_argument("--dynamic-metadata", default=_env("DYNAMIC_METADATA", "deny"), choices=DYNAMIC_METADATA_MODES,
                        help="which decisions send Envoy dynamic metadata (decision_id, policy, rule, reason): "
                             "deny (default: denials and dry-run decisions), all, or off "
                             "(env EXTAUTHZ_DYNAMIC_METADATA)")

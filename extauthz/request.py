@@ -210,31 +210,32 @@ class Request(NamedTuple):
 
     @property
     def sni(self) -> str:
-        return self.attributes.tls_session.sni if self.attributes is not None else ""
+        return "" if self.attributes is None else self.attributes.tls_session.sni
 
     @property
     def context_extensions(self) -> Mapping[str, str]:
         """The route's ext_authz context extensions."""
-        return self._derive("context_extensions", _context_extensions)
+        return self._derive("context_extensions", _context_extensions, _EMPTY)
 
     @property
     def metadata(self) -> Mapping[str, Any]:
         """metadata_context.filter_metadata as plain dicts."""
-        return self._derive("metadata", _filter_metadata)
+        return self._derive("metadata", _filter_metadata, _EMPTY)
 
-    def _derive(self, name: str, build: Callable[[Any], Any]) -> Any:
+    def _derive(self, key: Any, build: Callable[[Any], Any], absent: Any) -> Any:
+        """``build(attributes)`` once per Request (``absent`` without attributes), remembered in ``derived``."""
         derived = self.derived
-        value = derived.get(name) if derived is not None else None
+        value = derived.get(key) if derived is not None else None
         if value is None:
-            value = _EMPTY if self.attributes is None else build(self.attributes)
+            value = absent if self.attributes is None else build(self.attributes)
             if derived is not None:
-                derived[name] = value
+                derived[key] = value
         return value
 
     @property
     def source(self) -> Peer:
         """The downstream peer. Built on first read: most policies never look at it."""
-        return self._peer_at(0)
+        return self._derive(0, _source_peer, _NO_PEER)
 
     @property
     def source_address(self) -> str:
@@ -251,19 +252,7 @@ class Request(NamedTuple):
     @property
     def destination(self) -> Peer:
         """The local peer (the address Envoy received the request on)."""
-        return self._peer_at(1)
-
-    def _peer_at(self, index: int) -> Peer:
-        derived = self.derived
-        peer = derived.get(index) if derived is not None else None
-        if peer is None:
-            if self.attributes is None:
-                peer = _NO_PEER
-            else:
-                peer = _peer(self.attributes.source if index == 0 else self.attributes.destination)
-            if derived is not None:
-                derived[index] = peer
-        return peer
+        return self._derive(1, _destination_peer, _NO_PEER)
 
     @property
     def query(self) -> Mapping[str, str]:
@@ -404,6 +393,14 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
         attrs,
         {},
     )
+
+
+def _source_peer(attrs: attribute_context_pb2.AttributeContext) -> Peer:
+    return _peer(attrs.source)
+
+
+def _destination_peer(attrs: attribute_context_pb2.AttributeContext) -> Peer:
+    return _peer(attrs.destination)
 
 
 def _context_extensions(attrs: attribute_context_pb2.AttributeContext) -> Mapping[str, str]:
