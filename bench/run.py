@@ -174,7 +174,7 @@ def run_wrk(wrk: str, port: int, req: RequestSpec, connections: int, seconds: fl
         wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
         "-s", str(script), f"http://127.0.0.1:{port}{req.path}",
     ]  # fmt: skip
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, preexec_fn=_LOADGEN_AFFINITY)
     for line in res.stdout.splitlines():
         if line.startswith("WRK_JSON "):
             d = json.loads(line[len("WRK_JSON ") :])
@@ -406,6 +406,41 @@ def _check_same_authz_filters(targets: list[Target]) -> dict:
     if reference is None or differing:
         raise SystemExit(f"ext_authz filter settings differ between Envoys ({', '.join(differing)}): not comparable")
     return reference
+
+
+#: With --cpu-split: called in the load generator's child before it runs (pins it to Envoy's CPU).
+_LOADGEN_AFFINITY: Callable[[], None] | None = None
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` and of its descendants on ``cpus`` (sched_setaffinity is per thread)."""
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(task), cpus)
+            with contextlib.suppress(OSError):
+                for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+                    _pin(int(child), cpus)
+
+
+def _split_cpus(targets: list[Target]) -> None:
+    """--cpu-split: authorization servers and their children (the span exporter) on CPU 1, everything
+    else on CPU 0: Envoys, the load generator and the scenario's helpers (redis-server). As when the
+    sidecar has a core of its own (Kubernetes' static CPU manager) and Redis runs elsewhere, instead
+    of every process migrating over both cores. The closed-loop rows then measure the authorization
+    server's own CPU, as on a machine where it is the bottleneck."""
+    global _LOADGEN_AFFINITY
+
+    def loadgen_affinity() -> None:
+        os.sched_setaffinity(0, {0})
+
+    _LOADGEN_AFFINITY = loadgen_affinity
+    os.sched_setaffinity(0, {0})  # this process: the Python load generator (rate mode, --loadgen python)
+    for t in targets:
+        for pid in (t.envoy.proc.pid, *t.helper_pids):
+            _pin(pid, {0})
+        if t.authz_pid is not None:
+            _pin(t.authz_pid, {1})
 
 
 def _start_targets(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: Path) -> list[Target]:
@@ -692,6 +727,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="orders.example.com", help="Host header")
     p.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'")
     p.add_argument("--body", default="", help="request body (text)")
+    p.add_argument(
+        "--cpu-split",
+        action="store_true",
+        help="what-if: authorization servers on CPU 1; Envoys, the load generator and redis-server on CPU 0",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 3 s, 1 s warm-up")
     p.add_argument("--json", metavar="FILE", help="also write all raw and median results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
@@ -735,6 +775,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             targets = _start_targets(args, stack, workdir)
             authz = _check_same_authz_filters(targets)
+            if args.cpu_split:
+                if (os.cpu_count() or 1) < 2 or not hasattr(os, "sched_setaffinity"):
+                    raise SystemExit("--cpu-split needs two CPUs and sched_setaffinity")
+                _split_cpus(targets)
+                print("cpu split: authorization servers (and their children) on CPU 1; Envoys, load generator, redis-server on CPU 0")
             body = authz.get("with_request_body", {})
             print("ext_authz filter, identical in every ext_authz Envoy (allow-all and sidecars): with_request_body "
                   + ", ".join(f"{k}={v}" for k, v in body.items()) + f"; timeout {authz['grpc_service'].get('timeout')}")

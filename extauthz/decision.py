@@ -301,9 +301,12 @@ def _decision(
         "duration": time.perf_counter() - started,
     }
     if policy.dry_run:
-        ctx.note(f"dry-run: would deny ({denial.reason}); allowing")
+        ctx.note(f"dry-run: would deny ({denial.reason}); allowing without the headers the policy owns")
         common["steps"] = _frozen(ctx.steps)
+        # The checks that set or strip the policy's headers may not have run: strip them all, so
+        # neither a client's own x-user nor a credential the policy keeps from the upstream gets by.
+        removed = tuple(dict.fromkeys((*ctx.remove_headers, *policy.owned_headers)))
         return Decision(True, 200, denial.reason, denial.message, rule=denial.rule or ctx.rule, would_deny=True,
-                        **common)
+                        remove_headers=removed, **common)
     common["client_headers"] = (*common["client_headers"], *denial.headers)
     return Decision(False, denial.status, denial.reason, denial.message, rule=denial.rule or ctx.rule, **common)

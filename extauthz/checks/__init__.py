@@ -9,6 +9,8 @@ The contract, for every check:
 - ``from_spec(spec, build)`` runs at policy load. It validates its section (reporting errors through
   ``build``), compiles everything it can (CEL, keys, tables) and returns the check, or ``None`` when
   the section asks for nothing.
+- ``owned_headers`` (optional): the request headers the check sets or strips on an allowed request;
+  a dry-run decision that would deny strips them all (see policy.compiler.CompiledPolicy).
 - ``async check(ctx)`` runs per request. It returns ``None`` to let the request go on, or a
   :class:`~extauthz.context.Denial`. It may update ``ctx`` (identity, headers). It never allows on
   its own: a request is allowed only when every check of its policy let it through, and the rules

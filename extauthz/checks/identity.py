@@ -66,6 +66,11 @@ class IdentityCheck:
     def __init__(self, entries: tuple[Entry, ...], policy: str) -> None:
         self.entries = entries
         self.may_wait = any(e.source.may_wait for e in entries)
+        #: Credential headers that a source strips (``forward: false``) when it reads them.
+        self.owned_headers = tuple(dict.fromkeys(
+            location.name for e in entries for location in getattr(e.source, "locations", ())
+            if location.kind == "header" and not location.forward
+        ))  # fmt: skip
         schemes = dict.fromkeys(e.source.challenge_scheme for e in entries if e.source.challenge_scheme)
         self.missing = Denial(
             401, "credentials_missing", "credentials are required",

@@ -35,6 +35,7 @@ class ResponseCheck:
 
     def __init__(self, headers: tuple[HeaderValue, ...]) -> None:
         self.headers = headers
+        self.owned_headers = tuple(header.name for header in headers)
 
     @classmethod
     def from_spec(cls, spec: Spec, build: BuildContext) -> ResponseCheck | None:

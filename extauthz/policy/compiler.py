@@ -39,6 +39,10 @@ class CompiledPolicy:
     check_names: tuple[str, ...]
     #: True when any check waits on I/O: the pipeline then applies its timeout.
     may_wait: bool
+    #: Headers the policy decides on an allowed request (response headers, credentials it strips):
+    #: a dry-run decision that would deny removes them all, since the checks that set or strip
+    #: them may not have run, and a client must never supply them itself.
+    owned_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +140,7 @@ def _compile_policy(
         checks=tuple(c for _, c in checks),
         check_names=tuple(k.section for k, _ in checks),
         may_wait=any(getattr(c, "may_wait", False) for _, c in checks),
+        owned_headers=tuple(dict.fromkeys(name for _, c in checks for name in getattr(c, "owned_headers", ()))),
     )
     routes = _match_routes(build, policy)
     if len(errors) != before:

@@ -102,6 +102,40 @@ def test_dry_run_allows_but_records(authorizer) -> None:
     assert response.dynamic_metadata.fields["would_deny"].bool_value is True
 
 
+DRY_RUN_OWNED = """
+match: {hosts: [keys.example.com]}
+mode: dry-run
+identity:
+  - name: partners
+    apiKey:
+      keys: keys.json
+      in: {header: x-api-key, forward: false}
+rules:
+  - {name: partners-only, when: "identity.kind == 'apiKey'", decision: allow}
+response:
+  headers:
+    x-partner: "identity.subject"
+"""
+
+
+def test_dry_run_would_deny_strips_every_header_the_policy_owns(policy_dir, policy_yaml) -> None:
+    """The response and credential checks do not run after a would-deny: a client's own x-partner,
+    or the credential the policy keeps from the upstream, must not reach it anyway."""
+    import hashlib
+
+    keys = json.dumps([{"id": "k1", "owner": "acme", "sha256": hashlib.sha256(b"good-key-0123456789").hexdigest()}])
+    authorizer = Authorizer(load_folder(policy_dir(**{"p.yaml": policy_yaml("keys", DRY_RUN_OWNED), "keys.json": keys})))
+    for headers in ({"x-partner": "admin"}, {"x-partner": "admin", "x-api-key": "wrong-key-0123456789"}):
+        d = decide(authorizer, host="keys.example.com", path="/", headers=headers)
+        assert (d.allowed, d.would_deny) == (True, True)
+        assert d.upstream_headers == ()
+        assert set(d.remove_headers) == {"x-api-key", "x-partner"}
+        response = to_check_response(d)
+        assert set(response.ok_response.headers_to_remove) == {"x-api-key", "x-partner"}
+    d = decide(authorizer, host="keys.example.com", path="/", headers={"x-partner": "admin", "x-api-key": "good-key-0123456789"})
+    assert (d.allowed, d.would_deny, d.upstream_headers, d.remove_headers) == (True, False, (("x-partner", "acme"),), ("x-api-key",))
+
+
 def test_rule_error_is_503_never_allow(authorizer) -> None:
     d = decide(authorizer, host="broken.example.com", path="/")
     assert (d.allowed, d.status, d.reason) == (False, 503, "internal_error")
