@@ -34,7 +34,9 @@ class WebhookMatch:
     key: VerificationKey
     #: The timestamp of a timestamp-v1 signature (None for sha256-hex).
     timestamp: int | None
-    #: What identifies this delivery for replay detection (the header value's hash).
+    #: What identifies this delivery for replay detection: a hash of the timestamp and the MAC that
+    #: matched, the values the MAC covers, never of the header's text, which a replayer can re-spell
+    #: (an extra entry, a zero-padded timestamp, upper-case hex) without touching the MAC.
     replay_key: str
 
 
@@ -71,14 +73,16 @@ class WebhookScheme:
                                        f"the timestamp is more than {self.tolerance:g}s away from now", 2)
             signed = str(timestamp).encode("ascii") + b"." + body
         matched: VerificationKey | None = None
+        matched_mac = b""
         for key in secrets:
             expected = hmac.new(key.material, signed, hashlib.sha256).digest()
             for mac in macs:
                 if hmac.compare_digest(expected, mac) and matched is None:
-                    matched = key
+                    matched, matched_mac = key, mac
         if matched is None:
             raise SignatureFailure("signature_invalid", "the MAC does not match the body", 3)
-        return WebhookMatch(matched, timestamp, hashlib.sha256(value.encode("latin-1", "replace")).hexdigest())
+        delivery = b"%d." % timestamp + matched_mac if timestamp is not None else matched_mac
+        return WebhookMatch(matched, timestamp, hashlib.sha256(delivery).hexdigest())
 
     def _parse_hex(self, value: str) -> list[bytes]:
         scheme, sep, digest = value.partition("=")
@@ -98,7 +102,10 @@ class WebhookScheme:
             if not sep:
                 raise SignatureFailure("signature_malformed", f"{self.header} must be t=<unix>,v1=<hex>", 0)
             if name == "t":
-                if timestamp is not None or not item.isdigit() or len(item) > 12:
+                # ASCII digits, no leading zero: one spelling per timestamp (str.isdigit alone
+                # takes other scripts' digits, which int() reads too).
+                if (timestamp is not None or not (item.isascii() and item.isdigit()) or len(item) > 12
+                        or (item[0] == "0" and item != "0")):  # fmt: skip
                     raise SignatureFailure("signature_malformed",
                                            f"{self.header} needs exactly one t=<unix seconds>", 0)
                 timestamp = int(item)

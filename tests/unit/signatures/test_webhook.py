@@ -52,3 +52,18 @@ def test_timestamped_variant() -> None:
     for bad in ("v1=" + "a" * 64, "t=1000", "t=abc,v1=" + "a" * 64, "t=1,t=2,v1=" + "a" * 64, "garbage",
                 "t=1000,v1=" + "g" * 64, ",".join(["v0=1"] * 50)):
         assert _fail(TS, bad) == "signature_malformed", bad
+
+
+def test_replay_key_is_the_delivery_not_the_header_spelling() -> None:
+    """A captured delivery re-spelled (an ignored entry, spaces, upper-case hex, the MAC twice) is
+    the same delivery: replay detection must see one key, and a padded timestamp is refused."""
+    value = sign_webhook("timestamp-v1", OLD.material, BODY, timestamp=1000)
+    mac = value.split("v1=")[1]
+    first = TS.verify({TS.header: value}, BODY, False, [OLD, NEW], 1000).replay_key
+    for spelling in (value + ",v0=x", " " + value, f"v1={mac},t=1000", f"t=1000,v1={mac.upper()}",
+                     f"t=1000,v1={mac},v1={mac}", f"t=1000,v1={'a' * 64},v1={mac}"):
+        assert TS.verify({TS.header: spelling}, BODY, False, [OLD, NEW], 1000).replay_key == first, spelling
+    other = sign_webhook("timestamp-v1", OLD.material, BODY, timestamp=1001)
+    assert TS.verify({TS.header: other}, BODY, False, [OLD, NEW], 1000).replay_key != first
+    for padded in (f"t=01000,v1={mac}", f"t=\u0661\u0660\u0660\u0660,v1={mac}"):
+        assert _fail(TS, padded) == "signature_malformed", padded
