@@ -177,8 +177,16 @@ class JwtSource:
                 self.secret.generation if self.secret is not None else 0)
 
     def _cache_until(self, entry: Verified, now: float) -> float:
-        exp = entry.identity["claims"].get("exp")
-        return exp + self.clock_skew if _number(exp) else now + 300.0
+        """Until the token stops being acceptable: its expiry, or its maxAge if that comes first
+        (a cached token is not verified again, so its age must end the entry)."""
+        claims = entry.identity["claims"]
+        exp = claims.get("exp")
+        until = exp + self.clock_skew if _number(exp) else now + 300.0
+        if self.max_age is not None:
+            iat = claims.get("iat")
+            if _number(iat):
+                until = min(until, iat + self.max_age + self.clock_skew)
+        return until
 
     # --- verification ----------------------------------------------------------------------------
     async def _verify(self, token: str, now: float) -> Verified:
