@@ -49,10 +49,12 @@ class CredentialLocation:
             if value is None:
                 return None
             if self.scheme:
-                scheme, _, rest = value.strip().partition(" ")
+                # Any whitespace ends the scheme (a tab passes through Envoy): "Bearer\t<token>"
+                # read as another scheme would make a bad token absent, and anonymous after it.
+                scheme, *rest = value.split(None, 1) or ("",)
                 if scheme.lower() != self.scheme.lower():
                     return None  # another scheme (e.g. Basic): not ours, credentials absent
-                value = rest
+                value = rest[0] if rest else ""
             value = value.strip()
             if "," in value:
                 raise _ambiguous(self.describe())

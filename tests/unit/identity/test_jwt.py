@@ -336,6 +336,17 @@ def test_bearer_scheme_is_case_insensitive(auth, signing_key):
     assert decide_now(auth, {"headers": {"authorization": f"bearer {mint(signing_key)}"}}).allowed
 
 
+def test_any_whitespace_ends_the_scheme(auth, signing_key):
+    """A tab after "Bearer" (Envoy passes it on) is still the Bearer scheme: a bad token must be
+    refused, not read as another scheme's credentials and so as none at all."""
+    assert decide_now(auth, {"headers": {"authorization": f"Bearer\t{mint(signing_key)}"}}).allowed
+    forged = unsigned_token({"alg": "none"}, claims())
+    for value in (f"Bearer\t{forged}", f"Bearer \t {forged}", "Bearer\t", "Bearer"):
+        d = decide_now(auth, {"headers": {"authorization": value}})
+        assert d.status == 401 and d.reason != "credentials_missing", (value, d.reason)
+    assert decide_now(auth, {"headers": {"authorization": "   "}}).reason == "credentials_missing"
+
+
 def test_forward_false_strips_the_token_header(tmp_path, signing_key, write_jwks):
     write_jwks([public_jwk(signing_key, "k1")])
     auth = make_authorizer(_policy(tmp_path, "token: {header: authorization, scheme: Bearer, forward: false}"))
