@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from extauthz.responses import DYNAMIC_METADATA_MODES, check_response_bytes
 from extauthz.telemetry import metrics as process_metrics
 from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
 from extauthz.telemetry.metrics import Metrics
+from extauthz.telemetry.tracing import SubjectHasher, subject_hash_key
 
 __all__ = ["Settings", "Sidecar", "serve"]
 
@@ -110,8 +112,10 @@ class Sidecar:
             self.authorizer.tracer = self.tracing
         self.decision_log: DecisionLog | None = None
         if settings.decision_log is not None and settings.decision_log.enabled:
-            subjects = self.tracing.subjects if self.tracing is not None else None
-            self.decision_log = DecisionLog(settings.decision_log, subjects=subjects)
+            # The log's own subject mode (--decision-log-subject) with the spans' key, so a hash in a
+            # log line is the one in the request's span; without tracing, the key from the environment.
+            key = self.tracing.subjects.key if self.tracing is not None else subject_hash_key(os.environ)
+            self.decision_log = DecisionLog(settings.decision_log, subjects=SubjectHasher("hash", key))
             self.authorizer.observers.append(self.decision_log.observe)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None

@@ -28,7 +28,7 @@ from typing import IO, Any
 from urllib.parse import parse_qsl
 
 from extauthz.decision import Decision
-from extauthz.telemetry.tracing import SubjectHasher, is_secret_name, parse_trace_ids
+from extauthz.telemetry.tracing import SubjectHasher, is_secret_name, parse_trace_ids, subject_hash_key
 
 __all__ = ["DEFAULT_ALLOW_SAMPLE", "DecisionLog", "DecisionLogConfig", "decision_record"]
 
@@ -171,7 +171,8 @@ class DecisionLog:
     def __init__(self, config: DecisionLogConfig, stream: IO[bytes] | None = None,
                  subjects: SubjectHasher | None = None) -> None:  # fmt: skip
         self.config = config
-        self.subjects = subjects if subjects is not None else SubjectHasher.from_env({})
+        #: Always in hash mode: what the log shows of a subject is config.subject's choice alone.
+        self.subjects = subjects if subjects is not None else SubjectHasher("hash", subject_hash_key(os.environ))
         self._sample = config.allow_sample
         self._random = random.random
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.max_pending)

@@ -112,6 +112,12 @@ def _default_propagator() -> TextMapPropagator:
     return CompositePropagator([B3MultiFormat(), TraceContextTextMapPropagator()])
 
 
+def subject_hash_key(environ: Mapping[str, str]) -> bytes:
+    """EXTAUTHZ_SUBJECT_HASH_KEY, shared by spans and decision logs. Without one, hashes correlate
+    within this process only (and cannot be reversed by hashing guessed subjects anywhere else)."""
+    return environ.get("EXTAUTHZ_SUBJECT_HASH_KEY", "").encode() or os.urandom(32)
+
+
 @dataclass(frozen=True, slots=True)
 class SubjectHasher:
     """How the identity's subject appears in spans: a keyed hash (default), as is, or not at all."""
@@ -126,10 +132,7 @@ class SubjectHasher:
         mode = environ.get("EXTAUTHZ_TRACE_SUBJECT", "hash").strip().lower()
         if mode not in ("hash", "plain", "none"):
             raise TracingConfigError("EXTAUTHZ_TRACE_SUBJECT must be hash, plain or none")
-        key = environ.get("EXTAUTHZ_SUBJECT_HASH_KEY", "").encode()
-        # Without a configured key, hashes correlate within this process only (and cannot be
-        # reversed by hashing guessed subjects anywhere else).
-        return cls(mode, key or os.urandom(32))
+        return cls(mode, subject_hash_key(environ))
 
     def attributes(self, subject: str) -> dict[str, str]:
         pair = self.attribute(subject)

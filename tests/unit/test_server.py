@@ -278,3 +278,32 @@ def test_large_check_request_within_the_configured_limit(policy_dir, policy_yaml
             await sc.stop()
 
     run(scenario())
+
+
+@pytest.mark.parametrize("trace_subject", [None, "plain", "none"])
+def test_decision_log_subject_hash_is_keyed_and_its_own(policy_dir, policy_yaml, tmp_path, monkeypatch,
+                                                        trace_subject: str | None) -> None:
+    """--decision-log-subject hash: keyed with EXTAUTHZ_SUBJECT_HASH_KEY (so replicas and restarts
+    agree), and a hash whatever EXTAUTHZ_TRACE_SUBJECT says of spans (plain there must not leak)."""
+    from extauthz.telemetry.decision_log import DecisionLogConfig, decision_record
+    from extauthz.telemetry.tracing import tracing_from_env
+    from extauthz.decision import Decision
+
+    monkeypatch.setenv("EXTAUTHZ_SUBJECT_HASH_KEY", "shared-key")
+    tracing = None
+    if trace_subject is not None:
+        tracing = tracing_from_env({"OTEL_TRACES_EXPORTER": "console", "EXTAUTHZ_TRACE_EXPORT": "inprocess",
+                                    "EXTAUTHZ_SUBJECT_HASH_KEY": "shared-key", "EXTAUTHZ_TRACE_SUBJECT": trace_subject})
+    folder = policy_dir(**{"a.yaml": policy_yaml("a", ALLOW_GET)})
+    config = DecisionLogConfig(destination=str(tmp_path / "log"), subject="hash")
+    sc = Sidecar(Settings(policies=folder, listen=f"127.0.0.1:{_free_port()}", http_port=_free_port(),
+                          decision_log=config, tracing=tracing))  # fmt: skip
+    try:
+        decision = Decision(True, 200, "allowed", "", "d1", identity={"kind": "jwt", "subject": "alice"})
+        logged = decision_record(decision, 0.0, config, sc.decision_log.subjects)["identity"]
+    finally:
+        sc.decision_log.close()
+        if tracing is not None:
+            tracing.shutdown()
+    expected = __import__("hmac").new(b"shared-key", b"alice", "sha256").hexdigest()[:32]
+    assert logged == {"kind": "jwt", "source": "", "subject_hash": expected}
