@@ -285,9 +285,9 @@ def test_decision_log_subject_hash_is_keyed_and_its_own(policy_dir, policy_yaml,
                                                         trace_subject: str | None) -> None:
     """--decision-log-subject hash: keyed with EXTAUTHZ_SUBJECT_HASH_KEY (so replicas and restarts
     agree), and a hash whatever EXTAUTHZ_TRACE_SUBJECT says of spans (plain there must not leak)."""
+    from extauthz.decision import Decision
     from extauthz.telemetry.decision_log import DecisionLogConfig, decision_record
     from extauthz.telemetry.tracing import tracing_from_env
-    from extauthz.decision import Decision
 
     monkeypatch.setenv("EXTAUTHZ_SUBJECT_HASH_KEY", "shared-key")
     tracing = None
