@@ -115,7 +115,8 @@ class Sidecar:
             # The log's own subject mode (--decision-log-subject) with the spans' key, so a hash in a
             # log line is the one in the request's span; without tracing, the key from the environment.
             key = self.tracing.subjects.key if self.tracing is not None else subject_hash_key(os.environ)
-            self.decision_log = DecisionLog(settings.decision_log, subjects=SubjectHasher("hash", key))
+            self.decision_log = DecisionLog(settings.decision_log, subjects=SubjectHasher("hash", key),
+                                            policies=lambda: self.authorizer.policy_set)
             self.authorizer.observers.append(self.decision_log.observe)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None

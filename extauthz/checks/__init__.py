@@ -9,6 +9,8 @@ The contract, for every check:
 - ``from_spec(spec, build)`` runs at policy load. It validates its section (reporting errors through
   ``build``), compiles everything it can (CEL, keys, tables) and returns the check, or ``None`` when
   the section asks for nothing.
+- ``credential_locations`` (optional): ``(kind, name)`` of every header, query parameter or cookie
+  the check reads a credential from; the decision log redacts them whatever its allow-list says.
 - ``owned_headers`` (optional): the request headers the check sets or strips on an allowed request;
   a dry-run decision that would deny strips them all (see policy.compiler.CompiledPolicy).
 - ``async check(ctx)`` runs per request. It returns ``None`` to let the request go on, or a

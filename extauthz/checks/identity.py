@@ -66,6 +66,9 @@ class IdentityCheck:
     def __init__(self, entries: tuple[Entry, ...], policy: str) -> None:
         self.entries = entries
         self.may_wait = any(e.source.may_wait for e in entries)
+        self.credential_locations = tuple(dict.fromkeys(
+            (location.kind, location.name) for e in entries for location in getattr(e.source, "locations", ())
+        ))  # fmt: skip
         #: Credential headers that a source strips (``forward: false``) when it reads them.
         self.owned_headers = tuple(dict.fromkeys(
             location.name for e in entries for location in getattr(e.source, "locations", ())

@@ -100,6 +100,7 @@ class SignatureCheck:
         self.store = store
         self.requirements = requirements
         self.webhook = webhook
+        self.credential_locations = (("header", webhook.header),) if webhook is not None else ()
         self.reject_replays = reject_replays
         self.key_owner = key_owner
         # Only a shared (network) nonce store makes this check wait; the in-process one never does.

@@ -43,6 +43,8 @@ class CompiledPolicy:
     #: a dry-run decision that would deny removes them all, since the checks that set or strip
     #: them may not have run, and a client must never supply them itself.
     owned_headers: tuple[str, ...] = ()
+    #: (kind, name) of every header, query parameter or cookie a check reads a credential from.
+    credential_locations: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,11 @@ class PolicySet:
     files: tuple[str, ...] = ()
     #: PolicyTest documents found beside the policies.
     tests: tuple[Document, ...] = field(default=())
+
+    def credential_names(self, kind: str) -> frozenset[str]:
+        """Names of the headers ("header"), query parameters ("query") or cookies ("cookie") that
+        some policy reads a credential from: never logged, whatever the log's allow-list says."""
+        return frozenset(name for p in self.policies for k, name in p.credential_locations if k == kind)
 
     def select(self, host: str, path: str, method: str) -> CompiledPolicy | None:
         route = self.router.select(host, path, method)
@@ -141,6 +148,9 @@ def _compile_policy(
         check_names=tuple(k.section for k, _ in checks),
         may_wait=any(getattr(c, "may_wait", False) for _, c in checks),
         owned_headers=tuple(dict.fromkeys(name for _, c in checks for name in getattr(c, "owned_headers", ()))),
+        credential_locations=tuple(
+            dict.fromkeys(location for _, c in checks for location in getattr(c, "credential_locations", ()))
+        ),
     )
     routes = _match_routes(build, policy)
     if len(errors) != before:

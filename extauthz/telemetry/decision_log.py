@@ -22,13 +22,16 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from extauthz.decision import Decision
 from extauthz.telemetry.tracing import SubjectHasher, is_secret_name, parse_trace_ids, subject_hash_key
+
+if TYPE_CHECKING:
+    from extauthz.policy.compiler import PolicySet
 
 __all__ = ["DEFAULT_ALLOW_SAMPLE", "DecisionLog", "DecisionLogConfig", "decision_record"]
 
@@ -98,8 +101,10 @@ def _utc(timestamp: float) -> str:
 
 
 def decision_record(decision: Decision, when: float, config: DecisionLogConfig,
-                    subjects: SubjectHasher | None = None) -> dict[str, Any]:  # fmt: skip
-    """The JSON object logged for one decision."""
+                    subjects: SubjectHasher | None = None, *, secret_headers: frozenset[str] = frozenset(),
+                    secret_params: frozenset[str] = frozenset()) -> dict[str, Any]:  # fmt: skip
+    """The JSON object logged for one decision. ``secret_headers`` and ``secret_params`` (lower-case)
+    are the credential locations the policies configure: redacted like the well-known ones."""
     if decision.allowed:
         outcome = "dry_run_deny" if decision.would_deny else "allow"
     else:
@@ -140,7 +145,10 @@ def decision_record(decision: Decision, when: float, config: DecisionLogConfig,
             if config.query == "names":
                 record["query_params"] = list(dict.fromkeys(name for name, _ in pairs))
             else:
-                record["query"] = {name: REDACTED if _secret_param(name) else value for name, value in pairs}
+                record["query"] = {
+                    name: REDACTED if name.lower() in secret_params or _secret_param(name) else value
+                    for name, value in pairs
+                }
         source = request.source  # built once here: the principal is read too
         record["source_address"] = source.address
         if source.principal:
@@ -150,7 +158,7 @@ def decision_record(decision: Decision, when: float, config: DecisionLogConfig,
             for name in config.headers:
                 value = request.headers.get(name)
                 if value is not None:
-                    headers[name] = REDACTED if _secret_header(name) else value
+                    headers[name] = REDACTED if name in secret_headers or _secret_header(name) else value
             record["headers"] = headers
     record["latency_ms"] = round(decision.duration * 1000, 3)
     attributes = decision.attributes
@@ -169,10 +177,16 @@ class DecisionLog:
     """Decision observer writing JSON lines from a background thread."""
 
     def __init__(self, config: DecisionLogConfig, stream: IO[bytes] | None = None,
-                 subjects: SubjectHasher | None = None) -> None:  # fmt: skip
+                 subjects: SubjectHasher | None = None,
+                 policies: Callable[[], PolicySet | None] | None = None) -> None:  # fmt: skip
         self.config = config
         #: Always in hash mode: what the log shows of a subject is config.subject's choice alone.
         self.subjects = subjects if subjects is not None else SubjectHasher("hash", subject_hash_key(os.environ))
+        #: The live policy set, for the credential locations it configures (see _secret_names).
+        self._policies = policies
+        self._seen: PolicySet | None = None
+        self._secret_headers: frozenset[str] = frozenset()
+        self._secret_params: frozenset[str] = frozenset()
         self._sample = config.allow_sample
         self._random = random.random
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.max_pending)
@@ -244,9 +258,21 @@ class DecisionLog:
             written = os.write(self._fd, view)
             view = view[written:]
 
+    def _secret_names(self) -> None:
+        """Add the credential locations of a newly loaded policy set. Names are only ever added: a
+        line written after a reload may be of a decision made under the set before."""
+        policy_set = self._policies() if self._policies is not None else None
+        if policy_set is None or policy_set is self._seen:
+            return
+        self._seen = policy_set
+        self._secret_headers |= {name.lower() for name in policy_set.credential_names("header")}
+        self._secret_params |= {name.lower() for name in policy_set.credential_names("query")}
+
     def _line(self, when: float, decision: Decision) -> bytes:
         try:
-            record = decision_record(decision, when, self.config, self.subjects)
+            self._secret_names()
+            record = decision_record(decision, when, self.config, self.subjects,
+                                     secret_headers=self._secret_headers, secret_params=self._secret_params)
             return json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str).encode() + b"\n"
         except Exception:  # a line that cannot be formatted must not stop the log
             log.exception("cannot format decision %s", decision.decision_id)

@@ -61,7 +61,7 @@ TRACE_HEADERS = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid
 
 #: Attribute names (of ctx.attributes) that are never copied into a span, whatever a check puts there.
 _SECRET_WORDS = ("token", "secret", "password", "passwd", "signature", "cookie", "authorization", "credential",
-                 "private", "api_key", "apikey")  # fmt: skip
+                 "private", "api_key", "apikey", "api-key", "jwt", "assertion", "session")  # fmt: skip
 _MAX_ATTRIBUTE_CHARS = 256
 
 

@@ -165,3 +165,40 @@ def test_bad_configuration_is_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         DecisionLogConfig(**bad)
     assert not DecisionLogConfig(destination="off").enabled
+
+
+PARTNER_KEYS = """
+match: {paths: [/partners]}
+identity:
+  - name: partners
+    apiKey:
+      keys: keys.json
+      in: [{query: pk}, {header: x-partner}]
+rules:
+  - {name: partners, when: "identity.kind == 'apiKey'", decision: allow}
+"""
+
+
+def test_credential_locations_of_the_policies_are_always_redacted(policy_dir, policy_yaml) -> None:
+    """Names no list of well-known secrets knows (?pk=, x-partner) are credentials when a policy
+    reads one from them: redacted even with --decision-log-query full and on the header allow-list."""
+    folder = policy_dir(**{"p.yaml": policy_yaml("partners", PARTNER_KEYS), "keys.json": "[]"})
+    stream = _Stream()
+    config = DecisionLogConfig(query="full", headers=("x-partner", "x-tenant", "x-goog-api-key"))
+    authorizer = Authorizer(load_folder(folder))
+    decision_log = DecisionLog(config, stream=stream, subjects=SubjectHasher("hash", b"k"),
+                               policies=lambda: authorizer.policy_set)  # fmt: skip
+    authorizer.observers.append(decision_log.observe)
+
+    async def go() -> None:
+        for sample in ({"path": "/partners?pk=KEY-1&page=2"}, {"path": "/partners?PK=KEY-2", "headers": {
+                "x-partner": "KEY-3", "x-tenant": "acme", "x-goog-api-key": "KEY-4"}}):  # fmt: skip
+            await authorizer.check(check_request_from_sample(sample))
+
+    asyncio.run(go())
+    decision_log.close()
+    first, second = _lines(stream)
+    assert first["query"] == {"pk": REDACTED, "page": "2"}
+    assert second["query"] == {"PK": REDACTED}
+    assert second["headers"] == {"x-partner": REDACTED, "x-tenant": "acme", "x-goog-api-key": REDACTED}
+    assert "KEY-" not in stream.getvalue().decode()
