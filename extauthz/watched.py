@@ -77,8 +77,9 @@ class WatchedPath(Generic[T]):
         self._seen = seen
         try:
             value = self.parse(self.path)
-        except (OSError, ValueError) as exc:
-            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        except (OSError, ValueError, ArithmeticError, RecursionError) as exc:
+            # ArithmeticError, RecursionError: a number too large, nesting too deep for a parser.
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
             self.error = f"{self.what} {self.path}: {message}"
             if self.value is not None:
                 log.error("%s; keeping the previous version", self.error)

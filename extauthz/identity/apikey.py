@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -70,7 +71,13 @@ def _expiry(value: Any, where: str) -> float | None:
     if isinstance(value, datetime.date):
         return datetime.datetime(value.year, value.month, value.day, tzinfo=datetime.UTC).timestamp()
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+        if not math.isfinite(seconds) or abs(seconds) > 1e11:  # the year 5138: a typo, not a date
+            raise ValueError(f"{where}: expires is not a plausible time in seconds since the epoch")
+        return seconds
     if isinstance(value, str):
         try:
             moment = datetime.datetime.fromisoformat(value)

@@ -118,6 +118,8 @@ def test_kubernetes_secret_layout(tmp_path):
     (f"- {{id: a, owner: b, sha256: {_sha(KEY)}}}\n- {{id: c, owner: c, sha256: {_sha(KEY)}}}", "appears twice"),
     (f"- {{id: a, owner: b, sha256: {_sha(KEY)}, expires: soon}}", "expires must be"),
     (f"- {{id: a, owner: b, sha256: {_sha(KEY)}, color: red}}", "unknown fields"),
+    (f"- {{id: a, owner: b, sha256: {_sha(KEY)}, expires: 1{'0' * 400}}}", "not a plausible time"),
+    (f"- {{id: a, owner: b, sha256: {_sha(KEY)}, expires: .inf}}", "not a plausible time"),
     ("{not: [a list", "not YAML"),
 ])
 def test_bad_records_are_reported_without_showing_hashes(tmp_path, text, message):
