@@ -89,3 +89,47 @@ def test_redis_set_revokes_tokens_and_redis_down_fails_closed(request, tmp_path:
                     await service.aclose()
 
     asyncio.run(main())
+
+
+class _DownStore(MemoryStore):
+    async def is_member(self, set_name: str, member: str) -> bool:
+        from extauthz.stores import StoreError
+
+        raise StoreError("redis is down")
+
+
+@pytest.mark.parametrize("on_store_error", ["deny", "allow"])
+def test_a_set_that_cannot_be_asked_does_what_the_policy_says(tmp_path: Path, on_store_error: str):
+    """No --redis-url, or Redis down: deny (the default) refuses; only an explicit allow goes on
+    with the file alone. A set named in a policy is never silently skipped."""
+    path = tmp_path / "revoked.txt"
+    path.write_text("from-file\n")
+    watched = WatchedPath(path, parse_denylist, what="revocation list")
+    watched.refresh()
+
+    async def main(revocation: RevocationList) -> list[object]:
+        out: list[object] = []
+        for item in ("from-file", "fine", ""):
+            try:
+                out.append(await revocation.is_revoked(item))
+            except Exception as exc:  # Rejected
+                out.append(getattr(exc, "reason", exc))
+        return out
+
+    expected = [True, "revocation_unavailable" if on_store_error == "deny" else False, False]
+    for store in (None, _DownStore()):
+        assert asyncio.run(main(RevocationList(watched, store, "revoked", on_store_error))) == expected
+
+
+def test_on_store_error_is_validated(tmp_path: Path):
+    from extauthz.policy.model import PolicySetError
+
+    for revocation, message in (("{redisSet: r, onStoreError: local}", "must be one of"),
+                                ("{file: x.txt, onStoreError: allow}", "applies to redisSet only")):
+        folder = tmp_path / revocation.count(":").__str__() / message.split()[0]
+        folder.mkdir(parents=True)
+        (folder / "x.txt").write_text("")
+        write_policy(folder, f"identity:\n  - name: k\n    apiKey: {{keys: keys.json, revocation: {revocation}}}\n")
+        (folder / "keys.json").write_text("[]")
+        with pytest.raises(PolicySetError, match=message):
+            load_folder(folder)
