@@ -25,6 +25,7 @@ from extauthz.identity.certs import check_binding
 from extauthz.identity.credentials import CredentialLocation, extract_first, locations_from_spec
 from extauthz.identity.http import FetchError, HttpClient, http_client, url_from_spec
 from extauthz.policy.build import BuildContext, Spec
+from extauthz.telemetry.metrics import introspection_request
 from extauthz.watched import WatchedPath
 
 __all__ = ["IntrospectionSource"]
@@ -138,12 +139,15 @@ class IntrospectionSource:
             form.update(client_id=self.client_id, client_secret=secret)
         self.calls += 1
         started = time.time()
+        clock = time.monotonic()
         try:
             response = await self.http.request_json("POST", self.endpoint, max_bytes=_MAX_RESPONSE, data=form,
                                                     auth=auth, timeout=self.timeout)
         except FetchError as exc:
+            introspection_request("error", time.monotonic() - clock)
             log.warning("introspection %s: endpoint failed: %s", self.name, exc)
             raise unavailable("introspection_unavailable", "token cannot be checked now") from None
+        introspection_request("active" if response.get("active") is True else "inactive", time.monotonic() - clock)
         result = self._interpret(response, started)
         if isinstance(result, Rejected):
             self.cache.put(digest, result, time.time() + self.inactive_cache_duration)

@@ -29,6 +29,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from extauthz.identity.http import FetchError, HttpClient
+from extauthz.telemetry.metrics import jwks_fetch
 from extauthz.watched import WatchedPath
 
 __all__ = ["ASYMMETRIC_ALGORITHMS", "FileKeys", "KeySet", "RemoteKeys", "VerificationKey", "parse_jwks"]
@@ -239,18 +240,20 @@ class RemoteKeys:
         return uri
 
     async def _fetch(self) -> None:
-        self._last_attempt = time.monotonic()
+        self._last_attempt = started = time.monotonic()
         try:
             uri = await self._jwks_uri()
             document = await self.http.request_json("GET", uri, max_bytes=MAX_JWKS_BYTES)
             keys = parse_jwks(document)
         except (FetchError, ValueError) as exc:
+            jwks_fetch("error", time.monotonic() - started)
             self.last_error = str(exc)
             state = "keeping the last good keys" if self.keys is not None else "no keys yet"
             log.warning("key set %s: fetch failed (%s); %s", self.source, exc, state)
             return
         finally:
             self._first_attempt.set()
+        jwks_fetch("ok", time.monotonic() - started)
         self.last_error = None
         self.last_success = time.monotonic()
         if self.keys is None or keys.fingerprint != self.keys.fingerprint:

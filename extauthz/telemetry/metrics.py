@@ -105,7 +105,7 @@ class Metrics:
             "extauthz_store_circuit_state", "Circuit breaker state per store: 0 closed, 1 half-open, 2 open", ("store",)
         )
         self.jwks_fetches = Counter(
-            "extauthz_jwks_fetches", "JWKS fetches by result (ok, not_modified, error)", ["result"], registry=r
+            "extauthz_jwks_fetches", "JWKS fetches by result (ok, error)", ["result"], registry=r
         )
         self.introspections = Counter(
             "extauthz_introspection_requests", "Token introspection calls by result (active, inactive, error)",
@@ -262,7 +262,7 @@ def circuit_state(store: str, state: str) -> None:
 
 
 def jwks_fetch(result: str, seconds: float | None = None) -> None:
-    """A JWKS fetch finished: result "ok", "not_modified" or "error"; seconds it took when known."""
+    """A JWKS fetch (discovery included) finished: result "ok" or "error"; seconds it took when known."""
 
     def record(m: Metrics) -> None:
         m.jwks_fetches.labels(result).inc()

@@ -82,9 +82,20 @@ def test_client_secret_post(tmp_path, json_server):
 
 
 def test_inactive_token(tmp_path, json_server):
+    from extauthz.telemetry import metrics
+
+    installed = metrics.Metrics()
+    metrics.install(installed)
     json_server.routes["/introspect"] = _active()
     auth = _auth(tmp_path, json_server.url("/introspect"))
-    d = decide_now(auth, _bearer("revoked-token"))
+    try:
+        assert decide_now(auth, _bearer()).allowed
+        d = decide_now(auth, _bearer("revoked-token"))
+    finally:
+        metrics.install(None)
+    for result in ("active", "inactive"):
+        assert installed.registry.get_sample_value("extauthz_introspection_requests_total", {"result": result}) == 1
+    assert installed.registry.get_sample_value("extauthz_fetch_duration_seconds_count", {"kind": "introspection"}) == 2
     assert (d.status, d.reason) == (401, "token_inactive")
     assert www_authenticate(d) == ['Bearer error="invalid_token", error_description="token is not active"']
     assert "revoked-token" not in exposed(d)

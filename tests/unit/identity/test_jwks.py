@@ -43,7 +43,18 @@ def _write(tmp_path: Path, keys: str, *, issuer: str = ISSUER, min_interval: str
     return write_policy(tmp_path / "policies", REMOTE_SPEC.format(issuer=issuer, keys=keys, min_interval=min_interval))
 
 
-def test_jwks_url_rotation_and_outage(tmp_path, json_server, signing_key):
+@pytest.fixture
+def fetch_metrics():
+    """A Metrics installed as the process' for the test (what /metrics would show)."""
+    from extauthz.telemetry import metrics
+
+    installed = metrics.Metrics()
+    metrics.install(installed)
+    yield lambda name, **labels: installed.registry.get_sample_value(name, labels) or 0
+    metrics.install(None)
+
+
+def test_jwks_url_rotation_and_outage(tmp_path, json_server, signing_key, fetch_metrics):
     new_key = ec_key()
     json_server.routes["/jwks"] = (200, {"keys": [public_jwk(signing_key, "k1")]})
     folder = _write(tmp_path, f"jwksUrl: {json_server.url('/jwks')}", min_interval="0s")
@@ -72,6 +83,9 @@ def test_jwks_url_rotation_and_outage(tmp_path, json_server, signing_key):
             await _close(services)
 
     asyncio.run(main())
+    assert fetch_metrics("extauthz_jwks_fetches_total", result="ok") >= 2
+    assert fetch_metrics("extauthz_jwks_fetches_total", result="error") >= 1
+    assert fetch_metrics("extauthz_fetch_duration_seconds_count", kind="jwks") >= 3
 
 
 def test_unknown_kids_trigger_at_most_one_fetch_per_interval(tmp_path, json_server, signing_key):
