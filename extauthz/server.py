@@ -42,7 +42,7 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8282
     max_message_bytes: int = 16 * 1024 * 1024
-    check_timeout: float = 1.0
+    check_timeout: float = 0.4
     reload_interval: float = 1.0
     #: Seconds in-flight checks get to finish after SIGTERM.
     grace: float = 10.0

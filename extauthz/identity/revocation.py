@@ -99,6 +99,6 @@ def revocation_from_spec(spec: Spec, build: BuildContext) -> RevocationList | No
                         "token or key id are refused (503 revocation_unavailable; onStoreError: allow "
                         "consults the file alone)", build.policy_name, set_name)  # fmt: skip
         else:
-            log.warning("policy %s: revocation set %s is not consulted without --redis-url (onStoreError: allow)",
+            log.info("policy %s: revocation set %s is not consulted without --redis-url (onStoreError: allow)",
                         build.policy_name, set_name)  # fmt: skip
     return RevocationList(watched, store, set_name or "", on_store_error)

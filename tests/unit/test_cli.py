@@ -93,3 +93,28 @@ def test_missing_arguments_exit_with_usage(command: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(command)
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("EXTAUTHZ_XFF_TRUSTED_HOPS", "20", "--xff-trusted-hops: must be between 0 and 16"),
+    ("EXTAUTHZ_LOG_LEVEL", "verbose", "--log-level: invalid choice 'verbose'"),
+    ("EXTAUTHZ_HTTP_PORT", "abc", "--http-port: not a number"),
+    ("EXTAUTHZ_EVENT_LOOP", "tokio", "--event-loop: invalid choice"),
+    ("EXTAUTHZ_LOG_FORMAT", "xml", "--log-format: invalid choice"),
+    ("EXTAUTHZ_CHECK_TIMEOUT", "nan", "--check-timeout: must be at least"),
+    ("EXTAUTHZ_DECISION_LOG_ALLOW_SAMPLE", "2", "--decision-log-allow-sample: must be between 0 and 1"),
+    ("EXTAUTHZ_WORKERS", "0", "--workers: must be between 1 and 64"),
+])
+def test_environment_values_are_checked_like_flags(monkeypatch, capsys, variable: str, value: str, message: str) -> None:
+    """A bad EXTAUTHZ_* value is the same usage error (exit 2) as the bad flag, never a traceback."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--policies", "policies"])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_environment_does_not_break_other_commands(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("EXTAUTHZ_HTTP_PORT", "abc")
+    folder = Path(__file__).resolve().parents[2] / "policies"
+    assert main(["validate", str(folder)]) == 0
