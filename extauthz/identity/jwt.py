@@ -347,11 +347,11 @@ class JwtSource:
             spec.error("needs keys: jwksFile, jwksUrl or discovery (and/or secretFile for HMAC)")
         algorithms = cls._algorithms(spec, has_keys=bool(sources), has_secret=secret_file is not None)
         refresh = spec.child("jwksRefresh")
-        interval, min_interval, wait = 300.0, 30.0, 0.5
+        interval, min_interval, wait = 300.0, 30.0, 0.25
         if refresh.present and refresh.is_mapping(allowed={"interval", "minInterval", "wait"}):
             interval = refresh.duration("interval", 300.0)
             min_interval = refresh.duration("minInterval", 30.0)
-            wait = refresh.duration("wait", 0.5)
+            wait = refresh.duration("wait", 0.25)
             if interval < 1:
                 refresh.error("must be at least 1s", "interval")
         keys = cls._keys(spec, build, sources[0] if len(sources) == 1 else None, issuer,
