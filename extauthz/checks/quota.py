@@ -208,6 +208,8 @@ class QuotaCheck:
         exceeded: list[tuple[_Applied, ChargeResult]] = []
         shadow_exceeded: list[str] = []
         header_items: list[tuple[Quota, ChargeResult]] = []
+        #: The enforced quota with the least room left: what the decision's quota attributes name.
+        tightest: tuple[Quota, ChargeResult] | None = None
         for entry, result in zip(applied, results, strict=True):
             quota = entry.quota
             if result is None:
@@ -218,6 +220,8 @@ class QuotaCheck:
                          f"counter {entry.digest[:12] or 'global'}, cost {entry.charge.cost} -> {verdict}, "
                          f"{result.remaining} left")  # fmt: skip
             if quota.enforce:
+                if tightest is None or result.remaining < tightest[1].remaining:
+                    tightest = (quota, result)
                 if not result.allowed:
                     exceeded.append((entry, result))
                 if quota.headers:
@@ -228,12 +232,16 @@ class QuotaCheck:
             ctx.attributes["quota_shadow_exceeded"] = ",".join(shadow_exceeded)
             log.debug("shadow quotas exceeded: %s", ", ".join(shadow_exceeded))
         if not exceeded:
+            if tightest is not None:
+                ctx.attributes["quota"] = tightest[0].name
+                ctx.attributes["quota_remaining"] = tightest[1].remaining
             if header_items:
                 ctx.client_headers.extend(_ratelimit_headers(header_items, None))
             return None
         entry, worst = max(exceeded, key=lambda pair: pair[1].retry_after)
         retry_after = max(1, math.ceil(worst.retry_after))
         ctx.attributes["quota"] = entry.quota.name
+        ctx.attributes["quota_remaining"] = 0
         headers = [("retry-after", str(retry_after)), *_ratelimit_headers(header_items, retry_after)]
         names = ", ".join(e.quota.name for e, _ in exceeded)
         return Denial(429, "quota_exceeded", f"quota exceeded: {names}", headers=tuple(headers),

@@ -77,6 +77,8 @@ def test_over_the_limit_is_429_with_retry_after_and_ratelimit_headers(build: Bui
     first = decide(authorizer)
     assert first.allowed and first.status == 200
     assert headers(first) == {"ratelimit-policy": '"per-key";q=3;w=60', "ratelimit": '"per-key";r=2;t=20'}
+    # What spans and log lines carry: the tightest quota and its room, on allow as on deny.
+    assert (first.attributes["quota"], first.attributes["quota_remaining"]) == ("per-key", 2)
     decide(authorizer)
     third = decide(authorizer)
     assert headers(third)["ratelimit"] == '"per-key";r=0;t=60'
@@ -85,6 +87,7 @@ def test_over_the_limit_is_429_with_retry_after_and_ratelimit_headers(build: Bui
                                                                                "quota:per-key")  # fmt: skip
     assert headers(refused) == {"retry-after": "20", "ratelimit-policy": '"per-key";q=3;w=60',
                                 "ratelimit": '"per-key";r=0;t=20'}  # fmt: skip
+    assert (refused.attributes["quota"], refused.attributes["quota_remaining"]) == ("per-key", 0)
     # Another key has its own counter.
     assert decide(authorizer, request(headers={"x-api-key": "key-bob"})).allowed
 
