@@ -173,7 +173,14 @@ class Sidecar:
             self._malformed_count += 1
             self.metrics.malformed.inc()
             log.warning("malformed CheckRequest (%d bytes)", len(request_bytes))
-            return check_response_bytes(_malformed(f"malformed-{self._malformed_count}"), self._metadata)
+            decision = _malformed(f"malformed-{self._malformed_count}")
+            # A deny like any other: counted in extauthz_checks_total and written to the decision log.
+            for observer in self.authorizer.observers:
+                try:
+                    observer(decision)
+                except Exception:
+                    log.exception("decision observer failed")
+            return check_response_bytes(decision, self._metadata)
         metrics = self.metrics
         metrics.in_flight += 1
         try:

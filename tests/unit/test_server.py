@@ -129,6 +129,11 @@ def test_malformed_check_request_is_a_clear_deny(policy_dir, policy_yaml) -> Non
                 assert external_auth_pb2.CheckResponse.FromString(garbage).denied_response.status.code == 400
                 # The server is still serving afterwards.
                 assert (await _check(sc, method="GET", path="/x")).status.code == 0
+            # Counted as denials like any other (the decision log gets them from the same observers).
+            sc.metrics.flush()
+            counted = sc.metrics.registry.get_sample_value(
+                "extauthz_checks_total", {"decision": "deny", "reason": "malformed_request", "policy": "-"})
+            assert counted == 2
         finally:
             await sc.stop()
 
