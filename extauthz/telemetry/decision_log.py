@@ -28,6 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from extauthz.decision import Decision
+from extauthz.telemetry import metrics
 from extauthz.telemetry.tracing import SubjectHasher, is_secret_name, parse_trace_ids, subject_hash_key
 
 if TYPE_CHECKING:
@@ -213,12 +214,14 @@ class DecisionLog:
         try:
             self._queue.put_nowait((time.time(), decision))
         except queue.Full:
-            self.dropped += 1
-            from extauthz.telemetry import metrics
+            self._drop(1)
 
-            m = metrics.current()
-            if m is not None:
-                m.decision_log_dropped.inc()
+    def _drop(self, lines: int) -> None:
+        """Lines lost: the writer fell behind, or the destination refused them (a full disk)."""
+        self.dropped += lines
+        m = metrics.current()
+        if m is not None:
+            m.decision_log_dropped.inc(lines)
 
     # --- the writer thread -----------------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -242,8 +245,10 @@ class DecisionLog:
                 try:
                     self._emit(b"".join(lines))
                     self.written += len(lines)
-                except (OSError, ValueError):
-                    self.dropped += len(lines)
+                except (OSError, ValueError) as exc:
+                    if not self.dropped:  # the first loss is worth a line; the counter tells the rest
+                        log.error("decision log cannot be written (%s); lines are dropped and counted", exc)
+                    self._drop(len(lines))
             if stop:
                 return
 

@@ -116,7 +116,8 @@ class Metrics:
             ["kind"], buckets=FETCH_BUCKETS, registry=r,
         )  # fmt: skip
         self.decision_log_dropped = Counter(
-            "extauthz_decision_log_dropped", "Decision log lines dropped because the writer fell behind", registry=r
+            "extauthz_decision_log_dropped", "Decision log lines dropped: the writer fell behind or could not write",
+            registry=r,
         )
         self.trace_export_errors = Counter(
             "extauthz_trace_export_errors",

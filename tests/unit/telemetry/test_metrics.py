@@ -87,9 +87,11 @@ def test_scrape_after_known_sequence(policy_dir, policy_yaml) -> None:
             assert _value(s, checks, decision="deny", reason="denied_by_rule", policy="orders") == 2
             assert _value(s, checks, decision="deny", reason="no_rule_matched", policy="orders") == 1
             assert _value(s, checks, decision="deny", reason="no_policy", policy="-") == 4
-            assert _value(s, "extauthz_check_duration_seconds_count") == 10
-            assert _value(s, "extauthz_check_duration_seconds_bucket", le="0.1") == 10
-            assert _value(s, "extauthz_check_duration_seconds_bucket", le="2.5e-05") <= 10  # buckets from 25 us
+            # _send's last call is not a CheckRequest: a denial like the others, decided in no time.
+            assert _value(s, checks, decision="deny", reason="malformed_request", policy="-") == 1
+            assert _value(s, "extauthz_check_duration_seconds_count") == 11
+            assert _value(s, "extauthz_check_duration_seconds_bucket", le="0.1") == 11
+            assert _value(s, "extauthz_check_duration_seconds_bucket", le="2.5e-05") <= 11  # buckets from 25 us
             assert _value(s, "extauthz_stage_duration_seconds_count", stage="parse") == 10
             assert _value(s, "extauthz_stage_duration_seconds_count", stage="select") == 10
             assert _value(s, "extauthz_stage_duration_seconds_count", stage="rules") == 6
@@ -141,7 +143,7 @@ def test_in_flight_counts_checks_being_decided(policy_dir, policy_yaml) -> None:
             await _send(sidecar.settings.listen, [{"method": "GET", "path": "/api/orders"}])
         finally:
             await sidecar.stop()
-        assert seen == [1.0]
+        assert seen == [1.0, 0.0]  # the Check, then _send's malformed call (answered outside the pipeline)
         assert sidecar.metrics.grpc_in_flight._value.get() == 0
 
     asyncio.run(scenario())
@@ -194,7 +196,7 @@ def test_several_workers_report_one_correct_total(policy_dir, policy_yaml, tmp_p
             s = _scrape(http_port)
             assert _value(s, "extauthz_checks_total", decision="allow", reason="allowed", policy="orders") == 60
             assert _value(s, "extauthz_checks_total", decision="deny", reason="denied_by_rule", policy="orders") == 30
-            assert _value(s, "extauthz_check_duration_seconds_count") == 90
+            assert _value(s, "extauthz_check_duration_seconds_count") == 120  # 30 of them malformed
             assert _value(s, "extauthz_malformed_requests_total") == 30
             assert _value(s, "extauthz_policies") == 1
         pids = {float(p.name.split("_")[-1].split(".")[0]) for p in (tmp_path / "prom").glob("counter_*.db")}
