@@ -67,7 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extauthz", description="Envoy external authorization sidecar")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the sidecar")
+    serve = sub.add_parser(
+        "serve", help="run the sidecar", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="tracing (docs/observability.md): the standard OTEL_* variables (OTEL_TRACES_EXPORTER,\n"
+               "OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER, ...), and\n"
+               "  EXTAUTHZ_TRACE_SUBJECT      hash (default), plain or none: the subject in spans\n"
+               "  EXTAUTHZ_SUBJECT_HASH_KEY   key of subject hashes in spans and decision logs\n"
+               "  EXTAUTHZ_TRACE_EXPORT       process (default) or inprocess: where spans are encoded",
+    )
     serve.add_argument("--policies", default=_env("POLICIES", "policies"), type=Path,
                        help="policy folder (env EXTAUTHZ_POLICIES; default ./policies)")
     serve.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:9191"),
