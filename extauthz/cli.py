@@ -44,7 +44,6 @@ def _number(kind: type, low: float, high: float | None = None) -> Any:
             raise argparse.ArgumentTypeError(f"must be {bound}, not {text!r}")
         return value
 
-    convert.__name__ = kind.__name__  # argparse's "invalid <name> value" messages
     return convert
 
 
