@@ -143,12 +143,16 @@ class Authorizer:
             raise
         if trace is not None:
             decision = trace.finish(decision)
+        self.notify(decision)
+        return decision
+
+    def notify(self, decision: Decision) -> None:
+        """Hand a decision to the observers (metrics, decision log); one that fails is logged."""
         for observer in self.observers:
             try:
                 observer(decision)
             except Exception:
                 log.exception("decision observer failed")
-        return decision
 
     async def _decide(
         self, message: external_auth_pb2.CheckRequest, steps: list[str] | None, started: float,

@@ -174,12 +174,7 @@ class Sidecar:
             self.metrics.malformed.inc()
             log.warning("malformed CheckRequest (%d bytes)", len(request_bytes))
             decision = _malformed(f"malformed-{self._malformed_count}")
-            # A deny like any other: counted in extauthz_checks_total and written to the decision log.
-            for observer in self.authorizer.observers:
-                try:
-                    observer(decision)
-                except Exception:
-                    log.exception("decision observer failed")
+            self.authorizer.notify(decision)  # a deny like any other: counted and logged
             return check_response_bytes(decision, self._metadata)
         metrics = self.metrics
         metrics.in_flight += 1

@@ -137,8 +137,8 @@ return 1
 """
 
 _QUERY_KEYS = {
-    "timeout", "max_connections", "probe_interval", "prefix", "coalesce", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
-    "ssl_check_hostname", "db",
+    "timeout", "max_connections", "probe_interval", "prefix", "coalesce", "ssl_ca_certs", "ssl_certfile",
+    "ssl_keyfile", "ssl_check_hostname", "db",
 }  # fmt: skip
 _SCHEMES = {
     "redis": ("single", False), "rediss": ("single", True), "unix": ("unix", False),
@@ -515,15 +515,15 @@ class _Pipeline:
 
     Under load, a write also waits for a second command: while commands have been coming less than
     half of ``coalesce`` (1 ms) apart, the first of a batch is held until the next one arrives, or
-    for ``coalesce`` at most. A round trip costs Redis
-    and the sidecar a wake-up each, which on a loaded machine costs more than the command itself
-    (measured: 27 µs of Redis CPU per charge sent 16 to a write, 119 µs sent one by one), and Checks
-    reach the sidecar one per loop turn, so without this nearly every charge travelled alone. At a
-    lower rate nothing is held: a command leaves at the end of its loop turn, as before.
+    for ``coalesce`` at most. A round trip costs Redis and the sidecar a wake-up each, which on a
+    loaded machine costs more than the command itself (measured: 27 µs of Redis CPU per charge
+    sent 16 to a write, 119 µs sent one by one), and Checks reach the sidecar one per loop turn, so
+    without this nearly every charge travelled alone. At a lower rate nothing is held: a command
+    leaves at the end of its loop turn, as before.
     """
 
     def __init__(
-        self, settings: RedisSettings, credentials: CredentialProvider | None, sentinel_kwargs: dict[str, Any],
+        self, settings: RedisSettings, credentials: CredentialProvider | None, sentinel_kwargs: dict[str, Any]
     ) -> None:
         self.settings = settings
         self.credentials = credentials
