@@ -55,6 +55,17 @@ def test_allowed_request_gets_policy_headers_and_spoofs_are_overwritten(envoy, e
     assert seen["headers"]["x-orders-tenant"] == ["acme"]
 
 
+def test_dry_run_would_deny_reaches_upstream_without_the_policys_headers(envoy, echo_upstream) -> None:
+    """catalog-trial (dry-run) would deny a caller outside 10/8, Envoy's peer here: the request goes
+    through, but the x-catalog-caller it claims for itself is removed by Envoy, not passed on."""
+    status, _, body = request(envoy.port, "GET", "/items",
+                              headers={"Host": "catalog.example.com", "x-catalog-caller": "10.0.0.1"})
+    assert status == 200
+    seen = _echo(body)
+    assert seen["path"] == "/items"
+    assert "x-catalog-caller" not in seen["headers"]
+
+
 def test_denied_request_never_reaches_upstream(envoy, echo_upstream) -> None:
     before = echo_upstream.request_count()
     status, headers, body = request(envoy.port, "DELETE", "/api/orders/7", headers=ORDERS)
