@@ -55,9 +55,10 @@ def _one_of(choices: Sequence[str]) -> Any:
     environment too (``choices=`` is kept beside it for the help text)."""
 
     def convert(text: str) -> str:
-        if text not in choices:
+        value = text.strip().lower()  # EXTAUTHZ_LOG_LEVEL=INFO has always worked
+        if value not in choices:
             raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(choices)})")
-        return text
+        return value
 
     return convert
 

@@ -34,9 +34,10 @@ class WebhookMatch:
     key: VerificationKey
     #: The timestamp of a timestamp-v1 signature (None for sha256-hex).
     timestamp: int | None
-    #: What identifies this delivery for replay detection: a hash of the timestamp and the MAC that
-    #: matched, the values the MAC covers, never of the header's text, which a replayer can re-spell
-    #: (an extra entry, a zero-padded timestamp, upper-case hex) without touching the MAC.
+    #: What identifies this delivery for replay detection: a hash of what the MAC covers (timestamp
+    #: and body), never of the header's text, which a replayer can re-spell (an extra entry, a
+    #: zero-padded timestamp, upper-case hex), nor of which MAC or secret matched, which a replayer
+    #: can choose by dropping entries while the sender signs with two secrets.
     replay_key: str
 
 
@@ -73,16 +74,14 @@ class WebhookScheme:
                                        f"the timestamp is more than {self.tolerance:g}s away from now", 2)
             signed = str(timestamp).encode("ascii") + b"." + body
         matched: VerificationKey | None = None
-        matched_mac = b""
         for key in secrets:
             expected = hmac.new(key.material, signed, hashlib.sha256).digest()
             for mac in macs:
                 if hmac.compare_digest(expected, mac) and matched is None:
-                    matched, matched_mac = key, mac
+                    matched = key
         if matched is None:
             raise SignatureFailure("signature_invalid", "the MAC does not match the body", 3)
-        delivery = b"%d." % timestamp + matched_mac if timestamp is not None else matched_mac
-        return WebhookMatch(matched, timestamp, hashlib.sha256(delivery).hexdigest())
+        return WebhookMatch(matched, timestamp, hashlib.sha256(signed).hexdigest())
 
     def _parse_hex(self, value: str) -> list[bytes]:
         scheme, sep, digest = value.partition("=")

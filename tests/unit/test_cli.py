@@ -114,6 +114,15 @@ def test_environment_values_are_checked_like_flags(monkeypatch, capsys, variable
     assert message in capsys.readouterr().err
 
 
+def test_choices_from_the_environment_ignore_case(monkeypatch) -> None:
+    from extauthz.cli import _parser
+
+    monkeypatch.setenv("EXTAUTHZ_LOG_LEVEL", "INFO")
+    monkeypatch.setenv("EXTAUTHZ_LOG_FORMAT", " Text ")
+    ns = _parser().parse_args(["serve"])
+    assert (ns.log_level, ns.log_format) == ("info", "text")
+
+
 def test_environment_does_not_break_other_commands(monkeypatch, capsys) -> None:
     monkeypatch.setenv("EXTAUTHZ_HTTP_PORT", "abc")
     folder = Path(__file__).resolve().parents[2] / "policies"

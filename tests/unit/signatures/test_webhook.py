@@ -65,5 +65,10 @@ def test_replay_key_is_the_delivery_not_the_header_spelling() -> None:
         assert TS.verify({TS.header: spelling}, BODY, False, [OLD, NEW], 1000).replay_key == first, spelling
     other = sign_webhook("timestamp-v1", OLD.material, BODY, timestamp=1001)
     assert TS.verify({TS.header: other}, BODY, False, [OLD, NEW], 1000).replay_key != first
+    # Rotation: signed with both secrets; keeping only the other MAC is still the same delivery.
+    new_mac = sign_webhook("timestamp-v1", NEW.material, BODY, timestamp=1000).split("v1=")[1]
+    for spelling in (f"t=1000,v1={mac},v1={new_mac}", f"t=1000,v1={new_mac}"):
+        match = TS.verify({TS.header: spelling}, BODY, False, [OLD, NEW], 1000)
+        assert match.replay_key == first, spelling
     for padded in (f"t=01000,v1={mac}", f"t=\u0661\u0660\u0660\u0660,v1={mac}"):
         assert _fail(TS, padded) == "signature_malformed", padded
