@@ -309,7 +309,8 @@ def _decision(
         common["steps"] = _frozen(ctx.steps)
         # The checks that set or strip the policy's headers may not have run: strip them all, so
         # neither a client's own x-user nor a credential the policy keeps from the upstream gets by.
-        removed = tuple(dict.fromkeys((*ctx.remove_headers, *policy.owned_headers)))
+        presented = (c.name for c in policy.owned_credentials if c.presented_in(ctx.request))
+        removed = tuple(dict.fromkeys((*ctx.remove_headers, *policy.owned_headers, *presented)))
         return Decision(True, 200, denial.reason, denial.message, rule=denial.rule or ctx.rule, would_deny=True,
                         remove_headers=removed, **common)
     common["client_headers"] = (*common["client_headers"], *denial.headers)

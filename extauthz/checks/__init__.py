@@ -11,8 +11,10 @@ The contract, for every check:
   the section asks for nothing.
 - ``credential_locations`` (optional): ``(kind, name)`` of every header, query parameter or cookie
   the check reads a credential from; the decision log redacts them whatever its allow-list says.
-- ``owned_headers`` (optional): the request headers the check sets or strips on an allowed request;
-  a dry-run decision that would deny strips them all (see policy.compiler.CompiledPolicy).
+- ``owned_headers`` (optional): the request headers the check sets on an allowed request, and
+  ``owned_credentials`` (optional): the credential locations it strips (``forward: false``); a
+  dry-run decision that would deny strips them all, the credentials where the request presents one
+  (see policy.compiler.CompiledPolicy).
 - ``async check(ctx)`` runs per request. It returns ``None`` to let the request go on, or a
   :class:`~extauthz.context.Denial`. It may update ``ctx`` (identity, headers). It never allows on
   its own: a request is allowed only when every check of its policy let it through, and the rules

@@ -70,8 +70,8 @@ class IdentityCheck:
             (location.kind, location.name) for e in entries for location in getattr(e.source, "locations", ())
         ))  # fmt: skip
         #: Credential headers that a source strips (``forward: false``) when it reads them.
-        self.owned_headers = tuple(dict.fromkeys(
-            location.name for e in entries for location in getattr(e.source, "locations", ())
+        self.owned_credentials = tuple(dict.fromkeys(
+            location for e in entries for location in getattr(e.source, "locations", ())
             if location.kind == "header" and not location.forward
         ))  # fmt: skip
         schemes = dict.fromkeys(e.source.challenge_scheme for e in entries if e.source.challenge_scheme)

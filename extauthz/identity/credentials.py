@@ -43,6 +43,16 @@ class CredentialLocation:
             return f"header {self.name}" + (f" ({self.scheme} scheme)" if self.scheme else "")
         return f"{self.kind} {self.name}"
 
+    def presented_in(self, request: Request) -> bool:
+        """Whether ``request`` carries something at this location (for a header with a scheme: a
+        value in that scheme), valid or not."""
+        if self.kind != "header":
+            return self.extract(request) is not None
+        value = request.headers.get(self.name)
+        if value is None:
+            return False
+        return not self.scheme or (value.split(None, 1) or ("",))[0].lower() == self.scheme.lower()
+
     def extract(self, request: Request) -> str | None:
         if self.kind == "header":
             value = request.headers.get(self.name)

@@ -10,12 +10,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from extauthz.checks import Check, CheckKind, kinds
 from extauthz.policy.build import BuildContext, Services
 from extauthz.policy.model import Document, PolicyError, PolicySetError
 from extauthz.policy.routing import Route, Router, find_ties
 from extauthz.request import BadRequest, normalize_path
+
+if TYPE_CHECKING:
+    from extauthz.identity.credentials import CredentialLocation
 
 __all__ = ["POLICY_KIND", "CompiledPolicy", "PolicySet", "compile_documents"]
 
@@ -43,6 +47,9 @@ class CompiledPolicy:
     #: a dry-run decision that would deny removes them all, since the checks that set or strip
     #: them may not have run, and a client must never supply them itself.
     owned_headers: tuple[str, ...] = ()
+    #: Credential headers a check strips once read (``forward: false``): on a dry-run would-deny,
+    #: removed where the request presents one (an Authorization header in another scheme is not ours).
+    owned_credentials: tuple[CredentialLocation, ...] = ()
     #: (kind, name) of every header, query parameter or cookie a check reads a credential from.
     credential_locations: tuple[tuple[str, str], ...] = ()
 
@@ -148,6 +155,9 @@ def _compile_policy(
         check_names=tuple(k.section for k, _ in checks),
         may_wait=any(getattr(c, "may_wait", False) for _, c in checks),
         owned_headers=tuple(dict.fromkeys(name for _, c in checks for name in getattr(c, "owned_headers", ()))),
+        owned_credentials=tuple(
+            dict.fromkeys(location for _, c in checks for location in getattr(c, "owned_credentials", ()))
+        ),
         credential_locations=tuple(
             dict.fromkeys(location for _, c in checks for location in getattr(c, "credential_locations", ()))
         ),

@@ -125,15 +125,28 @@ def test_dry_run_would_deny_strips_every_header_the_policy_owns(policy_dir, poli
 
     keys = json.dumps([{"id": "k1", "owner": "acme", "sha256": hashlib.sha256(b"good-key-0123456789").hexdigest()}])
     authorizer = Authorizer(load_folder(policy_dir(**{"p.yaml": policy_yaml("keys", DRY_RUN_OWNED), "keys.json": keys})))
-    for headers in ({"x-partner": "admin"}, {"x-partner": "admin", "x-api-key": "wrong-key-0123456789"}):
+    for headers, removed in (({"x-partner": "admin"}, {"x-partner"}),
+                             ({"x-partner": "admin", "x-api-key": "wrong-key-0123456789"}, {"x-api-key", "x-partner"})):
         d = decide(authorizer, host="keys.example.com", path="/", headers=headers)
         assert (d.allowed, d.would_deny) == (True, True)
         assert d.upstream_headers == ()
-        assert set(d.remove_headers) == {"x-api-key", "x-partner"}
+        assert set(d.remove_headers) == removed
         response = to_check_response(d)
-        assert set(response.ok_response.headers_to_remove) == {"x-api-key", "x-partner"}
+        assert set(response.ok_response.headers_to_remove) == removed
     d = decide(authorizer, host="keys.example.com", path="/", headers={"x-partner": "admin", "x-api-key": "good-key-0123456789"})
     assert (d.allowed, d.would_deny, d.upstream_headers, d.remove_headers) == (True, False, (("x-partner", "acme"),), ("x-api-key",))
+
+
+def test_dry_run_would_deny_keeps_a_credential_in_another_scheme(policy_dir, policy_yaml) -> None:
+    """The policy strips Authorization only in its own scheme: an upstream's Basic credentials, which
+    the trial does not read, must reach it unchanged (a dry-run is how a migration is tried)."""
+    spec = DRY_RUN_OWNED.replace("in: {header: x-api-key, forward: false}",
+                                 "in: {header: authorization, scheme: ApiKey, forward: false}")
+    authorizer = Authorizer(load_folder(policy_dir(**{"p.yaml": policy_yaml("keys", spec), "keys.json": "[]"})))
+    basic = decide(authorizer, host="keys.example.com", path="/", headers={"authorization": "Basic dXNlcjpwYXNz"})
+    assert (basic.allowed, basic.would_deny, basic.remove_headers) == (True, True, ("x-partner",))
+    ours = decide(authorizer, host="keys.example.com", path="/", headers={"authorization": "ApiKey wrong-key-012345"})
+    assert (ours.allowed, ours.would_deny, set(ours.remove_headers)) == (True, True, {"authorization", "x-partner"})
 
 
 def test_rule_error_is_503_never_allow(authorizer) -> None:
