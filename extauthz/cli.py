@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from extauthz.policy import PolicySet, PolicySetError, load_folder
+from extauthz.policy import PolicySet, PolicySetError, Services, load_folder
 from extauthz.policy.model import Document
 from extauthz.samples import SampleError, check_request_from_sample
 
@@ -163,7 +163,8 @@ def _telemetry_arguments(serve: argparse.ArgumentParser) -> None:
 
 def _load_or_report(folder: Path) -> PolicySet | None:
     try:
-        return load_folder(folder)
+        # Offline: no store is asked (a revocation set is skipped: the policy is tested, not Redis).
+        return load_folder(folder, Services(settings={"offline": True}))
     except PolicySetError as exc:
         for error in exc.errors:
             print(f"error: {error}", file=sys.stderr)

@@ -4,11 +4,14 @@ Two places, either or both:
 
 - ``file``: one id per line (``#`` starts a comment), typically a mounted Secret or ConfigMap;
   re-read in the background when it changes.
-- ``redisSet``: a Redis set of ids, asked on every request (the sidecar's ``--redis-url``).
+- ``redisSet``: a Redis set of ids, asked on every request (the sidecar's ``--redis-url``); when
+  Redis cannot answer, the request is denied with 503 (never allowed).
 
-``onStoreError`` says what happens when the set cannot be asked: Redis does not answer, or the
-sidecar runs without ``--redis-url``. ``deny`` (the default) refuses the request with 503
-``revocation_unavailable``; ``allow`` goes on with the file alone, as the policy then explicitly says.
+``withoutRedis`` says what a sidecar started without ``--redis-url`` does with the set: ``deny``
+(the default) refuses every request with a token or key id (503 ``revocation_unavailable``), as
+it cannot know whether the id is revoked; ``skip`` goes on with the file alone, as the policy then
+explicitly says. The offline commands (``extauthz test``, ``explain``, ``validate``) never ask
+Redis: they skip the set, since they test the policy, not the set's contents.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ __all__ = ["RevocationList", "revocation_from_spec"]
 
 log = logging.getLogger("extauthz.identity.revocation")
 
-_FIELDS = {"file", "redisSet", "onStoreError"}
+_FIELDS = {"file", "redisSet", "withoutRedis"}
 _MAX_ID = 512
 
 
@@ -42,17 +45,15 @@ def parse_denylist(path: Path) -> frozenset[str]:
 
 
 class RevocationList:
-    """Answers "is this id revoked?"; raises Rejected (503) when the set cannot be asked and the
-    policy says deny."""
+    """Answers "is this id revoked?"; raises Rejected (503) when the set cannot be asked."""
 
     def __init__(self, file: WatchedPath[frozenset[str]] | None, store: Store | None, set_name: str,
-                 on_store_error: str = "deny") -> None:  # fmt: skip
+                 deny_without_store: bool = False) -> None:  # fmt: skip
         self.file = file
         self.store = store
         self.set_name = set_name
-        self.on_store_error = on_store_error
-        #: A set is named but there is no Redis to ask (no --redis-url).
-        self.no_store = bool(set_name) and store is None
+        #: A set is named, there is no Redis to ask, and the policy says deny (withoutRedis).
+        self.deny_without_store = deny_without_store and bool(set_name) and store is None
         #: Only a Redis lookup waits on I/O.
         self.may_wait = store is not None
 
@@ -66,10 +67,8 @@ class RevocationList:
                 return await self.store.is_member(self.set_name, item_id)
             except StoreError as exc:
                 log.warning("revocation store %s unavailable: %s", self.set_name, exc)
-                if self.on_store_error == "allow":
-                    return False
                 raise unavailable("revocation_unavailable", "revocation status cannot be checked") from None
-        if self.no_store and self.on_store_error == "deny":
+        if self.deny_without_store:
             raise unavailable("revocation_unavailable", "revocation status cannot be checked (no Redis configured)")
         return False
 
@@ -79,26 +78,29 @@ def revocation_from_spec(spec: Spec, build: BuildContext) -> RevocationList | No
         return None
     file_name = spec.str("file")
     set_name = spec.str("redisSet")
-    on_store_error = spec.str("onStoreError", "deny", choices=("deny", "allow"))
+    without_redis = spec.str("withoutRedis", "deny", choices=("deny", "skip"))
     if file_name is None and set_name is None:
         spec.error("give file, redisSet or both")
         return None
-    if set_name is None and spec.child("onStoreError").present:
-        spec.error("applies to redisSet only", "onStoreError")
+    if set_name is None and spec.child("withoutRedis").present:
+        spec.error("applies to redisSet only", "withoutRedis")
     watched: WatchedPath[frozenset[str]] | None = None
     if file_name is not None:
         watched = build.watched(spec.child("file"), file_name, parse_denylist, what="revocation list")
     store: Store | None = None
+    settings = build.services.settings
     if set_name is not None:
         if not set_name.strip():
             spec.error("must not be empty", "redisSet")
-        elif build.services.settings.get("redis_url"):
+        elif settings.get("redis_url"):
             store = store_for(build.services)
-        elif on_store_error == "deny":
+        elif settings.get("offline"):
+            without_redis = "skip"  # extauthz test/explain/validate: the policy is tested, not the set
+        elif without_redis == "deny":
             log.warning("policy %s: revocation set %s cannot be asked without --redis-url: requests with a "
-                        "token or key id are refused (503 revocation_unavailable; onStoreError: allow "
+                        "token or key id are refused (503 revocation_unavailable; withoutRedis: skip "
                         "consults the file alone)", build.policy_name, set_name)  # fmt: skip
         else:
-            log.info("policy %s: revocation set %s is not consulted without --redis-url (onStoreError: allow)",
-                        build.policy_name, set_name)  # fmt: skip
-    return RevocationList(watched, store, set_name or "", on_store_error)
+            log.info("policy %s: revocation set %s is not consulted without --redis-url (withoutRedis: skip)",
+                     build.policy_name, set_name)  # fmt: skip
+    return RevocationList(watched, store, set_name or "", deny_without_store=without_redis == "deny")

@@ -91,17 +91,9 @@ def test_redis_set_revokes_tokens_and_redis_down_fails_closed(request, tmp_path:
     asyncio.run(main())
 
 
-class _DownStore(MemoryStore):
-    async def is_member(self, set_name: str, member: str) -> bool:
-        from extauthz.stores import StoreError
-
-        raise StoreError("redis is down")
-
-
-@pytest.mark.parametrize("on_store_error", ["deny", "allow"])
-def test_a_set_that_cannot_be_asked_does_what_the_policy_says(tmp_path: Path, on_store_error: str):
-    """No --redis-url, or Redis down: deny (the default) refuses; only an explicit allow goes on
-    with the file alone. A set named in a policy is never silently skipped."""
+def test_a_set_without_redis_does_what_the_policy_says(tmp_path: Path):
+    """A sidecar without --redis-url: withoutRedis deny (the default) refuses, skip goes on with the
+    file alone. A set named in a policy is never silently skipped."""
     path = tmp_path / "revoked.txt"
     path.write_text("from-file\n")
     watched = WatchedPath(path, parse_denylist, what="revocation list")
@@ -116,17 +108,45 @@ def test_a_set_that_cannot_be_asked_does_what_the_policy_says(tmp_path: Path, on
                 out.append(getattr(exc, "reason", exc))
         return out
 
-    expected = [True, "revocation_unavailable" if on_store_error == "deny" else False, False]
-    for store in (None, _DownStore()):
-        assert asyncio.run(main(RevocationList(watched, store, "revoked", on_store_error))) == expected
+    assert asyncio.run(main(RevocationList(watched, None, "revoked", deny_without_store=True))) == [
+        True, "revocation_unavailable", False]
+    assert asyncio.run(main(RevocationList(watched, None, "revoked", deny_without_store=False))) == [True, False, False]
 
 
-def test_on_store_error_is_validated(tmp_path: Path):
+@pytest.mark.parametrize(("without_redis", "settings", "reason"), [
+    ("", {}, "revocation_unavailable"),                # serve without --redis-url: deny by default
+    ("withoutRedis: skip", {}, None),                  # the policy says the file alone will do
+    ("", {"offline": True}, None),                     # extauthz test/explain/validate: the set is skipped
+])
+def test_without_redis_through_the_policy(tmp_path: Path, signing_key, without_redis: str, settings: dict,
+                                          reason: str | None):
+    import json
+
+    from extauthz.decision import Authorizer
+
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    (folder / "jwks.json").write_text(json.dumps({"keys": [public_jwk(signing_key, "k1")]}))
+    extra = f", {without_redis}" if without_redis else ""
+    write_policy(folder, f"""identity:
+  - name: users
+    jwt:
+      issuer: {ISSUER}
+      audiences: [orders-api]
+      jwksFile: jwks.json
+      revocation: {{redisSet: "extauthz:revoked:jti"{extra}}}
+""")
+    auth = Authorizer(load_folder(folder, Services(settings=settings)))
+    d = asyncio.run(decide(auth, bearer(mint(signing_key, claims(jti="jti-1")))))
+    assert (d.allowed, d.reason if not d.allowed else None) == (reason is None, reason), d.steps
+
+
+def test_without_redis_is_validated(tmp_path: Path):
     from extauthz.policy.model import PolicySetError
 
-    for revocation, message in (("{redisSet: r, onStoreError: local}", "must be one of"),
-                                ("{file: x.txt, onStoreError: allow}", "applies to redisSet only")):
-        folder = tmp_path / revocation.count(":").__str__() / message.split()[0]
+    for revocation, message in (("{redisSet: r, withoutRedis: allow}", "must be one of"),
+                                ("{file: x.txt, withoutRedis: skip}", "applies to redisSet only")):
+        folder = tmp_path / message.split()[0]
         folder.mkdir(parents=True)
         (folder / "x.txt").write_text("")
         write_policy(folder, f"identity:\n  - name: k\n    apiKey: {{keys: keys.json, revocation: {revocation}}}\n")
