@@ -137,8 +137,8 @@ return 1
 """
 
 _QUERY_KEYS = {
-    "timeout", "max_connections", "probe_interval", "prefix", "coalesce", "ssl_ca_certs", "ssl_certfile",
-    "ssl_keyfile", "ssl_check_hostname", "db",
+    "timeout", "max_connections", "probe_interval", "prefix", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
+    "ssl_check_hostname", "db",
 }  # fmt: skip
 _SCHEMES = {
     "redis": ("single", False), "rediss": ("single", True), "unix": ("unix", False),
@@ -168,8 +168,6 @@ class RedisSettings:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_check_hostname: bool = True
-    #: How long a write may wait for a second command while commands come faster than this (0: never).
-    coalesce: float = 0.001
 
     def describe(self) -> str:
         scheme = {"single": "redis", "unix": "unix", "sentinel": "redis+sentinel", "cluster": "redis+cluster"}
@@ -233,7 +231,6 @@ def parse_redis_url(url: str) -> RedisSettings:
         raise StoreConfigError("Redis Cluster has only database 0")
     timeout = _duration(query.get("timeout", "250ms"), "timeout", 0.001, 10.0)
     probe = _duration(query.get("probe_interval", "500ms"), "probe_interval", 0.01, 60.0)
-    coalesce = _duration(query.get("coalesce", "1ms"), "coalesce", 0.0, 0.01)
     max_connections = _integer(query.get("max_connections", "32"), "max_connections")
     if not 1 <= max_connections <= 10_000:
         raise StoreConfigError("max_connections must be between 1 and 10000")
@@ -253,7 +250,7 @@ def parse_redis_url(url: str) -> RedisSettings:
         service=service, db=db, username=username, password=password, timeout=timeout,
         max_connections=max_connections, probe_interval=probe, prefix=prefix,
         ssl_ca_certs=query.get("ssl_ca_certs"), ssl_certfile=query.get("ssl_certfile"),
-        ssl_keyfile=query.get("ssl_keyfile"), ssl_check_hostname=check_hostname == "true", coalesce=coalesce,
+        ssl_keyfile=query.get("ssl_keyfile"), ssl_check_hostname=check_hostname == "true",
     )  # fmt: skip
 
 
@@ -359,10 +356,8 @@ class _Connection(asyncio.Protocol):
         self.out: list[bytes] = []
         #: Connected and past AUTH/SELECT: commands may be written.
         self.ready = False
-        #: A write of ``out`` is scheduled: at the end of this loop turn, or by ``hold``.
+        #: A write of ``out`` is scheduled for the end of this loop turn.
         self.flushing = False
-        #: The timer of a write held for a second command (see _Pipeline.submit).
-        self.hold: asyncio.TimerHandle | None = None
         #: Dropped: its commands have failed, nothing more is read or written.
         self.closed = False
         #: The one timer, at the earliest deadline of the waiting commands when it was armed
@@ -432,7 +427,6 @@ class _Connection(asyncio.Protocol):
     def flush(self) -> None:
         """Write every queued command at once (scheduled by the first command of a loop turn)."""
         self.flushing = False
-        self.hold = None
         out = self.out
         if not out or self.closed:
             return
@@ -483,9 +477,6 @@ class _Connection(asyncio.Protocol):
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
-        if self.hold is not None:
-            self.hold.cancel()
-            self.hold = None
         self.out.clear()
         waiting, self.waiting = self.waiting, deque()
         for future, _, _ in waiting:
@@ -512,14 +503,6 @@ class _Pipeline:
     in one write at the end of the turn. The connection is opened by the first command that needs
     it (the others queue behind the handshake) and dropped on a timeout, an error or when Redis
     closes it; the next command opens a new one.
-
-    Under load, a write also waits for a second command: while commands have been coming less than
-    half of ``coalesce`` (1 ms) apart, the first of a batch is held until the next one arrives, or
-    for ``coalesce`` at most. A round trip costs Redis and the sidecar a wake-up each, which on a
-    loaded machine costs more than the command itself (measured: 27 µs of Redis CPU per charge
-    sent 16 to a write, 119 µs sent one by one), and Checks reach the sidecar one per loop turn, so
-    without this nearly every charge travelled alone. At a lower rate nothing is held: a command
-    leaves at the end of its loop turn, as before.
     """
 
     def __init__(
@@ -535,10 +518,6 @@ class _Pipeline:
         #: Writes and commands sent (diagnostics: commands per write shows how much is shared).
         self.batches = 0
         self.commands = 0
-        self.coalesce = settings.coalesce
-        #: Seconds between commands, smoothed (1/8 per command), and when the last one came.
-        self.gap = 1.0
-        self._last = 0.0
 
     def submit(
         self, args: tuple[Any, ...], fallback: tuple[Any, ...] | None = None, timeout: float | None = None
@@ -553,8 +532,7 @@ class _Pipeline:
             conn = self._connect(loop)
         packed = pack_command(args)
         future = loop.create_future()
-        now = loop.time()
-        deadline = now + (timeout or self.timeout)
+        deadline = loop.time() + (timeout or self.timeout)
         conn.waiting.append((future, fallback, deadline))
         conn.out.append(packed)
         watchdog = conn.watchdog
@@ -563,20 +541,8 @@ class _Pipeline:
                 watchdog.cancel()
             conn.watchdog = loop.call_at(deadline, conn._expire)
             conn.watchdog_at = deadline
-        # An idle spell counts as one second at most: the estimate is busy again after some 60 commands.
-        gap = self.gap = self.gap + (min(now - self._last, 1.0) - self.gap) * 0.125
-        self._last = now
-        if not conn.ready:
-            return future  # written when the connection is ready (see _Connection.start)
-        if not conn.flushing:
+        if conn.ready and not conn.flushing:
             conn.flushing = True
-            if gap < self.coalesce / 2:  # busy: the next command is likely within the window
-                conn.hold = loop.call_at(now + self.coalesce, conn.flush)
-            else:
-                loop.call_soon(conn.flush)
-        elif conn.hold is not None:  # the second command: the held write leaves at the end of this turn
-            conn.hold.cancel()
-            conn.hold = None
             loop.call_soon(conn.flush)
         return future
 

@@ -229,63 +229,6 @@ def test_commands_issued_together_share_one_write(redis_server: Any) -> None:
     run(test)
 
 
-def _spaced(store: RedisStore, count: int, gap: float) -> Any:
-    """``count`` charges from one caller, ``gap`` seconds apart (as Checks arrive under load), each
-    awaited in the background; returns the gathered results."""
-
-    async def spaced() -> list[Any]:
-        calls = []
-        for i in range(count):
-            calls.append(asyncio.ensure_future(store.charge([hourly(1000, f"k{i}")])))
-            until = time.perf_counter() + gap  # the loop's timers have millisecond granularity
-            while time.perf_counter() < until:
-                await asyncio.sleep(0)
-        return await asyncio.gather(*calls)
-
-    return spaced()
-
-
-@pytest.mark.parametrize(("query", "gap", "shared"), [
-    ("", 0.0002, True),              # busy (commands 0.2 ms apart): a write waits for the next one
-    ("", 0.005, False),              # idle (5 ms apart): every command leaves at the end of its turn
-    ("?coalesce=0", 0.0002, False),  # turned off
-])
-def test_writes_under_load_wait_for_a_second_command(redis_server: Any, query: str, gap: float, shared: bool) -> None:
-    async def test() -> None:
-        store = await started(redis_server.url + query)
-        try:
-            pipeline = store._pipeline
-            await _spaced(store, 120, gap)  # the rate estimate settles
-            batches, commands = pipeline.batches, pipeline.commands
-            started_at = time.perf_counter()
-            results = await _spaced(store, 40, gap)
-            elapsed = time.perf_counter() - started_at
-            assert all(r[0].allowed for r in results)
-            per_write = (pipeline.commands - commands) / (pipeline.batches - batches)
-            assert (per_write >= 1.5) is shared, per_write
-            assert elapsed < 40 * gap + 0.5  # held at most a millisecond each, never for the deadline
-        finally:
-            await store.aclose()
-
-    run(test)
-
-
-def test_a_lone_command_is_not_held(redis_server: Any) -> None:
-    """After a busy spell, the first command of a quiet one waits at most the coalescing window."""
-
-    async def test() -> None:
-        store = await started(redis_server.url)
-        try:
-            await _spaced(store, 30, 0.0002)
-            t0 = time.perf_counter()
-            assert (await store.charge([hourly(1000, "alone")]))[0].allowed
-            assert time.perf_counter() - t0 < 0.1
-        finally:
-            await store.aclose()
-
-    run(test)
-
-
 def test_noscript_fallbacks_in_a_shared_write_answer_their_own_callers(redis_server: Any) -> None:
     """After a SCRIPT FLUSH every EVALSHA of a write fails; each is sent again as EVAL, in order, among other commands."""
     redis_server.client().sadd("revoked", "member")
@@ -504,7 +447,6 @@ def test_sentinel_url(redis_factory: Any) -> None:
         ("redis://localhost?ssl_ca_certs=/etc/passwd", "needs a TLS URL"),
         ("rediss://localhost?ssl_ca_certs=/nonexistent.pem", "not a readable file"),
         ("redis://localhost?prefix={x}", "prefix"),
-        ("redis://localhost?coalesce=20ms", "coalesce"),
         ("redis://user:hunter2@localhost:99999", "port"),
     ],
 )
