@@ -47,12 +47,12 @@ def _redis_or_skip(request: pytest.FixtureRequest):
         pytest.skip("the redis_server fixture is not available")
 
 
-def test_redis_set_revokes_tokens_and_redis_down_fails_closed(request, tmp_path: Path, signing_key):
-    redis = _redis_or_skip(request)
-    folder = tmp_path / "policies"
-    folder.mkdir()
+def _jwt_policy_with_a_revocation_set(tmp_path: Path, signing_key, extra: str = "") -> Path:
+    """A policy folder: JWTs from a local key set, revoked by id in the Redis set extauthz:revoked:jti."""
     import json
 
+    folder = tmp_path / "policies"
+    folder.mkdir()
     (folder / "jwks.json").write_text(json.dumps({"keys": [public_jwk(signing_key, "k1")]}))
     write_policy(folder, f"""identity:
   - name: users
@@ -60,8 +60,14 @@ def test_redis_set_revokes_tokens_and_redis_down_fails_closed(request, tmp_path:
       issuer: {ISSUER}
       audiences: [orders-api]
       jwksFile: jwks.json
-      revocation: {{redisSet: "extauthz:revoked:jti"}}
+      revocation: {{redisSet: "extauthz:revoked:jti"{extra}}}
 """)
+    return folder
+
+
+def test_redis_set_revokes_tokens_and_redis_down_fails_closed(request, tmp_path: Path, signing_key):
+    redis = _redis_or_skip(request)
+    folder = _jwt_policy_with_a_revocation_set(tmp_path, signing_key)
 
     async def main() -> None:
         from extauthz.decision import Authorizer
@@ -120,22 +126,9 @@ def test_a_set_without_redis_does_what_the_policy_says(tmp_path: Path):
 ])
 def test_without_redis_through_the_policy(tmp_path: Path, signing_key, without_redis: str, settings: dict,
                                           reason: str | None):
-    import json
-
     from extauthz.decision import Authorizer
 
-    folder = tmp_path / "policies"
-    folder.mkdir()
-    (folder / "jwks.json").write_text(json.dumps({"keys": [public_jwk(signing_key, "k1")]}))
-    extra = f", {without_redis}" if without_redis else ""
-    write_policy(folder, f"""identity:
-  - name: users
-    jwt:
-      issuer: {ISSUER}
-      audiences: [orders-api]
-      jwksFile: jwks.json
-      revocation: {{redisSet: "extauthz:revoked:jti"{extra}}}
-""")
+    folder = _jwt_policy_with_a_revocation_set(tmp_path, signing_key, f", {without_redis}" if without_redis else "")
     auth = Authorizer(load_folder(folder, Services(settings=settings)))
     d = asyncio.run(decide(auth, bearer(mint(signing_key, claims(jti="jti-1")))))
     assert (d.allowed, d.reason if not d.allowed else None) == (reason is None, reason), d.steps
