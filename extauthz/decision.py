@@ -307,8 +307,8 @@ def _decision(
     if policy.dry_run:
         ctx.note(f"dry-run: would deny ({denial.reason}); allowing without the headers the policy owns")
         common["steps"] = _frozen(ctx.steps)
-        # The checks that set or strip the policy's headers may not have run: strip them all, so
-        # neither a client's own x-user nor a credential the policy keeps from the upstream gets by.
+        # The checks that set or strip the policy's headers may not have run: strip its response
+        # headers and the credentials it keeps from the upstream, so no client's own x-user gets by.
         presented = (c.name for c in policy.owned_credentials if c.presented_in(ctx.request))
         removed = tuple(dict.fromkeys((*ctx.remove_headers, *policy.owned_headers, *presented)))
         return Decision(True, 200, denial.reason, denial.message, rule=denial.rule or ctx.rule, would_deny=True,

@@ -51,7 +51,7 @@ class CredentialLocation:
         value = request.headers.get(self.name)
         if value is None:
             return False
-        return not self.scheme or (value.split(None, 1) or ("",))[0].lower() == self.scheme.lower()
+        return not self.scheme or _split_scheme(value)[0].lower() == self.scheme.lower()
 
     def extract(self, request: Request) -> str | None:
         if self.kind == "header":
@@ -59,12 +59,9 @@ class CredentialLocation:
             if value is None:
                 return None
             if self.scheme:
-                # Any whitespace ends the scheme (a tab passes through Envoy): "Bearer\t<token>"
-                # read as another scheme would make a bad token absent, and anonymous after it.
-                scheme, *rest = value.split(None, 1) or ("",)
+                scheme, value = _split_scheme(value)
                 if scheme.lower() != self.scheme.lower():
                     return None  # another scheme (e.g. Basic): not ours, credentials absent
-                value = rest[0] if rest else ""
             value = value.strip()
             if "," in value:
                 raise _ambiguous(self.describe())
@@ -133,6 +130,14 @@ def locations_from_spec(spec: Spec, default: CredentialLocation) -> tuple[Creden
             return (default,)
         return found
     return (location_from_spec(spec, default),)
+
+
+def _split_scheme(value: str) -> tuple[str, str]:
+    """(scheme, credentials) of an Authorization-style value. Any whitespace ends the scheme (a tab
+    passes through Envoy): "Bearer\t<token>" read as another scheme would make a bad token absent,
+    and anonymous after it."""
+    scheme, *rest = value.split(None, 1) or ("",)
+    return scheme, rest[0] if rest else ""
 
 
 def extract_first(locations: tuple[CredentialLocation, ...], request: Request) -> tuple[str, CredentialLocation] | None:
