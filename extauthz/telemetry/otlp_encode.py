@@ -135,15 +135,15 @@ class SpanEncoder:
         return _IDS.pack(_TRACE_ID_HEAD, trace_id >> 64, trace_id & _LOW64, _SPAN_ID_HEAD, span_id)
 
     def span(self, record: tuple[Any, ...]) -> bytes:
-        """One Span message (without its field tag in ScopeSpans). ``kind`` is the SDK's SpanKind value,
-        which is one less than OTLP's (the SDK has no UNSPECIFIED)."""
+        """One span as a ScopeSpans ``spans`` field (tag, length, Span), as :meth:`request` joins them.
+        ``kind`` is the SDK's SpanKind value, which is one less than OTLP's (the SDK has no UNSPECIFIED)."""
         (name, trace_id, span_id, parent_id, parent_remote, _flags, state, kind, start, end, attributes,
          code, description) = record  # fmt: skip
         tail = self._tail(attributes, code, description, parent_id and parent_remote)
-        return b"".join((
+        return _field(_SPANS, b"".join((
             self._ids(trace_id, span_id, parent_id), _trace_state(state), self._head(name, kind),
             _TIMES.pack(_START, start, _END, end), tail,
-        ))  # fmt: skip
+        )))  # fmt: skip
 
     def _head(self, name: str, kind: int) -> bytes:
         head = self._names.get((name, kind))
@@ -167,12 +167,13 @@ class SpanEncoder:
         return b"".join(parts)
 
     def check_spans(self, record: CheckRecord, span_id: Callable[[], int] = random_span_id) -> list[bytes]:
-        """The spans of one Check record (see check_spans), encoded: the same bytes as encoding each
-        span of ``check_spans.expand(record)``, but what repeats from Check to Check is kept encoded:
+        """The spans of one Check record (see check_spans), encoded as :meth:`span` encodes each span of
+        ``check_spans.expand(record)``, but what repeats from Check to Check is kept encoded:
         a stage span costs two struct packs and a join."""
         (trace_id, check_id, parent_id, parent_remote, state, start, end, code, description, facts, sampler,
          stages) = record  # fmt: skip
         state_bytes = _trace_state(state)
+        state_size = len(state_bytes)
         high, low = trace_id >> 64, trace_id & _LOW64
         known = self._stages
         spans = []
@@ -184,6 +185,7 @@ class SpanEncoder:
                     known.clear()
                 rest = known[key] = self._stage_rest(stage)
             spans.append(b"".join((
+                _SPANS, varint(rest[2] + state_size),
                 _IDS_WITH_PARENT.pack(_TRACE_ID_HEAD, high, low, _SPAN_ID_HEAD, span_id(), _PARENT_HEAD, check_id),
                 state_bytes, rest[0], _TIMES.pack(_START, stage[2], _END, stage[3]), rest[1],
             )))  # fmt: skip
@@ -191,17 +193,21 @@ class SpanEncoder:
             tail = self._tail(attributes_from_facts(facts, sampler), code, description, parent_id and parent_remote)
         else:
             tail = self._check_tail(facts, code, description, bool(parent_id and parent_remote))
+        head = self._head("extauthz.check", SERVER)
+        ids = self._ids(trace_id, check_id, parent_id)
         spans.append(b"".join((
-            self._ids(trace_id, check_id, parent_id), state_bytes, self._head("extauthz.check", SERVER),
-            _TIMES.pack(_START, start, _END, end), tail,
+            _SPANS, varint(len(ids) + state_size + len(head) + _TIMES.size + len(tail)),
+            ids, state_bytes, head, _TIMES.pack(_START, start, _END, end), tail,
         )))  # fmt: skip
         return spans
 
-    def _stage_rest(self, stage: tuple[Any, ...]) -> tuple[bytes, bytes]:
-        """A stage span's encoded head, and what follows its times (the same for every Check)."""
+    def _stage_rest(self, stage: tuple[Any, ...]) -> tuple[bytes, bytes, int]:
+        """A stage span's encoded head, what follows its times (the same for every Check), and its
+        length without a trace state."""
         span = expand((0, 0, 0, False, None, 0, 0, 0, "", None, None, [stage]), int)[0]
         name, kind, attributes, code, description = span[0], span[7], span[10], span[11], span[12]
-        return self._head(name, kind), self._tail(attributes, code, description, False)
+        head, tail = self._head(name, kind), self._tail(attributes, code, description, False)
+        return head, tail, _IDS_WITH_PARENT.size + len(head) + _TIMES.size + len(tail)
 
     def _check_tail(self, facts: Facts | None, code: int, description: str, remote: bool) -> bytes:
         """The Check span's attributes, status and flags. Only the decision id differs between two
@@ -225,6 +231,10 @@ class SpanEncoder:
         return b"".join((pieces[0], decision_id, pieces[1]))
 
     def request(self, spans: Iterable[bytes]) -> bytes:
-        """The ExportTraceServiceRequest holding ``spans`` (encoded by :meth:`span`)."""
-        scope_spans = _field(_SCOPE_SPANS, self._scope + b"".join(_field(_SPANS, s) for s in spans))
-        return _field(_RESOURCE_SPANS, self._resource + scope_spans)
+        """The ExportTraceServiceRequest holding ``spans`` (from :meth:`span` or :meth:`check_spans`,
+        each already a ScopeSpans ``spans`` field): the spans are copied once, not once per level."""
+        body = b"".join(spans)
+        scope_spans = len(self._scope) + len(body)
+        scope_head = _SCOPE_SPANS + varint(scope_spans)
+        resource_spans = len(self._resource) + len(scope_head) + scope_spans
+        return b"".join((_RESOURCE_SPANS, varint(resource_spans), self._resource, scope_head, self._scope, body))
