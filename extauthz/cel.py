@@ -15,6 +15,7 @@ the same program twice.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -47,7 +48,23 @@ _MEMO_LIMIT = 4096
 
 
 class CelError(Exception):
-    """A CEL expression failed to compile or evaluate."""
+    """A CEL expression failed to compile or evaluate.
+
+    An evaluation error's text goes to logs, decision logs and spans, and the runtime's own message
+    can quote the values being evaluated (the missing map key, a regular expression built from a
+    header): that could be a credential. So ``str()`` of an evaluation error is its code and the
+    message up to the first quoted or appended value, e.g. ``NOT_FOUND: Key not found in map``;
+    ``detail`` keeps the whole message for ``extauthz explain``, which shows it to whoever sent the
+    request, and nowhere else.
+    """
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = message if detail is None else detail
+
+    @classmethod
+    def at_runtime(cls, message: str) -> CelError:
+        return cls(_value_free(message), message)
 
 
 class _Missing:
@@ -229,12 +246,12 @@ class Expression:
         try:
             value = self._program.eval(data=_activation(self.paths, values))
             if value.type() == _cel.Type.ERROR:
-                raise CelError(str(value.value()))
+                raise CelError.at_runtime(str(value.value()))
             result = value.plain_value()
         except CelError:
             raise
         except Exception as exc:  # the runtime raises for values it cannot represent
-            raise CelError(str(exc)) from exc
+            raise CelError.at_runtime(str(exc)) from exc
         if key is not None:
             if len(memo) >= _MEMO_LIMIT:
                 memo.clear()
@@ -276,6 +293,20 @@ def compile_expression(
     plain = _access_path(checked.expr, VARIABLES, plain=True)
     direct = getters[0] if plain is not None and paths == (plain,) else None
     return Expression(source, program, paths, getters, result_type, direct)
+
+
+_VALUE_START = re.compile(r"""\s*(?:[:"'\[=]|$)""")
+
+
+def _value_free(message: str) -> str:
+    """A runtime error message without what it quotes: the status code (``NOT_FOUND``) and the
+    text up to the first ``:``, quote, ``[`` or ``=`` after it (where runtimes append values)."""
+    code, sep, rest = message.partition(": ")
+    if not (sep and code.replace("_", "").isalpha() and code.isupper()):
+        code, rest = "", message
+    head = rest[: _VALUE_START.search(rest).start()]  # type: ignore[union-attr]  # $ always matches
+    head = head or "evaluation failed"
+    return f"{code}: {head}" if code else head
 
 
 def _clean_message(message: str) -> str:

@@ -339,6 +339,7 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
             query=ns.decision_log_query,
         )
         tracing = tracing_from_env(version=_version())
+        _check_store_timeout(ns.redis_url, ns.check_timeout)
     except (ValueError, TracingConfigError) as exc:
         print(f"extauthz: not starting: {exc}", file=sys.stderr)
         return 2
@@ -370,6 +371,19 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
         print(f"extauthz: not starting: {len(exc.errors)} error(s) in policy folder {ns.policies}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_store_timeout(redis_url: str | None, check_timeout: float) -> None:
+    """A Redis timeout as long as the Check's would end every Check waiting on a stuck Redis with the
+    Check's own 503, before a quota's ``onStoreError`` or the circuit breaker could act."""
+    if not redis_url:
+        return
+    from extauthz.stores.redis import parse_redis_url
+
+    timeout = parse_redis_url(redis_url).timeout
+    if timeout >= check_timeout:
+        raise ValueError(f"the Redis timeout ({timeout:g}s) must be shorter than --check-timeout ({check_timeout:g}s): "
+                         "otherwise a stuck Redis ends every Check with 503 before onStoreError applies")
 
 
 def _version() -> str:

@@ -220,7 +220,9 @@ class Authorizer:
             return Denial(503, "internal_error", "authorization timed out")
         except Exception as exc:
             log.exception("check failed in policy %s", policy.name)
-            ctx.attributes["error"] = f"{type(exc).__name__}: {exc}"
+            # The type only: an exception's text may quote request data (the traceback above is
+            # the operator's, in the sidecar's own log).
+            ctx.attributes["error"] = type(exc).__name__
             ctx.note(f"error: {type(exc).__name__} -> deny")
             return Denial(503, "internal_error", "authorization failed")
 

@@ -68,6 +68,8 @@ class Quota:
     key_prefix: str
     #: This quota's RateLimit-Policy item, e.g. '"per-key";q=100;w=60'.
     policy_item: str
+    #: Its q: no RateLimit item says more than this is left.
+    advertised: int
     #: The store key of the keyless (global) counter.
     fixed_key: str
 
@@ -148,7 +150,10 @@ class QuotaCheck:
             try:
                 entry = self._apply(quota, ctx)
             except _QuotaInputError as exc:
-                return _internal_error(ctx, quota, str(exc))
+                if quota.enforce:
+                    return _internal_error(ctx, quota, str(exc))
+                _shadow_skipped(ctx, quota, str(exc))  # a shadow quota never refuses, not even here
+                continue
             if entry is not None:
                 applied.append(entry)
         if not applied:
@@ -313,6 +318,13 @@ def _internal_error(ctx: CheckContext, quota: Quota, problem: str) -> Denial:
     return Denial(503, "internal_error", "policy evaluation failed", rule=f"quota:{quota.name}")
 
 
+def _shadow_skipped(ctx: CheckContext, quota: Quota, problem: str) -> None:
+    policy = ctx.policy.name if ctx.policy is not None else "-"
+    log.warning("policy %s, shadow quota %s: %s; not charged", policy, quota.name, problem)
+    ctx.attributes["quota_shadow_error"] = f"quota {quota.name}: {problem}"
+    ctx.note(f"quota {quota.name} (shadow): {problem} -> not charged")
+
+
 def _ratelimit_headers(items: list[tuple[Quota, ChargeResult]], retry_after: int | None) -> list[tuple[str, str]]:
     """RateLimit-Policy and RateLimit (draft-ietf-httpapi-ratelimit-headers): one item per quota.
 
@@ -326,18 +338,19 @@ def _ratelimit_headers(items: list[tuple[Quota, ChargeResult]], retry_after: int
         reset = math.ceil(result.reset_after)
         if retry_after is not None:
             reset = min(reset, retry_after)
-        limits.append(f'"{quota.name}";r={max(0, result.remaining)};t={reset}')
+        # A burst above the limit holds more than the advertised q: never say more than q is left.
+        limits.append(f'"{quota.name}";r={min(max(0, result.remaining), quota.advertised)};t={reset}')
     return [
         ("ratelimit-policy", ", ".join(quota.policy_item for quota, _ in items)),
         ("ratelimit", ", ".join(limits)),
     ]
 
 
-def _policy_item(name: str, limit: int, window: float) -> str:
-    """The advertised policy in whole seconds (the draft has no sub-second windows), never more generous."""
+def _advertised(limit: int, window: float) -> tuple[int, int]:
+    """(q, w) of the advertised policy: whole seconds (the draft has no sub-second windows), never
+    more generous than the quota."""
     seconds = max(1, round(window))
-    quota = max(1, math.floor(limit * seconds / window + 1e-9))
-    return f'"{name}";q={quota};w={seconds}'
+    return max(1, math.floor(limit * seconds / window + 1e-9)), seconds
 
 
 # --- compile time ------------------------------------------------------------------------------------
@@ -381,9 +394,10 @@ def _quota_from_spec(item: Spec, build: BuildContext) -> Quota | None:
     if len(build.errors) != before:
         return None
     key_prefix = f"q:{build.policy_name}:{name}:"
+    advertised, seconds = _advertised(limit, window)
     return Quota(
         name=name, key=key, when=when, cost=cost, fixed_cost=fixed_cost, limit=limit, window=window,
         burst=burst or limit, interval_us=interval_us, enforce=mode == "enforce", on_store_error=on_store_error,
-        headers=bool(headers), key_prefix=key_prefix, policy_item=_policy_item(name, limit, window),
-        fixed_key=key_prefix + "{global}",
+        headers=bool(headers), key_prefix=key_prefix, policy_item=f'"{name}";q={advertised};w={seconds}',
+        advertised=advertised, fixed_key=key_prefix + "{global}",
     )  # fmt: skip

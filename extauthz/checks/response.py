@@ -56,7 +56,7 @@ class ResponseCheck:
             try:
                 value = header.value.evaluate(ctx)
             except CelError as exc:
-                ctx.note(f"header {header.name}: not set ({exc}); removed from the request")
+                ctx.note(f"header {header.name}: not set ({exc.detail}); removed from the request")
                 ctx.remove_headers.append(header.name)
                 continue
             if value is None:

@@ -58,7 +58,7 @@ class RulesCheck:
                     holds = rule.when.evaluate(ctx)
                 except CelError as exc:
                     ctx.attributes["error"] = f"rule {rule.name}: {exc}"
-                    ctx.note(f"rule {rule.name}: error: {exc}")
+                    ctx.note(f"rule {rule.name}: error: {exc.detail}")
                     return Denial(503, "internal_error", "policy evaluation failed", rule=rule.name)
                 if holds is not True:
                     if holds is not False:

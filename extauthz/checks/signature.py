@@ -234,7 +234,7 @@ class SignatureCheck:
         try:
             expected = self.key_owner.evaluate(ctx)
         except CelError as exc:
-            ctx.note(f"signature keyOwner: {exc}")
+            ctx.note(f"signature keyOwner: {exc.detail}")
             expected = None
         if not key.owner or not isinstance(expected, str) or expected != key.owner:
             ctx.note(f"signature: key {key.key_id} belongs to {key.owner or 'nobody'}, not to {expected!r}")

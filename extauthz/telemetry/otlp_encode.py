@@ -107,8 +107,9 @@ class SpanEncoder:
         self._attributes: dict[str, dict[Any, bytes]] = {}
         #: (name, kind) -> the span's encoded name and kind.
         self._names: dict[tuple[str, int], bytes] = {}
-        #: A stage's (stage, check, denial, error) -> its encoded head, and what follows its times.
-        self._stages: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+        #: A stage's (stage, check, denial, error) -> its encoded head, what follows its times, and
+        #: its length without a trace state.
+        self._stages: dict[tuple[Any, ...], tuple[bytes, bytes, int]] = {}
         #: A Check span's facts but the decision id -> what precedes and follows the decision id.
         self._check_tails: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
 

@@ -127,3 +127,16 @@ def test_environment_does_not_break_other_commands(monkeypatch, capsys) -> None:
     monkeypatch.setenv("EXTAUTHZ_HTTP_PORT", "abc")
     folder = Path(__file__).resolve().parents[2] / "policies"
     assert main(["validate", str(folder)]) == 0
+
+
+@pytest.mark.parametrize(("url", "extra", "message"), [
+    ("redis://127.0.0.1:1/0?timeout=1s", [], "the Redis timeout (1s) must be shorter than --check-timeout (0.4s)"),
+    ("redis://127.0.0.1:1/0?timeout=300ms", ["--check-timeout", "0.3"], "(0.3s) must be shorter than"),
+    ("redis://127.0.0.1:1/0?bogus=1", [], "bogus"),
+])
+def test_a_redis_timeout_that_outlasts_the_check_is_refused_at_start(capsys, url: str, extra: list[str],
+                                                                      message: str) -> None:  # fmt: skip
+    """A stuck Redis must fail a quota within the Check's time, so that onStoreError decides, not a 503."""
+    assert main(["serve", "--policies", "policies", "--redis-url", url, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "not starting" in err and message in err

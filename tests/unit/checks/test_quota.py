@@ -206,6 +206,46 @@ def test_shadow_quotas_report_but_never_deny(build: Build) -> None:
     assert any("trial (shadow" in step and "exhausted" in step for step in second.steps or ())
 
 
+def test_a_shadow_quota_that_cannot_compute_its_key_never_denies(build: Build,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    authorizer = build("""
+- {name: trial, key: "request.headers['x-tenant']", limit: 1, window: 1h, mode: shadow}
+- {name: per-key, key: "request.headers['x-api-key']", limit: 1, window: 1h}
+""")
+    with caplog.at_level(logging.WARNING, logger="extauthz.quota"):
+        first = decide(authorizer)  # no x-tenant header: the shadow quota's key fails
+    assert first.allowed and first.status == 200
+    assert "quota trial: key failed" in first.attributes["quota_shadow_error"]
+    assert "policy api, shadow quota trial: key failed" in caplog.text and "key-alice" not in caplog.text
+    assert decide(authorizer).rule == "quota:per-key"  # the enforced quota still counts and refuses
+
+
+def test_counter_keys_are_the_hashed_value_inside_a_hash_tag(build: Build, redis_server: Any) -> None:
+    import hashlib
+
+    authorizer = build(PER_KEY, settings={"redis_url": redis_server.url})
+    store = authorizer.policy_set.policies[0].checks[-1].store  # type: ignore[union-attr]
+
+    async def run() -> None:
+        await store.start()
+        try:
+            assert (await authorizer.check(check_request_from_sample(request()))).allowed
+        finally:
+            await store.aclose()
+
+    asyncio.run(run())
+    digest = hashlib.blake2b(b"key-alice", digest_size=16).hexdigest()
+    # One counter, named by policy and quota, the value hashed into the Cluster hash tag.
+    assert redis_server.client().keys("*") == [f"extauthz:q:api:per-key:{{{digest}}}".encode()]
+
+
+def test_no_ratelimit_item_says_more_is_left_than_its_policy_allows(build: Build) -> None:
+    authorizer = build("- {name: q, limit: 10, window: 1m, burst: 50, headers: true}")
+    sent = headers(decide(authorizer))
+    assert sent["ratelimit-policy"] == '"q";q=10;w=60'
+    assert sent["ratelimit"].startswith('"q";r=10;')  # 49 units are in the bucket; q says 10
+
+
 def test_quotas_run_after_the_rules_so_refused_requests_are_not_charged(build: Build) -> None:
     authorizer = build(
         PER_KEY.replace("limit: 3", "limit: 1"),

@@ -202,3 +202,23 @@ def test_credential_locations_of_the_policies_are_always_redacted(policy_dir, po
     assert second["query"] == {"PK": REDACTED}
     assert second["headers"] == {"x-partner": REDACTED, "x-tenant": "acme", "x-goog-api-key": REDACTED}
     assert "KEY-" not in stream.getvalue().decode()
+
+
+LOOKUP = """
+match: {paths: [/lookup]}
+rules:
+  - {name: pattern, when: "'x-session' in request.headers && request.path.matches(request.headers['x-session'])",
+     decision: allow}
+  - {name: known-key, when: "{'k-live-1': true}[request.headers['x-api-key']]", decision: allow}
+"""
+
+
+@pytest.mark.parametrize("headers", [{"x-api-key": SECRET}, {"x-session": SECRET + "("}])
+def test_a_failing_rule_never_puts_the_value_it_evaluated_in_the_log(policy_dir, policy_yaml, headers) -> None:
+    """The CEL runtime quotes the map key it missed and the regular expression it could not parse:
+    here a credential. The decision log says which rule failed and how, never with what."""
+    folder = policy_dir(**{"l.yaml": policy_yaml("lookup", LOOKUP)})
+    [line] = _run(folder, DecisionLogConfig(), [{"path": "/lookup", "headers": headers}])
+    assert (line["status"], line["reason"]) == (503, "internal_error")
+    assert line["attributes"]["error"].startswith(("rule known-key: NOT_FOUND", "rule pattern: INVALID_ARGUMENT"))
+    assert SECRET not in json.dumps(line)
