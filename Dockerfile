@@ -4,7 +4,13 @@
 #   docker build -t extauthz:0.1.0 .
 #   docker run --rm -p 9191:9191 -p 8282:8282 extauthz:0.1.0          # serves the bundled policies/
 #
-# In Kubernetes the policies come from a ConfigMap mounted at /etc/extauthz/policies (deploy/k8s/).
+# The image carries the repository's example policies at /etc/extauthz/policies and the key material they
+# name as ../examples/keys/... at /etc/extauthz/examples/keys: public DEMO keys (verification side only;
+# .dockerignore keeps private keys and scripts out), so the default command starts. In production mount
+# your real policies and keys over both folders, e.g.
+#   docker run -v "$PWD/my-policies:/etc/extauthz/policies:ro" -v "$PWD/my-keys:/etc/extauthz/examples/keys:ro" ...
+# In Kubernetes the policies come from a ConfigMap mounted at /etc/extauthz/policies and the keys from
+# Secrets projected at /etc/extauthz/examples/keys (deploy/k8s/, docs/kubernetes.md).
 
 # ---- build: wheels for extauthz and its pinned dependencies -----------------------------------------
 FROM python:3.11-slim-bookworm AS build
@@ -23,6 +29,9 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
  && groupadd --gid 10001 extauthz \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin extauthz
 COPY --chown=0:0 policies /etc/extauthz/policies
+# Policies name key files relative to their folder (../examples/keys/identity/jwks.json): same layout
+# as the Kubernetes pod. Demo material only: mount real keys over this folder.
+COPY --chown=0:0 examples/keys /etc/extauthz/examples/keys
 # Listen on all interfaces inside the container; the Kubernetes manifests narrow gRPC to 127.0.0.1
 # (same pod as Envoy). Probes and /metrics on 8282. Decision log on stdout, process logs on stderr.
 ENV EXTAUTHZ_POLICIES=/etc/extauthz/policies \

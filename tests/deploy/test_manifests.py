@@ -3,12 +3,19 @@
 Every manifest is validated against the Kubernetes OpenAPI schemas bundled with kubernetes-validate
 (no cluster, no network); the kustomizations' references must resolve; the generated policies
 ConfigMap must be policies/ byte for byte; and `extauthz validate` / `extauthz test` must accept the
-policy folder exactly as a pod would see it (ConfigMap + Secrets mounted as documented).
+policy folder exactly as a pod would see it (ConfigMap + Secrets mounted as documented), and exactly as
+the image's default command sees it (the Dockerfile's COPY lines applied to the .dockerignore'd context).
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
+import json
+import os
+import posixpath
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -129,7 +136,9 @@ def test_kustomization_references_resolve() -> None:
                 rel = item.partition("=")[2] or item
                 source = (folder / rel).resolve()
                 assert source.is_file(), f"{path}: {gen['name']} file {rel} does not exist"
-                assert folder.resolve() in source.parents, f"{path}: {rel} is outside the kustomization (kustomize refuses)"
+                assert folder.resolve() in source.parents, (
+                    f"{path}: {rel} is outside the kustomization (kustomize refuses)"
+                )
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -157,8 +166,8 @@ def test_policies_configmap_is_the_policies_folder(base) -> None:
     assert envoy == {"envoy.yaml": (ROOT / "deploy" / "envoy" / "envoy.yaml").read_text()}
 
 
-def _pod_folder(base: list[dict[str, Any]], root: Path) -> Path:
-    """Lay out the ConfigMap and Secrets as the extauthz container sees them."""
+def _pod_folder(base: list[dict[str, Any]], root: Path, without: str | None = None) -> Path:
+    """Lay out the ConfigMap and Secrets as the extauthz container sees them (minus Secret ``without``)."""
     deployment = _one(base, "Deployment", "orders")
     container = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "extauthz")
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
@@ -170,6 +179,8 @@ def _pod_folder(base: list[dict[str, Any]], root: Path) -> Path:
     keys = root / mounts["keys"].lstrip("/")
     keys.mkdir(parents=True)
     for source in volumes["keys"]["projected"]["sources"]:
+        if source["secret"]["name"] == without:
+            continue
         data = _one(base, "Secret", source["secret"]["name"]).get("data", {})
         items = source["secret"].get("items") or [{"key": k, "path": k} for k in data]
         assert {item["key"] for item in items} == set(data), "every key of the Secret is projected"
@@ -187,6 +198,60 @@ def test_extauthz_accepts_the_mounted_policies(base, tmp_path: Path, capsys) -> 
     assert (tmp_path / "etc/extauthz/examples/keys").is_dir()  # where ../examples/keys/... resolves
     assert extauthz_main(["validate", str(policies)]) == 0, capsys.readouterr().err
     assert extauthz_main(["test", str(policies)]) == 0, capsys.readouterr().out
+
+
+def _key_secrets(base: list[dict[str, Any]]) -> list[str]:
+    volumes = _one(base, "Deployment", "orders")["spec"]["template"]["spec"]["volumes"]
+    keys = next(v for v in volumes if v["name"] == "keys")
+    return [source["secret"]["name"] for source in keys["projected"]["sources"]]
+
+
+def _secrets_used(deployment: dict[str, Any]) -> set[str]:
+    """Secrets a Deployment's containers read: through a mounted volume (secret or projected) or env."""
+    pod = deployment["spec"]["template"]["spec"]
+    containers = pod["containers"] + pod.get("initContainers", [])
+    mounted = {m["name"] for c in containers for m in c.get("volumeMounts", [])}
+    used = set()
+    for volume in pod.get("volumes", []):
+        if volume["name"] not in mounted:
+            continue
+        if "secret" in volume:
+            used.add(volume["secret"]["secretName"])
+        used |= {s["secret"]["name"] for s in volume.get("projected", {}).get("sources", []) if "secret" in s}
+    for container in containers:
+        used |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
+                 if "secretKeyRef" in e.get("valueFrom", {})}  # fmt: skip
+        used |= {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
+    return used
+
+
+def test_every_secret_is_used_by_a_deployment_and_vice_versa(base) -> None:
+    defined = {d["metadata"]["name"] for d in base if d["kind"] == "Secret"}
+    used = set().union(*(_secrets_used(d) for d in base if d["kind"] == "Deployment"))
+    assert defined - used == set(), "Secrets no Deployment mounts or reads"
+    assert used - defined == set(), "Secrets the Deployments need but the base does not define"
+
+
+@pytest.mark.parametrize("secret", sorted(sync.secrets()))
+def test_every_key_secret_is_needed_by_the_policies(base, secret: str, tmp_path: Path, capsys) -> None:
+    """A projected Secret the policies never read (a placeholder) would leave the pod unchanged when
+    replaced: without each key Secret, the mounted policies must no longer validate."""
+    assert sorted(sync.secrets()) == sorted(_key_secrets(base))
+    policies = _pod_folder(base, tmp_path, without=secret)
+    assert extauthz_main(["validate", str(policies)]) == 1, f"no policy reads a file of {secret}"
+    assert "examples/keys/" in capsys.readouterr().err
+
+
+def test_kubernetes_doc_names_every_secret_and_file(base) -> None:
+    """docs/kubernetes.md says which Secret (and which data key) to replace; it names no other."""
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    section = text.split("## Secrets and key files", 1)[1].split("\n## ", 1)[0]
+    secrets = {d["metadata"]["name"]: d for d in base if d["kind"] == "Secret"}
+    named = set(re.findall(r"`(extauthz-[a-z0-9-]+)`", section))
+    assert named == set(secrets), "the Secrets table must list exactly the base's Secrets"
+    for name, secret in secrets.items():
+        for key in {**secret.get("data", {}), **secret.get("stringData", {})}:
+            assert f"`{key}`" in section, f"docs/kubernetes.md does not say {name} holds {key}"
 
 
 def _containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
@@ -235,8 +300,9 @@ def test_cluster_objects_present(base) -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in base}
     for wanted in [("Service", "orders"), ("PodDisruptionBudget", "orders"), ("NetworkPolicy", "default-deny"),
                    ("NetworkPolicy", "orders"), ("Deployment", "extauthz-redis"), ("Service", "extauthz-redis"),
-                   ("Secret", "extauthz-jwks"), ("Secret", "extauthz-api-keys"), ("Secret", "extauthz-signing-keys"),
-                   ("Secret", "extauthz-redis"), ("Namespace", "extauthz-demo")]:  # fmt: skip
+                   ("Secret", "extauthz-keys-identity"), ("Secret", "extauthz-keys-partners"),
+                   ("Secret", "extauthz-keys-webhooks"), ("Secret", "extauthz-redis"), ("Secret", "extauthz-subject-key"),
+                   ("Namespace", "extauthz-demo")]:  # fmt: skip
         assert wanted in kinds
     pdb = _one(base, "PodDisruptionBudget", "orders")
     assert pdb["spec"]["minAvailable"] < _one(base, "Deployment", "orders")["spec"]["replicas"]
@@ -267,9 +333,16 @@ def test_dockerfile_and_constraints() -> None:
     assert "-slim" in dockerfile and "--constraint" in dockerfile
     assert "USER 10001:10001" in dockerfile
     assert 'ENTRYPOINT ["extauthz"]' in dockerfile and 'CMD ["serve"]' in dockerfile
-    ignored = (ROOT / ".dockerignore").read_text()
-    for needed in ("pyproject.toml", "README.md", "constraints.txt", "extauthz/", "policies/"):
-        assert f"!{needed}" in ignored
+    context = _docker_context()
+    for stage in _dockerfile_stages():
+        for instruction, args in stage:
+            sources = []
+            if instruction in ("COPY", "ADD") and not any(a.startswith("--from=") for a in args):
+                sources = _copy_operands(args)[0]
+            for flag in (a for a in args if a.startswith("--mount=") and "type=bind" in a and "from=" not in a):
+                sources.append(dict(f.split("=", 1) for f in flag[len("--mount=") :].split(","))["source"])
+            for source in sources:
+                assert _context_matches(context, source), f"{instruction} {source}: not in the build context"
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
@@ -286,3 +359,150 @@ def test_dockerfile_and_constraints() -> None:
         name = requirement.name.lower().replace("_", "-")
         assert name in pins, f"constraints.txt does not pin runtime dependency {name}"
         assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {dep}"
+
+
+# ---- the image's file layout, rebuilt from the Dockerfile and .dockerignore (no docker needed) -----------
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern compiled as Docker's patternmatcher does (Go filepath.Match, plus **)."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern.startswith("/", i):
+                out, i = out + "(?:.*/)?", i + 1
+            else:
+                out += ".*"
+            continue
+        char = pattern[i]
+        assert char not in "[\\", f".dockerignore: {pattern!r} uses syntax this test does not model"
+        out += {"*": "[^/]*", "?": "[^/]"}.get(char, re.escape(char))
+        i += 1
+    return re.compile(out)
+
+
+def _docker_context() -> dict[str, Path]:
+    """Files of the build context (relative path -> file) after .dockerignore: the last matching rule
+    wins, and a rule matching a parent folder matches everything below it."""
+    rules = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            pattern = posixpath.normpath(line.removeprefix("!").strip()).lstrip("/")
+            rules.append((not line.startswith("!"), _dockerignore_regex(pattern)))
+    context = {}
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not (folder == str(ROOT) and d == ".git")]
+        for name in files:
+            relative = (Path(folder) / name).relative_to(ROOT).as_posix()
+            parts = relative.split("/")
+            candidates = ["/".join(parts[:n]) for n in range(len(parts), 0, -1)]
+            excluded = False
+            for exclude, regex in rules:
+                if any(regex.fullmatch(c) for c in candidates):
+                    excluded = exclude
+            if not excluded:
+                context[relative] = Path(folder) / name
+    return context
+
+
+def _dockerfile_stages() -> list[list[tuple[str, list[str]]]]:
+    """The Dockerfile's instructions (continuations joined, comments dropped), one list per FROM."""
+    stages: list[list[tuple[str, list[str]]]] = []
+    pending = ""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        text, pending = (pending + line).strip(), ""
+        if not text:
+            continue
+        instruction, _, rest = text.partition(" ")
+        rest = rest.strip()
+        args = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
+        if instruction.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((instruction.upper(), args))
+    return stages
+
+
+def _copy_operands(args: list[str]) -> tuple[list[str], str]:
+    operands = [a for a in args if not a.startswith("--")]
+    return operands[:-1], operands[-1]
+
+
+def _context_matches(context: dict[str, Path], source: str) -> dict[str, list[str]]:
+    """Context files a COPY source names -> the path parts below the source (a folder's contents)."""
+    source = posixpath.normpath(source).lstrip("/")
+    depth = 0 if source == "." else source.count("/") + 1
+    found = {}
+    for relative in context:
+        parts = relative.split("/")
+        if len(parts) >= depth and fnmatch.fnmatchcase("/".join(parts[:depth]), source if depth else ""):
+            found[relative] = parts[depth:]
+    return found
+
+
+def _image_layout(root: Path) -> dict[str, Any]:
+    """Apply the final stage's COPY lines under root; return its WORKDIR, ENV, ENTRYPOINT and CMD."""
+    context = _docker_context()
+    image: dict[str, Any] = {"workdir": "/", "env": {}, "entrypoint": [], "cmd": []}
+    for instruction, args in _dockerfile_stages()[-1]:
+        if instruction == "WORKDIR":
+            image["workdir"] = posixpath.join(image["workdir"], args[0])
+        elif instruction == "ENV":
+            pairs = [a.split("=", 1) for a in args] if "=" in args[0] else [[args[0], " ".join(args[1:])]]
+            image["env"].update(dict(pairs))
+        elif instruction in ("ENTRYPOINT", "CMD"):
+            image[instruction.lower()] = args
+        elif instruction in ("COPY", "ADD"):
+            assert not any(a.startswith("--from=") for a in args), "this test models COPY from the context only"
+            sources, dest = _copy_operands(args)
+            dest = posixpath.join(image["workdir"], dest)
+            for source in sources:
+                matches = _context_matches(context, source)
+                assert matches, f"{instruction} {source}: nothing in the build context"
+                for relative, below in matches.items():
+                    if below:  # a folder: its contents go into dest
+                        target = posixpath.join(dest, *below)
+                    elif dest.endswith("/") or len(sources) > 1:
+                        target = posixpath.join(dest, posixpath.basename(relative))
+                    else:
+                        target = dest
+                    path = root / target.lstrip("/")
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(context[relative], path)
+    return image
+
+
+def test_image_default_command_serves_the_bundled_policies(tmp_path: Path, capsys) -> None:
+    image = _image_layout(tmp_path)
+    command = image["entrypoint"] + image["cmd"]
+    assert command[:2] == ["extauthz", "serve"], command
+    # extauthz serve: --policies, else EXTAUTHZ_POLICIES, else ./policies, relative to the WORKDIR.
+    flag = next((a.split("=", 1)[1] for a in command[2:] if a.startswith("--policies=")), None)
+    folder = posixpath.join(image["workdir"], flag or image["env"].get("EXTAUTHZ_POLICIES", "policies"))
+    policies = tmp_path / folder.lstrip("/")
+    assert sorted(p.name for p in policies.glob("*.y*ml")) == sorted(p.name for p in (ROOT / "policies").glob("*.y*ml"))
+    assert extauthz_main(["validate", str(policies)]) == 0, capsys.readouterr().err
+    assert extauthz_main(["test", str(policies)]) == 0, capsys.readouterr().out
+    # The example key material the policies name (../examples/keys/...) is what the pod gets: no
+    # private keys, client material or scripts in the image.
+    keys = policies.parent / "examples" / "keys"
+    assert {p.relative_to(keys).as_posix() for p in keys.rglob("*") if p.is_file()} == set(sync.key_files())
+
+
+def test_dockerignore_model_matches_docker_semantics() -> None:
+    """The rules the context model relies on: ** spans folders, a folder rule covers its contents."""
+    assert _dockerignore_regex("**").fullmatch("a/b/c")
+    assert _dockerignore_regex("**/__pycache__").fullmatch("__pycache__")
+    assert _dockerignore_regex("**/__pycache__").fullmatch("x/y/__pycache__")
+    assert _dockerignore_regex("examples/keys/**/*.key").fullmatch("examples/keys/a.key")
+    assert _dockerignore_regex("examples/keys/**/*.key").fullmatch("examples/keys/identity/signing-ec.key")
+    assert not _dockerignore_regex("*.key").fullmatch("identity/signing-ec.key")
+    context = _docker_context()
+    assert "extauthz/cli.py" in context and "policies/orders.yaml" in context
+    assert not any(r.startswith(("tests/", ".git/", "examples/keys/clients/")) or r.endswith(".pyc") for r in context)
