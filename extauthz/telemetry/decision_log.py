@@ -19,6 +19,8 @@ import logging
 import os
 import queue
 import random
+import select
+import stat
 import sys
 import threading
 import time
@@ -174,6 +176,30 @@ def decision_record(decision: Decision, when: float, config: DecisionLogConfig,
 _STOP = object()
 
 
+def _is_pipe(fd: int) -> bool:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _batches(lines: list[bytes], limit: int) -> list[list[bytes]]:
+    """``lines`` in runs of at most ``limit`` bytes (a longer line alone: it cannot be kept whole)."""
+    batches: list[list[bytes]] = []
+    batch: list[bytes] = []
+    size = 0
+    for line in lines:
+        if batch and size + len(line) > limit:
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(line)
+        size += len(line)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 class DecisionLog:
     """Decision observer writing JSON lines from a background thread."""
 
@@ -202,6 +228,9 @@ class DecisionLog:
             else:
                 self._fd = os.open(config.destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
                 self._own_fd = True
+        #: Writes to a pipe (stdout under Kubernetes) must hold whole lines of at most PIPE_BUF bytes:
+        #: with --workers every worker writes to the same pipe, and only such writes never interleave.
+        self._whole_lines_per_write = select.PIPE_BUF if self._fd is not None and _is_pipe(self._fd) else 0
         self.dropped = 0
         self.written = 0
         self._thread = threading.Thread(target=self._write_loop, name="decision-log", daemon=True)
@@ -242,13 +271,15 @@ class DecisionLog:
                 except queue.Empty:
                     break
             if lines:
-                try:
-                    self._emit(b"".join(lines))
-                    self.written += len(lines)
-                except (OSError, ValueError) as exc:
-                    if not self.dropped:  # the first loss is worth a line; the counter tells the rest
-                        log.error("decision log cannot be written (%s); lines are dropped and counted", exc)
-                    self._drop(len(lines))
+                batches = _batches(lines, self._whole_lines_per_write) if self._whole_lines_per_write else [lines]
+                for batch in batches:
+                    try:
+                        self._emit(b"".join(batch))
+                        self.written += len(batch)
+                    except (OSError, ValueError) as exc:
+                        if not self.dropped:  # the first loss is worth a line; the counter tells the rest
+                            log.error("decision log cannot be written (%s); lines are dropped and counted", exc)
+                        self._drop(len(batch))
             if stop:
                 return
 

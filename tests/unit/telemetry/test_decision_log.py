@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,37 @@ def test_a_failing_rule_never_puts_the_value_it_evaluated_in_the_log(policy_dir,
     assert (line["status"], line["reason"]) == (503, "internal_error")
     assert line["attributes"]["error"].startswith(("rule known-key: NOT_FOUND", "rule pattern: INVALID_ARGUMENT"))
     assert SECRET not in json.dumps(line)
+
+
+_WORKER = """
+import sys, time
+from extauthz.decision import Decision
+from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
+log = DecisionLog(DecisionLogConfig())  # stdout: the pipe every worker shares
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # all workers write at the same time
+for i in range(int(sys.argv[1])):
+    log.observe(Decision(False, 403, "denied_by_rule", sys.argv[2] * 600, f"{sys.argv[2]}-{i}"))
+log.close(timeout=20)
+"""
+
+
+def test_workers_sharing_stdout_never_interleave_lines() -> None:
+    """With --workers every worker writes decision lines to the same stdout pipe: a write of more
+    than PIPE_BUF bytes may be split by another worker's, so each write holds whole lines and at
+    most PIPE_BUF bytes."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    lines_each, start = 4000, time.time() + 2.0
+    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, str(lines_each), name, str(start)], stdout=write_end)
+               for name in ("a", "b", "c")]  # fmt: skip
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        output = pipe.read()
+    for worker in workers:
+        assert worker.wait(timeout=60) == 0
+    records = [json.loads(line) for line in output.splitlines()]  # a torn line would not parse
+    assert len(records) == 3 * lines_each
+    assert {r["decision_id"][0] for r in records} == {"a", "b", "c"}
