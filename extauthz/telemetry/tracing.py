@@ -450,10 +450,14 @@ class _CheckSpan:
                   error: BaseException | None = None) -> None:  # fmt: skip
         if handle is None:
             return
-        # The error's type only: an exception's text may quote request data.
+        # The error's type only: an exception's text may quote request data. A stage that failed
+        # without raising (an expression error: a 5xx denial) is an error span too.
+        if error is not None:
+            failure: str | None = type(error).__name__
+        else:
+            failure = denial.reason if denial is not None and denial.status >= 500 else None
         self._stages.append((handle[0], handle[1], handle[2], time.time_ns(),
-                             None if denial is None else denial.reason,
-                             None if error is None else type(error).__name__))  # fmt: skip
+                             None if denial is None else denial.reason, failure))  # fmt: skip
 
     def finish(self, decision: Decision) -> Decision:
         if self.sampled:

@@ -212,6 +212,16 @@ def test_errors_set_span_status_without_the_message(tracing, span_exporter) -> N
     assert SECRET_TOKEN not in _all_values(tuple(spans.values()))
 
 
+def test_a_stage_that_fails_without_raising_is_an_error_span(policy_dir, policy_yaml, tracing,
+                                                              span_exporter) -> None:  # fmt: skip
+    broken = "rules:\n  - {name: r, when: \"request.headers['x-missing'] == 'x'\", decision: allow}\n"
+    authorizer = _authorizer(policy_dir(**{"b.yaml": policy_yaml("broken", broken)}), tracing)
+    assert _decide(authorizer, method="GET", path="/").status == 503
+    rules = _by_name(span_exporter.get_finished_spans())["extauthz.rules"]
+    assert rules.status.status_code is StatusCode.ERROR
+    assert rules.attributes["error.type"] == "internal_error"
+
+
 def test_not_ready_is_an_error_span(tracing, span_exporter) -> None:
     authorizer = Authorizer()
     authorizer.tracer = tracing
