@@ -35,10 +35,18 @@ password, SELECT; through Sentinel, the master's address is asked anew), inside 
 A Cluster goes through redis-py's cluster pipeline (it knows the slots and follows redirections),
 in batches over a few long-lived tasks.
 
-A circuit breaker guards the request path: the first error, or a second ``timeout`` in a row (one
-slow round trip may be a pause of this process), opens it. Then every operation fails at once with
-:class:`StoreError` (each quota does what its ``onStoreError`` says) while a background probe pings
-Redis every ``probe_interval`` and closes the circuit when Redis answers again.
+A circuit breaker guards the request path: the first error or ``timeout`` opens it. Then every
+operation fails at once with :class:`StoreError` (each quota does what its ``onStoreError`` says)
+while a background probe pings Redis and closes the circuit as soon as Redis answers. After an
+error the probe pings every ``probe_interval``. A timeout may be a pause of this process (GC, CPU
+starvation) rather than Redis, so after one the probe pings at once (within ``timeout``) and only
+then every ``probe_interval``: a mere pause keeps the circuit open for one round trip. A timeout
+less than ``probe_interval`` after the circuit closed (Redis answers a PING but not the commands in
+time) is probed after ``probe_interval`` like an error, so requests do not keep waiting out timeouts.
+
+On a Cluster a command's deadline starts when it is submitted, whether it then waits for a free
+lane or is in flight, so no caller waits longer than ``timeout``. When the script of one slot fails
+while another slot's charged, the charged slots are refunded (best effort) and the charge fails.
 """
 
 from __future__ import annotations
@@ -47,7 +55,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import ssl
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -638,11 +648,15 @@ class _Pipeline:
 
 @dataclass(slots=True)
 class _Call:
-    """One command for the cluster pipeline; ``fallback`` replaces an EVALSHA after NOSCRIPT."""
+    """One command for the cluster pipeline; ``fallback`` replaces an EVALSHA after NOSCRIPT.
+
+    ``deadline`` (loop time) is set when it is submitted: past it, the command fails, sent or not.
+    """
 
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
     fallback: tuple[Any, ...] | None = None
+    deadline: float = 0.0
 
 
 class _ClusterPipeliner:
@@ -653,7 +667,11 @@ class _ClusterPipeliner:
     lanes are busy, new commands wait and leave together in the next batch, so under load the cost
     of a round trip is shared by many requests, and with little load a command leaves at once.
 
-    The deadline is per batch (one timer instead of one per request).
+    Each command's deadline starts when it is submitted, whether it then waits for a lane or is in
+    flight, so no caller waits longer than its timeout. As on a single server's connection, one
+    timer watches the earliest deadline of the unanswered commands and fails those past theirs,
+    rather than a timer set and cancelled for every command. A lane gives up on its batch once every
+    command of it is past its deadline, and does not send the commands that already failed.
     """
 
     def __init__(self, client: Any, timeout: float, *, lanes: int = 2, max_batch: int = 256) -> None:
@@ -666,6 +684,11 @@ class _ClusterPipeliner:
         self._idle: list[asyncio.Future[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Submitted commands, oldest first, until found answered or failed (see _expire).
+        self._watched: deque[_Call] = deque()
+        #: The one timer, at ``_watchdog_at``: the earliest deadline in ``_watched`` when it was armed.
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_at = 0.0
         #: Batches and commands sent (diagnostics: commands per batch shows how much is shared).
         self.batches = 0
         self.commands = 0
@@ -673,14 +696,23 @@ class _ClusterPipeliner:
     def submit(
         self, args: tuple[Any, ...], fallback: tuple[Any, ...] | None = None, timeout: float | None = None
     ) -> asyncio.Future[Any]:
-        """Queue ``args`` for the next batch (``timeout`` is unused: the batch's deadline applies)."""
+        """Queue ``args`` for the next batch; the future fails with TimeoutError once ``timeout``
+        (default: the store's) has passed since now, whether the command is still queued or in flight.
+        """
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._loop = loop
             self._idle = []
+            self._pending = []
+            self._watched = deque()
+            self._watchdog = None
             self._tasks = [loop.create_task(self._lane(), name=f"redis-lane-{i}") for i in range(self.lanes)]
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Call(args, future, fallback))
+        call = _Call(args, future, fallback, loop.time() + (timeout or self.timeout))
+        self._pending.append(call)
+        self._watched.append(call)
+        if self._watchdog is None or call.deadline < self._watchdog_at:
+            self._arm(call.deadline)
         while self._idle:
             waiter = self._idle.pop()
             if not waiter.done():
@@ -688,14 +720,47 @@ class _ClusterPipeliner:
                 break
         return future
 
+    def _arm(self, deadline: float) -> None:
+        assert self._loop is not None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = self._loop.call_at(deadline, self._expire)
+        self._watchdog_at = deadline
+
+    def _expire(self) -> None:
+        """The watchdog: fail the unanswered commands past their deadline, then wait for the earliest."""
+        self._watchdog = None
+        assert self._loop is not None
+        now = self._loop.time() + 0.001
+        watched = self._watched
+        # Oldest first: those answered meanwhile leave, those past their deadline fail.
+        while watched and (watched[0].future.done() or watched[0].deadline <= now):
+            call = watched.popleft()
+            if not call.future.done():
+                call.future.set_exception(TimeoutError("redis did not answer in time"))
+        # Deadlines follow submission except for a command with a timeout of its own: scan the rest
+        # (the commands submitted since the oldest unanswered one: this runs once per timer).
+        earliest = math.inf
+        for call in watched:
+            if call.future.done():
+                continue
+            if call.deadline <= now:
+                call.future.set_exception(TimeoutError("redis did not answer in time"))
+            elif call.deadline < earliest:
+                earliest = call.deadline
+        if earliest < math.inf:
+            self._arm(earliest)
+
     async def _lane(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not self._pending:
+            # Commands past their deadline (failed by the watchdog) are not sent.
+            while not (pending := [call for call in self._pending if not call.future.done()]):
+                self._pending = pending
                 waiter: asyncio.Future[None] = loop.create_future()
                 self._idle.append(waiter)
                 await waiter
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            batch, self._pending = pending[: self.max_batch], pending[self.max_batch :]
             await self._send(batch)
 
     async def _send(self, batch: list[_Call]) -> None:
@@ -703,12 +768,15 @@ class _ClusterPipeliner:
         self.batches += 1
         self.commands += len(batch)
         try:
-            async with asyncio.timeout(self.timeout):
+            # Past the last deadline of the batch nobody waits for it: the lane is free for the next.
+            async with asyncio.timeout_at(max(call.deadline for call in batch)):
                 replies = await self._execute([call.args for call in batch])
                 retry = [
                     i
                     for i, reply in enumerate(replies)
-                    if isinstance(reply, redis_errors.NoScriptError) and batch[i].fallback is not None
+                    if isinstance(reply, redis_errors.NoScriptError)
+                    and batch[i].fallback is not None
+                    and not batch[i].future.done()
                 ]
                 if retry:
                     again = await self._execute([batch[i].fallback for i in retry])  # type: ignore[misc]
@@ -722,7 +790,7 @@ class _ClusterPipeliner:
             raise
         for call, reply in zip(batch, replies, strict=True):
             if call.future.done():
-                continue  # the caller gave up
+                continue  # the caller gave up, or its deadline passed
             if isinstance(reply, Exception):
                 call.future.set_exception(reply)
             else:
@@ -742,8 +810,12 @@ class _ClusterPipeliner:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         _fail(self._pending, StoreError("the store is closed"))
         self._pending = []
+        self._watched = deque()
 
 
 def _fail(batch: list[_Call], exc: Exception) -> None:
@@ -778,8 +850,8 @@ class RedisStore:
         self._refund_sha = hashlib.sha1(REFUND_SCRIPT.encode()).hexdigest()
         self.started = False
         self.circuit_open = False
-        #: The last round trip timed out (a second one in a row opens the circuit).
-        self._slow = False
+        #: When the circuit last closed (time.monotonic()): a timeout soon after is not probed at once.
+        self._closed_at = -math.inf
         #: Times the circuit opened (for tests and diagnostics).
         self.trips = 0
         self._probe: asyncio.Task[None] | None = None
@@ -887,33 +959,46 @@ class RedisStore:
         self.circuit_open = True
         self.trips += 1
         _circuit_metric("open")
+        # A timeout may be a pause of this process (GC, CPU starvation), not Redis: probe at once, so
+        # that a pause keeps the circuit open for one round trip. Unless the circuit closed moments
+        # ago: Redis answers a PING but not the commands in time, and requests would keep waiting.
+        timed_out = isinstance(exc, TimeoutError | redis_errors.TimeoutError)
+        at_once = timed_out and time.monotonic() - self._closed_at >= self.settings.probe_interval
         log.warning(
-            "redis store %s unavailable (%s during %s): failing fast, probing every %.2fs",
+            "redis store %s unavailable (%s during %s): failing fast, probing %severy %.2fs",
             self.settings.describe(),
             _describe(exc),
             operation,
+            "now, then " if at_once else "",
             self.settings.probe_interval,
         )
-        self._ensure_probe()
+        self._ensure_probe(at_once=at_once)
 
-    def _ensure_probe(self) -> None:
+    def _ensure_probe(self, *, at_once: bool = False) -> None:
         """One probe task per open circuit, on the running loop (a dead or foreign one is replaced)."""
         loop = asyncio.get_running_loop()
         if self._probe is None or self._probe.done() or self._probe.get_loop() is not loop:
-            self._probe = loop.create_task(self._probe_until_up(), name="redis-probe")
+            self._probe = loop.create_task(self._probe_until_up(at_once=at_once), name="redis-probe")
 
-    async def _probe_until_up(self) -> None:
+    async def _probe_until_up(self, *, at_once: bool = False) -> None:
+        """PING until Redis answers, then close the circuit; the first PING at once if ``at_once``."""
         while self.circuit_open:
-            await asyncio.sleep(self.settings.probe_interval)
+            if at_once:
+                # Right after a timeout: Redis must answer within the deadline requests have.
+                at_once = False
+                timeout = self.timeout
+            else:
+                await asyncio.sleep(self.settings.probe_interval)
+                timeout = max(self.timeout, 0.5)
             _circuit_metric("half_open")
             try:
-                async with asyncio.timeout(max(self.timeout, 0.5)):
+                async with asyncio.timeout(timeout):
                     if self.cluster:
                         await self.client.initialize()
                         await self.client.execute_command("PING", target_nodes=self.client.get_primaries())
                     else:
                         # On the connection requests use: when it answers, it is ready for them.
-                        await self._pipeline.submit(("PING",), timeout=max(self.timeout, 0.5))
+                        await self._pipeline.submit(("PING",), timeout=timeout)
             except _FAILURES:
                 _circuit_metric("open")
                 continue
@@ -924,7 +1009,7 @@ class RedisStore:
                 _circuit_metric("open")
                 continue
             self.circuit_open = False
-            self._slow = False
+            self._closed_at = time.monotonic()
             _circuit_metric("closed")
             log.info("redis store %s is reachable again", self.settings.describe())
 
@@ -934,19 +1019,10 @@ class RedisStore:
             self._ensure_probe()
             raise StoreError("redis circuit is open")
         try:
-            reply = await self._pipeline.submit(args, fallback)
+            return await self._pipeline.submit(args, fallback)
         except _FAILURES as exc:
-            if isinstance(exc, TimeoutError | redis_errors.TimeoutError) and not self._slow:
-                # One slow round trip can be a pause of this process (GC, a CPU spike), not Redis:
-                # it fails its own requests; a second one in a row opens the circuit.
-                self._slow = True
-                _store_error_metric(operation)
-                log.info("redis %s timed out after %.3fs", operation, self.timeout)
-            else:
-                self._trip(operation, exc)
+            self._trip(operation, exc)
             raise StoreError(f"redis {operation} failed: {_describe(exc)}") from None
-        self._slow = False
-        return reply
 
     # --- operations ------------------------------------------------------------------------------
     async def remember_once(self, key: str, ttl: float) -> bool:
@@ -969,11 +1045,22 @@ class RedisStore:
             groups.setdefault(key_slot(c.key.encode()), []).append(i)
         if len(groups) == 1:
             return (await self._charge_group(list(range(len(charges))), charges))[1]
-        outcomes = await asyncio.gather(*(self._charge_group(idx, charges) for idx in groups.values()))
+        # Every slot's outcome, failures included: a slot that charged must be refunded if another failed.
+        outcomes = await asyncio.gather(
+            *(self._charge_group(idx, charges) for idx in groups.values()), return_exceptions=True
+        )
+        failure: BaseException | None = None
+        done: list[tuple[list[int], bool, list[ChargeResult]]] = []
+        for outcome, idx in zip(outcomes, groups.values(), strict=True):
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+            else:
+                done.append((idx, *outcome))
+        # Refused by one slot, or failed in one: the slots that admitted and charged give it back.
+        admitted = failure is None and all(ok for _, ok, _ in done)
         results: list[ChargeResult | None] = [None] * len(charges)
-        admitted = all(ok for ok, _ in outcomes)
         refunds: list[tuple[str, int]] = []
-        for (ok, group_results), idx in zip(outcomes, groups.values(), strict=True):
+        for idx, ok, group_results in done:
             for i, result in zip(idx, group_results, strict=True):
                 c = charges[i]
                 if not admitted and ok and result.allowed and c.cost:
@@ -985,15 +1072,34 @@ class RedisStore:
                         max(0.0, result.reset_after - c.cost * c.interval_us / 1e6),
                     )
                 results[i] = result
-        if refunds:
-            keys = tuple(k for k, _ in refunds)
-            amounts = tuple(str(a) for _, a in refunds)
-            # Each refund is one key: no slot constraint, sent together.
-            await asyncio.gather(*(
-                self._call("refund", ("EVALSHA", self._refund_sha, 1, k, a), ("EVAL", REFUND_SCRIPT, 1, k, a))
-                for k, a in zip(keys, amounts, strict=True)
-            ))  # fmt: skip
+        refund_error = await self._refund(refunds) if refunds else None
+        if failure is not None:
+            raise failure  # as a single slot's failure would (the others refunded, best effort)
+        if refund_error is not None:
+            raise StoreError(f"redis refund failed: {_describe(refund_error)}")
         return [r for r in results if r is not None]
+
+    async def _refund(self, refunds: list[tuple[str, int]]) -> BaseException | None:
+        """Give back charges (Cluster: other slots refused or failed); the first failure, if any.
+
+        Sent even while the circuit is open (a failing slot may just have opened it): the nodes to
+        refund on have just answered the charge. A failure is counted and opens the circuit.
+        """
+        # Each refund is one key: no slot constraint, sent together.
+        replies = await asyncio.gather(*(
+            self._pipeline.submit(("EVALSHA", self._refund_sha, 1, k, str(a)), ("EVAL", REFUND_SCRIPT, 1, k, str(a)))
+            for k, a in refunds
+        ), return_exceptions=True)  # fmt: skip
+        failures = [r for r in replies if isinstance(r, BaseException)]
+        for exc in failures:
+            if not isinstance(exc, Exception):
+                raise exc  # cancelled
+            log.warning("redis refund failed, a charge stays applied: %s", _describe(exc))
+            if isinstance(exc, _FAILURES):
+                self._trip("refund", exc)
+            else:
+                _store_error_metric("refund")
+        return failures[0] if failures else None
 
     async def _charge_group(self, idx: list[int], charges: Sequence[Charge]) -> tuple[bool, list[ChargeResult]]:
         prefix = self._key_prefix

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -14,6 +16,7 @@ import pytest
 from redisd import free_port, make_tls_files
 
 from extauthz.stores import Charge, StoreConfigError, StoreError
+from extauthz.stores import redis as redis_store
 from extauthz.stores.memory import MemoryStore
 from extauthz.stores.redis import RedisStore, parse_redis_url
 
@@ -140,8 +143,9 @@ def test_a_dead_redis_costs_one_timeout_then_fails_fast_and_recovery_is_automati
 
 
 @pytest.mark.parametrize("credentials", ["", "app:secret@"])
-def test_a_redis_that_stops_answering_costs_two_timeouts_then_fails_fast(credentials: str) -> None:
-    """A black hole (accepts, never answers): one slow round trip may be our own pause, two open the circuit.
+def test_a_redis_that_stops_answering_costs_one_timeout_then_fails_fast(credentials: str) -> None:
+    """A black hole (accepts, never answers): the first timeout opens the circuit, every later request
+    fails at once, and the probe sent right after the timeout, unanswered too, leaves it open.
 
     With credentials, the connection's AUTH is what goes unanswered: connecting is inside the deadline.
     """
@@ -155,16 +159,21 @@ def test_a_redis_that_stops_answering_costs_two_timeouts_then_fails_fast(credent
         port = hole.sockets[0].getsockname()[1]
         store = RedisStore(f"redis://{credentials}127.0.0.1:{port}/0?timeout=150ms&probe_interval=10s")
         try:
-            for _ in range(2):
-                t0 = time.perf_counter()
-                with pytest.raises(StoreError, match="TimeoutError"):
-                    await store.charge([hourly(5)])
-                assert 0.1 < time.perf_counter() - t0 < 0.4
-            assert store.circuit_open
             t0 = time.perf_counter()
-            with pytest.raises(StoreError, match="circuit is open"):
+            with pytest.raises(StoreError, match="TimeoutError"):
                 await store.charge([hourly(5)])
-            assert time.perf_counter() - t0 < 0.05
+            assert 0.1 < time.perf_counter() - t0 < 0.4
+            assert store.circuit_open
+            # Fast while the probe's PING is in flight and after it timed out too (0.3 s in all).
+            timings = []
+            for _ in range(15):
+                t0 = time.perf_counter()
+                with pytest.raises(StoreError, match="circuit is open"):
+                    await store.charge([hourly(5)])
+                timings.append(time.perf_counter() - t0)
+                await asyncio.sleep(0.02)
+            assert max(timings) < 0.05
+            assert store.circuit_open and store.trips == 1
         finally:
             await store.aclose()
             hole.close()
@@ -286,19 +295,58 @@ def test_an_acl_user_from_the_url_with_the_password_from_the_url_or_a_file(redis
     run(test)
 
 
-def test_one_slow_round_trip_does_not_open_the_circuit(redis_factory: Any) -> None:
-    redis_server = redis_factory(extra=("--enable-debug-command", "local"))
+def test_one_slow_round_trip_opens_the_circuit_only_until_redis_answers(
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause (here of redis-server, SIGSTOP for slightly longer than the timeout; it could as well be
+    this process's) opens the circuit, and the probe sent at once closes it as soon as Redis answers,
+    not after probe_interval. A timeout again right after it closed waits probe_interval."""
+    states: list[str] = []
+    errors: list[str] = []
+    monkeypatch.setattr(redis_store, "_circuit_metric", states.append)
+    monkeypatch.setattr(redis_store, "_store_error_metric", errors.append)
+    pid = redis_server.proc.pid
 
     async def test() -> None:
-        store = await started(redis_server.url + "?timeout=100ms")
+        store = await started(redis_server.url + "?timeout=200ms&probe_interval=1s")
         try:
-            pause = await _put_to_sleep(redis_server, 0.3)
-            with pytest.raises(StoreError, match="Timeout"):
-                await store.charge([hourly(5)])
-            await pause
-            assert not store.circuit_open
             assert (await store.charge([hourly(5)]))[0].allowed
+            os.kill(pid, signal.SIGSTOP)
+            t0 = time.perf_counter()
+            with pytest.raises(StoreError, match="TimeoutError"):
+                await store.charge([hourly(5)])
+            assert 0.15 < time.perf_counter() - t0 < 0.5
+            assert store.circuit_open and store.trips == 1
+            t0 = time.perf_counter()
+            with pytest.raises(StoreError, match="circuit is open"):
+                await store.charge([hourly(5)])
+            assert time.perf_counter() - t0 < 0.05
+            await asyncio.sleep(0.05)
+            os.kill(pid, signal.SIGCONT)
+            resumed = time.monotonic()
+            while store.circuit_open and time.monotonic() - resumed < 3:
+                await asyncio.sleep(0.005)
+            # Closed by the PING sent right after the timeout, once Redis answered it: one round trip.
+            assert not store.circuit_open and time.monotonic() - resumed < 0.25
+            assert (await store.charge([hourly(5)]))[0].allowed
+            assert states == ["closed", "open", "half_open", "closed"]
+            assert errors == ["charge", "charge"]  # the timeout, then the fast failure
+
+            # Timing out again right after the circuit closed: Redis answers PINGs but not requests
+            # in time, so the probe waits probe_interval (requests fail fast meanwhile).
+            os.kill(pid, signal.SIGSTOP)
+            with pytest.raises(StoreError, match="TimeoutError"):
+                await store.charge([hourly(5)])
+            tripped = time.monotonic()
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(0.5)
+            assert store.circuit_open and store.trips == 2
+            while store.circuit_open and time.monotonic() - tripped < 3:
+                await asyncio.sleep(0.01)
+            assert not store.circuit_open and 0.9 < time.monotonic() - tripped < 1.6
+            assert states[4:] == ["open", "half_open", "closed"]
         finally:
+            os.kill(pid, signal.SIGCONT)
             await store.aclose()
 
     run(test)

@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import subprocess
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import redis
 from redis.crc import key_slot
 from redisd import free_port
 
-from extauthz.stores import Charge
+from extauthz.stores import Charge, StoreError
 from extauthz.stores.redis import RedisStore
 
 HOUR_US = 3_600_000_000
@@ -82,3 +83,81 @@ def test_counters_in_different_slots_are_charged_all_or_nothing(cluster: list[An
         assert round((tat2 - (now_s * 1_000_000 + now_us)) / (HOUR_US // 1000)) == 25
     finally:
         client.close()
+
+
+def _tat_units(client: Any, key: str, limit: int) -> int:
+    """Units charged on a counter (HOUR_US // limit apart), from its stored TAT and Redis's clock."""
+    now_s, now_us = client.time()
+    tat = int(client.get(key) or 0)
+    return max(0, round((tat - (now_s * 1_000_000 + now_us)) / (HOUR_US // limit)))
+
+
+def test_a_slot_that_fails_refunds_the_slots_that_charged(cluster: list[Any]) -> None:
+    """One slot's script fails (a key of the wrong type there: WRONGTYPE) while another slot's charged:
+    the charge fails as a failure would, and the slot that charged gives it back."""
+    assert key_slot(b"{good}") != key_slot(b"{bad}")
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in cluster) + "?timeout=2s&probe_interval=10s"
+    client = redis.RedisCluster(host="127.0.0.1", port=cluster[0].port)
+
+    async def test() -> None:
+        store = RedisStore(url)
+        await store.start()
+        try:
+            assert (await store.charge([counter("good", 10)]))[0].remaining == 9
+            client.lpush("extauthz:q:p:bad:{bad}", "not a counter")
+            with pytest.raises(StoreError, match="WRONGTYPE"):
+                await store.charge([counter("good", 10), counter("bad", 10)])
+            assert store.circuit_open
+        finally:
+            await store.aclose()
+
+    try:
+        asyncio.run(test())
+        assert _tat_units(client, "extauthz:q:p:good:{good}", 10) == 1  # the first charge only
+    finally:
+        client.close()
+
+
+def test_a_command_queued_behind_stuck_lanes_waits_no_longer_than_its_timeout(cluster: list[Any]) -> None:
+    """One node stops answering (CLIENT PAUSE): both lanes wait on it, and a command queued behind them
+    still fails at its own deadline, counted from when it was submitted (not when a lane sends it)."""
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in cluster) + "?timeout=300ms&probe_interval=100ms"
+    client = redis.RedisCluster(host="127.0.0.1", port=cluster[0].port)
+    port = client.get_node_from_key("extauthz:q:p:stuck:{stuck}").port
+    client.close()
+    node = next(n for n in cluster if n.port == port)
+
+    async def timed(charge: Awaitable[Any]) -> tuple[str, float]:
+        t0 = time.perf_counter()
+        try:
+            await charge
+            return "answered", time.perf_counter() - t0
+        except StoreError as exc:
+            return str(exc), time.perf_counter() - t0
+
+    async def test() -> None:
+        store = RedisStore(url)
+        await store.start()
+        try:
+            assert (await store.charge([counter("stuck", 10)]))[0].allowed
+            node.client().execute_command("CLIENT", "PAUSE", "900", "ALL")
+            waits = []
+            for _ in range(3):  # one lane each for the first two, the third queues behind them
+                waits.append(asyncio.ensure_future(timed(store.charge([counter("stuck", 10)]))))
+                await asyncio.sleep(0.03)
+            assert all(not w.done() for w in waits)
+            outcomes = await asyncio.gather(*waits)
+            for message, seconds in outcomes:
+                assert "TimeoutError" in message
+                assert 0.2 < seconds < 0.42  # the timeout (300 ms), never twice as long
+            assert store.circuit_open
+            # The pause ends: the probe closes the circuit and the lanes serve again.
+            deadline = time.monotonic() + 5
+            while store.circuit_open and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert not store.circuit_open
+            assert (await store.charge([counter("stuck", 10)]))[0].allowed
+        finally:
+            await store.aclose()
+
+    asyncio.run(test())
