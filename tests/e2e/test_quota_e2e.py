@@ -145,9 +145,10 @@ def test_two_replicas_sharing_redis_admit_exactly_the_limit(tmp_path: Path, exta
                                                             redis_factory: Any) -> None:  # fmt: skip
     redis = redis_factory()
     policies = _policies(tmp_path / "policies")
-    # A generous store timeout: this measures exactness on a shared 2-core machine, not failure handling.
+    # Generous timeouts (the store's below the Check's, as serve requires): this measures exactness on
+    # a shared 2-core machine, not failure handling.
     url = redis.url + "?timeout=2s"
-    replicas = [extauthz_factory(policies, extra_args=["--redis-url", url]) for _ in range(2)]
+    replicas = [extauthz_factory(policies, extra_args=["--redis-url", url, "--check-timeout", "3"]) for _ in range(2)]
     targets = [r.target for r in replicas]
 
     allowed = asyncio.run(_load(targets, "/exact", total=1500, concurrency=16, seconds=None))
