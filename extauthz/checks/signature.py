@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
 
 from extauthz.cel import CelError, Expression
 from extauthz.checks import Phase, register
@@ -78,7 +77,8 @@ class _Keys:
 
 @register("signature", Phase.SIGNATURE)
 class SignatureCheck:
-    may_wait: ClassVar[bool] = True
+    #: Set per instance (see __init__): only a shared nonce store waits on I/O.
+    may_wait: bool = True
 
     def __init__(
         self,

@@ -18,7 +18,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
-from cryptography.x509.oid import ExtensionOID
 
 from extauthz.context import CheckContext
 from extauthz.identity import Rejected
@@ -74,7 +73,7 @@ def _parse(pem: str) -> PeerCertificate:
         uris: tuple[str, ...] = ()
         dns: tuple[str, ...] = ()
         try:
-            san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
             dns = tuple(san.get_values_for_type(x509.DNSName))
         except x509.ExtensionNotFound:

@@ -15,7 +15,7 @@ import logging
 import math
 import re
 import time
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import quote
 
 from extauthz.context import CheckContext
@@ -42,7 +42,7 @@ DEFAULT_LOCATION = CredentialLocation("header", "authorization", "Bearer")
 _MAX_RESPONSE = 64 * 1024
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 

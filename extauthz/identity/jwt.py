@@ -438,7 +438,7 @@ class JwtSource:
                 if not issuer.startswith(("https://", "http://")):
                     spec.error("discovery: true needs an issuer URL (or give the discovery document URL)", "discovery")
                     return None
-                url: str | None = issuer.rstrip("/") + "/.well-known/openid-configuration"
+                url = issuer.rstrip("/") + "/.well-known/openid-configuration"
                 probe = Spec(spec.build, spec.path, {"discovery": url})
                 url = url_from_spec(probe, "discovery", allow_insecure=allow_insecure)
             elif isinstance(node.value, str):

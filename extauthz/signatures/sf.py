@@ -30,6 +30,7 @@ import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 __all__ = [
     "BareItem",
@@ -540,13 +541,14 @@ def parse_item(text: str, limits: Limits = DEFAULT_LIMITS) -> Item:
 def serialize_bare_item(value: BareItem) -> str:
     kind = type(value)
     if kind is str:  # the common case (component names, keyid, nonce, tag): checked first
-        if _STRING_OK.fullmatch(value) is None:  # type: ignore[arg-type]
+        text = cast(str, value)
+        if _STRING_OK.fullmatch(text) is None:
             raise StructuredFieldError("string has characters outside printable ASCII")
-        if '"' in value or "\\" in value:  # type: ignore[operator]
-            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'  # type: ignore[union-attr]
-        return '"' + value + '"'  # type: ignore[operator]
+        if '"' in text or "\\" in text:
+            return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + text + '"'
     if kind is int:
-        if abs(value) > _MAX_INT:  # type: ignore[arg-type]
+        if abs(cast(int, value)) > _MAX_INT:
             raise StructuredFieldError("integer out of range")
         return str(value)
     if isinstance(value, bool):

@@ -9,9 +9,9 @@ last step, taken only for a signature that passed every other test.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from extauthz.signatures.algorithms import VerificationKey
 from extauthz.signatures.base import ComponentError, Message, covered_components, signature_base
@@ -54,7 +54,7 @@ class SignatureFailure(Exception):
         self.status = status
 
 
-_CONTENT_DIGEST = ("content-digest", frozenset())
+_CONTENT_DIGEST: tuple[str, frozenset[str]] = ("content-digest", frozenset())
 
 # Stages: how far a candidate got, to report the most informative failure when several fail.
 _PARSE, _SELECT, _PARAMS, _COVERAGE, _KEY, _BASE, _CRYPTO, _DIGEST = range(8)
@@ -142,8 +142,8 @@ def accept_signature(requirements: Requirements, *, with_body: bool) -> str:
     return serialize_dictionary([(requirements.label or "sig1", inner)])
 
 
-def _dictionary(headers: dict[str, str] | object, name: str) -> dict[str, InnerList | Item]:
-    value = headers.get(name)  # type: ignore[attr-defined]
+def _dictionary(headers: Mapping[str, str], name: str) -> dict[str, InnerList | Item]:
+    value = headers.get(name)
     if value is None:
         raise SignatureFailure("signature_malformed", f"{name} header is missing", _PARSE)
     try:
@@ -156,10 +156,11 @@ def _dictionary(headers: dict[str, str] | object, name: str) -> dict[str, InnerL
 
 def _signature_params(inner: InnerList) -> dict[str, object]:
     """The signature's parameters by name, once the known ones are checked for their types."""
-    params = dict(reversed(inner.params))  # the first of a repeated name counts, as with InnerList.param
+    # The first of a repeated name counts, as with InnerList.param.
+    params: dict[str, object] = dict(reversed(inner.params))
     for name in ("created", "expires"):
         value = params.get(name)
-        if value is not None and (type(value) is not int or value < 0):  # type: ignore[operator]
+        if value is not None and (type(value) is not int or cast(int, value) < 0):
             raise SignatureFailure("signature_params_invalid", f"{name} must be a non-negative integer", _PARAMS)
     for name in ("nonce", "alg", "keyid", "tag"):
         value = params.get(name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from extauthz.signatures.algorithms import VerificationKey
@@ -57,9 +57,9 @@ class WebhookScheme:
     header: str
     tolerance: float = 300.0
 
-    def verify(self, headers: dict[str, str] | object, body: bytes, partial_body: bool,
+    def verify(self, headers: Mapping[str, str], body: bytes, partial_body: bool,
                secrets: Sequence[VerificationKey], now: float) -> WebhookMatch:
-        value = headers.get(self.header)  # type: ignore[attr-defined]
+        value = headers.get(self.header)
         if value is None:
             raise SignatureFailure("signature_missing", f"the {self.header} header is missing", 0)
         if partial_body:

@@ -180,8 +180,8 @@ class RedisSettings:
     ssl_check_hostname: bool = True
 
     def describe(self) -> str:
-        scheme = {"single": "redis", "unix": "unix", "sentinel": "redis+sentinel", "cluster": "redis+cluster"}
-        scheme = scheme[self.mode]
+        schemes = {"single": "redis", "unix": "unix", "sentinel": "redis+sentinel", "cluster": "redis+cluster"}
+        scheme = schemes[self.mode]
         if self.tls:
             scheme = scheme.replace("redis", "rediss", 1)
         where = self.path if self.mode == "unix" else ",".join(f"{h}:{p}" for h, p in self.hosts)

@@ -17,7 +17,7 @@ import bisect
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -68,7 +68,8 @@ class Metrics:
         self.multiprocess = multiprocess_dir() is not None
         r = self.registry
 
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = (), mode: str = "livemax") -> Gauge:
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = (),
+                  mode: Literal["livemax", "livesum"] = "livemax") -> Gauge:  # fmt: skip
             # multiprocess_mode is ignored outside multiprocess mode.
             return Gauge(name, doc, labels, registry=r, multiprocess_mode=mode)
 
