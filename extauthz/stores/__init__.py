@@ -77,11 +77,13 @@ class Store(Protocol):
         """True if ``member`` is in the set ``set_name`` (revocation denylists). Raises StoreError."""
         ...
 
-    async def charge(self, charges: Sequence[Charge]) -> list[ChargeResult]:
+    async def charge(self, charges: Sequence[Charge]) -> Sequence[ChargeResult | None]:
         """Charge every counter of one request, all or nothing; one result per charge, in order.
 
         The request is admitted when every enforced charge has room; then each charge with room
-        (shadow ones included) is applied. Otherwise nothing is applied. Raises StoreError.
+        (shadow ones included) is applied. Otherwise nothing is applied. Raises StoreError. None
+        stands for a counter that could not be read while another refused the request (a Redis
+        Cluster slot that failed): the refusal is the answer.
         """
         ...
 

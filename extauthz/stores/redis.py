@@ -45,8 +45,9 @@ less than ``probe_interval`` after the circuit closed (Redis answers a PING but 
 time) is probed after ``probe_interval`` like an error, so requests do not keep waiting out timeouts.
 
 On a Cluster a command's deadline starts when it is submitted, whether it then waits for a free
-lane or is in flight, so no caller waits longer than ``timeout``. When the script of one slot fails
-while another slot's charged, the charged slots are refunded (best effort) and the charge fails.
+lane or is in flight, so no caller waits longer than ``timeout``. When one slot refuses or fails
+while another's charged, the charged slots are refunded in the background (best effort; the caller
+does not wait for it). A refusal by any slot is the answer; otherwise a failed slot fails the charge.
 """
 
 from __future__ import annotations
@@ -856,6 +857,8 @@ class RedisStore:
         self.trips = 0
         self._probe: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
+        #: Cluster refunds under way (kept referenced until done).
+        self._refunds: set[asyncio.Task[BaseException | None]] = set()
 
     # --- construction ----------------------------------------------------------------------------
     def _connection_kwargs(self) -> dict[str, Any]:
@@ -931,7 +934,9 @@ class RedisStore:
             await asyncio.gather(*(self._pipeline.submit(("SCRIPT", "LOAD", s), timeout=timeout) for s in scripts))
 
     async def aclose(self) -> None:
-        for task in (self._probe, self._watch):
+        if self._refunds:  # give them their deadline: a refund is a charge to give back
+            await asyncio.wait(set(self._refunds), timeout=self.timeout)
+        for task in (self._probe, self._watch, *self._refunds):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -1035,7 +1040,7 @@ class RedisStore:
     async def is_member(self, set_name: str, member: str) -> bool:
         return bool(await self._call("is_member", ("SISMEMBER", set_name, member)))
 
-    async def charge(self, charges: Sequence[Charge]) -> list[ChargeResult]:
+    async def charge(self, charges: Sequence[Charge]) -> Sequence[ChargeResult | None]:
         if not charges:
             return []
         if not self.cluster:
@@ -1057,7 +1062,8 @@ class RedisStore:
             else:
                 done.append((idx, *outcome))
         # Refused by one slot, or failed in one: the slots that admitted and charged give it back.
-        admitted = failure is None and all(ok for _, ok, _ in done)
+        refused = not all(ok for _, ok, _ in done)
+        admitted = failure is None and not refused
         results: list[ChargeResult | None] = [None] * len(charges)
         refunds: list[tuple[str, int]] = []
         for idx, ok, group_results in done:
@@ -1072,15 +1078,23 @@ class RedisStore:
                         max(0.0, result.reset_after - c.cost * c.interval_us / 1e6),
                     )
                 results[i] = result
-        refund_error = await self._refund(refunds) if refunds else None
+        if refunds:
+            # In the background: the caller's time went to the charge, and the answer does not
+            # depend on the refund (best effort; a failed one is logged and counted).
+            task = asyncio.get_running_loop().create_task(self._refund(refunds), name="redis-refund")
+            self._refunds.add(task)
+            task.add_done_callback(self._refunds.discard)
+        if refused:
+            # Redis refused the request: that is the answer, whatever another slot did. A slot that
+            # failed has None (nothing was charged there).
+            return results
         if failure is not None:
-            raise failure  # as a single slot's failure would (the others refunded, best effort)
-        if refund_error is not None:
-            raise StoreError(f"redis refund failed: {_describe(refund_error)}")
-        return [r for r in results if r is not None]
+            raise failure  # as a single slot's failure would
+        return results  # admitted: every slot answered
 
     async def _refund(self, refunds: list[tuple[str, int]]) -> BaseException | None:
         """Give back charges (Cluster: other slots refused or failed); the first failure, if any.
+        Runs as a task of its own, so a Check that ends meanwhile does not cancel it.
 
         Sent even while the circuit is open (a failing slot may just have opened it): the nodes to
         refund on have just answered the charge. A failure is counted and opens the circuit.

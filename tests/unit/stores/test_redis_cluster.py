@@ -118,6 +118,31 @@ def test_a_slot_that_fails_refunds_the_slots_that_charged(cluster: list[Any]) ->
         client.close()
 
 
+def test_a_refusal_stands_when_another_slot_fails(cluster: list[Any]) -> None:
+    """One slot refuses (its counter is spent) while another fails (WRONGTYPE): Redis has refused the
+    request, and that is the answer -- a store error would let onStoreError: allow admit it."""
+    assert key_slot(b"{tight}") != key_slot(b"{bad}")
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in cluster) + "?timeout=2s&probe_interval=10s"
+    client = redis.RedisCluster(host="127.0.0.1", port=cluster[0].port)
+
+    async def test() -> None:
+        store = RedisStore(url)
+        await store.start()
+        try:
+            assert (await store.charge([counter("tight", 1)]))[0].allowed
+            client.lpush("extauthz:q:p:bad:{bad}", "not a counter")
+            tight, bad = await store.charge([counter("tight", 1), counter("bad", 10)])
+            assert tight is not None and not tight.allowed and tight.retry_after > 0
+            assert bad is None  # nothing could be charged there
+        finally:
+            await store.aclose()
+
+    try:
+        asyncio.run(test())
+    finally:
+        client.close()
+
+
 def test_a_command_queued_behind_stuck_lanes_waits_no_longer_than_its_timeout(cluster: list[Any]) -> None:
     """One node stops answering (CLIENT PAUSE): both lanes wait on it, and a command queued behind them
     still fails at its own deadline, counted from when it was submitted (not when a lane sends it)."""
