@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -45,6 +46,8 @@ _MAX_WINDOW = 366 * 86400.0
 #: Counters must fit Redis's Lua numbers exactly (2^53 microseconds is 285 years; stay far below).
 _MAX_BUCKET_US = 10**14
 _MEMO_LIMIT = 4096
+#: Seconds between two log lines of one quota's bad input (the decision log has every one).
+_LOG_INTERVAL = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,9 @@ class QuotaCheck:
         self.fallback = fallback
         self.store_name = store_name
         self._digests: dict[str, str] = {}
+        #: Per quota: when its bad-input line was last logged, and how many were held back since.
+        #: A client can cause one on every request (by leaving out the header a key reads).
+        self._logged: dict[str, tuple[float, int]] = {}
 
     @classmethod
     def from_spec(cls, spec: Spec, build: BuildContext) -> QuotaCheck | None:
@@ -150,6 +156,7 @@ class QuotaCheck:
             try:
                 entry = self._apply(quota, ctx)
             except _QuotaInputError as exc:
+                self._log_bad_input(ctx, quota, str(exc))
                 if quota.enforce:
                     return _internal_error(ctx, quota, str(exc))
                 _shadow_skipped(ctx, quota, str(exc))  # a shadow quota never refuses, not even here
@@ -167,6 +174,22 @@ class QuotaCheck:
                               f"this request costs more than quota {quota.name} can ever allow",
                               rule=f"quota:{quota.name}")  # fmt: skip
         return applied
+
+    def _log_bad_input(self, ctx: CheckContext, quota: Quota, problem: str) -> None:
+        """One line per quota per LOG_INTERVAL at most, saying how many it stands for."""
+        now = time.monotonic()
+        last, held = self._logged.get(quota.name, (-math.inf, 0))
+        if now - last < _LOG_INTERVAL:
+            self._logged[quota.name] = (last, held + 1)
+            return
+        self._logged[quota.name] = (now, 0)
+        policy = ctx.policy.name if ctx.policy is not None else "-"
+        more = f" ({held} more since the last line)" if held else ""
+        # It names the quota and the problem, never the key's value (it may be a credential).
+        if quota.enforce:
+            log.error("policy %s, quota %s: %s; denying with 503%s", policy, quota.name, problem, more)
+        else:
+            log.warning("policy %s, shadow quota %s: %s; not charged%s", policy, quota.name, problem, more)
 
     def _apply(self, quota: Quota, ctx: CheckContext) -> _Applied | None:
         if quota.when is not None:
@@ -310,17 +333,12 @@ def _kind(value: Any) -> str:
 
 
 def _internal_error(ctx: CheckContext, quota: Quota, problem: str) -> Denial:
-    policy = ctx.policy.name if ctx.policy is not None else "-"
-    # The message names the quota and the problem, never the key's value (it may be a credential).
-    log.error("policy %s, quota %s: %s; denying with 503", policy, quota.name, problem)
     ctx.attributes["error"] = f"quota {quota.name}: {problem}"
     ctx.note(f"quota {quota.name}: {problem} -> deny")
     return Denial(503, "internal_error", "policy evaluation failed", rule=f"quota:{quota.name}")
 
 
 def _shadow_skipped(ctx: CheckContext, quota: Quota, problem: str) -> None:
-    policy = ctx.policy.name if ctx.policy is not None else "-"
-    log.warning("policy %s, shadow quota %s: %s; not charged", policy, quota.name, problem)
     ctx.attributes["quota_shadow_error"] = f"quota {quota.name}: {problem}"
     ctx.note(f"quota {quota.name} (shadow): {problem} -> not charged")
 

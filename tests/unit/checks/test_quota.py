@@ -175,6 +175,17 @@ def test_bad_input_is_a_503_never_an_unlimited_allow(build: Build, caplog: pytes
     assert "key-alice" not in line  # the key's value may be a credential: never logged
 
 
+def test_bad_input_on_every_request_logs_one_line_not_one_each(build: Build,
+                                                                caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """A client leaving out the header a key reads causes it on every request: every one is denied
+    (and in the decision log), but the process log gets one line per quota per interval."""
+    authorizer = build("- {name: q, key: \"request.headers['x-tenant']\", limit: 5, window: 1m}")
+    with caplog.at_level(logging.ERROR, logger="extauthz.quota"):
+        decisions = [decide(authorizer) for _ in range(20)]
+    assert all(d.status == 503 for d in decisions)
+    assert len(caplog.records) == 1
+
+
 def test_a_huge_key_is_a_503_not_a_new_counter(build: Build, caplog: pytest.LogCaptureFixture) -> None:
     authorizer = build("- {name: q, key: \"request.headers['x-api-key']\", limit: 5, window: 1m}")
     with caplog.at_level(logging.ERROR, logger="extauthz.quota"):
