@@ -6,7 +6,8 @@
 #
 # The image carries the repository's example policies at /etc/extauthz/policies and the key material they
 # name as ../examples/keys/... at /etc/extauthz/examples/keys: public DEMO keys (verification side only;
-# .dockerignore keeps private keys and scripts out), so the default command starts. In production mount
+# .dockerignore keeps private keys and scripts out), so the default command starts; the sidecar logs a
+# warning for each demo key file it loads. In production mount
 # your real policies and keys over both folders, e.g.
 #   docker run -v "$PWD/my-policies:/etc/extauthz/policies:ro" -v "$PWD/my-keys:/etc/extauthz/examples/keys:ro" ...
 # In Kubernetes the policies come from a ConfigMap mounted at /etc/extauthz/policies and the keys from

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -45,6 +46,21 @@ def _fingerprint(path: Path) -> tuple:
         return tuple(items)
     except OSError as exc:
         return ("error", exc.errno)
+
+
+def _warn_if_demo(path: Path, what: str) -> None:
+    """Say loudly that a file is the repository's public demo key material (examples/keys): the
+    examples, the image and the Kubernetes base run on it, and anyone can forge what it accepts."""
+    from extauthz.demo_keys import DEMO_KEY_DIGESTS
+
+    try:
+        files = visible_files(path) if path.is_dir() else [path]
+        demo = [f for f in files if hashlib.sha256(f.read_bytes()).hexdigest() in DEMO_KEY_DIGESTS]
+    except OSError:
+        return
+    for file in demo:
+        log.warning("%s %s is the repository's public demo key material: anyone can make credentials it "
+                    "accepts. Mount your own keys before serving real traffic", what, file)
 
 
 class WatchedPath(Generic[T]):
@@ -87,6 +103,7 @@ class WatchedPath(Generic[T]):
         self.value = value
         self.error = None
         self.generation += 1
+        _warn_if_demo(self.path, self.what)
         if self.generation > 1:
             log.info("%s %s reloaded", self.what, self.path)
         if self.on_change is not None:
