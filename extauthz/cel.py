@@ -295,12 +295,13 @@ def compile_expression(
     return Expression(source, program, paths, getters, result_type, direct)
 
 
-_VALUE_START = re.compile(r"""\s*(?:[:"'\[=]|$)""")
+_VALUE_START = re.compile(r"""\s*(?:[:"'\[=\n]|$)""")
 
 
 def _value_free(message: str) -> str:
     """A runtime error message without what it quotes: the status code (``NOT_FOUND``) and the
-    text up to the first ``:``, quote, ``[`` or ``=`` after it (where runtimes append values)."""
+    text up to the first ``:``, quote, ``[``, ``=`` or line break after it (where runtimes append
+    values)."""
     code, sep, rest = message.partition(": ")
     if not (sep and code.replace("_", "").isalpha() and code.isupper()):
         code, rest = "", message
