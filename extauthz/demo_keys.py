@@ -1,4 +1,5 @@
-"""The repository's demo key material (examples/keys), by SHA-256 of each file's bytes.
+"""The repository's demo key material (examples/keys), by SHA-256 of each file's bytes (the files
+that make credentials acceptable; revocation lists only take them away).
 
 The example policies, the Docker image and the Kubernetes base work out of the box because they
 read these files; their private halves and clear secrets are public in the repository, so anyone
@@ -18,8 +19,6 @@ DEMO_KEY_DIGESTS = frozenset({
     "14cbb4971b275c3e3fee38bee76fce67eb1788273d15b0bfe62acd9f41d4f18f",  # identity/client-reporting.crt
     "b7c1d3ee4d2f80981b5f1afc9f9f0ff61eeec0bd5aebd78b8d0e368a0616557b",  # identity/introspection-client-secret
     "3c29738ee204548900775238fc586b5ba21eb78f7ecb1a7dde25cf57668b7010",  # identity/jwks.json
-    "9c61d9d0336e026fae7c26682f4f839076ff333bbd3726fdbc0734ee85771461",  # identity/revoked-jti.txt
-    "591296218af00fe02f5dd02fd7c4eb51ae26a91a70d52e7fd6e6cfedb14c82b7",  # identity/revoked-keys.txt
     "ecccddbb86d7225f49724eb4ce85b12bfef2abcd1d2ac7deb222c858d4cc4fc3",  # partners/keys.yaml
     "145a9b1d3fe00bf348475c1981576d7b8cc2f5712c1fe4f58f9e6af8ea14606b",  # partners/partner-a-2025.pem
     "d6ef3666e35cebe87583d76c06d9bf8b394ea499cd6145e8cc7a3fbc0a7c3e19",  # webhooks/github.secret

@@ -15,10 +15,11 @@ KEYS = Path(__file__).resolve().parents[2] / "examples" / "keys"
 
 
 def _shipped(path: Path) -> bool:
-    """What the image and the Kubernetes Secrets carry: no clients' folder, private keys or scripts."""
+    """What the image and the Kubernetes Secrets carry and makes credentials acceptable: no clients'
+    folder, private keys, scripts, or revocation lists."""
     rel = path.relative_to(KEYS)
-    return not (rel.parts[0] == "clients" or path.suffix in (".key", ".py", ".md")
-                or path.name.startswith(".") or path.name.endswith(".private.pem"))  # fmt: skip
+    return not (rel.parts[0] == "clients" or path.suffix in (".key", ".py", ".md") or path.name.startswith((".", "revoked-"))
+                or path.name.endswith(".private.pem"))  # fmt: skip
 
 
 def test_the_list_is_every_demo_file() -> None:
