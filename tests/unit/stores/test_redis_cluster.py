@@ -6,7 +6,7 @@ import asyncio
 import shutil
 import subprocess
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -92,27 +92,42 @@ def _tat_units(client: Any, key: str, limit: int) -> int:
     return max(0, round((tat - (now_s * 1_000_000 + now_us)) / (HOUR_US // limit)))
 
 
-def test_a_slot_that_fails_refunds_the_slots_that_charged(cluster: list[Any]) -> None:
-    """One slot's script fails (a key of the wrong type there: WRONGTYPE) while another slot's charged:
-    the charge fails as a failure would, and the slot that charged gives it back."""
-    assert key_slot(b"{good}") != key_slot(b"{bad}")
+def _with_store(cluster: list[Any], body: Callable[[RedisStore, Any], Awaitable[None]]) -> Any:
+    """Run ``body(store, client)`` with a started store on ``cluster`` and a plain client of it;
+    the client (still open) is returned for checks afterwards."""
     url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in cluster) + "?timeout=2s&probe_interval=10s"
     client = redis.RedisCluster(host="127.0.0.1", port=cluster[0].port)
 
-    async def test() -> None:
+    async def run() -> None:
         store = RedisStore(url)
         await store.start()
         try:
-            assert (await store.charge([counter("good", 10)]))[0].remaining == 9
-            client.lpush("extauthz:q:p:bad:{bad}", "not a counter")
-            with pytest.raises(StoreError, match="WRONGTYPE"):
-                await store.charge([counter("good", 10), counter("bad", 10)])
-            assert store.circuit_open
+            await body(store, client)
         finally:
             await store.aclose()
 
     try:
-        asyncio.run(test())
+        asyncio.run(run())
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def test_a_slot_that_fails_refunds_the_slots_that_charged(cluster: list[Any]) -> None:
+    """One slot's script fails (a key of the wrong type there: WRONGTYPE) while another slot's charged:
+    the charge fails as a failure would, and the slot that charged gives it back."""
+    assert key_slot(b"{good}") != key_slot(b"{bad}")
+
+    async def body(store: RedisStore, client: Any) -> None:
+        assert (await store.charge([counter("good", 10)]))[0].remaining == 9
+        client.lpush("extauthz:q:p:bad:{bad}", "not a counter")
+        with pytest.raises(StoreError, match="WRONGTYPE"):
+            await store.charge([counter("good", 10), counter("bad", 10)])
+        assert store.circuit_open
+
+    client = _with_store(cluster, body)
+    try:
         assert _tat_units(client, "extauthz:q:p:good:{good}", 10) == 1  # the first charge only
     finally:
         client.close()
@@ -122,25 +137,15 @@ def test_a_refusal_stands_when_another_slot_fails(cluster: list[Any]) -> None:
     """One slot refuses (its counter is spent) while another fails (WRONGTYPE): Redis has refused the
     request, and that is the answer -- a store error would let onStoreError: allow admit it."""
     assert key_slot(b"{tight}") != key_slot(b"{bad}")
-    url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in cluster) + "?timeout=2s&probe_interval=10s"
-    client = redis.RedisCluster(host="127.0.0.1", port=cluster[0].port)
 
-    async def test() -> None:
-        store = RedisStore(url)
-        await store.start()
-        try:
-            assert (await store.charge([counter("tight", 1)]))[0].allowed
-            client.lpush("extauthz:q:p:bad:{bad}", "not a counter")
-            tight, bad = await store.charge([counter("tight", 1), counter("bad", 10)])
-            assert tight is not None and not tight.allowed and tight.retry_after > 0
-            assert bad is None  # nothing could be charged there
-        finally:
-            await store.aclose()
+    async def body(store: RedisStore, client: Any) -> None:
+        assert (await store.charge([counter("tight", 1)]))[0].allowed
+        client.lpush("extauthz:q:p:bad:{bad}", "not a counter")
+        tight, bad = await store.charge([counter("tight", 1), counter("bad", 10)])
+        assert tight is not None and not tight.allowed and tight.retry_after > 0
+        assert bad is None  # nothing could be charged there
 
-    try:
-        asyncio.run(test())
-    finally:
-        client.close()
+    _with_store(cluster, body).close()
 
 
 def test_a_command_queued_behind_stuck_lanes_waits_no_longer_than_its_timeout(cluster: list[Any]) -> None:
