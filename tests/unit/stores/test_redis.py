@@ -108,6 +108,19 @@ def test_noscript_after_a_script_flush_falls_back_to_eval(redis_server: Any) -> 
     assert run(test) == [True, True, False]
 
 
+async def _refused_at_once(store: RedisStore, count: int, pause: float = 0.0) -> list[float]:
+    """Seconds each of ``count`` charges took to fail with the circuit open (``pause`` between them)."""
+    timings = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        with pytest.raises(StoreError, match="circuit is open"):
+            await store.charge([hourly(5)])
+        timings.append(time.perf_counter() - t0)
+        if pause:
+            await asyncio.sleep(pause)
+    return timings
+
+
 def test_a_dead_redis_costs_one_timeout_then_fails_fast_and_recovery_is_automatic(redis_server: Any) -> None:
     async def test() -> None:
         store = await started(redis_server.url + "?timeout=200ms&probe_interval=100ms")
@@ -120,12 +133,7 @@ def test_a_dead_redis_costs_one_timeout_then_fails_fast_and_recovery_is_automati
             first = time.perf_counter() - t0
             assert first < 0.5
             assert store.circuit_open
-            timings = []
-            for _ in range(50):
-                t0 = time.perf_counter()
-                with pytest.raises(StoreError, match="circuit is open"):
-                    await store.charge([hourly(5)])
-                timings.append(time.perf_counter() - t0)
+            timings = await _refused_at_once(store, 50)
             # Under a millisecond each (generous bounds: the test machine is shared and noisy).
             assert sorted(timings)[len(timings) // 2] < 0.002 and max(timings) < 0.05
             redis_server.start()  # same port, empty (no persistence)
@@ -165,13 +173,7 @@ def test_a_redis_that_stops_answering_costs_one_timeout_then_fails_fast(credenti
             assert 0.1 < time.perf_counter() - t0 < 0.4
             assert store.circuit_open
             # Fast while the probe's PING is in flight and after it timed out too (0.3 s in all).
-            timings = []
-            for _ in range(15):
-                t0 = time.perf_counter()
-                with pytest.raises(StoreError, match="circuit is open"):
-                    await store.charge([hourly(5)])
-                timings.append(time.perf_counter() - t0)
-                await asyncio.sleep(0.02)
+            timings = await _refused_at_once(store, 15, pause=0.02)
             assert max(timings) < 0.05
             assert store.circuit_open and store.trips == 1
         finally:
