@@ -858,7 +858,7 @@ class RedisStore:
         self._probe: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         #: Cluster refunds under way (kept referenced until done).
-        self._refunds: set[asyncio.Task[BaseException | None]] = set()
+        self._refunds: set[asyncio.Task[None]] = set()
 
     # --- construction ----------------------------------------------------------------------------
     def _connection_kwargs(self) -> dict[str, Any]:
@@ -1092,8 +1092,8 @@ class RedisStore:
             raise failure  # as a single slot's failure would
         return results  # admitted: every slot answered
 
-    async def _refund(self, refunds: list[tuple[str, int]]) -> BaseException | None:
-        """Give back charges (Cluster: other slots refused or failed); the first failure, if any.
+    async def _refund(self, refunds: list[tuple[str, int]]) -> None:
+        """Give back charges (Cluster: other slots refused or failed), best effort.
         Runs as a task of its own, so a Check that ends meanwhile does not cancel it.
 
         Sent even while the circuit is open (a failing slot may just have opened it): the nodes to
@@ -1104,8 +1104,7 @@ class RedisStore:
             self._pipeline.submit(("EVALSHA", self._refund_sha, 1, k, str(a)), ("EVAL", REFUND_SCRIPT, 1, k, str(a)))
             for k, a in refunds
         ), return_exceptions=True)  # fmt: skip
-        failures = [r for r in replies if isinstance(r, BaseException)]
-        for exc in failures:
+        for exc in (r for r in replies if isinstance(r, BaseException)):
             if not isinstance(exc, Exception):
                 raise exc  # cancelled
             log.warning("redis refund failed, a charge stays applied: %s", _describe(exc))
@@ -1113,7 +1112,6 @@ class RedisStore:
                 self._trip("refund", exc)
             else:
                 _store_error_metric("refund")
-        return failures[0] if failures else None
 
     async def _charge_group(self, idx: list[int], charges: Sequence[Charge]) -> tuple[bool, list[ChargeResult]]:
         prefix = self._key_prefix
