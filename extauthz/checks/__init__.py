@@ -38,11 +38,20 @@ __all__ = ["Check", "CheckKind", "Phase", "kinds", "register"]
 
 
 class Phase(enum.IntEnum):
-    """The order in which checks run within a policy."""
+    """The order in which checks run within a policy.
 
+    Cheap refusals come first (the client's address), then who is calling and whether the request was
+    signed, then what the request is (its API operation, its payload), then the policy's own rules,
+    then what it costs (abuse detectors, quotas), and last what goes upstream.
+    """
+
+    NETWORK = 5
     IDENTITY = 10
     SIGNATURE = 20
+    OPENAPI = 24
+    INSPECT = 26
     RULES = 30
+    DETECT = 35
     QUOTA = 40
     RESPONSE = 50
 
