@@ -52,6 +52,8 @@ class BuildContext:
     folder: Path
     services: Services
     errors: list[PolicyError]
+    #: True while compiling a ``LayerPolicy``: checks whose meaning differs there (rules) ask.
+    layer: bool = False
 
     @property
     def policy_name(self) -> str:
