@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a policy folder; exit 1 listing every error")
     validate.add_argument("policies", type=Path)
+    validate.add_argument("--routes", action="store_true", help="also print the routing table (see 'routes')")
+
+    routes = sub.add_parser("routes", help="print the routing table: the layers, then the deciding policies in "
+                                           "the order they are tried")
+    routes.add_argument("policies", type=Path)
 
     explain = sub.add_parser("explain", help="show how a request would be decided, step by step")
     explain.add_argument("--policies", required=True, type=Path)
@@ -176,8 +181,65 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
     policy_set = _load_or_report(ns.policies)
     if policy_set is None:
         return 1
+    for warning in shadow_warnings(policy_set):
+        print(f"warning: {warning}", file=sys.stderr)
     counts = f"{len(policy_set.policies)} policies, {len(policy_set.tests)} test documents"
     print(f"ok: {counts} in {len(policy_set.files)} files")
+    if ns.routes:
+        print(routing_table(policy_set))
+    return 0
+
+
+def shadow_warnings(policy_set: PolicySet) -> list[str]:
+    """One line per policy route that more specific hosts hide for some requests, naming the hosts'
+    policies and one such request."""
+    by_hidden: dict[int, list[Any]] = {}
+    for shadow in policy_set.shadows:
+        by_hidden.setdefault(id(shadow.shadowed), []).append(shadow)
+    lines = []
+    for shadows in by_hidden.values():
+        hidden = shadows[0].shadowed
+        host, path, method = shadows[0].example
+        winners = ", ".join(f"{s.winner.target.name!r} ({s.winner.host or '*'})" for s in shadows[:5])
+        more = f" and {len(shadows) - 5} more" if len(shadows) > 5 else ""
+        lines.append(
+            f"policy {hidden.target.name!r} ({hidden.target.file}: {hidden.describe()}) does not decide requests "
+            f"to hosts with a more specific policy of their own: {winners}{more} (e.g. {method} {host}{path} is "
+            f"decided by {shadows[0].winner.target.name!r}; hosts are compared before paths). To refuse such "
+            f"requests on every host, make it a LayerPolicy; to let it decide there, give it those hosts"
+        )
+    return lines
+
+
+def routing_table(policy_set: PolicySet) -> str:
+    """The layers in run order, then every deciding route in the order routes are tried."""
+    rows = [("kind", "order", "host", "path", "methods", "policy", "mode", "file")]
+    for layer in policy_set.layers:
+        mode = "dry-run" if layer.dry_run else "enforce"
+        for route in policy_set.layer_router.routes_of(layer):
+            rows.append(("layer", str(layer.order), route.host or "*", _path_cell(route), _methods_cell(route),
+                         layer.name, mode, layer.file))
+    for route in policy_set.router.routes:
+        policy = route.target
+        rows.append(("policy", "", route.host or "*", _path_cell(route), _methods_cell(route), policy.name,
+                     "dry-run" if policy.dry_run else "enforce", policy.file))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _path_cell(route: Any) -> str:
+    return (route.path or "*") + (" (any case)" if route.fold_case else "")
+
+
+def _methods_cell(route: Any) -> str:
+    return ",".join(sorted(route.methods)) or "*"
+
+
+def _cmd_routes(ns: argparse.Namespace) -> int:
+    policy_set = _load_or_report(ns.policies)
+    if policy_set is None:
+        return 1
+    print(routing_table(policy_set))
     return 0
 
 
@@ -397,7 +459,8 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
-    command = {"serve": _cmd_serve, "validate": _cmd_validate, "explain": _cmd_explain, "test": _cmd_test}
+    command = {"serve": _cmd_serve, "validate": _cmd_validate, "explain": _cmd_explain, "test": _cmd_test,
+               "routes": _cmd_routes}
     return command[ns.command](ns)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Loss", "Route", "Router", "Shadow", "find_shadows", "find_ties"]
+__all__ = ["LayerRouter", "Loss", "Route", "Router", "Shadow", "find_shadows", "find_ties"]
 
 P = TypeVar("P")
 
@@ -177,6 +177,9 @@ class LayerRouter(Generic[P]):
     def __bool__(self) -> bool:
         return bool(self._routes)
 
+    def routes_of(self, target: P) -> tuple[Route[P], ...]:
+        return tuple(r for r in self._routes if r.target is target)
+
     def _candidates(self, host: str) -> tuple[tuple[P, tuple[Route[P], ...]], ...]:
         found = self._by_host.get(host)
         if found is None:
@@ -252,7 +255,7 @@ def find_shadows(routes: Sequence[Route[P]]) -> list[Shadow[P]]:
             path = _example_path(broad_host, winner) if host is not None else None
             if host is None or path is None:
                 continue
-            key = (id(winner.target), id(broad_host.target))
+            key = (id(winner.target), id(broad_host))
             if key in seen:
                 continue
             seen.add(key)
