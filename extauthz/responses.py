@@ -184,8 +184,8 @@ def check_response_bytes(decision: Decision, metadata: str = "deny") -> bytes:
             parts.append(kept.get(key) or _keep(key, _header_option(_OK_HEADERS, name, text, _OVERWRITE)))
         removed = decision.remove_headers
         if removed:  # mostly the same names every time (the headers other policies own): kept whole
-            key = (_OK_REMOVE, removed)
-            parts.append(kept.get(key) or _keep(key, b"".join(_element(_OK_REMOVE, name) for name in removed)))
+            names = (_OK_REMOVE, removed)
+            parts.append(kept.get(names) or _keep(names, b"".join(_element(_OK_REMOVE, name) for name in removed)))
         for name, text in decision.client_headers:
             key = (_OK_CLIENT_HEADERS, name, text)
             parts.append(kept.get(key) or _keep(key, _header_option(_OK_CLIENT_HEADERS, name, text, _APPEND)))

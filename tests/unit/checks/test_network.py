@@ -20,8 +20,7 @@ def _set(policy_dir, policy_yaml, network: str):
 
 
 def decide(policy_set, address: str | None, **sample) -> Decision:
-    if address is not None:
-        sample["source"] = {"address": address}
+    sample["source"] = {"address": address} if address is not None else {}
     return asyncio.run(Authorizer(policy_set).check(check_request_from_sample({"host": "h", **sample})))
 
 

@@ -261,3 +261,16 @@ def test_validate_warns_about_shadows_and_prints_routes(folder, policy_yaml, cap
     assert lines[4].split() == ["policy", "*.shop.test", "/admin/*", "*", "admin", "enforce", "p.yaml"]
     assert main(["routes", str(path)]) == 0
     assert capsys.readouterr().out.splitlines() == lines[1:]
+
+
+def test_layer_outcomes_are_counted(folder, policy_yaml) -> None:
+    from extauthz.telemetry.metrics import Metrics
+
+    policy_set = load_folder(folder(policy_yaml("shop", SHOP), layer_yaml("denylist", DENYLIST)))
+    metrics = Metrics()
+    for method in ("GET", "GET", "TRACE"):
+        metrics.observe(decide(policy_set, host="api.shop.test", path="/", method=method))
+    metrics.flush()
+    text = metrics.exposition().decode()
+    assert 'extauthz_layer_decisions_total{layer="denylist",outcome="pass"} 2.0' in text
+    assert 'extauthz_layer_decisions_total{layer="denylist",outcome="deny"} 1.0' in text
