@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from extauthz.checks import Phase, register
-from extauthz.client_ip import client_ip
+from extauthz.client_ip import client_ip, trusted_hops
 from extauthz.context import CheckContext, Denial
 from extauthz.policy.build import BuildContext, Spec
 
@@ -127,7 +127,9 @@ class NetworkCheck:
 
     async def check(self, ctx: CheckContext) -> Denial | None:
         request = ctx.request
-        address = client_ip(request.source_address, request.headers.get("x-forwarded-for"))
+        address = request.source_address
+        if trusted_hops():  # the forwarded-for entry the operator's proxies wrote
+            address = client_ip(address, request.headers.get("x-forwarded-for"))
         denial = self.verdict(address)
         if ctx.steps is not None:
             outcome = "let through" if denial is None else f"refused ({denial.message})"

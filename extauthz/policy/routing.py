@@ -165,13 +165,19 @@ class Router(Generic[P]):
 
 
 class LayerRouter(Generic[P]):
-    """Every layer that matches a request, in layer order. Layers with several routes run once."""
+    """Every layer that matches a request, in layer order. Layers with several routes run once.
+
+    Per host, the candidates are remembered as the layers that match every request to it (a mesh-wide
+    layer) and those that still depend on path or method; a host whose layers are all of the first
+    kind gets its answer from one dictionary lookup.
+    """
 
     __slots__ = ("_by_host", "_fold_case", "_routes")
 
     def __init__(self, routes: Sequence[Route[P]]) -> None:
         self._routes = tuple(routes)  # already in layer order
-        self._by_host: dict[str, tuple[tuple[P, tuple[Route[P], ...]], ...]] = {}
+        #: host -> the answer when it does not depend on path and method, else the candidates.
+        self._by_host: dict[str, tuple[P, ...] | list[tuple[P, tuple[Route[P], ...] | None]]] = {}
         self._fold_case = any(r.fold_case for r in routes)
 
     def __bool__(self) -> bool:
@@ -180,28 +186,40 @@ class LayerRouter(Generic[P]):
     def routes_of(self, target: P) -> tuple[Route[P], ...]:
         return tuple(r for r in self._routes if r.target is target)
 
-    def _candidates(self, host: str) -> tuple[tuple[P, tuple[Route[P], ...]], ...]:
+    def _candidates(self, host: str) -> tuple[P, ...] | list[tuple[P, tuple[Route[P], ...] | None]]:
+        grouped: dict[int, tuple[P, list[Route[P]]]] = {}
+        for route in self._routes:
+            if route.host_matches(host):
+                grouped.setdefault(id(route.target), (route.target, []))[1].append(route)
+        # None: the layer matches every request to this host.
+        candidates = [
+            (target, None if any(not r.path and not r.methods for r in routes) else tuple(routes))
+            for target, routes in grouped.values()
+        ]
+        if all(routes is None for _, routes in candidates):
+            return tuple(target for target, _ in candidates)
+        return candidates
+
+    def select(self, host: str, path: str, method: str) -> tuple[P, ...]:
         found = self._by_host.get(host)
         if found is None:
-            grouped: dict[int, tuple[P, list[Route[P]]]] = {}
-            for route in self._routes:
-                if route.host_matches(host):
-                    grouped.setdefault(id(route.target), (route.target, []))[1].append(route)
-            found = tuple((target, tuple(routes)) for target, routes in grouped.values())
+            found = self._candidates(host)
             if len(self._by_host) >= _HOST_CACHE_LIMIT:
                 self._by_host.clear()  # bounded: hosts come from clients
             self._by_host[host] = found
-        return found
-
-    def select(self, host: str, path: str, method: str) -> tuple[P, ...]:
-        candidates = self._candidates(host)
-        if not candidates:
-            return ()
+        if isinstance(found, tuple):
+            return found
         lower = path.lower() if self._fold_case else path
-        return tuple(
-            target for target, routes in candidates
-            if any(r.matches(lower if r.fold_case else path, method) for r in routes)
-        )
+        selected = []
+        for target, routes in found:
+            if routes is None:
+                selected.append(target)
+                continue
+            for route in routes:
+                if route.matches(lower if route.fold_case else path, method):
+                    selected.append(target)
+                    break
+        return tuple(selected)
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,6 +103,16 @@ def _utc(timestamp: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+def _plain(value: Any) -> Any:
+    """An attribute as JSON shows it: numbers and booleans as they are, lists (the layers that ran)
+    as lists of strings, anything else as text."""
+    if isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, list | tuple):
+        return [str(item) for item in value]
+    return str(value)
+
+
 def decision_record(decision: Decision, when: float, config: DecisionLogConfig,
                     subjects: SubjectHasher | None = None, *, secret_headers: frozenset[str] = frozenset(),
                     secret_params: frozenset[str] = frozenset()) -> dict[str, Any]:  # fmt: skip
@@ -166,10 +176,8 @@ def decision_record(decision: Decision, when: float, config: DecisionLogConfig,
     record["latency_ms"] = round(decision.duration * 1000, 3)
     attributes = decision.attributes
     if attributes:
-        record["attributes"] = {
-            name: REDACTED if is_secret_name(name) else (value if isinstance(value, bool | int | float) else str(value))
-            for name, value in attributes.items()
-        }
+        record["attributes"] = {name: REDACTED if is_secret_name(name) else _plain(value)
+                                for name, value in attributes.items()}
     return record
 
 
