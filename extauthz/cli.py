@@ -13,10 +13,9 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from extauthz.policy import PolicySet, PolicySetError, Services, load_folder
 from extauthz.policy.model import Document
+from extauthz.safe_yaml import YamlInputError, load_single
 from extauthz.samples import SampleError, check_request_from_sample
 
 __all__ = ["main"]
@@ -193,9 +192,12 @@ def _cmd_explain(ns: argparse.Namespace) -> int:
     if policy_set is None:
         return 1
     try:
-        sample = yaml.safe_load(ns.request.read_text())
+        sample = load_single(ns.request.read_bytes(), str(ns.request))
         decision = _decide(policy_set, sample)
-    except (OSError, yaml.YAMLError, SampleError) as exc:
+    except YamlInputError as exc:  # names the file and line itself
+        print(f"error: request file {exc}", file=sys.stderr)
+        return 1
+    except (OSError, SampleError) as exc:
         print(f"error: request file {ns.request}: {exc}", file=sys.stderr)
         return 1
     if ns.json:

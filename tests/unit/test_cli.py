@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from extauthz.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 ORDERS = """
 match: {hosts: [orders.example.com], paths: [/api/orders, /api/orders/*]}
@@ -140,3 +147,33 @@ def test_a_redis_timeout_that_outlasts_the_check_is_refused_at_start(capsys, url
     assert main(["serve", "--policies", "policies", "--redis-url", url, *extra]) == 2
     err = capsys.readouterr().err
     assert "not starting" in err and message in err
+
+
+def _extauthz(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess (this checkout first on the path), memory capped at 1 GiB so
+    that a regression fails instead of swapping the machine."""
+
+    def cap_memory() -> None:  # pragma: no cover - runs in the child
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "extauthz", *args], capture_output=True, text=True,
+                          timeout=timeout, env=environ, cwd=REPO, preexec_fn=cap_memory)
+
+
+def test_validate_refuses_a_ten_level_yaml_bomb(policy_dir, policy_yaml, yaml_bomb) -> None:
+    """447 bytes that stand for 9**10 strings: refused at the first anchor, validate exits 1."""
+    folder = policy_dir(**{"orders.yaml": policy_yaml("orders", ORDERS), "bomb.yaml": yaml_bomb(levels=10)})
+    done = _extauthz("validate", str(folder))
+    assert done.returncode == 1, done.stderr
+    assert ("error: bomb.yaml:1: document 1: YAML anchors are not allowed (found &a); write the value out in full"
+            in done.stderr)
+
+
+def test_explain_refuses_a_yaml_bomb_request_file(policy_dir, policy_yaml, yaml_bomb, tmp_path: Path,
+                                                  capsys) -> None:
+    folder = policy_dir(**{"orders.yaml": policy_yaml("orders", ORDERS)})
+    request = tmp_path / "req.yaml"
+    request.write_text("method: GET\nheaders:\n" + textwrap.indent(yaml_bomb(levels=5), "  "))
+    assert main(["explain", "--policies", str(folder), "--request", str(request)]) == 1
+    assert f"error: request file {request}:3: YAML anchors are not allowed (found &a)" in capsys.readouterr().err
