@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from extauthz.api.envoy.config.core.v3 import base_pb2
 from extauthz.identity import Rejected
 from extauthz.identity.cache import ExpiringCache, credential_digest
-from extauthz.api.envoy.config.core.v3 import base_pb2
 from extauthz.identity.credentials import CredentialLocation
 from extauthz.request import request_from_check
 from extauthz.samples import check_request_from_sample
