@@ -154,6 +154,12 @@ def _decision_log_destination(text: str) -> str:
     return value
 
 
+def _existing_folder(text: str) -> Path:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"folder {text} does not exist")
+    return Path(text)
+
+
 def _readable_file(text: str) -> str:
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"{text} is not a file")
@@ -182,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
                "  EXTAUTHZ_SUBJECT_HASH_KEY   key of subject hashes in spans and decision logs\n"
                "  EXTAUTHZ_TRACE_EXPORT       process (default) or inprocess: where spans are encoded",
     )
-    serve.add_argument("--policies", default=_env("POLICIES", "policies"), type=Path,
+    serve.add_argument("--policies", default=_env("POLICIES", "policies"), type=_existing_folder,
                        help="policy folder (env EXTAUTHZ_POLICIES; default ./policies)")
     serve.add_argument("--listen", type=_grpc_address, default=_env("LISTEN", "127.0.0.1:9191"),
                        help="gRPC address HOST:PORT, [IPV6]:PORT or unix:PATH (env EXTAUTHZ_LISTEN)")
@@ -424,12 +430,15 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
 def _run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
     """Run the server on uvloop when asked or available (``auto``), else on asyncio's own loop."""
+    from extauthz.server import StartupError
+
     if event_loop != "asyncio":
         try:
             import uvloop
         except ImportError:
             if event_loop == "uvloop":
-                raise SystemExit("extauthz: --event-loop uvloop, but uvloop is not installed") from None
+                main.close()
+                raise StartupError("--event-loop uvloop: uvloop is not installed") from None
         else:
             uvloop.run(main)
             return

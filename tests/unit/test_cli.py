@@ -215,6 +215,7 @@ def test_version(capsys) -> None:
     (["--redis-password-file", "/no/such/password"], "argument --redis-password-file: /no/such/password is not a file"),
     (["--max-message-bytes", "9999999999"], "must be between 1024 and 2147483647, not '9999999999'"),
     (["--workers", "0"], "argument --workers: must be between 1 and 64, not '0'"),
+    (["--policies", "/no/such/policies"], "argument --policies: folder /no/such/policies does not exist"),
 ])
 def test_bad_serve_options_are_one_line_and_exit_2(capsys, args: list[str], message: str) -> None:
     with pytest.raises(SystemExit) as info:
@@ -286,3 +287,14 @@ def test_addresses_and_files_that_cannot_be_opened_are_one_line(args: list[str],
     base = ["--listen", f"127.0.0.1:{port}", "--http-port", str(http)]
     line = _serve_fails(*base, *args)
     assert line.startswith("extauthz: not starting: " + message.format(port=port, http=http)), line
+
+
+def test_event_loop_uvloop_without_uvloop_is_one_line() -> None:
+    code = ("import sys; sys.modules['uvloop'] = None; from extauthz.cli import main; "
+            f"sys.exit(main(['serve', '--policies', {str(REPO / 'policies')!r}, '--event-loop', 'uvloop', "
+            f"'--listen', '127.0.0.1:{_free_port()}', '--http-port', '{_free_port()}']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == "extauthz: not starting: --event-loop uvloop: uvloop is not installed"
+    assert "Traceback" not in done.stderr and "never awaited" not in done.stderr
