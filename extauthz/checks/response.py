@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from extauthz.cel import CelError, Expression
+from extauthz.cel import HEADER_VALUE, CelError, Expression
 from extauthz.checks import Phase, register
 from extauthz.context import CheckContext, Denial
 from extauthz.policy.build import BuildContext, Spec
@@ -46,7 +46,7 @@ class ResponseCheck:
             if _HEADER_NAME.fullmatch(name) is None or name in _FORBIDDEN:
                 node.error("must be a lower-case header name that is not a pseudo, hop-by-hop or framing header")
                 continue
-            expression = node.cel()
+            expression = node.cel(expect=HEADER_VALUE)
             if expression is not None:
                 headers.append(HeaderValue(name, expression))
         return cls(tuple(headers)) if headers else None

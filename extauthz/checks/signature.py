@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from extauthz.cel import CelError, Expression
+from extauthz.cel import BOOL, STRING, CelError, Expression
 from extauthz.checks import Phase, register
 from extauthz.context import CheckContext, Denial
 from extauthz.policy.build import BuildContext, Spec
@@ -114,7 +114,7 @@ class SignatureCheck:
     def from_spec(cls, spec: Spec, build: BuildContext) -> SignatureCheck | None:
         if not spec.is_mapping(allowed=_FIELDS):
             return None
-        when = spec.cel("when", expect="bool")
+        when = spec.cel("when", expect=BOOL)
         if spec.child("required").present and when is not None:
             spec.error("give either required or when, not both", "when")
         required = spec.bool("required", True) if when is None else False
@@ -134,7 +134,7 @@ class SignatureCheck:
             requirements = _requirements_from_spec(spec)
             if keys is not None:
                 requirements = dataclasses.replace(requirements, key_ids=keys.ids)
-        key_owner = spec.cel("keyOwner", expect="string")
+        key_owner = spec.cel("keyOwner", expect=STRING)
         if keys is None or (webhook is None and requirements is None) or (webhook_spec.present and webhook is None):
             return None
         try:

@@ -186,9 +186,10 @@ class Spec:
             return default
         return seconds
 
-    def cel(self, key: str | None = None, *, expect: str | None = None, required: bool = False,
+    def cel(self, key: str | None = None, *, expect: str | Iterable[str] | None = None, required: bool = False,
             allowed: Iterable[str] | None = None) -> Expression | None:
-        """Compile a CEL expression at ``key`` (or this node when key is None)."""
+        """Compile a CEL expression at ``key`` (or this node when key is None). ``expect`` is the
+        static type the site needs (see extauthz.cel: BOOL, STRING, KEY...): every site says it."""
         node = self if key is None else self.child(key)
         if node.value is None:
             if required:

@@ -54,7 +54,7 @@ def test_compile_errors(source: str, message: str) -> None:
 def test_type_expectation() -> None:
     with pytest.raises(CelError, match="expected bool"):
         compile_("'prefix' + request.path", expect="bool")
-    compile_("request.headers['a']", expect="bool")  # dyn: checked at run time
+    compile_("identity.claims.admin", expect="bool")  # dyn: checked at run time
 
 
 def test_allowed_roots() -> None:
@@ -71,9 +71,9 @@ def test_evaluation_and_memo() -> None:
 
 
 def test_memo_never_confuses_types() -> None:
-    expr = compile_("identity.flag == true")
-    a = CheckContext(request=ctx_for().request, identity={"flag": True})
-    b = CheckContext(request=ctx_for().request, identity={"flag": 1})
+    expr = compile_("identity.claims.flag == true")
+    a = CheckContext(request=ctx_for().request, identity={"claims": {"flag": True}})
+    b = CheckContext(request=ctx_for().request, identity={"claims": {"flag": 1}})
     assert expr.evaluate(a) is True
     assert expr.evaluate(b) is False  # 1 == true is false in CEL; the memo must not reuse True
     assert expr.evaluate(a) is True
@@ -84,9 +84,9 @@ def test_one_input_memo_keys_strings_absence_and_other_types_apart() -> None:
     expr = compile_("request.headers[?'x-tenant'].orValue('none') + '!'")
     seen = [expr.evaluate(ctx_for(headers={"x-tenant": t} if t else {})) for t in ("a", None, "b", None, "a", "none")]
     assert seen == ["a!", "none!", "b!", "none!", "a!", "none!"]
-    expr = compile_("identity.v == 1")
+    expr = compile_("identity.claims.v == 1")
     for value, expected in [("1", False), (1, True), (True, False), ("1", False), (1, True), (None, False)]:
-        ctx = CheckContext(request=ctx_for().request, identity={"v": value})
+        ctx = CheckContext(request=ctx_for().request, identity={"claims": {"v": value}})
         assert expr.evaluate(ctx) is expected, value
 
 
