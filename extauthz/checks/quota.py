@@ -117,7 +117,7 @@ class QuotaCheck:
     def from_spec(cls, spec: Spec, build: BuildContext) -> QuotaCheck | None:
         quotas: list[Quota] = []
         names: set[str] = set()
-        for item in spec.items():
+        for item in spec.items(nonempty="quota"):
             quota = _quota_from_spec(item, build)
             if quota is None:
                 continue
