@@ -62,8 +62,6 @@ _MESSAGE_VARIABLE = {
 }
 
 
-
-
 def _message_fields(full_name: str) -> frozenset[str]:
     message = celvars_pb2.DESCRIPTOR.message_types_by_name[full_name.removeprefix("extauthz.cel.")]
     return frozenset(message.fields_by_name)
