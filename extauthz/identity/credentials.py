@@ -139,11 +139,8 @@ def location_from_spec(spec: Spec, default: CredentialLocation) -> CredentialLoc
 def locations_from_spec(spec: Spec, default: CredentialLocation) -> tuple[CredentialLocation, ...]:
     """One location or a list of them (tried in order; the first present is used)."""
     if isinstance(spec.value, list):
-        found = tuple(location_from_spec(item, default) for item in spec.items())
-        if not found:
-            spec.error("must list at least one location")
-            return (default,)
-        return found
+        found = tuple(location_from_spec(item, default) for item in spec.items(nonempty="location"))
+        return found or (default,)
     return (location_from_spec(spec, default),)
 
 
