@@ -218,7 +218,7 @@ class Authorizer:
             return Decision(False, 403, "no_policy", "no policy applies to this request", decision_id,
                             request=request, identity=ctx.identity, attributes=ctx.attributes or None,
                             steps=_frozen(steps), duration=time.perf_counter() - started)
-        if decided.layer and decided.dry_run:  # it timed out: the deciding policy never ran, so deny
+        if decided.layer and decided.dry_run:  # it timed out, or refused a malformed request: deny
             decided = dataclasses.replace(decided, dry_run=False)
         foreign = policy_set.foreign_headers
         ran = [layer for layer in layers if layer.owned_headers]
@@ -297,7 +297,7 @@ async def _chain_work(
             if ctx.steps is not None:  # explain only: no formatting on the serving path
                 ctx.note(f"layer {policy.name}: pass")
             continue
-        if not policy.dry_run:
+        if not policy.dry_run or denial.malformed:
             outcomes.append(f"{policy.name}:deny")
             ctx.note(f"layer {policy.name}: deny ({denial.reason}); final")
             break
@@ -393,7 +393,11 @@ def _decision(
         "steps": _frozen(ctx.steps),
         "duration": time.perf_counter() - started,
     }
-    if policy.dry_run:
+    if denial.malformed and policy.dry_run:
+        ctx.note(f"dry-run, but the request is malformed ({denial.reason}): denied")
+        common["steps"] = _frozen(ctx.steps)
+        common["dry_run"] = False
+    elif policy.dry_run:
         ctx.note(f"dry-run: would deny ({denial.reason}); allowing without the headers the policy owns")
         common["steps"] = _frozen(ctx.steps)
         # The checks that set or strip the policy's headers may not have run: strip its response

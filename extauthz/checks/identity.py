@@ -121,7 +121,8 @@ class IdentityCheck:
         if rejected.error and source.challenge_scheme:
             value = challenge(source.challenge_scheme, rejected.error, rejected.description, rejected.scope)
             headers = (("www-authenticate", value),)
-        return Denial(rejected.status, rejected.reason, rejected.description, headers=headers, rule=entry.rule)
+        return Denial(rejected.status, rejected.reason, rejected.description, headers=headers, rule=entry.rule,
+                      malformed=rejected.status == 400)
 
     @classmethod
     def from_spec(cls, spec: Spec, build: BuildContext) -> IdentityCheck | None:

@@ -274,3 +274,25 @@ def test_layer_outcomes_are_counted(folder, policy_yaml) -> None:
     text = metrics.exposition().decode()
     assert 'extauthz_layer_decisions_total{layer="denylist",outcome="pass"} 2.0' in text
     assert 'extauthz_layer_decisions_total{layer="denylist",outcome="deny"} 1.0' in text
+
+
+def test_a_dry_run_layer_still_refuses_ambiguous_credentials(folder, policy_yaml, tmp_path) -> None:
+    layer = """
+    mode: dry-run
+    identity:
+      - name: keys
+        apiKey: {keys: KEYS}
+      - name: public
+        anonymous: {}
+    """.replace("KEYS", str(tmp_path / "keys.yaml"))
+    (tmp_path / "keys.yaml").write_text("[]\n")
+    policy_set = load_folder(folder(policy_yaml("shop", SHOP), layer_yaml("tokens", layer)))
+    msg = check_request_from_sample({"host": "api.shop.test", "path": "/", "source": {"address": "192.0.2.1"}})
+    msg.attributes.request.http.ClearField("headers")
+    for name, value in ((":authority", "api.shop.test"), (":path", "/"), (":method", "GET"),
+                        ("x-api-key", "k1"), ("x-api-key", "k2")):
+        entry = msg.attributes.request.http.header_map.headers.add()
+        entry.key, entry.raw_value = name, value.encode()
+    d = asyncio.run(Authorizer(policy_set).check(msg))
+    assert (d.allowed, d.status, d.reason, d.policy, d.dry_run) == (False, 400, "ambiguous_credentials", "tokens",
+                                                                     False)
