@@ -139,11 +139,9 @@ class IdentityCheck:
             if name in names:
                 item.error("duplicate identity source name", "name")
             names.add(name)
-            given = [k for k in item.value if k in kinds]
-            if len(given) != 1:
-                item.error(f"give exactly one source kind ({', '.join(sorted(kinds))})")
+            kind = item.one_of(sorted(kinds), what="source kind")
+            if kind is None:
                 continue
-            kind = given[0]
             if kind == "anonymous" and position != len(items) - 1:
                 item.error("anonymous accepts every request, so it must be the last entry", kind)
             source = kinds[kind](name, item.child(kind), build)

@@ -386,9 +386,7 @@ def _quota_from_spec(item: Spec, build: BuildContext) -> Quota | None:
     cost: Expression | None = None
     fixed_cost = 1
     if isinstance(cost_node.value, int) and not isinstance(cost_node.value, bool):
-        fixed_cost = cost_node.value
-        if not 0 <= fixed_cost <= MAX_COST:
-            cost_node.error(f"must be between 0 and {MAX_COST}")
+        fixed_cost = item.int("cost", 1, min=0, max=MAX_COST)
     elif cost_node.present:
         cost = item.cel("cost", expect=INTEGER)
     limit = item.int("limit", required=True, min=1, max=_MAX_LIMIT)

@@ -318,6 +318,7 @@ def _components(spec: Spec, key: str, default: list[str] | None = None) -> tuple
     node = spec.child(key)
     if key == "bodyComponents":
         if node.value == "none":
+            spec.str(key, choices=("none",))
             return ()  # the explicit way to accept bodies that no signature covers
         if node.value == []:
             node.error("is empty: list at least one component, leave the field out (content-digest), or write "

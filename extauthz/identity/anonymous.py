@@ -32,4 +32,6 @@ class AnonymousSource:
     def from_spec(cls, name: str, spec: Spec, build: BuildContext) -> AnonymousSource | None:
         if spec.value is not None and spec.value != {}:
             spec.error("takes no options (write anonymous: {})")
+        elif spec.present:
+            spec.is_mapping(allowed=())
         return cls(name)

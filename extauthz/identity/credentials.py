@@ -110,11 +110,9 @@ def location_from_spec(spec: Spec, default: CredentialLocation) -> CredentialLoc
         return default
     if not spec.is_mapping(allowed=_FIELDS):
         return default
-    given = [k for k in ("header", "query", "cookie") if spec.child(k).present]
-    if len(given) != 1:
-        spec.error("give exactly one of header, query or cookie")
+    kind = spec.one_of(("header", "query", "cookie"))
+    if kind is None:
         return default
-    kind = given[0]
     name = spec.str(kind, required=True) or ""
     scheme = spec.str("scheme", "")
     forward = spec.bool("forward", True)

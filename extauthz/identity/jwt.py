@@ -337,10 +337,9 @@ class JwtSource:
         issuer = spec.str("issuer", required=True) or ""
         audiences = spec.str_list("audiences", required=True, nonempty="audience")
         allow_insecure = spec.bool("allowInsecureHttp", False)
+        which = spec.one_of(("jwksFile", "jwksUrl", "discovery"), required=False)
         sources = [k for k in ("jwksFile", "jwksUrl", "discovery") if spec.child(k).present]
         secret_file = spec.str("secretFile")
-        if len(sources) > 1:
-            spec.error("give at most one of jwksFile, jwksUrl and discovery")
         if not sources and secret_file is None:
             spec.error("needs keys: jwksFile, jwksUrl or discovery (and/or secretFile for HMAC)")
         algorithms = cls._algorithms(spec, has_keys=bool(sources), has_secret=secret_file is not None)
@@ -352,7 +351,7 @@ class JwtSource:
             wait = refresh.duration("wait", 0.25)
             if interval < 1:
                 refresh.error("must be at least 1s", "interval")
-        keys = cls._keys(spec, build, sources[0] if len(sources) == 1 else None, issuer,
+        keys = cls._keys(spec, build, which if spec.child(which or "").present else None, issuer,
                          interval=interval, min_interval=min_interval, allow_insecure=allow_insecure)
         secret = None
         if secret_file is not None:
@@ -371,13 +370,9 @@ class JwtSource:
             if scopes.child("claims").present:
                 scope_claims = tuple(tuple(c.split(".")) for c in scopes.str_list("claims", nonempty="claim"))
             # A value mapped to [] grants nothing (it drops that claim value): narrower, so allowed.
-            for value, node in scopes.child("map").entries(nonempty="claim value"):
-                if isinstance(node.value, str):
-                    scope_map[value] = (node.value,)
-                elif isinstance(node.value, list) and all(isinstance(v, str) for v in node.value):
-                    scope_map[value] = tuple(node.value)
-                else:
-                    node.error("must be a scope or a list of scopes")
+            scope_values = scopes.child("map")
+            for value, _ in scope_values.entries(nonempty="claim value"):
+                scope_map[value] = tuple(scope_values.str_list(value, required=True))
         bound = spec.str("certificateBound", "optional", choices=("optional", "required"))
         revocation = revocation_from_spec(spec.child("revocation"), build)
         cache_size = spec.int("cacheSize", 10_000, min=0, max=10_000_000)
@@ -434,6 +429,8 @@ class JwtSource:
             )
         if which == "discovery":
             node = spec.child("discovery")
+            if isinstance(node.value, bool):
+                spec.bool("discovery")
             if node.value is True:
                 if not issuer.startswith(("https://", "http://")):
                     spec.error("discovery: true needs an issuer URL (or give the discovery document URL)", "discovery")

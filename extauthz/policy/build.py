@@ -8,19 +8,34 @@ policy set instead of stopping at the first.
 from __future__ import annotations
 
 import builtins
+import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from extauthz.cel import CelError, Expression, compile_expression
 from extauthz.context import accessor_for
 from extauthz.policy.model import Document, FieldPath, PolicyError
 from extauthz.watched import WatchedPath, watch_interval
 
-__all__ = ["BuildContext", "Services", "Spec"]
+__all__ = ["DURATION_PATTERN", "BuildContext", "Probe", "Services", "Spec", "parse_duration"]
 
 T = TypeVar("T")
+
+
+class Probe(Protocol):
+    """Told what every accessor of :class:`Spec` was asked, while the schema generator
+    (extauthz.policy.schema) reads made-up documents; ``None`` when a policy is really loaded."""
+
+    def saw(self, path: FieldPath, shape: str, facts: Mapping[str, Any]) -> None:
+        """``path`` was read as ``shape`` ("mapping", "string", "integer", ...) with ``facts``
+        (required, default, choices, bounds, allowed keys...)."""
+
+    def refused(self, path: FieldPath) -> None:
+        """An accessor (not a check's own rule) refused the value at ``path``: a structural error,
+        one that the schema describes too."""
 
 
 @dataclass(slots=True)
@@ -54,6 +69,8 @@ class BuildContext:
     errors: list[PolicyError]
     #: True while compiling a ``LayerPolicy``: checks whose meaning differs there (rules) ask.
     layer: bool = False
+    #: Set by the schema generator only: records what the accessors read.
+    probe: Probe | None = None
 
     @property
     def policy_name(self) -> str:
@@ -87,11 +104,14 @@ class BuildContext:
         return watched
 
 
-_MISSING: Any = object()
-
-
 class Spec:
-    """A node of a policy's spec with typed, error-recording accessors."""
+    """A node of a policy's spec with typed, error-recording accessors.
+
+    The accessors are also the policy language's definition: with a :class:`Probe` on the build
+    context each tells it what it read (shape, required, default, choices, bounds), and
+    extauthz.policy.schema turns that into the JSON Schema. So a check that reads its section only
+    through these accessors is described by the schema without a line of its own.
+    """
 
     __slots__ = ("build", "path", "value")
 
@@ -101,7 +121,22 @@ class Spec:
         self.value = value
 
     def error(self, message: str, key: str | int | None = None) -> None:
+        path = self.path if key is None else (*self.path, key)
+        if self.build.probe is not None and message.startswith("is required"):
+            self.build.probe.saw(path, "required", {})
+            self.build.probe.refused(path)
+        self.build.error(path, message)
+
+    def _refuse(self, message: str, key: str | int | None = None) -> None:
+        """An accessor's own error: the value does not have the shape the accessor reads."""
+        if self.build.probe is not None:
+            self.build.probe.refused(self.path if key is None else (*self.path, key))
         self.build.error(self.path if key is None else (*self.path, key), message)
+
+    def _saw(self, key: str | None, shape: str, **facts: Any) -> None:
+        probe = self.build.probe
+        if probe is not None:
+            probe.saw(self.path if key is None else (*self.path, key), shape, facts)
 
     @property
     def present(self) -> bool:
@@ -115,42 +150,68 @@ class Spec:
             value = self.value[key]
         return Spec(self.build, (*self.path, key), value)
 
-    def is_mapping(self, *, allowed: Iterable[str] | None = None) -> bool:
-        """True if this is a mapping; reports unknown keys when ``allowed`` is given."""
-        if not isinstance(self.value, Mapping):
-            self.error("must be a mapping")
-            return False
+    def is_mapping(self, *, allowed: Iterable[str] | None = None, hints: Mapping[str, str] | None = None) -> bool:
+        """True if this is a mapping; reports unknown keys when ``allowed`` is given (``hints``: a
+        word to add for a key known to be misplaced)."""
         if allowed is not None:
             allowed = set(allowed)
+        self._saw(None, "mapping", allowed=None if allowed is None else frozenset(allowed))
+        if not isinstance(self.value, Mapping):
+            self._refuse("must be a mapping")
+            return False
+        if allowed is not None:
             for key in self.value:
                 if key not in allowed:
-                    self.error(f"unknown field (allowed: {', '.join(sorted(allowed))})", key)
+                    hint = f" ({hints[key]})" if hints and key in hints else ""
+                    self._refuse(f"unknown field{hint} (allowed: {', '.join(sorted(allowed))})", key)
         return True
+
+    def one_of(self, keys: Iterable[str], *, what: str = "", required: builtins.bool = True) -> builtins.str | None:
+        """The one key of ``keys`` this mapping gives (present, even with no value), or None: after
+        an error when it gives several, or none and ``required``. ``what`` names the kind of key in
+        the message ("source kind")."""
+        keys = tuple(keys)
+        self._saw(None, "one_of", keys=keys, required=required)
+        given = [k for k in keys if isinstance(self.value, Mapping) and k in self.value]
+        if len(given) == 1:
+            return given[0]
+        if given or required:
+            if what:
+                self._refuse(f"give exactly one {what} ({', '.join(sorted(keys))})")
+            elif required:
+                self._refuse(f"give exactly one of {', '.join(keys[:-1])} or {keys[-1]}")
+            else:
+                self._refuse(f"give at most one of {', '.join(keys[:-1])} and {keys[-1]}")
+        return None
 
     def items(self, *, nonempty: builtins.bool | builtins.str = False) -> list[Spec]:
         """The elements of a list (an error and [] if it is not one). ``nonempty`` (True, or what
         an element is, for the message) makes a given but empty list an error: see ``_empty``."""
+        self._saw(None, "list", nonempty=builtins.bool(nonempty))
         if self.value is None:
             return []
         if not isinstance(self.value, list):
-            self.error("must be a list")
+            self._refuse("must be a list")
             return []
         if nonempty and not self.value:
             self._empty(nonempty)
         return [self.child(i) for i in range(len(self.value))]
 
     def entries(self, *, nonempty: builtins.bool | builtins.str = False) -> list[tuple[str, Spec]]:
-        """The entries of a mapping; ``nonempty`` as for ``items``."""
+        """The entries of a mapping whose keys are names the policy chooses; ``nonempty`` as for
+        ``items``."""
+        self._saw(None, "entries", nonempty=builtins.bool(nonempty))
         if self.value is None:
             return []
         if not isinstance(self.value, Mapping):
-            self.error("must be a mapping")
+            self._refuse("must be a mapping")
             return []
         if nonempty and not self.value:
             self._empty(nonempty)
         return [(str(k), self.child(k)) for k in self.value]
 
-    def _empty(self, what: builtins.bool | builtins.str, *, required: builtins.bool = False) -> None:
+    def _empty(self, what: builtins.bool | builtins.str, *, required: builtins.bool = False,
+               message: builtins.str | None = None) -> None:
         """Report a list or mapping that was given but is empty.
 
         Where a list restricts something (audiences, trust domains, required scopes, trusted key
@@ -158,54 +219,61 @@ class Spec:
         turn a protection off without a word; where it lists what to do (quotas, headers), empty
         means nothing is done. Neither is what was meant, so both are load errors, never "any".
         """
-        noun = what if isinstance(what, builtins.str) else "entry"
-        self.error(f"is empty: list at least one {noun}" + ("" if required else ", or leave the field out"))
+        if message is None:
+            noun = what if isinstance(what, builtins.str) else "entry"
+            message = f"is empty: list at least one {noun}" + ("" if required else ", or leave the field out")
+        self._refuse(message)
 
     def _get(self, key: str, kinds: tuple[type, ...], type_name: str, default: Any, required: bool) -> Any:
         node = self.child(key)
         if node.value is None:
             if required:
-                self.error("is required", key)
+                self._refuse("is required", key)
             return default
         if isinstance(node.value, bool) and bool not in kinds:
-            node.error(f"must be {type_name}")
+            node._refuse(f"must be {type_name}")
             return default
         if not isinstance(node.value, kinds):
-            node.error(f"must be {type_name}")
+            node._refuse(f"must be {type_name}")
             return default
         return node.value
 
     def number(self, key: str, default: float | None = None, *, required: bool = False) -> Any:
+        self._saw(key, "number", default=default, required=required)
         value = self._get(key, (int, float), "a number", default, required)
         return float(value) if value is not None else None
 
-    def str_list(self, key: str, *, required: bool = False, nonempty: bool | str = False) -> list[str]:
+    def str_list(self, key: str, *, required: bool = False, nonempty: bool | str = False,
+                 empty_message: str | None = None) -> list[str]:
         """A list of strings (one string is a list of one). ``nonempty`` (True, or what an element
-        is, for the message) makes a given but empty list an error (see ``_empty``)."""
+        is, for the message) makes a given but empty list an error (see ``_empty``; ``empty_message``
+        says it in the field's own words)."""
+        self._saw(key, "strings", required=required, nonempty=bool(nonempty))
         node = self.child(key)
         if node.value is None:
             if required:
-                self.error("is required", key)
+                self._refuse("is required", key)
             return []
         if isinstance(node.value, str):
             return [node.value]
         if not isinstance(node.value, list) or not all(isinstance(v, str) for v in node.value):
-            node.error("must be a list of strings")
+            node._refuse("must be a list of strings")
             return []
         if nonempty and not node.value:
-            node._empty(nonempty, required=required)
+            node._empty(nonempty, required=required, message=empty_message)
         return list(node.value)
 
     def duration(self, key: str, default: float | None = None, *, required: bool = False) -> Any:
         """A duration in seconds: a number, or a string like '500ms', '30s', '5m', '1h'."""
+        self._saw(key, "duration", default=default, required=required)
         node = self.child(key)
         if node.value is None:
             if required:
-                self.error("is required", key)
+                self._refuse("is required", key)
             return default
         seconds = parse_duration(node.value)
         if seconds is None or seconds < 0:
-            node.error("must be a duration such as 500ms, 30s, 5m or 1h")
+            node._refuse("must be a duration such as 500ms, 30s, 5m or 1h")
             return default
         return seconds
 
@@ -213,13 +281,16 @@ class Spec:
             allowed: Iterable[str] | None = None) -> Expression | None:
         """Compile a CEL expression at ``key`` (or this node when key is None). ``expect`` is the
         static type the site needs (see extauthz.cel: BOOL, STRING, KEY...): every site says it."""
+        if self.build.probe is not None:
+            expected = () if expect is None else (expect,) if isinstance(expect, str) else tuple(sorted(expect))
+            self._saw(key, "cel", expect=expected, required=required)
         node = self if key is None else self.child(key)
         if node.value is None:
             if required:
-                node.error("is required")
+                node._refuse("is required")
             return None
         if not isinstance(node.value, str):
-            node.error("must be a CEL expression (a string)")
+            node._refuse("must be a CEL expression (a string)")
             return None
         try:
             return compile_expression(node.value, accessor_for, expect=expect, allowed=allowed)
@@ -232,9 +303,12 @@ class Spec:
         self, key: builtins.str, default: builtins.str | None = None, *, required: builtins.bool = False,
         choices: Iterable[builtins.str] | None = None,
     ) -> Any:
-        value = self._get(key, (str,), "a string", default, required)
-        if choices is not None and value is not None and value not in set(choices):
-            self.error(f"must be one of: {', '.join(choices)}", key)
+        if choices is not None:
+            choices = tuple(choices)
+        self._saw(key, "string", default=default, required=required, choices=choices)
+        value = self._get(key, (builtins.str,), "a string", default, required)
+        if choices is not None and value is not None and value not in choices:
+            self._refuse(f"must be one of: {', '.join(choices)}", key)
             return default
         return value
 
@@ -242,38 +316,46 @@ class Spec:
         self, key: builtins.str, default: builtins.int | None = None, *, required: builtins.bool = False,
         min: builtins.int | None = None, max: builtins.int | None = None,
     ) -> Any:
+        self._saw(key, "integer", default=default, required=required, min=min, max=max)
         node = self.child(key)
-        value = self._get(key, (int,), "an integer", default, required)
-        if node.value is None or not isinstance(value, int):
+        value = self._get(key, (builtins.int,), "an integer", default, required)
+        if node.value is None or not isinstance(value, builtins.int):
             return value
         if (min is not None and value < min) or (max is not None and value > max):
-            node.error(f"must be between {min} and {max}")
+            node._refuse(_range_message(min, max))
             return default
         return value
 
     def bool(self, key: builtins.str, default: builtins.bool | None = None, *, required: builtins.bool = False) -> Any:
-        return self._get(key, (bool,), "true or false", default, required)
+        self._saw(key, "boolean", default=default, required=required)
+        return self._get(key, (builtins.bool,), "true or false", default, required)
+
+
+def _range_message(low: int | None, high: int | None) -> str:
+    if low is None:
+        return f"must be at most {high}"
+    if high is None:
+        return f"must be at least {low}"
+    return f"must be between {low} and {high}"
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+#: What a duration written as text looks like (the JSON Schema says the same): a non-negative
+#: decimal number and an optional unit. Exponents, underscores, signs, inf and nan are not durations.
+DURATION_PATTERN = r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)?\s*$"
+_DURATION_RE = re.compile(DURATION_PATTERN)
 
 
 def parse_duration(value: Any) -> float | None:
+    """Seconds from a number or a text such as '500ms', '30s', '5m', '1h', '2d'; None if it is
+    not one (a negative number is returned as is, for the caller to refuse)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value)
+        return float(value) if math.isfinite(value) else None
     if not isinstance(value, str):
         return None
-    text = value.strip()
-    for unit in ("ms", "s", "m", "h", "d"):
-        if text.endswith(unit):
-            number = text[: -len(unit)]
-            try:
-                return float(number) * _UNITS[unit]
-            except ValueError:
-                return None
-    try:
-        return float(text)
-    except ValueError:
+    match = _DURATION_RE.fullmatch(value)
+    if match is None:
         return None
+    return float(match.group(1)) * _UNITS[match.group(3) or "s"]

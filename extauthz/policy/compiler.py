@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from extauthz.checks import Check, CheckKind, kinds
-from extauthz.policy.build import BuildContext, Services
-from extauthz.policy.model import Document, PolicyError, PolicySetError
+from extauthz.policy.build import BuildContext, Services, Spec
+from extauthz.policy.model import API_VERSION, DOCUMENT_FIELDS, METADATA_FIELDS, Document, PolicyError, PolicySetError
 from extauthz.policy.routing import LayerRouter, Route, Router, Shadow, find_shadows, find_ties
 from extauthz.request import BadRequest, normalize_path
 
 if TYPE_CHECKING:
     from extauthz.identity.credentials import CredentialLocation
 
-__all__ = ["LAYER_KIND", "POLICY_KIND", "CompiledPolicy", "PolicySet", "compile_documents"]
+__all__ = ["LAYER_KIND", "POLICY_KIND", "CompiledPolicy", "PolicySet", "compile_documents", "compile_policy",
+           "read_metadata",
+           "read_policy_document"]
 
 POLICY_KIND = "AuthPolicy"
 #: Policies that run for every request they match, before the deciding policy; they never allow.
@@ -103,14 +105,12 @@ def _match_routes(build: BuildContext, policy: CompiledPolicy | None) -> list[Ro
         return [Route("", "", frozenset(), policy)]
     if not spec.is_mapping(allowed=_MATCH_FIELDS):
         return []
-    for key in ("hosts", "paths", "methods"):
-        # An empty list would match everything: a template that rendered no hosts must not turn a
-        # narrow policy into one for every request. Omit the field to mean "any".
-        if isinstance(spec.child(key).value, list) and not spec.child(key).value:
-            spec.error("must not be empty (omit the field to match any)", key)
-    hosts = spec.str_list("hosts")
-    paths = spec.str_list("paths")
-    methods = spec.str_list("methods")
+    # An empty list would match everything: a template that rendered no hosts must not turn a
+    # narrow policy into one for every request. Omit the field to mean "any".
+    empty = "must not be empty (omit the field to match any)"
+    hosts = spec.str_list("hosts", nonempty=True, empty_message=empty)
+    paths = spec.str_list("paths", nonempty=True, empty_message=empty)
+    methods = spec.str_list("methods", nonempty=True, empty_message=empty)
     fold_case = spec.str("pathCase", "sensitive", choices=("sensitive", "insensitive")) == "insensitive"
     host_patterns: list[str] = []
     for i, host in enumerate(hosts):
@@ -151,37 +151,59 @@ def _match_routes(build: BuildContext, policy: CompiledPolicy | None) -> list[Ro
     ]
 
 
-def _compile_policy(
-    doc: Document, folder: Path, services: Services, errors: list[PolicyError]
-) -> tuple[CompiledPolicy | None, list[Route]]:
-    layer = doc.kind == LAYER_KIND
-    build = BuildContext(doc, folder, services, errors, layer)
-    before = len(errors)
-    if not _NAME_RE.fullmatch(doc.name):
-        build.error(("metadata", "name"), "is required: lower-case letters, digits, '-' and '.'")
-    spec = doc.body.get("spec")
-    if not isinstance(spec, dict):
-        build.error(("spec",), "is required and must be a mapping")
-        return None, []
-    registered = kinds()
+def read_policy_document(build: BuildContext) -> tuple[Spec, bool, int] | None:
+    """Check what an AuthPolicy or LayerPolicy says outside its check sections (the document's
+    fields, its name, ``spec``'s keys, ``mode`` and ``order``): its ``spec``, whether it is a
+    dry run and its order, or None when there is no spec to compile. Checks read their own sections."""
+    layer = build.layer
+    root = Spec(build, (), build.document.body)
+    root.is_mapping(allowed=DOCUMENT_FIELDS)
+    # parse_documents refused other values already; read here so that the schema says so too.
+    root.str("apiVersion", required=True, choices=(API_VERSION,))
+    root.str("kind", required=True, choices=(LAYER_KIND if layer else POLICY_KIND,))
+    read_metadata(root)
+    spec = root.child("spec")
+    if not isinstance(spec.value, dict):
+        root.error("is required and must be a mapping", "spec")
+        return None
     base = _BASE_FIELDS | _LAYER_FIELDS if layer else _BASE_FIELDS
-    for key in spec:
-        if key not in base and key not in registered:
-            allowed = ", ".join(sorted(base | set(registered)))
-            hint = " (order is for LayerPolicy documents)" if key in _LAYER_FIELDS else ""
-            build.error(("spec", key), f"unknown field{hint} (allowed: {allowed})")
-    mode = build.spec("mode").value
-    if mode not in (None, "enforce", "dry-run"):
-        build.error(("spec", "mode"), "must be 'enforce' or 'dry-run'")
-    low, high = LAYER_ORDER_RANGE
-    order = build.spec("order").value
-    if layer and order is not None and (isinstance(order, bool) or not isinstance(order, int) or
-                                        not low <= order <= high):
-        build.error(("spec", "order"), f"must be an integer between {low} and {high}")
-        order = 0
+    hints = {} if layer else dict.fromkeys(_LAYER_FIELDS, "order is for LayerPolicy documents")
+    spec.is_mapping(allowed=base | set(kinds()), hints=hints)
+    dry_run = spec.str("mode", "enforce", choices=("enforce", "dry-run")) == "dry-run"
+    order = spec.int("order", 0, min=LAYER_ORDER_RANGE[0], max=LAYER_ORDER_RANGE[1]) if layer else 0
+    return spec, dry_run, order if isinstance(order, int) else 0
+
+
+def read_metadata(root: Spec) -> None:
+    """``metadata``: the document's ``name`` (unique among its kind), and free-form ``labels`` and
+    ``annotations`` (strings) for the tools that manage policies; the sidecar ignores them."""
+    metadata = root.child("metadata")
+    if not metadata.present:
+        root.error("is required: a mapping with the document's name", "metadata")
+        return
+    if not metadata.is_mapping(allowed=METADATA_FIELDS):
+        return
+    name = metadata.str("name", required=True)
+    if isinstance(name, str) and not _NAME_RE.fullmatch(name):
+        metadata.error("must be lower-case letters, digits, '-' and '.' (at most 253)", "name")
+    for field_name in ("labels", "annotations"):
+        notes = metadata.child(field_name)
+        for key, _ in notes.entries():
+            notes.str(key, required=True)
+
+
+def compile_policy(build: BuildContext) -> tuple[CompiledPolicy | None, list[Route]]:
+    """One AuthPolicy or LayerPolicy (``build.layer``): the policy and its routes, or (None, [])
+    after reporting its errors through ``build``."""
+    doc, errors, layer = build.document, build.errors, build.layer
+    before = len(errors)
+    header = read_policy_document(build)
+    if header is None:
+        return None, []
+    spec, dry_run, order = header
     checks: list[tuple[CheckKind, Check]] = []
-    for kind in sorted(registered.values(), key=lambda k: k.phase):
-        if kind.section not in spec and not kind.always:
+    for kind in sorted(kinds().values(), key=lambda k: k.phase):
+        if kind.section not in spec.value and not kind.always:
             continue
         check = kind.from_spec(build.spec(kind.section), build)
         if check is not None:
@@ -189,7 +211,7 @@ def _compile_policy(
     policy = CompiledPolicy(
         name=doc.name,
         file=doc.file,
-        dry_run=mode == "dry-run",
+        dry_run=dry_run,
         checks=tuple(c for _, c in checks),
         check_names=tuple(k.section for k, _ in checks),
         may_wait=any(getattr(c, "may_wait", False) for _, c in checks),
@@ -201,7 +223,7 @@ def _compile_policy(
             dict.fromkeys(location for _, c in checks for location in getattr(c, "credential_locations", ()))
         ),
         layer=layer,
-        order=order if layer and isinstance(order, int) else 0,
+        order=order,
     )
     routes = _match_routes(build, policy)
     if len(errors) != before:
@@ -232,7 +254,8 @@ def compile_documents(documents: Sequence[Document], folder: Path, services: Ser
             errors.append(doc.error(("metadata", "name"), f"duplicate policy name (also in {where})"))
             continue
         names[doc.name] = doc
-        policy, policy_routes = _compile_policy(doc, folder, services, errors)
+        build = BuildContext(doc, folder, services, errors, doc.kind == LAYER_KIND)
+        policy, policy_routes = compile_policy(build)
         if policy is None:
             continue
         policies.append(policy)

@@ -12,6 +12,8 @@ from extauthz.safe_yaml import SafeYamlLoader, problem_line, problem_text
 
 __all__ = [
     "API_VERSION",
+    "DOCUMENT_FIELDS",
+    "METADATA_FIELDS",
     "Document",
     "PolicyError",
     "PolicySetError",
@@ -19,6 +21,10 @@ __all__ = [
 ]
 
 API_VERSION = "extauthz.dev/v1"
+#: The fields of every document (policies and PolicyTests alike).
+DOCUMENT_FIELDS = ("apiVersion", "kind", "metadata", "spec")
+#: The fields of ``metadata``.
+METADATA_FIELDS = ("name", "labels", "annotations")
 
 FieldPath = tuple[str | int, ...]
 

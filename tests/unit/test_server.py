@@ -191,7 +191,7 @@ def test_invalid_set_at_startup_is_a_clear_error_exit(policy_dir) -> None:
     proc.wait(timeout=60)
     out = (folder.parent / "sidecar.log").read_text()
     assert proc.returncode == 2
-    assert "a.yaml:4: document 1 (a): spec.mode: must be 'enforce' or 'dry-run'" in out
+    assert "a.yaml:4: document 1 (a): spec.mode: must be one of: enforce, dry-run" in out
     assert "not starting" in out
 
 

@@ -91,11 +91,14 @@ def test_allow_in_a_layer_and_pass_in_a_policy_are_load_errors(folder, policy_ya
     assert "'pass' is for LayerPolicy rules" in str(info.value)
 
 
-@pytest.mark.parametrize("order", ["1001", "'1'", "true", "1.5"])
-def test_layer_order_must_be_a_bounded_integer(folder, order: str) -> None:
+@pytest.mark.parametrize(("order", "message"), [
+    ("1001", "must be between -1000 and 1000"), ("-1001", "must be between -1000 and 1000"),
+    ("'1'", "must be an integer"), ("true", "must be an integer"), ("1.5", "must be an integer"),
+])
+def test_layer_order_must_be_a_bounded_integer(folder, order: str, message: str) -> None:
     with pytest.raises(PolicySetError) as info:
         load_folder(folder(layer_yaml("l", f"order: {order}")))
-    assert "spec.order: must be an integer between -1000 and 1000" in str(info.value)
+    assert f"spec.order: {message}" in str(info.value)
 
 
 def test_order_is_only_for_layers(folder, policy_yaml) -> None:

@@ -51,7 +51,7 @@ def test_every_error_is_reported_at_once(policy_dir, policy_yaml) -> None:
         }
     )
     errors = "\n".join(_errors(folder))
-    assert "a.yaml" in errors and "spec.mode: must be 'enforce' or 'dry-run'" in errors
+    assert "a.yaml" in errors and "spec.mode: must be one of: enforce, dry-run" in errors
     assert "unknown field 'methd' on request" in errors
     assert "b.yaml" in errors and "spec.bogus: unknown field" in errors
     assert "c.yaml" in errors and "invalid YAML" in errors
@@ -62,7 +62,11 @@ def test_every_error_is_reported_at_once(policy_dir, policy_yaml) -> None:
     [
         ("apiVersion: v1\nkind: AuthPolicy\nmetadata: {name: a}\nspec: {}\n", "apiVersion must be 'extauthz.dev/v1'"),
         ("apiVersion: extauthz.dev/v1\nkind: Nope\nmetadata: {name: a}\nspec: {}\n", "unknown kind 'Nope'"),
-        ("apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata: {name: A_B}\nspec: {}\n", "metadata.name: is required"),
+        ("apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata: {name: A_B}\nspec: {}\n", "metadata.name: must be lower-case letters"),
+        ("apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata: {}\nspec: {}\n", "metadata.name: is required"),
+        ("apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nspec: {}\n", "metadata: is required"),
+        ("apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata: {name: a, namespace: x}\nspec: {}\n", "metadata.namespace: unknown field"),
+        ("apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata: {name: a}\nstatus: {}\nspec: {}\n", "status: unknown field"),
         ("apiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata: {name: a}\n", "spec: is required"),
         ("- just\n- a list\n", "document must be a mapping"),
         ("apiVersion: extauthz.dev/v1\napiVersion: extauthz.dev/v1\n", "duplicate key"),
