@@ -238,6 +238,16 @@ def _parser() -> argparse.ArgumentParser:
     test = sub.add_parser("test", help="run the PolicyTest cases kept beside the policies")
     test.add_argument("policies", type=Path)
     test.add_argument("-v", "--verbose", action="store_true", help="show the steps of every case")
+
+    schema = sub.add_parser(
+        "schema", help="print the JSON Schema of policy and PolicyTest documents, for editors and CI",
+        description="Print the JSON Schema (draft-07) of AuthPolicy, LayerPolicy and PolicyTest documents, read "
+                    "off the policy loader itself. The repository keeps it in schema/extauthz.schema.json "
+                    "(regenerate with: extauthz schema > schema/extauthz.schema.json); a YAML file names it "
+                    "with a first line such as: # yaml-language-server: $schema=../schema/extauthz.schema.json",
+    )
+    schema.add_argument("--report", action="store_true",
+                        help="print what the schema leaves undescribed or lenient, on stderr")
     return parser
 
 
@@ -581,10 +591,26 @@ def _version() -> str:
         return "unknown"
 
 
+def _cmd_schema(ns: argparse.Namespace) -> int:
+    from extauthz.policy.schema import build_schema, schema_text
+
+    report = build_schema()
+    sys.stdout.write(schema_text(report.schema))
+    if ns.report:
+        for title, lines in (("undescribed (read without an accessor: any value)", report.undescribed),
+                             ("lenient (reads disagreed)", report.varied),
+                             ("readers that raised on a made-up document", report.crashes)):
+            print(f"{title}: {len(lines)}", file=sys.stderr)
+            for line in lines:
+                print(f"  {line}", file=sys.stderr)
+        print(f"documents read: {report.reads}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     command = {"serve": _cmd_serve, "validate": _cmd_validate, "explain": _cmd_explain, "test": _cmd_test,
-               "routes": _cmd_routes}
+               "routes": _cmd_routes, "schema": _cmd_schema}
     return command[ns.command](ns)
 
 

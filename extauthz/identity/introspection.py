@@ -219,15 +219,17 @@ class IntrospectionSource:
         if not 0 < timeout <= 30:
             spec.error("must be between 1ms and 30s", "timeout")
         locations = locations_from_spec(spec.child("token"), DEFAULT_LOCATION)
+        issuer = spec.str("issuer")
+        subject_field = spec.str("subjectField", "sub")
+        max_token_bytes = spec.int("maxTokenBytes", 4096, min=64, max=64 * 1024)
+        cache_size = spec.int("cacheSize", 10_000, min=1, max=10_000_000)
         if endpoint is None or client_id is None or secret_file is None:
             return None
         services = build.services
         secret = build.watched(spec.child("clientSecretFile"), secret_file, _read_secret, what="client secret")
         return cls(
             name, endpoint=endpoint, client_id=client_id, secret=secret, http=http_client(services),
-            locations=locations, auth_method=auth_method, issuer=spec.str("issuer"), audiences=audiences,
+            locations=locations, auth_method=auth_method, issuer=issuer, audiences=audiences,
             cache_duration=cache_duration, inactive_cache_duration=inactive, timeout=timeout,
-            subject_field=spec.str("subjectField", "sub"),
-            max_token_bytes=spec.int("maxTokenBytes", 4096, min=64, max=64 * 1024),
-            cache_size=spec.int("cacheSize", 10_000, min=1, max=10_000_000),
+            subject_field=subject_field, max_token_bytes=max_token_bytes, cache_size=cache_size,
         )

@@ -11,6 +11,7 @@ import builtins
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -20,7 +21,7 @@ from extauthz.context import accessor_for
 from extauthz.policy.model import Document, FieldPath, PolicyError
 from extauthz.watched import WatchedPath, watch_interval
 
-__all__ = ["DURATION_PATTERN", "BuildContext", "Probe", "Services", "Spec", "parse_duration"]
+__all__ = ["DURATION_PATTERN", "PROBE", "BuildContext", "Probe", "Services", "Spec", "parse_duration"]
 
 T = TypeVar("T")
 
@@ -36,6 +37,11 @@ class Probe(Protocol):
     def refused(self, path: FieldPath) -> None:
         """An accessor (not a check's own rule) refused the value at ``path``: a structural error,
         one that the schema describes too."""
+
+
+#: The probe of the schema generator while it has a reader read a made-up document: every build
+#: context made meanwhile reports to it, even one a reader makes itself.
+PROBE: ContextVar[Probe | None] = ContextVar("extauthz_schema_probe", default=None)
 
 
 @dataclass(slots=True)
@@ -69,8 +75,8 @@ class BuildContext:
     errors: list[PolicyError]
     #: True while compiling a ``LayerPolicy``: checks whose meaning differs there (rules) ask.
     layer: bool = False
-    #: Set by the schema generator only: records what the accessors read.
-    probe: Probe | None = None
+    #: Set by the schema generator only (through PROBE): records what the accessors read.
+    probe: Probe | None = field(default_factory=PROBE.get)
 
     @property
     def policy_name(self) -> str:
