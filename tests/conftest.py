@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -82,3 +83,54 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 def redis_server(redis_factory: Callable[..., Any]) -> Any:
     """One real redis-server for this test (``.url``, ``.port``, ``.kill()``, ``.start()``, ``.client()``)."""
     return redis_factory()
+
+
+# --- every policy a test loads validates against the committed JSON Schema ---------------------------
+#: Policies the loader accepted during this run (canonical JSON -> body).
+_ACCEPTED: dict[str, Any] = {}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _policies_loaded_by_tests() -> Iterator[None]:
+    """Keep every AuthPolicy and LayerPolicy that a test had the loader accept: at the end of the
+    run each must validate against schema/extauthz.schema.json (schema and loader agree on every
+    fixture, not only on the bundled files). Observes the real compiler; changes nothing."""
+    from extauthz.policy import compiler
+
+    compile_policy = compiler.compile_policy
+
+    def observed(build: Any) -> Any:
+        result = compile_policy(build)
+        if result[0] is not None and build.probe is None:
+            body = json.loads(json.dumps(build.document.body, default=str))
+            _ACCEPTED.setdefault(json.dumps(body, sort_keys=True), body)
+        return result
+
+    compiler.compile_policy = observed
+    yield
+    compiler.compile_policy = compile_policy
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not _ACCEPTED:
+        return
+    import jsonschema
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "schema" / "extauthz.schema.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    refused = []
+    for body in _ACCEPTED.values():
+        problems = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
+        if problems:
+            where = ".".join(str(p) for p in problems[0].absolute_path)
+            refused.append(f"{body.get('metadata')}: {where}: {problems[0].message}")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if refused:
+        if reporter is not None:
+            reporter.write_line(f"\n{len(refused)} of {len(_ACCEPTED)} policies the loader accepted in this run do not "
+                                "validate against schema/extauthz.schema.json:", red=True)
+            for line in refused[:20]:
+                reporter.write_line(f"  {line}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif reporter is not None and session.config.option.verbose >= 0:
+        reporter.write_line(f"schema: the {len(_ACCEPTED)} policies the loader accepted in this run validate")

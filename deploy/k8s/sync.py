@@ -31,6 +31,7 @@ ConfigMap in place and the sidecar hot-reloads it (no pod restart).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
@@ -81,6 +82,22 @@ def key_files() -> dict[str, Path]:
     return found
 
 
+#: The first line of a policy file that names the JSON Schema for editors (yaml-language-server).
+SCHEMA_LINE = "# yaml-language-server: $schema="
+
+
+def policy_copy(path: Path) -> bytes:
+    """A policy file as the base carries it: the schema line, if any, points at the schema from
+    the copy's folder, so that an editor opening the generated copy checks it too."""
+    text = path.read_text()
+    first, newline, rest = text.partition("\n")
+    if not first.startswith(SCHEMA_LINE):
+        return text.encode()
+    schema = (path.parent / first.removeprefix(SCHEMA_LINE)).resolve()
+    relative = os.path.relpath(schema, GENERATED / "policies")
+    return f"{SCHEMA_LINE}{Path(relative).as_posix()}{newline}{rest}".encode()
+
+
 def secrets() -> dict[str, list[str]]:
     """Secret name -> relative key paths it carries (only Secrets that carry files exist)."""
     out: dict[str, list[str]] = {}
@@ -121,7 +138,7 @@ def expected() -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     policies = sorted(p.name for p in SOURCES["policies"].glob("*.y*ml"))
     for name in policies:
-        out[f"policies/{name}"] = (SOURCES["policies"] / name).read_bytes()
+        out[f"policies/{name}"] = policy_copy(SOURCES["policies"] / name)
     out["envoy/envoy.yaml"] = (SOURCES["envoy"] / "envoy.yaml").read_bytes()
     for relative, path in key_files().items():
         out[f"keys/{relative}"] = path.read_bytes()

@@ -30,8 +30,8 @@ class AnonymousSource:
 
     @classmethod
     def from_spec(cls, name: str, spec: Spec, build: BuildContext) -> AnonymousSource | None:
-        if spec.value is not None and spec.value != {}:
-            spec.error("takes no options (write anonymous: {})")
-        elif spec.present:
+        if isinstance(spec.value, dict):
             spec.is_mapping(allowed=())
+        elif spec.present:
+            spec.error("takes no options (write anonymous: {})")
         return cls(name)

@@ -169,7 +169,8 @@ class Spec:
             for key in self.value:
                 if key not in allowed:
                     hint = f" ({hints[key]})" if hints and key in hints else ""
-                    self._refuse(f"unknown field{hint} (allowed: {', '.join(sorted(allowed))})", key)
+                    known = f"allowed: {', '.join(sorted(allowed))}" if allowed else "it takes no options"
+                    self._refuse(f"unknown field{hint} ({known})", key)
         return True
 
     def one_of(self, keys: Iterable[str], *, what: str = "", required: builtins.bool = True) -> builtins.str | None:
@@ -260,14 +261,16 @@ class Spec:
             if required:
                 self._refuse("is required", key)
             return []
-        if isinstance(node.value, str):
-            return [node.value]
-        if not isinstance(node.value, list) or not all(isinstance(v, str) for v in node.value):
+        values = [node.value] if isinstance(node.value, str) else node.value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             node._refuse("must be a list of strings")
             return []
-        if nonempty and not node.value:
+        if nonempty and not values:
             node._empty(nonempty, required=required, message=empty_message)
-        return list(node.value)
+        if any("\x00" in v for v in values):
+            node.error(_NUL_MESSAGE)
+            return []
+        return list(values)
 
     def duration(self, key: str, default: float | None = None, *, required: bool = False) -> Any:
         """A duration in seconds: a number, or a string like '500ms', '30s', '5m', '1h'."""
@@ -316,6 +319,9 @@ class Spec:
         if choices is not None and value is not None and value not in choices:
             self._refuse(f"must be one of: {', '.join(choices)}", key)
             return default
+        if value is not None and "\x00" in value:
+            self.error(_NUL_MESSAGE, key)
+            return default
         return value
 
     def int(
@@ -335,6 +341,11 @@ class Spec:
     def bool(self, key: builtins.str, default: builtins.bool | None = None, *, required: builtins.bool = False) -> Any:
         self._saw(key, "boolean", default=default, required=required)
         return self._get(key, (builtins.bool,), "true or false", default, required)
+
+
+#: No policy string (a file, a URL, a header, a name) can hold a NUL: it would cut a path short or
+#: make the file API raise, so it is refused where it is read, whatever the field.
+_NUL_MESSAGE = "must not contain a NUL character"
 
 
 def _range_message(low: int | None, high: int | None) -> str:

@@ -389,6 +389,8 @@ def _canonical(value: Any) -> str:
 
 def _replaced(document: Any, path: FieldPath, value: Any) -> Any:
     """A deep copy of ``document`` with ``value`` at ``path``; None where the path cannot hold it."""
+    if not path:
+        return json.loads(json.dumps(value)) if isinstance(value, dict) else None
     copy = json.loads(json.dumps(document))
     node = copy
     for part in path[:-1]:
@@ -470,6 +472,13 @@ class _Writer:
             alternatives.append(_with_default({"type": "number"}, shapes["number"]))
         if "boolean" in shapes:
             alternatives.append(_with_default({"type": "boolean"}, shapes["boolean"]))
+        children = sorted({p[len(pattern)] for p in self.fields if len(p) > len(pattern) and p[:len(pattern)] == pattern
+                           and p[len(pattern)] not in (ELEMENT, NAME)})
+        if not alternatives and children:
+            # Read without an accessor, but its keys were: a mapping that may hold other keys too.
+            self.undescribed.append(f"{self.kind.kind}: {_dotted(pattern)}")
+            alternatives.append({"type": "object",
+                                 "properties": {key: self.schema_of((*pattern, key)) for key in children}})
         if not alternatives:
             self.undescribed.append(f"{self.kind.kind}: {_dotted(pattern)}")
             schema: dict[str, Any] = {}

@@ -147,3 +147,14 @@ def test_every_cel_site_checks_the_static_type_it_needs(tmp_path: Path, spec: st
     errors = _errors(tmp_path, spec)
     assert len(errors) == 1, errors
     assert f"{path}: invalid CEL: " in errors[0] and message in errors[0]
+
+
+@pytest.mark.parametrize("spec", [
+    "signature: {keys: {folder: \"a\\0b\"}}",
+    "identity: [{name: a, mtls: {certificate: {caFile: \"ca\\0.pem\"}}}]",
+    "identity: [{name: a, apiKey: {keys: \"k\\0\"}}]",
+    "match: {hosts: [\"a\\0.example\"]}",
+])
+def test_a_nul_character_in_a_string_is_a_load_error_not_a_crash(tmp_path: Path, spec: str) -> None:
+    errors = _errors(tmp_path, spec)
+    assert any("must not contain a NUL character" in e for e in errors), errors
