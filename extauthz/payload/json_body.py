@@ -1,0 +1,375 @@
+"""JSON bodies: parsed once with orjson, after a pre-scan that bounds what the parse can cost.
+
+Why this way (measured on the project's 2-core machine, 64 KiB bodies; ``bench/payload_bench.py``):
+orjson parses a 64 KiB document in 0.05-2.5 ms depending on how many values it holds, ijson's C
+backend takes 3-8 ms for the same documents (a Python event per token), and Python's ``json`` with an
+``object_pairs_hook`` is 10x slower than orjson on ordinary bodies. The cost of a parse, and of the one
+walk over the result that measures its shape, grows with the number of values, not with the size: so
+before parsing, three byte counts (commas and opening brackets: C speed, no objects) bound the number
+of values, and a body above the ceiling is refused without being parsed. Within the ceiling the walk
+measures the exact shape (depth, members per object, items per array, string lengths, duplicate keys),
+which each consumer compares with its own :class:`JsonLimits`.
+
+Duplicate keys cannot be seen in orjson's result (the last one wins), so they are found by counting:
+the colons of the raw text that are outside strings must equal the members the walk counted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import re2
+
+from extauthz.payload.problems import BodyProblem
+
+__all__ = [
+    "PARSE_MAX_BYTES",
+    "PARSE_MAX_VALUES",
+    "JsonDocument",
+    "JsonLimits",
+    "JsonShape",
+    "escape_pointer_token",
+    "parse_json",
+]
+
+#: Bodies larger than this are not parsed at all (Envoy's ``max_request_bytes`` is usually far less).
+PARSE_MAX_BYTES = 1 << 20
+#: A document with more values than this (counted from commas and brackets before parsing) is
+#: refused unparsed: parse and walk cost grow with the number of values, and this bounds them.
+PARSE_MAX_VALUES = 10_000
+#: Number tokens shorter than this are never reported: policies set ``maxNumberLength`` >= it.
+NUMBER_LENGTH_FLOOR = 16
+
+_ESCAPED_COLONS = (b"\\u003a", b"\\u003A")
+
+
+@dataclass(frozen=True, slots=True)
+class JsonLimits:
+    """What a consumer accepts of a JSON document. Every count is inclusive (``max_depth=32``
+    accepts depth 32). Consumers compare them with a document's :class:`JsonShape`."""
+
+    max_depth: int = 32
+    #: Members of one object.
+    max_members: int = 1000
+    #: Items of one array.
+    max_items: int = 10_000
+    #: Characters of one string, keys included (after JSON escapes are decoded).
+    max_string_length: int = 1 << 20
+    #: Characters of one number token as sent (at least NUMBER_LENGTH_FLOOR).
+    max_number_length: int = 64
+    #: Values in the whole document (containers and scalars; keys not counted).
+    max_values: int = PARSE_MAX_VALUES
+    allow_duplicate_keys: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JsonShape:
+    """What the walk measured of a document: the figures limits are compared with."""
+
+    depth: int
+    max_members: int
+    max_items: int
+    max_string_length: int
+    values: int
+    members: int
+    duplicate_keys: bool
+
+
+@dataclass(slots=True)
+class JsonDocument:
+    """A parsed document, with what consumers ask of it computed on first use.
+
+    ``text`` is every string of the document (keys and values, JSON escapes decoded) joined with
+    newlines: an inspector scans it in one pass and asks :meth:`find` for pointers only when
+    something matched. ``shape`` is exact but costs a walk over the value: :meth:`problem` first
+    compares limits with bounds counted from the raw bytes, and walks only when a bound is over.
+    """
+
+    value: Any
+    raw: bytes = field(repr=False)
+    #: The raw text outside strings (structure, numbers, literals, whitespace).
+    outside: bytes = field(default=b"", repr=False)
+    #: The raw text of every string (escapes as sent, \\x01/\\x02 for escaped backslash/quote), one per line.
+    inside: bytes = field(default=b"", repr=False)
+    escaped: bool = False
+    _structure: tuple[int, int, int, int] | None = field(default=None, repr=False)
+    _text: str | None = field(default=None, repr=False)
+    _shape: JsonShape | None = field(default=None, repr=False)
+    _duplicates: bool | None = field(default=None, repr=False)
+    _long_numbers: dict[int, bool] = field(default_factory=dict, repr=False)
+
+    @property
+    def text(self) -> str:
+        """Every string (keys included), decoded, one per line (a string's own newlines stay)."""
+        if self._text is None:
+            self._text = _decode_strings(self.inside, self.escaped)
+        return self._text
+
+    @property
+    def structure(self) -> tuple[int, int, int, int]:
+        """Commas, colons, '[' and '{' outside strings: exact counts, no walk."""
+        if self._structure is None:
+            outside = self.outside
+            self._structure = (outside.count(b","), outside.count(b":"), outside.count(b"["), outside.count(b"{"))
+        return self._structure
+
+    @property
+    def shape(self) -> JsonShape:
+        """The exact shape (a walk over the whole value, remembered)."""
+        if self._shape is None:
+            self._shape = _walk(self.value, self.has_duplicate_keys())
+        return self._shape
+
+    def has_duplicate_keys(self) -> bool:
+        """Whether an object repeats a key (orjson kept the last): the members counted in the raw
+        text against those in orjson's re-serialisation of the value."""
+        if self._duplicates is None:
+            colons = self.structure[1]
+            # orjson's output holds each kept member once and writes every string's colons as ':'.
+            # Its colons minus those of every string of the raw text equal the raw text's members
+            # exactly when no member was dropped (a dropped member takes its colons with it).
+            self._duplicates = colons > 1 and orjson.dumps(self.value).count(b":") - self.text.count(":") != colons
+        return self._duplicates
+
+    def problem(self, limits: JsonLimits) -> BodyProblem | None:
+        """The first limit the document exceeds, with the pointer of the offending value; None if none."""
+        commas, _, arrays, objects = self.structure
+        containers = arrays + objects
+        if (containers <= limits.max_depth and commas + 1 <= min(limits.max_members, limits.max_items)
+                and commas + containers + 1 <= limits.max_values
+                and len(self.raw) <= limits.max_string_length):  # fmt: skip
+            shape = None  # every bound holds: no walk needed
+        else:
+            shape = self.shape
+        if shape is not None:
+            exceeded = self._exceeded(shape, limits)
+            if exceeded is not None:
+                return exceeded
+        if self.number_longer_than(limits.max_number_length):
+            return BodyProblem("body_limit_exceeded", 413,
+                               f"a JSON number is longer than {limits.max_number_length} characters", "",
+                               "number_length")
+        if not limits.allow_duplicate_keys and self.has_duplicate_keys():
+            return BodyProblem("body_duplicate_key", 400, "a JSON object has the same key twice",
+                               _duplicate_pointer(self.raw) or "", "duplicate_keys")
+        return None
+
+    def _exceeded(self, shape: JsonShape, limits: JsonLimits) -> BodyProblem | None:
+        if shape.values > limits.max_values:
+            return BodyProblem("body_limit_exceeded", 413, f"the JSON body has more than {limits.max_values} values",
+                               "", "values")
+        if shape.depth > limits.max_depth:
+            return self._locate("depth", f"the JSON body is nested deeper than {limits.max_depth} levels",
+                                lambda node, depth: depth >= limits.max_depth and isinstance(node, dict | list))
+        if shape.max_members > limits.max_members:
+            return self._locate("members", f"a JSON object has more than {limits.max_members} members",
+                                lambda node, _: isinstance(node, dict) and len(node) > limits.max_members)
+        if shape.max_items > limits.max_items:
+            return self._locate("items", f"a JSON array has more than {limits.max_items} items",
+                                lambda node, _: isinstance(node, list) and len(node) > limits.max_items)
+        if shape.max_string_length > limits.max_string_length:
+            too_long = limits.max_string_length
+            for pointer in self.find(lambda key: len(key) > too_long, keys=True):
+                return BodyProblem("body_limit_exceeded", 413, f"a JSON key is longer than {too_long} characters",
+                                   pointer, "string_length")
+            return self._locate("string_length", f"a JSON string is longer than {too_long} characters",
+                                lambda node, _: isinstance(node, str) and len(node) > too_long)
+        return None
+
+    def number_longer_than(self, length: int) -> bool:
+        """Whether a number token outside strings is longer than ``length`` characters (>= the floor).
+
+        One linear-time pass (RE2) over the text outside strings, remembered per length; the parsed
+        value cannot tell (orjson turns long numbers into floats).
+        """
+        length = max(length, NUMBER_LENGTH_FLOOR - 1)
+        known = self._long_numbers.get(length)
+        if known is None:
+            known = _long_number_pattern(length).search(self.outside) is not None
+            self._long_numbers[length] = known
+        return known
+
+    def find(self, keep: Callable[[str], bool], *, keys: bool = False) -> Iterator[str]:
+        """JSON pointers of the strings (or, with ``keys``, of the members whose key) ``keep`` accepts."""
+        for pointer, node, _ in _nodes(self.value, keys):
+            if (type(node) is str and keep(node)) or (keys and type(node) is _Key and keep(node.name)):
+                yield pointer
+
+    def _locate(self, limit: str, message: str, offends: Callable[[Any, int], bool]) -> BodyProblem:
+        for pointer, node, depth in _nodes(self.value, False):
+            if offends(node, depth):
+                return BodyProblem("body_limit_exceeded", 413, message, pointer, limit)
+        return BodyProblem("body_limit_exceeded", 413, message, "", limit)
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    name: str
+
+
+def escape_pointer_token(token: str | int) -> str:
+    """One RFC 6901 reference token."""
+    if type(token) is int:
+        return str(token)
+    return str(token).replace("~", "~0").replace("/", "~1")
+
+
+def _nodes(value: Any, keys: bool) -> Iterator[tuple[str, Any, int]]:
+    """(pointer, node, depth) of every node, depth first in document order; with ``keys``, each member's
+    key too (as a _Key at the member's pointer). Iterative: depth is bounded only by orjson's limit."""
+    stack: list[tuple[str, Any, int]] = [("", value, 0)]
+    while stack:
+        pointer, node, depth = stack.pop()
+        yield pointer, node, depth
+        if type(node) is dict:
+            below = depth + 1
+            children: list[tuple[str, Any, int]] = []
+            for key, child in node.items():
+                child_pointer = f"{pointer}/{escape_pointer_token(key)}"
+                if keys:
+                    children.append((child_pointer, _Key(key), below))
+                children.append((child_pointer, child, below))
+            stack.extend(reversed(children))
+        elif type(node) is list:
+            stack.extend(reversed([(f"{pointer}/{i}", v, depth + 1) for i, v in enumerate(node)]))
+
+
+def _walk(value: Any, duplicates: bool) -> JsonShape:
+    """The exact shape: one iterative pass, containers only on the stack."""
+    kind = type(value)
+    if kind is str:
+        return JsonShape(0, 0, 0, len(value), 1, 0, False)
+    if kind is not dict and kind is not list:
+        return JsonShape(0, 0, 0, 0, 1, 0, False)
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    push = stack.append
+    pop = stack.pop
+    depth = max_members = max_items = members = longest = 0
+    values = 1
+    while stack:
+        node, level = pop()
+        if level > depth:
+            depth = level
+        count = len(node)
+        values += count
+        if type(node) is dict:
+            members += count
+            if count > max_members:
+                max_members = count
+            longest = max(longest, max(map(len, node), default=0))
+            children: Any = node.values()
+        else:
+            if count > max_items:
+                max_items = count
+            children = node
+        below = level + 1
+        for child in children:
+            kind = type(child)
+            if kind is str:
+                if len(child) > longest:
+                    longest = len(child)
+            elif kind is dict or kind is list:
+                push((child, below))
+    return JsonShape(depth, max_members, max_items, longest, values, members, duplicates)
+
+
+def parse_json(raw: bytes) -> JsonDocument | BodyProblem:
+    """Parse ``raw`` within the ceilings, or say why not (without building the document when it is
+    over a ceiling)."""
+    if len(raw) > PARSE_MAX_BYTES:
+        return BodyProblem("body_limit_exceeded", 413, f"the JSON body is larger than {PARSE_MAX_BYTES} bytes",
+                           "", "size")
+    pieces: list[bytes] | None = None
+    escaped = b"\\" in raw
+    # Every value takes at least two bytes but the last: a shorter body cannot be over the ceiling.
+    if len(raw) > 2 * PARSE_MAX_VALUES and raw.count(b",") + raw.count(b"[") + raw.count(b"{") >= PARSE_MAX_VALUES:
+        pieces = _split_strings(raw, escaped)
+        outside = b"".join(pieces[0::2])
+        if outside.count(b",") + outside.count(b"[") + outside.count(b"{") >= PARSE_MAX_VALUES:
+            return BodyProblem("body_limit_exceeded", 413, f"the JSON body has more than {PARSE_MAX_VALUES} values",
+                               "", "values")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        message = str(exc)
+        if "depth" in message or "recursion" in message:
+            return BodyProblem("body_limit_exceeded", 413, "the JSON body is nested too deeply", "", "depth")
+        if "infinity" in message:
+            return BodyProblem("body_limit_exceeded", 413, "the JSON body has a number out of range", "",
+                               "number_length")
+        # orjson's message names a position and a reason, never the text itself.
+        return BodyProblem("body_malformed", 400, f"the JSON body is malformed: {message}", "", "")
+    if pieces is None:
+        pieces = _split_strings(raw, escaped)
+    return JsonDocument(value, raw, b"".join(pieces[0::2]), b"\n".join(pieces[1::2]), escaped)
+
+
+def _split_strings(raw: bytes, escaped: bool) -> list[bytes]:
+    """The raw text split at the quotes that delimit strings: even pieces outside, odd ones inside.
+    Escaped backslashes and quotes become \\x01 and \\x02 first (never raw in valid JSON; over a
+    text that is not JSON yet the split is only a bound). C-speed byte operations whatever the input."""
+    if escaped:
+        raw = raw.replace(b"\\\\", b"\x01").replace(b'\\"', b"\x02")
+    return raw.split(b'"')
+
+
+_JSON_ESCAPE = re.compile(rb'(?:\\u[0-9a-fA-F]{4})+|\\["\\/bfnrt]')
+_SIMPLE_ESCAPES = {b'\\"': b'"', b"\\\\": b"\\", b"\\/": b"/", b"\\b": b"\b", b"\\f": b"\f", b"\\n": b"\n",
+                   b"\\r": b"\r", b"\\t": b"\t"}
+
+
+def _unescape(match: re.Match[bytes]) -> bytes:
+    text = match.group()
+    simple = _SIMPLE_ESCAPES.get(text)
+    if simple is not None:
+        return simple
+    # A run of \\uXXXX (surrogate pairs included); orjson already refused lone surrogates.
+    return orjson.loads(b'"' + text + b'"').encode("utf-8", "surrogatepass")  # type: ignore[no-any-return]
+
+
+def _decode_strings(inside: bytes, escaped: bool) -> str:
+    if escaped:
+        # Back to the escapes as sent, then one left-to-right pass: "\\\\u0041" stays "\\u0041".
+        inside = _JSON_ESCAPE.sub(_unescape, inside.replace(b"\x01", b"\\\\").replace(b"\x02", b'\\"'))
+    return inside.decode("utf-8", "surrogatepass")
+
+
+_LONG_NUMBER_PATTERNS: dict[int, Any] = {}
+
+
+def _long_number_pattern(length: int) -> Any:
+    """``length + 1`` number characters in a row (over the text outside strings). RE2: one linear
+    pass whatever the input (a backtracking engine rescans every run for every start)."""
+    pattern = _LONG_NUMBER_PATTERNS.get(length)
+    if pattern is None:
+        pattern = _LONG_NUMBER_PATTERNS[length] = re2.compile(f"[-+0-9.eE]{{{length + 1}}}".encode())
+    return pattern
+
+
+def _duplicate_pointer(raw: bytes) -> str | None:
+    """The pointer of the first object with a repeated key (None if there is none). Slow (Python's
+    json with a hook) but only run when the counts say a member went missing."""
+    import json
+
+    found: list[dict[str, Any]] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen = dict(items)
+        if len(seen) != len(items):
+            found.append(seen)
+        return seen
+
+    try:
+        value = json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return ""
+    if not found:
+        return None
+    for pointer, node, _ in _nodes(value, False):
+        if node is found[0]:  # the innermost first: hooks run as objects close
+            return pointer
+    return ""
