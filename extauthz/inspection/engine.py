@@ -1,0 +1,319 @@
+"""The inspector: compiled once per policy, run once per request.
+
+One request is inspected in a few passes whatever its size or number of values: the values of each
+group (inputs; headers; file names) are joined into one text, the text is decoded once, and every
+enabled rule runs in one RE2 set match over it (plus one over each extra form the text needs: SQL
+comments removed, shell quoting removed, lookups resolved). Only when a rule matched are the values
+decoded one by one to find where (the location a finding names); a match that spans two values is
+found to be in none and dropped there. Scores of the rules that matched add up; at the threshold the
+request is refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import re2
+
+from extauthz.inspection.decode import Decoded, cmd_form, decode, lookup_form, sql_form
+from extauthz.inspection.rules import EVASION_RULE, SSRF_RULES, Rule
+from extauthz.inspection.ssrf import AddressAllowList, ssrf_findings
+from extauthz.inspection.targets import RequestValues, safe_pointer
+from extauthz.payload import BodyKind, BodyProblem, JsonLimits
+from extauthz.request import Request
+
+__all__ = ["Exclusion", "Finding", "InspectConfig", "Inspector", "RequestLimits", "Verdict"]
+
+#: Locations recorded per rule, and findings per request: what a denial, a log line and a span can hold.
+MAX_LOCATIONS_PER_RULE = 4
+MAX_FINDINGS = 16
+_FORM_FUNCTIONS: dict[str, Callable[[str], str]] = {
+    "sql": sql_form,
+    "cmd": cmd_form,
+    "lookup": lambda text: lookup_form(text).text,
+}
+_CMD_CHARS = frozenset("\\'\"^$")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    rule: str
+    detector: str
+    #: Where: "query:q", "body:/items/0/note", "header:user-agent", "path", ... (names made safe).
+    location: str
+    #: The target kind (path, query, name, header, cookie, body, filename): a bounded metric label.
+    kind: str
+    score: int
+    #: Report-only: recorded, never counted towards a denial.
+    reported: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    findings: tuple[Finding, ...] = ()
+    #: Sum of the scores of the enforced rules that matched (each rule counted once).
+    score: int = 0
+    #: A parser or size limit the request broke (denied with its status, whatever the score).
+    problem: BodyProblem | None = None
+    #: The problem was found by a rule or limit in report mode only.
+    problem_reported: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    max_parameters: int = 256
+    max_cookies: int = 64
+    #: Bytes of one header value.
+    max_header_bytes: int = 8192
+    json: JsonLimits = field(default_factory=JsonLimits)
+    #: "deny": a body Envoy cut is refused (413); "inspect": what arrived is inspected as text.
+    partial_body: str = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Exclusion:
+    """Findings of ``rules`` (ids or detector names; empty: all) on request paths ``paths`` (empty:
+    all) at ``locations`` (empty: all) are dropped."""
+
+    rules: frozenset[str] = frozenset()
+    paths: tuple[str, ...] = ()
+    locations: tuple[str, ...] = ()
+
+    def drops(self, rule: Rule | str, detector: str, request_path: str, location: str) -> bool:
+        rule_id = rule if isinstance(rule, str) else rule.id
+        if self.rules and rule_id not in self.rules and detector not in self.rules:
+            return False
+        if self.paths and not any(_path_matches(p, request_path) for p in self.paths):
+            return False
+        return not self.locations or any(_location_matches(p, location) for p in self.locations)
+
+
+def _path_matches(pattern: str, path: str) -> bool:
+    if pattern.endswith("/*"):
+        return path.startswith(pattern[:-1])
+    return path == pattern
+
+
+def _location_matches(pattern: str, location: str) -> bool:
+    if pattern == location:
+        return True
+    kind, _, name = pattern.partition(":")
+    loc_kind, _, loc_name = location.partition(":")
+    if kind != loc_kind:
+        return False
+    if kind == "body" and name.startswith("/"):
+        if name.endswith("/**"):
+            return loc_name == name[:-3] or loc_name.startswith(name[:-2])
+        tokens, loc_tokens = name.split("/"), loc_name.split("/")
+        return len(tokens) == len(loc_tokens) and all(t == "*" or t == u for t, u in zip(tokens, loc_tokens,
+                                                                                         strict=True))
+    return fnmatch.fnmatchcase(loc_name, name)
+
+
+@dataclass(frozen=True, slots=True)
+class InspectConfig:
+    rules: tuple[Rule, ...]
+    threshold: int = 5
+    report_only: bool = False
+    #: Rule ids and detector names whose findings are reported, never enforced.
+    report: frozenset[str] = frozenset()
+    exclusions: tuple[Exclusion, ...] = ()
+    ssrf: bool = True
+    ssrf_allow: tuple[str, ...] = ()
+    #: Bare internal addresses (no scheme) are reported as weak signals from this level on.
+    sensitivity: int = 1
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    inspect_body: bool = True
+    inspect_headers: bool = True
+
+
+class _RuleSet:
+    """Rules compiled into one RE2 set (which matched) plus each one alone (where it matched)."""
+
+    def __init__(self, rules: list[Rule]) -> None:
+        self.rules = rules
+        self.set: re2.Set | None = None
+        if rules:
+            options = re2.Options()
+            options.max_mem = 64 << 20
+            self.set = re2.Set.SearchSet(options)
+            for rule in rules:
+                self.set.Add(rule.pattern)
+            self.set.Compile()
+
+    def matched(self, text: str) -> list[Rule]:
+        if self.set is None or not text:
+            return []
+        hits = self.set.Match(text)
+        return [self.rules[i] for i in hits] if hits else []
+
+
+class Inspector:
+    def __init__(self, config: InspectConfig) -> None:
+        self.config = config
+        self.compiled = {rule.id: re2.compile(rule.pattern) for rule in config.rules}
+        self.by_id = {rule.id: rule for rule in config.rules}
+        input_rules = [r for r in config.rules if r.targets & {"path", "query", "name", "cookie", "body"}]
+        header_rules = [r for r in config.rules if "header" in r.targets]
+        file_rules = [r for r in config.rules if "filename" in r.targets]
+        self.groups = {
+            "inputs": {form: _RuleSet([r for r in input_rules if form == "" or form in r.forms])
+                       for form in ("", "sql", "cmd", "lookup")},
+            "headers": {form: _RuleSet([r for r in header_rules if form == "" or form in r.forms])
+                        for form in ("", "sql", "cmd", "lookup")},
+            "files": {"": _RuleSet(file_rules)},
+        }
+        self.allow = AddressAllowList(config.ssrf_allow) if config.ssrf_allow else None
+
+    # --- per request ---------------------------------------------------------------------------------
+    def inspect(self, request: Request) -> Verdict:
+        config = self.config
+        problem = self._request_limits(request)
+        if problem is not None:
+            return Verdict(problem=problem, problem_reported=config.report_only)
+        values = RequestValues(request, body=config.inspect_body, headers=config.inspect_headers)
+        view = values.view
+        if view is not None:
+            problem = view.problem
+            if problem is not None and problem.reason == "body_truncated" and config.limits.partial_body == "inspect":
+                problem = None
+            if problem is None and view.document is not None:
+                problem = view.document.problem(config.limits.json)
+            if problem is not None:
+                if view.document is not None and view.kind is BodyKind.JSON and problem.pointer:
+                    problem = BodyProblem(problem.reason, problem.status, problem.message,
+                                          safe_pointer(problem.pointer), problem.limit)
+                return Verdict(problem=problem, problem_reported=config.report_only)
+        hits: dict[str, set[str]] = {}  # rule id -> groups to locate it in
+        evasion = False
+        decoded_inputs = decode(values.inputs_text())
+        evasion |= self._scan("inputs", decoded_inputs, hits)
+        if config.inspect_headers:
+            evasion |= self._scan("headers", decode(values.headers_text()), hits)
+        filenames = values.filenames()
+        if filenames:
+            evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits)
+        ssrf_rules: set[str] = set()
+        if config.ssrf:
+            ssrf_rules = self._ssrf(decoded_inputs.text)
+        if not hits and not ssrf_rules and not evasion:
+            return Verdict()
+        return self._verdict(request, values, hits, ssrf_rules, evasion)
+
+    def _request_limits(self, request: Request) -> BodyProblem | None:
+        limits = self.config.limits
+        raw_query = request.raw_query
+        if raw_query and raw_query.count("&") + raw_query.count(";") >= limits.max_parameters:
+            count = len([p for p in re.split(r"[&;]", raw_query) if p])
+            if count > limits.max_parameters:
+                return BodyProblem("request_limit_exceeded", 400,
+                                   f"the query has more than {limits.max_parameters} parameters", "query", "parameters")
+        cookie = request.headers.get("cookie")
+        if cookie and cookie.count(";") >= limits.max_cookies:
+            return BodyProblem("request_limit_exceeded", 400, f"more than {limits.max_cookies} cookies", "cookie",
+                               "cookies")
+        longest = limits.max_header_bytes
+        for name, value in request.headers.items():
+            if len(value) > longest and len(value.encode("utf-8", "surrogateescape")) > longest:
+                return BodyProblem("request_limit_exceeded", 400,
+                                   f"a header value is longer than {longest} bytes", f"header:{name}", "header_bytes")
+        return None
+
+    def _scan(self, group: str, decoded: Decoded, hits: dict[str, set[str]]) -> bool:
+        sets = self.groups[group]
+        text = decoded.text
+        evasion = decoded.over_budget
+        matched = sets[""].matched(text)
+        if "sql" in sets and "/*" in text:
+            matched += sets["sql"].matched(sql_form(text))
+        if "cmd" in sets and not _CMD_CHARS.isdisjoint(text):
+            matched += sets["cmd"].matched(cmd_form(text))
+        if "lookup" in sets and "${" in text:
+            looked_up = lookup_form(text)
+            evasion |= looked_up.over_budget
+            matched += sets["lookup"].matched(looked_up.text)
+        for rule in matched:
+            hits.setdefault(rule.id, set()).add(group)
+        return evasion
+
+    def _ssrf(self, text: str) -> set[str]:
+        if "//" not in text and ":" not in text and "." not in text:
+            return set()
+        found = ssrf_findings(text, self.allow, bare=True)
+        if self.config.sensitivity < 2:
+            found.discard("ssrf-bare-internal-address")
+        return found
+
+    # --- when something matched: where, exclusions, scores ------------------------------------------------
+    def _verdict(self, request: Request, values: RequestValues, hits: dict[str, set[str]], ssrf_rules: set[str],
+                 evasion: bool) -> Verdict:  # fmt: skip
+        cache: dict[tuple[str, str], str] = {}
+
+        def form_of(value: str, form: str) -> str:
+            key = (value, form)
+            done = cache.get(key)
+            if done is None:
+                base = cache.get((value, ""))
+                if base is None:
+                    base = cache[(value, "")] = decode(value).text
+                done = cache[key] = base if form == "" else _FORM_FUNCTIONS[form](base)
+            return done
+
+        findings: list[Finding] = []
+        for rule_id, groups in hits.items():
+            rule = self.by_id[rule_id]
+            compiled = self.compiled[rule_id]
+            forms = ("", *sorted(rule.forms))
+
+            def matches(value: str, compiled: re2._Regexp = compiled, forms: tuple[str, ...] = forms) -> bool:
+                return any(compiled.search(form_of(value, form)) is not None for form in forms)
+
+            kinds = rule.targets
+            if "headers" not in groups:
+                kinds = kinds - {"header"}
+            if "files" not in groups:
+                kinds = kinds - {"filename"}
+            if "inputs" not in groups:
+                kinds = kinds & {"header", "filename"}
+            located = self._locate(values, kinds, matches)
+            self._add(findings, request, rule.id, rule.detector, rule.score, located)
+        for rule_id in sorted(ssrf_rules):
+            def has_rule(value: str, rule_id: str = rule_id) -> bool:
+                return rule_id in self._ssrf(form_of(value, ""))
+
+            _, score, _ = SSRF_RULES[rule_id]
+            located = self._locate(values, frozenset({"path", "query", "cookie", "body"}), has_rule)
+            self._add(findings, request, rule_id, "ssrf", score, located)
+        if evasion:
+            rule_id, _, score, _ = EVASION_RULE
+            self._add(findings, request, rule_id, "evasion", score, [("body", "request")])
+        score = sum({f.rule: f.score for f in findings if not f.reported}.values())
+        return Verdict(tuple(findings[:MAX_FINDINGS]), score)
+
+    def _locate(self, values: RequestValues, kinds: frozenset[str],
+                matches: Callable[[str], bool]) -> list[tuple[str, str]]:  # fmt: skip
+        located: list[tuple[str, str]] = []
+        for fld in values.fields(kinds):
+            if matches(fld.value):
+                located.append((fld.kind, fld.location))
+                if len(located) >= MAX_LOCATIONS_PER_RULE:
+                    return located
+        view = values.view
+        if "body" in kinds and view is not None and view.document is not None:
+            for pointer in view.document.find(matches, keys=True):
+                located.append(("body", "body:" + safe_pointer(pointer)))
+                if len(located) >= MAX_LOCATIONS_PER_RULE:
+                    break
+        return located
+
+    def _add(self, findings: list[Finding], request: Request, rule_id: str, detector: str, score: int,
+             located: Iterable[tuple[str, str]]) -> None:  # fmt: skip
+        config = self.config
+        reported = config.report_only or rule_id in config.report or detector in config.report
+        for kind, location in located:
+            if any(x.drops(rule_id, detector, request.path, location) for x in config.exclusions):
+                continue
+            findings.append(Finding(rule_id, detector, location, kind, score, reported))
