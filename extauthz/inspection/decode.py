@@ -81,8 +81,13 @@ def decode(text: str) -> Decoded:
         if "%" in text:  # \x25 spelled the percent
             text = _percent_decode(text, budget)
     if not text.isascii():
-        text = unicodedata.normalize("NFKC", text).translate(_LOOKALIKES)
-    text = text.translate(_INVISIBLE) if ("\x00" in text or not text.isascii()) else text
+        text = unicodedata.normalize("NFKC", text).translate(_LOOKALIKES).translate(_INVISIBLE)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (an invalid %-escape, \\ud800): RE2 reads UTF-8 only
+            text = text.encode("utf-8", "replace").decode("utf-8")
+    elif "\x00" in text:
+        text = text.replace("\x00", "")
     return Decoded(text.lower(), budget[0] < 0)
 
 
@@ -221,6 +226,8 @@ def _resolve(match: re.Match[str]) -> str:
         return body.split(":-", 1)[1]
     if name == "lower":
         return argument.lower()
+    if name == "date" and len(argument) >= 2 and argument[0] == argument[-1] == "'":
+        return argument[1:-1]  # a quoted literal in a date pattern prints as itself
     if name == "upper":
         return argument.lower()  # the text is matched lower-case anyway
     if name in _LOOKUP_NAMES and colon:

@@ -57,7 +57,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     _rule("log4shell-jndi", "log4shell", 1, 5, _ALL, r"\$\{\s*jndi\s*:|\x{e000}jndi:", ("lookup",),
           "a ${jndi:...} lookup, also when spelt through nested lookups, defaults, case or escapes"),
     _rule("log4shell-nested-lookup", "log4shell", 1, 5, _ALL,
-          r"\$\{[^}\n]{0,64}\$\{\s*(?:lower|upper|env|sys|::-|[a-z0-9]*:[^}\n]{0,32}:-)",
+          r"\$\{[^}\n]{0,64}\$\{\s*(?:lower|upper|env|sys|date|::-|[a-z0-9]*:[^}\n]{0,32}:-)",
           description="a lookup built from nested lookups (${${lower:j}ndi:...}, ${${::-j}...})"),
     _rule("log4shell-lookup", "log4shell", 1, 3, _ALL,
           r"\$\{\s*(?:env|sys|java|ctx|main|date|bundle|docker|k8s|kubernetes|spring|web|log4j|marker|jvmrunargs"
@@ -77,9 +77,12 @@ BUILTIN_RULES: tuple[Rule, ...] = (
           r"(?:=|<=?|>=?|<>|!=|\blike\b|\bis\b|\bregexp\b|\bsounds\s+like\b)"
           r"|['\"`]\s*\)*\s*(?:or|and|\|\|)\s+(?:not\s+)?(?:true|false|null|\d+)\s*(?:--|#|/\*|;|$|\)|'|\")",
           ("sql",), "a quote closed, then an always-true (or false) condition: ' or '1'='1"),
-    _rule("sqli-numeric-tautology", "sqli", 1, 4, _INPUT,
-          r"(?:^|[\d)])\s*(?:or|and|\|\||&&)\s+\(?\d+\)?\s*(?:=|<>|!=|<|>)\s*\(?\d+\)?\s*(?:--|#|/\*|;|$|\))",
-          ("sql",), "a numeric always-true condition after a number: 1 or 1=1--"),
+    _rule("sqli-numeric-tautology", "sqli", 1, 5, _INPUT,
+          r"(?:^|[\d)'\"])\s*(?:or|and|\|\||&&)\s+\(?\d+\)?\s*(?:=|<>|!=|<|>)\s*\(?\d+\)?\s*(?:--|#|/\*|;)",
+          ("sql",), "a numeric always-true condition then a comment: 1 or 1=1--"),
+    _rule("sqli-numeric-condition", "sqli", 1, 4, _INPUT,
+          r"(?:^|[\d)])\s*(?:or|and|\|\||&&)\s+\(?\d+\)?\s*(?:=|<>|!=|<|>)\s*\(?\d+\)?\s*(?:$|\))",
+          ("sql",), "a numeric condition after a number at the end of a value: 1 or 1=1"),
     _rule("sqli-stacked-query", "sqli", 1, 5, _INPUT,
           r";\s*(?:drop\s+(?:table|database|schema|user|view|index)|truncate\s+table|delete\s+from|insert\s+into"
           r"|update\s+[\w.`\"\[\]]+\s+set\b|create\s+(?:table|user|function|procedure)|alter\s+(?:table|user)"
@@ -99,15 +102,18 @@ BUILTIN_RULES: tuple[Rule, ...] = (
           r"|\bsp_(?:executesql|oacreate|makewebtask)\b|\butl_(?:http|inaddr)\.|\bopenrowset\s*\("
           r"|\bcopy\s+\w+\s+(?:from|to)\s+program\b|\blo_import\s*\(|\bdbms_java\.",
           ("sql",), "a function that reads files, runs commands or leaks through errors"),
-    _rule("sqli-comment-after-quote", "sqli", 1, 3, _INPUT,
-          r"['\"`]\s*\)*\s*(?:--(?:\s|$)|#|/\*)|['\"`]\s*;\s*(?:--|#|$)",
-          ("sql",), "a quote closed then the rest commented out: admin'--"),
+    _rule("sqli-comment-after-quote", "sqli", 1, 5, _INPUT,
+          r"['\"`]\s*\)*\s*(?:--|#)[^\n]{0,3}$|['\"`]\s*;\s*(?:--|#|$)",
+          ("sql",), "a quote closed then the rest of the value commented out: admin'--"),
+    _rule("sqli-quote-comment", "sqli", 1, 3, _INPUT, r"['\"`]\s*\)*\s*(?:--\s|/\*)",
+          ("sql",), "a quote closed then a comment"),
     _rule("sqli-char-concat", "sqli", 1, 4, _INPUT,
           r"\bchar\s*\(\s*\d+(?:\s*,\s*\d+){2,}\s*\)|\bconcat(?:_ws)?\s*\([^)\n]{0,60}(?:0x[0-9a-f]{2,}|@@|char\s*\()"
           r"|\bchr\s*\(\s*\d+\s*\)\s*\|\|\s*chr\s*\(",
           ("sql",), "strings built from character codes"),
-    _rule("sqli-order-by-probe", "sqli", 1, 4, _INPUT,
-          r"\border\s+by\s+\d+\s*(?:--|#|/\*|$)|\bgroup\s+by\b[^\n]{0,40}\bhaving\b[^\n]{0,20}(?:=|<|>)",
+    _rule("sqli-order-by-probe", "sqli", 1, 5, _INPUT,
+          r"\border\s+by\s+\d+\s*(?:--|#|/\*)|['\"`]\s*\)*\s*order\s+by\s+\d+"
+          r"|\bgroup\s+by\b[^\n]{0,40}\bhaving\b[^\n]{0,20}(?:=|<|>)",
           ("sql",), "column counting with ORDER BY n"),
     _rule("sqli-select-from", "sqli", 2, 3, _INPUT,
           r"\bselect\s+(?:[\w*.,\s`\"()]{1,80})\s+from\s+[\w.`\"\[\]]+(?:\s+where\b|\s*(?:--|#|;|$))",
