@@ -1,7 +1,7 @@
 """The inspector: compiled once per policy, run once per request.
 
 One request is inspected in a few passes whatever its size or number of values: the values of each
-group (inputs; headers; file names) are joined into one text, the text is decoded once, and every
+group (path, query, cookies, body and headers; file names) are joined into one text, the text is decoded once, and every
 enabled rule runs in one RE2 set match over it (plus one over each extra form the text needs: SQL
 comments removed, shell quoting removed, lookups resolved). Only when a rule matched are the values
 decoded one by one to find where (the location a finding names); a match that spans two values is
@@ -156,14 +156,11 @@ class Inspector:
         self.config = config
         self.compiled = {rule.id: re2.compile(rule.pattern) for rule in config.rules}
         self.by_id = {rule.id: rule for rule in config.rules}
-        input_rules = [r for r in config.rules if r.targets & {"path", "query", "name", "cookie", "body"}]
-        header_rules = [r for r in config.rules if "header" in r.targets]
+        input_rules = [r for r in config.rules if r.targets & {"path", "query", "name", "cookie", "body", "header"}]
         file_rules = [r for r in config.rules if "filename" in r.targets]
         self.groups = {
             "inputs": {form: _RuleSet([r for r in input_rules if form == "" or form in r.forms])
                        for form in ("", "sql", "cmd", "lookup")},
-            "headers": {form: _RuleSet([r for r in header_rules if form == "" or form in r.forms])
-                        for form in ("", "sql", "cmd", "lookup")},
             "files": {"": _RuleSet(file_rules)},
         }
         self.allow = AddressAllowList(config.ssrf_allow) if config.ssrf_allow else None
@@ -189,10 +186,13 @@ class Inspector:
                 return Verdict(problem=problem, problem_reported=config.report_only)
         hits: dict[str, set[str]] = {}  # rule id -> groups to locate it in
         evasion = False
-        decoded_inputs = decode(values.inputs_text())
-        evasion |= self._scan("inputs", decoded_inputs, hits)
+        # Inputs and headers are decoded and matched as one text: one pass of each set instead of
+        # two; locating a match looks only at the kinds its rule targets.
+        text = values.inputs_text()
         if config.inspect_headers:
-            evasion |= self._scan("headers", decode(values.headers_text()), hits)
+            text = text + "\n" + values.headers_text()
+        decoded_inputs = decode(text)
+        evasion |= self._scan("inputs", decoded_inputs, hits)
         filenames = values.filenames()
         if filenames:
             evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits)
@@ -240,9 +240,13 @@ class Inspector:
         return evasion
 
     def _ssrf(self, text: str) -> set[str]:
-        if "//" not in text and ":" not in text and "." not in text:
+        if "//" not in text and ":" not in text:
             return set()
-        found = ssrf_findings(text, self.allow, bare=True)
+        if self.config.sensitivity >= 2:
+            bare = True
+        else:  # at level 1 a bare address (no scheme) counts only when it is a metadata endpoint
+            bare = "169.254.1" in text or "100.100.100.200" in text or "fd00:ec2:" in text
+        found = ssrf_findings(text, self.allow, bare=bare)
         if self.config.sensitivity < 2:
             found.discard("ssrf-bare-internal-address")
         return found
@@ -272,12 +276,10 @@ class Inspector:
                 return any(compiled.search(form_of(value, form)) is not None for form in forms)
 
             kinds = rule.targets
-            if "headers" not in groups:
-                kinds = kinds - {"header"}
             if "files" not in groups:
                 kinds = kinds - {"filename"}
             if "inputs" not in groups:
-                kinds = kinds & {"header", "filename"}
+                kinds = kinds & {"filename"}
             located = self._locate(values, kinds, matches)
             self._add(findings, request, rule.id, rule.detector, rule.score, located)
         for rule_id in sorted(ssrf_rules):

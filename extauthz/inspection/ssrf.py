@@ -20,8 +20,11 @@ __all__ = ["AddressAllowList", "UrlFinding", "classify_host", "parse_ipv4_loose"
 #: URLs looked at per request (a value full of URLs is not a fetch target).
 MAX_URLS = 64
 
-# scheme://authority (the authority ends at / ? # \ whitespace); also scheme-relative //authority.
-_URL = re.compile(r"(?:\b([a-z][a-z0-9+.\-]{1,15}):)?//([^\s/?#\\\"'<>]{1,300})")
+# //authority (ends at / ? # \ whitespace or quotes); the scheme, if any, is read just before it.
+# Starting with a literal lets the engine jump from one '//' to the next.
+_AUTHORITY = re.compile(r"//([^\s/?#\\\"'<>]{1,300})")
+_SCHEME_BEFORE = re.compile(r"([a-z][a-z0-9+.\-]{0,15}):$")
+_SCHEME_ONLY = re.compile(r"(?:^|[\s\"'=(])(?:gopher|dict|file|jar|netdoc|phar|expect):", re.MULTILINE)
 _DANGEROUS_SCHEMES = frozenset({
     "file", "gopher", "dict", "ldap", "ldaps", "tftp", "jar", "netdoc", "phar", "expect", "sftp", "smb", "rmi",
     "jndi", "iiop", "corba", "nfs", "glusterfs", "ssh2", "zlib", "php", "mailto_smtp",
@@ -223,9 +226,25 @@ def _host_of(authority: str) -> str:
     return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
 
-_BARE_ADDRESS = re.compile(
-    r"(?m)^\s*(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-f:.]{2,45}\]|0x[0-9a-f]{1,8}|\d{8,10})(?::\d{1,5})?\s*$"
-)
+# Dotted IPv4 or bracketed IPv6 anywhere (two patterns: an alternation would cost the engine its
+# fast scan for the first character); a candidate counts only when it is a whole value.
+_IPV4_TOKEN = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
+_IPV6_TOKEN = re.compile(r"\[[0-9a-f:.]{2,45}\]")
+_PORT_SUFFIX = re.compile(r"(?::\d{1,5})?\s*$")
+
+
+def _whole_values(text: str) -> Iterable[str]:
+    patterns = (_IPV4_TOKEN, _IPV6_TOKEN) if "[" in text else (_IPV4_TOKEN,)
+    for pattern in patterns:
+        for index, match in enumerate(pattern.finditer(text)):
+            if index >= MAX_URLS:
+                break
+            start, end = match.span()
+            if start and not text[start - 1].isspace():
+                continue
+            line_end = text.find("\n", end)
+            if _PORT_SUFFIX.match(text[end : line_end if line_end >= 0 else len(text)]) is not None:
+                yield match.group()
 
 
 def ssrf_findings(text: str, allow: AddressAllowList | None, *, bare: bool) -> set[str]:
@@ -233,21 +252,19 @@ def ssrf_findings(text: str, allow: AddressAllowList | None, *, bare: bool) -> s
     are an internal address with no scheme)."""
     found: set[str] = set()
     if "//" in text:
-        for index, match in enumerate(_URL.finditer(text)):
+        for index, match in enumerate(_AUTHORITY.finditer(text)):
             if index >= MAX_URLS:
                 break
-            scheme = match.group(1)
-            if scheme in _DANGEROUS_SCHEMES:
+            start = match.start()
+            before = _SCHEME_BEFORE.search(text[max(0, start - 17) : start]) if start else None
+            if before is not None and before.group(1) in _DANGEROUS_SCHEMES:
                 found.add("ssrf-scheme")
-            found.update(classify_host(_host_of(match.group(2)), allow))
-    if ":" in text:
-        for scheme in ("gopher:", "dict:", "file:", "jar:", "netdoc:", "phar:", "expect:"):
-            if scheme in text and re.search(rf"(?:^|[\s\"'=(]){scheme}", text, re.MULTILINE):
-                found.add("ssrf-scheme")
+            found.update(classify_host(_host_of(match.group(1)), allow))
+    schemes = ("gopher:", "dict:", "file:", "jar:", "netdoc:", "phar:", "expect:")
+    if ":" in text and any(s in text for s in schemes) and _SCHEME_ONLY.search(text) is not None:
+        found.add("ssrf-scheme")
     if bare:
-        for index, match in enumerate(_BARE_ADDRESS.finditer(text)):
-            if index >= MAX_URLS:
-                break
-            for rule in classify_host(match.group(1), allow):
+        for address in _whole_values(text):
+            for rule in classify_host(address, allow):
                 found.add("ssrf-metadata" if rule == "ssrf-metadata" else "ssrf-bare-internal-address")
     return found

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from extauthz.payload import BodyKind, BodyView, body_view
 from extauthz.request import Request
@@ -44,6 +44,21 @@ class Field:
     value: str
 
 
+def query_pairs(raw_query: str) -> list[tuple[str, str]]:
+    """``parse_qsl(keep_blank_values=True)`` at a fraction of its cost: most values have no escape."""
+    pairs: list[tuple[str, str]] = []
+    for item in raw_query.split("&"):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        if "+" in item:
+            name, value = name.replace("+", " "), value.replace("+", " ")
+        if "%" in item:
+            name, value = unquote(name, errors="surrogateescape"), unquote(value, errors="surrogateescape")
+        pairs.append((name, value))
+    return pairs
+
+
 def cookie_pairs(header: str) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
     for item in header.split(";"):
@@ -64,8 +79,7 @@ class RequestValues:
     def __init__(self, request: Request, *, body: bool = True, headers: bool = True) -> None:
         self.request = request
         self.view: BodyView | None = body_view(request) if body else None
-        self.query = parse_qsl(request.raw_query, keep_blank_values=True, errors="surrogateescape") \
-            if request.raw_query else []
+        self.query = query_pairs(request.raw_query) if request.raw_query else []
         cookie = request.headers.get("cookie")
         self.cookies = cookie_pairs(cookie) if cookie else []
         self.inspect_headers = headers

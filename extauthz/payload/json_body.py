@@ -189,7 +189,11 @@ class JsonDocument:
         length = max(length, NUMBER_LENGTH_FLOOR - 1)
         known = self._long_numbers.get(length)
         if known is None:
-            known = _long_number_pattern(length).search(self.outside) is not None
+            outside = self.outside
+            if len(outside) <= 8192:  # small: split into tokens (RE2's call costs more than this)
+                known = max(map(len, outside.translate(_TOKEN_SPACES).split()), default=0) > length
+            else:
+                known = _long_number_pattern(length).search(outside) is not None
             self._long_numbers[length] = known
         return known
 
@@ -339,6 +343,8 @@ def _decode_strings(inside: bytes, escaped: bool) -> str:
 
 
 _LONG_NUMBER_PATTERNS: dict[int, Any] = {}
+#: Outside strings, only numbers and the literals true/false/null are not punctuation or space.
+_TOKEN_SPACES = bytes.maketrans(b",:[]{}", b"      ")
 
 
 def _long_number_pattern(length: int) -> Any:
