@@ -173,12 +173,12 @@ def sql_form(text: str) -> str:
     text = _VERSIONED.sub(" ", text)
     pieces = text.split("/*")
     out = [pieces[0]]
-    for index, piece in enumerate(pieces[1:]):
-        end = piece.find("*/") if index < _COMMENT_BUDGET else -1
-        out.append(" " + (piece[end + 2 :] if end >= 0 else piece.replace("*/", " ")))
+    for piece in pieces[1 : _COMMENT_BUDGET + 1]:
+        end = piece.find("*/")
+        out.append(" " + (piece[end + 2 :] if end >= 0 else piece))
+    if len(pieces) > _COMMENT_BUDGET + 1:
+        out.append(" " + " ".join(pieces[_COMMENT_BUDGET + 1 :]))
     return "".join(out).replace("*/", " ")
-
-
 
 
 def cmd_form(text: str) -> str:
@@ -209,8 +209,10 @@ def lookup_form(text: str) -> Decoded:
     unknown names stay literal. ``${${lower:j}ndi:`` becomes a ``${jndi:`` and is marked."""
     if "${" not in text:
         return Decoded(text)
+    if text.count("${") > LOOKUP_BUDGET:  # not a value a logger would see as data: say so, resolve nothing
+        return Decoded(text, True)
     budget = [LOOKUP_BUDGET]
-    for _ in range(16):
+    for _ in range(8):
         if "${" not in text or budget[0] <= 0:
             break
         resolved = _budgeted_sub(_INNER_LOOKUP, _resolve, text, budget)

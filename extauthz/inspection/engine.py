@@ -282,9 +282,17 @@ class Inspector:
                 kinds = kinds & {"filename"}
             located = self._locate(values, kinds, matches)
             self._add(findings, request, rule.id, rule.detector, rule.score, located)
+        ssrf_of: dict[str, set[str]] = {}
+
+        def ssrf_rules_of(value: str) -> set[str]:
+            found = ssrf_of.get(value)
+            if found is None:
+                found = ssrf_of[value] = self._ssrf(form_of(value, ""))
+            return found
+
         for rule_id in sorted(ssrf_rules):
             def has_rule(value: str, rule_id: str = rule_id) -> bool:
-                return rule_id in self._ssrf(form_of(value, ""))
+                return rule_id in ssrf_rules_of(value)
 
             _, score, _ = SSRF_RULES[rule_id]
             located = self._locate(values, frozenset({"path", "query", "cookie", "body"}), has_rule)

@@ -13,6 +13,7 @@ default threshold; 2-4 need company.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 __all__ = ["BUILTIN_RULES", "DETECTORS", "FORMS", "KINDS", "Rule"]
@@ -44,8 +45,14 @@ class Rule:
     description: str = ""
 
 
+_LONG_REPEAT = re.compile(r"\{([01]),(\d{2,})\}")
+
+
 def _rule(id: str, detector: str, level: int, score: int, targets: frozenset[str], pattern: str,
           forms: tuple[str, ...] = (), description: str = "") -> Rule:  # fmt: skip
+    # Long counted repetitions ({0,64}) multiply the states of RE2's DFA, which then thrashes on
+    # crafted input; within one value (no newline) an open-ended repetition detects the same.
+    pattern = _LONG_REPEAT.sub(lambda m: "*" if m.group(1) == "0" else "+", pattern)
     return Rule(id, detector, level, score, "(?m)" + pattern, targets, frozenset(forms), description)
 
 

@@ -14,6 +14,9 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
+
+import re2
 
 __all__ = ["AddressAllowList", "UrlFinding", "classify_host", "parse_ipv4_loose", "ssrf_findings"]
 
@@ -21,8 +24,8 @@ __all__ = ["AddressAllowList", "UrlFinding", "classify_host", "parse_ipv4_loose"
 MAX_URLS = 64
 
 # //authority (ends at / ? # \ whitespace or quotes); the scheme, if any, is read just before it.
-# Starting with a literal lets the engine jump from one '//' to the next.
-_AUTHORITY = re.compile(r"//([^\s/?#\\\"'<>]{1,300})")
+# RE2: a run of slashes makes a backtracking engine try (and fail) at every one.
+_AUTHORITY = re2.compile(r"//([^\s/?#\\\"'<>]{1,300})")
 _SCHEME_BEFORE = re.compile(r"([a-z][a-z0-9+.\-]{0,15}):$")
 _SCHEME_ONLY = re.compile(r"(?:^|[\s\"'=(])(?:gopher|dict|file|jar|netdoc|phar|expect):", re.MULTILINE)
 _DANGEROUS_SCHEMES = frozenset({
@@ -228,13 +231,13 @@ def _host_of(authority: str) -> str:
 
 # Dotted IPv4 or bracketed IPv6 anywhere (two patterns: an alternation would cost the engine its
 # fast scan for the first character); a candidate counts only when it is a whole value.
-_IPV4_TOKEN = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
+_IPV4_TOKEN = re2.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
 _IPV6_TOKEN = re.compile(r"\[[0-9a-f:.]{2,45}\]")
 _PORT_SUFFIX = re.compile(r"(?::\d{1,5})?\s*$")
 
 
 def _whole_values(text: str) -> Iterable[str]:
-    patterns = (_IPV4_TOKEN, _IPV6_TOKEN) if "[" in text else (_IPV4_TOKEN,)
+    patterns: tuple[Any, ...] = (_IPV4_TOKEN, _IPV6_TOKEN) if "[" in text else (_IPV4_TOKEN,)
     for pattern in patterns:
         for index, match in enumerate(pattern.finditer(text)):
             if index >= MAX_URLS:
