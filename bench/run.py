@@ -108,6 +108,9 @@ SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
                                     setup=lambda workdir: __import__("quota_scenario").quota_memory_setup(workdir)),
     "quota-redis": SidecarScenario("orders-api + 3 quotas charged in a local Redis (bench/quota_scenario.py)",
                                    setup=lambda workdir: __import__("quota_scenario").quota_redis_setup(workdir)),
+    "inspect": SidecarScenario("orders-api + payload inspection (inspect: {}), POST with a 1 KB JSON body "
+                               "(bench/inspect_scenario.py)",
+                               setup=lambda workdir: __import__("inspect_scenario").inspect_setup(workdir)),
 }
 
 DIRECT, ALLOW_ALL = "direct", "allow-all"
