@@ -75,8 +75,13 @@ def decode(text: str) -> Decoded:
         if decoded == text:
             break
         text = decoded
-    if "&" in text:
-        text = _html_decode(text, budget)
+    for _ in range(2):  # &amp;lt; is two layers
+        if "&" not in text:
+            break
+        decoded = _html_decode(text, budget)
+        if decoded == text:
+            break
+        text = decoded
     if "\\" in text:
         text = _js_decode(text, budget)
         if "%" in text:  # \x25 spelled the percent
@@ -186,6 +191,8 @@ def cmd_form(text: str) -> str:
     ``cat${IFS}/etc/passwd`` read as ``cat /etc/passwd`` (text is already lower-case)."""
     if "$" in text:
         text = text.replace("${ifs}", " ").replace("$ifs", " ").replace("$@", "").replace("$*", "")
+        for digit in "0123456789":  # positional parameters, empty in an injected command
+            text = text.replace("$" + digit, "")
     for char in "\\'\"^":  # str.replace: C speed (translate with a table is not)
         if char in text:
             text = text.replace(char, "")

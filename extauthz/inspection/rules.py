@@ -23,7 +23,7 @@ KINDS = ("path", "query", "name", "header", "cookie", "body", "filename")
 #: Text forms rules can ask for besides the decoded text: SQL comments removed, shell quoting
 #: removed, Log4j lookups resolved.
 FORMS = ("sql", "cmd", "lookup")
-DETECTORS = ("log4shell", "sqli", "xss", "traversal", "cmdi", "ssrf")
+DETECTORS = ("log4shell", "sqli", "xss", "traversal", "cmdi", "ssrf", "xxe", "crlf")
 
 _ALL = frozenset(KINDS)
 _INPUT = frozenset({"path", "query", "name", "cookie", "body"})
@@ -57,7 +57,9 @@ def _rule(id: str, detector: str, level: int, score: int, targets: frozenset[str
 
 
 _SQL_SEP = r"(?:\s|/\*[^*]*\*+(?:[^/*][^*]*\*+)*/|\(|\+)"  # whitespace, a C comment, '(' or '+' between keywords
-_CMD_START = r"(?:^|[;&|`\n]|\$\(|\|\||&&)\s*(?:/(?:usr/)?(?:local/)?s?bin/)?"
+# A command separator must be there: a value that merely is "id", "env" or "ls" (a field named id!)
+# is not an injection.
+_CMD_START = r"(?:[;&|`\n]|\$\(|\|\||&&)\s*(?:/(?:usr/)?(?:local/)?s?bin/)?"
 
 BUILTIN_RULES: tuple[Rule, ...] = (
     # --- Log4Shell and lookup injection ------------------------------------------------------------
@@ -77,7 +79,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     # --- SQL injection ------------------------------------------------------------------------------
     _rule("sqli-union-select", "sqli", 1, 5, _INPUT,
           rf"\bunion{_SQL_SEP}+(?:all{_SQL_SEP}+|distinct{_SQL_SEP}+)?select{_SQL_SEP}+"
-          r"(?:null\b|\d|@@|\*|'|\"|0x|[a-z_][\w.$]*\s*(?:\(|,|\bfrom\b)|(?:[a-z_][\w.$]*\s+){0,2}from\b)",
+          r"(?:null\b|-?\d|@@|\*|'|\"|0x|[a-z_][\w.$]*\s*(?:\(|,|\bfrom\b)|(?:[a-z_][\w.$]*\s+){0,2}from\b)",
           ("sql",), "UNION SELECT with a column list"),
     _rule("sqli-tautology", "sqli", 1, 5, _INPUT,
           r"['\"`]\s*\)*\s*(?:or|and|xor|\|\||&&)\s*\(*\s*(?:'[^'\n]{0,20}'|\"[^\"\n]{0,20}\"|[\w.]+)\s*"
@@ -87,6 +89,19 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     _rule("sqli-numeric-tautology", "sqli", 1, 5, _INPUT,
           r"(?:^|[\d)'\"])\s*(?:or|and|\|\||&&)\s+\(?\d+\)?\s*(?:=|<>|!=|<|>)\s*\(?\d+\)?\s*(?:--|#|/\*|;)",
           ("sql",), "a numeric always-true condition then a comment: 1 or 1=1--"),
+    _rule("sqli-paren-tautology", "sqli", 1, 5, _INPUT,
+          r"['\"`]?\s*\)+\s*(?:or|and|\|\||&&)\s+\(?\d+\)?\s*(?:=|<>|!=|<|>)\s*\(?\d+\b"
+          r"|['\"`]\s*\)+\s*(?:or|and)\s+[a-z_][a-z0-9_]*\s*\(",
+          ("sql",), "a parenthesis closed, then a condition: 1) and 12=12, ') or f("),
+    _rule("sqli-string-comparison", "sqli", 1, 4, _INPUT,
+          r"\b(?:and|or)\s+\(*\s*'[^'\n]{0,24}'\s*(?:=|like|<>|!=)\s*'",
+          ("sql",), "a comparison of two quoted strings after AND/OR: and ('x' like 'x"),
+    _rule("sqli-versioned-comment", "sqli", 1, 5, _INPUT,
+          r"/\*!\d*\s*(?:union|select|and|or|from|where|insert|update|delete|drop|sleep|concat)\b",
+          description="a MySQL versioned comment hiding a keyword: /*!50000union*/"),
+    _rule("sqli-numeric-value-tautology", "sqli", 1, 5, _INPUT,
+          r"(?:^|[/=])\s*-?\d+\s+(?:or|and|\|\||&&)\s+\d+\s*(?:=|<>|!=)\s*\d+\s*$",
+          ("sql",), "a whole value that is a number and a numeric condition: 1234 or 1=1"),
     _rule("sqli-numeric-condition", "sqli", 1, 4, _INPUT,
           r"(?:^|[\d)])\s*(?:or|and|\|\||&&)\s+\(?\d+\)?\s*(?:=|<>|!=|<|>)\s*\(?\d+\)?\s*(?:$|\))",
           ("sql",), "a numeric condition after a number at the end of a value: 1 or 1=1"),
@@ -96,7 +111,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
           r"|exec(?:ute)?\s*(?:\(|xp_|sp_|master\.)|declare\s+@|shutdown\b|grant\s+\w+\s+on\b)",
           ("sql",), "a second statement after ';'"),
     _rule("sqli-time-delay", "sqli", 1, 5, _INPUT,
-          r"\b(?:sleep|pg_sleep)\s*\(\s*\d+(?:\.\d+)?\s*\)|\bbenchmark\s*\(\s*\d+\s*,|\bwaitfor\s+(?:delay|time)\s+'"
+          r"\b(?:sleep|pg_sleep)\s*\(\s*\d+(?:\.\w+)?\s*\)|['\"`]\s*[+|&]+\s*(?:sleep|pg_sleep|benchmark)\s*\(|\bbenchmark\s*\(\s*\d+\s*,|\bwaitfor\s+(?:delay|time)\s+'"
           r"|\bdbms_(?:pipe\.receive_message|lock\.sleep)\s*\(|\brandomblob\s*\(\s*\d{6,}",
           ("sql",), "a time delay (blind injection)"),
     _rule("sqli-catalog-probe", "sqli", 1, 5, _INPUT,
@@ -112,6 +127,9 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     _rule("sqli-comment-after-quote", "sqli", 1, 5, _INPUT,
           r"['\"`]\s*\)*\s*(?:--|#)[^\n]{0,3}$|['\"`]\s*;\s*(?:--|#|$)",
           ("sql",), "a quote closed then the rest of the value commented out: admin'--"),
+    _rule("sqli-quote-keyword-comment", "sqli", 1, 5, _INPUT,
+          r"['\"`]\s*\)*\s*(?:or|and|xor|collate|union|having|where|order|group|limit|not)\b[^\n]*(?:--|#)\s*-?\s*$",
+          ("sql",), "a quote closed, an SQL keyword, and the rest commented out: z' or email notnull--"),
     _rule("sqli-quote-comment", "sqli", 1, 3, _INPUT, r"['\"`]\s*\)*\s*(?:--\s|/\*)",
           ("sql",), "a quote closed then a comment"),
     _rule("sqli-char-concat", "sqli", 1, 4, _INPUT,
@@ -131,6 +149,13 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     _rule("nosql-operator", "sqli", 1, 5, _INPUT,
           r"(?:^|\[)\$where(?:$|\])|\$where\s*[\"':]|\bthis\.\w+\s*(?:==|!=)|\bsleep\s*\(\s*\d{3,}\s*\)",
           description="a MongoDB $where or server-side JavaScript"),
+    _rule("nosql-injection", "sqli", 1, 5, _INPUT,
+          r"['\"]\s*,\s*\$(?:or|and|where|ne|gt|regex|nin)\s*:|\bdb\.\w+\.(?:insert|find|update|remove|drop|aggregate)"
+          r"\s*\(|\bdo\s*\{[^}\n]*\}\s*while\s*\(",
+          description="MongoDB operators or shell code injected into a query"),
+    _rule("ldap-injection", "sqli", 1, 5, _INPUT,
+          r"\(\s*[|&!]\s*\(\s*[\w.-]+\s*[~<>]?=|\*\s*\)\s*\(\s*[|&]|\bobjectclass\s*=\s*\*",
+          description="an LDAP filter built to widen a search: *)(|(objectclass=*))"),
     _rule("nosql-query-operator", "sqli", 2, 3, _INPUT,
           r"(?:^|\[)\$(?:ne|gt|gte|lt|lte|nin|regex|exists|expr|function)(?:$|\])",
           description="a MongoDB query operator as a field name or parameter"),
@@ -138,8 +163,12 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     _rule("xss-script-tag", "xss", 1, 5, _INPUT, r"<\s*script\b|<\s*/\s*script\s*>",
           description="a <script> element"),
     _rule("xss-event-handler", "xss", 1, 5, _INPUT,
-          r"<[a-z][a-z0-9:-]*(?:[\s/\"'][^>\n]*)?[\s/\"']on[a-z]{3,24}\s*=",
+          r"<[a-z][a-z0-9:-]*(?:[\s/](?:[^>\n\"']|\"[^\"\n]*\"|'[^'\n]*')*?)?[\s/\"']on[a-z]{3,24}\s*=",
           description="an element with an on* event handler attribute"),
+    _rule("xss-attribute-injection", "xss", 1, 5, _INPUT,
+          r"[\"'\s/]on[a-z]{3,24}\s*=\s*[\"'`]?\s*(?:alert|prompt|confirm|eval|javascript:|fetch|document\.|window\."
+          r"|top\.|self\.|this\.|location|import\s*\()",
+          description="an on* handler that runs script, injected into an attribute: \" onmouseover=alert(1)"),
     _rule("xss-javascript-uri", "xss", 1, 5, _INPUT,
           r"(?:^|[\s\"'=(<`])(?:java|vb|live)script\s*:\s*(?://|[a-z_$][\w$.]*\s*[(`=\[]|\()"
           r"|\bdata\s*:\s*(?:text/html|image/svg\+xml|application/(?:x-)?javascript)\s*[;,]",
@@ -149,15 +178,28 @@ BUILTIN_RULES: tuple[Rule, ...] = (
           description="an element that loads or runs content"),
     _rule("xss-js-sink", "xss", 1, 3, _INPUT,
           r"\b(?:document\s*\.\s*(?:cookie|domain|write)|window\s*\.\s*location|\.innerhtml\s*=|string\s*\.\s*"
-          r"fromcharcode|\beval\s*\(|settimeout\s*\(\s*['\"`]|\batob\s*\(|\bfetch\s*\(\s*['\"`]https?:)",
+          r"fromcharcode|\beval\s*\(|settimeout\s*\(\s*['\"`]|\batob\s*\(|\bfetch\s*\(\s*['\"`]https?:"
+          r"|document\s*\[\s*['\"`](?:cookie|domain|write))",
           description="JavaScript that reads cookies, writes the page or evaluates text"),
+    _rule("xss-eval-decoded", "xss", 1, 5, _INPUT,
+          r"\b(?:eval|settimeout|setinterval|function)\s*\(\s*(?:atob|unescape|decodeuri(?:component)?|string\s*\.\s*"
+          r"fromcharcode)\s*\(",
+          description="script decoded at run time then evaluated: eval(atob(...))"),
     _rule("xss-alert-probe", "xss", 1, 3, _INPUT,
-          r"\b(?:alert|prompt|confirm)\s*(?:\(\s*(?:\d+|document|window|'[^'\n]{0,20}'|\"[^\"\n]{0,20}\"|`)|`)",
+          r"\b(?:alert|prompt|confirm)\s*(?:\?\.\s*)?(?:\(\s*(?:\d+|document|window|self|top|'[^'\n]{0,20}'"
+          r"|\"[^\"\n]{0,20}\"|`|\))|`)",
           description="alert(1) and friends, the usual XSS probe"),
     _rule("xss-template-injection", "xss", 1, 5, _INPUT,
           r"\{\{[^}\n]{0,80}(?:constructor|__proto__|\$on\.|\$eval|__class__|__globals__|__builtins__|__subclasses__"
           r"|config\.items|self\._)",
           description="client- or server-side template injection"),
+    _rule("template-injection-probe", "xss", 1, 4, _INPUT,
+          r"\{\{\s*\d+\s*[*+]\s*\d+\s*\}\}|[$#]\{\s*\d+\s*[*+]\s*\d+\s*\}|<%=\s*\d+\s*[*+]\s*\d+\s*%>",
+          description="template arithmetic, the usual template-injection probe: {{7*7}}"),
+    _rule("template-injection-exec", "xss", 1, 5, _INPUT,
+          r"freemarker\.template\.utility\.execute|<#assign\b|\?new\s*\(\s*\)|\bt\s*\(\s*java\.lang\.runtime\)"
+          r"|\{%\s*(?:import|include)\s+os\b|\{\{[^}\n]*\bos\.(?:system|popen)\b",
+          description="a template directive that runs code"),
     _rule("xss-css-expression", "xss", 2, 3, _INPUT, r"\bexpression\s*\(|-moz-binding\s*:|@import\s+['\"]?javascript",
           description="CSS that runs script in old browsers"),
     # --- Path traversal ------------------------------------------------------------------------------
@@ -170,6 +212,9 @@ BUILTIN_RULES: tuple[Rule, ...] = (
           r"(?:environ|cmdline|maps|fd|root|cwd|mem)|windows[\\/](?:win\.ini|system32[\\/])|boot\.ini\b"
           r"|var[\\/]run[\\/]secrets[\\/]|\.ssh[\\/](?:id_|authorized_keys)|\.aws[\\/]credentials)",
           description="a well-known sensitive file"),
+    _rule("traversal-unc-path", "traversal", 1, 5, _FILES,
+          r"(?:^|[=\s])\\\\[^\\\s]+\\[a-z]\$\\|\bntuser\.dat\b|\\windows\\system32\\",
+          description="a UNC path to an administrative share or a Windows system file"),
     _rule("traversal-file-uri", "traversal", 1, 4, _FILES, r"\bfile:/{1,3}(?:[a-z]:|etc|proc|var|windows|users|home)\b",
           description="a file: URI to a system location"),
     _rule("traversal-null-byte", "traversal", 2, 3, _FILES, r"\x00|\.\w{1,5}%00",
@@ -178,15 +223,16 @@ BUILTIN_RULES: tuple[Rule, ...] = (
           description="an uploaded file name with a directory in it"),
     # --- OS command injection ----------------------------------------------------------------------
     _rule("cmdi-chained-command", "cmdi", 1, 5, _INPUT,
-          _CMD_START + r"(?:id|whoami|uname(?:\s+-\w+)?|ifconfig|ipconfig|hostname|pwd|printenv|env|ls(?:\s+-\w+)?"
-          r"|sleep\s+\d+|ping\s+-[cn]\s*\d+(?:\s+\S+)?|nslookup\s+\S+|dir)\s*(?:$|[;&|`)#])",
+          _CMD_START + r"(?:id|whoami|uname(?:\s+-\w+)?|ifconfig|ipconfig|hostname|pwd|printenv|env"
+          r"|ls(?:\s+-\w+)?(?:\s+/[\w./-]*)?|sleep\s+\d+|ping\s+-[cn]\s*\d+(?:\s+\S+)?|nslookup\s+\S+|dig\s+\S+"
+          r"|getent\s+\w+(?:\s+\S+)?|set\s+/a\s+[\d*+]+|dir(?:\s+[a-z]:\\\S*)?)\s*(?:$|[;&|`)#])",
           ("cmd",), "a bare command after a command separator: ; id"),
     _rule("cmdi-file-read", "cmdi", 1, 5, _INPUT,
           _CMD_START + r"(?:cat|head|tail|more|less|nl|tac|xxd|od|strings|type)\s+[^\n;|&]{0,40}"
           r"(?:/etc/|/proc/|\.\./|passwd|shadow|\.ssh|win\.ini|flag)",
           ("cmd",), "reading a system file after a command separator"),
     _rule("cmdi-download", "cmdi", 1, 5, _INPUT,
-          r"(?:^|[;&|`\n(]|\$\()\s*(?:wget|curl|fetch|lwp-download|tftp|ftp)\s+(?:-\S+\s+)*(?:https?|ftp|tftp)://",
+          r"(?:[;&|`\n(]|\$\()\s*(?:wget|curl|fetch|lwp-download|tftp|ftp)\s+(?:-\S+\s+)*(?:https?|ftp|tftp)://",
           ("cmd",), "a download tool fetching a URL"),
     _rule("cmdi-reverse-shell", "cmdi", 1, 5, _INPUT,
           r"\b(?:nc|ncat|netcat)\b[^\n;|&]{0,40}\s-[ec]\s|\bbash\s+-i\b|/dev/(?:tcp|udp)/|\bmkfifo\s+/tmp/"
@@ -197,12 +243,26 @@ BUILTIN_RULES: tuple[Rule, ...] = (
           r"\$\(\s*(?:id|whoami|uname|cat|curl|wget|sleep|ls|nslookup|ping|echo|bash|sh)\b"
           r"|`\s*(?:id|whoami|uname|cat|curl|wget|sleep|ls|nslookup|ping|bash|sh)\b[^`\n]{0,60}`",
           ("cmd",), "command substitution: $(id), `id`"),
+    _rule("code-injection", "cmdi", 1, 5, _INPUT,
+          r"\$\{@?(?:print|system|exec|passthru|shell_exec|eval|assert|phpinfo)\s*\(|<\?php\b|\beval\s*\(\s*\$_(?:get|post|request)"
+          r"|!!python/(?:object|name|module)|!!javax?\.|!ruby/object:|\b__import__\s*\(\s*['\"]os['\"]",
+          description="code for an interpreter (PHP, YAML object tags, Python imports)"),
     _rule("cmdi-ifs-evasion", "cmdi", 1, 4, _INPUT, r"\$\{?ifs\}?|\{(?:cat|ls|id|curl|wget),[^}\n]{1,40}\}",
           description="${IFS} and brace expansion, used to avoid spaces"),
     _rule("cmdi-shell-path", "cmdi", 2, 3, _INPUT, r"/bin/(?:ba|z|k|da)?sh\b|/usr/bin/(?:env|python\d?|perl|ruby)\b",
           description="a path to a shell or interpreter"),
     _rule("shellshock", "cmdi", 1, 5, _ALL, r"\(\s*\)\s*\{\s*[^}\n]{0,20};\s*\}\s*;",
           description="the Shellshock function definition () { :; };"),
+    # --- XML external entities -----------------------------------------------------------------
+    _rule("xxe-entity", "xxe", 1, 5, _INPUT,
+          r"<!doctype[^>\n]*(?:\[|\bsystem\b|\bpublic\b)|<!entity\s+%?\s*[\w.-]+\s+(?:system|public)\b",
+          description="a DOCTYPE with an internal subset or external identifier, an external entity"),
+    _rule("xxe-include", "xxe", 1, 4, _INPUT, r"<x[is]:include\b|\bxsi:(?:no)?(?:namespace)?schemalocation\s*=",
+          description="XInclude or a schema location that makes the parser fetch"),
+    # --- CRLF / header injection --------------------------------------------------------------------
+    _rule("crlf-header-injection", "crlf", 1, 5, frozenset({"path", "query", "name", "cookie", "header"}),
+          r"[\r\n]\s*(?:set-cookie|location|content-(?:type|length)|x-[a-z-]+|refresh|access-control-[a-z-]+)\s*:",
+          description="a line break followed by a response header (response splitting)"),
 )
 
 #: Rule ids SSRF findings use (the SSRF detector classifies addresses in code, not by pattern).

@@ -15,7 +15,8 @@ from extauthz.inspection.decode import CALLBACK_BUDGET, JNDI_MARK, cmd_form, dec
         ("%25253c", "<"),  # triple
         ("%u003cscript", "<script"),  # IIS
         ("%c0%ae%c0%ae/", "../"),  # overlong UTF-8
-        ("&lt;b&gt; &amp;amp; &#60;&#x3C;&#0000060", "<b> &amp; <<<"),
+        ("&lt;b&gt; &amp;amp; &#60;&#x3C;&#0000060", "<b> & <<<"),  # two layers of entities
+        ("&amp;lpar;1&amp;rpar;", "(1)"),
         ("&dollar;&lbrace;x&rbrace;", "${x}"),
         ("\\u0024\\u007b\\x41\\u{42}", "${ab"),
         ("\uff33\uff25\uff2c\uff25\uff23\uff34", "select"),  # full-width, NFKC
