@@ -20,7 +20,14 @@ import re2
 
 from extauthz.inspection.decode import Decoded, cmd_form, decode, lookup_form, sql_form
 from extauthz.inspection.rules import EVASION_RULE, SSRF_RULES, Rule
-from extauthz.inspection.ssrf import AddressAllowList, ssrf_findings
+from extauthz.inspection.ssrf import (
+    BARE_CANDIDATE_PATTERN,
+    CANDIDATE_PATTERN,
+    FLOOD,
+    METADATA_CANDIDATE_PATTERN,
+    AddressAllowList,
+    ssrf_findings,
+)
 from extauthz.inspection.targets import RequestValues, safe_pointer
 from extauthz.payload import BodyKind, BodyProblem, JsonLimits
 from extauthz.request import Request
@@ -36,6 +43,7 @@ _FORM_FUNCTIONS: dict[str, Callable[[str], str]] = {
     "lookup": lambda text: lookup_form(text).text,
 }
 _CMD_CHARS = frozenset("\\'\"^$")
+_SSRF_CANDIDATE = "ssrf-candidate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +165,13 @@ class Inspector:
         self.compiled = {rule.id: re2.compile(rule.pattern) for rule in config.rules}
         self.by_id = {rule.id: rule for rule in config.rules}
         input_rules = [r for r in config.rules if r.targets & {"path", "query", "name", "cookie", "body", "header"}]
+        if config.ssrf:
+            # Not a finding: it says the text holds a URL or address worth classifying (see ssrf.py).
+            candidates = [CANDIDATE_PATTERN, METADATA_CANDIDATE_PATTERN]
+            if config.sensitivity >= 2:
+                candidates.append(BARE_CANDIDATE_PATTERN)
+            input_rules.append(Rule(_SSRF_CANDIDATE, "ssrf", 1, 0, "(?m)" + "|".join(candidates),
+                                    frozenset({"query", "cookie", "body"})))
         file_rules = [r for r in config.rules if "filename" in r.targets]
         self.groups = {
             "inputs": {form: _RuleSet([r for r in input_rules if form == "" or form in r.forms])
@@ -185,23 +200,35 @@ class Inspector:
                                           safe_pointer(problem.pointer), problem.limit)
                 return Verdict(problem=problem, problem_reported=config.report_only)
         hits: dict[str, set[str]] = {}  # rule id -> groups to locate it in
-        evasion = False
-        # Inputs and headers are decoded and matched as one text: one pass of each set instead of
-        # two; locating a match looks only at the kinds its rule targets.
-        text = values.inputs_text()
+        # Decoded segment by segment (a body's decoded text is then reused to locate a match in it),
+        # matched as one text: one pass of each rule set. Locating a match looks only at the kinds
+        # its rule targets.
+        small = values.inputs_text(body=False)
         if config.inspect_headers:
-            text = text + "\n" + values.headers_text()
-        decoded_inputs = decode(text)
-        evasion |= self._scan("inputs", decoded_inputs, hits)
+            small = small + "\n" + values.headers_text()
+        decoded = decode(small)
+        evasion = decoded.over_budget
+        text = decoded.text
+        body_text = values.body_text
+        decoded_values: dict[tuple[str, str], str] = {}  # (value, form) -> text, for locating
+        if body_text:
+            body = decode(body_text)
+            evasion |= body.over_budget
+            decoded_values[(body_text, "")] = body.text
+            text = text + "\n" + body.text
+        evasion |= self._scan("inputs", Decoded(text), hits)
         filenames = values.filenames()
         if filenames:
             evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits)
         ssrf_rules: set[str] = set()
-        if config.ssrf:
-            ssrf_rules = self._ssrf(decoded_inputs.text)
+        if hits.pop(_SSRF_CANDIDATE, None) is not None:
+            ssrf_rules = self._ssrf(text)
+            if FLOOD in ssrf_rules:
+                ssrf_rules.discard(FLOOD)
+                evasion = True
         if not hits and not ssrf_rules and not evasion:
             return Verdict()
-        return self._verdict(request, values, hits, ssrf_rules, evasion)
+        return self._verdict(request, values, hits, ssrf_rules, evasion, decoded_values)
 
     def _request_limits(self, request: Request) -> BodyProblem | None:
         limits = self.config.limits
@@ -240,8 +267,6 @@ class Inspector:
         return evasion
 
     def _ssrf(self, text: str) -> set[str]:
-        if "//" not in text and ":" not in text:
-            return set()
         if self.config.sensitivity >= 2:
             bare = True
         else:  # at level 1 a bare address (no scheme) counts only when it is a metadata endpoint
@@ -253,8 +278,7 @@ class Inspector:
 
     # --- when something matched: where, exclusions, scores ------------------------------------------------
     def _verdict(self, request: Request, values: RequestValues, hits: dict[str, set[str]], ssrf_rules: set[str],
-                 evasion: bool) -> Verdict:  # fmt: skip
-        cache: dict[tuple[str, str], str] = {}
+                 evasion: bool, cache: dict[tuple[str, str], str]) -> Verdict:  # fmt: skip
 
         def form_of(value: str, form: str) -> str:
             key = (value, form)
@@ -287,7 +311,7 @@ class Inspector:
         def ssrf_rules_of(value: str) -> set[str]:
             found = ssrf_of.get(value)
             if found is None:
-                found = ssrf_of[value] = self._ssrf(form_of(value, ""))
+                found = ssrf_of[value] = self._ssrf(form_of(value, "")) - {FLOOD}
             return found
 
         for rule_id in sorted(ssrf_rules):

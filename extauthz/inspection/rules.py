@@ -253,6 +253,11 @@ BUILTIN_RULES: tuple[Rule, ...] = (
           description="a path to a shell or interpreter"),
     _rule("shellshock", "cmdi", 1, 5, _ALL, r"\(\s*\)\s*\{\s*[^}\n]{0,20};\s*\}\s*;",
           description="the Shellshock function definition () { :; };"),
+    # --- SSRF by scheme (hosts are classified in code: ssrf.py) ----------------------------------------
+    _rule("ssrf-scheme", "ssrf", 1, 5, frozenset({"path", "query", "cookie", "body"}),
+          r"\b(?:gopher|dict|file|ldaps?|tftp|sftp|smb|rmi|jndi|iiop|corba|nfs|php|phar|expect|netdoc|glusterfs"
+          r"|ssh2|zlib)://|\bjar:(?:file|https?|ftp):|\bfile:/",
+          description="a URL scheme a server-side fetch should never follow (file:, gopher:, dict:, ...)"),
     # --- XML external entities -----------------------------------------------------------------
     _rule("xxe-entity", "xxe", 1, 5, _INPUT,
           r"<!doctype[^>\n]*(?:\[|\bsystem\b|\bpublic\b)|<!entity\s+%?\s*[\w.-]+\s+(?:system|public)\b",
@@ -270,7 +275,6 @@ SSRF_RULES = {
     "ssrf-metadata": (1, 5, "a cloud metadata endpoint"),
     "ssrf-loopback": (1, 5, "a loopback address or name (127.0.0.0/8, ::1, localhost)"),
     "ssrf-private": (1, 5, "a private, link-local, shared or reserved address"),
-    "ssrf-scheme": (1, 5, "a URL scheme a server-side fetch should never follow (file:, gopher:, dict:, ...)"),
     "ssrf-obfuscated-ip": (1, 3, "an IPv4 address spelt in decimal, hex, octal or short form"),
     "ssrf-bare-internal-address": (2, 3, "a bare internal address as a whole value"),
 }

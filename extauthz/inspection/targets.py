@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import unquote
 
 from extauthz.payload import BodyKind, BodyView, body_view
+from extauthz.payload.forms import split_urlencoded
 from extauthz.request import Request
 
 __all__ = ["Field", "RequestValues", "cookie_pairs", "safe_name"]
@@ -46,17 +46,7 @@ class Field:
 
 def query_pairs(raw_query: str) -> list[tuple[str, str]]:
     """``parse_qsl(keep_blank_values=True)`` at a fraction of its cost: most values have no escape."""
-    pairs: list[tuple[str, str]] = []
-    for item in raw_query.split("&"):
-        if not item:
-            continue
-        name, _, value = item.partition("=")
-        if "+" in item:
-            name, value = name.replace("+", " "), value.replace("+", " ")
-        if "%" in item:
-            name, value = unquote(name, errors="surrogateescape"), unquote(value, errors="surrogateescape")
-        pairs.append((name, value))
-    return pairs
+    return split_urlencoded(raw_query)
 
 
 def cookie_pairs(header: str) -> list[tuple[str, str]]:
@@ -97,14 +87,14 @@ class RequestValues:
     def path(self) -> str:
         return self.request.raw_path.partition("?")[0]
 
-    def inputs_text(self) -> str:
+    def inputs_text(self, *, body: bool = True) -> str:
         parts = [self.path]
         for name, value in self.query:
             parts.append(name)
             parts.append(value)
         for _, value in self.cookies:
             parts.append(value)
-        if self.body_text:
+        if body and self.body_text:
             parts.append(self.body_text)
         return "\n".join(parts)
 

@@ -76,7 +76,6 @@ class JsonShape:
     max_string_length: int
     values: int
     members: int
-    duplicate_keys: bool
 
 
 @dataclass(slots=True)
@@ -119,9 +118,10 @@ class JsonDocument:
 
     @property
     def shape(self) -> JsonShape:
-        """The exact shape (a walk over the whole value, remembered)."""
+        """The exact shape (a walk over the whole value, remembered). Duplicate keys are not part of
+        it: orjson's value cannot show them (see :meth:`has_duplicate_keys`)."""
         if self._shape is None:
-            self._shape = _walk(self.value, self.has_duplicate_keys())
+            self._shape = _walk(self.value)
         return self._shape
 
     def has_duplicate_keys(self) -> bool:
@@ -198,10 +198,31 @@ class JsonDocument:
         return known
 
     def find(self, keep: Callable[[str], bool], *, keys: bool = False) -> Iterator[str]:
-        """JSON pointers of the strings (or, with ``keys``, of the members whose key) ``keep`` accepts."""
-        for pointer, node, _ in _nodes(self.value, keys):
-            if (type(node) is str and keep(node)) or (keys and type(node) is _Key and keep(node.name)):
-                yield pointer
+        """JSON pointers of the strings (or, with ``keys``, of the members whose key) ``keep`` accepts,
+        in document order. A pointer is only spelt for what matched."""
+        value = self.value
+        if type(value) is str:
+            if keep(value):
+                yield ""
+            return
+        if type(value) is not dict and type(value) is not list:
+            return
+        # A stack of (pointer of the container, iterator over its (token, child)): no per-child tuples.
+        stack: list[tuple[str, Iterator[tuple[Any, Any]]]] = [("", _children(value))]
+        while stack:
+            pointer, children = stack[-1]
+            for token, child in children:
+                if keys and type(token) is str and keep(token):
+                    yield f"{pointer}/{escape_pointer_token(token)}"
+                kind = type(child)
+                if kind is str:
+                    if keep(child):
+                        yield f"{pointer}/{escape_pointer_token(token)}"
+                elif kind is dict or kind is list:
+                    stack.append((f"{pointer}/{escape_pointer_token(token)}", _children(child)))
+                    break
+            else:
+                stack.pop()
 
     def _locate(self, limit: str, message: str, offends: Callable[[Any, int], bool]) -> BodyProblem:
         for pointer, node, depth in _nodes(self.value, False):
@@ -242,43 +263,42 @@ def _nodes(value: Any, keys: bool) -> Iterator[tuple[str, Any, int]]:
             stack.extend(reversed([(f"{pointer}/{i}", v, depth + 1) for i, v in enumerate(node)]))
 
 
-def _walk(value: Any, duplicates: bool) -> JsonShape:
-    """The exact shape: one iterative pass, containers only on the stack."""
+def _children(node: Any) -> Iterator[tuple[Any, Any]]:
+    return iter(node.items()) if type(node) is dict else enumerate(node)
+
+
+def _walk(value: Any) -> JsonShape:
+    """The exact shape: one iterative pass, containers only on the stack; per-value work in
+    comprehensions (C loops), not in Python statements."""
     kind = type(value)
     if kind is str:
-        return JsonShape(0, 0, 0, len(value), 1, 0, False)
+        return JsonShape(0, 0, 0, len(value), 1, 0)
     if kind is not dict and kind is not list:
-        return JsonShape(0, 0, 0, 0, 1, 0, False)
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    push = stack.append
-    pop = stack.pop
+        return JsonShape(0, 0, 0, 0, 1, 0)
+    level_nodes: list[Any] = [value]
     depth = max_members = max_items = members = longest = 0
     values = 1
-    while stack:
-        node, level = pop()
-        if level > depth:
-            depth = level
-        count = len(node)
-        values += count
-        if type(node) is dict:
-            members += count
-            if count > max_members:
-                max_members = count
-            longest = max(longest, max(map(len, node), default=0))
-            children: Any = node.values()
-        else:
-            if count > max_items:
-                max_items = count
-            children = node
-        below = level + 1
-        for child in children:
-            kind = type(child)
-            if kind is str:
-                if len(child) > longest:
-                    longest = len(child)
-            elif kind is dict or kind is list:
-                push((child, below))
-    return JsonShape(depth, max_members, max_items, longest, values, members, duplicates)
+    while level_nodes:  # breadth first: one level at a time
+        depth += 1
+        below: list[Any] = []
+        for node in level_nodes:
+            count = len(node)
+            values += count
+            if type(node) is dict:
+                members += count
+                if count > max_members:
+                    max_members = count
+                if count:
+                    longest = max(longest, max(map(len, node)))
+                children: Any = node.values()
+            else:
+                if count > max_items:
+                    max_items = count
+                children = node
+            below += [c for c in children if type(c) is dict or type(c) is list]
+            longest = max(longest, max([len(c) for c in children if type(c) is str], default=0))
+        level_nodes = below
+    return JsonShape(depth, max_members, max_items, longest, values, members)
 
 
 def parse_json(raw: bytes) -> JsonDocument | BodyProblem:
@@ -356,10 +376,18 @@ def _long_number_pattern(length: int) -> Any:
     return pattern
 
 
+#: Bodies up to this size get the pointer of the object with a duplicate key (a slower parse).
+_DUPLICATE_POINTER_MAX_BYTES = 16384
+
+
 def _duplicate_pointer(raw: bytes) -> str | None:
-    """The pointer of the first object with a repeated key (None if there is none). Slow (Python's
-    json with a hook) but only run when the counts say a member went missing."""
+    """The pointer of the first object with a repeated key (None if there is none, "" when unknown).
+    Slow (Python's json with a hook): only run when the counts say a member went missing, and only on
+    bodies of at most 16 KiB (a larger one is refused without the pointer)."""
     import json
+
+    if len(raw) > _DUPLICATE_POINTER_MAX_BYTES:
+        return ""
 
     found: list[dict[str, Any]] = []
 
