@@ -11,7 +11,9 @@ typical      a POST with a 1 KB JSON body (names with apostrophes, prices, free 
              at most 60 us.
 adversarial  64 KiB inputs crafted against each step (parser, decoders, lookup resolution, comment
              stripping, every rule family, SSRF extraction, location search after a match), at the
-             highest sensitivity. Target: every one at most 5 ms (the max over runs is printed too).
+             highest sensitivity. Target: every one at most 5 ms of CPU (median; the max over runs
+             and the wall clock are printed too: on a shared machine the wall clock includes waiting
+             for a core).
 engines      how the built-in rules are matched: one RE2 set, one combined RE2 alternation, every
              rule alone, and Python's re, over the decoded 1 KB body.
 
@@ -21,6 +23,7 @@ Figures are medians of many runs on a shared machine; rerun when the load is hig
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -41,6 +44,7 @@ from extauthz.inspection.engine import Inspector  # noqa: E402
 from extauthz.policy.build import BuildContext, Services  # noqa: E402
 from extauthz.policy.model import Document  # noqa: E402
 from extauthz.request import Request  # noqa: E402
+from extauthz.server import GC_THRESHOLDS  # noqa: E402
 
 HEADERS = {
     ":path": "/api/orders?expand=items&currency=EUR", ":method": "POST", ":authority": "shop.example.com",
@@ -85,12 +89,12 @@ def request(body: bytes, *, query: str = "expand=items&currency=EUR", headers: d
                    False, derived={})
 
 
-def timed(run: Callable[[], object], rounds: int) -> list[float]:
+def timed(run: Callable[[], object], rounds: int, clock: Callable[[], float] = time.perf_counter) -> list[float]:
     samples = []
     for _ in range(rounds):
-        began = time.perf_counter()
+        began = clock()
         run()
-        samples.append(time.perf_counter() - began)
+        samples.append(clock() - began)
     return samples
 
 
@@ -111,11 +115,11 @@ def typical(rounds: int) -> None:
 
     for _ in range(2000):
         once()
-    samples = timed(once, rounds)
-    samples.sort()
+    samples = sorted(timed(once, rounds))
+    cpu = sorted(timed(once, rounds, time.thread_time))
     print(f"  inspect (body view + inspection): p50 {samples[len(samples) // 2] * 1e6:.1f} us, "
           f"p90 {samples[int(len(samples) * 0.9)] * 1e6:.1f} us, p99 {samples[int(len(samples) * 0.99)] * 1e6:.1f} us "
-          f"over {rounds} requests")
+          f"over {rounds} requests (wall clock); CPU time p50 {cpu[len(cpu) // 2] * 1e6:.1f} us")
 
 
 def adversarial_inputs() -> list[tuple[str, Request]]:
@@ -162,15 +166,22 @@ def adversarial_inputs() -> list[tuple[str, Request]]:
 def adversarial(rounds: int) -> None:
     inspector = build({"sensitivity": 3})
     print(f"adversarial: sensitivity 3, 64 KiB inputs, load average {load()}")
-    print(f"  {'input':40} {'bytes':>7} {'median ms':>10} {'max ms':>8}  outcome")
+    print(f"  {'input':40} {'bytes':>7} {'CPU ms':>7} {'max':>6} {'wall ms':>8}  outcome")
     worst = 0.0
-    for name, req in adversarial_inputs():
+    inputs = adversarial_inputs()
+    # As the sidecar runs: its GC thresholds, and what outlives requests (here, every crafted input)
+    # kept out of the collector's way, so that one case does not pay for scanning the others.
+    gc.collect()
+    gc.freeze()
+    for name, req in inputs:
+        gc.collect()
         def once(req: Request = req) -> object:
             return inspector.inspect(req._replace(derived={}))
 
         verdict = once()
-        samples = timed(once, rounds)
-        median, top = statistics.median(samples) * 1e3, max(samples) * 1e3
+        cpu = timed(once, rounds, time.thread_time)
+        wall = timed(once, rounds)
+        median, top = statistics.median(cpu) * 1e3, max(cpu) * 1e3
         worst = max(worst, median)
         if verdict.problem is not None:
             outcome = f"{verdict.problem.status} {verdict.problem.reason} ({verdict.problem.limit})"
@@ -178,8 +189,10 @@ def adversarial(rounds: int) -> None:
             outcome = f"score {verdict.score}: {','.join(sorted({f.rule for f in verdict.findings}))[:60]}"
         else:
             outcome = "clean"
-        print(f"  {name:40} {len(req.body) + len(req.raw_query):>7} {median:>10.2f} {top:>8.2f}  {outcome}")
-    print(f"  worst median: {worst:.2f} ms (target 5 ms)")
+        print(f"  {name:40} {len(req.body) + len(req.raw_query):>7} {median:>7.2f} {top:>6.2f} "
+              f"{statistics.median(wall) * 1e3:>8.2f}  {outcome}")
+    print(f"  worst median CPU time: {worst:.2f} ms (target 5 ms); CPU time is this thread's own (time.thread_time),")
+    print("  so other processes on a shared machine do not count; wall clock is shown for comparison")
 
 
 def engines(rounds: int) -> None:
@@ -206,6 +219,7 @@ def engines(rounds: int) -> None:
 
 
 def main() -> None:
+    gc.set_threshold(*GC_THRESHOLDS)  # as `extauthz serve` sets them
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("typical", "adversarial", "engines"))
     parser.add_argument("--rounds", type=int, default=0)

@@ -24,7 +24,7 @@ __all__ = ["Decoded", "cmd_form", "decode", "lookup_form", "sql_form"]
 #: URL-decoding rounds: ``%252e`` is two, no legitimate value needs more than three.
 URL_ROUNDS = 3
 #: Escapes decoded by a Python callback (numeric entities, ``%u``, JS ``\\u{...}``), per request.
-CALLBACK_BUDGET = 2048
+CALLBACK_BUDGET = 1024
 #: Nested ``${...}`` lookups resolved per request.
 LOOKUP_BUDGET = 512
 
@@ -49,7 +49,7 @@ _OVERLONG = (
 _INVISIBLE_CHARS = re.compile("[\x00\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 #: Dots and slashes that hosts and paths treat as '.' and '/' (IDNA, full-width).
 _LOOKALIKES = str.maketrans({"\u3002": ".", "\uff61": ".", "\uff0e": ".", "\u2215": "/", "\u2044": "/"})
-_SPECIAL_CHARS = re.compile("[\u3002\uff61\uff0e\u2215\u2044\x00\u200b\u200c\u200d\u2060\ufeff\u00ad\ud800-\udfff]")
+_SPECIAL_WIDE = "\u3002\uff61\uff0e\u2215\u2044\u200b\u200c\u200d\u2060\ufeff"
 
 
 @dataclass(slots=True)
@@ -62,7 +62,9 @@ class Decoded:
 
 def decode(text: str) -> Decoded:
     """Percent-escapes (repeatedly, IIS ``%u`` and overlong UTF-8 included), HTML entities, JS/JSON
-    escapes, Unicode NFKC, invisible characters, case: the form every built-in rule matches.
+    escapes, Unicode NFKC, invisible characters: the form every built-in rule matches. Case is left
+    as it is: every rule matches case-insensitively (RE2's ``(?i)`` costs nothing per character,
+    lower-casing a non-ASCII text does).
 
     Percent-escapes are decoded in every target, not only in URL parts: a JSON value that a backend
     URL-decodes (or builds a URL from) carries them through.
@@ -89,14 +91,25 @@ def decode(text: str) -> Decoded:
     if not text.isascii():
         if not unicodedata.is_normalized("NFKC", text):
             text = unicodedata.normalize("NFKC", text)
-        # One search for every character that needs work (str.translate with a table is slow on
-        # non-ASCII text, and RE2 reads UTF-8 only, so a lone surrogate must go).
-        if _SPECIAL_CHARS.search(text) is not None:
+        # Characters that need work: look-alike dots and slashes, invisible characters, and lone
+        # surrogates (an invalid %-escape in a query, \ud800 in JS: RE2 reads UTF-8 only). Only C
+        # loops here ("in", encode): a regular-expression search or max() over non-ASCII text is
+        # several times slower.
+        try:
+            text.encode("latin-1")
+            wide = False
+        except UnicodeEncodeError:
+            wide = True
+        if (wide and any(c in text for c in _SPECIAL_WIDE)) or "\xad" in text or "\x00" in text:
             text = _INVISIBLE_CHARS.sub("", text.translate(_LOOKALIKES))
-            text = text.encode("utf-8", "replace").decode("utf-8")
+        if wide:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                text = text.encode("utf-8", "replace").decode("utf-8")
     elif "\x00" in text:
         text = text.replace("\x00", "")
-    return Decoded(text.lower(), budget[0] < 0)
+    return Decoded(text, budget[0] < 0)
 
 
 def _percent_decode(text: str, budget: list[int]) -> str:
@@ -186,11 +199,14 @@ def sql_form(text: str) -> str:
     return "".join(out).replace("*/", " ")
 
 
+_IFS = re.compile(r"\$\{ifs\}|\$ifs", re.IGNORECASE)
+
+
 def cmd_form(text: str) -> str:
     """Shell quoting and field-separator tricks undone: ``c'a't /e\\tc/pa""sswd`` and
-    ``cat${IFS}/etc/passwd`` read as ``cat /etc/passwd`` (text is already lower-case)."""
+    ``cat${IFS}/etc/passwd`` read as ``cat /etc/passwd``."""
     if "$" in text:
-        text = text.replace("${ifs}", " ").replace("$ifs", " ").replace("$@", "").replace("$*", "")
+        text = _IFS.sub(" ", text).replace("$@", "").replace("$*", "")
         for digit in "0123456789":  # positional parameters, empty in an injected command
             text = text.replace("$" + digit, "")
     for char in "\\'\"^":  # str.replace: C speed (translate with a table is not)
@@ -233,7 +249,7 @@ def lookup_form(text: str) -> Decoded:
 def _resolve(match: re.Match[str]) -> str:
     body = match.group(1)
     name, colon, argument = body.partition(":")
-    name = name.strip()
+    name = name.strip().lower()
     if name == "jndi" and colon:
         return JNDI_MARK + argument
     if ":-" in body:
@@ -243,7 +259,7 @@ def _resolve(match: re.Match[str]) -> str:
     if name == "date" and len(argument) >= 2 and argument[0] == argument[-1] == "'":
         return argument[1:-1]  # a quoted literal in a date pattern prints as itself
     if name == "upper":
-        return argument.lower()  # the text is matched lower-case anyway
+        return argument.lower()  # rules match case-insensitively anyway
     if name in _LOOKUP_NAMES and colon:
         return ""
     return _FROZEN_OPEN + body + _FROZEN_CLOSE

@@ -3,8 +3,8 @@
 What to detect was learnt from attack write-ups and from the kinds of attacks OWASP CRS covers; the
 patterns are ours, tuned to fire on attack syntax rather than on words (an API's free text says
 "select", "union", "drop", "alert" and "O'Brien" all day). Every pattern is RE2 syntax (linear time,
-no backreferences, no look-around) and matches the decoded, lower-case text (see decode.py); ``(?m)``
-is on, so ``^`` and ``$`` are the edges of one value.
+no backreferences, no look-around), written in lower case and matched case-insensitively against the
+decoded text (see decode.py); ``(?m)`` is on, so ``^`` and ``$`` are the edges of one value.
 
 Levels: 1 = the default sensitivity, only syntax that benign API traffic does not produce; 2 and 3
 add weaker signals (more detections, more false positives). Scores: 5 is enough to deny alone at the
@@ -53,7 +53,7 @@ def _rule(id: str, detector: str, level: int, score: int, targets: frozenset[str
     # Long counted repetitions ({0,64}) multiply the states of RE2's DFA, which then thrashes on
     # crafted input; within one value (no newline) an open-ended repetition detects the same.
     pattern = _LONG_REPEAT.sub(lambda m: "*" if m.group(1) == "0" else "+", pattern)
-    return Rule(id, detector, level, score, "(?m)" + pattern, targets, frozenset(forms), description)
+    return Rule(id, detector, level, score, "(?mi)" + pattern, targets, frozenset(forms), description)
 
 
 _SQL_SEP = r"(?:\s|/\*[^*]*\*+(?:[^/*][^*]*\*+)*/|\(|\+)"  # whitespace, a C comment, '(' or '+' between keywords

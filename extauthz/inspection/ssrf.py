@@ -10,6 +10,7 @@ address) are classified by name. A host on the policy's allow-list is never repo
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -21,7 +22,7 @@ import re2
 __all__ = ["AddressAllowList", "UrlFinding", "classify_host", "parse_ipv4_loose", "ssrf_findings"]
 
 #: URLs looked at per request (a value full of URLs is not a fetch target).
-MAX_URLS = 64
+MAX_URLS = 32
 
 # //authority (ends at / ? # \ whitespace or quotes); the scheme, if any, is read just before it.
 # RE2: a run of slashes makes a backtracking engine try (and fail) at every one.
@@ -173,9 +174,21 @@ def classify_host(host: str, allow: AddressAllowList | None = None) -> list[str]
     host = host.strip().lower().rstrip(".")
     if not host:
         return []
-    address, unusual = _address(host)
-    if allow is not None and allow.allows(host, address):
+    found = _classify(host)
+    if found and allow is not None and allow.allows(host, _address(host)[0]):
         return []
+    return list(found)
+
+
+@functools.lru_cache(maxsize=4096)
+def _classify(host: str) -> tuple[str, ...]:
+    """classify_host without the allow-list, remembered: the same few hosts come back request after
+    request, and a crafted body repeats one (bounded: least recently used hosts are dropped)."""
+    return tuple(_classify_uncached(host))
+
+
+def _classify_uncached(host: str) -> list[str]:
+    address, unusual = _address(host)
     found: list[str] = []
     if address is not None:
         rule = classify_address(address)
@@ -226,7 +239,7 @@ def _host_of(authority: str) -> str:
 # Dotted IPv4 or bracketed IPv6 anywhere (two patterns: an alternation would cost the engine its
 # fast scan for the first character); a candidate counts only when it is a whole value.
 _IPV4_TOKEN = re2.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
-_IPV6_TOKEN = re.compile(r"\[[0-9a-f:.]{2,45}\]")
+_IPV6_TOKEN = re.compile(r"\[[0-9a-fA-F:.]{2,45}\]")
 _PORT_SUFFIX = re.compile(r"(?::\d{1,5})?\s*$")
 
 
@@ -248,7 +261,7 @@ def _whole_values(text: str) -> Iterable[str]:
 #: internal or address-embedding suffix. Ordinary public names (the bulk of URLs in API traffic) are
 #: never parsed, so a body full of links costs one linear RE2 pass.
 _SUSPICIOUS_AUTHORITY = re2.compile(
-    r"//((?:[^\s/?#@\\\"'<>]{0,256}@)?(?:\[[0-9a-f:.%]{2,64}\]|[0-9][^\s/?#\\\"'<>@]{0,255}"
+    r"(?i)//((?:[^\s/?#@\\\"'<>]{0,256}@)?(?:\[[0-9a-f:.%]{2,64}\]|[0-9][^\s/?#\\\"'<>@]{0,255}"
     r"|[^\s/?#\\\"'<>@]{0,255}(?:localhost|metadata|instance-data|kubernetes|internal|\.local|localdomain|intranet"
     r"|\.corp|home\.arpa|nip\.io|sslip\.io|xip\.io|traefik\.me|localtest\.me|lvh\.me|vcap\.me|lacolhost\.com"
     r"|nip\.direct)(?:[:.][^\s/?#\\\"'<>@]{0,64})?))"

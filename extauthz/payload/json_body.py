@@ -82,20 +82,18 @@ class JsonShape:
 class JsonDocument:
     """A parsed document, with what consumers ask of it computed on first use.
 
-    ``text`` is every string of the document (keys and values, JSON escapes decoded) joined with
-    newlines: an inspector scans it in one pass and asks :meth:`find` for pointers only when
-    something matched. ``shape`` is exact but costs a walk over the value: :meth:`problem` first
-    compares limits with bounds counted from the raw bytes, and walks only when a bound is over.
+    ``text`` is the document as text with every string on a line of its own (the quotes that delimit
+    strings turned into line breaks, JSON escapes decoded): an inspector scans every key and value in
+    one pass, the punctuation and numbers between them on lines of their own keep a match from
+    running from one value into the next, and :meth:`find` spells pointers only when something
+    matched. ``shape`` is exact but costs a walk over the value: :meth:`problem` first compares the
+    limits with bounds counted from the raw bytes, and walks only when a bound is over.
     """
 
     value: Any
     raw: bytes = field(repr=False)
-    #: The raw text outside strings (structure, numbers, literals, whitespace).
-    outside: bytes = field(default=b"", repr=False)
-    #: The raw text of every string (escapes as sent, \\x01/\\x02 for escaped backslash/quote), one per line.
-    inside: bytes = field(default=b"", repr=False)
-    escaped: bool = False
     _structure: tuple[int, int, int, int] | None = field(default=None, repr=False)
+    _outside: bytes | None = field(default=None, repr=False)
     _text: str | None = field(default=None, repr=False)
     _shape: JsonShape | None = field(default=None, repr=False)
     _duplicates: bool | None = field(default=None, repr=False)
@@ -103,10 +101,18 @@ class JsonDocument:
 
     @property
     def text(self) -> str:
-        """Every string (keys included), decoded, one per line (a string's own newlines stay)."""
+        """Every string (keys included), decoded, on a line of its own; between them, lines of
+        punctuation, numbers and literals (a string's own newlines stay)."""
         if self._text is None:
-            self._text = _decode_strings(self.inside, self.escaped)
+            self._text = _document_text(self.raw)
         return self._text
+
+    @property
+    def outside(self) -> bytes:
+        """The raw text outside strings (structure, numbers, literals, whitespace)."""
+        if self._outside is None:
+            self._outside = b"".join(_split_strings(self.raw, b"\\" in self.raw)[0::2])
+        return self._outside
 
     @property
     def structure(self) -> tuple[int, int, int, int]:
@@ -124,27 +130,36 @@ class JsonDocument:
             self._shape = _walk(self.value)
         return self._shape
 
+    def _shape_without_strings(self) -> JsonShape:
+        """The shape without string lengths (0): when the whole body is shorter than the string limit,
+        no string can be over it, and measuring them is most of the walk's cost."""
+        return self._shape if self._shape is not None else _walk(self.value, strings=False)
+
     def has_duplicate_keys(self) -> bool:
-        """Whether an object repeats a key (orjson kept the last): the members counted in the raw
-        text against those in orjson's re-serialisation of the value."""
+        """Whether an object repeats a key (orjson kept the last).
+
+        orjson's re-serialisation of the value holds each kept member once, with its key and value,
+        and writes every colon of a string as ':'; ``text`` holds every member as sent, escapes
+        decoded. Without a dropped member both have the same colons; a dropped member takes at least
+        its own colon with it."""
         if self._duplicates is None:
-            colons = self.structure[1]
-            # orjson's output holds each kept member once and writes every string's colons as ':'.
-            # Its colons minus those of every string of the raw text equal the raw text's members
-            # exactly when no member was dropped (a dropped member takes its colons with it).
-            self._duplicates = colons > 1 and orjson.dumps(self.value).count(b":") - self.text.count(":") != colons
+            raw = self.raw
+            self._duplicates = raw.count(b":") > 1 and orjson.dumps(self.value).count(b":") != self.text.count(":")
         return self._duplicates
 
     def problem(self, limits: JsonLimits) -> BodyProblem | None:
         """The first limit the document exceeds, with the pointer of the offending value; None if none."""
-        commas, _, arrays, objects = self.structure
-        containers = arrays + objects
-        if (containers <= limits.max_depth and commas + 1 <= min(limits.max_members, limits.max_items)
-                and commas + containers + 1 <= limits.max_values
-                and len(self.raw) <= limits.max_string_length):  # fmt: skip
+        raw = self.raw
+        # Bounds first, from the raw bytes (commas and brackets inside strings included): an
+        # ordinary body is within every one and needs neither the exact counts nor the walk.
+        commas, containers = raw.count(b","), raw.count(b"[") + raw.count(b"{")
+        if not self._within(commas, containers, limits):
+            commas, _, arrays, objects = self.structure
+            containers = arrays + objects
+        if self._within(commas, containers, limits) and len(raw) <= limits.max_string_length:
             shape = None  # every bound holds: no walk needed
         else:
-            shape = self.shape
+            shape = self.shape if len(raw) > limits.max_string_length else self._shape_without_strings()
         if shape is not None:
             exceeded = self._exceeded(shape, limits)
             if exceeded is not None:
@@ -157,6 +172,11 @@ class JsonDocument:
             return BodyProblem("body_duplicate_key", 400, "a JSON object has the same key twice",
                                _duplicate_pointer(self.raw) or "", "duplicate_keys")
         return None
+
+    @staticmethod
+    def _within(commas: int, containers: int, limits: JsonLimits) -> bool:
+        return (containers <= limits.max_depth and commas + 1 <= min(limits.max_members, limits.max_items)
+                and commas + containers + 1 <= limits.max_values)  # fmt: skip
 
     def _exceeded(self, shape: JsonShape, limits: JsonLimits) -> BodyProblem | None:
         if shape.values > limits.max_values:
@@ -188,6 +208,11 @@ class JsonDocument:
         """
         length = max(length, NUMBER_LENGTH_FLOOR - 1)
         known = self._long_numbers.get(length)
+        # A valid JSON number has at most four characters that are not digits (-1.5e+3), so its
+        # digits come in at most three runs: without a run of (length - 4) / 3 digits anywhere in the
+        # body, strings included, no number can be longer (one scan, no split).
+        if known is None and b"1" * max((length - 4) // 3, 1) not in self.raw.translate(_DIGITS_AS_ONES):
+            known = False
         if known is None:
             outside = self.outside
             if len(outside) <= 8192:  # small: split into tokens (RE2's call costs more than this)
@@ -267,7 +292,7 @@ def _children(node: Any) -> Iterator[tuple[Any, Any]]:
     return iter(node.items()) if type(node) is dict else enumerate(node)
 
 
-def _walk(value: Any) -> JsonShape:
+def _walk(value: Any, *, strings: bool = True) -> JsonShape:
     """The exact shape: one iterative pass, containers only on the stack; per-value work in
     comprehensions (C loops), not in Python statements."""
     kind = type(value)
@@ -288,7 +313,7 @@ def _walk(value: Any) -> JsonShape:
                 members += count
                 if count > max_members:
                     max_members = count
-                if count:
+                if count and strings:
                     longest = max(longest, max(map(len, node)))
                 children: Any = node.values()
             else:
@@ -296,7 +321,8 @@ def _walk(value: Any) -> JsonShape:
                     max_items = count
                 children = node
             below += [c for c in children if type(c) is dict or type(c) is list]
-            longest = max(longest, max([len(c) for c in children if type(c) is str], default=0))
+            if strings:
+                longest = max(longest, max([len(c) for c in children if type(c) is str], default=0))
         level_nodes = below
     return JsonShape(depth, max_members, max_items, longest, values, members)
 
@@ -307,12 +333,9 @@ def parse_json(raw: bytes) -> JsonDocument | BodyProblem:
     if len(raw) > PARSE_MAX_BYTES:
         return BodyProblem("body_limit_exceeded", 413, f"the JSON body is larger than {PARSE_MAX_BYTES} bytes",
                            "", "size")
-    pieces: list[bytes] | None = None
-    escaped = b"\\" in raw
     # Every value takes at least two bytes but the last: a shorter body cannot be over the ceiling.
     if len(raw) > 2 * PARSE_MAX_VALUES and raw.count(b",") + raw.count(b"[") + raw.count(b"{") >= PARSE_MAX_VALUES:
-        pieces = _split_strings(raw, escaped)
-        outside = b"".join(pieces[0::2])
+        outside = b"".join(_split_strings(raw, b"\\" in raw)[0::2])
         if outside.count(b",") + outside.count(b"[") + outside.count(b"{") >= PARSE_MAX_VALUES:
             return BodyProblem("body_limit_exceeded", 413, f"the JSON body has more than {PARSE_MAX_VALUES} values",
                                "", "values")
@@ -327,9 +350,7 @@ def parse_json(raw: bytes) -> JsonDocument | BodyProblem:
                                "number_length")
         # orjson's message names a position and a reason, never the text itself.
         return BodyProblem("body_malformed", 400, f"the JSON body is malformed: {message}", "", "")
-    if pieces is None:
-        pieces = _split_strings(raw, escaped)
-    return JsonDocument(value, raw, b"".join(pieces[0::2]), b"\n".join(pieces[1::2]), escaped)
+    return JsonDocument(value, raw)
 
 
 def _split_strings(raw: bytes, escaped: bool) -> list[bytes]:
@@ -355,14 +376,22 @@ def _unescape(match: re.Match[bytes]) -> bytes:
     return orjson.loads(b'"' + text + b'"').encode("utf-8", "surrogatepass")  # type: ignore[no-any-return]
 
 
-def _decode_strings(inside: bytes, escaped: bool) -> str:
-    if escaped:
-        # Back to the escapes as sent, then one left-to-right pass: "\\\\u0041" stays "\\u0041".
-        inside = _JSON_ESCAPE.sub(_unescape, inside.replace(b"\x01", b"\\\\").replace(b"\x02", b'\\"'))
-    return inside.decode("utf-8", "surrogatepass")
+def _document_text(raw: bytes) -> str:
+    """The raw text with the quotes that delimit strings turned into line breaks and escapes decoded
+    (one left-to-right pass: "\\\\u0041" stays "\\u0041"). Valid JSON only (orjson said so)."""
+    if b"\\" not in raw:
+        return raw.replace(b'"', b"\n").decode("utf-8")
+    # Escaped backslashes and quotes out of the way (\x01 and \x02 are never raw in valid JSON),
+    # the delimiting quotes to line breaks, then the escapes back and decoded in one pass.
+    text = raw.replace(b"\\\\", b"\x01").replace(b'\\"', b"\x02").replace(b'"', b"\n")
+    text = _JSON_ESCAPE.sub(_unescape, text.replace(b"\x01", b"\\\\").replace(b"\x02", b'\\"'))
+    return text.decode("utf-8", "surrogatepass")
 
 
 _LONG_NUMBER_PATTERNS: dict[int, Any] = {}
+#: Every digit to "1", every other byte to " ": a run of digits becomes a run of "1" (C speed;
+#: Python's regular-expression engine takes ten times as long to find ``[0-9]{20}``).
+_DIGITS_AS_ONES = bytes(0x31 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
 #: Outside strings, only numbers and the literals true/false/null are not punctuation or space.
 _TOKEN_SPACES = bytes.maketrans(b",:[]{}", b"      ")
 

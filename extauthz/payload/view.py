@@ -70,10 +70,25 @@ def body_view(request: Request) -> BodyView:
     return view
 
 
+#: Parsed content types by header value: a service sees the same few. Bounded: cleared when full.
+_MEDIA_TYPES: dict[str | None, Any] = {}
+
+
+def _media_type(header: str | None) -> Any:
+    media = _MEDIA_TYPES.get(header, _MEDIA_TYPES)
+    if media is _MEDIA_TYPES:
+        media = parse_media_type(header)
+        if header is None or len(header) <= 256:
+            if len(_MEDIA_TYPES) >= 512:
+                _MEDIA_TYPES.clear()
+            _MEDIA_TYPES[header] = media
+    return media
+
+
 def _build(request: Request) -> BodyView:
     body = request.body
     partial = request.partial_body
-    media = parse_media_type(request.headers.get("content-type"))
+    media = _media_type(request.headers.get("content-type"))
     if media is None:
         malformed = BodyProblem("body_malformed", 400, "the content-type header is malformed")
         return BodyView(BodyKind.TEXT, "invalid", _EMPTY, len(body), partial, malformed, None, (), ())
