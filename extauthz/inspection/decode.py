@@ -29,6 +29,7 @@ CALLBACK_BUDGET = 1024
 LOOKUP_BUDGET = 512
 
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPE = re.compile(r"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
 _IIS_ESCAPE = re.compile(r"%[uU]([0-9A-Fa-f]{4})")
 _NUMERIC_ENTITY = re.compile(r"&#(?:[xX]([0-9A-Fa-f]{1,6})|([0-9]{1,7}));?")
 _NAMED_ENTITIES = (
@@ -71,7 +72,7 @@ def decode(text: str) -> Decoded:
     """
     budget = [CALLBACK_BUDGET]
     for _ in range(URL_ROUNDS):
-        if "%" not in text:
+        if "%" not in text or _ESCAPE.search(text) is None:
             break
         decoded = _percent_decode(text, budget)
         if decoded == text:
@@ -141,8 +142,18 @@ def _html_decode(text: str, budget: list[int]) -> str:
 
 
 def _entity_char(match: re.Match[str]) -> str:
-    code = int(match.group(1), 16) if match.group(1) else int(match.group(2))
-    return chr(code) if 0 < code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else "\ufffd"
+    entity = match.group()
+    char = _ENTITY_CHARS.get(entity)
+    if char is None:
+        code = int(match.group(1), 16) if match.group(1) else int(match.group(2))
+        char = chr(code) if 0 < code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else "\ufffd"
+        if len(_ENTITY_CHARS) < 4096:
+            _ENTITY_CHARS[entity] = char
+    return char
+
+
+#: Numeric entities already decoded (the same few come back: &#39; &#x3C; &#8217;). Bounded.
+_ENTITY_CHARS: dict[str, str] = {}
 
 
 def _js_decode(text: str, budget: list[int]) -> str:

@@ -29,7 +29,7 @@ from extauthz.inspection.ssrf import (
     ssrf_findings,
 )
 from extauthz.inspection.targets import RequestValues, safe_pointer
-from extauthz.payload import BodyKind, BodyProblem, JsonLimits
+from extauthz.payload import BodyKind, BodyProblem, JsonLimits, body_view
 from extauthz.request import Request
 
 __all__ = ["Exclusion", "Finding", "InspectConfig", "Inspector", "RequestLimits", "Verdict"]
@@ -187,8 +187,7 @@ class Inspector:
         problem = self._request_limits(request)
         if problem is not None:
             return Verdict(problem=problem, problem_reported=config.report_only)
-        values = RequestValues(request, body=config.inspect_body, headers=config.inspect_headers)
-        view = values.view
+        view = body_view(request) if config.inspect_body else None
         if view is not None:
             problem = view.problem
             if problem is not None and problem.reason == "body_truncated" and config.limits.partial_body == "inspect":
@@ -200,6 +199,7 @@ class Inspector:
                     problem = BodyProblem(problem.reason, problem.status, problem.message,
                                           safe_pointer(problem.pointer), problem.limit)
                 return Verdict(problem=problem, problem_reported=config.report_only)
+        values = RequestValues(request, view, headers=config.inspect_headers)
         hits: dict[str, set[str]] = {}  # rule id -> groups to locate it in
         # Decoded segment by segment (a body's decoded text is then reused to locate a match in it),
         # matched as one text: one pass of each rule set. Locating a match looks only at the kinds

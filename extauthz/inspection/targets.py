@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from extauthz.payload import BodyKind, BodyView, body_view
+from extauthz.payload import BodyKind, BodyView
 from extauthz.payload.forms import split_urlencoded
 from extauthz.request import Request
 
@@ -66,9 +66,9 @@ class RequestValues:
     values one by one, with locations, when a pass found something to locate.
     """
 
-    def __init__(self, request: Request, *, body: bool = True, headers: bool = True) -> None:
+    def __init__(self, request: Request, view: BodyView | None, *, headers: bool = True) -> None:
         self.request = request
-        self.view: BodyView | None = body_view(request) if body else None
+        self.view = view
         self.query = query_pairs(request.raw_query) if request.raw_query else []
         cookie = request.headers.get("cookie")
         self.cookies = cookie_pairs(cookie) if cookie else []

@@ -152,11 +152,11 @@ class JsonDocument:
         raw = self.raw
         # Bounds first, from the raw bytes (commas and brackets inside strings included): an
         # ordinary body is within every one and needs neither the exact counts nor the walk.
-        commas, containers = raw.count(b","), raw.count(b"[") + raw.count(b"{")
-        if not self._within(commas, containers, limits):
+        bounds = (raw.count(b","), raw.count(b"["), raw.count(b"{"))
+        if not self._within(*bounds, limits):
             commas, _, arrays, objects = self.structure
-            containers = arrays + objects
-        if self._within(commas, containers, limits) and len(raw) <= limits.max_string_length:
+            bounds = (commas, arrays, objects)
+        if self._within(*bounds, limits) and len(raw) <= limits.max_string_length:
             shape = None  # every bound holds: no walk needed
         else:
             shape = self.shape if len(raw) > limits.max_string_length else self._shape_without_strings()
@@ -174,9 +174,12 @@ class JsonDocument:
         return None
 
     @staticmethod
-    def _within(commas: int, containers: int, limits: JsonLimits) -> bool:
-        return (containers <= limits.max_depth and commas + 1 <= min(limits.max_members, limits.max_items)
-                and commas + containers + 1 <= limits.max_values)  # fmt: skip
+    def _within(commas: int, arrays: int, objects: int, limits: JsonLimits) -> bool:
+        """Whether the counts prove every limit but string lengths holds: no container is deeper than
+        there are containers, none holds more members or items than there are commas, plus one."""
+        return (arrays + objects <= limits.max_depth and commas + arrays + objects + 1 <= limits.max_values
+                and (not objects or commas + 1 <= limits.max_members)
+                and (not arrays or commas + 1 <= limits.max_items))  # fmt: skip
 
     def _exceeded(self, shape: JsonShape, limits: JsonLimits) -> BodyProblem | None:
         if shape.values > limits.max_values:
@@ -320,9 +323,14 @@ def _walk(value: Any, *, strings: bool = True) -> JsonShape:
                 if count > max_items:
                     max_items = count
                 children = node
-            below += [c for c in children if type(c) is dict or type(c) is list]
-            if strings:
-                longest = max(longest, max([len(c) for c in children if type(c) is str], default=0))
+            kinds = set(map(type, children))  # C loop; most containers hold only scalars
+            if dict in kinds or list in kinds:
+                below += [c for c in children if type(c) is dict or type(c) is list]
+            if strings and str in kinds:
+                if len(kinds) == 1:
+                    longest = max(longest, max(map(len, children)))
+                else:
+                    longest = max(longest, max([len(c) for c in children if type(c) is str]))
         level_nodes = below
     return JsonShape(depth, max_members, max_items, longest, values, members)
 
