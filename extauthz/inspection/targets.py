@@ -100,7 +100,7 @@ class RequestValues:
 
     def headers_text(self) -> str:
         headers = self.request.headers
-        return "\n".join(value for name, value in headers.items() if name not in SKIPPED_HEADERS)
+        return "\n".join([value for name, value in headers.items() if name not in SKIPPED_HEADERS])
 
     def filenames(self) -> list[Field]:
         view = self.view
