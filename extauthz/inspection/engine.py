@@ -204,19 +204,22 @@ class Inspector:
         # Decoded segment by segment (a body's decoded text is then reused to locate a match in it),
         # matched as one text: one pass of each rule set. Locating a match looks only at the kinds
         # its rule targets.
-        small = values.inputs_text(body=False)
+        text = values.inputs_text(body=False)
         if config.inspect_headers:
-            small = small + "\n" + values.headers_text()
-        decoded = decode(small)
-        evasion = decoded.over_budget
-        text = decoded.text
+            text = text + "\n" + values.headers_text()
         body_text = values.body_text
         decoded_values: dict[tuple[str, str], str] = {}  # (value, form) -> text, for locating
-        if body_text:
+        if body_text and view is not None and view.document is None and len(body_text) > 4096:
+            # A large text body is one value: decoded on its own, the result serves to locate a match.
             body = decode(body_text)
-            evasion |= body.over_budget
             decoded_values[(body_text, "")] = body.text
-            text = text + "\n" + body.text
+            decoded = decode(text)
+            evasion = decoded.over_budget or body.over_budget
+            text = decoded.text + "\n" + body.text
+        else:
+            decoded = decode(text + "\n" + body_text if body_text else text)
+            evasion = decoded.over_budget
+            text = decoded.text
         evasion |= self._scan("inputs", Decoded(text), hits)
         filenames = values.filenames() if view is not None and view.parts else []
         if filenames:
