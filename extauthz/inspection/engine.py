@@ -251,6 +251,8 @@ class Inspector:
         if sum(map(len, headers.values())) <= longest:  # all of them together are within: the usual case
             return None
         for name, value in headers.items():
+            if name.startswith(":"):  # the path and authority: Envoy's own limits apply to them
+                continue
             if len(value) > longest and len(value.encode("utf-8", "surrogateescape")) > longest:
                 return BodyProblem("request_limit_exceeded", 400,
                                    f"a header value is longer than {longest} bytes", f"header:{name}", "header_bytes")

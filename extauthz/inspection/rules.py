@@ -240,7 +240,8 @@ BUILTIN_RULES: tuple[Rule, ...] = (
           r"|\bcmd(?:\.exe)?\s+/[ck]\s|\b(?:sh|bash|zsh|dash|ksh)\s+-c\s|\b(?:python[23]?|perl|ruby|php)\s+-[ecr]\s",
           ("cmd",), "a shell, interpreter or reverse-shell invocation"),
     _rule("cmdi-substitution", "cmdi", 1, 5, _INPUT,
-          r"\$\(\s*(?:id|whoami|uname|cat|curl|wget|sleep|ls|nslookup|ping|echo|bash|sh)\b"
+          r"\$\(\s*(?:id|whoami|uname|cat|curl|wget|sleep|ls|nslookup|ping|echo|printf|bash|sh|base64|eval|rev|xxd|python\d?"
+          r"|perl|nc|dig|host)\b|[;&|]\s*\$\("
           r"|`\s*(?:id|whoami|uname|cat|curl|wget|sleep|ls|nslookup|ping|bash|sh)\b[^`\n]{0,60}`",
           ("cmd",), "command substitution: $(id), `id`"),
     _rule("code-injection", "cmdi", 1, 5, _INPUT,

@@ -126,6 +126,10 @@ def test_limits_are_400_or_413_with_where(tmp_path: Path) -> None:
     assert (deep.status, deep.reason) == (413, "body_limit_exceeded") and "body:/a/b/c/d" in deep.message
     params = decide(folder, {"host": "api.example.com", "path": "/a?a=1&b=2&c=3&d=4"})
     assert (params.status, params.reason) == (400, "request_limit_exceeded")
+    long_url = decide(folder, {"host": "api.example.com", "path": "/a?q=" + "x" * 9000})  # :path is Envoy's to limit
+    assert long_url.allowed
+    long_header = decide(folder, {"host": "api.example.com", "path": "/a", "headers": {"x-big": "x" * 9000}})
+    assert (long_header.status, long_header.reason) == (400, "request_limit_exceeded")
     duplicate = decide(folder, {**json_post({}), "body": '{"a": 1, "a": 2}'})
     assert (duplicate.status, duplicate.reason) == (400, "body_duplicate_key")
     malformed = decide(folder, {**json_post({}), "body": '{"a": '})
