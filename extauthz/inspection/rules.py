@@ -81,6 +81,9 @@ BUILTIN_RULES: tuple[Rule, ...] = (
           rf"\bunion{_SQL_SEP}+(?:all{_SQL_SEP}+|distinct{_SQL_SEP}+)?select{_SQL_SEP}+"
           r"(?:null\b|-?\d|@@|\*|'|\"|0x|[a-z_][\w.$]*\s*(?:\(|,|\bfrom\b)|(?:[a-z_][\w.$]*\s+){0,2}from\b)",
           ("sql",), "UNION SELECT with a column list"),
+    _rule("sqli-quote-union", "sqli", 1, 5, _INPUT,
+          rf"['\"`]\s*\)*{_SQL_SEP}*union{_SQL_SEP}+(?:all{_SQL_SEP}+|distinct{_SQL_SEP}+)?select\b",
+          ("sql",), "a quote closed, then UNION SELECT"),
     _rule("sqli-tautology", "sqli", 1, 5, _INPUT,
           r"['\"`]\s*\)*\s*(?:or|and|xor|\|\||&&)\s*\(*\s*(?:'[^'\n]{0,20}'|\"[^\"\n]{0,20}\"|[\w.]+)\s*"
           r"(?:=|<=?|>=?|<>|!=|\blike\b|\bis\b|\bregexp\b|\bsounds\s+like\b)"
