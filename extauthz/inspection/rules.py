@@ -76,6 +76,11 @@ BUILTIN_RULES: tuple[Rule, ...] = (
           r"\$\{[^}\n]{0,40}(?:t\s*\(\s*java\.lang|new\s+java\.|getruntime\s*\(|processbuilder|\.exec\s*\()"
           r"|#\{[^}\n]{0,40}(?:t\s*\(|getruntime|\.exec\s*\()",
           description="Java/Spring expression-language code execution"),
+    _rule("java-code-injection", "log4shell", 1, 5, _ALL,
+          r"\bjava\.lang\.(?:runtime|processbuilder|reflect\.|class\b)|\bjavax\.script\.scriptenginemanager"
+          r"|\borg\.apache\.commons\.collections\d?\.functors\.|\bcom\.sun\.org\.apache\.xalan|(?:^|[^a-z0-9+/])ro0ab"
+          r"|\baced0005",
+          description="Java classes that run code, and serialized Java objects (rO0AB, aced0005)"),
     # --- SQL injection ------------------------------------------------------------------------------
     _rule("sqli-union-select", "sqli", 1, 5, _INPUT,
           rf"\bunion{_SQL_SEP}+(?:all{_SQL_SEP}+|distinct{_SQL_SEP}+)?select{_SQL_SEP}+"
@@ -245,12 +250,16 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     _rule("cmdi-substitution", "cmdi", 1, 5, _INPUT,
           r"\$\(\s*(?:id|whoami|uname|cat|curl|wget|sleep|ls|nslookup|ping|echo|printf|bash|sh|base64|eval|rev|xxd|python\d?"
           r"|perl|nc|dig|host)\b|[;&|]\s*\$\("
-          r"|`\s*(?:id|whoami|uname|cat|curl|wget|sleep|ls|nslookup|ping|bash|sh)\b[^`\n]{0,60}`",
+          r"|`\s*(?:id|whoami|uname|cat|curl|wget|sleep|ls|nslookup|ping|bash|sh|echo|printf|dig)\b[^`\n]{0,60}`",
           ("cmd",), "command substitution: $(id), `id`"),
     _rule("code-injection", "cmdi", 1, 5, _INPUT,
           r"\$\{@?(?:print|system|exec|passthru|shell_exec|eval|assert|phpinfo)\s*\(|<\?php\b|\beval\s*\(\s*\$_(?:get|post|request)"
           r"|!!python/(?:object|name|module)|!!javax?\.|!ruby/object:|\b__import__\s*\(\s*['\"]os['\"]",
           description="code for an interpreter (PHP, YAML object tags, Python imports)"),
+    _rule("powershell-command", "cmdi", 1, 5, _INPUT,
+          r"\b(?:invoke-(?:webrequest|expression|restmethod|command|wmimethod)|downloadstring\s*\(|downloadfile\s*\("
+          r"|new-object\s+(?:system\.)?net\.webclient|start-process\s|set-mppreference)\b|(?:^|[;&|`(])\s*(?:iex|iwr|iwmi)\s",
+          description="PowerShell cmdlets that download or run code"),
     _rule("cmdi-ifs-evasion", "cmdi", 1, 4, _INPUT, r"\$\{?ifs\}?|\{(?:cat|ls|id|curl|wget),[^}\n]{1,40}\}",
           description="${IFS} and brace expansion, used to avoid spaces"),
     _rule("cmdi-shell-path", "cmdi", 2, 3, _INPUT, r"/bin/(?:ba|z|k|da)?sh\b|/usr/bin/(?:env|python\d?|perl|ruby)\b",
