@@ -6,6 +6,7 @@ so the same code serves every way a request reaches the sidecar.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,13 @@ __all__ = ["Field", "RequestValues", "cookie_pairs", "safe_name"]
 SKIPPED_HEADERS = frozenset({
     ":path", ":method", ":scheme", ":authority", ":protocol", "content-length", "cookie",
     "x-envoy-auth-partial-body", "x-envoy-expected-rq-timeout-ms", "x-envoy-internal", "x-request-id",
+})  # fmt: skip
+#: Binary media types never inspected as text (content that is not text by nature).
+_OPAQUE_TYPES = ("image/", "audio/", "video/", "font/", "model/")
+_OPAQUE_MEDIA = frozenset({
+    "application/zip", "application/gzip", "application/pdf", "application/x-protobuf", "application/protobuf",
+    "application/grpc", "application/grpc+proto", "application/vnd.apache.avro+binary", "application/cbor",
+    "application/msgpack", "application/x-msgpack", "application/wasm",
 })  # fmt: skip
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-\[\]$@:]{1,64}")
 
@@ -81,7 +89,14 @@ class RequestValues:
             elif view.kind in (BodyKind.FORM, BodyKind.MULTIPART):
                 self.body_text = "\n".join(f"{name}\n{value}" for name, value in view.fields)
             elif view.kind is BodyKind.TEXT or (view.kind is BodyKind.JSON and view.partial):
-                self.body_text = request.body_text
+                # Invalid UTF-8 must not hide the rest of a text body: a lenient backend reads it.
+                self.body_text = request.body.decode("utf-8", "replace")
+            elif view.kind is BodyKind.BINARY and not view.media_type.startswith(_OPAQUE_TYPES) \
+                    and view.media_type not in _OPAQUE_MEDIA:
+                # A mislabelled body (JSON sent as application/octet-stream) is still read by backends
+                # that parse whatever arrives: inspected as text when it is text.
+                with contextlib.suppress(UnicodeDecodeError):
+                    self.body_text = request.body.decode("utf-8")
 
     @property
     def path(self) -> str:

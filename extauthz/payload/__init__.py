@@ -17,9 +17,11 @@ keeps the cost paid once.
 
 What the view holds (:class:`BodyView`): ``kind`` (:class:`BodyKind`: none, json, form, multipart,
 text, binary, from Content-Type), ``media_type`` and ``parameters``, ``size``, ``partial``,
-``problem`` (:class:`BodyProblem`), ``document`` (:class:`JsonDocument`: the value, its
-:class:`JsonShape`, its strings and keys), ``fields`` (urlencoded fields, or multipart text fields)
-and ``parts`` (:class:`Part` metadata of multipart parts).
+``problem`` (:class:`BodyProblem`), ``document`` (:class:`JsonDocument`: the value; its
+:class:`JsonShape`, exact, computed on first use; ``has_duplicate_keys()``; ``text``, every key and
+string on a line of its own, for inspectors; ``find()``, the JSON pointers of matching strings),
+``fields`` (urlencoded fields, or multipart text fields) and ``parts`` (:class:`Part` metadata of
+multipart parts). The view is an immutable NamedTuple; a document computes what is asked of it once.
 
 Parser ceilings hold for every consumer, whatever its own limits: a JSON body over
 ``PARSE_MAX_BYTES`` or with more than ``PARSE_MAX_VALUES`` values (counted from the raw bytes,

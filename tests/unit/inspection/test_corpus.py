@@ -62,3 +62,15 @@ def test_benign_browser_headers_are_allowed(default_inspector: Inspector) -> Non
         "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
     }
     assert not _blocked(default_inspector.inspect(make_request(headers=headers)))
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream", None, "application/x-anything"])
+def test_a_mislabelled_or_broken_text_body_is_still_inspected(default_inspector: Inspector, content_type: str | None) -> None:
+    body = b"\xff\xfe junk " + b"1' or '1'='1" if content_type == "text/plain" else b"{\"q\": \"1' or '1'='1\"}"
+    verdict = default_inspector.inspect(make_request(body=body, content_type=content_type))
+    assert _blocked(verdict), verdict
+
+
+def test_opaque_media_types_are_not_inspected(default_inspector: Inspector) -> None:
+    verdict = default_inspector.inspect(make_request(body=b"1' or '1'='1", content_type="image/png"))
+    assert not verdict.findings
