@@ -186,6 +186,7 @@ def _custom_rules(spec: Spec, known: set[str]) -> list[Rule]:
                 item.child("targets").error(f"unknown target (known: {', '.join(KINDS)})", i)
         score = item.int("score", 5, min=1, max=100)
         mode = item.str("mode", "enforce", choices=("enforce", "report"))
+        item.str("description")  # free text for people: checked to be text, not used
         compiled = "(?mi)" + pattern
         try:
             options = re2.Options()
