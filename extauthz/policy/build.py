@@ -21,7 +21,9 @@ from extauthz.context import accessor_for
 from extauthz.policy.model import Document, FieldPath, PolicyError
 from extauthz.watched import WatchedPath, watch_interval
 
-__all__ = ["DURATION_PATTERN", "PROBE", "BuildContext", "Probe", "Services", "Spec", "parse_duration"]
+__all__ = [
+    "DURATION_MESSAGE", "DURATION_PATTERN", "PROBE", "BuildContext", "Probe", "Services", "Spec", "parse_duration",
+]
 
 T = TypeVar("T")
 
@@ -282,7 +284,7 @@ class Spec:
             return default
         seconds = parse_duration(node.value)
         if seconds is None or seconds < 0:
-            node._refuse("must be a duration such as 500ms, 30s, 5m or 1h")
+            node._refuse(DURATION_MESSAGE)
             return default
         return seconds
 
@@ -361,6 +363,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 #: decimal number and an optional unit. Exponents, underscores, signs, inf and nan are not durations.
 DURATION_PATTERN = r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)?\s*$"
 _DURATION_RE = re.compile(DURATION_PATTERN)
+DURATION_MESSAGE = "must be a duration such as 500ms, 30s, 5m or 1h"
 
 
 def parse_duration(value: Any) -> float | None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extauthz.policy.build import DURATION_PATTERN, PROBE, BuildContext, FieldPath, Services
+from extauthz.policy.build import DURATION_MESSAGE, DURATION_PATTERN, PROBE, BuildContext, FieldPath, Services
 from extauthz.policy.model import API_VERSION, Document
 
 __all__ = ["DocumentKind", "SchemaReport", "build_schema", "document_kinds", "generate", "schema_text"]
@@ -555,6 +555,8 @@ def _string(facts: Mapping[str, Any] | None, cel: Mapping[str, Any] | None) -> d
 def _duration(facts: Mapping[str, Any]) -> dict[str, Any]:
     schema: dict[str, Any] = {
         "type": ["number", "string"], "minimum": 0, "pattern": DURATION_PATTERN,
+        # Not a JSON Schema keyword: yaml-language-server shows it instead of the pattern.
+        "patternErrorMessage": DURATION_MESSAGE,
         "description": "A duration: seconds, or a number with a unit (ms, s, m, h, d) such as 500ms, 30s, 5m, 1h",
     }
     if facts.get("default") is not None:
