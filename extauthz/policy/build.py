@@ -115,6 +115,9 @@ class BuildContext:
 class Spec:
     """A node of a policy's spec with typed, error-recording accessors.
 
+    A key is a mapping's key or, for the elements of a list read with ``items()``, an index:
+    ``for i, _ in enumerate(node.items()): node.int(i, min=100, max=599)``.
+
     The accessors are also the policy language's definition: with a :class:`Probe` on the build
     context each tells it what it read (shape, required, default, choices, bounds), and
     extauthz.policy.schema turns that into the JSON Schema. So a check that reads its section only
@@ -141,7 +144,7 @@ class Spec:
             self.build.probe.refused(self.path if key is None else (*self.path, key))
         self.build.error(self.path if key is None else (*self.path, key), message)
 
-    def _saw(self, key: str | None, shape: str, **facts: Any) -> None:
+    def _saw(self, key: str | int | None, shape: str, **facts: Any) -> None:
         probe = self.build.probe
         if probe is not None:
             probe.saw(self.path if key is None else (*self.path, key), shape, facts)
@@ -233,7 +236,7 @@ class Spec:
             message = f"is empty: list at least one {noun}" + ("" if required else ", or leave the field out")
         self._refuse(message)
 
-    def _get(self, key: str, kinds: tuple[type, ...], type_name: str, default: Any, required: bool) -> Any:
+    def _get(self, key: str | int, kinds: tuple[type, ...], type_name: str, default: Any, required: bool) -> Any:
         node = self.child(key)
         if node.value is None:
             if required:
@@ -247,12 +250,12 @@ class Spec:
             return default
         return node.value
 
-    def number(self, key: str, default: float | None = None, *, required: bool = False) -> Any:
+    def number(self, key: str | int, default: float | None = None, *, required: bool = False) -> Any:
         self._saw(key, "number", default=default, required=required)
         value = self._get(key, (int, float), "a number", default, required)
         return float(value) if value is not None else None
 
-    def str_list(self, key: str, *, required: bool = False, nonempty: bool | str = False,
+    def str_list(self, key: str | int, *, required: bool = False, nonempty: bool | str = False,
                  empty_message: str | None = None) -> list[str]:
         """A list of strings (one string is a list of one). ``nonempty`` (True, or what an element
         is, for the message) makes a given but empty list an error (see ``_empty``; ``empty_message``
@@ -274,7 +277,7 @@ class Spec:
             return []
         return list(values)
 
-    def duration(self, key: str, default: float | None = None, *, required: bool = False) -> Any:
+    def duration(self, key: str | int, default: float | None = None, *, required: bool = False) -> Any:
         """A duration in seconds: a number, or a string like '500ms', '30s', '5m', '1h'."""
         self._saw(key, "duration", default=default, required=required)
         node = self.child(key)
@@ -288,7 +291,7 @@ class Spec:
             return default
         return seconds
 
-    def cel(self, key: str | None = None, *, expect: str | Iterable[str] | None = None, required: bool = False,
+    def cel(self, key: str | int | None = None, *, expect: str | Iterable[str] | None = None, required: bool = False,
             allowed: Iterable[str] | None = None) -> Expression | None:
         """Compile a CEL expression at ``key`` (or this node when key is None). ``expect`` is the
         static type the site needs (see extauthz.cel: BOOL, STRING, KEY...): every site says it."""
@@ -311,7 +314,7 @@ class Spec:
 
     # str/int/bool are last in the class so that the builtins keep their names above.
     def str(
-        self, key: builtins.str, default: builtins.str | None = None, *, required: builtins.bool = False,
+        self, key: builtins.str | builtins.int, default: builtins.str | None = None, *, required: builtins.bool = False,
         choices: Iterable[builtins.str] | None = None,
     ) -> Any:
         if choices is not None:
@@ -327,7 +330,7 @@ class Spec:
         return value
 
     def int(
-        self, key: builtins.str, default: builtins.int | None = None, *, required: builtins.bool = False,
+        self, key: builtins.str | builtins.int, default: builtins.int | None = None, *, required: builtins.bool = False,
         min: builtins.int | None = None, max: builtins.int | None = None,
     ) -> Any:
         self._saw(key, "integer", default=default, required=required, min=min, max=max)
@@ -340,7 +343,10 @@ class Spec:
             return default
         return value
 
-    def bool(self, key: builtins.str, default: builtins.bool | None = None, *, required: builtins.bool = False) -> Any:
+    def bool(
+        self, key: builtins.str | builtins.int, default: builtins.bool | None = None, *,
+        required: builtins.bool = False,
+    ) -> Any:
         self._saw(key, "boolean", default=default, required=required)
         return self._get(key, (builtins.bool,), "true or false", default, required)
 
