@@ -201,6 +201,11 @@ def compile_documents(documents: Sequence[Document], folder: Path, services: Ser
         what = f"host {a.host or '*'}, path {a.path or '*'}, methods {methods}"
         message = f"ties with policy {a.target.name!r} ({what}): make one more specific"
         errors.append(doc.error(("spec", "match"), message))
+    check_tests = services.settings.get("check_tests")
+    if check_tests is not None and tests:
+        # The command line checks PolicyTest documents as fully as policies (extauthz.policytest);
+        # the sidecar leaves them alone: their key files are test material, not deployed.
+        errors.extend(check_tests(tests, folder))
     if errors:
         raise PolicySetError(errors)
     files = tuple(sorted({d.file for d in documents}))

@@ -171,6 +171,12 @@ class MemoryStore:
                     self.evicted,
                 )
 
+    def clear(self) -> None:
+        """Forget every quota counter and remembered key (``extauthz test`` empties the store before
+        each PolicyTest document, so documents never share counters or nonces)."""
+        self._tats.clear()
+        self._seen.clear()
+
     def counters(self) -> int:
         """How many quota counters are held (for tests and diagnostics)."""
         return len(self._tats)
