@@ -77,16 +77,22 @@ from redis.crc import key_slot
 from redis.credentials import CredentialProvider
 
 from extauthz.policy.build import parse_duration
-from extauthz.stores import Charge, ChargeResult, StoreConfigError, StoreError
+from extauthz.stores import SLIDING_LOG, Charge, ChargeResult, StoreConfigError, StoreError
 
 __all__ = ["CHARGE_SCRIPT", "RedisSettings", "RedisStore", "parse_redis_url"]
 
 log = logging.getLogger("extauthz.stores.redis")
 
-#: GCRA over every counter of one request, all or nothing (see extauthz.stores and memory.gcra_step).
-#: KEYS: the counters. ARGV[1]: for each counter "interval_us burst cost enforce(1/0)", space-separated.
-#: Returns one string of integers: admitted, then per counter had_room, remaining, retry_us, reset_us
-#: (one bulk reply parses far faster than a nested array, and this runs for every request).
+#: Every counter of one request, all or nothing (see extauthz.stores, memory.gcra_step and
+#: memory.sliding_log_step). KEYS: the counters. ARGV[1]: for each counter "a b cost enforce(1/0) kind",
+#: space-separated: GCRA (kind 0) has a = interval_us, b = burst; a sliding log (kind 1) a = window_us,
+#: b = limit. A GCRA counter is a string (the TAT). A sliding log is a list: the units in the window,
+#: then one "time cost" entry per admitted charge, oldest first; an entry counts while
+#: now - time < window, and expired ones are dropped from the front as requests come (each is
+#: dropped once: O(1) per request on average).
+#: Returns one string of integers: admitted, now (Redis's clock, microseconds), then per counter
+#: had_room, remaining, retry_us, reset_us (one bulk reply parses far faster than a nested array,
+#: and this runs for every request).
 CHARGE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -96,32 +102,82 @@ local n = #KEYS
 local base, newtat, room = {}, {}, {}
 local admitted = true
 for i = 1, n do
-  local j = (i - 1) * 4
-  local interval, burst, cost = spec[j + 1], spec[j + 2], spec[j + 3]
-  local tat = tonumber(redis.call('GET', KEYS[i])) or 0
-  if tat < now then tat = now end
-  base[i] = tat
-  newtat[i] = tat + cost * interval
-  room[i] = newtat[i] - burst * interval <= now
+  local j = (i - 1) * 5
+  local a, b, cost = spec[j + 1], spec[j + 2], spec[j + 3]
+  if spec[j + 5] == 1 then
+    local total = tonumber(redis.call('LPOP', KEYS[i])) or 0
+    local horizon = now - a
+    while total > 0 do
+      local entry = redis.call('LINDEX', KEYS[i], 0)
+      if not entry then total = 0 break end
+      local at, units = string.match(entry, '(%d+) (%d+)')
+      if tonumber(at) > horizon then break end
+      redis.call('LPOP', KEYS[i])
+      total = total - tonumber(units)
+    end
+    base[i] = total
+    room[i] = total + cost <= b
+  else
+    local tat = tonumber(redis.call('GET', KEYS[i])) or 0
+    if tat < now then tat = now end
+    base[i] = tat
+    newtat[i] = tat + cost * a
+    room[i] = newtat[i] - b * a <= now
+  end
   if not room[i] and spec[j + 4] == 1 then admitted = false end
 end
-local out = {admitted and 1 or 0}
+local out = {admitted and 1 or 0, string.format('%d', now)}
 for i = 1, n do
-  local j = (i - 1) * 4
-  local interval, burst, cost = spec[j + 1], spec[j + 2], spec[j + 3]
-  local allow_at = newtat[i] - burst * interval
+  local j = (i - 1) * 5
+  local a, b, cost = spec[j + 1], spec[j + 2], spec[j + 3]
   local had_room, remaining, retry, reset
-  if room[i] and admitted then
-    if cost > 0 then
-      redis.call('SET', KEYS[i], string.format('%d', newtat[i]), 'PX', math.floor((newtat[i] - now) / 1000) + 1)
+  if spec[j + 5] == 1 then
+    local total = base[i]
+    if room[i] and admitted and cost > 0 then
+      redis.call('RPUSH', KEYS[i], string.format('%d %d', now, cost))
+      total = total + cost
     end
-    had_room, remaining, retry, reset = 1, math.floor((now - allow_at) / interval), 0, newtat[i] - now
-  elseif room[i] then
-    had_room, remaining, retry, reset = 1, math.floor((now - allow_at) / interval) + cost, 0, base[i] - now
+    reset = 0
+    if total > 0 then
+      redis.call('LPUSH', KEYS[i], total)
+      local newest = tonumber(string.match(redis.call('LINDEX', KEYS[i], -1), '^(%d+)'))
+      reset = newest + a - now
+      redis.call('PEXPIRE', KEYS[i], math.floor(reset / 1000) + 1)
+    end
+    retry = 0
+    if not room[i] then
+      had_room, remaining = 0, math.max(0, b - base[i])
+      local need, freed, from = base[i] + cost - b, 0, 1
+      retry = a
+      while freed < need do
+        local chunk = redis.call('LRANGE', KEYS[i], from, from + 63)
+        if #chunk == 0 then break end
+        for k = 1, #chunk do
+          local at, units = string.match(chunk[k], '(%d+) (%d+)')
+          freed = freed + tonumber(units)
+          if freed >= need then retry = tonumber(at) + a - now break end
+        end
+        from = from + 64
+      end
+    elseif admitted then
+      had_room, remaining = 1, b - base[i] - cost
+    else
+      had_room, remaining = 1, b - base[i]
+    end
   else
-    had_room = 0
-    remaining = math.max(0, math.floor((now - (base[i] - burst * interval)) / interval))
-    retry, reset = allow_at - now, base[i] - now
+    local allow_at = newtat[i] - b * a
+    if room[i] and admitted then
+      if cost > 0 then
+        redis.call('SET', KEYS[i], string.format('%d', newtat[i]), 'PX', math.floor((newtat[i] - now) / 1000) + 1)
+      end
+      had_room, remaining, retry, reset = 1, math.floor((now - allow_at) / a), 0, newtat[i] - now
+    elseif room[i] then
+      had_room, remaining, retry, reset = 1, math.floor((now - allow_at) / a) + cost, 0, base[i] - now
+    else
+      had_room = 0
+      remaining = math.max(0, math.floor((now - (base[i] - b * a)) / a))
+      retry, reset = allow_at - now, base[i] - now
+    end
   end
   out[#out + 1] = string.format('%d %d %d %d', had_room, remaining, retry, reset)
 end
@@ -129,18 +185,30 @@ return table.concat(out, ' ')
 """
 
 #: Undo charges (Cluster only: a request refused in one slot after another slot charged it).
-#: KEYS: counters. ARGV: microseconds to give back to each.
+#: KEYS: counters. ARGV: per counter "g <microseconds to give back>" (GCRA) or "s <time> <cost>" (the
+#: sliding-log entry the charge added).
 REFUND_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 for i = 1, #KEYS do
-  local tat = tonumber(redis.call('GET', KEYS[i]))
-  if tat then
-    local back = tat - tonumber(ARGV[i])
-    if back <= now then
-      redis.call('DEL', KEYS[i])
-    else
-      redis.call('SET', KEYS[i], string.format('%d', back), 'PX', math.floor((back - now) / 1000) + 1)
+  local kind, x, y = string.match(ARGV[i], '^(%a) (%d+) ?(%d*)$')
+  if kind == 's' then
+    if redis.call('LREM', KEYS[i], -1, x .. ' ' .. y) > 0 then
+      if redis.call('LLEN', KEYS[i]) <= 1 then
+        redis.call('DEL', KEYS[i])
+      else
+        redis.call('LSET', KEYS[i], 0, tonumber(redis.call('LINDEX', KEYS[i], 0)) - tonumber(y))
+      end
+    end
+  elseif kind == 'g' then
+    local tat = tonumber(redis.call('GET', KEYS[i]))
+    if tat then
+      local back = tat - tonumber(x)
+      if back <= now then
+        redis.call('DEL', KEYS[i])
+      else
+        redis.call('SET', KEYS[i], string.format('%d', back), 'PX', math.floor((back - now) / 1000) + 1)
+      end
     end
   end
 end
@@ -1044,39 +1112,39 @@ class RedisStore:
         if not charges:
             return []
         if not self.cluster:
-            return (await self._charge_group(list(range(len(charges))), charges))[1]
+            return (await self._charge_group(list(range(len(charges))), charges))[2]
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(charges):
             groups.setdefault(key_slot(c.key.encode()), []).append(i)
         if len(groups) == 1:
-            return (await self._charge_group(list(range(len(charges))), charges))[1]
+            return (await self._charge_group(list(range(len(charges))), charges))[2]
         # Every slot's outcome, failures included: a slot that charged must be refunded if another failed.
         outcomes = await asyncio.gather(
             *(self._charge_group(idx, charges) for idx in groups.values()), return_exceptions=True
         )
         failure: BaseException | None = None
-        done: list[tuple[list[int], bool, list[ChargeResult]]] = []
+        done: list[tuple[list[int], bool, int, list[ChargeResult]]] = []
         for outcome, idx in zip(outcomes, groups.values(), strict=True):
             if isinstance(outcome, BaseException):
                 failure = failure or outcome
             else:
                 done.append((idx, *outcome))
         # Refused by one slot, or failed in one: the slots that admitted and charged give it back.
-        refused = not all(ok for _, ok, _ in done)
+        refused = not all(ok for _, ok, _, _ in done)
         admitted = failure is None and not refused
         results: list[ChargeResult | None] = [None] * len(charges)
-        refunds: list[tuple[str, int]] = []
-        for idx, ok, group_results in done:
+        refunds: list[tuple[str, str]] = []
+        for idx, ok, now, group_results in done:
             for i, result in zip(idx, group_results, strict=True):
                 c = charges[i]
                 if not admitted and ok and result.allowed and c.cost:
-                    refunds.append((self._key_prefix + c.key, c.cost * c.interval_us))
-                    result = ChargeResult(
-                        True,
-                        result.remaining + c.cost,
-                        0.0,
-                        max(0.0, result.reset_after - c.cost * c.interval_us / 1e6),
-                    )
+                    if c.kind == SLIDING_LOG:  # the entry this charge added
+                        refunds.append((self._key_prefix + c.key, f"s {now} {c.cost}"))
+                        reset = result.reset_after
+                    else:
+                        refunds.append((self._key_prefix + c.key, f"g {c.cost * c.interval_us}"))
+                        reset = max(0.0, result.reset_after - c.cost * c.interval_us / 1e6)
+                    result = ChargeResult(True, result.remaining + c.cost, 0.0, reset)
                 results[i] = result
         if refunds:
             # In the background: the caller's time went to the charge, and the answer does not
@@ -1092,7 +1160,7 @@ class RedisStore:
             raise failure  # as a single slot's failure would
         return results  # admitted: every slot answered
 
-    async def _refund(self, refunds: list[tuple[str, int]]) -> None:
+    async def _refund(self, refunds: list[tuple[str, str]]) -> None:
         """Give back charges (Cluster: other slots refused or failed), best effort.
         Runs as a task of its own, so a Check that ends meanwhile does not cancel it.
 
@@ -1101,7 +1169,7 @@ class RedisStore:
         """
         # Each refund is one key: no slot constraint, sent together.
         replies = await asyncio.gather(*(
-            self._pipeline.submit(("EVALSHA", self._refund_sha, 1, k, str(a)), ("EVAL", REFUND_SCRIPT, 1, k, str(a)))
+            self._pipeline.submit(("EVALSHA", self._refund_sha, 1, k, a), ("EVAL", REFUND_SCRIPT, 1, k, a))
             for k, a in refunds
         ), return_exceptions=True)  # fmt: skip
         for exc in (r for r in replies if isinstance(r, BaseException)):
@@ -1113,7 +1181,10 @@ class RedisStore:
             else:
                 _store_error_metric("refund")
 
-    async def _charge_group(self, idx: list[int], charges: Sequence[Charge]) -> tuple[bool, list[ChargeResult]]:
+    async def _charge_group(self, idx: list[int],
+                            charges: Sequence[Charge]) -> tuple[bool, int, list[ChargeResult]]:  # fmt: skip
+        """Charge the counters ``idx`` of ``charges`` (one slot) with one script: whether the script
+        admitted them, Redis's clock when it ran, and each counter's answer."""
         prefix = self._key_prefix
         keys = tuple(prefix + charges[i].key for i in idx)
         specs = self._specs
@@ -1133,12 +1204,12 @@ class RedisStore:
             values = [int(v) for v in reply.split()]
             results = [
                 ChargeResult(values[k] == 1, values[k + 1], values[k + 2] / 1e6, values[k + 3] / 1e6)
-                for k in range(1, 1 + 4 * len(idx), 4)
+                for k in range(2, 2 + 4 * len(idx), 4)
             ]
         except (AttributeError, TypeError, ValueError, IndexError):
             _store_error_metric("charge")
             raise StoreError("redis charge script gave an unexpected reply") from None
-        return values[0] == 1, results
+        return values[0] == 1, values[1], results
 
 
 def _describe(exc: BaseException) -> str:
