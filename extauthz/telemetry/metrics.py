@@ -29,6 +29,8 @@ __all__ = [
     "STAGE_BUCKETS",
     "Metrics",
     "circuit_state",
+    "count_export_errors",
+    "count_log_export_errors",
     "current",
     "install",
     "introspection_request",
@@ -125,6 +127,11 @@ class Metrics:
             "Spans not exported: dropped on the way to the exporter, or refused or unanswered by the collector",
             registry=r,
         )
+        self.decision_log_export_errors = Counter(
+            "extauthz_decision_log_export_errors",
+            "Decision log records not exported over OTLP: dropped on the way to the exporter, or refused or "
+            "unanswered by the collector", registry=r,
+        )  # fmt: skip
         self.build_info = gauge("extauthz_build_info", "Version of the running sidecar (always 1)", ("version",))
         self.build_info.labels(_version()).set(1)
         # Label children are cached: .labels() costs a microsecond, a cached child's inc a fraction.
@@ -251,6 +258,11 @@ def _guarded(fn: Callable[[Metrics], None]) -> None:
 def count_export_errors(spans: int) -> None:
     """``spans`` spans were not exported (dropped on the way, or the collector refused them)."""
     _guarded(lambda m: m.trace_export_errors.inc(spans))
+
+
+def count_log_export_errors(records: int) -> None:
+    """``records`` decision log records were not exported over OTLP (dropped, or the collector refused them)."""
+    _guarded(lambda m: m.decision_log_export_errors.inc(records))
 
 
 def store_error(store: str, operation: str) -> None:
