@@ -292,19 +292,33 @@ class LogEncoder:
             scope += _field(_SCOPE_VERSION, scope_version.encode())
         self._scope = _field(_SCOPE, scope)
         self._event = _field(_LOG_EVENT_NAME, b"extauthz.decision")
-        self._fields: dict[tuple[str, Any], bytes] = {}
+        self._fields: dict[tuple[Any, ...], bytes] = {}
+        #: Field name -> its encoded KeyValue key.
+        self._keys: dict[str, bytes] = {}
 
     def _pair(self, key: str, value: Any) -> bytes:
-        """One field of the body: a KeyValueList ``values`` entry."""
-        cacheable = key not in _UNIQUE_FIELDS and isinstance(value, str | bool | int) and not isinstance(value, float)
-        if cacheable:
-            cache_key = (key, value if type(value) is str else (type(value), value))
+        """One field of the body: a KeyValueList ``values`` entry. A string, the common case, is
+        written out here; a (name, value) that repeats is kept encoded."""
+        kind = type(value)
+        cache_key: Any = None
+        if (kind is str or kind is bool or kind is int) and key not in _UNIQUE_FIELDS:
+            cache_key = (key, value) if kind is str else (key, kind, value)
             encoded = self._fields.get(cache_key)
             if encoded is not None:
                 return encoded
-        name = _field(_KEY, key.encode("utf-8", "replace"))
-        encoded = _field(_LIST_VALUES, name + _field(_VALUE, _deep_value(value)))
-        if cacheable:
+        key_part = self._keys.get(key)
+        if key_part is None:
+            if len(self._keys) >= _CACHE_LIMIT:
+                self._keys.clear()
+            key_part = self._keys[key] = _field(_KEY, key.encode("utf-8", "replace"))
+        if kind is str:
+            data = value.encode("utf-8", "replace")
+            any_value = _STRING + varint(len(data)) + data
+        else:
+            any_value = _deep_value(value)
+        pair = key_part + _VALUE + varint(len(any_value)) + any_value
+        encoded = _LIST_VALUES + varint(len(pair)) + pair
+        if cache_key is not None:
             if len(self._fields) >= _CACHE_LIMIT:
                 self._fields.clear()
             self._fields[cache_key] = encoded
@@ -313,7 +327,8 @@ class LogEncoder:
     def record(self, when_ns: int, record: Mapping[str, Any]) -> bytes:
         """One decision as a ScopeLogs ``log_records`` field (tag, length, LogRecord)."""
         number, text = _SEVERITIES.get(str(record.get("decision")), (9, b"INFO"))
-        body = _field(_KVLIST, b"".join(self._pair(k, v) for k, v in record.items()))
+        pair = self._pair
+        body = _field(_KVLIST, b"".join([pair(k, v) for k, v in record.items()]))
         parts = [_LOG_TIME, _FIXED64.pack(when_ns), _LOG_SEVERITY, varint(number), _field(_LOG_SEVERITY_TEXT, text),
                  _field(_LOG_BODY, body)]  # fmt: skip
         trace_id, span_id = record.get("trace_id"), record.get("span_id")
