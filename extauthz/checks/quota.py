@@ -51,7 +51,7 @@ _FIELDS = {"name", "key", "limit", "window", "burst", "when", "cost", "mode", "o
 #: ``algorithm``: GCRA (the default, one number per counter) or an exact sliding window kept as a log.
 _ALGORITHMS = ("gcra", "sliding-log")
 #: A sliding log holds one entry per admitted request in the window: its limit is bounded so that
-#: one key's log stays small (about 21 bytes an entry in Redis, some 100 in process).
+#: one key's log stays small (about 25 bytes an entry in Redis, some 80 in process).
 MAX_SLIDING_LIMIT = 100_000
 _NAME = re.compile(r"[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?")
 #: A key value longer than this is a policy mistake (keying on a body?): 503, never a new counter.

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -74,36 +75,69 @@ def sliding_log_step(entries: Sequence[tuple[int, int]], now: int, window: int, 
 
 
 class _Log:
-    """One sliding-log counter: the (time, cost) of every charge admitted within its window, oldest
-    first, with their sum."""
+    """One sliding-log counter: the admitted charges still in its window, oldest first, as parallel
+    lists of their times and of the units admitted before each (a running sum), from ``head`` on.
 
-    __slots__ = ("entries", "total", "window")
+    Every operation is a binary search or an append, never a walk over the entries, so a request that
+    comes after a burst of 100,000 has left the window costs what any other does: expired entries are
+    skipped by moving ``head`` and dropped in one slice once they are half the lists.
+    """
+
+    __slots__ = ("after", "befores", "head", "times", "window")
 
     def __init__(self, window: int) -> None:
-        self.entries: deque[tuple[int, int]] = deque()
-        self.total = 0
+        self.times: list[int] = []
+        #: Units admitted by this counter before each entry (so an entry's cost is the next one's
+        #: minus its own, the last one's ``after`` minus its own).
+        self.befores: list[int] = []
+        #: Units admitted in all, the last entry included.
+        self.after = 0
+        self.head = 0
         self.window = window
 
-    def prune(self, now: int, window: int) -> int:
-        """Drop the entries that left the window; the units still in it."""
+    def live(self) -> int:
+        """Entries still held (in the window as of the last prune)."""
+        return len(self.times) - self.head
+
+    def prune(self, now: int, window: int) -> tuple[int, int]:
+        """Skip the entries that left the window: (units still in it, entries dropped)."""
         self.window = window
-        entries = self.entries
-        horizon = now - window
-        while entries and entries[0][0] <= horizon:
-            self.total -= entries.popleft()[1]
-        return self.total
+        times, head = self.times, self.head
+        if head < len(times) and times[head] <= now - window:
+            new_head = bisect.bisect_right(times, now - window, head)
+            dropped = new_head - head
+            if new_head * 2 >= len(times):  # compact once what is skipped is half the lists (amortized O(1))
+                del times[:new_head]
+                del self.befores[:new_head]
+                new_head = 0
+            self.head = new_head
+            return self.units(), dropped
+        return self.units(), 0
+
+    def units(self) -> int:
+        return self.after - self.befores[self.head] if self.head < len(self.times) else 0
+
+    def add(self, now: int, cost: int) -> None:
+        """Record a charge; times never go backwards (a clock set back would break the order)."""
+        times = self.times
+        times.append(max(now, times[-1]) if times else now)
+        self.befores.append(self.after)
+        self.after += cost
 
     def retry_us(self, now: int, need: int) -> int:
-        """Microseconds until ``need`` units have left the window."""
-        freed = 0
-        for at, units in self.entries:
-            freed += units
-            if freed >= need:
-                return at + self.window - now
-        return self.window
+        """Microseconds until ``need`` units have left the window: when the entry that brings the
+        units admitted since the oldest one up to ``need`` leaves it."""
+        befores, head = self.befores, self.head
+        if head >= len(befores):
+            return self.window
+        target = befores[head] + need
+        # The first entry whose running sum after it reaches the target: entry j - 1, where j is the
+        # first entry after head whose "before" reaches it (the last entry when none does).
+        j = bisect.bisect_left(befores, target, head + 1)
+        return self.times[j - 1] + self.window - now
 
     def reset_us(self, now: int) -> int:
-        return self.entries[-1][0] + self.window - now if self.entries else 0
+        return self.times[-1] + self.window - now if self.head < len(self.times) else 0
 
 
 def _monotonic_us() -> int:
@@ -186,7 +220,10 @@ class MemoryStore:
         for c in charges:
             if c.kind:  # a sliding log: (had room, units in the window, the log)
                 counter = self._logs.get(c.key)
-                total = counter.prune(now, c.interval_us) if counter is not None else 0
+                total = 0
+                if counter is not None:
+                    total, dropped = counter.prune(now, c.interval_us)
+                    self._log_entries -= dropped
                 allowed = total + c.cost <= c.burst
                 steps.append((allowed, total, counter, 0))
             else:
@@ -239,8 +276,7 @@ class MemoryStore:
             logs = self._logs
             if counter is None:
                 counter = logs[c.key] = _Log(window)
-            counter.entries.append((now, c.cost))
-            counter.total += c.cost
+            counter.add(now, c.cost)
             logs.move_to_end(c.key)
             self._log_entries += 1
             if len(logs) > self._max_keys or self._log_entries > self._max_log_entries:
@@ -258,7 +294,7 @@ class MemoryStore:
             if log.reset_us(now) > 0:
                 return
             del logs[key]
-            self._log_entries -= len(log.entries)
+            self._log_entries -= log.live()
 
     def _evict_logs(self, now: int) -> None:
         """Over a bound (counters or entries): expired logs first, then the least recently charged."""
@@ -266,7 +302,7 @@ class MemoryStore:
         logs = self._logs
         while logs and (len(logs) > self._max_keys or self._log_entries > self._max_log_entries):
             _, dropped = logs.popitem(last=False)
-            self._log_entries -= len(dropped.entries)
+            self._log_entries -= dropped.live()
             self.evicted += 1
             if self.evicted in (1, 10, 100, 1000) or self.evicted % 100_000 == 0:
                 log.warning("quota table full (%d sliding-log counters, %d entries): %d live counters dropped so "

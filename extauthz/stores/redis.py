@@ -86,34 +86,46 @@ log = logging.getLogger("extauthz.stores.redis")
 #: Every counter of one request, all or nothing (see extauthz.stores, memory.gcra_step and
 #: memory.sliding_log_step). KEYS: the counters. ARGV[1]: for each counter "a b cost enforce(1/0) kind",
 #: space-separated: GCRA (kind 0) has a = interval_us, b = burst; a sliding log (kind 1) a = window_us,
-#: b = limit. A GCRA counter is a string (the TAT). A sliding log is a list: the units in the window,
-#: then one "time cost" entry per admitted charge, oldest first; an entry counts while
-#: now - time < window, and expired ones are dropped from the front as requests come (each is
-#: dropped once: O(1) per request on average).
+#: b = limit. A GCRA counter is a string (the TAT). A sliding log is a list of "time before cost"
+#: entries, oldest first, where "before" is the units the counter admitted before that entry (a
+#: running sum: the units in the window are the last entry's before + cost minus the first's before).
+#: An entry counts while now - time < window; times never go backwards within a list. Every step is
+#: a binary search (LINDEX) or an append, so a request after a burst costs what any other does: the
+#: entries that left the window go in one LTRIM.
 #: Returns one string of integers: admitted, now (Redis's clock, microseconds), then per counter
-#: had_room, remaining, retry_us, reset_us (one bulk reply parses far faster than a nested array,
-#: and this runs for every request).
+#: had_room, remaining, retry_us, reset_us, mark (a sliding-log entry added: its "before", which
+#: identifies it for a Cluster refund; else -1). One bulk reply parses far faster than a nested
+#: array, and this runs for every request.
 CHARGE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local spec = {}
 for v in string.gmatch(ARGV[1], '%S+') do spec[#spec + 1] = tonumber(v) end
 local n = #KEYS
-local base, newtat, room = {}, {}, {}
+local base, newtat, room, first, last = {}, {}, {}, {}, {}
 local admitted = true
 for i = 1, n do
   local j = (i - 1) * 5
   local a, b, cost = spec[j + 1], spec[j + 2], spec[j + 3]
   if spec[j + 5] == 1 then
-    local total = tonumber(redis.call('LPOP', KEYS[i])) or 0
-    local horizon = now - a
-    while total > 0 do
-      local entry = redis.call('LINDEX', KEYS[i], 0)
-      if not entry then total = 0 break end
-      local at, units = string.match(entry, '(%d+) (%d+)')
-      if tonumber(at) > horizon then break end
-      redis.call('LPOP', KEYS[i])
-      total = total - tonumber(units)
+    local key = KEYS[i]
+    local total = 0
+    local head = redis.call('LINDEX', key, 0)
+    if head and tonumber(string.match(head, '^(%d+)')) <= now - a then
+      local lo, hi = 1, redis.call('LLEN', key)
+      while lo < hi do
+        local mid = math.floor((lo + hi) / 2)
+        local at = tonumber(string.match(redis.call('LINDEX', key, mid), '^(%d+)'))
+        if at <= now - a then lo = mid + 1 else hi = mid end
+      end
+      redis.call('LTRIM', key, lo, -1)
+      head = redis.call('LINDEX', key, 0)
+    end
+    if head then
+      local lt, lb, lc = string.match(redis.call('LINDEX', key, -1), '^(%d+) (%d+) (%d+)')
+      first[i] = tonumber(string.match(head, '^%d+ (%d+)'))
+      last[i] = {tonumber(lt), tonumber(lb) + tonumber(lc)}
+      total = last[i][2] - first[i]
     end
     base[i] = total
     room[i] = total + cost <= b
@@ -130,39 +142,30 @@ local out = {admitted and 1 or 0, string.format('%d', now)}
 for i = 1, n do
   local j = (i - 1) * 5
   local a, b, cost = spec[j + 1], spec[j + 2], spec[j + 3]
-  local had_room, remaining, retry, reset
+  local had_room, remaining, retry, reset, mark = 1, 0, 0, 0, -1
   if spec[j + 5] == 1 then
-    local total = base[i]
-    if room[i] and admitted and cost > 0 then
-      redis.call('RPUSH', KEYS[i], string.format('%d %d', now, cost))
-      total = total + cost
-    end
-    reset = 0
-    if total > 0 then
-      redis.call('LPUSH', KEYS[i], total)
-      local newest = tonumber(string.match(redis.call('LINDEX', KEYS[i], -1), '^(%d+)'))
-      reset = newest + a - now
-      redis.call('PEXPIRE', KEYS[i], math.floor(reset / 1000) + 1)
-    end
-    retry = 0
+    local key, total = KEYS[i], base[i]
+    if last[i] then reset = last[i][1] + a - now end
     if not room[i] then
-      had_room, remaining = 0, math.max(0, b - base[i])
-      local need, freed, from = base[i] + cost - b, 0, 1
-      retry = a
-      while freed < need do
-        local chunk = redis.call('LRANGE', KEYS[i], from, from + 63)
-        if #chunk == 0 then break end
-        for k = 1, #chunk do
-          local at, units = string.match(chunk[k], '(%d+) (%d+)')
-          freed = freed + tonumber(units)
-          if freed >= need then retry = tonumber(at) + a - now break end
-        end
-        from = from + 64
+      had_room, remaining = 0, math.max(0, b - total)
+      local target, lo, hi = first[i] + total + cost - b, 0, redis.call('LLEN', key) - 1
+      while lo < hi do
+        local mid = math.floor((lo + hi) / 2)
+        local _, mb, mc = string.match(redis.call('LINDEX', key, mid), '^(%d+) (%d+) (%d+)')
+        if tonumber(mb) + tonumber(mc) >= target then hi = mid else lo = mid + 1 end
       end
+      retry = tonumber(string.match(redis.call('LINDEX', key, lo), '^(%d+)')) + a - now
     elseif admitted then
-      had_room, remaining = 1, b - base[i] - cost
+      remaining = b - total - cost
+      if cost > 0 then
+        local at, before = now, 0
+        if last[i] then at, before = math.max(now, last[i][1]), last[i][2] end
+        redis.call('RPUSH', key, string.format('%d %d %d', at, before, cost))
+        redis.call('PEXPIRE', key, math.floor((at + a - now) / 1000) + 1)
+        reset, mark = at + a - now, before
+      end
     else
-      had_room, remaining = 1, b - base[i]
+      remaining = b - total
     end
   else
     local allow_at = newtat[i] - b * a
@@ -170,34 +173,42 @@ for i = 1, n do
       if cost > 0 then
         redis.call('SET', KEYS[i], string.format('%d', newtat[i]), 'PX', math.floor((newtat[i] - now) / 1000) + 1)
       end
-      had_room, remaining, retry, reset = 1, math.floor((now - allow_at) / a), 0, newtat[i] - now
+      remaining, reset = math.floor((now - allow_at) / a), newtat[i] - now
     elseif room[i] then
-      had_room, remaining, retry, reset = 1, math.floor((now - allow_at) / a) + cost, 0, base[i] - now
+      remaining, reset = math.floor((now - allow_at) / a) + cost, base[i] - now
     else
       had_room = 0
       remaining = math.max(0, math.floor((now - (base[i] - b * a)) / a))
       retry, reset = allow_at - now, base[i] - now
     end
   end
-  out[#out + 1] = string.format('%d %d %d %d', had_room, remaining, retry, reset)
+  out[#out + 1] = string.format('%d %d %d %d %d', had_room, remaining, retry, reset, mark)
 end
 return table.concat(out, ' ')
 """
 
 #: Undo charges (Cluster only: a request refused in one slot after another slot charged it).
-#: KEYS: counters. ARGV: per counter "g <microseconds to give back>" (GCRA) or "s <time> <cost>" (the
-#: sliding-log entry the charge added).
+#: KEYS: counters. ARGV: per counter "g <microseconds to give back>" (GCRA) or "s <mark> <cost>" (the
+#: sliding-log entry the charge added, by its "before": it becomes a zero-cost entry, and the entries
+#: added since give the cost back too; an entry already gone has nothing to give back).
 REFUND_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 for i = 1, #KEYS do
   local kind, x, y = string.match(ARGV[i], '^(%a) (%d+) ?(%d*)$')
   if kind == 's' then
-    if redis.call('LREM', KEYS[i], -1, x .. ' ' .. y) > 0 then
-      if redis.call('LLEN', KEYS[i]) <= 1 then
-        redis.call('DEL', KEYS[i])
-      else
-        redis.call('LSET', KEYS[i], 0, tonumber(redis.call('LINDEX', KEYS[i], 0)) - tonumber(y))
+    local mark, cost, n = tonumber(x), tonumber(y), redis.call('LLEN', KEYS[i])
+    for k = -1, -math.min(n, 1024), -1 do
+      local at, before, c = string.match(redis.call('LINDEX', KEYS[i], k), '^(%d+) (%d+) (%d+)')
+      before = tonumber(before)
+      if before < mark then break end
+      if before == mark then
+        redis.call('LSET', KEYS[i], k, string.format('%s %d 0', at, before))
+        for m = k + 1, -1 do
+          local a2, b2, c2 = string.match(redis.call('LINDEX', KEYS[i], m), '^(%d+) (%d+) (%d+)')
+          redis.call('LSET', KEYS[i], m, string.format('%s %d %s', a2, tonumber(b2) - cost, c2))
+        end
+        break
       end
     end
   elseif kind == 'g' then
@@ -1123,7 +1134,7 @@ class RedisStore:
             *(self._charge_group(idx, charges) for idx in groups.values()), return_exceptions=True
         )
         failure: BaseException | None = None
-        done: list[tuple[list[int], bool, int, list[ChargeResult]]] = []
+        done: list[tuple[list[int], bool, list[int], list[ChargeResult]]] = []
         for outcome, idx in zip(outcomes, groups.values(), strict=True):
             if isinstance(outcome, BaseException):
                 failure = failure or outcome
@@ -1134,12 +1145,12 @@ class RedisStore:
         admitted = failure is None and not refused
         results: list[ChargeResult | None] = [None] * len(charges)
         refunds: list[tuple[str, str]] = []
-        for idx, ok, now, group_results in done:
-            for i, result in zip(idx, group_results, strict=True):
+        for idx, ok, marks, group_results in done:
+            for i, result, mark in zip(idx, group_results, marks, strict=True):
                 c = charges[i]
                 if not admitted and ok and result.allowed and c.cost:
                     if c.kind == SLIDING_LOG:  # the entry this charge added
-                        refunds.append((self._key_prefix + c.key, f"s {now} {c.cost}"))
+                        refunds.append((self._key_prefix + c.key, f"s {mark} {c.cost}"))
                         reset = result.reset_after
                     else:
                         refunds.append((self._key_prefix + c.key, f"g {c.cost * c.interval_us}"))
@@ -1182,9 +1193,9 @@ class RedisStore:
                 _store_error_metric("refund")
 
     async def _charge_group(self, idx: list[int],
-                            charges: Sequence[Charge]) -> tuple[bool, int, list[ChargeResult]]:  # fmt: skip
+                            charges: Sequence[Charge]) -> tuple[bool, list[int], list[ChargeResult]]:  # fmt: skip
         """Charge the counters ``idx`` of ``charges`` (one slot) with one script: whether the script
-        admitted them, Redis's clock when it ran, and each counter's answer."""
+        admitted them, each counter's mark (the sliding-log entry it added, for a refund) and answer."""
         prefix = self._key_prefix
         keys = tuple(prefix + charges[i].key for i in idx)
         specs = self._specs
@@ -1204,12 +1215,13 @@ class RedisStore:
             values = [int(v) for v in reply.split()]
             results = [
                 ChargeResult(values[k] == 1, values[k + 1], values[k + 2] / 1e6, values[k + 3] / 1e6)
-                for k in range(2, 2 + 4 * len(idx), 4)
+                for k in range(2, 2 + 5 * len(idx), 5)
             ]
+            marks = values[6 : 6 + 5 * len(idx) : 5]
         except (AttributeError, TypeError, ValueError, IndexError):
             _store_error_metric("charge")
             raise StoreError("redis charge script gave an unexpected reply") from None
-        return values[0] == 1, values[1], results
+        return values[0] == 1, marks, results
 
 
 def _describe(exc: BaseException) -> str:

@@ -203,9 +203,10 @@ def test_redis_gives_the_memory_store_s_answers(redis_server: Any) -> None:
 
     run(test())
     client = redis_server.client()
-    stored = [v.decode() for v in client.lrange("extauthz:q:test:a:log:{a}", 0, -1)]
-    assert stored[0] == "3"  # the units in the window, then one "time cost" entry per admitted charge
-    assert [entry.split()[1] for entry in stored[1:]] == ["1", "1", "1"]  # the cost-2 charge was refused
+    stored = [v.decode().split() for v in client.lrange("extauthz:q:test:a:log:{a}", 0, -1)]
+    # One "time before cost" entry per admitted charge (the cost-2 charge was refused), oldest first.
+    assert [(before, cost) for _, before, cost in stored] == [("0", "1"), ("1", "1"), ("2", "1")]
+    assert [int(at) for at, _, _ in stored] == sorted(int(at) for at, _, _ in stored)
     assert 0 < client.pttl("extauthz:q:test:a:log:{a}") <= 3_600_001
 
 
@@ -232,8 +233,8 @@ def test_two_clients_share_one_log_exactly(redis_server: Any) -> None:
             await two.aclose()
 
     first, second = run(test())
-    entries = [v.decode().split() for v in redis_server.client().lrange("extauthz:q:test:shared:log:{shared}", 1, -1)]
-    times = sorted(int(at) for at, _ in entries)
+    entries = [v.decode().split() for v in redis_server.client().lrange("extauthz:q:test:shared:log:{shared}", 0, -1)]
+    times = sorted(int(at) for at, _, _ in entries)
     for start in times:
         assert sum(1 for at in times if start <= at < start + window) <= 25
     assert first > 0 and second > 0
@@ -258,8 +259,7 @@ def test_a_refused_request_charges_no_log_nor_bucket_in_redis(redis_server: Any)
 
     assert run(test()) == [[True] * 3, [True] * 3, [False, True, True]]
     client = redis_server.client()
-    assert client.lindex("extauthz:q:test:wide:log:{wide}", 0) == b"2"
-    assert client.llen("extauthz:q:test:wide:log:{wide}") == 3
+    assert client.llen("extauthz:q:test:wide:log:{wide}") == 2  # the refused request added nothing
 
 
 def test_refunds_across_cluster_slots(redis_factory: Any) -> None:
@@ -300,10 +300,46 @@ def test_refunds_across_cluster_slots(redis_factory: Any) -> None:
                         [(False, 0), (True, 98)]]  # fmt: skip
     client = redis.RedisCluster(host="127.0.0.1", port=nodes[0].port)
     try:
+        key = "extauthz:q:test:global:log:{global}"
+
+        def costs() -> list[str]:
+            return [entry.decode().split()[2] for entry in client.lrange(key, 0, -1)]
+
         deadline = time.monotonic() + 5  # refunds run in the background, right after the answer
-        while client.lindex("extauthz:q:test:global:log:{global}", 0) != b"2" and time.monotonic() < deadline:
+        while costs() != ["1", "1", "0", "0"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert client.lindex("extauthz:q:test:global:log:{global}", 0) == b"2"
-        assert client.llen("extauthz:q:test:global:log:{global}") == 3
+        assert costs() == ["1", "1", "0", "0"]  # the refused requests' entries gave their unit back
     finally:
         client.close()
+
+
+def test_a_request_after_a_burst_left_the_window_does_not_walk_the_log(redis_server: Any) -> None:
+    """20,000 entries leave the window at once: the next charge drops them with a binary search and one
+    LTRIM (Redis's own command counts say so), and the in-process log with one slice."""
+    window = 300_000  # 0.3 s
+
+    async def test() -> None:
+        store = await _started(redis_server.url + "?timeout=2s")
+        try:
+            for _ in range(20):
+                await asyncio.gather(*(store.charge([redis_log(100_000, "burst", window)]) for _ in range(1000)))
+            await asyncio.sleep(window / 1e6 + 0.05)
+            client = redis_server.client()
+            before = client.info("commandstats").get("cmdstat_lindex", {}).get("calls", 0)
+            result = (await store.charge([redis_log(100_000, "burst", window)]))[0]
+            after = client.info("commandstats")["cmdstat_lindex"]["calls"]
+            assert (result.allowed, result.remaining) == (True, 99_999)
+            assert after - before < 40, after - before  # log2(20,000) is about 15
+            assert client.llen("extauthz:q:test:burst:log:{burst}") == 1
+        finally:
+            await store.aclose()
+
+    run(test())
+    clock = Clock()
+    memory = MemoryStore(clock=clock)
+    for _ in range(20_000):
+        memory.charge_now([log(100_000, window, "burst")])
+    clock.now += window
+    assert memory.charge_now([log(100_000, window, "burst")])[0].remaining == 99_999
+    counter = memory._logs["burst"]
+    assert (counter.live(), counter.head, len(counter.times), memory._log_entries) == (1, 0, 1, 1)
