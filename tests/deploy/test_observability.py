@@ -109,7 +109,7 @@ def test_the_dashboard_is_laid_out_and_wired_to_its_variables() -> None:
                 assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, target["expr"]
     titles = {p["title"] for p in dashboard["panels"]}
     for needed in ("Denials by reason", "Layers", "Decisions by policy", "Decision time", "Store circuit by replica",
-                   "Quota denials", "Detection denials", "Reloads", "Decision log", "Spans not exported"):
+                   "Quota denials", "Inspection findings", "Detection denials", "Reloads", "Decision log", "Spans not exported"):
         assert needed in titles
 
 
