@@ -125,23 +125,27 @@ _ACCEPTED: dict[str, Any] = {}
 
 @pytest.fixture(autouse=True, scope="session")
 def _policies_loaded_by_tests() -> Iterator[None]:
-    """Keep every AuthPolicy and LayerPolicy that a test had the loader accept: at the end of the
-    run each must validate against schema/extauthz.schema.json (schema and loader agree on every
-    fixture, not only on the bundled files). Observes the real compiler; changes nothing."""
+    """Keep every AuthPolicy, LayerPolicy and PolicyTest that a test had the loader accept: at the
+    end of the run each must validate against schema/extauthz.schema.json (schema and loader agree
+    on every fixture, not only on the bundled files). Observes the real readers; changes nothing."""
     from extauthz.policy import compiler
+    from extauthz.policytest import model
 
-    compile_policy = compiler.compile_policy
+    def observe(read: Callable[[Any], Any], accepted: Callable[[Any], bool]) -> Callable[[Any], Any]:
+        def observed(build: Any) -> Any:
+            result = read(build)
+            if accepted(result) and build.probe is None:
+                body = json.loads(json.dumps(build.document.body, default=str))
+                _ACCEPTED.setdefault(json.dumps(body, sort_keys=True), body)
+            return result
 
-    def observed(build: Any) -> Any:
-        result = compile_policy(build)
-        if result[0] is not None and build.probe is None:
-            body = json.loads(json.dumps(build.document.body, default=str))
-            _ACCEPTED.setdefault(json.dumps(body, sort_keys=True), body)
-        return result
+        return observed
 
-    compiler.compile_policy = observed
+    compile_policy, read_suite = compiler.compile_policy, model._suite
+    compiler.compile_policy = observe(compile_policy, lambda result: result[0] is not None)
+    model._suite = observe(read_suite, lambda result: result is not None)
     yield
-    compiler.compile_policy = compile_policy
+    compiler.compile_policy, model._suite = compile_policy, read_suite
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -160,10 +164,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if refused:
         if reporter is not None:
-            reporter.write_line(f"\n{len(refused)} of {len(_ACCEPTED)} policies the loader accepted in this run do not "
+            reporter.write_line(f"\n{len(refused)} of {len(_ACCEPTED)} documents the loader accepted in this run do not "
                                 "validate against schema/extauthz.schema.json:", red=True)
             for line in refused[:20]:
                 reporter.write_line(f"  {line}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     elif reporter is not None and session.config.option.verbose >= 0:
-        reporter.write_line(f"schema: the {len(_ACCEPTED)} policies the loader accepted in this run validate")
+        reporter.write_line(f"schema: the {len(_ACCEPTED)} documents the loader accepted in this run validate")

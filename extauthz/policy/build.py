@@ -178,6 +178,13 @@ class Spec:
                     self._refuse(f"unknown field{hint} ({known})", key)
         return True
 
+    def null(self, key: builtins.str) -> builtins.bool:
+        """True when ``key`` is given with no value (``key:`` or ``key: null``), for the few fields
+        where that says something (a PolicyTest header expected absent); elsewhere no value is the
+        same as leaving the field out."""
+        self._saw(key, "null")
+        return isinstance(self.value, Mapping) and key in self.value and self.value[key] is None
+
     def one_of(self, keys: Iterable[str], *, what: str = "", required: builtins.bool = True) -> builtins.str | None:
         """The one key of ``keys`` this mapping gives (present, even with no value), or None: after
         an error when it gives several, or none and ``required``. ``what`` names the kind of key in

@@ -51,6 +51,9 @@ _OTHER_TYPES: tuple[Any, ...] = ({}, [], "x", 1, True)
 #: Documents read per kind at most; a full exploration takes a few hundred.
 _MAX_READS = 20_000
 _MAX_DEPTH = 24
+#: Facts that, when they vary between reads, the schema marks as lenient (a default that varies is
+#: simply not shown).
+_LENIENT = frozenset({"required", "choices", "min", "max", "allowed", "nonempty"})
 _SHAPE_ORDER = ("mapping", "entries", "list", "strings", "string", "cel", "duration", "integer", "number", "boolean")
 
 
@@ -83,10 +86,7 @@ def document_kinds() -> list[DocumentKind]:
 
 def _test_kinds() -> list[DocumentKind]:
     """PolicyTest, read by extauthz.policytest as ``extauthz validate`` and ``test`` read it."""
-    try:
-        from extauthz.policytest import check_tests  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return []
+    from extauthz.policytest import check_tests
 
     def read(build: BuildContext) -> object:
         return check_tests([build.document], build.folder)
@@ -373,6 +373,8 @@ class _Explorer:
                 "'x'" if "string" in expect and "bool" not in expect else "true")
         if shape == "duration":
             return "60s"
+        if shape == "null":
+            return None
         if shape == "integer":
             value = facts.get("default")
             if value is None:
@@ -472,6 +474,8 @@ class _Writer:
             alternatives.append(_with_default({"type": "number"}, shapes["number"]))
         if "boolean" in shapes:
             alternatives.append(_with_default({"type": "boolean"}, shapes["boolean"]))
+        if "null" in shapes and alternatives:  # a field where no value means something
+            alternatives.append({"type": "null"})
         children = sorted({p[len(pattern)] for p in self.fields if len(p) > len(pattern) and p[:len(pattern)] == pattern
                            and p[len(pattern)] not in (ELEMENT, NAME)})
         if not alternatives and children:
@@ -489,6 +493,11 @@ class _Writer:
         description = self.descriptions.get(pattern[1:] if pattern[:1] == ("spec",) else ("",))
         if description:
             schema = {"description": description, **schema}
+        lenient = sorted(known.varied & _LENIENT) if known is not None else []
+        if lenient:
+            # Not a JSON Schema keyword: what the schema leaves open because it depends on other
+            # fields (an issuer's key is required unless its algorithm is none).
+            schema["x-lenient"] = lenient
         return schema
 
     def _object(self, pattern: Pattern, known: _Field) -> dict[str, Any]:

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from extauthz.policy.build import BuildContext, Services, Spec, parse_duration
-from extauthz.policy.model import Document, PolicyError
+from extauthz.policy.compiler import read_metadata
+from extauthz.policy.model import API_VERSION, DOCUMENT_FIELDS, Document, PolicyError
 from extauthz.policytest.tokens import (
     DEFAULT_LIFETIME,
+    SIGNING_ALGORITHMS,
     Issuer,
     TokenError,
     TokenSpec,
@@ -54,7 +56,6 @@ _MATCHERS = ("contains", "equals", "matches")
 _PEER_EXTRA = ("certificate_file",)
 _STRING_FIELDS = ("method", "host", "path", "body", "body_base64", "sni", "id", "scheme", "protocol")
 
-_DOC_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _SHORT_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,62}[A-Za-z0-9])?")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: ``${tokens.NAME}`` in any string of a request: the signed token NAME.
@@ -168,18 +169,18 @@ def compile_suites(documents: Sequence[Document], folder: Path) -> tuple[list[Te
 def _suite(build: BuildContext) -> TestSuite | None:
     doc = build.document
     before = len(build.errors)
-    if not _DOC_NAME.fullmatch(doc.name):
-        build.error(("metadata", "name"), "is required: lower-case letters, digits, '-' and '.'")
-    unknown = set(doc.body) - {"apiVersion", "kind", "metadata", "spec"}
-    for key in sorted(unknown):
-        build.error((key,), "unknown field (allowed: apiVersion, kind, metadata, spec)")
-    spec = Spec(build, ("spec",), doc.body.get("spec"))
+    root = Spec(build, (), doc.body)
+    root.is_mapping(allowed=DOCUMENT_FIELDS)
+    root.str("apiVersion", required=True, choices=(API_VERSION,))
+    root.str("kind", required=True, choices=(TEST_KIND,))
+    read_metadata(root)
+    spec = root.child("spec")
     if not spec.present:
-        build.error(("spec",), "is required and must be a mapping")
+        root.error("is required and must be a mapping", "spec")
         return None
     if not spec.is_mapping(allowed=_SPEC_FIELDS):
         return None
-    clock = _clock(spec.child("clock"))
+    clock = _clock(spec, "clock")
     issuers = {name: issuer for name, node in spec.child("issuers").entries()
                if (issuer := _issuer(name, node)) is not None}  # fmt: skip
     declared = set(spec.child("issuers").value) if isinstance(spec.child("issuers").value, Mapping) else set()
@@ -210,14 +211,18 @@ def _suite(build: BuildContext) -> TestSuite | None:
     return TestSuite(doc.name, doc.file, doc.line_of(()), clock, tuple(tokens.values()), tuple(cases))
 
 
-def _clock(node: Spec) -> float | None:
+def _clock(spec: Spec, key: str) -> float | None:
     """``spec.clock``: an RFC 3339 time (``2025-06-01T12:00:00Z``) or seconds since the epoch."""
+    node = spec.child(key)
     value = node.value
     if value is None:
         return None
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
-        return float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        spec.number(key)
+        if math.isfinite(value) and value >= 0:
+            return float(value)
     if isinstance(value, str):
+        spec.str(key)
         with contextlib.suppress(ValueError):
             value = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     # YAML reads an unquoted timestamp as a datetime, a bare date as a date; without a zone, UTC
@@ -230,11 +235,15 @@ def _clock(node: Spec) -> float | None:
     return None
 
 
-def _signed_duration(node: Spec, key: str, default: float) -> float:
+def _signed_duration(node: Spec, key: str, default: float | None) -> float | None:
     """A duration that may be negative (a token that expired an hour ago: ``expires_in: -1h``)."""
     child = node.child(key)
     if child.value is None:
         return default
+    if isinstance(child.value, str):
+        node.str(key)
+    elif isinstance(child.value, int | float) and not isinstance(child.value, bool):
+        node.number(key)
     text = child.value.strip() if isinstance(child.value, str) else child.value
     negative = isinstance(text, str) and text.startswith("-")
     seconds = parse_duration(text[1:] if negative else text)
@@ -272,7 +281,7 @@ def _issuer(name: str, node: Spec) -> Issuer | None:
     if not node.is_mapping(allowed=_ISSUER_FIELDS):
         return None
     before = len(node.build.errors)
-    algorithm = node.str("algorithm")
+    algorithm = node.str("algorithm", choices=SIGNING_ALGORITHMS)
     # ``algorithm: none`` makes unsigned tokens (the "alg none" attack): no key then.
     unsigned = algorithm == "none"
     key_file = node.str("key", required=not unsigned)
@@ -291,7 +300,8 @@ def _issuer(name: str, node: Spec) -> Issuer | None:
         except TokenError as exc:
             node.error(str(exc), "key")
             return None
-    return Issuer(name, key, algorithm or "none", key_id, token_type, claims, expires_in)
+    lifetime = DEFAULT_LIFETIME if expires_in is None else expires_in
+    return Issuer(name, key, algorithm or "none", key_id, token_type, claims, lifetime)
 
 
 def _token(name: str, node: Spec, issuers: Mapping[str, Issuer], declared: set[str]) -> TokenSpec | None:
@@ -304,6 +314,7 @@ def _token(name: str, node: Spec, issuers: Mapping[str, Issuer], declared: set[s
     issuer_name = node.str("issuer", required=True)
     claims = _claims(node.child("claims"))
     bound_to = node.str("bound_to")
+    lifetime = _signed_duration(node, "expires_in", None)
     if len(node.build.errors) != before or issuer_name is None:
         return None
     issuer = issuers.get(issuer_name)
@@ -311,7 +322,7 @@ def _token(name: str, node: Spec, issuers: Mapping[str, Issuer], declared: set[s
         if issuer_name not in declared:  # one that is declared but failed has its own error
             node.error(f"no issuer {issuer_name!r} in spec.issuers", "issuer")
         return None
-    expires_in = _signed_duration(node, "expires_in", issuer.expires_in)
+    expires_in = issuer.expires_in if lifetime is None else lifetime
     thumbprint = None
     if bound_to is not None:
         try:
@@ -353,9 +364,7 @@ def _request(node: Spec, tokens: Mapping[str, TokenSpec]) -> dict[str, Any] | No
     for section in ("headers", "context"):
         child = node.child(section)
         for key, value in child.entries():
-            if not isinstance(value.value, str | int | float) or isinstance(value.value, bool):
-                value.error("must be a string or a number")
-            elif section == "headers" and not _HEADER_NAME.fullmatch(key):
+            if _text(child, key) is not None and section == "headers" and not _HEADER_NAME.fullmatch(key):
                 value.error("is not a valid header name")
     for peer in ("source", "destination"):
         child = node.child(peer)
@@ -379,9 +388,9 @@ def _peer(node: Spec) -> dict[str, Any]:
     for name in ("address", "principal", "certificate", "service", "certificate_file"):
         node.str(name)
     node.int("port", min=0, max=65535)
-    for _, label in node.child("labels").entries():
-        if not isinstance(label.value, str):
-            label.error("must be a string")
+    labels = node.child("labels")
+    for key, _ in labels.entries():
+        labels.str(key, required=True)
     path = peer.pop("certificate_file", None)
     if isinstance(path, str):
         if "certificate" in peer:
@@ -443,34 +452,41 @@ def _headers(node: Spec) -> tuple[HeaderExpectation, ...]:
         if not _HEADER_NAME.fullmatch(name):
             value.error("is not a valid header name")
             continue
-        expectation = _header(name.lower(), value)
+        expectation = _header(name.lower(), node, name)
         if expectation is not None:
             found.append(expectation)
     return tuple(found)
 
 
-def _header(name: str, node: Spec) -> HeaderExpectation | None:
-    value = node.value
-    if value is None:
+def _header(name: str, headers: Spec, key: str) -> HeaderExpectation | None:
+    """A string or number (the value), null (absent), or one of ``{equals|contains|matches: ...}``."""
+    if headers.null(key):
         return HeaderExpectation(name, absent=True)
-    if isinstance(value, bool):
-        node.error("must be a string, a number, null (absent) or {equals|contains|matches: ...}")
-        return None
-    if isinstance(value, str | int | float):
-        return HeaderExpectation(name, equals=str(value))
+    node = headers.child(key)
+    if not isinstance(node.value, Mapping):
+        text = _text(headers, key)
+        return None if text is None else HeaderExpectation(name, equals=text)
     if not node.is_mapping(allowed=_MATCHERS):
         return None
-    given = [key for key in _MATCHERS if key in value]
-    if len(given) != 1:
-        node.error("give exactly one of: contains, equals, matches")
+    given = node.one_of(_MATCHERS)
+    if given is None:
         return None
-    text = node.str(given[0])
+    text = node.str(given)
     if text is None:
         return None
-    if given[0] == "matches":
+    if given == "matches":
         try:
             return HeaderExpectation(name, matches=re.compile(text))
         except re.error as exc:
             node.error(f"not a regular expression: {exc}", "matches")
             return None
-    return HeaderExpectation(name, **{given[0]: text})
+    return HeaderExpectation(name, **{given: text})
+
+
+def _text(node: Spec, key: str) -> str | None:
+    """A value written as a string or a number (``x-count: 5``), as text; None after an error."""
+    value = node.child(key).value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = node.number(key, required=True)
+        return str(value) if number is not None else None
+    return node.str(key, required=True)

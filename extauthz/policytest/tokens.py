@@ -21,10 +21,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-__all__ = ["HMAC_ALGORITHMS", "Issuer", "TokenError", "TokenSpec", "certificate_thumbprint", "read_signing_key"]
+__all__ = [
+    "HMAC_ALGORITHMS", "SIGNING_ALGORITHMS", "Issuer", "TokenError", "TokenSpec", "certificate_thumbprint",
+    "read_signing_key",
+]
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 _ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+#: What an issuer's ``algorithm`` may be: ``none`` makes unsigned tokens (the "alg none" attack).
+SIGNING_ALGORITHMS = (*_ASYMMETRIC, *HMAC_ALGORITHMS, "none")
 #: Algorithms each kind of private key can sign with; the first is the default.
 _BY_KEY: tuple[tuple[type, tuple[str, ...]], ...] = (
     (rsa.RSAPrivateKey, ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")),
