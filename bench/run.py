@@ -108,6 +108,14 @@ SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
                                     setup=lambda workdir: __import__("quota_scenario").quota_memory_setup(workdir)),
     "quota-redis": SidecarScenario("orders-api + 3 quotas charged in a local Redis (bench/quota_scenario.py)",
                                    setup=lambda workdir: __import__("quota_scenario").quota_redis_setup(workdir)),
+    "layers-none": SidecarScenario("orders.yaml alone, no layer (bench/layer_scenario.py)",
+                                   setup=lambda workdir: __import__("layer_scenario").layer_setup(workdir, "none")),
+    "layers-elsewhere": SidecarScenario(
+        "orders.yaml + a layer for another host: the request matches no layer (bench/layer_scenario.py)",
+        setup=lambda workdir: __import__("layer_scenario").layer_setup(workdir, "elsewhere")),
+    "layers-one": SidecarScenario(
+        "orders.yaml + a mesh-wide layer: CIDR denylist and one rule (bench/layer_scenario.py)",
+        setup=lambda workdir: __import__("layer_scenario").layer_setup(workdir, "one")),
     "inspect": SidecarScenario("orders-api + payload inspection (inspect: {}), POST with a 1 KB JSON body "
                                "(bench/inspect_scenario.py)",
                                setup=lambda workdir: __import__("inspect_scenario").inspect_setup(workdir)),

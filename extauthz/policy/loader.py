@@ -29,13 +29,18 @@ MAX_FILE_BYTES = 4 * 1024 * 1024
 
 
 def policy_files(folder: Path) -> list[Path]:
-    """Visible YAML files under ``folder``, sorted; dot-entries (``..data``) are never walked."""
+    """Visible YAML files under ``folder``, sorted; dot-entries (``..data``) are never walked.
+
+    A folder named like a policy file (``orders.yaml/``) is listed too, not walked: it is what a
+    container runtime leaves where a file was meant to be mounted, and reading it must fail.
+    """
     found: list[Path] = []
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and name.endswith(_SUFFIXES):
-                found.append(Path(root) / name)
+        visible = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = [d for d in visible if not d.endswith(_SUFFIXES)]
+        names = [n for n in files if not n.startswith(".") and n.endswith(_SUFFIXES)]
+        names += [d for d in visible if d.endswith(_SUFFIXES)]
+        found.extend(Path(root) / name for name in sorted(names))
     return found
 
 
@@ -46,6 +51,10 @@ def _read(folder: Path) -> tuple[list[Document], list[PolicyError]]:
     errors: list[PolicyError] = []
     for path in policy_files(folder):
         label = str(path.relative_to(folder))
+        if path.is_dir():
+            errors.append(PolicyError(label, 0, "", 0, "is a folder, not a policy file (a volume mount of a "
+                                      "missing file makes one); remove it or give it another name"))
+            continue
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -60,6 +69,11 @@ def _read(folder: Path) -> tuple[list[Document], list[PolicyError]]:
             errors.append(PolicyError(label, 0, "", 0, f"not valid UTF-8 (byte {exc.start})"))
             continue
         docs, problems = parse_documents(text, label)
+        if not docs and not problems:
+            # Half-written (a ConfigMap update caught mid-way) or emptied by mistake: reading it as
+            # "no policies" would drop the file's policies. Deleting the file is how they are removed.
+            errors.append(PolicyError(label, 0, "", 0, "holds no documents (empty, or only comments and "
+                                      "'---'); delete the file to remove its policies"))
         documents.extend(docs)
         errors.extend(problems)
     return documents, errors

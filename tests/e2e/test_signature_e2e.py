@@ -54,7 +54,8 @@ spec:
   signature:
     keys: {{folder: ../keys, ids: [client-1]}}
     requireNonce: false
-    bodyComponents: []
+    components: ["@method"]   # the tests below choose what else they cover
+    bodyComponents: none
   rules: [{{name: signed, decision: allow}}]
 ---
 apiVersion: extauthz.dev/v1
