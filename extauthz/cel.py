@@ -33,7 +33,7 @@ VARIABLES: dict[str, frozenset[str] | None] = {
     "request": frozenset(
         {
             "method", "host", "path", "raw_path", "query", "query_all", "headers", "body",
-            "raw_body", "id", "scheme", "protocol", "size", "partial_body", "fragment",
+            "raw_body", "id", "scheme", "protocol", "size", "partial_body", "fragment", "operation",
         }
     ),
     "source": frozenset({"address", "port", "principal", "certificate", "service", "labels", "client_ip"}),

@@ -128,6 +128,8 @@ def parse_documents(text: str, file: str) -> tuple[list[Document], list[PolicyEr
             if not isinstance(body, dict):
                 errors.append(PolicyError(file, index, "", lines.get((), 0), "document must be a mapping"))
                 continue
+            if "apiVersion" not in body and "kind" not in body and ("openapi" in body or "swagger" in body):
+                continue  # an OpenAPI spec kept beside the policies (an ``openapi:`` section names it)
             kind = body.get("kind")
             metadata = body.get("metadata")
             name = metadata.get("name", "") if isinstance(metadata, dict) else ""

@@ -1,0 +1,133 @@
+"""A compiled spec: what the request path reads, built once per spec version and never changed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from extauthz.openapi.params import Parameter
+from extauthz.openapi.routing import PathItem, Router
+from extauthz.openapi.schema import SchemaSet
+from extauthz.openapi.security import Requirement, Scheme
+
+__all__ = ["METHODS", "CompiledSpec", "MediaType", "Operation", "RequestBody", "Settings"]
+
+#: The operations a Path Item can hold, as request methods.
+METHODS = ("GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The policy's ``openapi:`` settings that shape how a spec is compiled (see docs/policy.md)."""
+
+    mode: str = "enforce"
+    base_paths: tuple[str, ...] | None = None
+    trailing_slash: str = "strict"
+    head_from_get: bool = True
+    cors_preflight: bool = False
+    deprecated: str = "allow"
+    unknown_query: str = "deny"
+    unknown_cookies: str = "ignore"
+    formats: bool = True
+    read_only: str = "deny"
+    additional_properties: str = "declared"
+    undeclared_body: str = "deny"
+    security: str = "enforce"
+    #: Security scheme name -> (identity source names, identity kinds) that satisfy it.
+    scheme_identities: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()
+    #: operationId (or "METHOD /template") -> "enforce" or "report".
+    operation_modes: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MediaType:
+    """One declared request media type: ``name`` as the spec writes it (lower-case, no parameters)."""
+
+    name: str
+    #: "json", "form", "multipart" or "other": what is validated beyond the type.
+    kind: str
+    #: The body schema's validator, or None (no schema, or a media type validated by type only).
+    validator: Any = None
+    #: For form bodies: the shape of each property (see params), from the schema.
+    form: Mapping[str, Parameter] | None = None
+    #: The schema's shape of an undeclared form property (additionalProperties).
+    form_other: Parameter | None = None
+    has_schema: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RequestBody:
+    required: bool
+    media: tuple[MediaType, ...]
+
+    def media_for(self, content_type: str) -> MediaType | None:
+        """The declared media type for a request's (lower-case, parameter-free) content type: exact
+        first, then ``type/*``, then ``*/*``."""
+        wildcard = content_type.split("/", 1)[0] + "/*"
+        best: MediaType | None = None
+        for media in self.media:
+            if media.name == content_type:
+                return media
+            if media.name == wildcard or (media.name == "*/*" and best is None):
+                best = media
+        return best
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    method: str
+    #: The path template as the spec writes it (without base path).
+    template: str
+    operation_id: str
+    #: What names the operation in metrics, logs and denials: the operationId, else "METHOD template".
+    label: str
+    path_params: tuple[Parameter, ...]
+    query: Mapping[str, Parameter]
+    #: Query names that belong to an exploded object parameter (``form`` + ``explode``) or a
+    #: ``deepObject`` one (by parameter name).
+    query_objects: tuple[Parameter, ...]
+    headers: tuple[Parameter, ...]
+    cookies: Mapping[str, Parameter]
+    body: RequestBody | None
+    #: None: no security anywhere in the spec (public); () never happens (that is public too).
+    security: tuple[Requirement, ...]
+    deprecated: bool
+    #: "enforce" or "report" for this operation (policy override, x-extauthz-mode, section mode).
+    mode: str
+    tags: tuple[str, ...] = ()
+    #: Where it is declared, for messages.
+    pointer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledSpec:
+    """One version of a spec, ready for requests."""
+
+    title: str
+    version: str
+    openapi: str
+    settings: Settings
+    routers: tuple[Router, ...]
+    operations: tuple[Operation, ...]
+    schemes: Mapping[str, Scheme]
+    #: The compiled validators, and how their failures are explained.
+    schemas: SchemaSet
+    #: Every file the spec was read from.
+    files: tuple[Path, ...] = ()
+    #: Labels of operations whose policy overrides named nothing in this version.
+    unknown_overrides: tuple[str, ...] = field(default=())
+
+    def match(self, path: str) -> tuple[PathItem, dict[str, str], str] | None:
+        for router in self.routers:
+            found = router.match(path)
+            if found is not None:
+                return found
+        return None
+
+    def operation(self, label: str) -> Operation | None:
+        for operation in self.operations:
+            if operation.label == label:
+                return operation
+        return None
