@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from extauthz.checks import Phase, register
 from extauthz.checks.identity import challenge
@@ -26,7 +26,10 @@ from extauthz.openapi.enforce import Violation
 from extauthz.policy.build import BuildContext, Spec
 from extauthz.watched import WatchedPath
 
-__all__ = ["OpenApiCheck"]
+if TYPE_CHECKING:
+    from extauthz.policy.compiler import PolicySet
+
+__all__ = ["OpenApiCheck", "openapi_checks"]
 
 log = logging.getLogger("extauthz.openapi")
 
@@ -186,3 +189,15 @@ def _denial(violation: Violation, label: str) -> Denial:
                                                       violation.scope)))  # fmt: skip
     rule = f"openapi/{label}" if label else "openapi"
     return Denial(violation.status, violation.reason, violation.message, tuple(headers), rule)
+
+
+def openapi_checks(policy_set: PolicySet | None) -> dict[str, OpenApiCheck]:
+    """The openapi check of every policy of a set that has one, by policy name."""
+    if policy_set is None:
+        return {}
+    return {
+        policy.name: check
+        for policy in policy_set.policies
+        for check, name in zip(policy.checks, policy.check_names, strict=True)
+        if name == "openapi" and isinstance(check, OpenApiCheck)
+    }

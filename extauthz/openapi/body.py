@@ -104,7 +104,7 @@ def _validate(spec: CompiledSpec, operation: Operation, media: MediaType, kind: 
     try:
         validator.validate(parsed)
     except jsonschema_rs.ValidationError as error:
-        found = spec.schemas.explain(error)
+        found = spec.schemas.explain(error, media.schema_name)
         return _violation(400, "openapi_invalid_body", operation, "body" + found.pointer, found.constraint,
                           found.detail)  # fmt: skip
     return None  # pragma: no cover - is_valid and validate disagree

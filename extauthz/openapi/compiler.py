@@ -429,6 +429,7 @@ def _parameter(param: dict[str, Any], location: str, schema_name: str | None, sc
         name=name, location=location, required=param.get("required") is True, style=style, explode=explode,
         shape=shape, validator=schemas.validator(schema_name) if schema_name is not None else None,
         json_content=json_content, allow_empty=location == "query" and param.get("allowEmptyValue") is True,
+        schema_name=schema_name or "",
     )  # fmt: skip
 
 
@@ -448,7 +449,7 @@ def _media(name: str, kind: str, schema_name: str | None, encoding: Mapping[str,
             shape = schema_shape(sub, schemas.defs)
             form[prop] = Parameter(prop, "form", False, style, explode, shape, None)
         other = Parameter("*", "form", False, "form", True, Shape("primitive", coerce=object_shape.other), None)
-    return MediaType(name, kind, validator, form, other, schema_name is not None)
+    return MediaType(name, kind, validator, form, other, schema_name or "")
 
 
 def _form_properties(schema: Any, defs: Mapping[str, Any]) -> dict[str, Any]:

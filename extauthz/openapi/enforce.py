@@ -78,7 +78,7 @@ def _validated(operation: Operation, param: Parameter, value: Any, spec: Compile
     try:
         validator.validate(value)
     except jsonschema_rs.ValidationError as error:
-        found = spec.schemas.explain(error)
+        found = spec.schemas.explain(error, param.schema_name)
         return _param_violation(operation, param, found.constraint, found.detail, found.pointer)
     return None  # pragma: no cover - is_valid and validate disagree
 

@@ -54,7 +54,8 @@ class MediaType:
     form: Mapping[str, Parameter] | None = None
     #: The schema's shape of an undeclared form property (additionalProperties).
     form_other: Parameter | None = None
-    has_schema: bool = False
+    #: The def of its schema in the spec's schema document ("" without a schema).
+    schema_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,8 @@ class Parameter:
     json_content: bool = False
     #: ``allowEmptyValue``: an empty query value means the parameter was not sent.
     allow_empty: bool = False
+    #: The def of its schema in the spec's schema document (to explain a failure).
+    schema_name: str = ""
 
     @property
     def where(self) -> str:

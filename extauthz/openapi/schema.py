@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +58,7 @@ _KNOWN_FORMATS = frozenset({
     "uri", "uri-reference", "iri", "iri-reference", "uri-template", "uuid", "json-pointer",
     "relative-json-pointer", "regex", "byte",
 })  # fmt: skip
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 
 
@@ -114,12 +114,15 @@ class SchemaTranslator:
         self._pending: list[tuple[str, Location]] = []
         #: Translated paths ("$defs", id, ...) whose failure means something other than their keyword.
         self.marks: dict[tuple[str | int, ...], str] = {}
-        self._discriminators: dict[tuple[str | int, ...], str] = {}
+        self._roots: list[str] = []
 
     # --- entry points -----------------------------------------------------------------------------
-    def root(self, node: Any, at: Location, name: str) -> str:
-        """Translate a request part's schema as def ``name`` (a value starts here)."""
+    def root(self, node: Any, at: Location, label: str) -> str:
+        """Translate a request part's schema (a value starts here); return its def name, made from
+        ``label`` (URI-fragment safe: it is referenced as ``#/$defs/<name>``)."""
+        name = f"r{len(self._roots)}-{_UNSAFE.sub('_', label)[:48]}"
         self.origins[name] = at
+        self._roots.append(name)
         self.defs[name] = self._schema(node, at, True, ("$defs", name))
         self._drain()
         return name
@@ -128,7 +131,7 @@ class SchemaTranslator:
         found = self._ids.get(target)
         if found is None:
             tail = target.pointer.rsplit("/", 1)[-1] or "root"
-            found = f"{len(self._ids)}-{re.sub(r'[^A-Za-z0-9_.-]', '_', tail)[:40]}"
+            found = f"{len(self._ids)}-{_UNSAFE.sub('_', tail)[:40]}"
             self._ids[target] = found
             self.origins[found] = target
             self._pending.append((found, target))
@@ -351,21 +354,28 @@ class SchemaTranslator:
                 "if": {"properties": {prop: {"const": value}}, "required": [prop]},
                 "then": {"$ref": "#/$defs/" + escape_pointer(self._def_id(target))},
             })  # fmt: skip
-        self._discriminators[path] = prop
 
     # --- compilation ------------------------------------------------------------------------------
     def compile(self) -> SchemaSet:
         """Build every validator of the document at once (jsonschema-rs shares what they share)."""
         document = {"$schema": _DIALECT, "$defs": self.defs}
-        formats: dict[str, Callable[..., bool]] = {"byte": _is_base64}
+        options: dict[str, Any] = {
+            "validate_formats": self.options.formats, "ignore_unknown_formats": True, "offline": True,
+            "formats": {"byte": _is_base64},
+        }  # fmt: skip
         try:
-            validators = jsonschema_rs.validator_map_for(
-                document, validate_formats=self.options.formats, ignore_unknown_formats=True, formats=formats,
-                offline=True,
-            )  # fmt: skip
+            validators = jsonschema_rs.validator_map_for(document, **options)
+            # A subschema that does not compile (a bad pattern) is left out of the map, with what
+            # refers to it: compiling one of those alone says what and where.
+            for name in self._roots:
+                if "#/$defs/" + escape_pointer(name) not in validators:
+                    jsonschema_rs.validator_for({**document, "$ref": "#/$defs/" + escape_pointer(name)}, **options)
+                    raise self.origins[name].error("this schema cannot be compiled")
         except jsonschema_rs.ValidationError as exc:  # the document is not a valid schema
             raise self._source_error(list(exc.instance_path), _schema_problem(exc)) from None
         except (jsonschema_rs.ReferencingError, ValueError) as exc:
+            if isinstance(exc, SpecError):
+                raise
             raise SpecError(self.files.root_name, "", f"schemas cannot be compiled: {exc}") from None
         return SchemaSet(validators, self.defs, dict(self.marks))
 
@@ -396,11 +406,13 @@ class SchemaSet:
     def validator(self, name: str) -> Any:
         return self._validators["#/$defs/" + escape_pointer(name)]
 
-    def explain(self, error: jsonschema_rs.ValidationError) -> SchemaViolation:
-        """A failed validation as location and constraint, built without the value."""
+    def explain(self, error: jsonschema_rs.ValidationError, root: str) -> SchemaViolation:
+        """A failed validation of def ``root`` as location and constraint, built without the value."""
         pointer = "".join("/" + escape_pointer(t) for t in error.instance_path)
         keyword = error.kind.name
         schema_path = tuple(error.schema_path)
+        if schema_path[:1] != ("$defs",):  # relative to the validator's own def until a $ref leaves it
+            schema_path = ("$defs", root, *schema_path)
         mark = self._marks.get(schema_path)
         if mark == _MARK_READ_ONLY:
             return SchemaViolation(pointer, "readOnly", "is read-only and cannot be sent")
