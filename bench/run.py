@@ -108,6 +108,9 @@ SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
                                     setup=lambda workdir: __import__("quota_scenario").quota_memory_setup(workdir)),
     "quota-redis": SidecarScenario("orders-api + 3 quotas charged in a local Redis (bench/quota_scenario.py)",
                                    setup=lambda workdir: __import__("quota_scenario").quota_redis_setup(workdir)),
+    "openapi": SidecarScenario("OpenAPI 3.1 spec enforced: POST of a 1 KiB JSON body validated against its schema "
+                               "(bench/openapi_scenario.py)",
+                               setup=lambda workdir: __import__("openapi_scenario").openapi_setup(workdir)),
 }
 
 DIRECT, ALLOW_ALL = "direct", "allow-all"

@@ -9,6 +9,7 @@ whatever a path happens to name). Every error names the file and the JSON pointe
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,19 @@ class Location:
 
 
 class _SpecLoader(yaml.CSafeLoader if hasattr(yaml, "CSafeLoader") else yaml.SafeLoader):  # type: ignore[misc]
-    """YAML 1.1 as JSON sees it: dates stay strings (an ``enum`` of dates must compare with the
-    strings a request carries), and mapping keys are strings (``200:`` under ``responses``)."""
+    """PyYAML (libyaml) read closer to YAML 1.2, which OpenAPI recommends: only ``true``/``false``
+    are booleans (YAML 1.1 also reads ``yes``, ``no``, ``on``, ``off``: an ``enum`` of country
+    codes with ``NO`` would hold ``false``), dates stay strings (an ``enum`` of dates must compare
+    with the strings a request carries), and mapping keys are strings (``200:`` under ``responses``)."""
 
 
+_BOOL_12 = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _SpecLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    first: [
+        (tag, _BOOL_12 if tag == "tag:yaml.org,2002:bool" else regexp)
+        for tag, regexp in resolvers
+        if tag != "tag:yaml.org,2002:timestamp"
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 

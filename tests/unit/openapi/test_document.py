@@ -12,11 +12,14 @@ def test_pointers_escape_slash_and_tilde():
     assert pointer_of("x~y") == "/x~0y"
 
 
-def test_yaml_dates_stay_strings_and_keys_are_strings(spec_file):
-    files = SpecFiles(spec_file("openapi: 3.1.0\nx: 2024-01-02\nresponses:\n  200: {description: ok}\n  true: 1\n"))
-    document = files.load_root()
-    assert document["x"] == "2024-01-02"
-    assert set(document["responses"]) == {"200", "true"}
+def test_yaml_is_read_as_json_sees_it(spec_file):
+    text = "openapi: 3.1.0\nx: 2024-01-02\nresponses:\n  200: {description: ok}\n  true: 1\n" \
+           "enum: [NO, yes, off, true, False, 1, 1.5, ~]\n"
+    document = SpecFiles(spec_file(text)).load_root()
+    assert document["x"] == "2024-01-02"  # dates stay strings
+    assert set(document["responses"]) == {"200", "true"}  # keys are strings
+    # YAML 1.2 booleans only: the Norway problem of YAML 1.1 does not turn NO into false
+    assert document["enum"] == ["NO", "yes", "off", True, False, 1, 1.5, None]
 
 
 def test_json_specs_are_read_as_json(spec_file):
