@@ -19,11 +19,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from extauthz import client_ip
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Authorizer, Decision
+from extauthz.openapi.inventory import Inventory, merge_snapshots
 from extauthz.policy import PolicySet, PolicySetError, PolicyWatcher, Services, load_folder
 from extauthz.responses import DYNAMIC_METADATA_MODES, check_response_bytes
 from extauthz.telemetry import metrics as process_metrics
 from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
-from extauthz.openapi.inventory import Inventory, merge_snapshots
 from extauthz.telemetry.metrics import Metrics, multiprocess_dir
 from extauthz.telemetry.tracing import SubjectHasher, subject_hash_key
 
@@ -183,23 +183,29 @@ class Sidecar:
             self._checks_of = (policy_set, checks)
         return checks
 
-    def inventory_report(self) -> dict[str, Any]:
+    async def inventory_report(self) -> dict[str, Any]:
         """This process' inventory, merged with the other workers' latest (``--workers``)."""
-        own = self.inventory.snapshot()
+        own = self.inventory.snapshot()  # on the event loop: the request path changes it there
         folder = multiprocess_dir()
         if folder is None:
             return own
+        others = await asyncio.to_thread(self._other_inventories, Path(folder))
+        return merge_snapshots([own, *others]) if others else own
+
+    @staticmethod
+    def _other_inventories(folder: Path) -> list[dict[str, Any]]:
         others = []
-        for file in Path(folder).glob("inventory-*.json"):
+        for file in folder.glob("inventory-*.json"):
             if file.name == f"inventory-{os.getpid()}.json":
                 continue
             try:
                 others.append(json.loads(file.read_bytes()))
             except (OSError, ValueError):
-                continue  # a worker writing it right now: its next copy is a second away
-        return merge_snapshots([own, *others]) if others else own
+                continue  # a worker writing it right now: its next copy is seconds away
+        return others
 
-    def _write_inventory(self) -> None:
+    @staticmethod
+    def _write_inventory(snapshot: dict[str, Any]) -> None:
         """Workers share their inventory through files beside the metrics' (read by inventory_report)."""
         folder = multiprocess_dir()
         if folder is None:
@@ -207,7 +213,7 @@ class Sidecar:
         target = Path(folder) / f"inventory-{os.getpid()}.json"
         temporary = target.with_suffix(".tmp")
         try:
-            temporary.write_text(json.dumps(self.inventory.snapshot()))
+            temporary.write_text(json.dumps(snapshot))
             temporary.replace(target)
         except OSError as exc:
             log.warning("cannot write the inventory for other workers: %s", exc)
@@ -289,7 +295,7 @@ class Sidecar:
             elif path == "/metrics":
                 status, ctype, body = 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
             elif path == "/inventory":
-                report = await asyncio.to_thread(self.inventory_report) if multiprocess_dir() else self.inventory_report()
+                report = await self.inventory_report()
                 status, ctype, body = 200, "application/json", json.dumps(report).encode() + b"\n"
             else:
                 status, ctype, body = 404, "text/plain", b"not found\n"
@@ -323,7 +329,7 @@ class Sidecar:
         self.metrics.flush()
         self._ticks += 1
         if self._ticks % 5 == 0 and multiprocess_dir() is not None:
-            asyncio.get_running_loop().run_in_executor(None, self._write_inventory)
+            asyncio.get_running_loop().run_in_executor(None, self._write_inventory, self.inventory.snapshot())
         asyncio.get_running_loop().call_later(1.0, self._publish_metrics)
 
     async def stop(self) -> None:
@@ -348,7 +354,7 @@ class Sidecar:
                 except Exception:
                     log.exception("closing %r failed", service)
         if multiprocess_dir() is not None:
-            await asyncio.to_thread(self._write_inventory)
+            await asyncio.to_thread(self._write_inventory, self.inventory.snapshot())
         if self.decision_log is not None:
             await asyncio.to_thread(self.decision_log.close)
         if self.tracing is not None:

@@ -3,7 +3,8 @@
 | media type | checked |
 | --- | --- |
 | JSON (``application/json``, ``*/*+json``) | content type; parsed; validated against the schema |
-| ``application/x-www-form-urlencoded`` | content type; decoded per ``encoding`` (style/explode), values typed by the schema; validated |
+| ``application/x-www-form-urlencoded`` | content type; decoded per ``encoding`` (style/explode), typed and |
+| | validated by the schema |
 | ``multipart/*`` | content type and its ``boundary`` parameter; the parts are not parsed |
 | anything else (binary, text, ranges such as ``image/*``) | content type only |
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from extauthz.openapi.document import Location, SpecError, SpecFiles
+from extauthz.openapi.document import Location, SpecFiles
 from extauthz.openapi.model import METHODS, CompiledSpec, MediaType, Operation, RequestBody, Settings
 from extauthz.openapi.params import ALLOWED_STYLES, DEFAULT_STYLES, Parameter, Shape, members_of, schema_shape
 from extauthz.openapi.routing import Router, TemplateError
@@ -133,8 +133,8 @@ class _Compiler:
         unknown = tuple(name for name, _ in self.settings.operation_modes if name not in labels)
         return CompiledSpec(
             title=info["title"], version=str(info.get("version", "")), openapi=version, settings=self.settings,
-            routers=routers, operations=tuple(operations), schemes=self.schemes, schemas=schemas, files=tuple(self.files.files),
-            unknown_overrides=unknown,
+            routers=routers, operations=tuple(operations), schemes=self.schemes, schemas=schemas,
+            files=tuple(self.files.files), unknown_overrides=unknown,
         )  # fmt: skip
 
     # --- servers and routing ----------------------------------------------------------------------
@@ -204,7 +204,9 @@ class _Compiler:
         at = self.root_at.child("components", "securitySchemes")
         if not isinstance(declared, dict):
             raise at.error("must be an object")
-        mapped = {name: (frozenset(sources), frozenset(kinds)) for name, sources, kinds in self.settings.scheme_identities}
+        mapped = {
+            name: (frozenset(sources), frozenset(kinds)) for name, sources, kinds in self.settings.scheme_identities
+        }
         for name, scheme in declared.items():
             scheme, scheme_at = self.files.deref(scheme, at.child(name))
             if not isinstance(scheme, dict) or not isinstance(scheme.get("type"), str):
@@ -443,7 +445,8 @@ def _media(name: str, kind: str, schema_name: str | None, encoding: Mapping[str,
         form = {}
         properties = _form_properties(schemas.defs[schema_name], schemas.defs)
         for prop, sub in properties.items():
-            rule = encoding.get(prop) if isinstance(encoding.get(prop), dict) else {}
+            found = encoding.get(prop)
+            rule: Mapping[str, Any] = found if isinstance(found, dict) else {}
             style = rule.get("style", "form")
             explode = rule.get("explode", style == "form")
             shape = schema_shape(sub, schemas.defs)

@@ -169,8 +169,8 @@ def _query(spec: CompiledSpec, operation: Operation, raw_query: str, out: dict[s
     if not pairs and not declared:
         return None
     grouped: dict[str, list[str]] = {}
-    for name, value in pairs:
-        grouped.setdefault(name, []).append(value)
+    for name, raw in pairs:
+        grouped.setdefault(name, []).append(raw)
     claimed: set[str] = set()
     for param in operation.query_objects:
         value, names, problem = _query_object(param, grouped)

@@ -163,9 +163,10 @@ class Inventory:
         if not policy:
             return
         attributes = decision.attributes
-        if attributes is None or ("openapi_operation" not in attributes and "openapi_undocumented" not in attributes):
-            if policy not in self._specs():
-                return  # the common case for policies without an openapi section
+        seen_by_check = attributes is not None and (
+            "openapi_operation" in attributes or "openapi_undocumented" in attributes)
+        if not seen_by_check and policy not in self._specs():
+            return  # the common case: a policy without an openapi section
         request = decision.request
         if request is None:
             return
@@ -236,12 +237,12 @@ class Inventory:
             policies[name] = {
                 "policy": name,
                 "spec": {"title": spec.title, "version": spec.version, "openapi": spec.openapi,
-                         "base_paths": _base_paths(spec)},  # fmt: skip
+                         "base_paths": _base_paths(spec)},
                 "operations": [
                     {"operation": op.label, "method": op.method, "path": op.template, "deprecated": op.deprecated,
                      "mode": op.mode, **(self._operations.get((name, op.label)) or _Usage()).as_dict()}
                     for op in spec.operations
-                ],  # fmt: skip
+                ],
                 "shadow": [],
                 "shadow_dropped": self.dropped.get(name, 0),
             }
@@ -249,7 +250,7 @@ class Inventory:
             entry = policies.setdefault(name, _empty_policy(name))
             if name not in specs or spec_lacks(specs[name], label):
                 entry["operations"].append({"operation": label, "method": "", "path": "", "deprecated": False,
-                                            "mode": "", "removed": True, **usage.as_dict()})  # fmt: skip
+                                            "mode": "", "removed": True, **usage.as_dict()})
         for (name, template), usage in self._shadow.items():
             entry = policies.setdefault(name, _empty_policy(name))
             entry["shadow"].append({"path": template, **usage.as_dict()})
@@ -357,17 +358,17 @@ def shadow_skeleton(snapshot: Mapping[str, Any], policy: str | None = None) -> d
                 item[method.lower()] = {
                     "summary": "Undocumented endpoint seen by extauthz: review before adding it to the spec",
                     "parameters": [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-                                   for n in names],  # fmt: skip
+                                   for n in names],
                     "responses": {"default": {"description": "not documented yet"}},
                     "x-extauthz": {"policy": entry["policy"], "requests": count,
                                    "first_seen": shadow.get("first_seen", ""), "last_seen": shadow.get("last_seen", ""),
                                    "statuses": shadow.get("statuses", {}),
-                                   "identity_kinds": shadow.get("identity_kinds", {})},  # fmt: skip
+                                   "identity_kinds": shadow.get("identity_kinds", {})},
                 }
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "Undocumented endpoints of " + (", ".join(dict.fromkeys(titles)) or "the API"),
-                 "version": snapshot.get("generated", "") or "0"},  # fmt: skip
+                 "version": snapshot.get("generated", "") or "0"},
         "paths": dict(sorted(paths.items())),
     }
     if servers:

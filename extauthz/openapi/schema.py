@@ -267,7 +267,8 @@ class SchemaTranslator:
                 continue
             for name, sub in properties.items():
                 resolved = sub
-                if isinstance(sub, dict) and "$ref" in sub and not (self.options.version != "3.0" and "readOnly" in sub):
+                own = self.options.version != "3.0" and isinstance(sub, dict) and "readOnly" in sub
+                if isinstance(sub, dict) and "$ref" in sub and not own:
                     resolved, _ = self.files.deref(sub, member_at.child("properties", name))
                 if isinstance(resolved, dict) and resolved.get("readOnly") is True:
                     names.add(name)
@@ -437,13 +438,15 @@ def _detail(kind: Any, keyword: str) -> str:
     simple = {
         "minimum": f"must be >= {limit}", "maximum": f"must be <= {limit}",
         "exclusiveMinimum": f"must be > {limit}", "exclusiveMaximum": f"must be < {limit}",
-        "minLength": f"must be at least {limit} characters long", "maxLength": f"must be at most {limit} characters long",
+        "minLength": f"must be at least {limit} characters long",
+        "maxLength": f"must be at most {limit} characters long",
         "minItems": f"must have at least {limit} items", "maxItems": f"must have at most {limit} items",
         "minProperties": f"must have at least {limit} properties",
         "maxProperties": f"must have at most {limit} properties",
         "uniqueItems": "items must be unique", "enum": "must be one of the allowed values",
         "const": "must be the allowed constant", "anyOf": "must match at least one of the alternatives",
-        "oneOfNotValid": "must match one of the alternatives", "oneOfMultipleValid": "matches more than one alternative",
+        "oneOfNotValid": "must match one of the alternatives",
+        "oneOfMultipleValid": "matches more than one alternative",
         "not": "must not match the excluded schema", "falseSchema": "is not allowed here",
         "contains": "no item matches the required item schema",
     }  # fmt: skip

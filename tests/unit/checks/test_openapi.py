@@ -139,7 +139,7 @@ def test_policy_errors_name_fields_and_spec_pointers(folder):
     assert "spec.openapi.spec: OpenAPI spec" in str(caught.value)
     assert "orders.openapi.yaml#/paths/~1a~1{id}/get: path parameter 'id' of /a/{id} is not declared" in \
         str(caught.value)
-    with pytest.raises(PolicySetError, match="spec.openapi.mode: must be one of: enforce, report"):
+    with pytest.raises(PolicySetError, match=r"spec\.openapi\.mode: must be one of: enforce, report"):
         load_folder(folder("  mode: log"))
 
 
