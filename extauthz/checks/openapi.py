@@ -24,6 +24,7 @@ from extauthz.context import CheckContext, Denial
 from extauthz.openapi import CompiledSpec, Settings, SpecFiles, compile_spec, evaluate, operation_view
 from extauthz.openapi.enforce import Violation
 from extauthz.policy.build import BuildContext, Spec
+from extauthz.request import BadRequest, normalize_path
 from extauthz.watched import WatchedPath
 
 if TYPE_CHECKING:
@@ -68,6 +69,14 @@ def _settings(spec: Spec, build: BuildContext) -> Settings:
         for i, base in enumerate(listed):
             if not base.startswith("/") or "{" in base or "?" in base:
                 spec.child("basePaths").error("must be a path starting with '/' (no templates or query)", i)
+                continue
+            try:
+                normalized = normalize_path(base)
+            except BadRequest as exc:
+                spec.child("basePaths").error(str(exc), i)
+                continue
+            if normalized != base:
+                spec.child("basePaths").error(f"is not in normalized form (requests are matched as {normalized!r})", i)
         base_paths = tuple(b.rstrip("/") for b in listed)
     schemes: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
     identity_names = _identity_names(build)
@@ -162,6 +171,8 @@ class OpenApiCheck:
             ctx.operation = operation_view(operation, outcome.params, outcome.query)
         violation = outcome.violation
         if violation is None:
+            if outcome.preflight:
+                attributes["openapi_preflight"] = True
             if ctx.steps is not None:
                 what = "CORS preflight" if outcome.preflight else f"operation {operation.label if operation else '-'}"
                 ctx.note(f"openapi: {what}: valid")

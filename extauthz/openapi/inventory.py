@@ -180,6 +180,8 @@ class Inventory:
 
     def record(self, policy: str, method: str, path: str, outcome: str, status: int, identity_kind: str,
                attributes: Mapping[str, Any], when: float | None = None) -> None:  # fmt: skip
+        if attributes.get("openapi_preflight"):
+            return  # a CORS preflight the spec allows: neither an operation nor a shadow endpoint
         when = self._clock() if when is None else when
         violation = str(attributes.get("openapi_violation", ""))
         label = attributes.get("openapi_operation")

@@ -14,6 +14,9 @@ from extauthz.openapi.security import Requirement, Scheme
 
 __all__ = ["METHODS", "CompiledSpec", "MediaType", "Operation", "RequestBody", "Settings"]
 
+_NOT_ROUTED: Any = object()
+_ROUTE_MEMO_ENTRIES, _ROUTE_MEMO_PATH = 4096, 256
+
 #: The operations a Path Item can hold, as request methods.
 METHODS = ("GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE")
 
@@ -120,12 +123,27 @@ class CompiledSpec:
     #: Labels of operations whose policy overrides named nothing in this version.
     unknown_overrides: tuple[str, ...] = field(default=())
 
+    #: Routing results by path (see match).
+    _routes: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
     def match(self, path: str) -> tuple[PathItem, dict[str, str], str] | None:
+        """The path item, raw path parameter values and base path of a normalized path, or None.
+
+        Remembered for short paths (a service sees the same few often): bounded, cleared when full.
+        The values are shared between requests and must not be changed."""
+        routes = self._routes
+        found = routes.get(path, _NOT_ROUTED)
+        if found is not _NOT_ROUTED:
+            return found  # type: ignore[no-any-return]
         for router in self.routers:
             found = router.match(path)
             if found is not None:
-                return found
-        return None
+                break
+        if len(path) <= _ROUTE_MEMO_PATH:
+            if len(routes) >= _ROUTE_MEMO_ENTRIES:
+                routes.clear()
+            routes[path] = found
+        return found
 
     def operation(self, label: str) -> Operation | None:
         for operation in self.operations:

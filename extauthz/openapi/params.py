@@ -192,6 +192,8 @@ def schema_shape(schema: Any, defs: Mapping[str, Any]) -> Shape:
 # --- reading the request's text -------------------------------------------------------------------------
 def decode_text(raw: str, plus: bool) -> str:
     """Percent-decode (``+`` as space in query strings and forms), refusing what is not UTF-8."""
+    if "%" not in raw and (not plus or "+" not in raw):
+        return raw
     try:
         return unquote_plus(raw, errors="strict") if plus else unquote(raw, errors="strict")
     except UnicodeDecodeError:
