@@ -381,3 +381,25 @@ def test_api_inventory_endpoint_metrics_and_cli(policy_dir, policy_yaml, tmp_pat
     assert main(["inventory", "--decision-log", str(log_file), "--format", "openapi"]) == 0
     skeleton = capsys.readouterr().out
     assert "/api/admin/users/{userId}:" in skeleton and "post:" in skeleton
+
+
+def test_workers_share_their_inventory_through_files(policy_dir, policy_yaml, tmp_path: Path, monkeypatch) -> None:
+    folder = policy_dir(**{"shop.yaml": policy_yaml("shop", OPENAPI_POLICY)})
+    (folder / "shop.openapi.json").write_text(json.dumps(SHOP_SPEC))
+    shared = tmp_path / "multiproc"
+    shared.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
+
+    async def scenario() -> dict:
+        sc = Sidecar(Settings(policies=folder, listen=f"127.0.0.1:{_free_port()}", http_port=_free_port(), grace=1.0))
+        sc.load_initial()
+        sc.inventory.record("shop", "GET", "/api/items/1", "allow", 200, "jwt", {"openapi_operation": "getItem"})
+        other = sc.inventory.snapshot()  # what another worker wrote: the same counts again
+        (shared / "inventory-999999.json").write_text(json.dumps(other))
+        sc._write_inventory(sc.inventory.snapshot())
+        assert (shared / f"inventory-{os.getpid()}.json").exists()
+        return await sc.inventory_report()
+
+    report = run(scenario())
+    (policy,) = report["policies"]
+    assert {o["operation"]: o["requests"] for o in policy["operations"]}["getItem"] == 2
