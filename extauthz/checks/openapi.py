@@ -22,7 +22,7 @@ from extauthz.checks import Phase, register
 from extauthz.checks.identity import challenge
 from extauthz.context import CheckContext, Denial
 from extauthz.openapi import CompiledSpec, Settings, SpecFiles, compile_spec, evaluate, operation_view
-from extauthz.openapi.enforce import Violation
+from extauthz.openapi.model import Violation
 from extauthz.policy.build import BuildContext, Spec
 from extauthz.request import BadRequest, normalize_path
 from extauthz.watched import WatchedPath

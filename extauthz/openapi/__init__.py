@@ -14,8 +14,8 @@ extauthz/checks/openapi.py).
 
 from extauthz.openapi.compiler import compile_spec
 from extauthz.openapi.document import SpecError, SpecFiles
-from extauthz.openapi.enforce import Outcome, Violation, evaluate, operation_view
-from extauthz.openapi.model import CompiledSpec, Operation, Settings
+from extauthz.openapi.enforce import Outcome, evaluate, operation_view
+from extauthz.openapi.model import CompiledSpec, Operation, Settings, Violation
 
 __all__ = [
     "CompiledSpec",

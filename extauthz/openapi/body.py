@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import jsonschema_rs
 
+from extauthz.openapi.model import Violation, media_kind
 from extauthz.request import Request
 
 if TYPE_CHECKING:
-    from extauthz.openapi.enforce import Violation
     from extauthz.openapi.model import CompiledSpec, MediaType, Operation
 
 __all__ = ["check_body", "content_type_of", "has_content"]
@@ -47,8 +47,6 @@ def content_type_of(request: Request) -> tuple[str, str]:
 
 def _violation(status: int, reason: str, operation: Operation, location: str, constraint: str,
                detail: str) -> Violation:  # fmt: skip
-    from extauthz.openapi.enforce import Violation
-
     return Violation(status, reason, f"{operation.label}: {location}: {detail} ({constraint})", location, constraint)
 
 
@@ -73,7 +71,7 @@ def check_body(spec: CompiledSpec, operation: Operation, request: Request) -> Vi
         declared = ", ".join(m.name for m in body.media)
         return _violation(415, "openapi_unsupported_media_type", operation, "content-type", "content",
                           f"must be one of {declared}")  # fmt: skip
-    kind = _kind_of(media_type)
+    kind = media_kind(media_type)
     if kind == "multipart":
         if "boundary=" not in parameters.lower():
             return _violation(400, "openapi_invalid_body", operation, "content-type", "boundary",
@@ -86,12 +84,6 @@ def check_body(spec: CompiledSpec, operation: Operation, request: Request) -> Vi
                           "the body did not reach the sidecar whole (Envoy's max_request_bytes), so it cannot be "
                           "validated")  # fmt: skip
     return _validate(spec, operation, media, kind, request)
-
-
-def _kind_of(media_type: str) -> str:
-    from extauthz.openapi.compiler import media_kind
-
-    return media_kind(media_type)
 
 
 def _validate(spec: CompiledSpec, operation: Operation, media: MediaType, kind: str,

@@ -17,13 +17,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from extauthz.openapi.document import Location, SpecFiles
-from extauthz.openapi.model import METHODS, CompiledSpec, MediaType, Operation, RequestBody, Settings
+from extauthz.openapi.model import METHODS, CompiledSpec, MediaType, Operation, RequestBody, Settings, media_kind
 from extauthz.openapi.params import ALLOWED_STYLES, DEFAULT_STYLES, Parameter, Shape, members_of, schema_shape
 from extauthz.openapi.routing import Router, TemplateError
 from extauthz.openapi.schema import SchemaOptions, SchemaSet, SchemaTranslator
 from extauthz.openapi.security import DEFAULT_KINDS, Requirement, Scheme
 
-__all__ = ["compile_spec", "media_kind"]
+__all__ = ["compile_spec"]
 
 _LOCATIONS = ("path", "query", "header", "cookie")
 #: Header parameters OpenAPI says to ignore (they are described elsewhere: content, security).
@@ -31,18 +31,6 @@ _IGNORED_HEADERS = frozenset({"accept", "content-type", "authorization"})
 _VARIABLE = re.compile(r"\{([^{}]+)\}")
 _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+*-]+|\*/\*")
 _MODES = ("enforce", "report")
-
-
-def media_kind(name: str) -> str:
-    """What a media type is validated as: "json", "form", "multipart" or "other" (type only)."""
-    main, _, sub = name.partition("/")
-    if sub == "json" or sub.endswith("+json"):
-        return "json"
-    if name == "application/x-www-form-urlencoded":
-        return "form"
-    if main == "multipart":
-        return "multipart"
-    return "other"
 
 
 @dataclass(slots=True)

@@ -11,13 +11,12 @@ never the value.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jsonschema_rs
 
 from extauthz.openapi.body import check_body
-from extauthz.openapi.model import CompiledSpec, Operation
+from extauthz.openapi.model import CompiledSpec, Operation, Violation
 from extauthz.openapi.params import (
     BadParameter,
     Parameter,
@@ -33,22 +32,6 @@ from extauthz.openapi.security import judge
 from extauthz.request import Request
 
 __all__ = ["Outcome", "Violation", "evaluate", "operation_view"]
-
-
-@dataclass(frozen=True, slots=True)
-class Violation:
-    status: int
-    reason: str
-    message: str
-    #: Where: "path", "method", "security", "path.id", "query.limit", "header.x-a", "cookie.s",
-    #: "content-type", "body", "body/items/0".
-    location: str
-    #: Which constraint: a JSON Schema keyword, or "paths", "methods", "required", "security", ...
-    constraint: str
-    headers: tuple[tuple[str, str], ...] = ()
-    #: For security refusals: the WWW-Authenticate challenges and the scope a 403 asks for.
-    challenges: tuple[str, ...] = ()
-    scope: str = ""
 
 
 class Outcome(NamedTuple):

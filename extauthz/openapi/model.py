@@ -12,7 +12,7 @@ from extauthz.openapi.routing import PathItem, Router
 from extauthz.openapi.schema import SchemaSet
 from extauthz.openapi.security import Requirement, Scheme
 
-__all__ = ["METHODS", "CompiledSpec", "MediaType", "Operation", "RequestBody", "Settings"]
+__all__ = ["METHODS", "CompiledSpec", "MediaType", "Operation", "RequestBody", "Settings", "Violation", "media_kind"]
 
 _NOT_ROUTED: Any = object()
 _ROUTE_MEMO_ENTRIES, _ROUTE_MEMO_PATH = 4096, 256
@@ -42,6 +42,34 @@ class Settings:
     scheme_identities: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()
     #: operationId (or "METHOD /template") -> "enforce" or "report".
     operation_modes: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    status: int
+    reason: str
+    message: str
+    #: Where: "path", "method", "security", "path.id", "query.limit", "header.x-a", "cookie.s",
+    #: "content-type", "body", "body/items/0".
+    location: str
+    #: Which constraint: a JSON Schema keyword, or "paths", "methods", "required", "security", ...
+    constraint: str
+    headers: tuple[tuple[str, str], ...] = ()
+    #: For security refusals: the WWW-Authenticate challenges and the scope a 403 asks for.
+    challenges: tuple[str, ...] = ()
+    scope: str = ""
+
+
+def media_kind(name: str) -> str:
+    """What a media type is validated as: "json", "form", "multipart" or "other" (type only)."""
+    main, _, sub = name.partition("/")
+    if sub == "json" or sub.endswith("+json"):
+        return "json"
+    if name == "application/x-www-form-urlencoded":
+        return "form"
+    if main == "multipart":
+        return "multipart"
+    return "other"
 
 
 @dataclass(frozen=True, slots=True)
