@@ -5,6 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openapi_material import minimal
 
 from extauthz.openapi.inventory import Inventory, infer_template, merge_snapshots, shadow_skeleton
@@ -113,3 +115,12 @@ def test_openapi_skeleton_of_shadow_endpoints(spec):
     assert item["get"]["parameters"] == [{"name": "userId", "in": "path", "required": True,
                                           "schema": {"type": "string"}}]
     assert item["get"]["x-extauthz"]["requests"] == 1
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="ascii"), max_size=300))
+def test_inferred_templates_are_bounded_and_never_raise(path):
+    template = infer_template("/" + path)
+    assert template.startswith("/") and template.count("/") <= 17
+    assert all(len(segment) <= 64 or segment.startswith("{") for segment in template.split("/"))

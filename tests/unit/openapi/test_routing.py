@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extauthz.openapi.routing import Router, TemplateError
 
@@ -79,3 +81,27 @@ def test_literal_segments_match_the_normalized_form():
 def test_bad_templates(templates, problem):
     with pytest.raises(TemplateError, match=problem):
         _router(*templates)
+
+
+_SEGMENT = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.~", min_size=1, max_size=8)
+_VALUE = st.text(alphabet="ABCxyz0123456789-_.~%2C", min_size=1, max_size=10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_SEGMENT, st.booleans()), min_size=1, max_size=6), st.data())
+def test_a_path_built_from_a_template_matches_it_with_its_values(parts, data):
+    template = "/" + "/".join("{" + f"p{i}" + "}" if is_param else text for i, (text, is_param) in enumerate(parts))
+    router = _router(template)
+    values = {f"p{i}": data.draw(_VALUE) for i, (_, is_param) in enumerate(parts) if is_param}
+    path = "/" + "/".join(values[f"p{i}"] if is_param else text for i, (text, is_param) in enumerate(parts))
+    found = router.match(path)
+    assert found is not None and found[0].template == template and found[1] == values
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="/abc{}%.-_~09", max_size=40))
+def test_matching_arbitrary_paths_never_raises(path):
+    router = _router("/a/{x}", "/a/b/{y}.json", "/{z}")
+    found = router.match("/" + path.lstrip("/"))
+    if found is not None:
+        assert all("/" not in v for v in found[1].values())
