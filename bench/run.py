@@ -111,6 +111,14 @@ SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
     "openapi": SidecarScenario("OpenAPI 3.1 spec enforced: POST of a 1 KiB JSON body validated against its schema "
                                "(bench/openapi_scenario.py)",
                                setup=lambda workdir: __import__("openapi_scenario").openapi_setup(workdir)),
+    "layers-none": SidecarScenario("orders.yaml alone, no layer (bench/layer_scenario.py)",
+                                   setup=lambda workdir: __import__("layer_scenario").layer_setup(workdir, "none")),
+    "layers-elsewhere": SidecarScenario(
+        "orders.yaml + a layer for another host: the request matches no layer (bench/layer_scenario.py)",
+        setup=lambda workdir: __import__("layer_scenario").layer_setup(workdir, "elsewhere")),
+    "layers-one": SidecarScenario(
+        "orders.yaml + a mesh-wide layer: CIDR denylist and one rule (bench/layer_scenario.py)",
+        setup=lambda workdir: __import__("layer_scenario").layer_setup(workdir, "one")),
 }
 
 DIRECT, ALLOW_ALL = "direct", "allow-all"

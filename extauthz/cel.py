@@ -6,9 +6,14 @@ position), and evaluates a small activation in about 3 us. The Rust binding
 (``common-expression-language``) took about 6 us and the pure-Python ``cel-python`` about 250 us
 for the same rule (see docs/policy.md, "CEL").
 
-At compile time each expression's checked AST is walked to list the exact paths it reads
-(``request.method``, ``request.headers['x-tenant']``, ``identity.claims``...). Two things follow:
-a typo such as ``request.methd`` is a load-time error, and at run time the activation holds only
+Each expression is compiled twice at load. First against the real types of the variables
+(``request.method`` is a string, ``request.headers`` a map of strings, ``identity.claims`` dynamic):
+a typo such as ``request.methd``, ``request.method + 1`` or a ``when`` that is not a bool is a load
+error with its position, never a 503 on live traffic. Then with every variable dynamic: that is the
+program that runs, over plain dicts, so the checking costs nothing per request.
+
+The checked AST is walked to list the exact paths an expression reads (``request.method``,
+``request.headers['x-tenant']``, ``identity.claims``...): at run time the activation holds only
 those values, which also form the key of a small per-expression memo: the same inputs never run
 the same program twice.
 """
@@ -24,24 +29,49 @@ from cel_expr_python.ext import ext_math, ext_optional, ext_strings
 from google.protobuf import any_pb2
 
 from extauthz.api.celast import ast_pb2
+from extauthz.api.celvars import variables_pb2 as celvars_pb2
 
-__all__ = ["MISSING", "VARIABLES", "Accessor", "AccessorFactory", "CelError", "Expression", "compile_expression"]
+__all__ = [
+    "BOOL", "HEADER_VALUE", "INTEGER", "KEY", "MISSING", "STRING", "VARIABLES", "Accessor", "AccessorFactory",
+    "CelError", "Expression", "compile_expression",
+]
+
+_T = _cel.Type
+
+#: The static type of each root variable, as the type checker sees it at load. The fixed-shape
+#: ones are messages of proto/extauthz/api/celvars/variables.proto (a misspelt field is a load
+#: error); the others are maps. At run time every variable is dynamic (see ``_EVAL_ENV``).
+_TYPES: dict[str, Any] = {
+    "request": _T("extauthz.cel.Request"),
+    "source": _T("extauthz.cel.Source"),
+    "destination": _T("extauthz.cel.Destination"),
+    "tls": _T("extauthz.cel.Tls"),
+    "context": _T.Map(_T.STRING, _T.STRING),
+    "metadata": _T.Map(_T.STRING, _T.Map(_T.STRING, _T.DYN)),  # filter name -> its Struct
+    "identity": _T("extauthz.cel.Identity"),
+}
+
+#: Which message declares the fields of which variable (for error messages).
+_MESSAGE_VARIABLE = {
+    "extauthz.cel.Request": "request",
+    "extauthz.cel.Source": "source",
+    "extauthz.cel.Destination": "destination",
+    "extauthz.cel.Tls": "tls",
+    "extauthz.cel.Identity": "identity",
+    "extauthz.cel.Spiffe": "identity.spiffe",
+    "extauthz.cel.Operation": "request.operation",
+}
+
+
+def _message_fields(full_name: str) -> frozenset[str]:
+    message = celvars_pb2.DESCRIPTOR.message_types_by_name[full_name.removeprefix("extauthz.cel.")]
+    return frozenset(message.fields_by_name)
+
 
 #: Root variables every expression may use, and for the fixed-shape ones the fields they have.
 #: ``None`` means "a map with any keys".
 VARIABLES: dict[str, frozenset[str] | None] = {
-    "request": frozenset(
-        {
-            "method", "host", "path", "raw_path", "query", "query_all", "headers", "body",
-            "raw_body", "id", "scheme", "protocol", "size", "partial_body", "fragment", "operation",
-        }
-    ),
-    "source": frozenset({"address", "port", "principal", "certificate", "service", "labels", "client_ip"}),
-    "destination": frozenset({"address", "port", "principal", "certificate", "service", "labels"}),
-    "tls": frozenset({"sni"}),
-    "context": None,
-    "metadata": None,
-    "identity": None,
+    name: _message_fields(type_.name()) if type_.is_message() else None for name, type_ in _TYPES.items()
 }
 
 _MEMO_LIMIT = 4096
@@ -81,10 +111,33 @@ Accessor = Callable[[Any], Any]
 #: Makes the accessor for one dependency path, e.g. ("request", "headers", "x-tenant").
 AccessorFactory = Callable[[tuple[str, ...]], Accessor]
 
-_ENV = _cel.NewEnv(
-    variables={name: _cel.Type.DYN for name in VARIABLES},
-    extensions=[ext_optional.ExtOptional(), ext_strings.ExtStrings(), ext_math.ExtMath()],
-)
+def _extensions() -> list[Any]:
+    return [ext_optional.ExtOptional(), ext_strings.ExtStrings(), ext_math.ExtMath()]
+
+
+#: Where expressions are type-checked: every variable with its real type.
+_CHECK_ENV = _cel.NewEnv(descriptor_pool=celvars_pb2.DESCRIPTOR.pool, variables=_TYPES, extensions=_extensions())
+#: Where the programs that run come from: the same expressions with every variable dynamic, so an
+#: activation is plain dicts and lists (a typed program would want messages built per request).
+#: Once an expression passed the checker, the values it reads have the declared types; only the
+#: dynamic parts (identity.claims, metadata, query_all's lists) are checked as they are used.
+_EVAL_ENV = _cel.NewEnv(variables={name: _cel.Type.DYN for name in _TYPES}, extensions=_extensions())
+
+#: The static types a site accepts (``expect``), by CEL type name. ``dyn`` is accepted everywhere:
+#: what only the value can tell is checked where the value is used.
+BOOL: frozenset[str] = frozenset({"bool"})
+STRING: frozenset[str] = frozenset({"string"})
+INTEGER: frozenset[str] = frozenset({"int", "uint"})
+#: What a quota key may be: hashed as its text.
+KEY: frozenset[str] = frozenset({"string", "int", "uint", "bool"})
+#: What a header value may be: a scalar written as text, a list of them joined with ",", or null
+#: for "remove the header".
+HEADER_VALUE: frozenset[str] = frozenset({"string", "int", "uint", "double", "bool", "bytes", "null_type", "list"})
+_DESCRIPTIONS = {
+    KEY: "a string, an integer or a bool",
+    INTEGER: "an integer",
+    HEADER_VALUE: "a string, number, bool, bytes, a list of them, or null",
+}
 
 
 def _access_path(node: ast_pb2.Expr, roots: Iterable[str], *, plain: bool = False) -> tuple[str, ...] | None:
@@ -149,14 +202,6 @@ def _dependencies(expr: ast_pb2.Expr, roots: Iterable[str]) -> list[tuple[str, .
         if not any(path[: len(p)] == p for p in kept):
             kept.append(path)
     return sorted(kept)
-
-
-def _check_fields(paths: Iterable[tuple[str, ...]]) -> None:
-    for path in paths:
-        fields = VARIABLES.get(path[0])
-        if fields is not None and len(path) > 1 and path[1] not in fields:
-            known = ", ".join(sorted(fields))
-            raise CelError(f"unknown field '{path[1]}' on {path[0]} (known: {known})")
 
 
 def _memo_key(values: list[Any]) -> tuple | None:
@@ -263,36 +308,83 @@ def compile_expression(
     source: str,
     accessor: AccessorFactory,
     *,
-    expect: str | None = None,
+    expect: str | Iterable[str] | None = None,
     allowed: Iterable[str] | None = None,
 ) -> Expression:
-    """Compile ``source`` or raise CelError with the compiler's message.
+    """Compile ``source`` or raise CelError with the compiler's message and the position.
 
-    ``expect`` ("bool" or "string") rejects expressions whose static type can never be that.
-    ``allowed`` limits the root variables (e.g. identity keys cannot read ``identity``).
+    ``expect`` (a CEL type name such as "bool", or a set such as :data:`KEY`) rejects expressions
+    whose static type can never be one of them. ``allowed`` limits the root variables (e.g.
+    identity keys cannot read ``identity``).
     """
     if not isinstance(source, str) or not source.strip():
         raise CelError("expression must be a non-empty string")
     try:
-        program = _ENV.compile(source)
+        checked_program = _CHECK_ENV.compile(source)
     except Exception as exc:
+        raise CelError(_clean_message(str(exc))) from exc
+    result_type = _type_name(checked_program.return_type())
+    if expect is not None:
+        wanted = frozenset((expect,) if isinstance(expect, str) else expect)
+        if not _accepts(wanted, result_type):
+            raise CelError(_mismatch(source, result_type, wanted))
+    try:
+        program = _EVAL_ENV.compile(source)
+    except Exception as exc:  # cannot happen: the dynamic environment accepts more
         raise CelError(_clean_message(str(exc))) from exc
     wrapped = any_pb2.Any.FromString(program.serialize())
     checked = ast_pb2.CheckedExpr.FromString(wrapped.value)
     paths = tuple(_dependencies(checked.expr, VARIABLES))
-    _check_fields(paths)
     if allowed is not None:
         allowed = frozenset(allowed)
         for path in paths:
             if path[0] not in allowed:
                 raise CelError(f"'{path[0]}' is not available here (allowed: {', '.join(sorted(allowed))})")
-    result_type = program.return_type().name().lower()
-    if expect is not None and result_type not in (expect, "dyn"):
-        raise CelError(f"expression has type {result_type}, expected {expect}")
     getters = tuple(accessor(path) for path in paths)
     plain = _access_path(checked.expr, VARIABLES, plain=True)
     direct = getters[0] if plain is not None and paths == (plain,) else None
     return Expression(source, program, paths, getters, result_type, direct)
+
+
+_BUILTIN_TYPE = re.compile(r"\b[A-Z][A-Z_0-9]*\b")
+
+
+def _type_name(type_: Any) -> str:
+    """A type as CEL writes it (``map<string, string>``), with our messages named by the variable
+    they describe (``request``)."""
+    name: str = type_.name()
+    for message, variable in _MESSAGE_VARIABLE.items():
+        name = name.replace(message, variable)
+    return _BUILTIN_TYPE.sub(lambda m: "null_type" if m[0] == "NULL" else m[0].lower(), name)
+
+
+def _accepts(wanted: frozenset[str], type_name: str) -> bool:
+    if type_name == "dyn" or type_name in wanted:
+        return True
+    if "list" in wanted and type_name.startswith("list<") and type_name.endswith(">"):
+        return _accepts(wanted - {"list"}, type_name[5:-1])
+    return False
+
+
+def _mismatch(source: str, type_name: str, wanted: frozenset[str]) -> str:
+    """The error for an expression of the wrong type, pointing at it as the checker's errors do."""
+    expected = _DESCRIPTIONS.get(wanted)
+    if expected is None:
+        names = sorted(wanted)
+        expected = " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + f" or {names[-1]}"
+    hint = ""
+    if type_name.startswith("optional_type<"):
+        hint = " (an optional value: add .orValue(<default>))"
+    elif type_name in _MESSAGE_VARIABLE.values():
+        hint = " (a whole variable: read one of its fields)"
+    offset = len(source) - len(source.lstrip())
+    line_start = source.rfind("\n", 0, offset) + 1
+    line_end = source.find("\n", offset)
+    line = source[line_start : None if line_end < 0 else line_end]
+    line_no = source.count("\n", 0, offset) + 1
+    column = offset - line_start
+    return (f"at {line_no}:{column + 1}: expression has type {type_name}{hint}, expected {expected}\n"
+            f" | {line}\n | {'.' * column}^")
 
 
 _VALUE_START = re.compile(r"""\s*(?:[:"'\[=\n]|$)""")
@@ -310,6 +402,19 @@ def _value_free(message: str) -> str:
     return f"{code}: {head}" if code else head
 
 
+_UNDEFINED_FIELD = re.compile(r"undefined field '([^']*)' not found in struct '([^']*)'")
+
+
 def _clean_message(message: str) -> str:
     message = message.removeprefix("INVALID_ARGUMENT: ").removesuffix(" [INVALID_ARGUMENT]")
+    message = _UNDEFINED_FIELD.sub(_unknown_field, message)
     return message.replace("ERROR: <input>:", "at ")
+
+
+def _unknown_field(match: re.Match[str]) -> str:
+    field_name, message = match[1], match[2]
+    variable = _MESSAGE_VARIABLE.get(message)
+    if variable is None:
+        return match[0]
+    known = sorted(_message_fields(message))
+    return f"unknown field '{field_name}' on {variable} (known: {', '.join(known)})"

@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import ipaddress
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, NoReturn
 
 from extauthz.policy import PolicySet, PolicySetError, Services, load_folder
 from extauthz.policy.model import Document
+from extauthz.safe_yaml import YamlInputError, load_single
 from extauthz.samples import SampleError, check_request_from_sample
 
 __all__ = ["main"]
@@ -41,6 +42,8 @@ def _number(kind: type, low: float, high: float | None = None) -> Any:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not math.isfinite(value) or value < low or (high is not None and value > high):
             bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            if kind is int:
+                bound = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise argparse.ArgumentTypeError(f"must be {bound}, not {text!r}")
         return value
 
@@ -63,8 +66,118 @@ def _one_of(choices: Sequence[str]) -> Any:
     return convert
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+_LOOKS_NUMERIC = re.compile(r"[0-9.]+")
+#: The longest path a unix socket address holds (sun_path is 108 bytes, one for the NUL).
+_MAX_SOCKET_PATH = 107
+
+
+def _host(host: str) -> str:
+    """A host name or IP address (IPv6 without brackets); a dotted number must be an IPv4 address."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if _HOST_NAME.fullmatch(host) is None or _LOOKS_NUMERIC.fullmatch(host) is not None:
+        raise argparse.ArgumentTypeError(f"{host!r} is not a host name or IP address")
+    return host
+
+
+def _port(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+    return port
+
+
+def _unix_address(text: str) -> str:
+    """``unix:PATH``, ``unix:///ABSOLUTE`` or ``unix-abstract:NAME``, whose folder exists."""
+    if text.startswith("unix-abstract:"):
+        if text == "unix-abstract:":
+            raise argparse.ArgumentTypeError("unix-abstract: needs a name")
+        return text
+    path = text.removeprefix("unix:").removeprefix("//")
+    if not path:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a path, e.g. unix:/run/extauthz/grpc.sock")
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise argparse.ArgumentTypeError(f"socket path is longer than {_MAX_SOCKET_PATH} bytes: {path}")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist (for {text})")
+    return text
+
+
+def _grpc_address(text: str) -> str:
+    """An argparse type for --listen: HOST:PORT, [IPV6]:PORT or a unix socket (see _unix_address)."""
+    text = text.strip()
+    if text.startswith(("unix:", "unix-abstract:")):
+        return _unix_address(text)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9191, [::1]:9191) or unix:PATH")
+    _port(port)
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{host} is not an IPv6 address") from None
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(f"{text!r}: an IPv6 address goes in brackets, e.g. [::1]:9191")
+    else:
+        _host(host)
+    return text
+
+
+def _unix_socket(text: str) -> str:
+    if not text.strip().startswith(("unix:", "unix-abstract:")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not unix:PATH (e.g. unix:/run/extauthz/grpc.sock)")
+    return _unix_address(text.strip())
+
+
+def _http_host(text: str) -> str:
+    host = text.strip()
+    return _host(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+
+
+def _decision_log_destination(text: str) -> str:
+    """'-', off/none, or a file whose folder exists (opened, and so checked further, at start)."""
+    value = text.strip()
+    if value in ("-", "", "off", "none"):
+        return value
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a folder; give a file to append to")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {path.parent} does not exist (for {value})")
+    return value
+
+
+def _existing_folder(text: str) -> Path:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"folder {text} does not exist")
+    return Path(text)
+
+
+def _readable_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} cannot be read")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit status 2; the full usage is one --help away."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="extauthz", description="Envoy external authorization sidecar")
+    parser = _Parser(prog="extauthz", description="Envoy external authorization sidecar")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
@@ -75,20 +188,20 @@ def _parser() -> argparse.ArgumentParser:
                "  EXTAUTHZ_SUBJECT_HASH_KEY   key of subject hashes in spans and decision logs\n"
                "  EXTAUTHZ_TRACE_EXPORT       process (default) or inprocess: where spans are encoded",
     )
-    serve.add_argument("--policies", default=_env("POLICIES", "policies"), type=Path,
+    serve.add_argument("--policies", default=_env("POLICIES", "policies"), type=_existing_folder,
                        help="policy folder (env EXTAUTHZ_POLICIES; default ./policies)")
-    serve.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:9191"),
-                       help="gRPC address HOST:PORT or unix:PATH (env EXTAUTHZ_LISTEN)")
-    serve.add_argument("--unix-socket", default=_env("UNIX_SOCKET"),
+    serve.add_argument("--listen", type=_grpc_address, default=_env("LISTEN", "127.0.0.1:9191"),
+                       help="gRPC address HOST:PORT, [IPV6]:PORT or unix:PATH (env EXTAUTHZ_LISTEN)")
+    serve.add_argument("--unix-socket", type=_unix_socket, default=_env("UNIX_SOCKET"),
                        help="additional gRPC listener, unix:PATH (env EXTAUTHZ_UNIX_SOCKET)")
-    serve.add_argument("--http-host", default=_env("HTTP_HOST", "127.0.0.1"),
+    serve.add_argument("--http-host", type=_http_host, default=_env("HTTP_HOST", "127.0.0.1"),
                        help="address of the probes/metrics port (env EXTAUTHZ_HTTP_HOST)")
-    serve.add_argument("--http-port", type=_number(int, 0, 65535), default=_env("HTTP_PORT", 8282),
+    serve.add_argument("--http-port", type=_number(int, 1, 65535), default=_env("HTTP_PORT", 8282),
                        help="/healthz, /readyz and /metrics port (env EXTAUTHZ_HTTP_PORT)")
     levels = ["debug", "info", "warning", "error"]
     serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), type=_one_of(levels), choices=levels,
                        help="(env EXTAUTHZ_LOG_LEVEL)")
-    serve.add_argument("--max-message-bytes", type=_number(int, 1024),
+    serve.add_argument("--max-message-bytes", type=_number(int, 1024, 2**31 - 1),
                        default=_env("MAX_MESSAGE_BYTES", 16 * 1024 * 1024),
                        help="largest CheckRequest accepted (env EXTAUTHZ_MAX_MESSAGE_BYTES)")
     serve.add_argument("--check-timeout", type=_SECONDS, default=_env("CHECK_TIMEOUT", 0.4),
@@ -101,7 +214,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds in-flight checks get after SIGTERM (env EXTAUTHZ_GRACE)")
     serve.add_argument("--redis-url", default=_env("REDIS_URL"),
                        help="shared store for quotas and nonces (env EXTAUTHZ_REDIS_URL)")
-    serve.add_argument("--redis-password-file", default=_env("REDIS_PASSWORD_FILE"), metavar="PATH",
+    serve.add_argument("--redis-password-file", type=_readable_file, default=_env("REDIS_PASSWORD_FILE"),
+                       metavar="PATH",
                        help="file holding the Redis password, e.g. a mounted Secret (env EXTAUTHZ_REDIS_PASSWORD_FILE)")
     serve.add_argument("--xff-trusted-hops", type=_number(int, 0, 16), default=_env("XFF_TRUSTED_HOPS", 0),
                        metavar="N", help="proxies in front of Envoy whose x-forwarded-for entry is trusted "
@@ -110,6 +224,11 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a policy folder; exit 1 listing every error")
     validate.add_argument("policies", type=Path)
+    validate.add_argument("--routes", action="store_true", help="also print the routing table (see 'routes')")
+
+    routes = sub.add_parser("routes", help="print the routing table: the layers, then the deciding policies in "
+                                           "the order they are tried")
+    routes.add_argument("policies", type=Path)
 
     explain = sub.add_parser("explain", help="show how a request would be decided, step by step")
     explain.add_argument("--policies", required=True, type=Path)
@@ -147,7 +266,8 @@ def _telemetry_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--log-format", default=_env("LOG_FORMAT", "json"), type=_one_of(["json", "text"]),
                        choices=["json", "text"],
                        help="process logs on stderr: JSON lines or text (env EXTAUTHZ_LOG_FORMAT)")
-    serve.add_argument("--decision-log", default=_env("DECISION_LOG", "-"), metavar="PATH|-|off",
+    serve.add_argument("--decision-log", type=_decision_log_destination, default=_env("DECISION_LOG", "-"),
+                       metavar="PATH|-|off",
                        help="decision log: '-' stdout (default), a file, or off (env EXTAUTHZ_DECISION_LOG)")
     serve.add_argument("--decision-log-allow-sample", type=_number(float, 0, 1), metavar="FRACTION",
                        default=_env("DECISION_LOG_ALLOW_SAMPLE", DEFAULT_ALLOW_SAMPLE),
@@ -193,8 +313,65 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
     policy_set = _load_or_report(ns.policies)
     if policy_set is None:
         return 1
+    for warning in shadow_warnings(policy_set):
+        print(f"warning: {warning}", file=sys.stderr)
     counts = f"{len(policy_set.policies)} policies, {len(policy_set.tests)} test documents"
     print(f"ok: {counts} in {len(policy_set.files)} files")
+    if ns.routes:
+        print(routing_table(policy_set))
+    return 0
+
+
+def shadow_warnings(policy_set: PolicySet) -> list[str]:
+    """One line per policy route that more specific hosts hide for some requests, naming the hosts'
+    policies and one such request."""
+    by_hidden: dict[int, list[Any]] = {}
+    for shadow in policy_set.shadows:
+        by_hidden.setdefault(id(shadow.shadowed), []).append(shadow)
+    lines = []
+    for shadows in by_hidden.values():
+        hidden = shadows[0].shadowed
+        host, path, method = shadows[0].example
+        winners = ", ".join(f"{s.winner.target.name!r} ({s.winner.host or '*'})" for s in shadows[:5])
+        more = f" and {len(shadows) - 5} more" if len(shadows) > 5 else ""
+        lines.append(
+            f"policy {hidden.target.name!r} ({hidden.target.file}: {hidden.describe()}) does not decide requests "
+            f"to hosts with a more specific policy of their own: {winners}{more} (e.g. {method} {host}{path} is "
+            f"decided by {shadows[0].winner.target.name!r}; hosts are compared before paths). To refuse such "
+            f"requests on every host, make it a LayerPolicy; to let it decide there, give it those hosts"
+        )
+    return lines
+
+
+def routing_table(policy_set: PolicySet) -> str:
+    """The layers in run order, then every deciding route in the order routes are tried."""
+    rows = [("kind", "order", "host", "path", "methods", "policy", "mode", "file")]
+    for layer in policy_set.layers:
+        mode = "dry-run" if layer.dry_run else "enforce"
+        for route in policy_set.layer_router.routes_of(layer):
+            rows.append(("layer", str(layer.order), route.host or "*", _path_cell(route), _methods_cell(route),
+                         layer.name, mode, layer.file))
+    for route in policy_set.router.routes:
+        policy = route.target
+        rows.append(("policy", "", route.host or "*", _path_cell(route), _methods_cell(route), policy.name,
+                     "dry-run" if policy.dry_run else "enforce", policy.file))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _path_cell(route: Any) -> str:
+    return (route.path or "*") + (" (any case)" if route.fold_case else "")
+
+
+def _methods_cell(route: Any) -> str:
+    return ",".join(sorted(route.methods)) or "*"
+
+
+def _cmd_routes(ns: argparse.Namespace) -> int:
+    policy_set = _load_or_report(ns.policies)
+    if policy_set is None:
+        return 1
+    print(routing_table(policy_set))
     return 0
 
 
@@ -210,9 +387,12 @@ def _cmd_explain(ns: argparse.Namespace) -> int:
     if policy_set is None:
         return 1
     try:
-        sample = yaml.safe_load(ns.request.read_text())
+        sample = load_single(ns.request.read_bytes(), str(ns.request))
         decision = _decide(policy_set, sample)
-    except (OSError, yaml.YAMLError, SampleError) as exc:
+    except YamlInputError as exc:  # names the file and line itself
+        print(f"error: request file {exc}", file=sys.stderr)
+        return 1
+    except (OSError, SampleError) as exc:
         print(f"error: request file {ns.request}: {exc}", file=sys.stderr)
         return 1
     if ns.json:
@@ -317,6 +497,8 @@ def _cmd_test(ns: argparse.Namespace) -> int:
 
 
 def _cmd_inventory(ns: argparse.Namespace) -> int:
+    import yaml
+
     from extauthz.openapi.inventory import shadow_skeleton
 
     try:
@@ -446,12 +628,15 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
 def _run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
     """Run the server on uvloop when asked or available (``auto``), else on asyncio's own loop."""
+    from extauthz.server import StartupError
+
     if event_loop != "asyncio":
         try:
             import uvloop
         except ImportError:
             if event_loop == "uvloop":
-                raise SystemExit("extauthz: --event-loop uvloop, but uvloop is not installed") from None
+                main.close()
+                raise StartupError("--event-loop uvloop: uvloop is not installed") from None
         else:
             uvloop.run(main)
             return
@@ -460,7 +645,7 @@ def _run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
 
 def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
     """Run one sidecar process with the ``serve`` options (a worker of ``--workers`` shares its ports)."""
-    from extauthz.server import GC_THRESHOLDS, Settings, serve
+    from extauthz.server import GC_THRESHOLDS, Settings, StartupError, serve
     from extauthz.telemetry.decision_log import DecisionLogConfig
     from extauthz.telemetry.tracing import TracingConfigError, tracing_from_env
 
@@ -504,6 +689,9 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
             print(f"error: {error}", file=sys.stderr)
         print(f"extauthz: not starting: {len(exc.errors)} error(s) in policy folder {ns.policies}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"extauthz: not starting: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -532,7 +720,7 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     command = {"serve": _cmd_serve, "validate": _cmd_validate, "explain": _cmd_explain, "test": _cmd_test,
-               "inventory": _cmd_inventory}
+               "routes": _cmd_routes, "inventory": _cmd_inventory}
     return command[ns.command](ns)
 
 

@@ -30,6 +30,10 @@ class Denial:
     headers: tuple[tuple[str, str], ...] = ()
     #: Which check/rule denied, for logs and explain output.
     rule: str = ""
+    #: The request itself is malformed or ambiguous (two credentials where one is read): refused even
+    #: by a dry-run policy or layer, as a malformed path is refused before any policy is chosen. A
+    #: dry-run lets a request through to learn what enforcing would do, not to forward a forgery.
+    malformed: bool = False
 
 
 @dataclass(slots=True)

@@ -7,11 +7,12 @@ timeout, no policy) is a denial.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, NamedTuple, Protocol
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
@@ -179,22 +180,52 @@ class Authorizer:
         spans = trace if trace is not None and trace.sampled else None  # an unsampled trace records no stage
         if spans is None:
             policy = policy_set.select(request.host, request.path, request.method)
+            layers = policy_set.select_layers(request.host, request.path, request.method)
         else:
             span = spans.stage("select", "")
             policy = policy_set.select(request.host, request.path, request.method)
+            layers = policy_set.select_layers(request.host, request.path, request.method)
             spans.end_stage(span, None)
         if stages is not None:
             stages("select", time.perf_counter() - parsed)
+        if steps is not None:
+            _explain_selection(policy_set, request, policy, layers, steps)
+        if layers:
+            return await self._decide_layered(policy_set, policy, layers, request, decision_id, steps, started,
+                                              trace, spans, stages)
         if policy is None:
-            if steps is not None:
-                steps.append(f"no policy matches host={request.host!r} path={request.path!r} method={request.method}")
             return Decision(False, 403, "no_policy", "no policy applies to this request", decision_id,
                             request=request, steps=_frozen(steps), duration=time.perf_counter() - started)
-        if steps is not None:
-            steps.append(f"policy {policy.name} ({policy.file}) selected; checks: {', '.join(policy.check_names)}")
         ctx = CheckContext(request=request, policy=policy, steps=steps)
-        denial = await self._run_checks(policy, ctx, spans, stages)
-        return _decision(policy, ctx, denial, decision_id, started, trace)
+        denial = await self._run_checks(policy, ctx, trace=spans, stages=stages)
+        return _decision(policy, ctx, denial, decision_id, started, trace, policy_set.foreign_headers)
+
+    async def _decide_layered(
+        self, policy_set: PolicySet, policy: CompiledPolicy | None, layers: tuple[CompiledPolicy, ...],
+        request: Request, decision_id: str, steps: list[str] | None, started: float,
+        trace: CheckTrace | None, spans: CheckTrace | None, stages: StageObserver | None,
+    ) -> Decision:
+        """Run the request's layers in order, then its deciding policy: one context, one deadline."""
+        ctx = CheckContext(request=request, policy=layers[0], steps=steps)
+        chain = (*layers, policy) if policy is not None else layers
+        may_wait = False
+        for member in chain:
+            may_wait = may_wait or member.may_wait
+        denial = await self._run_checks(_chain_work(chain, ctx, spans, stages), ctx, may_wait=may_wait)
+        decided = ctx.policy
+        if decided is None or (decided.layer and denial is None):  # every layer handed the request on
+            ctx.note("no deciding policy matches -> deny")
+            return Decision(False, 403, "no_policy", "no policy applies to this request", decision_id,
+                            request=request, identity=ctx.identity, attributes=ctx.attributes or None,
+                            steps=_frozen(steps), duration=time.perf_counter() - started)
+        if decided.layer and decided.dry_run:  # it timed out, or refused a malformed request: deny
+            decided = dataclasses.replace(decided, dry_run=False)
+        foreign = policy_set.foreign_headers
+        ran = [layer for layer in layers if layer.owned_headers]
+        if ran and not decided.layer:  # what a layer that ran set (or removed) is its own, not foreign
+            owned = {name for layer in ran for name in layer.owned_headers}
+            foreign = {decided.name: tuple(n for n in foreign.get(decided.name, ()) if n not in owned)}
+        return _decision(decided, ctx, denial, decision_id, started, trace, foreign)
 
     def _stages_for_this_check(self) -> StageObserver | None:
         if self.stage_observer is None:
@@ -206,12 +237,18 @@ class Authorizer:
         return self.stage_observer
 
     async def _run_checks(
-        self, policy: CompiledPolicy, ctx: CheckContext, trace: CheckTrace | None = None,
-        stages: StageObserver | None = None,
+        self, work: CompiledPolicy | Coroutine[Any, Any, Denial | None], ctx: CheckContext, *,
+        may_wait: bool = False, trace: CheckTrace | None = None, stages: StageObserver | None = None,
     ) -> Denial | None:
-        work = _run_all(policy, ctx) if trace is None and stages is None else _run_observed(policy, ctx, trace, stages)
+        """Run one policy's checks (or a prepared chain of them) under the Check's deadline when any
+        may wait; an exception or a timeout is a 503 denial of the policy that was running."""
+        if isinstance(work, CompiledPolicy):
+            policy = work
+            may_wait = policy.may_wait
+            work = _run_all(policy, ctx) if trace is None and stages is None else _run_observed(policy, ctx, trace,
+                                                                                                stages)
         try:
-            if policy.may_wait:
+            if may_wait:
                 return await self._deadlines.run(work, self.check_timeout)
             return await work
         except TimeoutError:
@@ -219,12 +256,59 @@ class Authorizer:
             ctx.note("timeout -> deny")
             return Denial(503, "internal_error", "authorization timed out")
         except Exception as exc:
-            log.exception("check failed in policy %s", policy.name)
+            log.exception("check failed in policy %s", ctx.policy.name if ctx.policy is not None else "?")
             # The type only: an exception's text may quote request data (the traceback above is
             # the operator's, in the sidecar's own log).
             ctx.attributes["error"] = type(exc).__name__
             ctx.note(f"error: {type(exc).__name__} -> deny")
             return Denial(503, "internal_error", "authorization failed")
+
+
+async def _chain_work(
+    chain: tuple[CompiledPolicy, ...], ctx: CheckContext, trace: CheckTrace | None, stages: StageObserver | None,
+) -> Denial | None:
+    """Layers then the deciding policy. A layer's denial ends the chain (``ctx.policy`` says whose),
+    unless the layer is in dry-run: then what it would have done is recorded, the headers it owns
+    are kept from the upstream (its checks may not have set them), and the request goes on."""
+    outcomes: list[str] = []
+    denial: Denial | None = None
+    for policy in chain:
+        ctx.policy = policy
+        ctx.rule = ""
+        try:
+            if trace is None and stages is None:
+                denial = None
+                for check in policy.checks:  # _run_all, inlined: one coroutine less per policy
+                    denial = await check.check(ctx)
+                    if denial is not None:
+                        break
+            else:
+                denial = await _run_observed(policy, ctx, trace, stages)
+        except Exception as exc:
+            if not (policy.layer and policy.dry_run):
+                raise  # the Check's own handler denies 503 for the policy in ctx.policy
+            log.exception("check failed in dry-run layer %s", policy.name)
+            ctx.attributes["error"] = type(exc).__name__
+            denial = Denial(503, "internal_error", "authorization failed")
+        if not policy.layer:
+            break
+        if denial is None:
+            outcomes.append(f"{policy.name}:pass")
+            if ctx.steps is not None:  # explain only: no formatting on the serving path
+                ctx.note(f"layer {policy.name}: pass")
+            continue
+        if not policy.dry_run or denial.malformed:
+            outcomes.append(f"{policy.name}:deny")
+            ctx.note(f"layer {policy.name}: deny ({denial.reason}); final")
+            break
+        outcomes.append(f"{policy.name}:would_deny")
+        ctx.note(f"layer {policy.name}: dry-run, would deny ({denial.reason}); going on without its headers")
+        presented = (c.name for c in policy.owned_credentials if c.presented_in(ctx.request))
+        ctx.remove_headers.extend((*policy.owned_headers, *presented))
+        ctx.attributes.setdefault("layer_would_deny", []).append(f"{policy.name}:{denial.reason}")
+        denial = None
+    ctx.attributes["layers"] = outcomes
+    return denial
 
 
 async def _run_observed(
@@ -284,13 +368,16 @@ def _frozen(steps: list[str] | None) -> tuple[str, ...] | None:
 
 def _decision(
     policy: CompiledPolicy, ctx: CheckContext, denial: Denial | None, decision_id: str, started: float,
-    trace: CheckTrace | None = None,
+    trace: CheckTrace | None = None, foreign_headers: Mapping[str, tuple[str, ...]] | None = None,
 ) -> Decision:
     # Trace ids are set here rather than by the trace afterwards: changing a Decision costs a copy.
     trace_id, span_id = (trace.trace_hex, trace.span_hex) if trace is not None else ("", "")
+    # Headers other policies set: never from the client (see PolicySet.foreign_headers).
+    foreign = foreign_headers.get(policy.name, ()) if foreign_headers else ()
     if denial is None:  # the common case, positional in field order: keyword binding costs more
+        removed = (*ctx.remove_headers, *foreign) if foreign else tuple(ctx.remove_headers)
         return Decision(True, 200, "allowed", "", decision_id, policy.name, ctx.rule, policy.dry_run, False,
-                        ctx.request, ctx.identity, tuple(ctx.upstream_headers), tuple(ctx.remove_headers),
+                        ctx.request, ctx.identity, tuple(ctx.upstream_headers), removed,
                         tuple(ctx.client_headers), ctx.attributes or None, time.perf_counter() - started,
                         _frozen(ctx.steps), trace_id, span_id)  # fmt: skip
     common: dict[str, Any] = {
@@ -306,14 +393,37 @@ def _decision(
         "steps": _frozen(ctx.steps),
         "duration": time.perf_counter() - started,
     }
-    if policy.dry_run:
+    if denial.malformed and policy.dry_run:
+        ctx.note(f"dry-run, but the request is malformed ({denial.reason}): denied")
+        common["steps"] = _frozen(ctx.steps)
+        common["dry_run"] = False
+    elif policy.dry_run:
         ctx.note(f"dry-run: would deny ({denial.reason}); allowing without the headers the policy owns")
         common["steps"] = _frozen(ctx.steps)
         # The checks that set or strip the policy's headers may not have run: strip its response
         # headers and the credentials it keeps from the upstream, so no client's own x-user gets by.
         presented = (c.name for c in policy.owned_credentials if c.presented_in(ctx.request))
-        removed = tuple(dict.fromkeys((*ctx.remove_headers, *policy.owned_headers, *presented)))
+        removed = tuple(dict.fromkeys((*ctx.remove_headers, *policy.owned_headers, *presented, *foreign)))
         return Decision(True, 200, denial.reason, denial.message, rule=denial.rule or ctx.rule, would_deny=True,
                         remove_headers=removed, **common)
     common["client_headers"] = (*common["client_headers"], *denial.headers)
     return Decision(False, denial.status, denial.reason, denial.message, rule=denial.rule or ctx.rule, **common)
+
+
+def _explain_selection(
+    policy_set: PolicySet, request: Request, policy: CompiledPolicy | None, layers: tuple[CompiledPolicy, ...],
+    steps: list[str],
+) -> None:
+    """explain: the layers that will run, the deciding policy, and who lost on specificity and why."""
+    for layer in layers:
+        mode = ", dry-run" if layer.dry_run else ""
+        steps.append(f"layer {layer.name} ({layer.file}, order {layer.order}{mode}) matches; checks: "
+                     f"{', '.join(layer.check_names) or 'none'}")
+    if policy is None:
+        steps.append(f"no deciding policy matches host={request.host!r} path={request.path!r} "
+                     f"method={request.method}")
+        return
+    steps.append(f"policy {policy.name} ({policy.file}) selected; checks: {', '.join(policy.check_names)}")
+    _, losses = policy_set.router.explain(request.host, request.path, request.method)
+    for loss in losses:
+        steps.append(f"policy {loss.route.target.name} also matches ({loss.route.describe()}) but loses: {loss.why}")

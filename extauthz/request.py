@@ -33,8 +33,8 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _HEX = frozenset("0123456789abcdefABCDEF")
 # RFC 3986 pchar plus "/" (and "%" for escapes): anything else in a path is refused.
 _PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
-# reg-name / IPv4 / bracketed IPv6 hosts, optionally with a port.
-_HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+# reg-name / IPv4 / bracketed IPv6 hosts, optionally with a port. No "%": see normalize_host.
+_HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]*)(?::[0-9]*)?")
 
 
 class BadRequest(ValueError):
@@ -107,9 +107,16 @@ def _decode_unreserved(raw: str) -> str:
 
 
 def normalize_host(raw: str) -> str:
-    """Lower-case the host, drop the port and one trailing dot; raise BadRequest when malformed."""
+    """Lower-case the host, drop the port and one trailing dot; raise BadRequest when malformed.
+
+    A percent-escape is refused rather than decoded: no DNS name or address needs one, Envoy passes
+    ``admin%2eexample.com`` through as it is, and a WHATWG URL parser in the upstream decodes it
+    back to ``admin.example.com``, a host the policies never saw.
+    """
     if not raw:
         return ""
+    if "%" in raw:
+        raise BadRequest("invalid_host", "host has a percent-escape ('%'); hosts are never percent-encoded")
     if _HOST_RE.fullmatch(raw) is None:
         raise BadRequest("invalid_host", "host header is malformed")
     if raw.startswith("["):

@@ -182,8 +182,10 @@ def check_response_bytes(decision: Decision, metadata: str = "deny") -> bytes:
         for name, text in decision.upstream_headers:
             key = (_OK_HEADERS, name, text)
             parts.append(kept.get(key) or _keep(key, _header_option(_OK_HEADERS, name, text, _OVERWRITE)))
-        for name in decision.remove_headers:
-            parts.append(_element(_OK_REMOVE, name))
+        removed = decision.remove_headers
+        if removed:  # mostly the same names every time (the headers other policies own): kept whole
+            names = (_OK_REMOVE, removed)
+            parts.append(kept.get(names) or _keep(names, b"".join(_element(_OK_REMOVE, name) for name in removed)))
         for name, text in decision.client_headers:
             key = (_OK_CLIENT_HEADERS, name, text)
             parts.append(kept.get(key) or _keep(key, _header_option(_OK_CLIENT_HEADERS, name, text, _APPEND)))

@@ -19,6 +19,8 @@ _FIELDS = {
     "method", "host", "path", "headers", "body", "body_base64", "partial_body", "source", "destination",
     "sni", "context", "id", "scheme", "protocol",
 }
+#: ``source.address`` of a sample request that names no source.
+DEFAULT_SOURCE_ADDRESS = "127.0.0.1"
 _PEER_FIELDS = {"address", "port", "principal", "certificate", "service", "labels"}
 
 
@@ -77,8 +79,8 @@ def check_request_from_sample(sample: Mapping[str, Any]) -> external_auth_pb2.Ch
         http.headers.setdefault("content-length", str(len(http.raw_body)))
     if sample.get("partial_body"):
         http.headers["x-envoy-auth-partial-body"] = "true"
-    if "source" in sample:
-        _peer(sample["source"], attrs.source, "source")
+    # Envoy always sends the downstream peer's address; a sample that names none comes from here.
+    _peer(sample.get("source", {"address": DEFAULT_SOURCE_ADDRESS}), attrs.source, "source")
     if "destination" in sample:
         _peer(sample["destination"], attrs.destination, "destination")
     if sample.get("sni"):

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
 from extauthz.telemetry.metrics import Metrics, multiprocess_dir
 from extauthz.telemetry.tracing import SubjectHasher, subject_hash_key
 
-__all__ = ["Settings", "Sidecar", "serve"]
+__all__ = ["Settings", "Sidecar", "StartupError", "check_listeners", "serve"]
 
 log = logging.getLogger("extauthz.server")
 
@@ -67,6 +69,71 @@ class Settings:
         if self.dynamic_metadata not in DYNAMIC_METADATA_MODES:
             raise ValueError(f"dynamic_metadata must be one of {', '.join(DYNAMIC_METADATA_MODES)}, "
                              f"not {self.dynamic_metadata!r}")
+
+
+class StartupError(Exception):
+    """The sidecar cannot start as configured (a port in use, a folder missing): one line, exit 2."""
+
+
+def _listen_problem(address: str, reuse_port: bool) -> str | None:
+    """Why gRPC would fail to listen on ``address`` ("host:port", "[v6]:port", "unix:PATH"), or None.
+
+    Asked before gRPC binds, because gRPC's own failure is a bare "Failed to bind" after a log line
+    of its C core on stderr. Binding a socket the way gRPC does (SO_REUSEADDR) and closing it at once
+    finds a port in use, an address this machine does not have, or a name that does not resolve.
+    """
+    if address.startswith("unix-abstract:"):
+        return None
+    if address.startswith("unix:"):
+        path = Path(address.removeprefix("unix:").removeprefix("//"))
+        if not path.parent.is_dir():
+            return f"folder {path.parent} does not exist"
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind(str(path))
+                except OSError as exc:
+                    return (exc.strerror or str(exc)).lower()
+            path.unlink(missing_ok=True)
+            return None
+        except OSError as exc:
+            return (exc.strerror or str(exc)).lower()
+        return None if stat.S_ISSOCK(mode) else f"{path} exists and is not a socket"
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, ValueError) as exc:
+        return f"cannot resolve {host!r} ({getattr(exc, 'strerror', None) or exc})"
+    problem = None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                problem = problem or (exc.strerror or str(exc)).lower()
+                continue
+        return None  # gRPC listens when one resolved address can be bound
+    return problem
+
+
+def check_listeners(listen: str, unix_socket: str | None, http_host: str, http_port: int, *,
+                    reuse_port: bool) -> None:
+    """Raise StartupError when a listener cannot be opened (a port in use, a name that does not
+    resolve, a socket folder missing). Called before the policies load, so that its line is the
+    only one on stderr; a failure at the real bind a moment later is still caught."""
+    host = f"[{http_host}]" if ":" in http_host else http_host
+    listeners = [("--listen", listen, listen), ("--unix-socket", unix_socket, unix_socket),
+                 ("--http-host/--http-port", f"{http_host} {http_port}", f"{host}:{http_port}")]
+    for option, shown, address in listeners:
+        problem = _listen_problem(address, reuse_port) if address else None
+        if problem is not None:
+            raise StartupError(f"{option} {shown}: cannot listen: {problem}")
 
 
 #: The garbage collector's thresholds in a serving process. Objects that outlive a few allocations
@@ -116,8 +183,12 @@ class Sidecar:
             # The log's own subject mode (--decision-log-subject) with the spans' key, so a hash in a
             # log line is the one in the request's span; without tracing, the key from the environment.
             key = self.tracing.subjects.key if self.tracing is not None else subject_hash_key(os.environ)
-            self.decision_log = DecisionLog(settings.decision_log, subjects=SubjectHasher("hash", key),
-                                            policies=lambda: self.authorizer.policy_set)
+            try:
+                self.decision_log = DecisionLog(settings.decision_log, subjects=SubjectHasher("hash", key),
+                                                policies=lambda: self.authorizer.policy_set)
+            except OSError as exc:
+                raise StartupError(f"--decision-log {settings.decision_log.destination}: cannot open "
+                                   f"({exc.strerror or exc})") from None
             self.authorizer.observers.append(self.decision_log.observe)
         #: The API inventory of policies with an openapi section (GET /inventory).
         self.inventory = Inventory(self._openapi_checks)
@@ -251,9 +322,14 @@ class Sidecar:
         # (about 12 us of the sidecar's CPU per Check, measured through Envoy).
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.grpc_ports = [server.add_insecure_port(self.settings.listen)]
-        if self.settings.unix_socket:
-            server.add_insecure_port(self.settings.unix_socket)
+        for option, address in (("--listen", self.settings.listen), ("--unix-socket", self.settings.unix_socket)):
+            if address:
+                try:
+                    port = server.add_insecure_port(address)
+                except RuntimeError:  # check_addresses found nothing wrong a moment ago
+                    raise StartupError(f"{option} {address}: cannot listen (gRPC could not bind it)") from None
+                if option == "--listen":
+                    self.grpc_ports = [port]
         await server.start()
         self.grpc_server = server
         for name in ("", SERVICE_NAME):
@@ -309,12 +385,24 @@ class Sidecar:
             writer.close()
 
     # --- life cycle ----------------------------------------------------------------------------
+    def check_addresses(self) -> None:
+        """Raise StartupError when a listener cannot be opened; see check_listeners."""
+        settings = self.settings
+        check_listeners(settings.listen, settings.unix_socket, settings.http_host, settings.http_port,
+                        reuse_port=settings.reuse_port)
+
     async def start(self) -> None:
+        self.check_addresses()
         if self.authorizer.policy_set is None:
             self.load_initial()
         await self._start_services()
-        self.http_server = await asyncio.start_server(self._http, self.settings.http_host, self.settings.http_port,
-                                                      reuse_port=self.settings.reuse_port or None)
+        host, port = self.settings.http_host, self.settings.http_port
+        try:
+            self.http_server = await asyncio.start_server(self._http, host, port,
+                                                          reuse_port=self.settings.reuse_port or None)
+        except OSError as exc:
+            why = (exc.strerror or str(exc)).lower()
+            raise StartupError(f"--http-host/--http-port {host} {port}: cannot listen: {why}") from None
         await self._start_grpc()
         self.watcher = PolicyWatcher(self.settings.policies, self.services, self._on_new_set, self._on_bad_set,
                                      interval=self.settings.reload_interval)
@@ -340,8 +428,17 @@ class Sidecar:
         log.info("stopping: finishing in-flight checks (grace %.1fs)", self.settings.grace)
         await self.health.enter_graceful_shutdown()
         self.serving = False
+        await self._close(self.settings.grace)
+        log.info("stopped")
+
+    async def abandon_start(self) -> None:
+        """Close what a failed ``start`` opened, quietly: it never served, nothing is in flight."""
+        self._stopping = True
+        await self._close(0)
+
+    async def _close(self, grace: float) -> None:
         if self.grpc_server is not None:
-            await self.grpc_server.stop(self.settings.grace)
+            await self.grpc_server.stop(grace)
         if self.watcher is not None:
             await self.watcher.stop()
         if self.http_server is not None:
@@ -363,7 +460,6 @@ class Sidecar:
         if process_metrics.current() is self.metrics:
             process_metrics.install(None)
         self._stopped.set()
-        log.info("stopped")
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -372,8 +468,13 @@ class Sidecar:
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     sidecar = Sidecar(settings)
+    sidecar.check_addresses()
     sidecar.load_initial()
-    await sidecar.start()
+    try:
+        await sidecar.start()
+    except StartupError:
+        await sidecar.abandon_start()
+        raise
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
     for sig in (signal.SIGTERM, signal.SIGINT):

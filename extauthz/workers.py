@@ -57,9 +57,15 @@ def _metrics_dir() -> tuple[Path, bool]:
 
 def supervise(ns: argparse.Namespace) -> int:
     from extauthz.policy import PolicySetError, load_folder
+    from extauthz.server import StartupError, check_listeners
 
     if ns.unix_socket:
         print("extauthz: not starting: --unix-socket cannot be shared by several --workers", file=sys.stderr)
+        return CONFIG_ERROR
+    try:  # once here, rather than once per worker
+        check_listeners(ns.listen, None, ns.http_host, ns.http_port, reuse_port=True)
+    except StartupError as exc:
+        print(f"extauthz: not starting: {exc}", file=sys.stderr)
         return CONFIG_ERROR
     try:
         load_folder(ns.policies)

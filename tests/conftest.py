@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -37,6 +38,21 @@ def _policy_yaml(name: str, spec: str) -> str:
 def policy_yaml() -> Callable[[str, str], str]:
     """``policy_yaml(name, spec)``: one AuthPolicy document; ``spec`` is the YAML under ``spec:``."""
     return _policy_yaml
+
+
+def _yaml_bomb(levels: int = 10, width: int = 9) -> str:
+    """A "billion laughs" YAML: each level an anchored list of ``width`` aliases of the one before,
+    so ``levels`` levels stand for width**levels strings (10 levels: about 450 bytes)."""
+    names = [chr(ord("a") + i) for i in range(levels)]
+    lines = [f"{names[0]}: &{names[0]} [{', '.join(['lol'] * width)}]"]
+    lines += [f"{name}: &{name} [{', '.join([f'*{before}'] * width)}]" for before, name in itertools.pairwise(names)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def yaml_bomb() -> Callable[..., str]:
+    """``yaml_bomb(levels=10, width=9)``: a billion-laughs YAML document (nested anchors and aliases)."""
+    return _yaml_bomb
 
 
 @pytest.fixture

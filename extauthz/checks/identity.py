@@ -121,16 +121,15 @@ class IdentityCheck:
         if rejected.error and source.challenge_scheme:
             value = challenge(source.challenge_scheme, rejected.error, rejected.description, rejected.scope)
             headers = (("www-authenticate", value),)
-        return Denial(rejected.status, rejected.reason, rejected.description, headers=headers, rule=entry.rule)
+        return Denial(rejected.status, rejected.reason, rejected.description, headers=headers, rule=entry.rule,
+                      malformed=rejected.status == 400)
 
     @classmethod
     def from_spec(cls, spec: Spec, build: BuildContext) -> IdentityCheck | None:
         kinds = source_kinds()
         entries: list[Entry] = []
         names: set[str] = set()
-        items = spec.items()
-        if spec.present and not items and isinstance(spec.value, list):
-            spec.error("must list at least one identity source")
+        items = spec.items(nonempty="identity source")
         for position, item in enumerate(items):
             if not item.is_mapping(allowed=_COMMON_FIELDS | set(kinds)):
                 continue
@@ -148,7 +147,7 @@ class IdentityCheck:
             if kind == "anonymous" and position != len(items) - 1:
                 item.error("anonymous accepts every request, so it must be the last entry", kind)
             source = kinds[kind](name, item.child(kind), build)
-            required = tuple(item.str_list("requiredScopes"))
+            required = tuple(item.str_list("requiredScopes", nonempty="scope"))  # [] would require none
             if required and kind in ("anonymous", "mtls"):
                 item.error(f"{kind} identities have no scopes", "requiredScopes")
             if source is not None:

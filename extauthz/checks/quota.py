@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from extauthz.cel import CelError, Expression
+from extauthz.cel import BOOL, INTEGER, KEY, CelError, Expression
 from extauthz.checks import Phase, register
 from extauthz.context import CheckContext, Denial
 from extauthz.policy.build import BuildContext, Spec
@@ -117,7 +117,7 @@ class QuotaCheck:
     def from_spec(cls, spec: Spec, build: BuildContext) -> QuotaCheck | None:
         quotas: list[Quota] = []
         names: set[str] = set()
-        for item in spec.items():
+        for item in spec.items(nonempty="quota"):
             quota = _quota_from_spec(item, build)
             if quota is None:
                 continue
@@ -380,8 +380,8 @@ def _quota_from_spec(item: Spec, build: BuildContext) -> Quota | None:
     if name and not _NAME.fullmatch(name):
         item.error("must be 1-64 lower-case letters, digits, '.', '_' or '-', starting and ending with a "
                    "letter or digit", "name")  # fmt: skip
-    key = item.cel("key")
-    when = item.cel("when", expect="bool")
+    key = item.cel("key", expect=KEY)
+    when = item.cel("when", expect=BOOL)
     cost_node = item.child("cost")
     cost: Expression | None = None
     fixed_cost = 1
@@ -390,9 +390,7 @@ def _quota_from_spec(item: Spec, build: BuildContext) -> Quota | None:
         if not 0 <= fixed_cost <= MAX_COST:
             cost_node.error(f"must be between 0 and {MAX_COST}")
     elif cost_node.present:
-        cost = item.cel("cost")
-        if cost is not None and cost.result_type not in ("int", "dyn"):
-            cost_node.error(f"must be an integer expression, not {cost.result_type}")
+        cost = item.cel("cost", expect=INTEGER)
     limit = item.int("limit", required=True, min=1, max=_MAX_LIMIT)
     window = item.duration("window", required=True)
     burst = item.int("burst", min=1, max=_MAX_LIMIT)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from extauthz.cel import CelError, Expression
+from extauthz.cel import HEADER_VALUE, CelError, Expression
 from extauthz.checks import Phase, register
 from extauthz.context import CheckContext, Denial
 from extauthz.policy.build import BuildContext, Spec
@@ -42,11 +42,14 @@ class ResponseCheck:
         if not spec.is_mapping(allowed={"headers"}):
             return None
         headers: list[HeaderValue] = []
-        for name, node in spec.child("headers").entries():
+        if not spec.child("headers").present:
+            spec.error("is required", "headers")
+        for name, node in spec.child("headers").entries(nonempty="header"):
             if _HEADER_NAME.fullmatch(name) is None or name in _FORBIDDEN:
                 node.error("must be a lower-case header name that is not a pseudo, hop-by-hop or framing header")
                 continue
-            expression = node.cel()
+            # required: a header left without a value would be neither set nor removed
+            expression = node.cel(expect=HEADER_VALUE, required=True)
             if expression is not None:
                 headers.append(HeaderValue(name, expression))
         return cls(tuple(headers)) if headers else None

@@ -1,4 +1,9 @@
-"""Rules: an ordered list; the first rule whose ``when`` holds decides; none holds means deny."""
+"""Rules: an ordered list; the first rule whose ``when`` holds decides.
+
+In a deciding policy a rule allows or denies, and when none holds the request is denied. In a
+``LayerPolicy`` a rule denies or passes (hands the request on to the next layer and, last, to its
+deciding policy), and when none holds the request passes: a layer can refuse, never allow.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ _RULE_FIELDS = {"name", "when", "decision", "status", "message"}
 class Rule:
     name: str
     when: Expression | None
-    allow: bool
-    #: The denial this rule answers with (None for allow rules).
+    #: "allow" or "deny" in a deciding policy; "pass" or "deny" in a layer.
+    decision: str
+    #: The denial this rule answers with (None for allow and pass rules).
     denial: Denial | None
 
 
@@ -26,12 +32,17 @@ class Rule:
 class RulesCheck:
     may_wait: ClassVar[bool] = False
 
-    def __init__(self, rules: tuple[Rule, ...], policy: str) -> None:
+    def __init__(self, rules: tuple[Rule, ...], policy: str, *, layer: bool = False) -> None:
         self.rules = rules
-        self.no_match = Denial(403, "no_rule_matched", f"no rule of policy {policy} allows this request")
+        #: A layer's rules hand the request on when none holds; a policy's deny it.
+        self.no_match = None if layer else Denial(403, "no_rule_matched",
+                                                  f"no rule of policy {policy} allows this request")
 
     @classmethod
-    def from_spec(cls, spec: Spec, build: BuildContext) -> RulesCheck:
+    def from_spec(cls, spec: Spec, build: BuildContext) -> RulesCheck | None:
+        if build.layer and not spec.present:
+            return None  # a layer without rules hands every request on
+        choices = ("pass", "deny") if build.layer else ("allow", "deny")
         rules: list[Rule] = []
         names: set[str] = set()
         for item in spec.items():
@@ -41,15 +52,24 @@ class RulesCheck:
             if name in names:
                 item.error("duplicate rule name", "name")
             names.add(name)
-            decision = item.str("decision", required=True, choices=("allow", "deny"))
+            decision = item.child("decision").value
+            if build.layer and decision == "allow":
+                item.error("a layer never allows a request: use 'pass' to hand it on to the next layer and "
+                           "its deciding policy", "decision")
+                decision = None
+            elif not build.layer and decision == "pass":
+                item.error("'pass' is for LayerPolicy rules: a deciding policy's rules allow or deny", "decision")
+                decision = None
+            else:
+                decision = item.str("decision", required=True, choices=choices)
             when = item.cel("when", expect="bool")
             status = item.int("status", 403, min=400, max=599)
             message = item.str("message", f"denied by rule {name}")
-            if decision == "allow" and (item.child("status").present or item.child("message").present):
+            if decision != "deny" and (item.child("status").present or item.child("message").present):
                 item.error("status and message apply to deny rules only")
-            denial = None if decision == "allow" else Denial(status, "denied_by_rule", message, rule=name)
-            rules.append(Rule(name, when, decision == "allow", denial))
-        return cls(tuple(rules), build.policy_name)
+            denial = Denial(status, "denied_by_rule", message, rule=name) if decision == "deny" else None
+            rules.append(Rule(name, when, decision or "deny", denial))
+        return cls(tuple(rules), build.policy_name, layer=build.layer)
 
     async def check(self, ctx: CheckContext) -> Denial | None:
         for rule in self.rules:
@@ -70,7 +90,8 @@ class RulesCheck:
             ctx.rule = rule.name
             if ctx.steps is not None:
                 why = "when holds" if rule.when else "no condition"
-                ctx.note(f"rule {rule.name}: {why} -> {'allow' if rule.allow else 'deny'}")
+                ctx.note(f"rule {rule.name}: {why} -> {rule.decision}")
             return rule.denial
-        ctx.note("no rule matched -> deny")
+        if ctx.steps is not None:
+            ctx.note("no rule matched -> " + ("deny" if self.no_match is not None else "pass"))
         return self.no_match

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from extauthz.cel import CelError, Expression
+from extauthz.cel import BOOL, STRING, CelError, Expression
 from extauthz.checks import Phase, register
 from extauthz.context import CheckContext, Denial
 from extauthz.policy.build import BuildContext, Spec
@@ -114,7 +114,7 @@ class SignatureCheck:
     def from_spec(cls, spec: Spec, build: BuildContext) -> SignatureCheck | None:
         if not spec.is_mapping(allowed=_FIELDS):
             return None
-        when = spec.cel("when", expect="bool")
+        when = spec.cel("when", expect=BOOL)
         if spec.child("required").present and when is not None:
             spec.error("give either required or when, not both", "when")
         required = spec.bool("required", True) if when is None else False
@@ -134,7 +134,7 @@ class SignatureCheck:
             requirements = _requirements_from_spec(spec)
             if keys is not None:
                 requirements = dataclasses.replace(requirements, key_ids=keys.ids)
-        key_owner = spec.cel("keyOwner", expect="string")
+        key_owner = spec.cel("keyOwner", expect=STRING)
         if keys is None or (webhook is None and requirements is None) or (webhook_spec.present and webhook is None):
             return None
         try:
@@ -283,7 +283,7 @@ def _keys_from_spec(spec: Spec, build: BuildContext) -> _Keys | None:
         return None
     folder_name = spec.str("folder", required=True)
     refresh = spec.duration("refresh", 2.0)
-    ids = frozenset(spec.str_list("ids"))
+    ids = frozenset(spec.str_list("ids", nonempty="key id"))  # [] would trust every key in the folder
     if not folder_name:
         return None
     path = build.resolve_path(folder_name).resolve()
@@ -316,7 +316,14 @@ def _webhook_from_spec(spec: Spec) -> tuple[WebhookScheme | None, bool]:
 
 def _components(spec: Spec, key: str, default: list[str] | None = None) -> tuple[Item, ...]:
     node = spec.child(key)
-    names = spec.str_list(key) if node.present else (default or [])
+    if key == "bodyComponents":
+        if node.value == "none":
+            return ()  # the explicit way to accept bodies that no signature covers
+        if node.value == []:
+            node.error("is empty: list at least one component, leave the field out (content-digest), or write "
+                       "'none' to accept request bodies that no signature covers")
+            return ()
+    names = spec.str_list(key, nonempty="component") if node.present else (default or [])
     items: list[Item] = []
     for i, name in enumerate(names):
         try:
@@ -340,11 +347,11 @@ _REQUEST_DERIVED = frozenset({"@method", "@target-uri", "@authority", "@scheme",
 
 
 def _requirements_from_spec(spec: Spec) -> Requirements:
-    algorithms = spec.str_list("algorithms")
+    algorithms = spec.str_list("algorithms", nonempty="algorithm")  # [] would accept all six
     for i, name in enumerate(algorithms):
         if name not in ALGORITHMS:
             spec.child("algorithms").error(f"unknown algorithm (known: {', '.join(ALGORITHMS)})", i)
-    digests = spec.str_list("digestAlgorithms") or ["sha-256", "sha-512"]
+    digests = spec.str_list("digestAlgorithms", nonempty="digest algorithm") or ["sha-256", "sha-512"]
     for i, name in enumerate(digests):
         if name not in DIGEST_ALGORITHMS:
             spec.child("digestAlgorithms").error(f"unknown digest (known: {', '.join(DIGEST_ALGORITHMS)})", i)

@@ -28,13 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from extauthz.context import CheckContext
 from extauthz.identity import Identity, Rejected, make_identity, source_kind
 from extauthz.identity.credentials import CredentialLocation, extract_first, locations_from_spec
 from extauthz.identity.revocation import RevocationList, revocation_from_spec
 from extauthz.policy.build import BuildContext, Spec
+from extauthz.safe_yaml import load_single
 from extauthz.watched import WatchedPath, visible_files
 
 __all__ = ["ApiKeySource", "ApiKeyTable", "read_key_records"]
@@ -44,7 +43,6 @@ _RECORD_FIELDS = {"id", "owner", "sha256", "scopes", "expires", "metadata"}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEY_CHARS = re.compile(r"[\x21-\x7e]+")
 DEFAULT_LOCATION = CredentialLocation("header", "x-api-key")
-_MAX_FILE = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +89,8 @@ def _records(path: Path) -> list[tuple[str, Any]]:
     files = visible_files(path) if path.is_dir() else [path]
     out: list[tuple[str, Any]] = []
     for file in files:
-        data = file.read_bytes()
-        if len(data) > _MAX_FILE:
-            raise ValueError(f"{file.name}: larger than {_MAX_FILE} bytes")
-        try:
-            document = yaml.safe_load(data.decode("utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{file.name}: not YAML or JSON ({type(exc).__name__})") from None
+        # YamlInputError is a ValueError naming the file and line, never quoting the records.
+        document = load_single(file.read_bytes(), file.name)
         if isinstance(document, dict) and "keys" in document:
             document = document["keys"]
         if document is None:

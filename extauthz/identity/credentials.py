@@ -1,9 +1,12 @@
 """Where a credential is read from: a header (optionally with an Authorization scheme), a query
-parameter or a cookie. Shared by the token and key sources.
+parameter or a cookie. Shared by the token and key sources, and the one place they read it.
 
 A credential given twice (two Authorization headers that Envoy joined with ",", a repeated query
 parameter, two cookies of the same name) is refused as ambiguous rather than guessed at: two
-components that pick different copies are how authentication gets bypassed.
+components that pick different copies are how authentication gets bypassed. For a header read
+with a scheme that holds whatever the schemes: ``Basic x, Bearer <forged>`` is not "no Bearer
+token" (which an ``anonymous`` fallback would let through, forged token and all) but two
+credentials, refused before the scheme is even looked at.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ __all__ = ["CredentialLocation", "location_from_spec", "locations_from_spec"]
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _SCHEME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _FIELDS = {"header", "scheme", "query", "cookie", "forward"}
+#: One element of a comma-separated Authorization value that continues the credential before it: an
+#: auth-param ``name=value`` or ``name="quoted"`` (RFC 9110 11.2). A token68 (``abc==``) has no value.
+_AUTH_PARAM = re.compile(r'\s*[A-Za-z0-9!#$%&\'*+.^_`|~-]+\s*=\s*(?:[A-Za-z0-9!#$%&\'*+.^_`|~-]+|"(?:[^"\\]|\\.)*")\s*')
 
 
 def _ambiguous(where: str) -> Rejected:
@@ -45,23 +51,32 @@ class CredentialLocation:
 
     def presented_in(self, request: Request) -> bool:
         """Whether ``request`` carries something at this location (for a header with a scheme: a
-        value in that scheme), valid or not."""
+        value in that scheme, or several credentials, one of which may be), valid or not."""
         if self.kind != "header":
-            return self.extract(request) is not None
+            try:
+                return self.extract(request) is not None
+            except Rejected:
+                return True
         value = request.headers.get(self.name)
         if value is None:
             return False
-        return not self.scheme or _split_scheme(value)[0].lower() == self.scheme.lower()
+        if not self.scheme or self.name in request.header_lines or ("," in value and _several_credentials(value)):
+            return True
+        return _split_scheme(value)[0].lower() == self.scheme.lower()
 
     def extract(self, request: Request) -> str | None:
         if self.kind == "header":
             value = request.headers.get(self.name)
             if value is None:
                 return None
+            if self.name in request.header_lines:  # sent twice (Envoy's raw header map keeps each line)
+                raise _ambiguous(self.describe())
             if self.scheme:
+                if "," in value and _several_credentials(value):
+                    raise _ambiguous(self.describe())
                 scheme, value = _split_scheme(value)
                 if scheme.lower() != self.scheme.lower():
-                    return None  # another scheme (e.g. Basic): not ours, credentials absent
+                    return None  # one credential in another scheme (e.g. Basic): not ours, absent
             value = value.strip()
             if "," in value:
                 raise _ambiguous(self.describe())
@@ -124,12 +139,31 @@ def location_from_spec(spec: Spec, default: CredentialLocation) -> CredentialLoc
 def locations_from_spec(spec: Spec, default: CredentialLocation) -> tuple[CredentialLocation, ...]:
     """One location or a list of them (tried in order; the first present is used)."""
     if isinstance(spec.value, list):
-        found = tuple(location_from_spec(item, default) for item in spec.items())
-        if not found:
-            spec.error("must list at least one location")
-            return (default,)
-        return found
+        found = tuple(location_from_spec(item, default) for item in spec.items(nonempty="location"))
+        return found or (default,)
     return (location_from_spec(spec, default),)
+
+
+def _several_credentials(value: str) -> bool:
+    """Whether an Authorization-style value holds more than one credential: Envoy joins repeated
+    headers with ",", and RFC 9110 lets one credential be ``scheme name=value, name="a,b"``. Every
+    comma-separated element (outside quoted strings) after the first must be such an auth-param;
+    anything else (``Bearer x``, a bare token, nothing) starts another credential."""
+    elements: list[str] = []
+    start = 0
+    quoted = escaped = False
+    for i, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            elements.append(value[start:i])
+            start = i + 1
+    elements.append(value[start:])
+    return any(_AUTH_PARAM.fullmatch(element) is None for element in elements[1:])
 
 
 def _split_scheme(value: str) -> tuple[str, str]:

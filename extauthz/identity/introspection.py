@@ -212,7 +212,7 @@ class IntrospectionSource:
         client_id = spec.str("clientId", required=True)
         secret_file = spec.str("clientSecretFile", required=True)
         auth_method = spec.str("authMethod", "basic", choices=("basic", "post"))
-        audiences = frozenset(spec.str_list("audiences"))
+        audiences = frozenset(spec.str_list("audiences", nonempty="audience"))  # [] would skip the check
         cache_duration = spec.duration("cacheDuration", 300.0)
         inactive = spec.duration("inactiveCacheDuration", 10.0)
         timeout = spec.duration("timeout", 2.0)

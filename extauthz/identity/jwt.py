@@ -335,9 +335,7 @@ class JwtSource:
         if not spec.is_mapping(allowed=_FIELDS):
             return None
         issuer = spec.str("issuer", required=True) or ""
-        audiences = spec.str_list("audiences", required=True)
-        if spec.child("audiences").present and not audiences:
-            spec.error("must list at least one audience", "audiences")
+        audiences = spec.str_list("audiences", required=True, nonempty="audience")
         allow_insecure = spec.bool("allowInsecureHttp", False)
         sources = [k for k in ("jwksFile", "jwksUrl", "discovery") if spec.child(k).present]
         secret_file = spec.str("secretFile")
@@ -363,14 +361,17 @@ class JwtSource:
         if skew > 300:
             spec.error("must be at most 5m", "clockSkew")
         max_age = spec.duration("maxAge")
-        token_types = frozenset(t.lower().removeprefix("application/") for t in spec.str_list("tokenTypes"))
+        token_types = frozenset(
+            t.lower().removeprefix("application/") for t in spec.str_list("tokenTypes", nonempty="token type")
+        )
         scope_claims: tuple[tuple[str, ...], ...] = (("scope",), ("scp",))
         scope_map: dict[str, tuple[str, ...]] = {}
         scopes = spec.child("scopes")
         if scopes.present and scopes.is_mapping(allowed={"claims", "map"}):
             if scopes.child("claims").present:
-                scope_claims = tuple(tuple(c.split(".")) for c in scopes.str_list("claims"))
-            for value, node in scopes.child("map").entries():
+                scope_claims = tuple(tuple(c.split(".")) for c in scopes.str_list("claims", nonempty="claim"))
+            # A value mapped to [] grants nothing (it drops that claim value): narrower, so allowed.
+            for value, node in scopes.child("map").entries(nonempty="claim value"):
                 if isinstance(node.value, str):
                     scope_map[value] = (node.value,)
                 elif isinstance(node.value, list) and all(isinstance(v, str) for v in node.value):
@@ -382,10 +383,11 @@ class JwtSource:
         cache_size = spec.int("cacheSize", 10_000, min=0, max=10_000_000)
         max_bytes = spec.int("maxTokenBytes", 16 * 1024, min=256, max=1024 * 1024)
         locations = locations_from_spec(spec.child("token"), DEFAULT_LOCATION)
+        required_claims = tuple(spec.str_list("requiredClaims", nonempty="claim"))
         return cls(
             name, issuer=issuer, audiences=frozenset(audiences), algorithms=algorithms, keys=keys, secret=secret,
             locations=locations, clock_skew=skew, max_age=max_age,
-            require_expiry=spec.bool("requireExpiry", True), required_claims=tuple(spec.str_list("requiredClaims")),
+            require_expiry=spec.bool("requireExpiry", True), required_claims=required_claims,
             token_types=token_types, subject_claim=spec.str("subjectClaim", "sub"), scope_claims=scope_claims,
             scope_map=scope_map, binding_required=bound == "required", revocation=revocation,
             cache_size=cache_size, max_token_bytes=max_bytes, refresh_wait=wait,
@@ -393,7 +395,7 @@ class JwtSource:
 
     @staticmethod
     def _algorithms(spec: Spec, *, has_keys: bool, has_secret: bool) -> frozenset[str]:
-        given = spec.str_list("algorithms")
+        given = spec.str_list("algorithms", nonempty="algorithm")
         if not spec.child("algorithms").present:
             default = (ASYMMETRIC_ALGORITHMS if has_keys else ()) + (("HS256",) if has_secret else ())
             return frozenset(default)
@@ -412,8 +414,6 @@ class JwtSource:
                 accepted.add(alg)
             else:
                 node.error(f"unknown algorithm (known: {', '.join(ASYMMETRIC_ALGORITHMS + HMAC_ALGORITHMS)})", i)
-        if not given:
-            spec.error("must list at least one algorithm", "algorithms")
         return frozenset(accepted)
 
     @staticmethod

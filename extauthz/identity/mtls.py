@@ -178,11 +178,11 @@ class MtlsSource:
             spec.value = {}
         if not spec.is_mapping(allowed=_FIELDS):
             return None
-        principals = spec.str_list("principals")
+        principals = spec.str_list("principals", nonempty="principal")  # [] would allow every principal
         for i, pattern in enumerate(principals):
             if not pattern or any(c.isspace() for c in pattern):
                 spec.child("principals").error("must be a principal or glob without spaces", i)
-        domains = spec.str_list("trustDomains")
+        domains = spec.str_list("trustDomains", nonempty="trust domain")  # [] would allow every domain
         for i, domain in enumerate(domains):
             if _TRUST_DOMAIN.fullmatch(domain) is None:
                 spec.child("trustDomains").error("must be a lower-case trust domain name such as cluster.local", i)

@@ -17,10 +17,15 @@ from urllib.parse import unquote
 
 import yaml
 
+from extauthz.safe_yaml import SafeYamlLoader, problem_line, problem_text
+
 __all__ = ["MAX_SPEC_BYTES", "Location", "SpecError", "SpecFiles", "escape_pointer", "pointer_of"]
 
 #: The largest spec file read (one of the biggest public specs, Twilio's v2010, is about 1.9 MB).
-MAX_SPEC_BYTES = 32 * 1024 * 1024
+MAX_SPEC_BYTES = 16 * 1024 * 1024
+#: YAML nodes (keys, values, items) in one spec file: Twilio's v2010 spec, one of the largest
+#: public ones, has about 66,000 (a node costs about 500 bytes while the file is read).
+MAX_SPEC_NODES = 400_000
 #: References followed one to the next before giving up (a loop, or a chain nobody means).
 MAX_REF_CHAIN = 32
 
@@ -61,11 +66,12 @@ class Location:
         return SpecError(self.file, self.pointer, message)
 
 
-class _SpecLoader(yaml.CSafeLoader if hasattr(yaml, "CSafeLoader") else yaml.SafeLoader):  # type: ignore[misc]
-    """PyYAML (libyaml) read closer to YAML 1.2, which OpenAPI recommends: only ``true``/``false``
-    are booleans (YAML 1.1 also reads ``yes``, ``no``, ``on``, ``off``: an ``enum`` of country
-    codes with ``NO`` would hold ``false``), dates stay strings (an ``enum`` of dates must compare
-    with the strings a request carries), and mapping keys are strings (``200:`` under ``responses``)."""
+class _SpecLoader(SafeYamlLoader):
+    """The sidecar's YAML loader (no anchors or aliases, bounded depth and size), read closer to
+    YAML 1.2, which OpenAPI recommends: only ``true``/``false`` are booleans (YAML 1.1 also reads
+    ``yes``, ``no``, ``on``, ``off``: an ``enum`` of country codes with ``NO`` would hold
+    ``false``), dates stay strings (an ``enum`` of dates must compare with the strings a request
+    carries), and mapping keys are strings (``200:`` under ``responses``)."""
 
 
 _BOOL_12 = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
@@ -106,14 +112,20 @@ def _parse(data: bytes, name: str) -> Any:
         except (ValueError, RecursionError) as exc:
             raise SpecError(name, "", f"not valid JSON: {exc}") from None
     try:
-        return _string_keys(yaml.load(data, Loader=_SpecLoader))  # a SafeLoader subclass
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(name, "", f"not valid UTF-8 (byte {exc.start})") from None
+    loader = _SpecLoader(text, max_nodes=MAX_SPEC_NODES)
+    try:
+        return _string_keys(loader.get_single_data())
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(name, "", f"not valid YAML{where}: {problem}") from None
+        line = problem_line(exc)
+        where = f" (line {line})" if line else ""
+        raise SpecError(name, "", f"not valid YAML{where}: {problem_text(exc)}") from None
     except RecursionError:
         raise SpecError(name, "", "not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 @dataclass(slots=True)

@@ -52,6 +52,8 @@ class BuildContext:
     folder: Path
     services: Services
     errors: list[PolicyError]
+    #: True while compiling a ``LayerPolicy``: checks whose meaning differs there (rules) ask.
+    layer: bool = False
 
     @property
     def policy_name(self) -> str:
@@ -126,22 +128,39 @@ class Spec:
                     self.error(f"unknown field (allowed: {', '.join(sorted(allowed))})", key)
         return True
 
-    def items(self) -> list[Spec]:
-        """The elements of a list (an error and [] if it is not one)."""
+    def items(self, *, nonempty: builtins.bool | builtins.str = False) -> list[Spec]:
+        """The elements of a list (an error and [] if it is not one). ``nonempty`` (True, or what
+        an element is, for the message) makes a given but empty list an error: see ``_empty``."""
         if self.value is None:
             return []
         if not isinstance(self.value, list):
             self.error("must be a list")
             return []
+        if nonempty and not self.value:
+            self._empty(nonempty)
         return [self.child(i) for i in range(len(self.value))]
 
-    def entries(self) -> list[tuple[str, Spec]]:
+    def entries(self, *, nonempty: builtins.bool | builtins.str = False) -> list[tuple[str, Spec]]:
+        """The entries of a mapping; ``nonempty`` as for ``items``."""
         if self.value is None:
             return []
         if not isinstance(self.value, Mapping):
             self.error("must be a mapping")
             return []
+        if nonempty and not self.value:
+            self._empty(nonempty)
         return [(str(k), self.child(k)) for k in self.value]
+
+    def _empty(self, what: builtins.bool | builtins.str, *, required: builtins.bool = False) -> None:
+        """Report a list or mapping that was given but is empty.
+
+        Where a list restricts something (audiences, trust domains, required scopes, trusted key
+        ids), empty would mean "no restriction" and a template that renders an empty list would
+        turn a protection off without a word; where it lists what to do (quotas, headers), empty
+        means nothing is done. Neither is what was meant, so both are load errors, never "any".
+        """
+        noun = what if isinstance(what, builtins.str) else "entry"
+        self.error(f"is empty: list at least one {noun}" + ("" if required else ", or leave the field out"))
 
     def _get(self, key: str, kinds: tuple[type, ...], type_name: str, default: Any, required: bool) -> Any:
         node = self.child(key)
@@ -161,7 +180,9 @@ class Spec:
         value = self._get(key, (int, float), "a number", default, required)
         return float(value) if value is not None else None
 
-    def str_list(self, key: str, *, required: bool = False) -> list[str]:
+    def str_list(self, key: str, *, required: bool = False, nonempty: bool | str = False) -> list[str]:
+        """A list of strings (one string is a list of one). ``nonempty`` (True, or what an element
+        is, for the message) makes a given but empty list an error (see ``_empty``)."""
         node = self.child(key)
         if node.value is None:
             if required:
@@ -172,6 +193,8 @@ class Spec:
         if not isinstance(node.value, list) or not all(isinstance(v, str) for v in node.value):
             node.error("must be a list of strings")
             return []
+        if nonempty and not node.value:
+            node._empty(nonempty, required=required)
         return list(node.value)
 
     def duration(self, key: str, default: float | None = None, *, required: bool = False) -> Any:
@@ -187,9 +210,10 @@ class Spec:
             return default
         return seconds
 
-    def cel(self, key: str | None = None, *, expect: str | None = None, required: bool = False,
+    def cel(self, key: str | None = None, *, expect: str | Iterable[str] | None = None, required: bool = False,
             allowed: Iterable[str] | None = None) -> Expression | None:
-        """Compile a CEL expression at ``key`` (or this node when key is None)."""
+        """Compile a CEL expression at ``key`` (or this node when key is None). ``expect`` is the
+        static type the site needs (see extauthz.cel: BOOL, STRING, KEY...): every site says it."""
         node = self if key is None else self.child(key)
         if node.value is None:
             if required:

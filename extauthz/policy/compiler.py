@@ -15,15 +15,17 @@ from typing import TYPE_CHECKING
 from extauthz.checks import Check, CheckKind, kinds
 from extauthz.policy.build import BuildContext, Services
 from extauthz.policy.model import Document, PolicyError, PolicySetError
-from extauthz.policy.routing import Route, Router, find_ties
+from extauthz.policy.routing import LayerRouter, Route, Router, Shadow, find_shadows, find_ties
 from extauthz.request import BadRequest, normalize_path
 
 if TYPE_CHECKING:
     from extauthz.identity.credentials import CredentialLocation
 
-__all__ = ["POLICY_KIND", "CompiledPolicy", "PolicySet", "compile_documents"]
+__all__ = ["LAYER_KIND", "POLICY_KIND", "CompiledPolicy", "PolicySet", "compile_documents"]
 
 POLICY_KIND = "AuthPolicy"
+#: Policies that run for every request they match, before the deciding policy; they never allow.
+LAYER_KIND = "LayerPolicy"
 #: Document kinds that live beside policies and are not served (``extauthz test`` reads them).
 IGNORED_KINDS = frozenset({"PolicyTest"})
 
@@ -31,6 +33,10 @@ _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _METHOD_RE = re.compile(r"[A-Z][A-Z0-9_-]*")
 _HOST_PATTERN_RE = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 _BASE_FIELDS = {"match", "mode"}
+_LAYER_FIELDS = {"order"}
+_MATCH_FIELDS = {"hosts", "paths", "methods", "pathCase"}
+#: A layer's ``order`` lies in this range: a wider one invites numbering schemes nobody can follow.
+LAYER_ORDER_RANGE = (-1000, 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +58,30 @@ class CompiledPolicy:
     owned_credentials: tuple[CredentialLocation, ...] = ()
     #: (kind, name) of every header, query parameter or cookie a check reads a credential from.
     credential_locations: tuple[tuple[str, str], ...] = ()
+    #: A LayerPolicy: runs before the deciding policy for every request it matches, never allows.
+    layer: bool = False
+    #: Layers run in ascending ``order``, then by name.
+    order: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class PolicySet:
+    #: Deciding policies and layers, in document order.
     policies: tuple[CompiledPolicy, ...]
     router: Router[CompiledPolicy]
     #: Files the set was loaded from, for /readyz and logs.
     files: tuple[str, ...] = ()
     #: PolicyTest documents found beside the policies.
     tests: tuple[Document, ...] = field(default=())
+    #: Layers in the order they run, and their routes.
+    layers: tuple[CompiledPolicy, ...] = ()
+    layer_router: LayerRouter[CompiledPolicy] = field(default_factory=lambda: LayerRouter(()))
+    #: Per deciding policy (by name): the headers other policies and layers set, which an allowed
+    #: request never carries upstream unless a policy that ran set them itself (a client's own
+    #: ``x-user: admin`` on a route whose policy sets no x-user).
+    foreign_headers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Selection oddities worth a warning (``extauthz validate``); never errors.
+    shadows: tuple[Shadow[CompiledPolicy], ...] = ()
 
     def credential_names(self, kind: str) -> frozenset[str]:
         """Names of the headers ("header"), query parameters ("query") or cookies ("cookie") that
@@ -72,16 +92,26 @@ class PolicySet:
         route = self.router.select(host, path, method)
         return None if route is None else route.target
 
+    def select_layers(self, host: str, path: str, method: str) -> tuple[CompiledPolicy, ...]:
+        """Every layer matching the request, in run order; () at once when the set has none."""
+        return self.layer_router.select(host, path, method) if self.layers else ()
+
 
 def _match_routes(build: BuildContext, policy: CompiledPolicy | None) -> list[Route]:
     spec = build.spec("match")
     if not spec.present:
         return [Route("", "", frozenset(), policy)]
-    if not spec.is_mapping(allowed={"hosts", "paths", "methods"}):
+    if not spec.is_mapping(allowed=_MATCH_FIELDS):
         return []
+    for key in ("hosts", "paths", "methods"):
+        # An empty list would match everything: a template that rendered no hosts must not turn a
+        # narrow policy into one for every request. Omit the field to mean "any".
+        if isinstance(spec.child(key).value, list) and not spec.child(key).value:
+            spec.error("must not be empty (omit the field to match any)", key)
     hosts = spec.str_list("hosts")
     paths = spec.str_list("paths")
     methods = spec.str_list("methods")
+    fold_case = spec.str("pathCase", "sensitive", choices=("sensitive", "insensitive")) == "insensitive"
     host_patterns: list[str] = []
     for i, host in enumerate(hosts):
         pattern = host.strip().lower().rstrip(".") if host.strip() != "*" else ""
@@ -106,7 +136,7 @@ def _match_routes(build: BuildContext, policy: CompiledPolicy | None) -> list[Ro
         if normalized != (base or "/"):
             spec.child("paths").error(f"is not in normalized form (requests are matched as {normalized!r})", i)
             continue
-        path_patterns.append(path)
+        path_patterns.append(path.lower() if fold_case else path)
     method_set: set[str] = set()
     for i, method in enumerate(methods):
         if _METHOD_RE.fullmatch(method) is None:
@@ -115,16 +145,17 @@ def _match_routes(build: BuildContext, policy: CompiledPolicy | None) -> list[Ro
         method_set.add(method)
     frozen = frozenset(method_set)
     return [
-        Route(host, path, frozen, policy)
-        for host in (host_patterns or [""])
-        for path in (path_patterns or [""])
+        Route(host, path, frozen, policy, fold_case and bool(path))
+        for host in dict.fromkeys(host_patterns or [""])
+        for path in dict.fromkeys(path_patterns or [""])
     ]
 
 
 def _compile_policy(
     doc: Document, folder: Path, services: Services, errors: list[PolicyError]
 ) -> tuple[CompiledPolicy | None, list[Route]]:
-    build = BuildContext(doc, folder, services, errors)
+    layer = doc.kind == LAYER_KIND
+    build = BuildContext(doc, folder, services, errors, layer)
     before = len(errors)
     if not _NAME_RE.fullmatch(doc.name):
         build.error(("metadata", "name"), "is required: lower-case letters, digits, '-' and '.'")
@@ -133,13 +164,21 @@ def _compile_policy(
         build.error(("spec",), "is required and must be a mapping")
         return None, []
     registered = kinds()
+    base = _BASE_FIELDS | _LAYER_FIELDS if layer else _BASE_FIELDS
     for key in spec:
-        if key not in _BASE_FIELDS and key not in registered:
-            allowed = ", ".join(sorted(_BASE_FIELDS | set(registered)))
-            build.error(("spec", key), f"unknown field (allowed: {allowed})")
+        if key not in base and key not in registered:
+            allowed = ", ".join(sorted(base | set(registered)))
+            hint = " (order is for LayerPolicy documents)" if key in _LAYER_FIELDS else ""
+            build.error(("spec", key), f"unknown field{hint} (allowed: {allowed})")
     mode = build.spec("mode").value
     if mode not in (None, "enforce", "dry-run"):
         build.error(("spec", "mode"), "must be 'enforce' or 'dry-run'")
+    low, high = LAYER_ORDER_RANGE
+    order = build.spec("order").value
+    if layer and order is not None and (isinstance(order, bool) or not isinstance(order, int) or
+                                        not low <= order <= high):
+        build.error(("spec", "order"), f"must be an integer between {low} and {high}")
+        order = 0
     checks: list[tuple[CheckKind, Check]] = []
     for kind in sorted(registered.values(), key=lambda k: k.phase):
         if kind.section not in spec and not kind.always:
@@ -161,6 +200,8 @@ def _compile_policy(
         credential_locations=tuple(
             dict.fromkeys(location for _, c in checks for location in getattr(c, "credential_locations", ()))
         ),
+        layer=layer,
+        order=order if layer and isinstance(order, int) else 0,
     )
     routes = _match_routes(build, policy)
     if len(errors) != before:
@@ -174,14 +215,15 @@ def compile_documents(documents: Sequence[Document], folder: Path, services: Ser
     errors: list[PolicyError] = []
     policies: list[CompiledPolicy] = []
     routes: list[Route] = []
+    layer_routes: dict[str, list[Route]] = {}
     tests: list[Document] = []
     names: dict[str, Document] = {}
     for doc in documents:
         if doc.kind in IGNORED_KINDS:
             tests.append(doc)
             continue
-        if doc.kind != POLICY_KIND:
-            expected = f"expected {POLICY_KIND} or PolicyTest"
+        if doc.kind not in (POLICY_KIND, LAYER_KIND):
+            expected = f"expected {POLICY_KIND}, {LAYER_KIND} or PolicyTest"
             errors.append(doc.error(("kind",), f"unknown kind {doc.kind!r} ({expected})"))
             continue
         if doc.name in names:
@@ -191,17 +233,33 @@ def compile_documents(documents: Sequence[Document], folder: Path, services: Ser
             continue
         names[doc.name] = doc
         policy, policy_routes = _compile_policy(doc, folder, services, errors)
-        if policy is not None:
-            policies.append(policy)
+        if policy is None:
+            continue
+        policies.append(policy)
+        if policy.layer:
+            layer_routes[policy.name] = policy_routes
+        else:
             routes.extend(policy_routes)
     by_policy = {p.name: names[p.name] for p in policies}
     for a, b in find_ties(routes):
         doc = by_policy[b.target.name]
-        methods = ",".join(sorted(a.methods & b.methods)) or "*"
-        what = f"host {a.host or '*'}, path {a.path or '*'}, methods {methods}"
-        message = f"ties with policy {a.target.name!r} ({what}): make one more specific"
+        message = f"ties with policy {a.target.name!r} ({a.describe()}): make one more specific"
         errors.append(doc.error(("spec", "match"), message))
     if errors:
         raise PolicySetError(errors)
+    layers = tuple(sorted((p for p in policies if p.layer), key=lambda p: (p.order, p.name)))
     files = tuple(sorted({d.file for d in documents}))
-    return PolicySet(tuple(policies), Router(routes), files, tuple(tests))
+    return PolicySet(
+        tuple(policies), Router(routes), files, tuple(tests), layers,
+        LayerRouter([route for layer in layers for route in layer_routes[layer.name]]),
+        _foreign_headers(policies), tuple(find_shadows(routes)),
+    )
+
+
+def _foreign_headers(policies: Sequence[CompiledPolicy]) -> dict[str, tuple[str, ...]]:
+    """For each deciding policy, the headers that only other policies set (see PolicySet)."""
+    every = dict.fromkeys(name for p in policies for name in p.owned_headers)
+    return {
+        p.name: tuple(name for name in every if name not in p.owned_headers)
+        for p in policies if not p.layer
+    }

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -28,14 +29,31 @@ _SUFFIXES = (".yaml", ".yml")
 MAX_FILE_BYTES = 4 * 1024 * 1024
 
 
+#: ``openapi: 3.1.0`` / ``"swagger": "2.0"`` at the start of a line or after ``{``/``,`` (JSON).
+_SPEC_KEY = re.compile(rb"""(?:^|[{,])[ \t]*["']?(?:openapi|swagger)["']?[ \t]*:[ \t]*["']?[23]\.""", re.MULTILINE)
+_POLICY_KEY = re.compile(rb"""(?:^|[{,])[ \t]*["']?apiVersion["']?[ \t]*:""", re.MULTILINE)
+
+
+def is_openapi_spec(data: bytes) -> bool:
+    """A YAML (or JSON) file that is an OpenAPI or Swagger document, not policies: an ``openapi``
+    key with a version and no ``apiVersion``. Told apart from the text, without parsing a spec of
+    megabytes on every policy reload."""
+    return _SPEC_KEY.search(data) is not None and _POLICY_KEY.search(data) is None
+
+
 def policy_files(folder: Path) -> list[Path]:
-    """Visible YAML files under ``folder``, sorted; dot-entries (``..data``) are never walked."""
+    """Visible YAML files under ``folder``, sorted; dot-entries (``..data``) are never walked.
+
+    A folder named like a policy file (``orders.yaml/``) is listed too, not walked: it is what a
+    container runtime leaves where a file was meant to be mounted, and reading it must fail.
+    """
     found: list[Path] = []
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and name.endswith(_SUFFIXES):
-                found.append(Path(root) / name)
+        visible = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = [d for d in visible if not d.endswith(_SUFFIXES)]
+        names = [n for n in files if not n.startswith(".") and n.endswith(_SUFFIXES)]
+        names += [d for d in visible if d.endswith(_SUFFIXES)]
+        found.extend(Path(root) / name for name in sorted(names))
     return found
 
 
@@ -46,11 +64,17 @@ def _read(folder: Path) -> tuple[list[Document], list[PolicyError]]:
     errors: list[PolicyError] = []
     for path in policy_files(folder):
         label = str(path.relative_to(folder))
+        if path.is_dir():
+            errors.append(PolicyError(label, 0, "", 0, "is a folder, not a policy file (a volume mount of a "
+                                      "missing file makes one); remove it or give it another name"))
+            continue
         try:
             data = path.read_bytes()
         except OSError as exc:
             errors.append(PolicyError(label, 0, "", 0, f"cannot read: {exc.strerror}"))
             continue
+        if is_openapi_spec(data):
+            continue  # kept beside the policies for an openapi section (read by extauthz.openapi)
         if len(data) > MAX_FILE_BYTES:
             errors.append(PolicyError(label, 0, "", 0, f"file is larger than {MAX_FILE_BYTES} bytes"))
             continue
@@ -60,6 +84,11 @@ def _read(folder: Path) -> tuple[list[Document], list[PolicyError]]:
             errors.append(PolicyError(label, 0, "", 0, f"not valid UTF-8 (byte {exc.start})"))
             continue
         docs, problems = parse_documents(text, label)
+        if not docs and not problems:
+            # Half-written (a ConfigMap update caught mid-way) or emptied by mistake: reading it as
+            # "no policies" would drop the file's policies. Deleting the file is how they are removed.
+            errors.append(PolicyError(label, 0, "", 0, "holds no documents (empty, or only comments and "
+                                      "'---'); delete the file to remove its policies"))
         documents.extend(docs)
         errors.extend(problems)
     return documents, errors

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from extauthz.safe_yaml import SafeYamlLoader, problem_line, problem_text
+
 __all__ = [
     "API_VERSION",
     "Document",
@@ -84,7 +86,7 @@ class _DuplicateKey(Exception):
         self.line = line
 
 
-def _to_python(node: yaml.Node, path: FieldPath, lines: dict[FieldPath, int], constructor: yaml.SafeLoader) -> Any:
+def _to_python(node: yaml.Node, path: FieldPath, lines: dict[FieldPath, int], constructor: SafeYamlLoader) -> Any:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         constructor.flatten_mapping(node)
@@ -106,9 +108,9 @@ def parse_documents(text: str, file: str) -> tuple[list[Document], list[PolicyEr
     """Parse every document of a YAML file; problems are returned, never raised."""
     documents: list[Document] = []
     errors: list[PolicyError] = []
-    loader = yaml.SafeLoader(text)
+    loader = SafeYamlLoader(text)
+    index = 0
     try:
-        index = 0
         while loader.check_node():
             node = loader.get_node()
             index += 1
@@ -121,15 +123,13 @@ def parse_documents(text: str, file: str) -> tuple[list[Document], list[PolicyEr
                 errors.append(PolicyError(file, index, dup.key, dup.line, "duplicate key"))
                 continue
             except yaml.YAMLError as exc:
-                errors.append(PolicyError(file, index, "", _mark_line(exc), _yaml_message(exc)))
+                errors.append(PolicyError(file, index, "", problem_line(exc), problem_text(exc)))
                 continue
             if body is None:
                 continue
             if not isinstance(body, dict):
                 errors.append(PolicyError(file, index, "", lines.get((), 0), "document must be a mapping"))
                 continue
-            if "apiVersion" not in body and "kind" not in body and ("openapi" in body or "swagger" in body):
-                continue  # an OpenAPI spec kept beside the policies (an ``openapi:`` section names it)
             kind = body.get("kind")
             metadata = body.get("metadata")
             name = metadata.get("name", "") if isinstance(metadata, dict) else ""
@@ -142,20 +142,7 @@ def parse_documents(text: str, file: str) -> tuple[list[Document], list[PolicyEr
                 continue
             documents.append(doc)
     except yaml.YAMLError as exc:
-        errors.append(PolicyError(file, len(documents) + 1, "", _mark_line(exc), _yaml_message(exc)))
+        errors.append(PolicyError(file, index + 1, "", problem_line(exc), problem_text(exc)))
     finally:
         loader.dispose()
     return documents, errors
-
-
-def _mark_line(exc: yaml.YAMLError) -> int:
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    return mark.line + 1 if mark is not None else 0
-
-
-def _yaml_message(exc: yaml.YAMLError) -> str:
-    problem = getattr(exc, "problem", None)
-    context = getattr(exc, "context", None)
-    if problem:
-        return f"invalid YAML: {context + ', ' if context else ''}{problem}"
-    return f"invalid YAML: {exc}"

@@ -33,10 +33,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from extauthz.safe_yaml import load_single
 from extauthz.signatures.algorithms import KeyError_, VerificationKey, algorithm_for
 from extauthz.watched import WatchedPath, visible_files
 
@@ -173,9 +173,12 @@ def _metadata(folder: Path, errors: list[str]) -> dict[str, dict[str, str]]:
     if not path.exists():
         return {}
     try:
-        document = yaml.safe_load(path.read_text("utf-8")) or {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        errors.append(f"{METADATA_FILE}: cannot be read ({exc}); keys needing it are left out")
+        document = load_single(path.read_bytes(), METADATA_FILE) or {}
+    except OSError as exc:
+        errors.append(f"{METADATA_FILE}: cannot be read ({exc.strerror}); keys needing it are left out")
+        return {}
+    except ValueError as exc:  # YamlInputError: "keys.yaml:<line>: <problem>"
+        errors.append(f"{exc}; keys needing it are left out")
         return {}
     if not isinstance(document, dict):
         errors.append(f"{METADATA_FILE}: must be a mapping of key id to {{algorithm, owner}}")

@@ -91,6 +91,10 @@ class Metrics:
             ["stage"], buckets=STAGE_BUCKETS, registry=r,
         )  # fmt: skip
         self.grpc_in_flight = gauge("extauthz_grpc_in_flight", "Check calls being decided now", mode="livesum")
+        self.layers = Counter(
+            "extauthz_layer_decisions", "What each layer that ran did: pass, deny, or would_deny (dry-run)",
+            ["layer", "outcome"], registry=r,
+        )  # fmt: skip
         self.malformed = Counter("extauthz_malformed_requests", "CheckRequests that could not be parsed", registry=r)
         self.reloads = Counter("extauthz_policy_reloads", "Policy set loads by result", ["result"], registry=r)
         self.policies = gauge("extauthz_policies", "Policies in the live set")
@@ -168,6 +172,8 @@ class Metrics:
         self._pending_durations: list[float] = []
         #: stage -> its durations since the last flush.
         self._pending_stages: dict[str, list[float]] = {}
+        #: "layer:outcome" -> count since the last flush.
+        self._pending_layers: dict[str, int] = {}
 
     # --- observers (the request path: keep them cheap) -------------------------------------------
     def observe(self, decision: Decision) -> None:
@@ -179,6 +185,11 @@ class Metrics:
         key = (outcome, decision.reason, decision.policy or "-")
         pending = self._pending_checks
         pending[key] = pending.get(key, 0) + 1
+        attributes = decision.attributes
+        if attributes is not None and "layers" in attributes:  # only requests that layers matched
+            pending_layers = self._pending_layers
+            for entry in attributes["layers"]:
+                pending_layers[entry] = pending_layers.get(entry, 0) + 1
         durations = self._pending_durations
         durations.append(decision.duration)
         if len(durations) >= FLUSH_EVERY:
@@ -201,6 +212,10 @@ class Metrics:
             child.inc(count)
         if durations:
             _observe_many(self.check_duration, durations)
+        layers, self._pending_layers = self._pending_layers, {}
+        for entry, count in layers.items():
+            layer, _, outcome = entry.rpartition(":")
+            self.layers.labels(layer, outcome).inc(count)
         stages, self._pending_stages = self._pending_stages, {}
         for stage, seconds in stages.items():
             child = self._stage_children.get(stage)

@@ -179,3 +179,49 @@ def _procs_get(port: int, path: str) -> bytes:
     status, body = _procs.http_get("127.0.0.1", port, path)
     assert status == 200
     return body
+
+
+def _rejections(port: int) -> float:
+    for line in _procs_get(port, "/metrics").decode().splitlines():
+        if line.startswith('extauthz_policy_reloads_total{result="error"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_half_written_update_keeps_the_last_good_set(tmp_path, extauthz_factory, envoy_factory, echo_upstream,
+                                                       yaml_bomb) -> None:
+    """An empty or comment-only file (a ConfigMap update caught half-way), a YAML bomb, or a folder
+    named like a policy file is refused; the old set keeps deciding; a valid update goes live."""
+    volume = KubeletVolume(tmp_path / "policies")
+    volume.publish(_policy(1))
+    sidecar = extauthz_factory(volume.root, extra_args=["--decision-log", "off", "--reload-interval", "0.2"])
+    envoy = envoy_factory(ext_authz=sidecar.target, upstream_port=echo_upstream.port)
+    assert _request(envoy.port, "GET", "/api/items") == (200, "1")
+
+    def refused(change, expected: str) -> None:
+        before = _rejections(sidecar.http_port)
+        change()
+        deadline = time.monotonic() + 10
+        while _rejections(sidecar.http_port) == before:
+            assert time.monotonic() < deadline, f"no rejection for {expected!r}"
+            time.sleep(0.1)
+        readiness = json.loads(_procs_get(sidecar.http_port, "/readyz"))
+        assert readiness["generation"] == 1 and readiness["last_reload"]["ok"] is False
+        assert any(expected in error for error in readiness["last_reload"]["errors"]), readiness
+        assert _request(envoy.port, "GET", "/api/items") == (200, "1")  # the last good set decides
+        assert _request(envoy.port, "DELETE", "/api/items")[0] == 403
+
+    v1 = _policy(1)
+    refused(lambda: volume.publish({**v1, "new.yaml": ""}), "new.yaml: document 0: holds no documents")
+    refused(lambda: volume.publish({**v1, "new.yaml": "# new-api: coming\n---\n"}), "holds no documents")
+    refused(lambda: volume.publish({**v1, "new.yaml": yaml_bomb(levels=10)}),
+            "new.yaml:1: document 1: YAML anchors are not allowed")
+    refused(lambda: (volume.root / "extra.yaml").mkdir(), "extra.yaml: document 0: is a folder")
+    (volume.root / "extra.yaml").rmdir()
+    volume.publish(_policy(2))
+    deadline = time.monotonic() + 10
+    while _request(envoy.port, "GET", "/api/new")[0] != 200:
+        assert time.monotonic() < deadline, "v2 never went live"
+        time.sleep(0.1)
+    readiness = json.loads(_procs_get(sidecar.http_port, "/readyz"))
+    assert readiness["generation"] == 2 and readiness["last_reload"]["ok"] is True

@@ -88,6 +88,11 @@ spec:
 """
 
 
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:  # the sidecar refuses YAML anchors and aliases
+        return True
+
+
 @dataclass(frozen=True)
 class Stack:
     envoy: Any
@@ -113,7 +118,7 @@ def openapi_stack(tmp_path_factory, extauthz_factory, envoy_factory, echo_upstre
     policies = root / "policies"
     policies.mkdir()
     (policies / "items-30.openapi.json").write_text(json.dumps(_spec("3.0")))
-    (policies / "items-31.openapi.yaml").write_text(yaml.safe_dump(_spec("3.1")))
+    (policies / "items-31.openapi.yaml").write_text(yaml.dump(_spec("3.1"), Dumper=_NoAliases))
     (policies / "items.yaml").write_text(_policy("3.0") + "---\n" + _policy("3.1"))
     sidecar = extauthz_factory(policies)
     envoy = envoy_factory(ext_authz=sidecar.target, upstream_port=echo_upstream.port,

@@ -54,7 +54,7 @@ spec:
   signature:
     keys: {{folder: ../keys, ids: [client-1]}}
     requireNonce: false
-    bodyComponents: []
+    bodyComponents: none
   rules: [{{name: signed, decision: allow}}]
 ---
 apiVersion: extauthz.dev/v1

@@ -49,7 +49,7 @@ def authorizer(policy_dir, policy_yaml) -> Authorizer:
         policy_yaml("trial", "match: {hosts: [trial.example.com]}\nmode: dry-run\nrules:\n  - {name: never, when: 'false', decision: allow}"),
         policy_yaml("broken", "match: {hosts: [broken.example.com]}\nrules:\n  - {name: r, when: \"request.headers['missing'] == 'x'\", decision: allow}"),
         policy_yaml("silent", "match: {hosts: [silent.example.com]}"),
-        policy_yaml("typed", "match: {hosts: [typed.example.com]}\nrules:\n  - {name: r, when: \"context['k']\", decision: allow}"),
+        policy_yaml("typed", "match: {hosts: [typed.example.com]}\nrules:\n  - {name: r, when: \"dyn(context['k'])\", decision: allow}"),  # dyn(): a string passes the load
     ]
     return Authorizer(load_folder(policy_dir(**{"p.yaml": "---\n".join(docs)})))
 

@@ -85,6 +85,40 @@ def test_normalize_host_refuses_malformed(raw: str) -> None:
         normalize_host(raw)
 
 
+PERCENT_HOSTS = ["admin%2eexample.com", "%61dmin.example.com", "admin.example.com%2e", "admin.example.com%2E:443",
+                 "ADMIN%2Eexample.com", "adm%in.example.com", "admin.example.com%", "%"]
+
+
+@pytest.mark.parametrize("raw", PERCENT_HOSTS)
+def test_a_percent_escape_in_a_host_is_refused_not_decoded(raw: str) -> None:
+    """A WHATWG URL parser upstream reads admin%2eexample.com as admin.example.com: never another host."""
+    with pytest.raises(BadRequest) as info:
+        normalize_host(raw)
+    assert info.value.reason == "invalid_host"
+    assert "percent" in str(info.value)
+
+
+@pytest.mark.parametrize("raw", PERCENT_HOSTS[:3])
+@pytest.mark.parametrize("where", ["authority", "host_header", "raw_header_map"])
+def test_a_percent_encoded_authority_over_grpc_is_refused(raw: str, where: str) -> None:
+    """Envoy passes such a Host on unchanged (see tests/e2e); from gRPC it arrives as :authority,
+    as the host header, or in the raw header map."""
+    if where == "raw_header_map":
+        message = external_auth_pb2.CheckRequest()
+        http = message.attributes.request.http
+        http.method, http.path = "GET", "/"
+        for key, value in ((":authority", raw), (":path", "/"), (":method", "GET")):
+            http.header_map.headers.append(base_pb2.HeaderValue(key=key, raw_value=value.encode()))
+    elif where == "authority":
+        message = check_request_from_sample({"host": raw})
+    else:
+        message = check_request_from_sample({"headers": {"host": raw}})
+        del message.attributes.request.http.headers[":authority"]
+    with pytest.raises(BadRequest) as info:
+        request_from_check(message)
+    assert info.value.reason == "invalid_host"
+
+
 def test_request_view_from_check() -> None:
     message = check_request_from_sample(
         {
@@ -199,10 +233,10 @@ def test_remembered_normalization_gives_the_same_answers_and_stays_bounded(monke
 
 def test_source_address_reads_what_the_source_peer_would_say() -> None:
     tcp = check_request_from_sample({"path": "/x", "source": {"address": "10.1.2.3", "port": 5555}})
-    pipe = check_request_from_sample({"path": "/x"})
+    pipe = check_request_from_sample({"path": "/x", "source": {}})
     pipe.attributes.source.address.pipe.path = "/run/envoy.sock"
     for message, expected in ((tcp, "10.1.2.3"), (pipe, "/run/envoy.sock"),
-                              (check_request_from_sample({"path": "/x"}), "")):  # fmt: skip
+                              (check_request_from_sample({"path": "/x", "source": {}}), "")):  # fmt: skip
         request = request_from_check(message)
         assert request.source_address == expected  # before the peer is built ...
         assert request.source.address == expected

@@ -59,7 +59,7 @@ def folder(policy_dir, policy_yaml):
                     "scopes": ["orders:read"]}]
         folder = policy_dir(**{"orders.yaml": policy_yaml("orders", POLICY.replace("{extra}", extra))})
         (folder.parent / "keys.yaml").write_text(yaml.safe_dump(records))
-        (folder / "orders.openapi.yaml").write_text(yaml.safe_dump(spec or SPEC))
+        (folder / "orders.openapi.yaml").write_text(json.dumps(spec or SPEC))
         return folder
 
     return write
@@ -155,7 +155,7 @@ def test_a_broken_spec_update_keeps_the_last_good_one(folder):
     assert watched.refresh() is False and "not valid YAML" in watched.error
     assert _decide(root, "GET", "/api/health", key=None, authorizer=authorizer).allowed
     fixed = {**SPEC, "paths": {**SPEC["paths"], "/status": {"get": {"security": [], "responses": {}}}}}
-    (root / "orders.openapi.yaml").write_text(yaml.safe_dump(fixed))
+    (root / "orders.openapi.yaml").write_text(json.dumps(fixed))
     assert watched.refresh() is True
     assert _decide(root, "GET", "/api/status", key=None, authorizer=authorizer).allowed
 

@@ -154,11 +154,12 @@ def test_cost_expressions(build: Build) -> None:
     [
         ("{name: q, key: \"request.headers['x-missing']\", limit: 5, window: 1m}", "key failed"),
         (
-            "{name: q, key: \"request.headers['x-api-key'].size() > 0 ? [1] : [2]\", limit: 5, window: 1m}",
+            # dyn(): what the checker cannot see (claims, metadata) is checked at run time
+            "{name: q, key: \"dyn(request.headers['x-api-key'].size() > 0 ? [1] : [2])\", limit: 5, window: 1m}",
             "key must be a string or an integer, got list",
         ),
         ('{name: q, limit: 5, window: 1m, cost: "0 - 1"}', "cost must be an integer"),
-        ("{name: q, limit: 5, window: 1m, cost: \"request.headers['x-api-key']\"}", "cost must be an integer"),
+        ("{name: q, limit: 5, window: 1m, cost: \"dyn(request.headers['x-api-key'])\"}", "cost must be an integer"),
         ("{name: q, limit: 5, window: 1m, when: \"request.headers['x-missing'] == 'x'\"}", "when failed"),
     ],
 )
@@ -317,7 +318,13 @@ def test_per_client_ip_quota_trusts_x_forwarded_for_only_with_trusted_hops(build
         ("{name: q, limit: 1, window: 1m, mode: strict}", "enforce, shadow"),
         ("{name: q, limit: 1, window: 1m, onStoreError: retry}", "deny, allow, local"),
         ("{name: q, limit: 1, window: 1m, cost: -1}", "between 0 and"),
-        ("{name: q, limit: 1, window: 1m, cost: \"'x'\"}", "integer expression"),
+        ("{name: q, limit: 1, window: 1m, cost: \"'x'\"}", "has type string, expected an integer"),
+        ("{name: q, limit: 1, window: 1m, cost: \"request.headers['x-batch']\"}", "has type string, expected an integer"),
+        ("{name: q, limit: 1, window: 1m, key: request.headers}", "has type map<string, string>, expected a string"),
+        ("{name: q, limit: 1, window: 1m, key: \"request.headers[?'x']\"}", "add .orValue("),
+        ("{name: q, limit: 1, window: 1m, key: source}", "has type source"),
+        ("{name: q, limit: 1, window: 1m, key: \"[source.address]\"}", "has type list<string>"),
+        ("{name: q, limit: 1, window: 1m, when: \"request.headers['x']\"}", "has type string, expected bool"),
         ('{name: q, limit: 1, window: 1m, key: "request.nope"}', "unknown field 'nope'"),
         ('{name: q, limit: 1, window: 1m, when: "1"}', "expected bool"),
         ("{name: q, limit: 1, window: 1m, rate: 5}", "unknown field"),

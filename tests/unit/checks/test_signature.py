@@ -92,7 +92,7 @@ spec:
     keys: {folder: ../keys}
     requireNonce: false
     components: ["@method", "@path", "@authority", "content-type", "date"]
-    bodyComponents: []
+    bodyComponents: none
   rules: [{name: any, decision: allow}]
 """
 
@@ -251,6 +251,9 @@ def test_unreachable_redis_nonce_store_fails_closed(policy_dir: Path) -> None:
     ("{keys: {folder: ../keys, ids: [ghost]}}", "ghost"),
     ("{keys: {folder: ../keys}, maxAge: soon}", "duration"),
     ("{keys: {folder: ../keys}, keyOwner: 1}", "CEL"),
+    ("{keys: {folder: ../keys}, keyOwner: 'request.size'}", "has type int, expected string"),
+    ("{keys: {folder: ../keys}, keyOwner: \"request.headers[?'x-user']\"}", "add .orValue("),
+    ("{keys: {folder: ../keys}, when: 'request.method'}", "has type string, expected bool"),
     ("{keys: {folder: ../keys}, surprise: 1}", "unknown field"),
 ])
 def test_policy_errors_are_reported(tmp_path: Path, section: str, message: str) -> None:

@@ -120,7 +120,7 @@ def test_kubernetes_secret_layout(tmp_path):
     (f"- {{id: a, owner: b, sha256: {_sha(KEY)}, color: red}}", "unknown fields"),
     (f"- {{id: a, owner: b, sha256: {_sha(KEY)}, expires: 1{'0' * 400}}}", "not a plausible time"),
     (f"- {{id: a, owner: b, sha256: {_sha(KEY)}, expires: .inf}}", "not a plausible time"),
-    ("{not: [a list", "not YAML"),
+    ("{not: [a list", "invalid YAML"),
 ])
 def test_bad_records_are_reported_without_showing_hashes(tmp_path, text, message):
     folder = _records(tmp_path / "secrets" / "apikeys", text)
@@ -134,3 +134,12 @@ def test_bad_records_are_reported_without_showing_hashes(tmp_path, text, message
 def test_keys_option_is_required(tmp_path):
     with pytest.raises(PolicySetError, match="keys: is required"):
         make_authorizer(write_policy(tmp_path / "p", "identity:\n  - name: k\n    apiKey: {}\n"))
+
+
+def test_a_yaml_bomb_in_a_key_file_is_refused_naming_file_and_line(tmp_path, yaml_bomb):
+    folder = _records(tmp_path / "secrets" / "apikeys", f"- {{id: a, owner: b, sha256: {_sha(KEY)}}}\n")
+    (folder / "zz-bomb.yaml").write_text("keys:\n" + yaml_bomb(levels=5))
+    with pytest.raises(ValueError, match=r"zz-bomb.yaml:2: YAML anchors are not allowed \(found &a\)"):
+        read_key_records(folder)
+    with pytest.raises(PolicySetError, match=r"zz-bomb\.yaml:2: YAML anchors are not allowed"):
+        _auth(tmp_path)

@@ -347,6 +347,34 @@ def test_any_whitespace_ends_the_scheme(auth, signing_key):
     assert decide_now(auth, {"headers": {"authorization": "   "}}).reason == "credentials_missing"
 
 
+@pytest.mark.parametrize("value", ["Basic eDp5, Bearer {forged}", "Basic eDp5,Bearer {forged}",
+                                   "Bearer {forged},Basic eDp5"])
+def test_a_forged_token_behind_another_credential_is_never_anonymous(tmp_path, signing_key, write_jwks, value):
+    """With an anonymous fallback, "Basic x" then "Bearer <forged>" (Envoy joins them with ",") was
+    read as no token: allowed as anonymous, the forged token forwarded upstream."""
+    write_jwks([public_jwk(signing_key, "k1")])
+    spec = JWT_SPEC + "  - name: public\n    anonymous: {}\n"
+    auth = make_authorizer(write_policy(tmp_path / "policies", spec))
+    forged = unsigned_token({"alg": "none"}, claims(sub="admin"))
+    assert decide_now(auth, {"headers": {"authorization": "Basic eDp5"}}).identity["kind"] == "anonymous"
+    d = decide_now(auth, {"headers": {"authorization": value.format(forged=forged)}})
+    assert (d.allowed, d.status, d.reason) == (False, 400, "ambiguous_credentials")
+    assert www_authenticate(d)[0].startswith('Bearer error="invalid_request"')
+    assert forged not in exposed(d)
+
+
+@pytest.mark.parametrize("forward", [True, False])
+def test_a_dry_run_policy_refuses_ambiguous_credentials_too(tmp_path, signing_key, write_jwks, forward):
+    """Dry-run trials a policy; it never forwards a forged token behind a decoy credential."""
+    write_jwks([public_jwk(signing_key, "k1")])
+    spec = (JWT_SPEC + f"      token: {{header: authorization, scheme: Bearer, forward: {str(forward).lower()}}}\n"
+            "  - name: public\n    anonymous: {}\nmode: dry-run\n")
+    auth = make_authorizer(write_policy(tmp_path / "policies", spec))
+    forged = unsigned_token({"alg": "none"}, claims(sub="admin"))
+    d = decide_now(auth, {"headers": {"authorization": f"Basic eDp5, Bearer {forged}"}})
+    assert (d.allowed, d.status, d.reason, d.dry_run) == (False, 400, "ambiguous_credentials", False)
+
+
 def test_forward_false_strips_the_token_header(tmp_path, signing_key, write_jwks):
     write_jwks([public_jwk(signing_key, "k1")])
     auth = make_authorizer(_policy(tmp_path, "token: {header: authorization, scheme: Bearer, forward: false}"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from extauthz.api.envoy.config.core.v3 import base_pb2
 from extauthz.identity import Rejected
 from extauthz.identity.cache import ExpiringCache, credential_digest
 from extauthz.identity.credentials import CredentialLocation
@@ -32,6 +33,58 @@ def test_header_scheme_query_and_cookie_locations():
     with pytest.raises(Rejected) as excinfo:
         cookie.extract(_request(headers={"cookie": "s=1, s=2"}))
     assert (excinfo.value.status, excinfo.value.reason) == (400, "ambiguous_credentials")
+
+
+def _raw_request(*headers: tuple[str, str]):
+    """A request as Envoy sends it with encode_raw_headers: one header_map entry per line sent."""
+    message = check_request_from_sample({"host": "a.test", "path": "/"})
+    message.attributes.request.http.ClearField("headers")
+    for key, value in ((":authority", "a.test"), (":path", "/"), (":method", "GET"), *headers):
+        message.attributes.request.http.header_map.headers.append(base_pb2.HeaderValue(key=key, raw_value=value.encode()))
+    return request_from_check(message)
+
+
+BEARER = CredentialLocation("header", "authorization", "Bearer")
+
+
+@pytest.mark.parametrize("value", [
+    "Basic eDp5, Bearer forged.jwt.token",  # one value with two credentials, ours second
+    "Basic eDp5,Bearer forged.jwt.token",   # two headers as Envoy joins them
+    "Bearer forged.jwt.token, Basic eDp5",  # ours first (refused before this fix too)
+    "Basic eDp5, Basic eTp6",               # two credentials, neither ours
+    "ApiKey k1, Bearer forged.jwt.token",
+    "Basic eDp5, forged.jwt.token",         # a bare token after a comma
+    "Bearer forged.jwt.token,",             # a second, empty header
+    'Digest username="a", realm="r", Bearer forged.jwt.token',
+])
+def test_several_credentials_in_a_header_are_ambiguous_whatever_the_scheme(value: str):
+    request = _request(headers={"authorization": value})
+    with pytest.raises(Rejected) as excinfo:
+        BEARER.extract(request)
+    assert (excinfo.value.status, excinfo.value.reason) == (400, "ambiguous_credentials")
+    assert BEARER.presented_in(request)  # a dry-run policy strips it when it owns the header
+
+
+def test_one_credential_with_auth_params_in_another_scheme_is_not_ours():
+    """RFC 9110 credentials may hold commas (auth-params, quoted strings): still one credential."""
+    for value in ('Digest username="a,b", realm="r", nonce=abc, uri="/"', "Signature keyId=k1,signature=\"c2ln\""):
+        request = _request(headers={"authorization": value})
+        assert BEARER.extract(request) is None
+        assert not BEARER.presented_in(request)
+
+
+@pytest.mark.parametrize(("location", "lines"), [
+    (BEARER, [("authorization", "Basic eDp5"), ("authorization", "Bearer forged.jwt.token")]),
+    (BEARER, [("authorization", "Bearer a.b.c"), ("authorization", "")]),
+    (CredentialLocation("header", "x-api-key"), [("x-api-key", "ak_1"), ("x-api-key", "ak_2")]),
+    (CredentialLocation("header", "x-api-key"), [("x-api-key", "ak_1"), ("x-api-key", "")]),
+])
+def test_a_credential_header_sent_twice_is_ambiguous_in_envoys_raw_header_map(location, lines):
+    request = _raw_request(*lines)
+    with pytest.raises(Rejected) as excinfo:
+        location.extract(request)
+    assert excinfo.value.reason == "ambiguous_credentials"
+    assert location.presented_in(request)
 
 
 def test_expiring_cache_bounds_and_expiry():

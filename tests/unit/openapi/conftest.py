@@ -18,6 +18,13 @@ from extauthz.openapi import CompiledSpec, Settings, compile_spec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+class NoAliases(yaml.SafeDumper):
+    """Writes a value used twice in full (the sidecar refuses YAML anchors and aliases)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 @pytest.fixture
 def spec_file(tmp_path: Path) -> Callable[..., Path]:
     """``spec_file(document, name="api.yaml", files={path: content})``: write a spec (a dict, or YAML
@@ -33,7 +40,7 @@ def spec_file(tmp_path: Path) -> Callable[..., Path]:
             elif file_name.endswith(".json"):
                 path.write_text(json.dumps(content))
             else:
-                path.write_text(yaml.safe_dump(content, sort_keys=False))
+                path.write_text(yaml.dump(content, Dumper=NoAliases, sort_keys=False))
         return tmp_path / name
 
     return write

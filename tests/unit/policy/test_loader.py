@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
 
-from extauthz.policy import PolicySetError, load_folder
-from extauthz.policy.loader import fingerprint, policy_files
+from extauthz.policy import PolicySetError, Services, load_folder
+from extauthz.policy.loader import PolicyWatcher, fingerprint, policy_files
 
 
 def _errors(folder: Path) -> list[str]:
@@ -126,3 +128,80 @@ def test_configmap_layout_is_read_through_symlinks(tmp_path: Path, policy_yaml) 
     os.replace(folder / "..data_tmp", folder / "..data")
     assert fingerprint(folder) != before
     assert [p.name for p in load_folder(folder).policies] == ["orders2"]
+
+
+def test_a_yaml_bomb_in_a_policy_or_policy_test_is_refused_naming_file_and_line(policy_dir, policy_yaml,
+                                                                                yaml_bomb) -> None:
+    bomb = textwrap.indent(yaml_bomb(levels=5), "  ")
+    folder = policy_dir(**{
+        "good.yaml": policy_yaml("good", "rules: []"),
+        "bomb.yaml": policy_yaml("bomb", "x-laughs:\n" + bomb),
+        "bomb_test.yaml": "apiVersion: extauthz.dev/v1\nkind: PolicyTest\nmetadata: {name: t}\nspec:\n" + bomb,
+    })
+    errors = _errors(folder)
+    assert "bomb.yaml:7: document 1: YAML anchors are not allowed (found &a); write the value out in full" in errors
+    assert "bomb_test.yaml:5: document 1: YAML anchors are not allowed (found &a); write the value out in full" in errors
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# orders policy: coming soon\n", "---\n", "---\n# nothing\n---\n", "~\n"])
+def test_a_file_without_documents_is_an_error_not_zero_policies(policy_dir, policy_yaml, text: str) -> None:
+    """A half-written ConfigMap update must not quietly remove the file's policies."""
+    folder = policy_dir(**{"a.yaml": policy_yaml("a", "rules: []"), "orders.yaml": text})
+    assert _errors(folder) == ["orders.yaml: document 0: holds no documents (empty, or only comments and '---'); "
+                               "delete the file to remove its policies"]
+
+
+def test_empty_documents_between_policies_are_fine(policy_dir, policy_yaml) -> None:
+    text = "---\n" + policy_yaml("one", "rules: []") + "---\n---\n# gap\n" + policy_yaml("two", "match: {paths: [/x]}")
+    assert [p.name for p in load_folder(policy_dir(**{"a.yaml": text})).policies] == ["one", "two"]
+
+
+def test_a_folder_named_like_a_policy_file_is_an_error(policy_dir, policy_yaml) -> None:
+    """What a container runtime leaves when it mounts a file that is missing; never walked."""
+    folder = policy_dir(**{"a.yaml": policy_yaml("a", "rules: []")})
+    (folder / "orders.yaml").mkdir()
+    (folder / "orders.yaml" / "inner.yaml").write_text(policy_yaml("inner", "match: {paths: [/i]}"))
+    (folder / "sub").mkdir()
+    (folder / "sub" / "b.yml").write_text(policy_yaml("b", "match: {paths: [/b]}"))
+    assert [p.relative_to(folder).as_posix() for p in policy_files(folder)] == ["a.yaml", "orders.yaml", "sub/b.yml"]
+    errors = _errors(folder)
+    assert len(errors) == 1 and errors[0].startswith("orders.yaml: document 0: is a folder, not a policy file")
+
+
+def _watch(folder: Path, policy_sets: list, rejections: list) -> PolicyWatcher:
+    watcher = PolicyWatcher(folder, Services(), policy_sets.append, rejections.append, interval=0.05)
+    watcher.mark_loaded()
+    return watcher
+
+
+def _replace(path: Path, text: str) -> None:
+    """Rewrite a file so that the watcher's fingerprint sees it (size, mtime or inode change)."""
+    fresh = path.with_name(".tmp-" + path.name)
+    fresh.write_text(text)
+    os.replace(fresh, path)
+
+
+@pytest.mark.parametrize("breakage", ["empty", "comments", "folder", "bomb"])
+def test_the_watcher_keeps_the_last_good_set_when_a_file_breaks(policy_dir, policy_yaml, yaml_bomb,
+                                                               breakage: str) -> None:
+    folder = policy_dir(**{"orders.yaml": policy_yaml("orders", "rules: []"),
+                           "users.yaml": policy_yaml("users", "match: {paths: [/users]}")})
+    policy_sets: list = []
+    rejections: list[PolicySetError] = []
+    watcher = _watch(folder, policy_sets, rejections)
+    if breakage == "folder":
+        (folder / "users.yaml").unlink()
+        (folder / "users.yaml").mkdir()
+    else:
+        text = {"empty": "", "comments": "# users: being rewritten\n", "bomb": yaml_bomb(levels=5)}[breakage]
+        _replace(folder / "users.yaml", text)
+    assert asyncio.run(watcher.poll_once()) is False
+    assert policy_sets == [] and len(rejections) == 1
+    assert str(rejections[0].errors[0]).startswith("users.yaml")
+    # Deleting the file is how its policies go away.
+    if breakage == "folder":
+        (folder / "users.yaml").rmdir()
+    else:
+        (folder / "users.yaml").unlink()
+    assert asyncio.run(watcher.poll_once()) is True
+    assert [p.name for p in policy_sets[0].policies] == ["orders"]

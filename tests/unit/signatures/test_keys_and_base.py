@@ -210,3 +210,12 @@ def test_covered_components_are_compiled_once_per_items_tuple() -> None:
     ((_, inner),) = parse_dictionary('s=("@method" "@path");created=1')
     assert covered_components(inner.items) is covered_components(inner.items)  # type: ignore[union-attr]
     assert covered_components(inner.items).identifiers == ('"@method"', '"@path"')  # type: ignore[union-attr]
+
+
+def test_a_yaml_bomb_in_the_key_metadata_is_reported_and_the_other_keys_load(tmp_path: Path, yaml_bomb) -> None:
+    (tmp_path / "a.secret").write_bytes(b"A" * 32)
+    (tmp_path / "keys.yaml").write_text("a: {owner: alice}\n" + yaml_bomb(levels=5))
+    keys = load_key_set(tmp_path)
+    assert [k.key_id for k in keys] == ["a"]
+    assert keys.errors == ("keys.yaml:2: YAML anchors are not allowed (found &a); write the value out in full; "
+                           "keys needing it are left out",)

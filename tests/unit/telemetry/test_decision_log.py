@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import random
+import string
 import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -104,6 +107,51 @@ def test_headers_only_on_the_allow_list_and_credentials_redacted(orders: Path) -
     assert line["headers"] == {"x-tenant": "acme", "authorization": REDACTED, "cookie": REDACTED}
     assert line["query"] == {"page": "2", "access_token": REDACTED, "sig": REDACTED}
     assert SECRET not in json.dumps(line) and "not-listed" not in json.dumps(line)
+
+
+CREDENTIAL_PARAMS = ["pass", "pwd", "otp", "pin", "hmac", "ticket", "PIN", "user_password", "access-token",
+                     "apiKey", "X-Amz-Credential", "SAMLResponse", "totp", "2fa", "mfa_code", "csrf", "session_id",
+                     "client-secret", "passphrase", "auth[password]", "cvv", "sid"]
+ORDINARY = {"page": "2", "q": "shoes", "sort": "price-desc", "shipping": "express", "category": "running-shoes-size-10",
+            "opinion": "yes", "passenger": "2", "keyword": "red", "date": "2024-01-01T00:00:00Z",
+            "id": "12345678901234567890", "ref": "spring_sale_2024_email",
+            "order": "550e8400-e29b-41d4-a716-446655440000"}
+
+
+def _query_logged(orders: Path, query: str) -> dict[str, str]:
+    [line] = _run(orders, DecisionLogConfig(query="full"), [{"method": "DELETE", "path": f"/api/orders?{query}"}])
+    return line["query"]
+
+
+def test_credential_like_query_names_are_redacted_and_ordinary_ones_kept(orders: Path) -> None:
+    logged = _query_logged(orders, urlencode({**{name: "hunter2" for name in CREDENTIAL_PARAMS}, **ORDINARY}))
+    assert logged == {**dict.fromkeys(CREDENTIAL_PARAMS, REDACTED), **ORDINARY}
+
+
+@pytest.mark.parametrize("value", [
+    "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl",  # a signed JWT
+    "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.",                               # an unsigned one
+    "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.",
+    "ghp_" + "aB3dE5fG7hI9jK1lM3nO5pQ7rS9tU1vW3xY5",                          # a vendor token
+    "Zq3xV9kT2mW7rB4nY8cP1dL6hF0sJ5gK",                                      # base64url
+    "4b0a34412d7aaeecb6e2337680f27ff8e62e8fa7",                              # hex
+    "Cm9XqN2Uh/Q1xHoM6h1kUbyeSVPVL0j2VcQ==",                                 # base64
+])
+def test_values_that_look_like_credentials_are_redacted_whatever_the_name(orders: Path, value: str) -> None:
+    assert _query_logged(orders, urlencode({"page": "2", "state": value})) == {"page": "2", "state": REDACTED}
+
+
+def test_the_random_value_heuristic_on_many_random_and_ordinary_values() -> None:
+    from extauthz.telemetry.decision_log import _secret_value
+
+    rng = random.Random(7)
+    alphabets = [string.hexdigits.lower()[:16], string.ascii_letters + string.digits + "-_",
+                 string.ascii_lowercase + string.digits]
+    tokens = ["".join(rng.choice(alphabet) for _ in range(32)) for alphabet in alphabets for _ in range(300)]
+    assert sum(map(_secret_value, tokens)) >= 0.9 * len(tokens)
+    vocabulary = ["shoes", "red", "size", "10", "2024", "sale", "men", "q1", "report", "Blue", "XL"]
+    slugs = [rng.choice("-_.").join(rng.choice(vocabulary) for _ in range(6)) for _ in range(300)]
+    assert not any(_secret_value(slug) for slug in [*slugs, "12345678901234567890" * 3, "RunningShoesForMen"])
 
 
 def test_subject_modes_and_dry_run() -> None:
