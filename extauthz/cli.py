@@ -559,9 +559,11 @@ def _inventory_from_logs(ns: argparse.Namespace) -> dict[str, Any]:
                     record = json.loads(line)
                     when = datetime.datetime.fromisoformat(record["time"].replace("Z", "+00:00")).timestamp()
                     identity = record.get("identity") or {}
-                    inventory.record(record["policy"], record["method"], record["path"], record["decision"],
-                                     int(record["status"]), str(identity.get("kind", "")),
-                                     record.get("attributes") or {}, when)  # fmt: skip
+                    attributes = record.get("attributes") or {}
+                    policy = attributes.get("openapi_policy") or record["policy"]  # a layer's spec judged it
+                    inventory.record(policy, record["method"], record["path"], record["decision"],
+                                     int(record["status"]), str(identity.get("kind", "")), attributes,
+                                     when)  # fmt: skip
                     lines += 1
                 except (ValueError, KeyError, TypeError, AttributeError):
                     skipped += 1  # not a decision line, or one without a request (malformed)

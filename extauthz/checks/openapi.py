@@ -130,9 +130,12 @@ def _identity_names(build: BuildContext) -> set[str]:
 class OpenApiCheck:
     may_wait: ClassVar[bool] = False
 
-    def __init__(self, spec: WatchedPath[CompiledSpec], policy: str) -> None:
+    def __init__(self, spec: WatchedPath[CompiledSpec], policy: str, layer: bool = False) -> None:
         self.spec = spec
         self.policy = policy
+        #: In a LayerPolicy the decision is named after the deciding policy: the inventory is told
+        #: whose spec judged the request.
+        self.layer = layer
         self.unavailable = Denial(503, "openapi_spec_unavailable", "the API description is not loaded",
                                   rule="openapi")  # fmt: skip
 
@@ -153,7 +156,7 @@ class OpenApiCheck:
             for name in compiled.unknown_overrides:
                 spec.child("operations").error(f"names no operation of the spec ({name!r}: use an operationId or "
                                                "'METHOD /path' as the spec writes it)")  # fmt: skip
-        return cls(watched, build.policy_name)
+        return cls(watched, build.policy_name, build.layer)
 
     @property
     def compiled(self) -> CompiledSpec | None:
@@ -166,6 +169,8 @@ class OpenApiCheck:
         outcome = evaluate(spec, ctx.request, ctx.identity)
         operation = outcome.operation
         attributes = ctx.attributes
+        if self.layer:
+            attributes["openapi_policy"] = self.policy
         if operation is not None:
             attributes["openapi_operation"] = operation.label
             ctx.operation = operation_view(operation, outcome.params, outcome.query)
@@ -208,7 +213,7 @@ def openapi_checks(policy_set: PolicySet | None) -> dict[str, OpenApiCheck]:
         return {}
     return {
         policy.name: check
-        for policy in policy_set.policies
+        for policy in (*policy_set.layers, *policy_set.policies)
         for check, name in zip(policy.checks, policy.check_names, strict=True)
         if name == "openapi" and isinstance(check, OpenApiCheck)
     }

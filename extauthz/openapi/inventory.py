@@ -159,10 +159,12 @@ class Inventory:
     # --- counting (the request path) -------------------------------------------------------------
     def observe(self, decision: Any) -> None:
         """Decision observer (extauthz.decision.Decision)."""
+        attributes = decision.attributes
         policy = decision.policy
+        if attributes is not None and "openapi_policy" in attributes:  # the spec of a layer judged it
+            policy = attributes["openapi_policy"]
         if not policy:
             return
-        attributes = decision.attributes
         seen_by_check = attributes is not None and (
             "openapi_operation" in attributes or "openapi_undocumented" in attributes)
         if not seen_by_check and policy not in self._specs():
@@ -176,7 +178,7 @@ class Inventory:
             outcome = "deny"
         identity = decision.identity
         kind = str(identity.get("kind", "")) if identity is not None else ""
-        self.record(policy, request.method, request.path, outcome, decision.status, kind, attributes or {})
+        self.record(str(policy), request.method, request.path, outcome, decision.status, kind, attributes or {})
 
     def record(self, policy: str, method: str, path: str, outcome: str, status: int, identity_kind: str,
                attributes: Mapping[str, Any], when: float | None = None) -> None:  # fmt: skip

@@ -190,3 +190,40 @@ def test_response_headers_can_use_the_operation(folder):
     (root / "orders.yaml").write_text(text)
     d = _decide(root, "GET", "/api/customers/acme/orders")
     assert dict(d.upstream_headers) == {"x-operation": "listOrders", "x-template": "/customers/{customerId}/orders"}
+
+
+def test_a_layer_enforces_the_spec_for_the_deciding_policy(policy_dir):
+    from extauthz.checks.openapi import openapi_checks
+    from extauthz.openapi.inventory import Inventory
+
+    layer = """apiVersion: extauthz.dev/v1
+kind: LayerPolicy
+metadata: {name: orders-contract}
+spec:
+  match: {hosts: [orders.example.com]}
+  openapi: {spec: orders.openapi.yaml, security: ignore}
+"""
+    deciding = """apiVersion: extauthz.dev/v1
+kind: AuthPolicy
+metadata: {name: orders}
+spec:
+  match: {hosts: [orders.example.com]}
+  rules:
+    - {name: lists-only, when: "request.operation.id == 'listOrders'", decision: allow}
+"""
+    folder = policy_dir(**{"layer.yaml": layer, "orders.yaml": deciding})
+    (folder / "orders.openapi.yaml").write_text(json.dumps(SPEC))
+    policy_set = load_folder(folder)
+    authorizer = Authorizer(policy_set)
+    inventory = Inventory(lambda: openapi_checks(policy_set))
+    authorizer.observers.append(inventory.observe)
+    allowed = _decide(folder, "GET", "/api/customers/acme/orders", key=None, authorizer=authorizer)
+    assert (allowed.allowed, allowed.policy, allowed.rule) == (True, "orders", "lists-only")
+    assert _decide(folder, "GET", "/api/health", key=None, authorizer=authorizer).reason == "no_rule_matched"
+    refused = _decide(folder, "GET", "/api/secret", key=None, authorizer=authorizer)
+    assert (refused.status, refused.reason) == (404, "openapi_unknown_path")
+    report = {p["policy"]: p for p in inventory.snapshot()["policies"]}
+    assert set(report) == {"orders-contract"}  # counted under the layer whose spec judged them
+    used = {o["operation"]: o["requests"] for o in report["orders-contract"]["operations"]}
+    assert used["listOrders"] == 1 and used["health"] == 1
+    assert [s["path"] for s in report["orders-contract"]["shadow"]] == ["/api/secret"]
