@@ -314,6 +314,12 @@ def _webhook_from_spec(spec: Spec) -> tuple[WebhookScheme | None, bool]:
     return WebhookScheme(preset, header, tolerance), reject_replays
 
 
+#: Covered by every accepted signature when a policy names no ``components``: a signature over
+#: nothing but its own parameters would verify on any request, so the default binds it to the
+#: request's method and target (RFC 9421 7.2.1).
+DEFAULT_COMPONENTS = ("@method", "@authority", "@path")
+
+
 def _components(spec: Spec, key: str, default: list[str] | None = None) -> tuple[Item, ...]:
     node = spec.child(key)
     if key == "bodyComponents":
@@ -367,7 +373,7 @@ def _requirements_from_spec(spec: Spec) -> Requirements:
     max_age = spec.duration("maxAge", 300.0)
     skew = spec.duration("clockSkew", 30.0)
     return Requirements(
-        components=_components(spec, "components"),
+        components=_components(spec, "components", list(DEFAULT_COMPONENTS)),
         body_components=_components(spec, "bodyComponents", ["content-digest"]),
         max_age=max_age if max_age is not None else 300.0,
         clock_skew=skew if skew is not None else 30.0,
