@@ -111,5 +111,51 @@ class _Unparsable:
         self.detail = detail
 
 
+def form_object(media: MediaType, pairs: list[tuple[str, str]]) -> Any:
+    """A form body (decoded name/value pairs, in order) as the object its schema describes: each
+    property per its ``encoding`` (``form`` exploded by default: a repeated name is an array; not
+    exploded: one comma-separated value; ``deepObject``: ``name[key]=value``), typed by its schema."""
+    declared = media.form or {}
+    grouped: dict[str, list[str]] = {}
+    for name, value in pairs:
+        grouped.setdefault(name, []).append(value)
+    out: dict[str, Any] = {}
+    for name, values in grouped.items():
+        prop = declared.get(name)
+        if prop is None:
+            if "[" in name and name.endswith("]"):
+                base, _, key = name[:-1].partition("[")
+                deep = declared.get(base)
+                if deep is not None and deep.style == "deepObject" and "[" not in key:
+                    if len(values) != 1:
+                        return _Unparsable("style", f"form field {base}[{key[:64]}] is given more than once")
+                    out.setdefault(base, {})[key] = deep.shape.property_coercer(key)(values[0])
+                    continue
+            other = media.form_other
+            if len(values) != 1:
+                out[name] = [other.shape.coerce(v) for v in values] if other is not None else values
+            else:
+                out[name] = other.shape.coerce(values[0]) if other is not None else values[0]
+            continue
+        shape = prop.shape
+        if shape.kind == "array":
+            if prop.explode or len(values) > 1:
+                out[name] = [shape.items(v) for v in values]
+            else:
+                out[name] = [shape.items(v) for v in values[0].split(",")] if values[0] else []
+        elif shape.kind == "object":
+            if len(values) != 1:
+                return _Unparsable("style", f"form field {name} is given more than once")
+            items = values[0].split(",") if values[0] else []
+            if len(items) % 2:
+                return _Unparsable("style", f"form field {name} has an odd number of name and value items")
+            out[name] = {items[i]: shape.property_coercer(items[i])(items[i + 1]) for i in range(0, len(items), 2)}
+        else:
+            if len(values) != 1:
+                return _Unparsable("style", f"form field {name} is given more than once")
+            out[name] = shape.coerce(values[0])
+    return out
+
+
 def _parse(kind: str, media: MediaType, request: Request) -> Any:
     raise NotImplementedError("body parsing comes from extauthz.payload")
