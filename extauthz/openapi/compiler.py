@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from extauthz.openapi.document import Location, SpecFiles
 from extauthz.openapi.model import METHODS, CompiledSpec, MediaType, Operation, RequestBody, Settings, media_kind
-from extauthz.openapi.params import ALLOWED_STYLES, DEFAULT_STYLES, Parameter, Shape, members_of, schema_shape
+from extauthz.openapi.params import (
+    ALLOWED_STYLES,
+    DEFAULT_STYLES,
+    Parameter,
+    Shape,
+    members_of,
+    reader_for,
+    schema_shape,
+)
 from extauthz.openapi.routing import Router, TemplateError
 from extauthz.openapi.schema import SchemaOptions, SchemaSet, SchemaTranslator
 from extauthz.openapi.security import DEFAULT_KINDS, Requirement, Scheme
@@ -400,9 +408,10 @@ class _Compiler:
             media = tuple(_media(name, kind, schema_name, encoding, schemas)
                           for name, kind, schema_name, encoding, _ in pending.media)  # fmt: skip
             body = RequestBody(pending.body_required, media)
+        required_query = any(p.required for p in (*query.values(), *query_objects))
         return Operation(
             path_params=tuple(path_params), query=query, query_objects=tuple(query_objects), headers=tuple(headers),
-            cookies=cookies, body=body, **pending.fields,
+            cookies=cookies, body=body, required_query=required_query, **pending.fields,
         )  # fmt: skip
 
 
@@ -415,12 +424,13 @@ def _parameter(param: dict[str, Any], location: str, schema_name: str | None, sc
     else:
         shape = Shape("primitive")
     name = param["name"].lower() if location == "header" else param["name"]
-    return Parameter(
+    parameter = Parameter(
         name=name, location=location, required=param.get("required") is True, style=style, explode=explode,
         shape=shape, validator=schemas.validator(schema_name) if schema_name is not None else None,
         json_content=json_content, allow_empty=location == "query" and param.get("allowEmptyValue") is True,
         schema_name=schema_name or "",
     )  # fmt: skip
+    return replace(parameter, read=reader_for(parameter))
 
 
 def _media(name: str, kind: str, schema_name: str | None, encoding: Mapping[str, Any],

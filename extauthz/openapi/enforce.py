@@ -21,10 +21,6 @@ from extauthz.openapi.params import (
     BadParameter,
     Parameter,
     decode_text,
-    deserialize,
-    deserialize_json,
-    deserialize_label,
-    deserialize_simple,
     parse_cookies,
     parse_query,
 )
@@ -58,12 +54,17 @@ def _validated(operation: Operation, param: Parameter, value: Any, spec: Compile
     validator = param.validator
     if validator is None or validator.is_valid(value):
         return None
+    return _invalid(operation, param, value, spec)
+
+
+def _invalid(operation: Operation, param: Parameter, value: Any, spec: CompiledSpec) -> Violation:
+    """The violation of a value its validator refused (validate again, for the first error)."""
     try:
-        validator.validate(value)
+        param.validator.validate(value)
     except jsonschema_rs.ValidationError as error:
         found = spec.schemas.explain(error, param.schema_name)
         return _param_violation(operation, param, found.constraint, found.detail, found.pointer)
-    return None  # pragma: no cover - is_valid and validate disagree
+    return _param_violation(operation, param, "schema", "is not valid")  # pragma: no cover
 
 
 def _missing(operation: Operation, param: Parameter) -> Violation:
@@ -72,11 +73,12 @@ def _missing(operation: Operation, param: Parameter) -> Violation:
 
 def operation_view(operation: Operation, params: Mapping[str, Any] | None,
                    query: Mapping[str, Any] | None) -> dict[str, Any]:  # fmt: skip
-    """``request.operation`` as CEL reads it."""
+    """``request.operation`` as CEL reads it (``params`` and ``query`` are the request's own dicts)."""
     return {
         "id": operation.operation_id, "method": operation.method, "path": operation.template,
-        "label": operation.label, "params": dict(params or _EMPTY), "query": dict(query or _EMPTY),
-        "deprecated": operation.deprecated, "tags": list(operation.tags),
+        "label": operation.label, "params": params if params is not None else {},
+        "query": query if query is not None else {}, "deprecated": operation.deprecated,
+        "tags": list(operation.tags),
     }  # fmt: skip
 
 
@@ -117,25 +119,20 @@ def evaluate(spec: CompiledSpec, request: Request, identity: Mapping[str, Any]) 
                                                 scope=refusal.scope))  # fmt: skip
     params: dict[str, Any] = {}
     for param in operation.path_params:
-        raw = raw_params[param.name]
         try:
-            if param.json_content:
-                value = deserialize_json(decode_text(raw, False))
-            elif param.style == "label":
-                value = deserialize_label(param, raw)
-            else:
-                value = deserialize_simple(param, raw)
+            value = param.read(raw_params[param.name])  # type: ignore[misc]  # set by the compiler
         except BadParameter as bad:
             return Outcome(operation, _param_violation(operation, param, bad.constraint, bad.detail), params)
-        violation = _validated(operation, param, value, spec)
-        if violation is not None:
-            return Outcome(operation, violation, params)
+        validator = param.validator
+        if validator is not None and not validator.is_valid(value):
+            return Outcome(operation, _invalid(operation, param, value, spec), params)
         params[param.name] = value
     query: dict[str, Any] = {}
-    violation = _query(spec, operation, request.raw_query, query)
-    if violation is None:
+    raw_query = request.raw_query
+    violation = _query(spec, operation, raw_query, query) if raw_query or operation.required_query else None
+    if violation is None and operation.headers:
         violation = _headers(spec, operation, request.headers)
-    if violation is None:
+    if violation is None and (operation.cookies or settings.unknown_cookies == "deny"):
         violation = _cookies(spec, operation, request.headers.get("cookie"))
     if violation is None:
         violation = check_body(spec, operation, request)
@@ -177,7 +174,7 @@ def _query(spec: CompiledSpec, operation: Operation, raw_query: str, out: dict[s
                 return _missing(operation, param)
             continue
         try:
-            value = deserialize(param, values)
+            value = param.read(values)  # type: ignore[misc]  # set by the compiler
         except BadParameter as bad:
             return _param_violation(operation, param, bad.constraint, bad.detail)
         violation = _validated(operation, param, value, spec)
@@ -232,12 +229,7 @@ def _headers(spec: CompiledSpec, operation: Operation, headers: Mapping[str, str
                 return _missing(operation, param)
             continue
         try:
-            if param.json_content:
-                value = deserialize_json(raw)
-            elif param.shape.kind == "primitive":
-                value = param.shape.coerce(raw.strip())
-            else:
-                value = deserialize_simple(param, ",".join(part.strip() for part in raw.split(",")))
+            value = param.read(raw)  # type: ignore[misc]  # set by the compiler
         except BadParameter as bad:
             return _param_violation(operation, param, bad.constraint, bad.detail)
         violation = _validated(operation, param, value, spec)
@@ -265,7 +257,7 @@ def _cookies(spec: CompiledSpec, operation: Operation, header: str | None) -> Vi
                 return _missing(operation, param)
             continue
         try:
-            value = deserialize(param, values)
+            value = param.read(values)  # type: ignore[misc]  # set by the compiler
         except BadParameter as bad:
             return _param_violation(operation, param, bad.constraint, bad.detail)
         violation = _validated(operation, param, value, spec)

@@ -131,6 +131,8 @@ class Operation:
     tags: tuple[str, ...] = ()
     #: Where it is declared, for messages.
     pointer: str = ""
+    #: Some query parameter is required: a request without a query string can still break the rules.
+    required_query: bool = False
 
 
 @dataclass(frozen=True, slots=True)
