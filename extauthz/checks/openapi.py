@@ -190,6 +190,7 @@ class OpenApiCheck:
         mode = operation.mode if operation is not None else spec.settings.mode
         if mode == "report":
             attributes["openapi_mode"] = "report"
+            attributes["reported"] = True  # the decision log keeps it, whatever its sampling
             ctx.note(f"openapi: {violation.message} -> reported only (mode report)")
             return None
         ctx.note(f"openapi: {violation.message} -> deny")

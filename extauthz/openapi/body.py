@@ -1,12 +1,16 @@
 """Request bodies: the declared media types, and the schema for the ones that have a structure.
 
-| media type | checked |
-| --- | --- |
-| JSON (``application/json``, ``*/*+json``) | content type; parsed; validated against the schema |
-| ``application/x-www-form-urlencoded`` | content type; decoded per ``encoding`` (style/explode), typed and |
-| | validated by the schema |
-| ``multipart/*`` | content type and its ``boundary`` parameter; the parts are not parsed |
-| anything else (binary, text, ranges such as ``image/*``) | content type only |
+The body is read once for every check, by the shared payload view (extauthz.payload): its media
+type, the parsed JSON document, form fields, multipart parts, parser ceilings and truncation.
+
+- JSON (``application/json``, ``application/*+json``): declared; parsed, within the payload view's
+  JSON limits (duplicate keys refused); validated against the schema.
+- ``application/x-www-form-urlencoded``: declared; decoded per ``encoding`` (style/explode), typed by
+  the schema, validated.
+- ``multipart/form-data``: declared, with a boundary; the parts parsed: required part names present,
+  undeclared ones refused as the schema says, text parts typed and validated, each part's content
+  type against ``encoding.contentType``; the contents of file parts are not validated.
+- Anything else (other multipart types, binary, text): declared (exactly, ``type/*`` or ``*/*``).
 
 A body Envoy cut at its buffer limit (``x-envoy-auth-partial-body: true``) or did not forward at all
 can never pass a schema: 413 ``body_truncated``.
@@ -14,17 +18,27 @@ can never pass a schema: 413 ``body_truncated``.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import TYPE_CHECKING, Any
 
 import jsonschema_rs
 
-from extauthz.openapi.model import Violation, media_kind
+from extauthz.openapi.model import Violation
+from extauthz.payload import BodyKind, JsonLimits, body_view
+from extauthz.payload.media import body_kind
 from extauthz.request import Request
 
 if TYPE_CHECKING:
     from extauthz.openapi.model import CompiledSpec, MediaType, Operation
+    from extauthz.payload import BodyView
 
-__all__ = ["check_body", "content_type_of", "has_content"]
+__all__ = ["check_body", "form_object", "has_content"]
+
+#: What the JSON document may be, as for every consumer of the payload view (duplicate keys refused:
+#: two parsers behind the sidecar could read different values).
+JSON_LIMITS = JsonLimits()
+#: The structures the payload view parses, and so the ones a schema is validated against.
+_STRUCTURED = (BodyKind.JSON, BodyKind.FORM, BodyKind.MULTIPART)
 
 
 def has_content(request: Request) -> bool:
@@ -36,13 +50,6 @@ def has_content(request: Request) -> bool:
         return True
     length = headers.get("content-length", "").strip()
     return bool(length) and length != "0"
-
-
-def content_type_of(request: Request) -> tuple[str, str]:
-    """The request's media type (lower-case, no parameters) and its parameters' text."""
-    raw = request.headers.get("content-type", "")
-    media, _, parameters = raw.partition(";")
-    return media.strip().lower(), parameters
 
 
 def _violation(status: int, reason: str, operation: Operation, location: str, constraint: str,
@@ -62,7 +69,10 @@ def check_body(spec: CompiledSpec, operation: Operation, request: Request) -> Vi
         if body.required:
             return _violation(400, "openapi_body_required", operation, "body", "required", "a request body is required")
         return None
-    media_type, parameters = content_type_of(request)
+    view = body_view(request)
+    media_type = view.media_type
+    if media_type == "invalid":
+        return _violation(400, "body_malformed", operation, "content-type", "content", "the content-type is malformed")
     if not media_type:
         return _violation(415, "openapi_unsupported_media_type", operation, "content-type", "content",
                           "a content-type is required")  # fmt: skip
@@ -71,35 +81,49 @@ def check_body(spec: CompiledSpec, operation: Operation, request: Request) -> Vi
         declared = ", ".join(m.name for m in body.media)
         return _violation(415, "openapi_unsupported_media_type", operation, "content-type", "content",
                           f"must be one of {declared}")  # fmt: skip
-    kind = media_kind(media_type)
-    if kind == "multipart":
-        if "boundary=" not in parameters.lower():
-            return _violation(400, "openapi_invalid_body", operation, "content-type", "boundary",
+    kind = body_kind(media_type)  # the view's kind is NONE when Envoy forwarded no bytes
+    if kind not in _STRUCTURED or (media.validator is None and kind is not BodyKind.MULTIPART):
+        if media_type.startswith("multipart/") and "boundary" not in view.parameters:
+            return _violation(400, "body_malformed", operation, "content-type", "boundary",
                               "a multipart body needs a boundary parameter")  # fmt: skip
         return None
-    if media.validator is None or kind not in ("json", "form"):
-        return None
-    if request.partial_body or not request.body:
+    if not request.body and not request.partial_body:
         return _violation(413, "body_truncated", operation, "body", "size",
-                          "the body did not reach the sidecar whole (Envoy's max_request_bytes), so it cannot be "
+                          "the body did not reach the sidecar (Envoy's with_request_body), so it cannot be "
                           "validated")  # fmt: skip
-    return _validate(spec, operation, media, kind, request)
-
-
-def _validate(spec: CompiledSpec, operation: Operation, media: MediaType, kind: str,
-              request: Request) -> Violation | None:  # fmt: skip
-    parsed = _parse(kind, media, request)
-    if isinstance(parsed, _Unparsable):
-        return _violation(400, "openapi_invalid_body", operation, "body", parsed.constraint, parsed.detail)
-    validator = media.validator
-    if validator.is_valid(parsed):
+    problem = view.problem
+    if problem is None and kind is BodyKind.JSON:
+        problem = view.document.problem(JSON_LIMITS)  # type: ignore[union-attr]  # parsed: no problem
+    if problem is not None:
+        location = "body" + (problem.pointer if problem.pointer.startswith("/") else "")
+        return _violation(problem.status, problem.reason, operation, location, problem.limit or "parse",
+                          problem.message)  # fmt: skip
+    if kind is BodyKind.JSON:
+        value: Any = view.document.value  # type: ignore[union-attr]  # parsed: no problem
+    elif kind is BodyKind.FORM:
+        value = form_object(media, list(view.fields))
+    else:
+        value = _multipart_object(media, view)
+    if isinstance(value, _Unparsable):
+        return _violation(400, "openapi_invalid_body", operation, "body", value.constraint, value.detail)
+    if media.validator is None:
         return None
+    return _validate(spec, operation, media, value)
+
+
+def _validate(spec: CompiledSpec, operation: Operation, media: MediaType, value: Any) -> Violation | None:
+    validator = media.validator
     try:
-        validator.validate(parsed)
+        if validator.is_valid(value):
+            return None
+        validator.validate(value)
     except jsonschema_rs.ValidationError as error:
         found = spec.schemas.explain(error, media.schema_name)
         return _violation(400, "openapi_invalid_body", operation, "body" + found.pointer, found.constraint,
                           found.detail)  # fmt: skip
+    except UnicodeEncodeError:  # a form value with an escape that is not UTF-8 (kept as a surrogate)
+        return _violation(400, "body_malformed", operation, "body", "encoding",
+                          "a value is not valid UTF-8 once percent-decoded")  # fmt: skip
     return None  # pragma: no cover - is_valid and validate disagree
 
 
@@ -157,5 +181,21 @@ def form_object(media: MediaType, pairs: list[tuple[str, str]]) -> Any:
     return out
 
 
-def _parse(kind: str, media: MediaType, request: Request) -> Any:
-    raise NotImplementedError("body parsing comes from extauthz.payload")
+def _multipart_object(media: MediaType, view: BodyView) -> Any:
+    """A multipart/form-data body as the object its schema describes: text parts typed like form
+    fields, a file part as an empty string (its presence is checked, its content is not), a name
+    sent more than once as an array; each part's content type against ``encoding.contentType``."""
+    texts: dict[str, list[str]] = {}
+    for name, text in view.fields:
+        texts.setdefault(name, []).append(text)
+    pairs: list[tuple[str, str]] = []
+    used: dict[str, int] = {}
+    for part in view.parts:
+        allowed = media.part_types.get(part.name) if media.part_types else None
+        if allowed and not any(fnmatch.fnmatchcase(part.content_type or "text/plain", t) for t in allowed):
+            return _Unparsable("contentType", f"part {part.name[:64]!r} must be {' or '.join(allowed)}")
+        index = used.get(part.name, 0)
+        used[part.name] = index + 1
+        sent = texts.get(part.name, ())
+        pairs.append((part.name, sent[index] if part.filename is None and index < len(sent) else ""))
+    return form_object(media, pairs)

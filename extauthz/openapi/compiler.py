@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from extauthz.openapi.document import Location, SpecFiles
-from extauthz.openapi.model import METHODS, CompiledSpec, MediaType, Operation, RequestBody, Settings, media_kind
+from extauthz.openapi.model import METHODS, CompiledSpec, MediaType, Operation, RequestBody, Settings
 from extauthz.openapi.params import (
     ALLOWED_STYLES,
     DEFAULT_STYLES,
@@ -30,6 +30,7 @@ from extauthz.openapi.params import (
 from extauthz.openapi.routing import Router, TemplateError
 from extauthz.openapi.schema import SchemaOptions, SchemaSet, SchemaTranslator
 from extauthz.openapi.security import DEFAULT_KINDS, Requirement, Scheme
+from extauthz.payload.media import BodyKind, body_kind
 
 __all__ = ["compile_spec"]
 
@@ -347,7 +348,7 @@ class _Compiler:
             raise at.child("content").error("must hold exactly one media type")
         media_name, media = next(iter(content.items()))
         media_at = at.child("content", media_name)
-        if media_kind(media_name.split(";")[0].strip().lower()) != "json":
+        if body_kind(media_name.split(";")[0].strip().lower()) is not BodyKind.JSON:
             raise media_at.error("only JSON content is supported for parameters")
         if not isinstance(media, dict):
             raise media_at.error("a Media Type must be an object")
@@ -371,10 +372,10 @@ class _Compiler:
                 media = {}
             if not isinstance(media, dict):
                 raise media_at.error("a Media Type must be an object")
-            kind = media_kind(name)
+            kind = "" if "*" in name else body_kind(name).value
             schema = media.get("schema")
             schema_name = None
-            if schema is not None and (kind in ("json", "form", "multipart") or "*" in name):
+            if schema is not None and kind in ("", "json", "form", "multipart"):
                 schema_name = self.translator.root(schema, media_at.child("schema"), f"{label}|body|{name}")
             encoding = media.get("encoding") or {}
             if not isinstance(encoding, dict):
@@ -438,7 +439,13 @@ def _media(name: str, kind: str, schema_name: str | None, encoding: Mapping[str,
     validator = schemas.validator(schema_name) if schema_name is not None else None
     form: dict[str, Parameter] | None = None
     other: Parameter | None = None
-    if kind == "form" and schema_name is not None:
+    part_types: dict[str, tuple[str, ...]] | None = None
+    if kind == "multipart":
+        part_types = {}
+        for prop, part in encoding.items():
+            if isinstance(part, dict) and isinstance(part.get("contentType"), str):
+                part_types[prop] = tuple(t.strip().split(";")[0].lower() for t in part["contentType"].split(","))
+    if kind in ("", "form", "multipart") and schema_name is not None:
         object_shape = schema_shape(schemas.defs[schema_name], schemas.defs)
         form = {}
         properties = _form_properties(schemas.defs[schema_name], schemas.defs)
@@ -450,7 +457,7 @@ def _media(name: str, kind: str, schema_name: str | None, encoding: Mapping[str,
             shape = schema_shape(sub, schemas.defs)
             form[prop] = Parameter(prop, "form", False, style, explode, shape, None)
         other = Parameter("*", "form", False, "form", True, Shape("primitive", coerce=object_shape.other), None)
-    return MediaType(name, kind, validator, form, other, schema_name or "")
+    return MediaType(name, kind, validator, form, other, schema_name or "", part_types or None)
 
 
 def _form_properties(schema: Any, defs: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from extauthz.openapi.routing import PathItem, Router
 from extauthz.openapi.schema import SchemaSet
 from extauthz.openapi.security import Requirement, Scheme
 
-__all__ = ["METHODS", "CompiledSpec", "MediaType", "Operation", "RequestBody", "Settings", "Violation", "media_kind"]
+__all__ = ["METHODS", "CompiledSpec", "MediaType", "Operation", "RequestBody", "Settings", "Violation"]
 
 _NOT_ROUTED: Any = object()
 _ROUTE_MEMO_ENTRIES, _ROUTE_MEMO_PATH = 4096, 256
@@ -60,24 +60,13 @@ class Violation:
     scope: str = ""
 
 
-def media_kind(name: str) -> str:
-    """What a media type is validated as: "json", "form", "multipart" or "other" (type only)."""
-    main, _, sub = name.partition("/")
-    if sub == "json" or sub.endswith("+json"):
-        return "json"
-    if name == "application/x-www-form-urlencoded":
-        return "form"
-    if main == "multipart":
-        return "multipart"
-    return "other"
-
-
 @dataclass(frozen=True, slots=True)
 class MediaType:
     """One declared request media type: ``name`` as the spec writes it (lower-case, no parameters)."""
 
     name: str
-    #: "json", "form", "multipart" or "other": what is validated beyond the type.
+    #: How a request of this media type is read (extauthz.payload.BodyKind value: "json", "form",
+    #: "multipart", "text", "binary"; "" for a range such as ``*/*``).
     kind: str
     #: The body schema's validator, or None (no schema, or a media type validated by type only).
     validator: Any = None
@@ -87,6 +76,8 @@ class MediaType:
     form_other: Parameter | None = None
     #: The def of its schema in the spec's schema document ("" without a schema).
     schema_name: str = ""
+    #: multipart/form-data: the content types each part may have (``encoding.<name>.contentType``).
+    part_types: Mapping[str, tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -205,8 +205,8 @@ def decode_text(raw: str, plus: bool) -> str:
 
 
 def parse_query(raw_query: str) -> list[tuple[str, str]]:
-    """``a=1&b=x%2Cy`` as (decoded name, raw value) pairs, in order; values stay encoded so that a
-    delimiter sent as ``%2C`` is part of a value, not a separator (RFC 6570)."""
+    """``a=1&b=x%2Cy`` as (decoded name, raw value) pairs, in order; values are decoded by the
+    parameter that reads them (its style says how)."""
     pairs: list[tuple[str, str]] = []
     if not raw_query:
         return pairs
@@ -233,56 +233,56 @@ def parse_cookies(header: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _pairs_to_object(items: list[str], shape: Shape, plus: bool) -> dict[str, Any]:
+def _pairs_to_object(items: list[str], shape: Shape) -> dict[str, Any]:
     if len(items) % 2:
         raise BadParameter("style", "has an odd number of name and value items")
-    out: dict[str, Any] = {}
-    for i in range(0, len(items), 2):
-        name = decode_text(items[i], plus)
-        out[name] = shape.property_coercer(name)(decode_text(items[i + 1], plus))
-    return out
+    return {items[i]: shape.property_coercer(items[i])(items[i + 1]) for i in range(0, len(items), 2)}
 
 
-def _assignments_to_object(items: list[str], shape: Shape, plus: bool) -> dict[str, Any]:
+def _assignments_to_object(items: list[str], shape: Shape) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
             raise BadParameter("style", "has an item without '='")
-        decoded = decode_text(name, plus)
-        out[decoded] = shape.property_coercer(decoded)(decode_text(value, plus))
+        out[name] = shape.property_coercer(name)(value)
     return out
 
 
-def _split(raw: str, separator: str, shape: Shape, plus: bool) -> list[Any]:
-    return [shape.items(decode_text(part, plus)) for part in raw.split(separator)]
+def _split(text: str, separator: str, shape: Shape) -> list[Any]:
+    return [shape.items(part) for part in text.split(separator)] if text else []
 
 
 def deserialize_simple(param: Parameter, raw: str, plus: bool = False) -> Any:
-    """``simple`` (path, header) and ``form`` with one value (query, cookie): comma-separated."""
+    """``simple`` (path, header) and ``form`` with one value (query, cookie): comma-separated.
+
+    The text is percent-decoded before it is split: a delimiter sent as ``%2C`` separates too, as
+    most clients send and most servers read it (RFC 6570 would keep it in the value)."""
     shape = param.shape
+    text = decode_text(raw, plus)
     if shape.kind == "array":
-        return _split(raw, ",", shape, plus) if raw else []
+        return _split(text, ",", shape)
     if shape.kind == "object":
-        items = raw.split(",") if raw else []
+        items = text.split(",") if text else []
         if param.explode and param.style == "simple":
-            return _assignments_to_object(items, shape, plus)
-        return _pairs_to_object(items, shape, plus)
-    return shape.coerce(decode_text(raw, plus))
+            return _assignments_to_object(items, shape)
+        return _pairs_to_object(items, shape)
+    return shape.coerce(text)
 
 
 def deserialize_label(param: Parameter, raw: str) -> Any:
-    if not raw.startswith("."):
+    text = decode_text(raw, False)
+    if not text.startswith("."):
         raise BadParameter("style", "must start with '.' (label style)")
     shape = param.shape
-    body = raw[1:]
+    body = text[1:]
     if shape.kind == "array":
-        return _split(body, "." if param.explode else ",", shape, False)
+        return _split(body, "." if param.explode else ",", shape)
     if shape.kind == "object":
         if param.explode:
-            return _assignments_to_object(body.split("."), shape, False)
-        return _pairs_to_object(body.split(","), shape, False)
-    return shape.coerce(decode_text(body, False))
+            return _assignments_to_object(body.split("."), shape)
+        return _pairs_to_object(body.split(","), shape)
+    return shape.coerce(body)
 
 
 def deserialize_json(raw_text: str) -> Any:
@@ -337,12 +337,12 @@ def deserialize(param: Parameter, values: list[str]) -> Any:
             return [shape.items(decode_text(v, plus)) for v in values]
         if len(values) != 1:
             raise BadParameter("style", "is given more than once")
+        text = decode_text(values[0], plus)
         if style == "spaceDelimited":
-            return _split(decode_text(values[0], plus), " ", shape, False) if values[0] else []
+            return _split(text, " ", shape)
         if style == "pipeDelimited":
-            raw = values[0].replace("%7C", "|").replace("%7c", "|")
-            return _split(raw, "|", shape, plus) if raw else []
-        return _split(values[0], ",", shape, plus) if values[0] else []
+            return _split(text, "|", shape)
+        return _split(text, ",", shape)
     if len(values) != 1:
         raise BadParameter("style", "is given more than once")
     return deserialize_simple(param, values[0], plus)

@@ -1,7 +1,8 @@
 """The decision log: one JSON line per decision, so "why was this request denied?" is one grep away.
 
-Every deny (and every dry-run would-deny) is logged; allows are sampled (``allow_sample``, 0..1),
-except those that broke an API description in report mode (``openapi_violation``): always logged.
+Every deny (and every dry-run would-deny) is logged, and so is every allow whose attributes hold a
+true ``reported`` (a check in report mode found something); other allows are sampled
+(``allow_sample``, 0..1).
 The request path pays for a random number and a queue put, nothing more: a sampled-out allow costs
 no JSON, and formatting and writing happen on a writer thread. When the writer falls behind, lines
 are dropped (counted in ``extauthz_decision_log_dropped_total``), never the request delayed.
@@ -311,8 +312,8 @@ class DecisionLog:
     def observe(self, decision: Decision) -> None:
         if decision.allowed and not decision.would_deny and self._sample < 1.0 and self._random() >= self._sample:
             attributes = decision.attributes
-            if attributes is None or "openapi_violation" not in attributes:
-                return  # an allow that broke the API description (report mode) is always logged
+            if not (attributes and attributes.get("reported")):  # a check in report mode found something
+                return
         try:
             self._queue.put_nowait((time.time(), decision))
         except queue.Full:

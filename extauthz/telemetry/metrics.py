@@ -159,6 +159,17 @@ class Metrics:
         )  # fmt: skip
         #: Called by flush() before publishing (e.g. the API inventory's counts).
         self.flush_hooks: list[Callable[[], None]] = []
+        self.inspect_findings = Counter(
+            "extauthz_inspect_findings",
+            "Payload inspection findings by policy, rule id, target kind and action (blocked, scored, reported)",
+            ["policy", "rule", "target", "action"], registry=r,
+        )  # fmt: skip
+        self.inspect_limits = Counter(
+            "extauthz_inspect_limit_violations",
+            "Requests over a payload inspection limit by policy, limit and action (blocked, reported)",
+            ["policy", "limit", "action"], registry=r,
+        )  # fmt: skip
+        self._inspect_children: dict[tuple[str, ...], Any] = {}
         self.build_info = gauge("extauthz_build_info", "Version of the running sidecar (always 1)", ("version",))
         self.build_info.labels(_version()).set(1)
         # Label children are cached: .labels() costs a microsecond, a cached child's inc a fraction.
@@ -256,6 +267,23 @@ class Metrics:
                     published_untracked[policy] = count
 
         self.flush_hooks.append(publish)
+
+    def inspect_finding(self, policy: str, rule: str, target: str, action: str) -> None:
+        """A payload inspection finding. Labels are bounded: rule ids come from the loaded policies,
+        targets and actions are fixed sets. Only requests with findings pay for it."""
+        key = ("f", policy, rule, target, action)
+        child = self._inspect_children.get(key)
+        if child is None:
+            child = self._inspect_children[key] = self.inspect_findings.labels(policy, rule, target, action)
+        child.inc()
+
+    def inspect_limit(self, policy: str, limit: str, action: str) -> None:
+        """A request over a payload inspection limit (limit: depth, members, parameters, ...)."""
+        key = ("l", policy, limit, action)
+        child = self._inspect_children.get(key)
+        if child is None:
+            child = self._inspect_children[key] = self.inspect_limits.labels(policy, limit, action)
+        child.inc()
 
     # --- exposition ------------------------------------------------------------------------------
     def exposition(self) -> bytes:

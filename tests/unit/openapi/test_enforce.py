@@ -161,10 +161,11 @@ def test_bodies_by_declaration_and_media_type(shop, compiled):
     assert _violation(shop, "POST", post, writer, body="x")[:3] == (415, "openapi_unsupported_media_type",
                                                                     "content-type")
     assert _violation(shop, "POST", post, writer, body="x", headers={"content-type": "text/plain"})[0] == 415
-    assert _violation(shop, "POST", post, writer, body="--b", headers={"content-type": "multipart/form-data"})[3] == \
-        "boundary"
+    assert _violation(shop, "POST", post, writer, body="--b", headers={"content-type": "multipart/form-data"})[:2] == \
+        (400, "body_malformed")
     multipart = {"content-type": "multipart/form-data; boundary=b"}
-    assert _check(shop, "POST", post, writer, body="--b", headers=multipart).violation is None
+    assert _check(shop, "POST", post, writer, body='--b\r\nContent-Disposition: form-data; name="a"\r\n\r\nx\r\n--b--\r\n',
+                  headers=multipart).violation is None
     assert _check(shop, "POST", post, writer, body=b"\x89PNG", headers={"content-type": "image/png"}).violation is None
     truncated = _violation(shop, "POST", post, writer, body="{", partial=True,
                            headers={"content-type": "application/json"})
@@ -172,3 +173,70 @@ def test_bodies_by_declaration_and_media_type(shop, compiled):
     not_forwarded = _violation(shop, "POST", post, writer,
                                headers={"content-type": "application/json", "content-length": "20"})
     assert not_forwarded[:2] == (413, "body_truncated")
+
+
+UPLOAD = minimal({"/uploads": {"post": {"operationId": "upload", "requestBody": {"content": {
+    "multipart/form-data": {
+        "schema": {"type": "object", "required": ["title", "file"], "additionalProperties": False,
+                   "properties": {"title": {"type": "string", "maxLength": 10},
+                                  "copies": {"type": "integer", "maximum": 3},
+                                  "file": {"type": "string", "format": "binary"}}},
+        "encoding": {"file": {"contentType": "image/png, image/*+xml"}}},
+    "application/json": {"schema": {"type": "object", "properties": {"n": {"type": "integer"}}}},
+    "application/x-www-form-urlencoded": {
+        "schema": {"type": "object", "properties": {"n": {"type": "integer"}, "tags": {"type": "array",
+                   "items": {"type": "string"}, "maxItems": 2}, "ids": {"type": "array", "items": {"type": "integer"}}}},
+        "encoding": {"ids": {"style": "form", "explode": False}}},
+}}, "responses": {}}}})
+
+
+def _multipart(*parts: tuple[str, str | None, str, str]) -> tuple[str, dict[str, str]]:
+    lines = []
+    for name, filename, content_type, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        lines += ["--XyZ", f"Content-Disposition: {disposition}"]
+        if content_type:
+            lines.append(f"Content-Type: {content_type}")
+        lines += ["", content]
+    return "\r\n".join([*lines, "--XyZ--", ""]), {"content-type": "multipart/form-data; boundary=XyZ"}
+
+
+def test_multipart_parts_are_checked(compiled):
+    spec = compiled(UPLOAD)
+    body, headers = _multipart(("title", None, "", "cat"), ("copies", None, "", "2"),
+                               ("file", "cat.png", "image/png", "\x89PNG..."))
+    assert _check(spec, "POST", "/uploads", body=body, headers=headers).violation is None
+    body, headers = _multipart(("title", None, "", "cat"), ("file", "cat.svg", "image/svg+xml", "<svg/>"))
+    assert _check(spec, "POST", "/uploads", body=body, headers=headers).violation is None
+    body, headers = _multipart(("title", None, "", "cat"))
+    assert _violation(spec, "POST", "/uploads", body=body, headers=headers)[1:] == \
+        ("openapi_invalid_body", "body", "required")
+    body, headers = _multipart(("title", None, "", "cat"), ("file", "x.exe", "application/x-msdownload", "MZ"))
+    assert _violation(spec, "POST", "/uploads", body=body, headers=headers)[3] == "contentType"
+    body, headers = _multipart(("title", None, "", "a very long title"), ("file", "c.png", "image/png", "x"))
+    assert _violation(spec, "POST", "/uploads", body=body, headers=headers)[2:] == ("body/title", "maxLength")
+    body, headers = _multipart(("title", None, "", "cat"), ("copies", None, "", "9"), ("file", "c.png", "image/png", ""))
+    assert _violation(spec, "POST", "/uploads", body=body, headers=headers)[2:] == ("body/copies", "maximum")
+    body, headers = _multipart(("title", None, "", "cat"), ("file", "c.png", "image/png", ""), ("admin", None, "", "1"))
+    assert _violation(spec, "POST", "/uploads", body=body, headers=headers)[3] == "additionalProperties"
+
+
+def test_json_and_form_bodies(compiled):
+    spec = compiled(UPLOAD)
+    json_type = {"content-type": "application/json"}
+    assert _check(spec, "POST", "/uploads", body='{"n": 1}', headers=json_type).violation is None
+    assert _violation(spec, "POST", "/uploads", body='{"n": "x"}', headers=json_type)[1:] == \
+        ("openapi_invalid_body", "body/n", "type")
+    assert _violation(spec, "POST", "/uploads", body='{"n": 1, "n": 2}', headers=json_type)[:2] == \
+        (400, "body_duplicate_key")
+    assert _violation(spec, "POST", "/uploads", body='{"n": ', headers=json_type)[:2] == (400, "body_malformed")
+    assert _violation(spec, "POST", "/uploads", body="[" * 40 + "]" * 40, headers=json_type)[:2] == \
+        (413, "body_limit_exceeded")
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    assert _check(spec, "POST", "/uploads", body="n=3&tags=a&tags=b&ids=1,2", headers=form).violation is None
+    assert _violation(spec, "POST", "/uploads", body="n=x", headers=form)[2:] == ("body/n", "type")
+    assert _violation(spec, "POST", "/uploads", body="tags=a&tags=b&tags=c", headers=form)[2:] == \
+        ("body/tags", "maxItems")
+    assert _violation(spec, "POST", "/uploads", body="ids=1,x", headers=form)[2:] == ("body/ids/1", "type")
+    assert _violation(spec, "POST", "/uploads", body="n=1&n=2", headers=form)[3] == "style"
+    assert _violation(spec, "POST", "/uploads", body="n=%ff", headers=form)[:2] == (400, "body_malformed")
