@@ -201,7 +201,10 @@ def test_json_bodies(openapi_stack, version):
         assert (status, denial["reason"]) == (400, "openapi_invalid_body"), document
         assert denial["error"].startswith(f"createItem: {location}: ") and f"({constraint})" in denial["error"]
     status, _, body = openapi_stack.send(version, "POST", "/api/items", body=b'{"name": ', headers=content_type)
-    assert status == 400 and _denial(body)["reason"] == "openapi_invalid_body"
+    assert status == 400 and _denial(body)["reason"] == "body_malformed"
+    status, _, body = openapi_stack.send(version, "POST", "/api/items", body=b'{"name": "a", "name": "b", "price": 1}',
+                                         headers=content_type)
+    assert status == 400 and _denial(body)["reason"] == "body_duplicate_key"
 
 
 @VERSIONS
