@@ -3,8 +3,9 @@
 The body is read once for every check, by the shared payload view (extauthz.payload): its media
 type, the parsed JSON document, form fields, multipart parts, parser ceilings and truncation.
 
-- JSON (``application/json``, ``application/*+json``): declared; parsed, within the payload view's
-  JSON limits (duplicate keys refused); validated against the schema.
+- JSON (``application/json``, ``application/*+json``): declared; parsed within the payload view's
+  ceilings; duplicate keys refused (a validator sees the last of two values, a backend may read the
+  first); validated against the schema.
 - ``application/x-www-form-urlencoded``: declared; decoded per ``encoding`` (style/explode), typed by
   the schema, validated.
 - ``multipart/form-data``: declared, with a boundary; the parts parsed: required part names present,
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import jsonschema_rs
 
 from extauthz.openapi.model import Violation
-from extauthz.payload import BodyKind, JsonLimits, body_view
+from extauthz.payload import BodyKind, body_view
 from extauthz.payload.media import body_kind
 from extauthz.request import Request
 
@@ -34,9 +35,6 @@ if TYPE_CHECKING:
 
 __all__ = ["check_body", "form_object", "has_content"]
 
-#: What the JSON document may be, as for every consumer of the payload view (duplicate keys refused:
-#: two parsers behind the sidecar could read different values).
-JSON_LIMITS = JsonLimits()
 #: The structures the payload view parses, and so the ones a schema is validated against.
 _STRUCTURED = (BodyKind.JSON, BodyKind.FORM, BodyKind.MULTIPART)
 
@@ -92,8 +90,10 @@ def check_body(spec: CompiledSpec, operation: Operation, request: Request) -> Vi
                           "the body did not reach the sidecar (Envoy's with_request_body), so it cannot be "
                           "validated")  # fmt: skip
     problem = view.problem
-    if problem is None and kind is BodyKind.JSON:
-        problem = view.document.problem(JSON_LIMITS)  # type: ignore[union-attr]  # parsed: no problem
+    if problem is None and kind is BodyKind.JSON and view.document.has_duplicate_keys():  # type: ignore[union-attr]
+        # The validator sees the last of two values, a backend may read the first: never validated.
+        return _violation(400, "body_duplicate_key", operation, "body", "duplicate_keys",
+                          "a JSON object has the same key twice")  # fmt: skip
     if problem is not None:
         location = "body" + (problem.pointer if problem.pointer.startswith("/") else "")
         return _violation(problem.status, problem.reason, operation, location, problem.limit or "parse",
