@@ -214,7 +214,10 @@ def _decide(args: argparse.Namespace) -> int:
                 samples["off"] += await timed(off, args.checks)
             return samples
 
+        from extauthz.server import GC_THRESHOLDS
+
         gc.collect()
+        gc.set_threshold(*GC_THRESHOLDS)  # as `extauthz serve` sets it
         samples = asyncio.run(main())
     p50 = {k: statistics.median(v) * 1e6 for k, v in samples.items()}
     p90 = {k: sorted(v)[int(len(v) * 0.9)] * 1e6 for k, v in samples.items()}

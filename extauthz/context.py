@@ -55,8 +55,9 @@ class CheckContext:
     attributes: dict[str, Any] = field(default_factory=dict)
     #: When set (explain, policy tests), checks append human-readable steps here.
     steps: list[str] | None = None
-    #: The API operation the request is (``request.operation``), once the openapi check found it.
-    operation: Mapping[str, Any] | None = None
+    #: The API operation the request is (``request.operation``), once the openapi check found it: a
+    #: map, or a function that builds it when a rule first reads it (most policies never do).
+    operation: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None
 
     def note(self, text: str) -> None:
         if self.steps is not None:
@@ -97,13 +98,18 @@ _REQUEST_FIELDS: dict[str, Callable[[Request], Any]] = {
 
 
 def _operation(ctx: CheckContext) -> Any:
-    return MISSING if ctx.operation is None else ctx.operation
+    operation = ctx.operation
+    if operation is None:
+        return MISSING
+    if callable(operation):
+        operation = ctx.operation = operation()
+    return operation
 
 
 def _whole_request(ctx: CheckContext) -> dict[str, Any]:
     fields = {name: get(ctx.request) for name, get in _REQUEST_FIELDS.items()}
     if ctx.operation is not None:
-        fields["operation"] = ctx.operation
+        fields["operation"] = _operation(ctx)
     return fields
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -173,7 +174,7 @@ class OpenApiCheck:
             attributes["openapi_policy"] = self.policy
         if operation is not None:
             attributes["openapi_operation"] = operation.label
-            ctx.operation = operation_view(operation, outcome.params, outcome.query)
+            ctx.operation = partial(operation_view, operation, outcome.params, outcome.query)
         violation = outcome.violation
         if violation is None:
             if outcome.preflight:
