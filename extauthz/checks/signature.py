@@ -18,10 +18,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from extauthz import clock
 from extauthz.cel import BOOL, STRING, CelError, Expression
 from extauthz.checks import Phase, register
 from extauthz.context import CheckContext, Denial
@@ -105,7 +105,7 @@ class SignatureCheck:
         self.key_owner = key_owner
         # Only a shared (network) nonce store makes this check wait; the in-process one never does.
         self.may_wait = reject_replays and not isinstance(store, MemoryStore)
-        self.clock: Callable[[], float] = time.time
+        self.clock: Callable[[], float] = clock.wall
         if requirements is not None:
             self._challenge = {body: self._challenge_headers(requirements, body) for body in (False, True)}
 

@@ -32,6 +32,8 @@ __all__ = [
     "STAGE_BUCKETS",
     "Metrics",
     "circuit_state",
+    "count_export_errors",
+    "count_log_export_errors",
     "current",
     "install",
     "introspection_request",
@@ -159,6 +161,11 @@ class Metrics:
         )  # fmt: skip
         #: Called by flush() before publishing (e.g. the API inventory's counts).
         self.flush_hooks: list[Callable[[], None]] = []
+        self.decision_log_export_errors = Counter(
+            "extauthz_decision_log_export_errors",
+            "Decision log records not exported over OTLP: dropped on the way to the exporter, or refused or "
+            "unanswered by the collector", registry=r,
+        )  # fmt: skip
         self.inspect_findings = Counter(
             "extauthz_inspect_findings",
             "Payload inspection findings by policy, rule id, target kind and action (blocked, scored, reported)",
@@ -353,6 +360,11 @@ def _guarded(fn: Callable[[Metrics], None]) -> None:
 def count_export_errors(spans: int) -> None:
     """``spans`` spans were not exported (dropped on the way, or the collector refused them)."""
     _guarded(lambda m: m.trace_export_errors.inc(spans))
+
+
+def count_log_export_errors(records: int) -> None:
+    """``records`` decision log records were not exported over OTLP (dropped, or the collector refused them)."""
+    _guarded(lambda m: m.decision_log_export_errors.inc(records))
 
 
 def store_error(store: str, operation: str) -> None:
