@@ -107,16 +107,17 @@ class _Usage:
     methods: dict[str, int] = field(default_factory=dict)
     violations: dict[str, int] = field(default_factory=dict)
 
-    def add(self, when: float, decision: str, status: int, kind: str, method: str, violation: str) -> None:
-        self.requests += 1
-        self.first_seen = self.first_seen or when
-        self.last_seen = max(self.last_seen, when)
-        _count(self.decisions, decision)
-        _count(self.statuses, status)
-        _count(self.identity_kinds, kind or "anonymous")
-        _count(self.methods, method)
+    def add(self, first: float, last: float, count: int, decision: str, status: int, kind: str, method: str,
+            violation: str) -> None:  # fmt: skip
+        self.requests += count
+        self.first_seen = min(self.first_seen, first) if self.first_seen else first
+        self.last_seen = max(self.last_seen, last)
+        _count(self.decisions, decision, count)
+        _count(self.statuses, status, count)
+        _count(self.identity_kinds, kind or "anonymous", count)
+        _count(self.methods, method, count)
         if violation:
-            _count(self.violations, violation)
+            _count(self.violations, violation, count)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -132,12 +133,16 @@ class _Usage:
 SpecsOf = Callable[[], Mapping[str, Any]]
 
 
+#: Requests counted but not yet folded into the tables: at most this many distinct kinds.
+_PENDING_LIMIT = 4096
+
+
 class Inventory:
     """Per-process usage of documented operations and undocumented endpoints.
 
-    ``record`` (the request path, through ``observe``) only counts; ``snapshot`` builds the report.
-    Prometheus counters, when a Metrics object is given, are kept by ``metrics.flush`` (see
-    ``pending_metrics``).
+    The request path (``observe``, ``record``) only counts, in one dict keyed by what the request
+    was; ``fold`` moves those counts into the tables (inferring shadow templates) and into the
+    counts the metrics publish, once a second (the metrics flush) and before every report.
     """
 
     def __init__(self, specs: SpecsOf, *, max_shadow: int = DEFAULT_MAX_SHADOW, clock: Callable[[], float] = time.time
@@ -155,6 +160,9 @@ class Inventory:
         self.pending_requests: dict[tuple[str, str, str], int] = {}
         self.pending_violations: dict[tuple[str, str, str, str], int] = {}
         self.pending_shadow: dict[str, int] = {}
+        #: (policy, label or None, path of an undocumented request or "", method, outcome, status,
+        #: identity kind, violation, mode) -> [count, first seen, last seen].
+        self._recent: dict[tuple[Any, ...], list[Any]] = {}
 
     # --- counting (the request path) -------------------------------------------------------------
     def observe(self, decision: Any) -> None:
@@ -194,38 +202,51 @@ class Inventory:
                 return
             label = _route(spec, method, path)
             undocumented = label is None
-        if violation:
-            mode = str(attributes.get("openapi_mode", "enforce"))
-            key4 = (policy, str(label) if label is not None else "-", violation, mode)
-            self.pending_violations[key4] = self.pending_violations.get(key4, 0) + 1
-        if undocumented or label is None:
-            self._shadow_hit(policy, method, path, outcome, status, identity_kind, violation, when)
-            return
-        key = (policy, str(label))
-        usage = self._operations.get(key)
-        if usage is None:
-            usage = self._operations[key] = _Usage()
-        usage.add(when, outcome, status, identity_kind, method, violation)
-        key3 = (policy, str(label), outcome)
-        self.pending_requests[key3] = self.pending_requests.get(key3, 0) + 1
+        mode = str(attributes.get("openapi_mode", "enforce")) if violation else ""
+        shadow = undocumented or label is None
+        key = (policy, None if shadow else str(label), path if shadow else "", method, outcome, status, identity_kind,
+               violation, mode)
+        recent = self._recent
+        entry = recent.get(key)
+        if entry is None:
+            if len(recent) >= _PENDING_LIMIT:
+                self.fold()
+            recent[key] = [1, when, when]
+        else:
+            entry[0] += 1
+            entry[2] = when
 
-    def _shadow_hit(self, policy: str, method: str, path: str, outcome: str, status: int, kind: str,
-                    violation: str, when: float) -> None:  # fmt: skip
-        self.pending_shadow[policy] = self.pending_shadow.get(policy, 0) + 1
-        key = (policy, infer_template(path))
-        usage = self._shadow.get(key)
-        if usage is None:
-            if len(self._shadow) >= self.max_shadow:
-                self.dropped[policy] = self.dropped.get(policy, 0) + 1
-                return
-            usage = self._shadow[key] = _Usage()
-        usage.add(when, outcome, status, kind, method, violation)
+    def fold(self) -> None:
+        """Move the counts the request path kept into the tables and the metrics' pending counts."""
+        recent, self._recent = self._recent, {}
+        for (policy, label, path, method, outcome, status, kind, violation, mode), (count, first, last) in \
+                recent.items():  # fmt: skip
+            if violation:
+                key4 = (policy, label if label is not None else "-", violation, mode)
+                self.pending_violations[key4] = self.pending_violations.get(key4, 0) + count
+            if label is None:
+                self.pending_shadow[policy] = self.pending_shadow.get(policy, 0) + count
+                table_key = (policy, infer_template(path))
+                usage = self._shadow.get(table_key)
+                if usage is None:
+                    if len(self._shadow) >= self.max_shadow:
+                        self.dropped[policy] = self.dropped.get(policy, 0) + count
+                        continue
+                    usage = self._shadow[table_key] = _Usage()
+            else:
+                key3 = (policy, label, outcome)
+                self.pending_requests[key3] = self.pending_requests.get(key3, 0) + count
+                usage = self._operations.get((policy, label))
+                if usage is None:
+                    usage = self._operations[(policy, label)] = _Usage()
+            usage.add(first, last, count, outcome, status, kind, method, violation)
 
     def _spec(self, policy: str) -> CompiledSpec | None:
         check = self._specs().get(policy)
         return None if check is None else check.compiled
 
     def shadow_endpoints(self) -> dict[str, int]:
+        self.fold()
         counts: dict[str, int] = {}
         for policy, _ in self._shadow:
             counts[policy] = counts.get(policy, 0) + 1
@@ -235,6 +256,7 @@ class Inventory:
     def snapshot(self) -> dict[str, Any]:
         """Everything known, JSON-ready: per policy its spec's operations with their use, and the
         undocumented endpoints seen."""
+        self.fold()
         specs = {name: check.compiled for name, check in self._specs().items() if check.compiled is not None}
         policies: dict[str, dict[str, Any]] = {}
         for name, spec in specs.items():

@@ -256,6 +256,7 @@ class Metrics:
         published_untracked: dict[str, int] = {}
 
         def publish() -> None:
+            inventory.fold()
             requests, inventory.pending_requests = inventory.pending_requests, {}
             for key, count in requests.items():
                 self.openapi_requests.labels(*key).inc(count)
