@@ -408,7 +408,7 @@ class _Compiler:
         if pending.has_body:
             media = tuple(_media(name, kind, schema_name, encoding, schemas)
                           for name, kind, schema_name, encoding, _ in pending.media)  # fmt: skip
-            body = RequestBody(pending.body_required, media)
+            body = RequestBody(pending.body_required, media, {m.name: m for m in media})
         required_query = any(p.required for p in (*query.values(), *query_objects))
         return Operation(
             path_params=tuple(path_params), query=query, query_objects=tuple(query_objects), headers=tuple(headers),

@@ -84,18 +84,17 @@ class MediaType:
 class RequestBody:
     required: bool
     media: tuple[MediaType, ...]
+    #: The media types by name (``application/json``, ``image/*``, ``*/*``).
+    by_name: Mapping[str, MediaType] = field(default_factory=dict)
 
     def media_for(self, content_type: str) -> MediaType | None:
         """The declared media type for a request's (lower-case, parameter-free) content type: exact
         first, then ``type/*``, then ``*/*``."""
-        wildcard = content_type.split("/", 1)[0] + "/*"
-        best: MediaType | None = None
-        for media in self.media:
-            if media.name == content_type:
-                return media
-            if media.name == wildcard or (media.name == "*/*" and best is None):
-                best = media
-        return best
+        by_name = self.by_name
+        found = by_name.get(content_type)
+        if found is None:
+            found = by_name.get(content_type.partition("/")[0] + "/*") or by_name.get("*/*")
+        return found
 
 
 @dataclass(frozen=True, slots=True)
