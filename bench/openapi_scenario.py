@@ -103,8 +103,8 @@ def write_policies(folder: Path, with_openapi: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def openapi_setup(workdir: Path) -> Iterator[dict]:
-    policies = write_policies(workdir / "policies")
+def openapi_setup(workdir: Path, with_openapi: bool = True) -> Iterator[dict]:
+    policies = write_policies(workdir / "policies", with_openapi)
     yield {
         "extra_args": ["--policies", str(policies)],  # the last --policies wins
         "method": "POST", "host": HOST, "path": PATH, "body": BODY,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openapi_material import ANONYMOUS, READER, minimal, request
 
 from extauthz.openapi import evaluate, operation_view
@@ -227,8 +229,10 @@ def test_json_and_form_bodies(compiled):
     assert _check(spec, "POST", "/uploads", body='{"n": 1}', headers=json_type).violation is None
     assert _violation(spec, "POST", "/uploads", body='{"n": "x"}', headers=json_type)[1:] == \
         ("openapi_invalid_body", "body/n", "type")
-    assert _violation(spec, "POST", "/uploads", body='{"n": 1, "n": 2}', headers=json_type)[:2] == \
-        (400, "body_duplicate_key")
+    for duplicated in ('{"n": 1, "n": 2}', '{"n": 1, "x": "\\u0022\\u0022", "n": 2}', '{"o": {"k": "a", "k": "b"}}'):
+        assert _violation(spec, "POST", "/uploads", body=duplicated, headers=json_type)[:2] == \
+            (400, "body_duplicate_key"), duplicated
+    assert _check(spec, "POST", "/uploads", body='{"n": 1, "q": "a\\"b\\u0022"}', headers=json_type).violation is None
     assert _violation(spec, "POST", "/uploads", body='{"n": ', headers=json_type)[:2] == (400, "body_malformed")
     many = "[" + "1," * 10_000 + "1]"  # over the payload view's ceiling: never parsed
     assert _violation(spec, "POST", "/uploads", body=many, headers=json_type)[:2] == (413, "body_limit_exceeded")
@@ -240,3 +244,22 @@ def test_json_and_form_bodies(compiled):
     assert _violation(spec, "POST", "/uploads", body="ids=1,x", headers=form)[2:] == ("body/ids/1", "type")
     assert _violation(spec, "POST", "/uploads", body="n=1&n=2", headers=form)[3] == "style"
     assert _violation(spec, "POST", "/uploads", body="n=%ff", headers=form)[:2] == (400, "body_malformed")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", 'q"', "\\", "é"]),
+                          st.one_of(st.integers(), st.text(alphabet='ab"\\é:', max_size=4), st.none())),
+                max_size=6),
+       st.booleans())
+def test_the_quick_duplicate_key_check_agrees_with_the_payload_view(members, ascii_only):
+    """The quote-count shortcut never misses a duplicate the payload view's exact check finds."""
+    import json
+
+    from extauthz.openapi.body import _has_duplicate_keys
+    from extauthz.payload.json_body import parse_json
+
+    raw = ("{" + ",".join(f"{json.dumps(k, ensure_ascii=ascii_only)}: {json.dumps(v, ensure_ascii=ascii_only)}"
+                          for k, v in members) + "}").encode()
+    document = parse_json(raw)
+    assert _has_duplicate_keys(document) == document.has_duplicate_keys() == (len({k for k, _ in members}) <
+                                                                                 len(members))
