@@ -40,9 +40,6 @@ class Outcome(NamedTuple):
     preflight: bool = False
 
 
-_EMPTY: Mapping[str, Any] = {}
-
-
 def _param_violation(operation: Operation, param: Parameter, constraint: str, detail: str,
                      pointer: str = "") -> Violation:  # fmt: skip
     location = f"{param.location}.{param.name}{pointer}"
