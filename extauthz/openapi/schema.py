@@ -188,8 +188,7 @@ class SchemaTranslator:
             elif key == "format":
                 if self.options.formats and isinstance(value, str):
                     if value in _INT_RANGES:
-                        low, high = _INT_RANGES[value]
-                        out.setdefault("allOf", []).append({"minimum": low, "maximum": high})
+                        out.setdefault("x-int-range", _INT_RANGES[value])  # applied once the bounds are known
                     elif value in _KNOWN_FORMATS:
                         out["format"] = value
             elif key in ("properties", "patternProperties", "dependentSchemas"):
@@ -225,6 +224,8 @@ class SchemaTranslator:
                 continue  # reached through pointers when referenced
         if v30:
             self._v30_keywords(node, out, at)
+        if "x-int-range" in out:
+            self._integer_range(out)
         self._required_without_read_only(node, out, at)
         discriminator = node.get("discriminator")
         if discriminator is not None:
@@ -244,6 +245,20 @@ class SchemaTranslator:
                     out[exclusive] = out.pop(bound)
             elif exclusive in node:
                 raise at.child(exclusive).error(f"{exclusive} must be a boolean in OpenAPI 3.0")
+
+    @staticmethod
+    def _integer_range(out: dict[str, Any]) -> None:
+        """``int32``/``int64`` as bounds: merged into the schema's own where they are tighter or
+        absent (a schema with ``minimum: 1, maximum: 100`` needs nothing more); kept apart
+        (``allOf``) only beside exclusive bounds."""
+        low, high = out.pop("x-int-range")
+        if "exclusiveMinimum" in out or "exclusiveMaximum" in out:
+            out.setdefault("allOf", []).append({"minimum": low, "maximum": high})
+            return
+        for bound, limit, tighter in (("minimum", low, max), ("maximum", high, min)):
+            current = out.get(bound)
+            out[bound] = limit if not isinstance(current, int | float) or isinstance(current, bool) \
+                else tighter(current, limit)
 
     def _required_without_read_only(self, node: dict[str, Any], out: dict[str, Any], at: Location) -> None:
         """A readOnly property listed in ``required`` is required in responses only (OpenAPI 3.0 says
