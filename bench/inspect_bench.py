@@ -26,6 +26,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import re
 import statistics
 import sys
@@ -122,6 +123,9 @@ def typical(rounds: int) -> None:
           f"over {rounds} requests (wall clock); CPU time p50 {cpu[len(cpu) // 2] * 1e6:.1f} us")
 
 
+_PRINTABLE = bytes(range(32, 127)) + b"\n"
+
+
 def adversarial_inputs() -> list[tuple[str, Request]]:
     n = 65536
     cases: list[tuple[str, bytes, str, str]] = [
@@ -150,6 +154,7 @@ def adversarial_inputs() -> list[tuple[str, Request]]:
         ("text: dot-dot runs", b"../" * (n // 3), "text/plain", ""),
         ("text: backslash escapes", b"\\x41" * (n // 4), "text/plain", ""),
         ("text: random bytes", os.urandom(n), "text/plain", ""),
+        ("text: random printable characters", bytes(random.choice(_PRINTABLE) for _ in range(n)), "text/plain", ""),
         ("form: 999 fields", b"&".join(b"f%d=x" % i for i in range(999)), "application/x-www-form-urlencoded", ""),
         ("multipart: 250 parts", b"".join(b'--b\r\nContent-Disposition: form-data; name="f"\r\n\r\nx\r\n'
                                           for _ in range(250)) + b"--b--\r\n", "multipart/form-data; boundary=b", ""),

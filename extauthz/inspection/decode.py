@@ -25,6 +25,9 @@ __all__ = ["Decoded", "cmd_form", "decode", "lookup_form", "sql_form"]
 URL_ROUNDS = 3
 #: Escapes decoded by a Python callback (numeric entities, ``%u``, JS ``\\u{...}``), per request.
 CALLBACK_BUDGET = 1024
+#: Texts with more '&' than this skip the standard library's full entity table (the common named
+#: entities are still decoded).
+HTML_FALLBACK_MAX = 64
 #: Nested ``${...}`` lookups resolved per request.
 LOOKUP_BUDGET = 512
 
@@ -49,7 +52,14 @@ _OVERLONG = (
 #: Characters dropped before matching: NUL and the invisible ones used to split keywords.
 _INVISIBLE_CHARS = re.compile("[\x00\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 #: Dots and slashes that hosts and paths treat as '.' and '/' (IDNA, full-width).
-_LOOKALIKES = str.maketrans({"\u3002": ".", "\uff61": ".", "\uff0e": ".", "\u2215": "/", "\u2044": "/"})
+_LOOKALIKE_PAIRS = (("\u3002", "."), ("\uff61", "."), ("\uff0e", "."), ("\u2215", "/"), ("\u2044", "/"))
+#: Texts longer than this get only full-width ASCII mapped instead of the whole NFKC.
+NFKC_MAX_CHARS = 16384
+_FULL_WIDTH = re.compile("[\uff01-\uff5e]")
+
+
+def _half_width(match: re.Match[str]) -> str:
+    return chr(ord(match.group()) - 0xFEE0)
 _SPECIAL_WIDE = "\u3002\uff61\uff0e\u2215\u2044\u200b\u200c\u200d\u2060\ufeff"
 
 
@@ -91,7 +101,10 @@ def decode(text: str) -> Decoded:
             text = _percent_decode(text, budget)
     if not text.isascii():
         if not unicodedata.is_normalized("NFKC", text):
-            text = unicodedata.normalize("NFKC", text)
+            if len(text) <= NFKC_MAX_CHARS:
+                text = unicodedata.normalize("NFKC", text)
+            else:  # NFKC costs about a microsecond a character: past the limit, full-width ASCII only
+                text = _budgeted_sub(_FULL_WIDTH, _half_width, text, budget, flag=False)
         # Characters that need work: look-alike dots and slashes, invisible characters, and lone
         # surrogates (an invalid %-escape in a query, \ud800 in JS: RE2 reads UTF-8 only). Only C
         # loops here ("in", encode): a regular-expression search or max() over non-ASCII text is
@@ -102,7 +115,10 @@ def decode(text: str) -> Decoded:
         except UnicodeEncodeError:
             wide = True
         if (wide and any(c in text for c in _SPECIAL_WIDE)) or "\xad" in text or "\x00" in text:
-            text = _INVISIBLE_CHARS.sub("", text.translate(_LOOKALIKES))
+            for lookalike, plain in _LOOKALIKE_PAIRS:  # str.replace: C speed; str.translate is not
+                if lookalike in text:
+                    text = text.replace(lookalike, plain)
+            text = _INVISIBLE_CHARS.sub("", text)
         if wide:
             try:
                 text.encode("utf-8")
@@ -134,9 +150,9 @@ def _html_decode(text: str, budget: list[int]) -> str:
             text = text.replace(entity, char)
     if "&#" in text:
         text = _budgeted_sub(_NUMERIC_ENTITY, _entity_char, text, budget)
-    elif "&" in text and ";" in text and budget[0] > 0:
-        # Rarer named entities (&Tab; &NewLine; ...): the standard library's table, once.
-        budget[0] -= text.count("&")
+    elif "&" in text and ";" in text and text.count("&") <= HTML_FALLBACK_MAX:
+        # Rarer named entities (&Tab; &NewLine; ...): the standard library's table, for a text with
+        # few '&' (its decoder calls back into Python for every one).
         text = html.unescape(text)
     return text
 
@@ -175,14 +191,18 @@ def _js_char(match: re.Match[str]) -> str:
     return chr(code) if not 0xD800 <= code <= 0xDFFF else "\ufffd"
 
 
-def _budgeted_sub(pattern: re.Pattern[str], replace: object, text: str, budget: list[int]) -> str:
+def _budgeted_sub(pattern: re.Pattern[str], replace: object, text: str, budget: list[int], *,
+                  flag: bool = True) -> str:  # fmt: skip
+    """``pattern.sub`` for at most what is left of the budget; running out marks the budget spent
+    (an evasion, unless ``flag`` is false: then the rest is only left as it is)."""
     if budget[0] <= 0:
-        budget[0] = -1
+        if flag:
+            budget[0] = -1
         return text
     count = budget[0]
     result, made = pattern.subn(replace, text, count=count)  # type: ignore[call-overload]
     budget[0] -= made
-    if made >= count:
+    if made >= count and flag:
         budget[0] = -1
     return result  # type: ignore[no-any-return]
 

@@ -37,6 +37,8 @@ __all__ = ["Exclusion", "Finding", "InspectConfig", "Inspector", "RequestLimits"
 #: Locations recorded per rule, and findings per request: what a denial, a log line and a span can hold.
 MAX_LOCATIONS_PER_RULE = 4
 MAX_FINDINGS = 16
+#: JSON strings and keys a rule is tried on, one by one, to locate what matched the body's text.
+MAX_VALUES_LOCATED = 128
 _FORM_FUNCTIONS: dict[str, Callable[[str], str]] = {
     "sql": sql_form,
     "cmd": cmd_form,
@@ -137,6 +139,10 @@ class InspectConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     inspect_body: bool = True
     inspect_headers: bool = True
+
+
+class _OutOfBudget(Exception):
+    pass
 
 
 class _RuleSet:
@@ -349,10 +355,24 @@ class Inspector:
                     return located
         view = values.view
         if "body" in kinds and view is not None and view.document is not None:
-            for pointer in view.document.find(matches, keys=True):
-                located.append(("body", "body:" + safe_pointer(pointer)))
-                if len(located) >= MAX_LOCATIONS_PER_RULE:
-                    break
+            budget = [MAX_VALUES_LOCATED]
+
+            def bounded(value: str) -> bool:
+                budget[0] -= 1
+                if budget[0] < 0:
+                    raise _OutOfBudget
+                return matches(value)
+
+            try:
+                for pointer in view.document.find(bounded, keys=True):
+                    located.append(("body", "body:" + safe_pointer(pointer)))
+                    if len(located) >= MAX_LOCATIONS_PER_RULE:
+                        break
+            except _OutOfBudget:
+                # Too many values to try one by one: the rule matched the body's text, and where
+                # exactly is not worth milliseconds. Fail closed: the finding stands, on the body.
+                if not located:
+                    located.append(("body", "body"))
         return located
 
     def _add(self, findings: list[Finding], request: Request, rule_id: str, detector: str, score: int,

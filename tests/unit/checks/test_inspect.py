@@ -173,3 +173,18 @@ def test_policy_errors(tmp_path: Path, inspect: dict[str, Any], message: str) ->
     with pytest.raises(PolicySetError) as raised:
         load_folder(policy(tmp_path, inspect))
     assert message in str(raised.value)
+
+
+def test_inspection_as_a_layer_denies_before_the_deciding_policy_and_never_allows(tmp_path: Path) -> None:
+    folder = tmp_path / "layered"
+    folder.mkdir()
+    (folder / "all.yaml").write_text(
+        "apiVersion: extauthz.dev/v1\nkind: LayerPolicy\nmetadata: {name: payload-inspection}\nspec:\n  inspect: {}\n"
+        "---\napiVersion: extauthz.dev/v1\nkind: AuthPolicy\nmetadata: {name: api}\nspec:\n"
+        "  rules: [{name: reads, when: \"request.method == 'GET'\", decision: allow}]\n"
+    )
+    attack = decide(folder, json_post({"q": ATTACK}))
+    assert (attack.allowed, attack.reason, attack.policy) == (False, "attack_detected", "payload-inspection")
+    benign_post = decide(folder, json_post({"q": "O'Brien"}))
+    assert (benign_post.allowed, benign_post.reason) == (False, "no_rule_matched")  # the layer passed, the policy decided
+    assert decide(folder, {"host": "api.example.com", "path": "/a?q=hello"}).allowed

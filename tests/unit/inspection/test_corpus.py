@@ -74,3 +74,10 @@ def test_a_mislabelled_or_broken_text_body_is_still_inspected(default_inspector:
 def test_opaque_media_types_are_not_inspected(default_inspector: Inspector) -> None:
     verdict = default_inspector.inspect(make_request(body=b"1' or '1'='1", content_type="image/png"))
     assert not verdict.findings
+
+
+def test_a_match_deep_in_a_large_document_is_still_refused(default_inspector: Inspector) -> None:
+    """Locating stops after a bounded number of values; the finding then stands on the body."""
+    body = {"items": [f"item number {i}" for i in range(600)] + ["1' or '1'='1"]}
+    verdict = default_inspector.inspect(make_request(body=body))
+    assert _blocked(verdict) and {f.location for f in verdict.findings} == {"body"}
