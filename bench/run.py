@@ -108,6 +108,12 @@ SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
                                     setup=lambda workdir: __import__("quota_scenario").quota_memory_setup(workdir)),
     "quota-redis": SidecarScenario("orders-api + 3 quotas charged in a local Redis (bench/quota_scenario.py)",
                                    setup=lambda workdir: __import__("quota_scenario").quota_redis_setup(workdir)),
+    "openapi": SidecarScenario("OpenAPI 3.1 spec enforced: POST of a 1 KiB JSON body validated against its schema "
+                               "(bench/openapi_scenario.py)",
+                               setup=lambda workdir: __import__("openapi_scenario").openapi_setup(workdir)),
+    "openapi-off": SidecarScenario("the openapi scenario's policy and request without its openapi section "
+                                   "(bench/openapi_scenario.py)",
+                                   setup=lambda workdir: __import__("openapi_scenario").openapi_setup(workdir, False)),
     "layers-none": SidecarScenario("orders.yaml alone, no layer (bench/layer_scenario.py)",
                                    setup=lambda workdir: __import__("layer_scenario").layer_setup(workdir, "none")),
     "layers-elsewhere": SidecarScenario(

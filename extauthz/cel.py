@@ -59,6 +59,7 @@ _MESSAGE_VARIABLE = {
     "extauthz.cel.Tls": "tls",
     "extauthz.cel.Identity": "identity",
     "extauthz.cel.Spiffe": "identity.spiffe",
+    "extauthz.cel.Operation": "request.operation",
 }
 
 

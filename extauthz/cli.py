@@ -1,4 +1,4 @@
-"""Command line: ``extauthz serve | validate | explain | test``."""
+"""Command line: ``extauthz serve | validate | explain | test | inventory``."""
 
 from __future__ import annotations
 
@@ -260,6 +260,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     schema.add_argument("--report", action="store_true",
                         help="print what the schema leaves undescribed or lenient, on stderr")
+    inventory = sub.add_parser(
+        "inventory", help="documented and undocumented (shadow) API endpoints seen, from a sidecar or decision logs",
+        description="Report which operations of the policies' OpenAPI specs are used, never used or deprecated but "
+                    "used, and which undocumented endpoints are called: from a running sidecar (GET /inventory on "
+                    "its probes port) or from decision-log files.",
+    )  # fmt: skip
+    inventory.add_argument("--url", default=None, metavar="URL",
+                           help="the sidecar's probes address (default http://127.0.0.1:8282, or "
+                                "http://127.0.0.1:$EXTAUTHZ_HTTP_PORT)")  # fmt: skip
+    inventory.add_argument("--decision-log", nargs="+", type=Path, metavar="FILE",
+                           help="read decision-log files ('-' for stdin) instead of asking a sidecar")
+    inventory.add_argument("--policies", type=Path, metavar="DIR",
+                           help="with --decision-log: the policy folder, for the documented operations")
+    inventory.add_argument("--policy", metavar="NAME", help="only this policy")
+    inventory.add_argument("--format", choices=["text", "json", "openapi"], default="text",
+                           help="text (default), json, or openapi: a skeleton of the shadow endpoints (YAML)")
     return parser
 
 
@@ -482,6 +498,127 @@ def _cmd_dev(ns: argparse.Namespace) -> int:
     return dev_main(ns)
 
 
+def _cmd_inventory(ns: argparse.Namespace) -> int:
+    import yaml
+
+    from extauthz.openapi.inventory import shadow_skeleton
+
+    try:
+        report = _inventory_from_logs(ns) if ns.decision_log else _inventory_from_sidecar(ns.url)
+    except (OSError, ValueError, PolicySetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if ns.policy:
+        report["policies"] = [p for p in report.get("policies", ()) if p.get("policy") == ns.policy]
+    if ns.format == "json":
+        print(json.dumps(report, indent=2))
+    elif ns.format == "openapi":
+        print(yaml.safe_dump(shadow_skeleton(report), sort_keys=False, allow_unicode=True), end="")
+    else:
+        print(_inventory_text(report), end="")
+    return 0
+
+
+def _inventory_from_sidecar(url: str | None) -> dict[str, Any]:
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = url or f"http://127.0.0.1:{os.environ.get('EXTAUTHZ_HTTP_PORT', '8282')}"
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"--url must be http://host:port, not {url!r}")
+    connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=10)
+    try:
+        connection.request("GET", "/inventory")
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise ValueError(f"{url}/inventory answered {response.status}")
+    report = json.loads(body)
+    if not isinstance(report, dict):
+        raise ValueError(f"{url}/inventory did not answer an inventory")
+    return report
+
+
+def _inventory_from_logs(ns: argparse.Namespace) -> dict[str, Any]:
+    import datetime
+
+    from extauthz.checks.openapi import openapi_checks
+    from extauthz.openapi.inventory import Inventory
+
+    checks: dict[str, Any] = {}
+    if ns.policies is not None:
+        checks = openapi_checks(load_folder(ns.policies, Services(settings={"offline": True})))
+    inventory = Inventory(lambda: checks, max_shadow=100_000)
+    lines = skipped = 0
+    for file in ns.decision_log:
+        stream = sys.stdin if str(file) == "-" else file.open(encoding="utf-8", errors="replace")
+        try:
+            for line in stream:
+                try:
+                    record = json.loads(line)
+                    when = datetime.datetime.fromisoformat(record["time"].replace("Z", "+00:00")).timestamp()
+                    identity = record.get("identity") or {}
+                    attributes = record.get("attributes") or {}
+                    policy = attributes.get("openapi_policy") or record["policy"]  # a layer's spec judged it
+                    inventory.record(policy, record["method"], record["path"], record["decision"],
+                                     int(record["status"]), str(identity.get("kind", "")), attributes,
+                                     when)  # fmt: skip
+                    lines += 1
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    skipped += 1  # not a decision line, or one without a request (malformed)
+        finally:
+            if stream is not sys.stdin:
+                stream.close()
+    report = inventory.snapshot()
+    report["source"] = {"decision_log_lines": lines, "skipped_lines": skipped,
+                        "note": "allowed requests are in the log as sampled (--decision-log-allow-sample)"}  # fmt: skip
+    if ns.policies is None:
+        report["source"]["note"] += "; without --policies, operations never used are not listed"
+    return report
+
+
+def _inventory_text(report: dict[str, Any]) -> str:
+    out: list[str] = []
+    for policy in report.get("policies", ()):
+        spec = policy.get("spec") or {}
+        title = f"{spec.get('title', '?')} {spec.get('version', '')} (OpenAPI {spec.get('openapi', '?')})" if spec \
+            else "(spec not loaded)"
+        out.append(f"policy {policy['policy']}: {title}")
+        operations = policy.get("operations", [])
+        used = [o for o in operations if o.get("requests")]
+        unused = [o for o in operations if not o.get("requests") and not o.get("removed")]
+        deprecated = [o for o in used if o.get("deprecated")]
+
+        def line(o: dict[str, Any]) -> str:
+            decisions = ", ".join(f"{k} {v}" for k, v in sorted(o.get("decisions", {}).items()))
+            where = f"{o.get('method', '')} {o.get('path', '')}".strip() or "(no longer in the spec)"
+            return f"    {where}  [{o['operation']}]  {o.get('requests', 0)} requests ({decisions}), " \
+                   f"last {o.get('last_seen') or '-'}"
+
+        out.append(f"  documented and used: {len(used)} of {len(operations)} operations")
+        out.extend(line(o) for o in sorted(used, key=lambda o: -o["requests"]))
+        out.append(f"  documented, never used: {len(unused)}")
+        out.extend(f"    {o['method']} {o['path']}  [{o['operation']}]" for o in unused)
+        out.append(f"  deprecated, still used: {len(deprecated)}")
+        out.extend(line(o) for o in deprecated)
+        shadow = policy.get("shadow", [])
+        dropped = policy.get("shadow_dropped", 0)
+        out.append(f"  undocumented (shadow) endpoints: {len(shadow)}" +
+                   (f" (and {dropped} requests not tracked: the table was full)" if dropped else ""))  # fmt: skip
+        for s in shadow:
+            methods = ",".join(sorted(s.get("methods", {})))
+            statuses = ", ".join(f"{k}: {v}" for k, v in sorted(s.get("statuses", {}).items()))
+            kinds = ", ".join(f"{k}: {v}" for k, v in sorted(s.get("identity_kinds", {}).items()))
+            out.append(f"    {methods} {s['path']}  {s['requests']} requests, status {statuses}, identity {kinds}, "
+                       f"last {s.get('last_seen') or '-'}")  # fmt: skip
+    if not out:
+        out.append("no policy with an openapi section")
+    return "\n".join(out) + "\n"
+
+
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from extauthz.telemetry.logs import configure_logging
 
@@ -605,7 +742,7 @@ def _cmd_schema(ns: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     command = {"serve": _cmd_serve, "validate": _cmd_validate, "explain": _cmd_explain, "test": _cmd_test,
-               "routes": _cmd_routes, "schema": _cmd_schema, "dev": _cmd_dev}
+               "routes": _cmd_routes, "schema": _cmd_schema, "dev": _cmd_dev, "inventory": _cmd_inventory}
     return command[ns.command](ns)
 
 

@@ -55,6 +55,9 @@ class CheckContext:
     attributes: dict[str, Any] = field(default_factory=dict)
     #: When set (explain, policy tests), checks append human-readable steps here.
     steps: list[str] | None = None
+    #: The API operation the request is (``request.operation``), once the openapi check found it: a
+    #: map, or a function that builds it when a rule first reads it (most policies never do).
+    operation: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None
 
     def note(self, text: str) -> None:
         if self.steps is not None:
@@ -94,12 +97,30 @@ _REQUEST_FIELDS: dict[str, Callable[[Request], Any]] = {
 }
 
 
+def _operation(ctx: CheckContext) -> Any:
+    operation = ctx.operation
+    if operation is None:
+        return MISSING
+    if callable(operation):
+        operation = ctx.operation = operation()
+    return operation
+
+
+def _whole_request(ctx: CheckContext) -> dict[str, Any]:
+    fields = {name: get(ctx.request) for name, get in _REQUEST_FIELDS.items()}
+    if ctx.operation is not None:
+        fields["operation"] = _operation(ctx)
+    return fields
+
+
 def _root(path: tuple[str, ...]) -> tuple[Callable[[CheckContext], Any], int]:
     """The getter for the fixed part of a path, and how many path parts it consumed."""
     var = path[0]
     if var == "request":
         if len(path) == 1:
-            return (lambda ctx: {name: get(ctx.request) for name, get in _REQUEST_FIELDS.items()}), 1
+            return _whole_request, 1
+        if path[1] == "operation":
+            return _operation, 2
         get_field = _REQUEST_FIELDS[path[1]]
         return (lambda ctx: get_field(ctx.request)), 2
     if var in ("source", "destination"):

@@ -21,11 +21,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from extauthz import client_ip
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Authorizer, Decision
+from extauthz.openapi.inventory import Inventory, merge_snapshots
 from extauthz.policy import PolicySet, PolicySetError, PolicyWatcher, Services, load_folder
 from extauthz.responses import DYNAMIC_METADATA_MODES, check_response_bytes
 from extauthz.telemetry import metrics as process_metrics
 from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
-from extauthz.telemetry.metrics import Metrics
+from extauthz.telemetry.metrics import Metrics, multiprocess_dir
 from extauthz.telemetry.tracing import SubjectHasher, subject_hash_key
 
 __all__ = ["Settings", "Sidecar", "StartupError", "check_listeners", "serve"]
@@ -189,6 +190,12 @@ class Sidecar:
                 raise StartupError(f"--decision-log {settings.decision_log.destination}: cannot open "
                                    f"({exc.strerror or exc})") from None
             self.authorizer.observers.append(self.decision_log.observe)
+        #: The API inventory of policies with an openapi section (GET /inventory).
+        self.inventory = Inventory(self._openapi_checks)
+        self.authorizer.observers.append(self.inventory.observe)
+        self.metrics.attach_inventory(self.inventory)
+        self._checks_of: tuple[PolicySet | None, dict[str, Any]] = (None, {})
+        self._ticks = 0
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.http_server: asyncio.Server | None = None
@@ -235,6 +242,52 @@ class Sidecar:
             start = getattr(service, "start", None)
             if start is not None and not getattr(service, "started", False):
                 await start()
+
+    def _openapi_checks(self) -> dict[str, Any]:
+        """The live set's openapi checks by policy (worked out once per set: runs for every decision)."""
+        policy_set = self.authorizer.policy_set
+        cached_set, checks = self._checks_of
+        if policy_set is not cached_set:
+            from extauthz.checks.openapi import openapi_checks
+
+            checks = openapi_checks(policy_set)
+            self._checks_of = (policy_set, checks)
+        return checks
+
+    async def inventory_report(self) -> dict[str, Any]:
+        """This process' inventory, merged with the other workers' latest (``--workers``)."""
+        own = self.inventory.snapshot()  # on the event loop: the request path changes it there
+        folder = multiprocess_dir()
+        if folder is None:
+            return own
+        others = await asyncio.to_thread(self._other_inventories, Path(folder))
+        return merge_snapshots([own, *others]) if others else own
+
+    @staticmethod
+    def _other_inventories(folder: Path) -> list[dict[str, Any]]:
+        others = []
+        for file in folder.glob("inventory-*.json"):
+            if file.name == f"inventory-{os.getpid()}.json":
+                continue
+            try:
+                others.append(json.loads(file.read_bytes()))
+            except (OSError, ValueError):
+                continue  # a worker writing it right now: its next copy is seconds away
+        return others
+
+    @staticmethod
+    def _write_inventory(snapshot: dict[str, Any]) -> None:
+        """Workers share their inventory through files beside the metrics' (read by inventory_report)."""
+        folder = multiprocess_dir()
+        if folder is None:
+            return
+        target = Path(folder) / f"inventory-{os.getpid()}.json"
+        temporary = target.with_suffix(".tmp")
+        try:
+            temporary.write_text(json.dumps(snapshot))
+            temporary.replace(target)
+        except OSError as exc:
+            log.warning("cannot write the inventory for other workers: %s", exc)
 
     # --- gRPC ------------------------------------------------------------------------------
     async def _check(self, request_bytes: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -317,6 +370,9 @@ class Sidecar:
                 body = json.dumps(detail).encode() + b"\n"
             elif path == "/metrics":
                 status, ctype, body = 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
+            elif path == "/inventory":
+                report = await self.inventory_report()
+                status, ctype, body = 200, "application/json", json.dumps(report).encode() + b"\n"
             else:
                 status, ctype, body = 404, "text/plain", b"not found\n"
             head = (f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: {ctype}\r\n"
@@ -359,6 +415,9 @@ class Sidecar:
         if self._stopping:
             return
         self.metrics.flush()
+        self._ticks += 1
+        if self._ticks % 5 == 0 and multiprocess_dir() is not None:
+            asyncio.get_running_loop().run_in_executor(None, self._write_inventory, self.inventory.snapshot())
         asyncio.get_running_loop().call_later(1.0, self._publish_metrics)
 
     async def stop(self) -> None:
@@ -391,6 +450,8 @@ class Sidecar:
                     await close()
                 except Exception:
                     log.exception("closing %r failed", service)
+        if multiprocess_dir() is not None:
+            await asyncio.to_thread(self._write_inventory, self.inventory.snapshot())
         if self.decision_log is not None:
             await asyncio.to_thread(self.decision_log.close)
         if self.tracing is not None:

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -71,13 +71,17 @@ class WatchedPath(Generic[T]):
     """
 
     def __init__(self, path: Path, parse: Callable[[Path], T], *, what: str,
-                 interval: float = DEFAULT_INTERVAL, on_change: Callable[[T], None] | None = None) -> None:
+                 interval: float = DEFAULT_INTERVAL, on_change: Callable[[T], None] | None = None,
+                 related: Callable[[], Iterable[Path]] | None = None) -> None:
         self.path = path
         self.parse = parse
         self.what = what
         self.interval = interval
         #: Called with every new value (e.g. to log what a reload found).
         self.on_change = on_change
+        #: Other files the last parse read (an OpenAPI spec's referenced files): a change to any of
+        #: them is a change of the value too.
+        self.related = related
         self.value: T | None = None
         self.error: str | None = None
         self.generation = 0
@@ -87,19 +91,21 @@ class WatchedPath(Generic[T]):
 
     def refresh(self) -> bool:
         """Re-read if the path changed since the last look; True when a new value was installed."""
-        seen = _fingerprint(self.path)
+        seen = self._fingerprint()
         if seen == self._seen:
             return False
         self._seen = seen
         try:
             value = self.parse(self.path)
         except (OSError, ValueError, ArithmeticError, RecursionError) as exc:
+            self._see_related(seen)
             # ArithmeticError, RecursionError: a number too large, nesting too deep for a parser.
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
             self.error = f"{self.what} {self.path}: {message}"
             if self.value is not None:
                 log.error("%s; keeping the previous version", self.error)
             return False
+        self._see_related(seen)
         self.value = value
         self.error = None
         self.generation += 1
@@ -109,6 +115,19 @@ class WatchedPath(Generic[T]):
         if self.on_change is not None:
             self.on_change(value)
         return True
+
+    def _fingerprint(self) -> tuple:
+        if self.related is None:
+            return _fingerprint(self.path)
+        return (_fingerprint(self.path), *(_fingerprint(p) for p in self.related() if p != self.path))
+
+    def _see_related(self, seen: tuple) -> None:
+        """After a parse: when it read other files than the fingerprint covered, cover them now
+        (else the next look would see a change that is only the new list, and parse again)."""
+        if self.related is not None:
+            now = self._fingerprint()
+            if len(now) != len(seen):
+                self._seen = now
 
     async def _run(self) -> None:
         while True:

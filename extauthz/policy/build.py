@@ -96,15 +96,16 @@ class BuildContext:
         return path if path.is_absolute() else self.folder / path
 
     def watched(self, node: Spec, value: str, parse: Callable[[Path], T], *, what: str,
-                key: tuple[Any, ...] = ()) -> WatchedPath[T]:
+                key: tuple[Any, ...] = (), related: Callable[[], Iterable[Path]] | None = None) -> WatchedPath[T]:
         """A mounted file or folder, read now and re-read when it changes, shared by every policy
-        that names it (``key`` tells apart different readings of one path). A read error is reported
-        at ``node``; the caller decides what a missing value means."""
+        that names it (``key`` tells apart different readings of one path; ``related`` lists other
+        files the last reading used, watched too). A read error is reported at ``node``; the caller
+        decides what a missing value means."""
         path = self.resolve_path(value)
         services = self.services
         watched = services.shared(
             ("watched", what, str(path), *key),
-            lambda: WatchedPath(path, parse, what=what, interval=watch_interval(services.settings)),
+            lambda: WatchedPath(path, parse, what=what, interval=watch_interval(services.settings), related=related),
         )
         watched.refresh()
         if watched.value is None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -26,6 +27,18 @@ log = logging.getLogger("extauthz.policy")
 _SUFFIXES = (".yaml", ".yml")
 #: A policy file larger than this is refused: it is a mistake, not a policy.
 MAX_FILE_BYTES = 4 * 1024 * 1024
+
+
+#: ``openapi: 3.1.0`` / ``"swagger": "2.0"`` at the start of a line or after ``{``/``,`` (JSON).
+_SPEC_KEY = re.compile(rb"""(?:^|[{,])[ \t]*["']?(?:openapi|swagger)["']?[ \t]*:[ \t]*["']?[23]\.""", re.MULTILINE)
+_POLICY_KEY = re.compile(rb"""(?:^|[{,])[ \t]*["']?apiVersion["']?[ \t]*:""", re.MULTILINE)
+
+
+def is_openapi_spec(data: bytes) -> bool:
+    """A YAML (or JSON) file that is an OpenAPI or Swagger document, not policies: an ``openapi``
+    key with a version and no ``apiVersion``. Told apart from the text, without parsing a spec of
+    megabytes on every policy reload."""
+    return _SPEC_KEY.search(data) is not None and _POLICY_KEY.search(data) is None
 
 
 def policy_files(folder: Path) -> list[Path]:
@@ -60,6 +73,8 @@ def _read(folder: Path) -> tuple[list[Document], list[PolicyError]]:
         except OSError as exc:
             errors.append(PolicyError(label, 0, "", 0, f"cannot read: {exc.strerror}"))
             continue
+        if is_openapi_spec(data):
+            continue  # kept beside the policies for an openapi section (read by extauthz.openapi)
         if len(data) > MAX_FILE_BYTES:
             errors.append(PolicyError(label, 0, "", 0, f"file is larger than {MAX_FILE_BYTES} bytes"))
             continue

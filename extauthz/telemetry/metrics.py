@@ -14,6 +14,7 @@ values to files there and ``/metrics`` (served by any worker) aggregates all of 
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from extauthz.decision import Decision
+
+log = logging.getLogger("extauthz.metrics")
 
 __all__ = [
     "CIRCUIT_STATES",
@@ -131,6 +134,33 @@ class Metrics:
             "Spans not exported: dropped on the way to the exporter, or refused or unanswered by the collector",
             registry=r,
         )
+        self.openapi_requests = Counter(
+            "extauthz_openapi_requests",
+            "Requests to documented API operations by policy, operation (operationId, else 'METHOD /template' as "
+            "the spec writes it) and decision (allow, deny, dry_run_deny)",
+            ["policy", "operation", "decision"], registry=r,
+        )  # fmt: skip
+        self.openapi_violations = Counter(
+            "extauthz_openapi_violations",
+            "Requests that broke the API description, by policy, operation ('-' when undocumented), reason and "
+            "mode (enforce: denied, report: let through)",
+            ["policy", "operation", "reason", "mode"], registry=r,
+        )  # fmt: skip
+        self.openapi_shadow_requests = Counter(
+            "extauthz_openapi_shadow_requests", "Requests to undocumented (shadow) endpoints by policy",
+            ["policy"], registry=r,
+        )  # fmt: skip
+        self.openapi_shadow_endpoints = gauge(
+            "extauthz_openapi_shadow_endpoints", "Undocumented endpoint templates in the inventory, by policy",
+            ("policy",), mode="livesum",
+        )  # fmt: skip
+        self.openapi_shadow_untracked = Counter(
+            "extauthz_openapi_shadow_untracked",
+            "Requests to undocumented endpoints counted but not kept: the inventory table was full", ["policy"],
+            registry=r,
+        )  # fmt: skip
+        #: Called by flush() before publishing (e.g. the API inventory's counts).
+        self.flush_hooks: list[Callable[[], None]] = []
         self.decision_log_export_errors = Counter(
             "extauthz_decision_log_export_errors",
             "Decision log records not exported over OTLP: dropped on the way to the exporter, or refused or "
@@ -186,6 +216,11 @@ class Metrics:
     def flush(self) -> None:
         """Publish what the request path counted since the last flush. Called before every scrape
         and, by the server, every second (multiprocess mode reads the values other workers wrote)."""
+        for hook in self.flush_hooks:
+            try:
+                hook()
+            except Exception:  # a hook must not stop the process' own metrics
+                log.exception("metrics flush hook failed")
         pending, self._pending_checks = self._pending_checks, {}
         durations, self._pending_durations = self._pending_durations, []
         for key, count in pending.items():
@@ -215,6 +250,31 @@ class Metrics:
         pending.append(seconds)
         if len(pending) >= FLUSH_EVERY:
             self.flush()
+
+    def attach_inventory(self, inventory: Any) -> None:
+        """Publish an openapi.inventory.Inventory's counts with every flush."""
+        published_untracked: dict[str, int] = {}
+
+        def publish() -> None:
+            inventory.fold()
+            requests, inventory.pending_requests = inventory.pending_requests, {}
+            for key, count in requests.items():
+                self.openapi_requests.labels(*key).inc(count)
+            violations, inventory.pending_violations = inventory.pending_violations, {}
+            for key4, count in violations.items():
+                self.openapi_violations.labels(*key4).inc(count)
+            shadow, inventory.pending_shadow = inventory.pending_shadow, {}
+            for policy, count in shadow.items():
+                self.openapi_shadow_requests.labels(policy).inc(count)
+            for policy, count in inventory.shadow_endpoints().items():
+                self.openapi_shadow_endpoints.labels(policy).set(count)
+            for policy, count in inventory.dropped.items():
+                delta = count - published_untracked.get(policy, 0)
+                if delta > 0:
+                    self.openapi_shadow_untracked.labels(policy).inc(delta)
+                    published_untracked[policy] = count
+
+        self.flush_hooks.append(publish)
 
     def inspect_finding(self, policy: str, rule: str, target: str, action: str) -> None:
         """A payload inspection finding. Labels are bounded: rule ids come from the loaded policies,

@@ -192,8 +192,8 @@ def test_type_errors_point_at_the_problem() -> None:
     with pytest.raises(CelError) as info:
         compile_("request.method == 'GET' &&\n  request.methd == 'x'", expect="bool")
     assert str(info.value).splitlines() == [
-        "at 2:10: unknown field 'methd' on request (known: body, fragment, headers, host, id, method, partial_body, "
-        "path, protocol, query, query_all, raw_body, raw_path, scheme, size)",
+        "at 2:10: unknown field 'methd' on request (known: body, fragment, headers, host, id, method, operation, "
+        "partial_body, path, protocol, query, query_all, raw_body, raw_path, scheme, size)",
         " |   request.methd == 'x'",
         " | .........^",
     ]
@@ -249,6 +249,8 @@ def _rich_ctx() -> CheckContext:
                   source={"address": "10.0.0.1", "port": 9, "principal": "p", "labels": {"l": "v"}, "service": "s"},
                   destination={"address": "10.0.0.2", "port": 443, "principal": "d", "labels": {"m": "w"}},
                   sni="sni.h.com", context={"k": "v"}, id="rid")
+    ctx.operation = {"id": "getThing", "label": "getThing", "method": "POST", "path": "/p", "params": {"id": 7},
+                     "query": {"q": "1"}, "deprecated": False, "tags": ["things"]}  # as openapi.operation_view
     return ctx
 
 
@@ -270,8 +272,31 @@ def test_declared_types_are_what_the_accessors_give(variable: str) -> None:
                     assert type(item) is _PYTHON_TYPES[value_field.type], field.name
                 else:  # query_all: ListValue
                     assert type(item) is list and all(type(v) is str for v in item), field.name
+        elif field.message_type is not None and field.message_type.full_name == "google.protobuf.Struct":
+            assert type(value) is dict, field.name
+        elif field.message_type is not None:  # request.operation: a map with the message's fields
+            assert type(value) is dict and set(value) == set(field.message_type.fields_by_name), field.name
+            for sub in field.message_type.fields:
+                if sub.message_type is not None:
+                    assert type(value[sub.name]) is dict, (field.name, sub.name)
+                elif sub.is_repeated:
+                    assert all(type(v) is _PYTHON_TYPES[sub.type] for v in value[sub.name]), (field.name, sub.name)
+                else:
+                    assert type(value[sub.name]) is _PYTHON_TYPES[sub.type], (field.name, sub.name)
         else:
             assert type(value) is _PYTHON_TYPES[field.type], (field.name, value)
+
+
+def test_request_operation_is_what_operation_view_gives() -> None:
+    """request.operation is built by the openapi package: every declared field, of its type."""
+    from extauthz.openapi.enforce import operation_view
+    from extauthz.openapi.model import Operation
+
+    operation = Operation(method="GET", template="/t/{id}", operation_id="getT", label="getT", path_params=(),
+                          query={}, query_objects=(), headers=(), cookies={}, body=None, security=(),
+                          deprecated=True, mode="enforce", tags=("a",))
+    view = operation_view(operation, {"id": 1}, {"q": "x"})
+    assert set(view) == set(celvars_pb2.DESCRIPTOR.message_types_by_name["Operation"].fields_by_name)
 
 
 def test_every_identity_field_any_source_sets_is_declared() -> None:

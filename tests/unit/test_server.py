@@ -312,3 +312,94 @@ def test_decision_log_subject_hash_is_keyed_and_its_own(policy_dir, policy_yaml,
             tracing.shutdown()
     expected = __import__("hmac").new(b"shared-key", b"alice", "sha256").hexdigest()[:32]
     assert logged == {"kind": "jwt", "source": "", "subject_hash": expected}
+
+
+OPENAPI_POLICY = """
+match: {hosts: [shop.example.com]}
+openapi: {spec: shop.openapi.json}
+rules: [{name: documented, decision: allow}]
+"""
+SHOP_SPEC = {
+    "openapi": "3.0.3", "info": {"title": "Shop", "version": "1"}, "servers": [{"url": "/api"}],
+    "paths": {"/items/{id}": {"parameters": [{"name": "id", "in": "path", "required": True,
+                                              "schema": {"type": "integer"}}],
+                              "get": {"operationId": "getItem", "responses": {}},
+                              "delete": {"operationId": "dropItem", "deprecated": True, "responses": {}}},
+              "/items": {"get": {"operationId": "listItems", "responses": {}}}},
+}
+
+
+def test_api_inventory_endpoint_metrics_and_cli(policy_dir, policy_yaml, tmp_path: Path, capsys) -> None:
+    from extauthz.cli import main
+    from extauthz.telemetry.decision_log import DecisionLogConfig
+
+    log_file = tmp_path / "decisions.log"
+
+    async def scenario() -> None:
+        folder = policy_dir(**{"shop.yaml": policy_yaml("shop", OPENAPI_POLICY)})
+        (folder / "shop.openapi.json").write_text(json.dumps(SHOP_SPEC))
+        sc = Sidecar(Settings(policies=folder, listen=f"127.0.0.1:{_free_port()}", http_port=_free_port(),
+                              grace=1.0, decision_log=DecisionLogConfig(str(log_file), allow_sample=1.0)))
+        await sc.start()
+        try:
+            for path, method in [("/api/items/1", "GET"), ("/api/items/2", "GET"), ("/api/items/x", "GET"),
+                                 ("/api/items/3", "DELETE"), ("/api/admin/users/12", "GET"),
+                                 ("/api/admin/users/13", "POST")]:
+                await _check(sc, method=method, path=path, host="shop.example.com")
+            status, body = await _http_get(sc.settings.http_port, "/inventory")
+            assert status == 200
+            (policy,) = json.loads(body)["policies"]
+            usage = {o["operation"]: o["requests"] for o in policy["operations"]}
+            assert usage == {"getItem": 3, "dropItem": 1, "listItems": 0}
+            assert [(s["path"], s["requests"]) for s in policy["shadow"]] == [("/api/admin/users/{userId}", 2)]
+            _, metrics = await _http_get(sc.settings.http_port, "/metrics")
+            assert 'extauthz_openapi_requests_total{decision="allow",operation="getItem",policy="shop"} 2.0' in metrics
+            assert ('extauthz_openapi_violations_total{mode="enforce",operation="getItem",'
+                    'policy="shop",reason="openapi_invalid_parameter"} 1.0') in metrics
+            assert 'extauthz_openapi_shadow_requests_total{policy="shop"} 2.0' in metrics
+            assert 'extauthz_openapi_shadow_endpoints{policy="shop"} 1.0' in metrics
+            code = await asyncio.to_thread(main, ["inventory", "--url", f"127.0.0.1:{sc.settings.http_port}"])
+            assert code == 0
+        finally:
+            await sc.stop()
+
+    run(scenario())
+    text = capsys.readouterr().out
+    assert "documented and used: 2 of 3 operations" in text
+    assert "documented, never used: 1\n    GET /items  [listItems]" in text
+    assert "deprecated, still used: 1" in text
+    assert "GET,POST /api/admin/users/{userId}  2 requests, status 403" not in text
+    assert "GET,POST /api/admin/users/{userId}  2 requests, status 404: 2" in text
+    # The same report from the decision log (every allow logged here), with the policies for the spec.
+    folder = tmp_path / "policies"
+    assert main(["inventory", "--decision-log", str(log_file), "--policies", str(folder), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (policy,) = report["policies"]
+    assert {o["operation"]: o["requests"] for o in policy["operations"]} == {"getItem": 3, "dropItem": 1,
+                                                                            "listItems": 0}
+    assert report["source"]["decision_log_lines"] == 6
+    assert main(["inventory", "--decision-log", str(log_file), "--format", "openapi"]) == 0
+    skeleton = capsys.readouterr().out
+    assert "/api/admin/users/{userId}:" in skeleton and "post:" in skeleton
+
+
+def test_workers_share_their_inventory_through_files(policy_dir, policy_yaml, tmp_path: Path, monkeypatch) -> None:
+    folder = policy_dir(**{"shop.yaml": policy_yaml("shop", OPENAPI_POLICY)})
+    (folder / "shop.openapi.json").write_text(json.dumps(SHOP_SPEC))
+    shared = tmp_path / "multiproc"
+    shared.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
+
+    async def scenario() -> dict:
+        sc = Sidecar(Settings(policies=folder, listen=f"127.0.0.1:{_free_port()}", http_port=_free_port(), grace=1.0))
+        sc.load_initial()
+        sc.inventory.record("shop", "GET", "/api/items/1", "allow", 200, "jwt", {"openapi_operation": "getItem"})
+        other = sc.inventory.snapshot()  # what another worker wrote: the same counts again
+        (shared / "inventory-999999.json").write_text(json.dumps(other))
+        sc._write_inventory(sc.inventory.snapshot())
+        assert (shared / f"inventory-{os.getpid()}.json").exists()
+        return await sc.inventory_report()
+
+    report = run(scenario())
+    (policy,) = report["policies"]
+    assert {o["operation"]: o["requests"] for o in policy["operations"]}["getItem"] == 2

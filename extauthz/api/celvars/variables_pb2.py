@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$extauthz/api/celvars/variables.proto\x12\x0c\x65xtauthz.cel\x1a\x1cgoogle/protobuf/struct.proto\"\x94\x04\n\x07Request\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x10\n\x08raw_path\x18\x04 \x01(\t\x12/\n\x05query\x18\x05 \x03(\x0b\x32 .extauthz.cel.Request.QueryEntry\x12\x36\n\tquery_all\x18\x06 \x03(\x0b\x32#.extauthz.cel.Request.QueryAllEntry\x12\x33\n\x07headers\x18\x07 \x03(\x0b\x32\".extauthz.cel.Request.HeadersEntry\x12\x0c\n\x04\x62ody\x18\x08 \x01(\t\x12\x10\n\x08raw_body\x18\t \x01(\x0c\x12\n\n\x02id\x18\n \x01(\t\x12\x0e\n\x06scheme\x18\x0b \x01(\t\x12\x10\n\x08protocol\x18\x0c \x01(\t\x12\x0c\n\x04size\x18\r \x01(\x03\x12\x14\n\x0cpartial_body\x18\x0e \x01(\x08\x12\x10\n\x08\x66ragment\x18\x0f \x01(\t\x1a,\n\nQueryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aK\n\rQueryAllEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.ListValue:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd4\x01\n\x06Source\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x03\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x04 \x01(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\x12\x30\n\x06labels\x18\x06 \x03(\x0b\x32 .extauthz.cel.Source.LabelsEntry\x12\x11\n\tclient_ip\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcb\x01\n\x0b\x44\x65stination\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x03\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x04 \x01(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\x12\x35\n\x06labels\x18\x06 \x03(\x0b\x32%.extauthz.cel.Destination.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x12\n\x03Tls\x12\x0b\n\x03sni\x18\x01 \x01(\t\"X\n\x06Spiffe\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\"\xad\x02\n\x08Identity\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\'\n\x06\x63laims\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x11\n\tprincipal\x18\x06 \x01(\t\x12$\n\x06spiffe\x18\x07 \x01(\x0b\x32\x14.extauthz.cel.Spiffe\x12\x0e\n\x06issuer\x18\x08 \x01(\t\x12\x10\n\x08token_id\x18\t \x01(\t\x12\x19\n\x11\x63\x65rtificate_bound\x18\n \x01(\x08\x12\x11\n\tclient_id\x18\x0b \x01(\t\x12\x0e\n\x06key_id\x18\x0c \x01(\t\x12\r\n\x05owner\x18\r \x01(\t\x12\x11\n\tkey_owner\x18\x0e \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$extauthz/api/celvars/variables.proto\x12\x0c\x65xtauthz.cel\x1a\x1cgoogle/protobuf/struct.proto\"\xc0\x04\n\x07Request\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x10\n\x08raw_path\x18\x04 \x01(\t\x12/\n\x05query\x18\x05 \x03(\x0b\x32 .extauthz.cel.Request.QueryEntry\x12\x36\n\tquery_all\x18\x06 \x03(\x0b\x32#.extauthz.cel.Request.QueryAllEntry\x12\x33\n\x07headers\x18\x07 \x03(\x0b\x32\".extauthz.cel.Request.HeadersEntry\x12\x0c\n\x04\x62ody\x18\x08 \x01(\t\x12\x10\n\x08raw_body\x18\t \x01(\x0c\x12\n\n\x02id\x18\n \x01(\t\x12\x0e\n\x06scheme\x18\x0b \x01(\t\x12\x10\n\x08protocol\x18\x0c \x01(\t\x12\x0c\n\x04size\x18\r \x01(\x03\x12\x14\n\x0cpartial_body\x18\x0e \x01(\x08\x12\x10\n\x08\x66ragment\x18\x0f \x01(\t\x12*\n\toperation\x18\x10 \x01(\x0b\x32\x17.extauthz.cel.Operation\x1a,\n\nQueryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aK\n\rQueryAllEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.ListValue:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb7\x01\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x05query\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndeprecated\x18\x07 \x01(\x08\x12\x0c\n\x04tags\x18\x08 \x03(\t\"\xd4\x01\n\x06Source\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x03\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x04 \x01(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\x12\x30\n\x06labels\x18\x06 \x03(\x0b\x32 .extauthz.cel.Source.LabelsEntry\x12\x11\n\tclient_ip\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcb\x01\n\x0b\x44\x65stination\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x03\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x04 \x01(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\x12\x35\n\x06labels\x18\x06 \x03(\x0b\x32%.extauthz.cel.Destination.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x12\n\x03Tls\x12\x0b\n\x03sni\x18\x01 \x01(\t\"X\n\x06Spiffe\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\"\xad\x02\n\x08Identity\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\'\n\x06\x63laims\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x11\n\tprincipal\x18\x06 \x01(\t\x12$\n\x06spiffe\x18\x07 \x01(\x0b\x32\x14.extauthz.cel.Spiffe\x12\x0e\n\x06issuer\x18\x08 \x01(\t\x12\x10\n\x08token_id\x18\t \x01(\t\x12\x19\n\x11\x63\x65rtificate_bound\x18\n \x01(\x08\x12\x11\n\tclient_id\x18\x0b \x01(\t\x12\x0e\n\x06key_id\x18\x0c \x01(\t\x12\r\n\x05owner\x18\r \x01(\t\x12\x11\n\tkey_owner\x18\x0e \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,25 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESTINATION_LABELSENTRY']._loaded_options = None
   _globals['_DESTINATION_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_REQUEST']._serialized_start=85
-  _globals['_REQUEST']._serialized_end=617
-  _globals['_REQUEST_QUERYENTRY']._serialized_start=448
-  _globals['_REQUEST_QUERYENTRY']._serialized_end=492
-  _globals['_REQUEST_QUERYALLENTRY']._serialized_start=494
-  _globals['_REQUEST_QUERYALLENTRY']._serialized_end=569
-  _globals['_REQUEST_HEADERSENTRY']._serialized_start=571
-  _globals['_REQUEST_HEADERSENTRY']._serialized_end=617
-  _globals['_SOURCE']._serialized_start=620
-  _globals['_SOURCE']._serialized_end=832
-  _globals['_SOURCE_LABELSENTRY']._serialized_start=787
-  _globals['_SOURCE_LABELSENTRY']._serialized_end=832
-  _globals['_DESTINATION']._serialized_start=835
-  _globals['_DESTINATION']._serialized_end=1038
-  _globals['_DESTINATION_LABELSENTRY']._serialized_start=787
-  _globals['_DESTINATION_LABELSENTRY']._serialized_end=832
-  _globals['_TLS']._serialized_start=1040
-  _globals['_TLS']._serialized_end=1058
-  _globals['_SPIFFE']._serialized_start=1060
-  _globals['_SPIFFE']._serialized_end=1148
-  _globals['_IDENTITY']._serialized_start=1151
-  _globals['_IDENTITY']._serialized_end=1452
+  _globals['_REQUEST']._serialized_end=661
+  _globals['_REQUEST_QUERYENTRY']._serialized_start=492
+  _globals['_REQUEST_QUERYENTRY']._serialized_end=536
+  _globals['_REQUEST_QUERYALLENTRY']._serialized_start=538
+  _globals['_REQUEST_QUERYALLENTRY']._serialized_end=613
+  _globals['_REQUEST_HEADERSENTRY']._serialized_start=615
+  _globals['_REQUEST_HEADERSENTRY']._serialized_end=661
+  _globals['_OPERATION']._serialized_start=664
+  _globals['_OPERATION']._serialized_end=847
+  _globals['_SOURCE']._serialized_start=850
+  _globals['_SOURCE']._serialized_end=1062
+  _globals['_SOURCE_LABELSENTRY']._serialized_start=1017
+  _globals['_SOURCE_LABELSENTRY']._serialized_end=1062
+  _globals['_DESTINATION']._serialized_start=1065
+  _globals['_DESTINATION']._serialized_end=1268
+  _globals['_DESTINATION_LABELSENTRY']._serialized_start=1017
+  _globals['_DESTINATION_LABELSENTRY']._serialized_end=1062
+  _globals['_TLS']._serialized_start=1270
+  _globals['_TLS']._serialized_end=1288
+  _globals['_SPIFFE']._serialized_start=1290
+  _globals['_SPIFFE']._serialized_end=1378
+  _globals['_IDENTITY']._serialized_start=1381
+  _globals['_IDENTITY']._serialized_end=1682
 # @@protoc_insertion_point(module_scope)

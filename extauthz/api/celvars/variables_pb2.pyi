@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Request(_message.Message):
-    __slots__ = ("method", "host", "path", "raw_path", "query", "query_all", "headers", "body", "raw_body", "id", "scheme", "protocol", "size", "partial_body", "fragment")
+    __slots__ = ("method", "host", "path", "raw_path", "query", "query_all", "headers", "body", "raw_body", "id", "scheme", "protocol", "size", "partial_body", "fragment", "operation")
     class QueryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class Request(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_BODY_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
     method: str
     host: str
     path: str
@@ -60,7 +61,28 @@ class Request(_message.Message):
     size: int
     partial_body: bool
     fragment: str
-    def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ..., raw_path: _Optional[str] = ..., query: _Optional[_Mapping[str, str]] = ..., query_all: _Optional[_Mapping[str, _struct_pb2.ListValue]] = ..., headers: _Optional[_Mapping[str, str]] = ..., body: _Optional[str] = ..., raw_body: _Optional[bytes] = ..., id: _Optional[str] = ..., scheme: _Optional[str] = ..., protocol: _Optional[str] = ..., size: _Optional[int] = ..., partial_body: _Optional[bool] = ..., fragment: _Optional[str] = ...) -> None: ...
+    operation: Operation
+    def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ..., raw_path: _Optional[str] = ..., query: _Optional[_Mapping[str, str]] = ..., query_all: _Optional[_Mapping[str, _struct_pb2.ListValue]] = ..., headers: _Optional[_Mapping[str, str]] = ..., body: _Optional[str] = ..., raw_body: _Optional[bytes] = ..., id: _Optional[str] = ..., scheme: _Optional[str] = ..., protocol: _Optional[str] = ..., size: _Optional[int] = ..., partial_body: _Optional[bool] = ..., fragment: _Optional[str] = ..., operation: _Optional[_Union[Operation, _Mapping]] = ...) -> None: ...
+
+class Operation(_message.Message):
+    __slots__ = ("id", "label", "method", "path", "params", "query", "deprecated", "tags")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DEPRECATED_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    label: str
+    method: str
+    path: str
+    params: _struct_pb2.Struct
+    query: _struct_pb2.Struct
+    deprecated: bool
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., query: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., deprecated: _Optional[bool] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("address", "port", "principal", "certificate", "service", "labels", "client_ip")
