@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
-__all__ = ["WatchedPath", "visible_files"]
+__all__ = ["WatchedPath", "path_fingerprint", "visible_files"]
 
 log = logging.getLogger("extauthz.watched")
 
@@ -36,7 +36,9 @@ def visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
 
 
-def _fingerprint(path: Path) -> tuple:
+def path_fingerprint(path: Path) -> tuple:
+    """Changes whenever the file, or a visible file of the folder, is replaced, rewritten, added or
+    removed (real path, inode, size, mtime); an unreadable path gives ("error", errno)."""
     try:
         files = visible_files(path) if path.is_dir() else [path]
         items = []
@@ -87,7 +89,7 @@ class WatchedPath(Generic[T]):
 
     def refresh(self) -> bool:
         """Re-read if the path changed since the last look; True when a new value was installed."""
-        seen = _fingerprint(self.path)
+        seen = path_fingerprint(self.path)
         if seen == self._seen:
             return False
         self._seen = seen
