@@ -135,11 +135,13 @@ class Spec:
         return self.value is not None
 
     def child(self, key: str | int) -> Spec:
+        parent = self.value
         value = None
-        if isinstance(self.value, Mapping) and isinstance(key, str):
-            value = self.value.get(key)
-        elif isinstance(self.value, list) and isinstance(key, int):
-            value = self.value[key]
+        if type(parent) is dict or isinstance(parent, Mapping):  # YAML gives dicts: skip the ABC check
+            if isinstance(key, str):
+                value = parent.get(key)
+        elif isinstance(parent, list) and isinstance(key, int):
+            value = parent[key]
         return Spec(self.build, (*self.path, key), value)
 
     def is_mapping(self, *, allowed: Iterable[str] | None = None) -> bool:
