@@ -62,7 +62,7 @@ metadata:
   name: {name}
 spec:
   match:
-    hosts: ["{name}.example.com"]
+    hosts: ["{name}.example.com"{wildcard}]
     paths: ["/api/*"]
   rules:
     - name: no-deletes
@@ -84,9 +84,10 @@ def policy_name(i: int) -> str:
     return f"svc-{i:05d}"
 
 
-def policy_text(i: int, count: int, *, unique: bool = False, decision: str = "allow") -> str:
+def policy_text(i: int, count: int, *, unique: bool = False, wildcards: bool = False, decision: str = "allow") -> str:
     name = policy_name(i)
-    return POLICY.format(count=count, name=name, decision=decision, blocked=f"blocked-{name}" if unique else "blocked")
+    return POLICY.format(count=count, name=name, decision=decision, blocked=f"blocked-{name}" if unique else "blocked",
+                         wildcard=f', "*.{name}.example.com"' if wildcards else "")
 
 
 #: With --shadowed: a policy for every host's admin paths, which each host's own /api/* policy hides
@@ -107,13 +108,14 @@ spec:
 """
 
 
-def generate(folder: Path, count: int, *, unique: bool = False, shadowed: bool = False) -> Path:
+def generate(folder: Path, count: int, *, unique: bool = False, shadowed: bool = False,
+             wildcards: bool = False) -> Path:
     """Write ``count`` policy files into ``folder`` (created; files of another count are removed)."""
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.yaml"):
         old.unlink()
     for i in range(count):
-        (folder / f"{policy_name(i)}.yaml").write_text(policy_text(i, count, unique=unique))
+        (folder / f"{policy_name(i)}.yaml").write_text(policy_text(i, count, unique=unique, wildcards=wildcards))
     if shadowed:
         (folder / "mesh-admin.yaml").write_text(SHADOWED)
     return folder
@@ -424,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--count", type=int, default=1000)
         p.add_argument("--unique-expressions", action="store_true")
         p.add_argument("--shadowed", action="store_true", help="add a policy every host's own policy hides")
+        p.add_argument("--wildcards", action="store_true", help="each policy also claims *.its-host")
         a = p.parse_args(argv[1:])
-        generate(a.folder, a.count, unique=a.unique_expressions, shadowed=a.shadowed)
+        generate(a.folder, a.count, unique=a.unique_expressions, shadowed=a.shadowed, wildcards=a.wildcards)
         print(f"{a.count} policies in {a.folder}")
         return 0
     if argv[:1] == ["_loop"]:  # internal: one callgrind run
@@ -449,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unique-expressions", action="store_true", help="every policy has CEL of its own")
     p.add_argument("--shadowed", action="store_true",
                    help="cli: add a mesh-wide admin policy that every host's policy hides (validate warns)")
+    p.add_argument("--wildcards", action="store_true",
+                   help="cli: each policy also claims *.its-host (as many broad host routes as policies)")
     p.add_argument("--json", type=Path, help="write the results here too")
     p.add_argument("--keep", action="store_true", help="keep the work folder (sets, logs)")
     a = p.parse_args(argv)
@@ -460,14 +465,15 @@ def main(argv: list[str] | None = None) -> int:
                 "100 <= --checks <= 1000000")
     work = Path(tempfile.mkdtemp(prefix="policy-scale-"))
     results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
-                     "unique_expressions": a.unique_expressions, "shadowed": a.shadowed}  # fmt: skip
+                     "unique_expressions": a.unique_expressions, "shadowed": a.shadowed,
+                     "wildcards": a.wildcards}  # fmt: skip
     try:
         folders = {count: generate(work / f"set-{count}", count, unique=a.unique_expressions) for count in counts}
         if "cli" in only:
             cli_folders = folders
-            if a.shadowed:
-                cli_folders = {count: generate(work / f"shadowed-{count}", count, unique=a.unique_expressions,
-                                               shadowed=True) for count in counts}
+            if a.shadowed or a.wildcards:
+                cli_folders = {count: generate(work / f"cli-{count}", count, unique=a.unique_expressions,
+                                               shadowed=a.shadowed, wildcards=a.wildcards) for count in counts}
             results["cli"] = measure_cli(cli_folders, a.rounds)
             print(f"\n== extauthz validate / routes (new process; median of {a.rounds}) ==")
             print(f"{'command':<10} {'policies':>9} {'wall s':>8} {'CPU s':>7} {'lines out':>10} {'warnings':>9}")

@@ -232,6 +232,8 @@ def test_scan_lists_what_policy_files_lists(tmp_path: Path, policy_yaml) -> None
     scan = loader_module.scan_folder(folder)
     assert [s.label for s in scan] == ["a.yml", "b.yaml", "link.yaml", "mounted.yaml", "sub/c.yaml",
                                        "sub/deeper/d.yaml"]
+    os.unlink(folder / "sub" / "loop")  # policy_files would walk the cycle for ever
+    assert [s.label for s in scan] == [p.relative_to(folder).as_posix() for p in loader_module.policy_files(folder)]
     assert next(s for s in scan if s.label == "mounted.yaml").stat == ("folder",)
     assert next(s for s in scan if s.label == "link.yaml").stat[0] == str(folder / "a.yml")
     assert all(isinstance(s, FileState) for s in scan)
