@@ -4,7 +4,8 @@
 #   docker build -t extauthz:0.1.0 .
 #   docker run --rm -p 9191:9191 -p 8282:8282 extauthz:0.1.0          # serves the bundled policies/
 #
-# The image carries the repository's example policies at /etc/extauthz/policies and the key material they
+# The image carries the repository's example policies (not their PolicyTest files, which stay in the
+# repository with the test keys they sign with) at /etc/extauthz/policies and the key material they
 # name as ../examples/keys/... at /etc/extauthz/examples/keys: public DEMO keys (verification side only;
 # .dockerignore keeps private keys and scripts out), so the default command starts; the sidecar logs a
 # warning for each demo key file it loads. In production mount

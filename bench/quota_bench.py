@@ -4,6 +4,7 @@
     python bench/quota_bench.py --redis-url URL      # a Redis store (start your own redis-server)
     python bench/quota_bench.py --requests 50000 --keys 1000 --quotas 2
     python bench/quota_bench.py --redis-url URL --rate 500 --requests 15000   # added latency at 500 req/s
+    python bench/quota_bench.py --algorithm sliding-log [--redis-url URL]    # the exact sliding window
 
 The policy has ``--quotas`` quotas (a per-key one with RateLimit headers, plus keyless global ones),
 all charged on every request, keyed by ``--keys`` distinct API keys in rotation, with limits that
@@ -15,7 +16,9 @@ without the time spent waiting for Redis). With ``--concurrency N`` against Redi
 once and the per-call times include queueing. With ``--rate R`` the calls start on an open-loop
 schedule of R per second (the rate of issue 4's "added p99 at 500 req/s"), each timed from its start;
 ``--ping`` times a bare Redis PING on the same connection and schedule instead: the round-trip floor
-of the machine, to read the quota check's figures against.
+of the machine, to read the quota check's figures against. ``--algorithm sliding-log`` gives every
+quota the exact sliding window (a limit of 100,000 a second, the most a log may hold, and no burst)
+instead of GCRA, so the two are compared on the same requests.
 """
 
 from __future__ import annotations
@@ -46,12 +49,15 @@ spec:
   quotas:
     - name: per-key
       key: "request.headers['x-api-key']"
-      limit: 1000000
-      window: 1s
-      burst: 1000000000
+      {limits}
       headers: true
 {extra}
 """
+#: Limits that never refuse within a run: GCRA with a huge burst; a sliding log at its largest limit.
+LIMITS = {
+    "gcra": {"limit": 1000000, "window": "1s", "burst": 1000000000},
+    "sliding-log": {"limit": 100000, "window": "1s", "algorithm": "sliding-log"},
+}
 
 
 def _percentile(values: list[float], pct: float) -> float:
@@ -60,11 +66,11 @@ def _percentile(values: list[float], pct: float) -> float:
 
 
 async def _run(args: argparse.Namespace) -> dict[str, float]:
-    extra = "".join(
-        f"    - {{name: global-{i}, limit: 1000000, window: 1s, burst: 1000000000}}\n" for i in range(args.quotas - 1)
-    )
+    fields = [f"{name}: {value}" for name, value in LIMITS[args.algorithm].items()]
+    extra = "".join(f"    - {{name: global-{i}, {', '.join(fields)}}}\n" for i in range(args.quotas - 1))
+    per_key = "\n      ".join(fields)
     with tempfile.TemporaryDirectory() as folder:
-        Path(folder, "bench.yaml").write_text(POLICY.format(extra=extra))
+        Path(folder, "bench.yaml").write_text(POLICY.format(extra=extra, limits=per_key))
         settings = {"redis_url": args.redis_url} if args.redis_url else {}
         services = Services(settings=settings)
         policy_set = load_folder(Path(folder), services)
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=0.0,
                    help="open loop: start this many calls per second, whatever earlier ones are doing (e.g. 500)")
     p.add_argument("--rounds", type=int, default=3, help="repeat and report the median round")
+    p.add_argument("--algorithm", choices=sorted(LIMITS), default="gcra", help="the quotas' algorithm (default gcra)")
     args = p.parse_args(argv)
     if not (1 <= args.requests <= 1_000_000 and 1 <= args.keys <= 100_000 and 1 <= args.quotas <= 10
             and 1 <= args.concurrency <= 256 and 1 <= args.rounds <= 10 and 0 <= args.rate <= 20_000):  # fmt: skip
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         run = asyncio.run
     rounds = [run(_run(args)) for _ in range(args.rounds)]
     median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    print(f"{'PING (the floor)' if args.ping else 'quota check'}, {store} store, {args.quotas} quota(s), {args.keys} keys, {args.requests} calls x "
+    print(f"{'PING (the floor)' if args.ping else 'quota check'}, {store} store, {args.quotas} {args.algorithm} quota(s), {args.keys} keys, {args.requests} calls x "
           f"{args.rounds} rounds, " + (f"open loop at {args.rate:g}/s" if args.rate else f"concurrency {args.concurrency}"))
     for i, r in enumerate(rounds, 1):
         print(f"  round {i}: p50 {r['p50']:7.1f} us  p90 {r['p90']:7.1f} us  p99 {r['p99']:7.1f} us  "

@@ -116,6 +116,9 @@ SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
     "layers-one": SidecarScenario(
         "orders.yaml + a mesh-wide layer: CIDR denylist and one rule (bench/layer_scenario.py)",
         setup=lambda workdir: __import__("layer_scenario").layer_setup(workdir, "one")),
+    "inspect": SidecarScenario("orders-api + payload inspection (inspect: {}), POST with a 1 KB JSON body "
+                               "(bench/inspect_scenario.py)",
+                               setup=lambda workdir: __import__("inspect_scenario").inspect_setup(workdir)),
 }
 
 DIRECT, ALLOW_ALL = "direct", "allow-all"

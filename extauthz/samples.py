@@ -13,15 +13,17 @@ from urllib.parse import quote
 
 from extauthz.api.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
-__all__ = ["SampleError", "check_request_from_sample"]
+__all__ = ["PEER_FIELDS", "REQUEST_FIELDS", "SampleError", "check_request_from_sample"]
 
-_FIELDS = {
+#: The fields of a request file (docs/policy.md, "Request files").
+REQUEST_FIELDS = frozenset({
     "method", "host", "path", "headers", "body", "body_base64", "partial_body", "source", "destination",
     "sni", "context", "id", "scheme", "protocol",
-}
+})
 #: ``source.address`` of a sample request that names no source.
 DEFAULT_SOURCE_ADDRESS = "127.0.0.1"
-_PEER_FIELDS = {"address", "port", "principal", "certificate", "service", "labels"}
+#: The fields of ``source`` and ``destination``.
+PEER_FIELDS = frozenset({"address", "port", "principal", "certificate", "service", "labels"})
 
 
 class SampleError(ValueError):
@@ -31,7 +33,7 @@ class SampleError(ValueError):
 def _peer(data: Any, target: attribute_context_pb2.AttributeContext.Peer, where: str) -> None:
     if not isinstance(data, Mapping):
         raise SampleError(f"{where} must be a mapping")
-    unknown = set(data) - _PEER_FIELDS
+    unknown = set(data) - PEER_FIELDS
     if unknown:
         raise SampleError(f"{where}: unknown fields {sorted(unknown)}")
     if "address" in data:
@@ -49,9 +51,9 @@ def _peer(data: Any, target: attribute_context_pb2.AttributeContext.Peer, where:
 def check_request_from_sample(sample: Mapping[str, Any]) -> external_auth_pb2.CheckRequest:
     if not isinstance(sample, Mapping):
         raise SampleError("request must be a mapping")
-    unknown = set(sample) - _FIELDS
+    unknown = set(sample) - REQUEST_FIELDS
     if unknown:
-        raise SampleError(f"unknown request fields {sorted(unknown)} (known: {sorted(_FIELDS)})")
+        raise SampleError(f"unknown request fields {sorted(unknown)} (known: {sorted(REQUEST_FIELDS)})")
     message = external_auth_pb2.CheckRequest()
     attrs = message.attributes
     http = attrs.request.http

@@ -179,7 +179,7 @@ class Sidecar:
         if self.tracing is not None:
             self.authorizer.tracer = self.tracing
         self.decision_log: DecisionLog | None = None
-        if settings.decision_log is not None and settings.decision_log.enabled:
+        if settings.decision_log is not None and settings.decision_log.active:
             # The log's own subject mode (--decision-log-subject) with the spans' key, so a hash in a
             # log line is the one in the request's span; without tracing, the key from the environment.
             key = self.tracing.subjects.key if self.tracing is not None else subject_hash_key(os.environ)

@@ -82,3 +82,36 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 def redis_server(redis_factory: Callable[..., Any]) -> Any:
     """One real redis-server for this test (``.url``, ``.port``, ``.kill()``, ``.start()``, ``.client()``)."""
     return redis_factory()
+
+
+def _children(pid: int) -> set[int]:
+    """Pids whose parent is ``pid``, from /proc (Linux)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # after "(command)": the state, then the ppid
+                found.add(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def processes() -> Any:
+    """``processes.children(pid)`` (the pids of its children) and ``processes.running(pid)``, from /proc;
+    skips the test where there is no /proc."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc (Linux)")
+    from types import SimpleNamespace
+
+    return SimpleNamespace(children=_children, running=_running)

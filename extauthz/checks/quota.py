@@ -1,11 +1,13 @@
 """Quotas: per-identity, per-client or global rate limits, charged after the rules allowed a request.
 
 Each quota of ``spec.quotas`` names a counter (``key``, CEL; none means one counter for everyone),
-a sustained rate (``limit`` per ``window``) and a ``burst``. The algorithm is GCRA, a token bucket
-kept as one timestamp per counter (see :mod:`extauthz.stores`): it admits up to ``burst`` requests
-at once, then one every ``window / limit``. Unlike a fixed window it has no boundary where twice
-the limit gets through at once; unlike a sliding log it needs one number per counter, so it fits
-millions of clients in Redis and charges all the quotas of a request in one atomic script.
+a sustained rate (``limit`` per ``window``) and a ``burst``. The algorithm is GCRA by default, a
+token bucket kept as one timestamp per counter (see :mod:`extauthz.stores`): it admits up to
+``burst`` requests at once, then one every ``window / limit``. Unlike a fixed window it has no
+boundary where twice the limit gets through at once; unlike a sliding log it needs one number per
+counter, so it fits millions of clients in Redis and charges all the quotas of a request in one
+atomic script. ``algorithm: sliding-log`` keeps the time of every admitted request instead, for
+quotas that must never admit more than ``limit`` within any window (a contract's "3 per minute").
 
 Every quota whose ``when`` holds is charged, all or nothing: the request is admitted only if every
 enforced quota has room (then all are charged), otherwise it is refused with 429 and nothing is
@@ -28,14 +30,29 @@ from extauthz.cel import BOOL, INTEGER, KEY, CelError, Expression
 from extauthz.checks import Phase, register
 from extauthz.context import CheckContext, Denial
 from extauthz.policy.build import BuildContext, Spec
-from extauthz.stores import Charge, ChargeResult, Store, StoreConfigError, StoreError, local_store, store_for
+from extauthz.stores import (
+    GCRA,
+    SLIDING_LOG,
+    Charge,
+    ChargeResult,
+    Store,
+    StoreConfigError,
+    StoreError,
+    local_store,
+    store_for,
+)
 from extauthz.stores.memory import MemoryStore
 
 __all__ = ["MAX_KEY_BYTES", "Quota", "QuotaCheck"]
 
 log = logging.getLogger("extauthz.quota")
 
-_FIELDS = {"name", "key", "limit", "window", "burst", "when", "cost", "mode", "onStoreError", "headers"}
+_FIELDS = {"name", "key", "limit", "window", "burst", "when", "cost", "mode", "onStoreError", "headers", "algorithm"}
+#: ``algorithm``: GCRA (the default, one number per counter) or an exact sliding window kept as a log.
+_ALGORITHMS = ("gcra", "sliding-log")
+#: A sliding log holds one entry per admitted request in the window: its limit is bounded so that
+#: one key's log stays small (about 25 bytes an entry in Redis, some 80 in process).
+MAX_SLIDING_LIMIT = 100_000
 _NAME = re.compile(r"[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?")
 #: A key value longer than this is a policy mistake (keying on a body?): 503, never a new counter.
 MAX_KEY_BYTES = 4096
@@ -75,6 +92,8 @@ class Quota:
     advertised: int
     #: The store key of the keyless (global) counter.
     fixed_key: str
+    #: GCRA or SLIDING_LOG (extauthz.stores): how the counter is kept.
+    kind: int = GCRA
 
 
 class _Applied(NamedTuple):
@@ -211,7 +230,7 @@ class QuotaCheck:
             cost = _evaluate(quota.cost, ctx, "cost")
             if type(cost) is not int or not 0 <= cost <= MAX_COST:
                 raise _QuotaInputError(f"cost must be an integer between 0 and {MAX_COST}, got {_kind(cost)}")
-        return _Applied(quota, Charge(key, quota.interval_us, quota.burst, cost, quota.enforce), digest)
+        return _Applied(quota, Charge(key, quota.interval_us, quota.burst, cost, quota.enforce, quota.kind), digest)
 
     def _digest(self, value: Any) -> str:
         if type(value) is not str:
@@ -391,14 +410,22 @@ def _quota_from_spec(item: Spec, build: BuildContext) -> Quota | None:
             cost_node.error(f"must be between 0 and {MAX_COST}")
     elif cost_node.present:
         cost = item.cel("cost", expect=INTEGER)
-    limit = item.int("limit", required=True, min=1, max=_MAX_LIMIT)
+    algorithm = item.str("algorithm", "gcra", choices=_ALGORITHMS)
+    sliding = algorithm == "sliding-log"
+    limit = item.int("limit", required=True, min=1, max=MAX_SLIDING_LIMIT if sliding else _MAX_LIMIT)
     window = item.duration("window", required=True)
     burst = item.int("burst", min=1, max=_MAX_LIMIT)
+    if sliding and burst is not None:
+        item.error("applies to algorithm gcra only: a sliding log admits at most limit in any window", "burst")
     mode = item.str("mode", "enforce", choices=("enforce", "shadow"))
     on_store_error = item.str("onStoreError", "deny", choices=("deny", "allow", "local"))
     headers = item.bool("headers", False)
     interval_us = 1
-    if isinstance(limit, int) and isinstance(window, float):
+    if sliding and isinstance(limit, int) and isinstance(window, float):
+        if not 0.001 <= window <= _MAX_WINDOW:
+            item.error("must be at least 1ms and at most 366d", "window")
+        interval_us = math.ceil(window * 1e6)  # a sliding log's counter reads the whole window
+    elif isinstance(limit, int) and isinstance(window, float):
         if not 0 < window <= _MAX_WINDOW:
             item.error("must be more than 0 and at most 366d", "window")
         else:
@@ -409,11 +436,12 @@ def _quota_from_spec(item: Spec, build: BuildContext) -> Quota | None:
                 item.error("burst x window / limit must be at most 1157 days", "burst")
     if len(build.errors) != before:
         return None
-    key_prefix = f"q:{build.policy_name}:{name}:"
+    # A sliding log is another kind of counter: switching a quota's algorithm starts it afresh.
+    key_prefix = f"q:{build.policy_name}:{name}:" + ("log:" if sliding else "")
     advertised, seconds = _advertised(limit, window)
     return Quota(
         name=name, key=key, when=when, cost=cost, fixed_cost=fixed_cost, limit=limit, window=window,
         burst=burst or limit, interval_us=interval_us, enforce=mode == "enforce", on_store_error=on_store_error,
         headers=bool(headers), key_prefix=key_prefix, policy_item=f'"{name}";q={advertised};w={seconds}',
-        advertised=advertised, fixed_key=key_prefix + "{global}",
+        advertised=advertised, fixed_key=key_prefix + "{global}", kind=SLIDING_LOG if sliding else GCRA,
     )  # fmt: skip

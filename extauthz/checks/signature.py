@@ -18,10 +18,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from extauthz import clock
 from extauthz.cel import BOOL, STRING, CelError, Expression
 from extauthz.checks import Phase, register
 from extauthz.context import CheckContext, Denial
@@ -105,7 +105,7 @@ class SignatureCheck:
         self.key_owner = key_owner
         # Only a shared (network) nonce store makes this check wait; the in-process one never does.
         self.may_wait = reject_replays and not isinstance(store, MemoryStore)
-        self.clock: Callable[[], float] = time.time
+        self.clock: Callable[[], float] = clock.wall
         if requirements is not None:
             self._challenge = {body: self._challenge_headers(requirements, body) for body in (False, True)}
 
@@ -314,6 +314,12 @@ def _webhook_from_spec(spec: Spec) -> tuple[WebhookScheme | None, bool]:
     return WebhookScheme(preset, header, tolerance), reject_replays
 
 
+#: Covered by every accepted signature when a policy names no ``components``: a signature over
+#: nothing but its own parameters would verify on any request, so the default binds it to the
+#: request's method and target (RFC 9421 7.2.1).
+DEFAULT_COMPONENTS = ("@method", "@authority", "@path")
+
+
 def _components(spec: Spec, key: str, default: list[str] | None = None) -> tuple[Item, ...]:
     node = spec.child(key)
     if key == "bodyComponents":
@@ -367,7 +373,7 @@ def _requirements_from_spec(spec: Spec) -> Requirements:
     max_age = spec.duration("maxAge", 300.0)
     skew = spec.duration("clockSkew", 30.0)
     return Requirements(
-        components=_components(spec, "components"),
+        components=_components(spec, "components", list(DEFAULT_COMPONENTS)),
         body_components=_components(spec, "bodyComponents", ["content-digest"]),
         max_age=max_age if max_age is not None else 300.0,
         clock_skew=skew if skew is not None else 30.0,

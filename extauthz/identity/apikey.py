@@ -23,11 +23,11 @@ import hashlib
 import hmac
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from extauthz import clock
 from extauthz.context import CheckContext
 from extauthz.identity import Identity, Rejected, make_identity, source_kind
 from extauthz.identity.credentials import CredentialLocation, extract_first, locations_from_spec
@@ -179,7 +179,7 @@ class ApiKeySource:
         record = table.by_digest.get(digest)
         if record is None or not hmac.compare_digest(record.digest, digest):
             raise Rejected("unknown_api_key", "API key is not valid")
-        if record.expires is not None and time.time() > record.expires:
+        if record.expires is not None and clock.wall() > record.expires:
             raise Rejected("api_key_expired", "API key has expired")
         if self.revocation is not None and await self.revocation.is_revoked(record.id):
             raise Rejected("api_key_revoked", "API key has been revoked")

@@ -7,8 +7,9 @@ first, then the oldest tenth: a flood of distinct tokens can slow the cache down
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Generic, TypeVar
+
+from extauthz import clock
 
 __all__ = ["ExpiringCache", "credential_digest"]
 
@@ -34,13 +35,13 @@ class ExpiringCache(Generic[V]):
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry[0] <= (time.time() if now is None else now):
+        if entry[0] <= (clock.wall() if now is None else now):
             self._entries.pop(key, None)
             return None
         return entry[1]
 
     def put(self, key: bytes, value: V, expires_at: float, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+        now = clock.wall() if now is None else now
         if expires_at <= now:
             return
         entries = self._entries

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
 
+from extauthz import clock
 from extauthz.context import CheckContext
 from extauthz.identity import Rejected
 
@@ -125,7 +126,7 @@ class TrustBundle:
             return self._verified[key]
         # Verify at a moment inside the certificate's window: expiry is the caller's separate check.
         moment = datetime.datetime.fromtimestamp(
-            min(max(peer.not_before + 1, datetime.datetime.now(datetime.UTC).timestamp()), peer.not_after - 1),
+            min(max(peer.not_before + 1, clock.wall()), peer.not_after - 1),
             datetime.UTC,
         )
         verifier = (

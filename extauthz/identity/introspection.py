@@ -18,6 +18,7 @@ import time
 from typing import Any, TypeGuard
 from urllib.parse import quote
 
+from extauthz import clock
 from extauthz.context import CheckContext
 from extauthz.identity import Identity, Rejected, make_identity, source_kind, unavailable
 from extauthz.identity.cache import ExpiringCache, credential_digest
@@ -112,7 +113,7 @@ class IntrospectionSource:
         if isinstance(result, Rejected):
             raise result.again()
         identity, thumbprint = result
-        if time.time() > identity["claims"].get("exp", math.inf):
+        if clock.wall() > identity["claims"].get("exp", math.inf):
             raise Rejected("token_expired", "token has expired")
         if thumbprint is not None:
             check_binding(ctx, thumbprint)
@@ -138,22 +139,22 @@ class IntrospectionSource:
         else:
             form.update(client_id=self.client_id, client_secret=secret)
         self.calls += 1
-        started = time.time()
-        clock = time.monotonic()
+        started = clock.wall()
+        began = time.monotonic()
         try:
             response = await self.http.request_json("POST", self.endpoint, max_bytes=_MAX_RESPONSE, data=form,
                                                     auth=auth, timeout=self.timeout)
         except FetchError as exc:
-            introspection_request("error", time.monotonic() - clock)
+            introspection_request("error", time.monotonic() - began)
             log.warning("introspection %s: endpoint failed: %s", self.name, exc)
             raise unavailable("introspection_unavailable", "token cannot be checked now") from None
-        introspection_request("active" if response.get("active") is True else "inactive", time.monotonic() - clock)
+        introspection_request("active" if response.get("active") is True else "inactive", time.monotonic() - began)
         result = self._interpret(response, started)
         if isinstance(result, Rejected):
-            self.cache.put(digest, result, time.time() + self.inactive_cache_duration)
+            self.cache.put(digest, result, clock.wall() + self.inactive_cache_duration)
         else:
             exp = result[0]["claims"].get("exp")
-            until = time.time() + self.cache_duration
+            until = clock.wall() + self.cache_duration
             if _number(exp):
                 until = min(until, float(exp))
             self.cache.put(digest, result, until)

@@ -25,13 +25,13 @@ import json
 import logging
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import jwt as pyjwt
 
+from extauthz import clock
 from extauthz.context import CheckContext
 from extauthz.identity import Identity, Rejected, make_identity, source_kind, unavailable
 from extauthz.identity.cache import ExpiringCache, credential_digest
@@ -153,7 +153,7 @@ class JwtSource:
         token, location = found
         if len(token) > self.max_token_bytes:
             raise _rejected("token_too_large", "token is larger than allowed")
-        now = time.time()
+        now = clock.wall()
         digest = credential_digest(token)
         entry = self.cache.get(digest, now) if self.cache is not None else None
         if entry is None or entry.generation != self._generation():

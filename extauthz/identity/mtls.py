@@ -13,10 +13,10 @@ strictly (trust domain and path), with Istio's ``/ns/<namespace>/sa/<service-acc
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
+from extauthz import clock
 from extauthz.context import CheckContext
 from extauthz.identity import Identity, Rejected, make_identity, source_kind
 from extauthz.identity.certs import CertificateError, TrustBundle, load_bundle, peer_certificate
@@ -119,7 +119,7 @@ class MtlsSource:
                 cert = peer_certificate(peer.certificate)
             except CertificateError:
                 raise Rejected("certificate_unparseable", "client certificate cannot be parsed") from None
-            now = time.time()
+            now = clock.wall()
             if now < cert.not_before:
                 raise Rejected("certificate_not_yet_valid", "client certificate is not valid yet")
             if now > cert.not_after:

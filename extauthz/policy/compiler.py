@@ -350,6 +350,11 @@ def compile_documents(
         doc = by_policy[b.target.name]
         message = f"ties with policy {a.target.name!r} ({a.describe()}): make one more specific"
         errors.append(doc.error(("spec", "match"), message))
+    check_tests = services.settings.get("check_tests")
+    if check_tests is not None and tests:
+        # The command line checks PolicyTest documents as fully as policies (extauthz.policytest);
+        # the sidecar leaves them alone: their key files are test material, not deployed.
+        errors.extend(check_tests(tests, folder))
     if errors:
         raise PolicySetError(errors)
     layers = tuple(sorted((p for p in policies if p.layer), key=lambda p: (p.order, p.name)))

@@ -4,12 +4,20 @@ Every store implements :class:`Store`. The in-memory store is exact for one proc
 store is shared by every replica. Checks get the configured store with :func:`store_for`, so a
 policy never names a backend: the operator chooses one for the whole sidecar (``--redis-url``).
 
-Quota counters use GCRA (the generic cell rate algorithm, a token bucket kept as one number per
-key: the "theoretical arrival time", TAT). A charge of ``cost`` units against a bucket that refills
-one unit every ``interval_us`` and holds at most ``burst`` units succeeds when
+Quota counters use GCRA by default (the generic cell rate algorithm, a token bucket kept as one
+number per key: the "theoretical arrival time", TAT). A charge of ``cost`` units against a bucket
+that refills one unit every ``interval_us`` and holds at most ``burst`` units succeeds when
 ``max(TAT, now) + cost * interval_us - burst * interval_us <= now``, and then moves the TAT to
-``max(TAT, now) + cost * interval_us``. Both stores implement exactly this arithmetic, in integer
-microseconds, so a policy behaves the same on either.
+``max(TAT, now) + cost * interval_us``.
+
+A quota may instead use a sliding log (``algorithm: sliding-log``): every admitted charge is kept
+with its time, and a charge of ``cost`` succeeds when the units admitted in the last window (the
+entries with ``now - time <= window``) plus ``cost`` are at most ``limit``. No interval of one
+window's length ever holds more than ``limit`` units, at the price of one entry per admitted request
+instead of one number per key.
+
+Both stores implement exactly this arithmetic, in integer microseconds, so a policy behaves the same
+on either.
 """
 
 from __future__ import annotations
@@ -19,7 +27,22 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 from extauthz.policy.build import Services
 
-__all__ = ["Charge", "ChargeResult", "Store", "StoreConfigError", "StoreError", "local_store", "store_for"]
+__all__ = [
+    "GCRA",
+    "SLIDING_LOG",
+    "Charge",
+    "ChargeResult",
+    "Store",
+    "StoreConfigError",
+    "StoreError",
+    "local_store",
+    "store_for",
+]
+
+#: ``Charge.kind``: the counter is a GCRA bucket (one number).
+GCRA = 0
+#: ``Charge.kind``: the counter is a sliding log (one entry per admitted charge).
+SLIDING_LOG = 1
 
 
 class StoreError(Exception):
@@ -39,19 +62,22 @@ class Charge(NamedTuple):
 
     #: The store key: namespaced, bounded and free of client-chosen bytes (the quota check hashes).
     key: str
-    #: Microseconds for one unit to come back (window / limit); at least 1.
+    #: GCRA: microseconds for one unit to come back (window / limit); at least 1.
+    #: Sliding log: the window, in microseconds.
     interval_us: int
-    #: Units the bucket holds: what an idle client may spend at once.
+    #: GCRA: units the bucket holds, what an idle client may spend at once. Sliding log: the limit.
     burst: int
     #: Units this request costs; 0 only reads the state.
     cost: int
     #: False for shadow quotas: reported, charged when there is room, but never refusing the others.
     enforce: bool = True
+    #: GCRA or SLIDING_LOG.
+    kind: int = GCRA
 
     @property
     def spec(self) -> str:
         """The numbers as the Redis script reads them."""
-        return f"{self.interval_us} {self.burst} {self.cost} {1 if self.enforce else 0}"
+        return f"{self.interval_us} {self.burst} {self.cost} {1 if self.enforce else 0} {self.kind}"
 
 
 class ChargeResult(NamedTuple):

@@ -77,70 +77,149 @@ from redis.crc import key_slot
 from redis.credentials import CredentialProvider
 
 from extauthz.policy.build import parse_duration
-from extauthz.stores import Charge, ChargeResult, StoreConfigError, StoreError
+from extauthz.stores import SLIDING_LOG, Charge, ChargeResult, StoreConfigError, StoreError
 
 __all__ = ["CHARGE_SCRIPT", "RedisSettings", "RedisStore", "parse_redis_url"]
 
 log = logging.getLogger("extauthz.stores.redis")
 
-#: GCRA over every counter of one request, all or nothing (see extauthz.stores and memory.gcra_step).
-#: KEYS: the counters. ARGV[1]: for each counter "interval_us burst cost enforce(1/0)", space-separated.
-#: Returns one string of integers: admitted, then per counter had_room, remaining, retry_us, reset_us
-#: (one bulk reply parses far faster than a nested array, and this runs for every request).
+#: Every counter of one request, all or nothing (see extauthz.stores, memory.gcra_step and
+#: memory.sliding_log_step). KEYS: the counters. ARGV[1]: for each counter "a b cost enforce(1/0) kind",
+#: space-separated: GCRA (kind 0) has a = interval_us, b = burst; a sliding log (kind 1) a = window_us,
+#: b = limit. A GCRA counter is a string (the TAT). A sliding log is a list of "time before cost"
+#: entries, oldest first, where "before" is the units the counter admitted before that entry (a
+#: running sum: the units in the window are the last entry's before + cost minus the first's before).
+#: An entry counts while now - time < window; times never go backwards within a list. Every step is
+#: a binary search (LINDEX) or an append, so a request after a burst costs what any other does: the
+#: entries that left the window go in one LTRIM.
+#: Returns one string of integers: admitted, now (Redis's clock, microseconds), then per counter
+#: had_room, remaining, retry_us, reset_us, mark (a sliding-log entry added: its "before", which
+#: identifies it for a Cluster refund; else -1). One bulk reply parses far faster than a nested
+#: array, and this runs for every request.
 CHARGE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local spec = {}
 for v in string.gmatch(ARGV[1], '%S+') do spec[#spec + 1] = tonumber(v) end
 local n = #KEYS
-local base, newtat, room = {}, {}, {}
+local base, newtat, room, first, last = {}, {}, {}, {}, {}
 local admitted = true
 for i = 1, n do
-  local j = (i - 1) * 4
-  local interval, burst, cost = spec[j + 1], spec[j + 2], spec[j + 3]
-  local tat = tonumber(redis.call('GET', KEYS[i])) or 0
-  if tat < now then tat = now end
-  base[i] = tat
-  newtat[i] = tat + cost * interval
-  room[i] = newtat[i] - burst * interval <= now
+  local j = (i - 1) * 5
+  local a, b, cost = spec[j + 1], spec[j + 2], spec[j + 3]
+  if spec[j + 5] == 1 then
+    local key = KEYS[i]
+    local total = 0
+    local head = redis.call('LINDEX', key, 0)
+    if head and tonumber(string.match(head, '^(%d+)')) <= now - a then
+      local lo, hi = 1, redis.call('LLEN', key)
+      while lo < hi do
+        local mid = math.floor((lo + hi) / 2)
+        local at = tonumber(string.match(redis.call('LINDEX', key, mid), '^(%d+)'))
+        if at <= now - a then lo = mid + 1 else hi = mid end
+      end
+      redis.call('LTRIM', key, lo, -1)
+      head = redis.call('LINDEX', key, 0)
+    end
+    if head then
+      local lt, lb, lc = string.match(redis.call('LINDEX', key, -1), '^(%d+) (%d+) (%d+)')
+      first[i] = tonumber(string.match(head, '^%d+ (%d+)'))
+      last[i] = {tonumber(lt), tonumber(lb) + tonumber(lc)}
+      total = last[i][2] - first[i]
+    end
+    base[i] = total
+    room[i] = total + cost <= b
+  else
+    local tat = tonumber(redis.call('GET', KEYS[i])) or 0
+    if tat < now then tat = now end
+    base[i] = tat
+    newtat[i] = tat + cost * a
+    room[i] = newtat[i] - b * a <= now
+  end
   if not room[i] and spec[j + 4] == 1 then admitted = false end
 end
-local out = {admitted and 1 or 0}
+local out = {admitted and 1 or 0, string.format('%d', now)}
 for i = 1, n do
-  local j = (i - 1) * 4
-  local interval, burst, cost = spec[j + 1], spec[j + 2], spec[j + 3]
-  local allow_at = newtat[i] - burst * interval
-  local had_room, remaining, retry, reset
-  if room[i] and admitted then
-    if cost > 0 then
-      redis.call('SET', KEYS[i], string.format('%d', newtat[i]), 'PX', math.floor((newtat[i] - now) / 1000) + 1)
+  local j = (i - 1) * 5
+  local a, b, cost = spec[j + 1], spec[j + 2], spec[j + 3]
+  local had_room, remaining, retry, reset, mark = 1, 0, 0, 0, -1
+  if spec[j + 5] == 1 then
+    local key, total = KEYS[i], base[i]
+    if last[i] then reset = last[i][1] + a - now end
+    if not room[i] then
+      had_room, remaining = 0, math.max(0, b - total)
+      local target, lo, hi = first[i] + total + cost - b, 0, redis.call('LLEN', key) - 1
+      while lo < hi do
+        local mid = math.floor((lo + hi) / 2)
+        local _, mb, mc = string.match(redis.call('LINDEX', key, mid), '^(%d+) (%d+) (%d+)')
+        if tonumber(mb) + tonumber(mc) >= target then hi = mid else lo = mid + 1 end
+      end
+      retry = tonumber(string.match(redis.call('LINDEX', key, lo), '^(%d+)')) + a - now
+    elseif admitted then
+      remaining = b - total - cost
+      if cost > 0 then
+        local at, before = now, 0
+        if last[i] then at, before = math.max(now, last[i][1]), last[i][2] end
+        redis.call('RPUSH', key, string.format('%d %d %d', at, before, cost))
+        redis.call('PEXPIRE', key, math.floor((at + a - now) / 1000) + 1)
+        reset, mark = at + a - now, before
+      end
+    else
+      remaining = b - total
     end
-    had_room, remaining, retry, reset = 1, math.floor((now - allow_at) / interval), 0, newtat[i] - now
-  elseif room[i] then
-    had_room, remaining, retry, reset = 1, math.floor((now - allow_at) / interval) + cost, 0, base[i] - now
   else
-    had_room = 0
-    remaining = math.max(0, math.floor((now - (base[i] - burst * interval)) / interval))
-    retry, reset = allow_at - now, base[i] - now
+    local allow_at = newtat[i] - b * a
+    if room[i] and admitted then
+      if cost > 0 then
+        redis.call('SET', KEYS[i], string.format('%d', newtat[i]), 'PX', math.floor((newtat[i] - now) / 1000) + 1)
+      end
+      remaining, reset = math.floor((now - allow_at) / a), newtat[i] - now
+    elseif room[i] then
+      remaining, reset = math.floor((now - allow_at) / a) + cost, base[i] - now
+    else
+      had_room = 0
+      remaining = math.max(0, math.floor((now - (base[i] - b * a)) / a))
+      retry, reset = allow_at - now, base[i] - now
+    end
   end
-  out[#out + 1] = string.format('%d %d %d %d', had_room, remaining, retry, reset)
+  out[#out + 1] = string.format('%d %d %d %d %d', had_room, remaining, retry, reset, mark)
 end
 return table.concat(out, ' ')
 """
 
 #: Undo charges (Cluster only: a request refused in one slot after another slot charged it).
-#: KEYS: counters. ARGV: microseconds to give back to each.
+#: KEYS: counters. ARGV: per counter "g <microseconds to give back>" (GCRA) or "s <mark> <cost>" (the
+#: sliding-log entry the charge added, by its "before": it becomes a zero-cost entry, and the entries
+#: added since give the cost back too; an entry already gone has nothing to give back).
 REFUND_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 for i = 1, #KEYS do
-  local tat = tonumber(redis.call('GET', KEYS[i]))
-  if tat then
-    local back = tat - tonumber(ARGV[i])
-    if back <= now then
-      redis.call('DEL', KEYS[i])
-    else
-      redis.call('SET', KEYS[i], string.format('%d', back), 'PX', math.floor((back - now) / 1000) + 1)
+  local kind, x, y = string.match(ARGV[i], '^(%a) (%d+) ?(%d*)$')
+  if kind == 's' then
+    local mark, cost, n = tonumber(x), tonumber(y), redis.call('LLEN', KEYS[i])
+    for k = -1, -math.min(n, 1024), -1 do
+      local at, before, c = string.match(redis.call('LINDEX', KEYS[i], k), '^(%d+) (%d+) (%d+)')
+      before = tonumber(before)
+      if before < mark then break end
+      if before == mark then
+        redis.call('LSET', KEYS[i], k, string.format('%s %d 0', at, before))
+        for m = k + 1, -1 do
+          local a2, b2, c2 = string.match(redis.call('LINDEX', KEYS[i], m), '^(%d+) (%d+) (%d+)')
+          redis.call('LSET', KEYS[i], m, string.format('%s %d %s', a2, tonumber(b2) - cost, c2))
+        end
+        break
+      end
+    end
+  elseif kind == 'g' then
+    local tat = tonumber(redis.call('GET', KEYS[i]))
+    if tat then
+      local back = tat - tonumber(x)
+      if back <= now then
+        redis.call('DEL', KEYS[i])
+      else
+        redis.call('SET', KEYS[i], string.format('%d', back), 'PX', math.floor((back - now) / 1000) + 1)
+      end
     end
   end
 end
@@ -1044,39 +1123,39 @@ class RedisStore:
         if not charges:
             return []
         if not self.cluster:
-            return (await self._charge_group(list(range(len(charges))), charges))[1]
+            return (await self._charge_group(list(range(len(charges))), charges))[2]
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(charges):
             groups.setdefault(key_slot(c.key.encode()), []).append(i)
         if len(groups) == 1:
-            return (await self._charge_group(list(range(len(charges))), charges))[1]
+            return (await self._charge_group(list(range(len(charges))), charges))[2]
         # Every slot's outcome, failures included: a slot that charged must be refunded if another failed.
         outcomes = await asyncio.gather(
             *(self._charge_group(idx, charges) for idx in groups.values()), return_exceptions=True
         )
         failure: BaseException | None = None
-        done: list[tuple[list[int], bool, list[ChargeResult]]] = []
+        done: list[tuple[list[int], bool, list[int], list[ChargeResult]]] = []
         for outcome, idx in zip(outcomes, groups.values(), strict=True):
             if isinstance(outcome, BaseException):
                 failure = failure or outcome
             else:
                 done.append((idx, *outcome))
         # Refused by one slot, or failed in one: the slots that admitted and charged give it back.
-        refused = not all(ok for _, ok, _ in done)
+        refused = not all(ok for _, ok, _, _ in done)
         admitted = failure is None and not refused
         results: list[ChargeResult | None] = [None] * len(charges)
-        refunds: list[tuple[str, int]] = []
-        for idx, ok, group_results in done:
-            for i, result in zip(idx, group_results, strict=True):
+        refunds: list[tuple[str, str]] = []
+        for idx, ok, marks, group_results in done:
+            for i, result, mark in zip(idx, group_results, marks, strict=True):
                 c = charges[i]
                 if not admitted and ok and result.allowed and c.cost:
-                    refunds.append((self._key_prefix + c.key, c.cost * c.interval_us))
-                    result = ChargeResult(
-                        True,
-                        result.remaining + c.cost,
-                        0.0,
-                        max(0.0, result.reset_after - c.cost * c.interval_us / 1e6),
-                    )
+                    if c.kind == SLIDING_LOG:  # the entry this charge added
+                        refunds.append((self._key_prefix + c.key, f"s {mark} {c.cost}"))
+                        reset = result.reset_after
+                    else:
+                        refunds.append((self._key_prefix + c.key, f"g {c.cost * c.interval_us}"))
+                        reset = max(0.0, result.reset_after - c.cost * c.interval_us / 1e6)
+                    result = ChargeResult(True, result.remaining + c.cost, 0.0, reset)
                 results[i] = result
         if refunds:
             # In the background: the caller's time went to the charge, and the answer does not
@@ -1092,7 +1171,7 @@ class RedisStore:
             raise failure  # as a single slot's failure would
         return results  # admitted: every slot answered
 
-    async def _refund(self, refunds: list[tuple[str, int]]) -> None:
+    async def _refund(self, refunds: list[tuple[str, str]]) -> None:
         """Give back charges (Cluster: other slots refused or failed), best effort.
         Runs as a task of its own, so a Check that ends meanwhile does not cancel it.
 
@@ -1101,7 +1180,7 @@ class RedisStore:
         """
         # Each refund is one key: no slot constraint, sent together.
         replies = await asyncio.gather(*(
-            self._pipeline.submit(("EVALSHA", self._refund_sha, 1, k, str(a)), ("EVAL", REFUND_SCRIPT, 1, k, str(a)))
+            self._pipeline.submit(("EVALSHA", self._refund_sha, 1, k, a), ("EVAL", REFUND_SCRIPT, 1, k, a))
             for k, a in refunds
         ), return_exceptions=True)  # fmt: skip
         for exc in (r for r in replies if isinstance(r, BaseException)):
@@ -1113,7 +1192,10 @@ class RedisStore:
             else:
                 _store_error_metric("refund")
 
-    async def _charge_group(self, idx: list[int], charges: Sequence[Charge]) -> tuple[bool, list[ChargeResult]]:
+    async def _charge_group(self, idx: list[int],
+                            charges: Sequence[Charge]) -> tuple[bool, list[int], list[ChargeResult]]:  # fmt: skip
+        """Charge the counters ``idx`` of ``charges`` (one slot) with one script: whether the script
+        admitted them, each counter's mark (the sliding-log entry it added, for a refund) and answer."""
         prefix = self._key_prefix
         keys = tuple(prefix + charges[i].key for i in idx)
         specs = self._specs
@@ -1133,12 +1215,13 @@ class RedisStore:
             values = [int(v) for v in reply.split()]
             results = [
                 ChargeResult(values[k] == 1, values[k + 1], values[k + 2] / 1e6, values[k + 3] / 1e6)
-                for k in range(1, 1 + 4 * len(idx), 4)
+                for k in range(2, 2 + 5 * len(idx), 5)
             ]
+            marks = values[6 : 6 + 5 * len(idx) : 5]
         except (AttributeError, TypeError, ValueError, IndexError):
             _store_error_metric("charge")
             raise StoreError("redis charge script gave an unexpected reply") from None
-        return values[0] == 1, results
+        return values[0] == 1, marks, results
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,6 +1,8 @@
 """The decision log: one JSON line per decision, so "why was this request denied?" is one grep away.
 
-Every deny (and every dry-run would-deny) is logged; allows are sampled (``allow_sample``, 0..1).
+Every deny (and every dry-run would-deny) is logged, and so is every allow whose attributes hold a
+true ``reported`` (a check in report mode found something); other allows are sampled
+(``allow_sample``, 0..1).
 The request path pays for a random number and a queue put, nothing more: a sampled-out allow costs
 no JSON, and formatting and writing happen on a writer thread. When the writer falls behind, lines
 are dropped (counted in ``extauthz_decision_log_dropped_total``), never the request delayed.
@@ -9,6 +11,9 @@ A line holds what decided and why, and who asked for what, but never a secret: h
 for names on the allow-list and even then redacted for credential headers, query values only when
 asked for and redacted for credential-like parameter names and for values that look like
 credentials (a JWT, a long random-looking string).
+
+With ``OTEL_LOGS_EXPORTER=otlp`` (see log_export) the same records also go to an OpenTelemetry
+collector as log records, whether or not lines are written too (``--decision-log off`` ships only).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from extauthz.telemetry.tracing import SubjectHasher, is_secret_name, parse_trac
 
 if TYPE_CHECKING:
     from extauthz.policy.compiler import PolicySet
+    from extauthz.telemetry.shipper import RecordShipper
 
 __all__ = ["DEFAULT_ALLOW_SAMPLE", "DecisionLog", "DecisionLogConfig", "decision_record"]
 
@@ -140,6 +146,9 @@ class DecisionLogConfig:
     query: str = "names"
     #: Lines held while the writer catches up; beyond that they are dropped and counted.
     max_pending: int = 10000
+    #: Also ship every logged decision as an OpenTelemetry log record over OTLP (the standard
+    #: OTEL_LOGS_EXPORTER / OTEL_EXPORTER_OTLP_LOGS_ENDPOINT variables; see log_export).
+    otlp: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.allow_sample <= 1.0:
@@ -151,7 +160,13 @@ class DecisionLogConfig:
 
     @property
     def enabled(self) -> bool:
+        """Lines are written to stdout or a file."""
         return self.destination not in ("", "off", "none")
+
+    @property
+    def active(self) -> bool:
+        """Decisions are logged somewhere: stdout, a file, or an OTLP collector."""
+        return self.enabled or self.otlp
 
     @staticmethod
     def header_list(text: str | Iterable[str]) -> tuple[str, ...]:
@@ -271,11 +286,13 @@ def _batches(lines: list[bytes], limit: int) -> list[list[bytes]]:
 
 
 class DecisionLog:
-    """Decision observer writing JSON lines from a background thread."""
+    """Decision observer writing JSON lines from a background thread, and shipping the same records
+    to an OTLP collector when ``config.otlp`` (or ``shipper``) says so."""
 
     def __init__(self, config: DecisionLogConfig, stream: IO[bytes] | None = None,
                  subjects: SubjectHasher | None = None,
-                 policies: Callable[[], PolicySet | None] | None = None) -> None:  # fmt: skip
+                 policies: Callable[[], PolicySet | None] | None = None,
+                 shipper: RecordShipper | None = None) -> None:  # fmt: skip
         self.config = config
         #: Always in hash mode: what the log shows of a subject is config.subject's choice alone.
         self.subjects = subjects if subjects is not None else SubjectHasher("hash", subject_hash_key(os.environ))
@@ -292,7 +309,15 @@ class DecisionLog:
         self._stream = stream
         self._fd: int | None = None
         self._own_fd = False
-        if stream is None:
+        #: Where records go over OTLP (log_export.LogShipper), or None.
+        self._shipper = shipper
+        if shipper is None and config.otlp:
+            from extauthz.telemetry.log_export import LogShipper
+
+            self._shipper = LogShipper()
+        #: Lines are written (stdout, a file or the stream given), besides any OTLP shipping.
+        self._writes = stream is not None or config.enabled
+        if stream is None and config.enabled:
             if config.destination == "-":
                 self._fd = sys.stdout.fileno()
             else:
@@ -309,7 +334,9 @@ class DecisionLog:
     # --- the request path ------------------------------------------------------------------------
     def observe(self, decision: Decision) -> None:
         if decision.allowed and not decision.would_deny and self._sample < 1.0 and self._random() >= self._sample:
-            return
+            attributes = decision.attributes
+            if not (attributes and attributes.get("reported")):  # a check in report mode found something
+                return
         try:
             self._queue.put_nowait((time.time(), decision))
         except queue.Full:
@@ -329,12 +356,19 @@ class DecisionLog:
             item = get()
             lines: list[bytes] = []
             stop = False
+            taken = 0
             while True:
                 if item is _STOP:
                     stop = True
                     break
-                lines.append(self._line(*item))
-                if len(lines) >= 256:
+                taken += 1
+                record = self._record(*item)
+                if record is not None:
+                    if self._shipper is not None:
+                        self._shipper.add((int(item[0] * 1e9), record))
+                    if self._writes:
+                        lines.append(self._line(record, item[1]))
+                if taken >= 256:
                     break
                 try:
                     item = self._queue.get_nowait()
@@ -374,11 +408,17 @@ class DecisionLog:
         self._secret_headers |= {name.lower() for name in policy_set.credential_names("header")}
         self._secret_params |= {name.lower() for name in policy_set.credential_names("query")}
 
-    def _line(self, when: float, decision: Decision) -> bytes:
+    def _record(self, when: float, decision: Decision) -> dict[str, Any] | None:
         try:
             self._secret_names()
-            record = decision_record(decision, when, self.config, self.subjects,
-                                     secret_headers=self._secret_headers, secret_params=self._secret_params)
+            return decision_record(decision, when, self.config, self.subjects,
+                                   secret_headers=self._secret_headers, secret_params=self._secret_params)
+        except Exception:  # a record that cannot be built must not stop the log
+            log.exception("cannot format decision %s", decision.decision_id)
+            return None
+
+    def _line(self, record: dict[str, Any], decision: Decision) -> bytes:
+        try:
             return json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str).encode() + b"\n"
         except Exception:  # a line that cannot be formatted must not stop the log
             log.exception("cannot format decision %s", decision.decision_id)
@@ -394,3 +434,5 @@ class DecisionLog:
         if self._own_fd and self._fd is not None and not self._thread.is_alive():
             os.close(self._fd)
             self._fd = None
+        if self._shipper is not None:  # after the writer: it ships what was still queued
+            self._shipper.shutdown(max(1.0, deadline - time.monotonic()))

@@ -29,6 +29,8 @@ __all__ = [
     "STAGE_BUCKETS",
     "Metrics",
     "circuit_state",
+    "count_export_errors",
+    "count_log_export_errors",
     "current",
     "install",
     "introspection_request",
@@ -129,6 +131,22 @@ class Metrics:
             "Spans not exported: dropped on the way to the exporter, or refused or unanswered by the collector",
             registry=r,
         )
+        self.decision_log_export_errors = Counter(
+            "extauthz_decision_log_export_errors",
+            "Decision log records not exported over OTLP: dropped on the way to the exporter, or refused or "
+            "unanswered by the collector", registry=r,
+        )  # fmt: skip
+        self.inspect_findings = Counter(
+            "extauthz_inspect_findings",
+            "Payload inspection findings by policy, rule id, target kind and action (blocked, scored, reported)",
+            ["policy", "rule", "target", "action"], registry=r,
+        )  # fmt: skip
+        self.inspect_limits = Counter(
+            "extauthz_inspect_limit_violations",
+            "Requests over a payload inspection limit by policy, limit and action (blocked, reported)",
+            ["policy", "limit", "action"], registry=r,
+        )  # fmt: skip
+        self._inspect_children: dict[tuple[str, ...], Any] = {}
         self.build_info = gauge("extauthz_build_info", "Version of the running sidecar (always 1)", ("version",))
         self.build_info.labels(_version()).set(1)
         # Label children are cached: .labels() costs a microsecond, a cached child's inc a fraction.
@@ -198,6 +216,23 @@ class Metrics:
         if len(pending) >= FLUSH_EVERY:
             self.flush()
 
+    def inspect_finding(self, policy: str, rule: str, target: str, action: str) -> None:
+        """A payload inspection finding. Labels are bounded: rule ids come from the loaded policies,
+        targets and actions are fixed sets. Only requests with findings pay for it."""
+        key = ("f", policy, rule, target, action)
+        child = self._inspect_children.get(key)
+        if child is None:
+            child = self._inspect_children[key] = self.inspect_findings.labels(policy, rule, target, action)
+        child.inc()
+
+    def inspect_limit(self, policy: str, limit: str, action: str) -> None:
+        """A request over a payload inspection limit (limit: depth, members, parameters, ...)."""
+        key = ("l", policy, limit, action)
+        child = self._inspect_children.get(key)
+        if child is None:
+            child = self._inspect_children[key] = self.inspect_limits.labels(policy, limit, action)
+        child.inc()
+
     # --- exposition ------------------------------------------------------------------------------
     def exposition(self) -> bytes:
         """The text served on /metrics: this process' registry, or every process' in multiprocess mode."""
@@ -266,6 +301,11 @@ def _guarded(fn: Callable[[Metrics], None]) -> None:
 def count_export_errors(spans: int) -> None:
     """``spans`` spans were not exported (dropped on the way, or the collector refused them)."""
     _guarded(lambda m: m.trace_export_errors.inc(spans))
+
+
+def count_log_export_errors(records: int) -> None:
+    """``records`` decision log records were not exported over OTLP (dropped, or the collector refused them)."""
+    _guarded(lambda m: m.decision_log_export_errors.inc(records))
 
 
 def store_error(store: str, operation: str) -> None:

@@ -1,4 +1,4 @@
-"""OTLP trace encoding straight from span records to protobuf wire bytes.
+"""OTLP encoding straight from span records and decision-log records to protobuf wire bytes.
 
 The SDK's encoder builds a ReadableSpan, then one protobuf object per span, attribute and value,
 some 25 microseconds per span in Python. A Check's spans are small and alike: the same attribute
@@ -7,12 +7,16 @@ names and mostly the same values (policy, rule, decision, reason) over and over.
 microseconds. The output parses into exactly the message the SDK's encoder produces (a test checks
 it field by field), so any OTLP receiver sees no difference.
 
+Decision-log records (the JSON line's object) become OTLP LogRecords the same way (:class:`LogEncoder`):
+what repeats from decision to decision is kept encoded.
+
 Wire format: https://protobuf.dev/programming-guides/encoding/ ; field numbers from
-opentelemetry/proto/{trace,common,resource}/v1/*.proto.
+opentelemetry/proto/{trace,logs,common,resource}/v1/*.proto.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -29,7 +33,7 @@ from extauthz.telemetry.check_spans import (
     random_span_id,
 )
 
-__all__ = ["SpanEncoder"]
+__all__ = ["LogEncoder", "SpanEncoder"]
 
 _FIXED64 = struct.Struct("<Q")
 _DOUBLE = struct.Struct("<d")
@@ -239,3 +243,105 @@ class SpanEncoder:
         scope_head = _SCOPE_SPANS + varint(scope_spans)
         resource_spans = len(self._resource) + len(scope_head) + scope_spans
         return b"".join((_RESOURCE_SPANS, varint(resource_spans), self._resource, scope_head, self._scope, body))
+
+
+# --- logs (logs.proto, logs_service.proto) ------------------------------------------------------------
+# LogRecord: time_unix_nano 1 (fixed64), severity_number 2, severity_text 3, body 5, flags 8 (fixed32),
+# trace_id 9, span_id 10, observed_time_unix_nano 11 (fixed64), event_name 12.
+_LOG_TIME, _LOG_SEVERITY, _LOG_SEVERITY_TEXT, _LOG_BODY = b"\x09", b"\x10", b"\x1a", b"\x2a"
+_LOG_TRACE_ID, _LOG_SPAN_ID, _LOG_OBSERVED, _LOG_EVENT_NAME = b"\x4a", b"\x52", b"\x59", b"\x62"
+# AnyValue: array_value 5 (ArrayValue.values 1), kvlist_value 6 (KeyValueList.values 1)
+_ARRAY, _KVLIST, _LIST_VALUES = b"\x2a", b"\x32", b"\x0a"
+# ExportLogsServiceRequest.resource_logs 1; ResourceLogs.resource 1, .scope_logs 2; ScopeLogs.scope 1,
+# .log_records 2 (the same numbers as the spans' request).
+_RESOURCE_LOGS, _SCOPE_LOGS, _LOG_RECORDS = b"\x0a", b"\x12", b"\x12"
+#: SeverityNumber INFO and WARN: an allow is information, a denial (or a dry-run would-deny) a warning.
+_SEVERITIES = {"allow": (9, b"INFO"), "deny": (13, b"WARN"), "dry_run_deny": (13, b"WARN")}
+#: Record fields whose values never repeat: encoded every time, never cached.
+_UNIQUE_FIELDS = frozenset({"time", "decision_id", "trace_id", "span_id", "latency_ms", "path", "query", "headers"})
+
+
+def _deep_value(value: Any) -> bytes:
+    """An AnyValue's content for JSON-like values: maps become key-value lists, lists arrays."""
+    if value is None:
+        return b""
+    if isinstance(value, Mapping):
+        pairs = b"".join(_field(_LIST_VALUES, _field(_KEY, str(k).encode("utf-8", "replace"))
+                                + _field(_VALUE, _deep_value(v))) for k, v in value.items())  # fmt: skip
+        return _field(_KVLIST, pairs)
+    if isinstance(value, list | tuple):
+        return _field(_ARRAY, b"".join(_field(_LIST_VALUES, _deep_value(v)) for v in value))
+    return _any_value(value)
+
+
+class LogEncoder:
+    """Turns decision-log records (the JSON line's object) into an ExportLogsServiceRequest's bytes.
+
+    Each record is one LogRecord: its body is the record as a map (the same fields as the JSON
+    line, so docs/observability.md describes both), ``event_name`` is ``extauthz.decision``, the
+    severity INFO for an allow and WARN for a denial, and the trace and span ids are the decision's,
+    so a collector joins each decision to its trace. Fields that repeat from decision to decision
+    (decision, reason, policy, rule, identity) are kept encoded.
+    """
+
+    def __init__(self, resource: Mapping[str, Any], scope_name: str, scope_version: str | None = None) -> None:
+        self._resource = _field(_RESOURCE, b"".join(_field(_RESOURCE_ATTRIBUTE, _key_value(k, v))
+                                                    for k, v in resource.items()))  # fmt: skip
+        scope = _field(_SCOPE_NAME, scope_name.encode())
+        if scope_version:
+            scope += _field(_SCOPE_VERSION, scope_version.encode())
+        self._scope = _field(_SCOPE, scope)
+        self._event = _field(_LOG_EVENT_NAME, b"extauthz.decision")
+        self._fields: dict[tuple[Any, ...], bytes] = {}
+        #: Field name -> its encoded KeyValue key.
+        self._keys: dict[str, bytes] = {}
+
+    def _pair(self, key: str, value: Any) -> bytes:
+        """One field of the body: a KeyValueList ``values`` entry. A string, the common case, is
+        written out here; a (name, value) that repeats is kept encoded."""
+        kind = type(value)
+        cache_key: Any = None
+        if (kind is str or kind is bool or kind is int) and key not in _UNIQUE_FIELDS:
+            cache_key = (key, value) if kind is str else (key, kind, value)
+            encoded = self._fields.get(cache_key)
+            if encoded is not None:
+                return encoded
+        key_part = self._keys.get(key)
+        if key_part is None:
+            if len(self._keys) >= _CACHE_LIMIT:
+                self._keys.clear()
+            key_part = self._keys[key] = _field(_KEY, key.encode("utf-8", "replace"))
+        if kind is str:
+            data = value.encode("utf-8", "replace")
+            any_value = _STRING + varint(len(data)) + data
+        else:
+            any_value = _deep_value(value)
+        pair = key_part + _VALUE + varint(len(any_value)) + any_value
+        encoded = _LIST_VALUES + varint(len(pair)) + pair
+        if cache_key is not None:
+            if len(self._fields) >= _CACHE_LIMIT:
+                self._fields.clear()
+            self._fields[cache_key] = encoded
+        return encoded
+
+    def record(self, when_ns: int, record: Mapping[str, Any]) -> bytes:
+        """One decision as a ScopeLogs ``log_records`` field (tag, length, LogRecord)."""
+        number, text = _SEVERITIES.get(str(record.get("decision")), (9, b"INFO"))
+        pair = self._pair
+        body = _field(_KVLIST, b"".join([pair(k, v) for k, v in record.items()]))
+        parts = [_LOG_TIME, _FIXED64.pack(when_ns), _LOG_SEVERITY, varint(number), _field(_LOG_SEVERITY_TEXT, text),
+                 _field(_LOG_BODY, body)]  # fmt: skip
+        trace_id, span_id = record.get("trace_id"), record.get("span_id")
+        if trace_id and span_id and len(trace_id) == 32 and len(span_id) == 16:
+            with contextlib.suppress(ValueError):  # not hex: the record keeps them in its body only
+                parts += [_field(_LOG_TRACE_ID, bytes.fromhex(trace_id)), _field(_LOG_SPAN_ID, bytes.fromhex(span_id))]
+        parts += [_LOG_OBSERVED, _FIXED64.pack(when_ns), self._event]
+        return _field(_LOG_RECORDS, b"".join(parts))
+
+    def request(self, records: Iterable[bytes]) -> bytes:
+        """The ExportLogsServiceRequest holding ``records`` (from :meth:`record`)."""
+        body = b"".join(records)
+        scope_logs = len(self._scope) + len(body)
+        scope_head = _SCOPE_LOGS + varint(scope_logs)
+        resource_logs = len(self._resource) + len(scope_head) + scope_logs
+        return b"".join((_RESOURCE_LOGS, varint(resource_logs), self._resource, scope_head, self._scope, body))

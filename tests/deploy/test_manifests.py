@@ -2,7 +2,7 @@
 
 Every manifest is validated against the Kubernetes OpenAPI schemas bundled with kubernetes-validate
 (no cluster, no network); the kustomizations' references must resolve; the generated policies
-ConfigMap must be policies/ byte for byte; and `extauthz validate` / `extauthz test` must accept the
+ConfigMap must be policies/ byte for byte (minus the PolicyTest files); and `extauthz validate` must accept the
 policy folder exactly as a pod would see it (ConfigMap + Secrets mounted as documented), and exactly as
 the image's default command sees it (the Dockerfile's COPY lines applied to the .dockerignore'd context).
 """
@@ -160,8 +160,9 @@ def test_the_validator_really_rejects_mistakes(base) -> None:
 
 def test_policies_configmap_is_the_policies_folder(base) -> None:
     data = _one(base, "ConfigMap", "extauthz-policies")["data"]
-    expected = {p.name: p.read_text() for p in sorted((ROOT / "policies").glob("*.y*ml"))}
+    expected = {name: (ROOT / "policies" / name).read_text() for name in sync.policy_files()}
     assert data == expected
+    assert not [name for name in data if name.endswith("_test.yaml")], "PolicyTests stay in the repository"
     envoy = _one(base, "ConfigMap", "envoy-config")["data"]
     assert envoy == {"envoy.yaml": (ROOT / "deploy" / "envoy" / "envoy.yaml").read_text()}
 
@@ -197,7 +198,9 @@ def test_extauthz_accepts_the_mounted_policies(base, tmp_path: Path, capsys) -> 
     assert policies.relative_to(tmp_path).as_posix() == "etc/extauthz/policies"
     assert (tmp_path / "etc/extauthz/examples/keys").is_dir()  # where ../examples/keys/... resolves
     assert extauthz_main(["validate", str(policies)]) == 0, capsys.readouterr().err
-    assert extauthz_main(["test", str(policies)]) == 0, capsys.readouterr().out
+    # No PolicyTests in the pod: they and the test keys they sign with stay in the repository.
+    assert extauthz_main(["test", str(policies)]) == 1
+    assert "no PolicyTest cases" in capsys.readouterr().err
 
 
 def _key_secrets(base: list[dict[str, Any]]) -> list[str]:
@@ -486,9 +489,8 @@ def test_image_default_command_serves_the_bundled_policies(tmp_path: Path, capsy
     flag = next((a.split("=", 1)[1] for a in command[2:] if a.startswith("--policies=")), None)
     folder = posixpath.join(image["workdir"], flag or image["env"].get("EXTAUTHZ_POLICIES", "policies"))
     policies = tmp_path / folder.lstrip("/")
-    assert sorted(p.name for p in policies.glob("*.y*ml")) == sorted(p.name for p in (ROOT / "policies").glob("*.y*ml"))
+    assert sorted(p.name for p in policies.glob("*.y*ml")) == sync.policy_files()  # PolicyTests left out
     assert extauthz_main(["validate", str(policies)]) == 0, capsys.readouterr().err
-    assert extauthz_main(["test", str(policies)]) == 0, capsys.readouterr().out
     # The example key material the policies name (../examples/keys/...) is what the pod gets: no
     # private keys, client material or scripts in the image.
     keys = policies.parent / "examples" / "keys"

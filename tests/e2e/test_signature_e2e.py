@@ -54,6 +54,7 @@ spec:
   signature:
     keys: {{folder: ../keys, ids: [client-1]}}
     requireNonce: false
+    components: ["@method"]   # the tests below choose what else they cover
     bodyComponents: none
   rules: [{{name: signed, decision: allow}}]
 ---

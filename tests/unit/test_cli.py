@@ -87,7 +87,7 @@ def test_policy_tests_pass_and_fail(policy_dir, policy_yaml, capsys) -> None:
     (folder / "orders_test.yaml").write_text(TESTS.replace("decision: deny, status: 403", "decision: allow, status: 403"))
     assert main(["test", str(folder)]) == 1
     out = capsys.readouterr().out
-    assert "FAIL orders_test.yaml orders-tests: deletes are denied" in out
+    assert "FAIL orders_test.yaml:10 orders-tests: deletes are denied" in out
     assert "decision: expected 'allow', got 'deny'" in out
 
 

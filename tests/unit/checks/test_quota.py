@@ -422,3 +422,52 @@ def test_only_a_redis_backed_check_waits_on_io(build: Build) -> None:
     assert (memory_check.may_wait, redis_check.may_wait) == (False, True)
     assert memory.policy_set.policies[0].may_wait is False  # type: ignore[union-attr]
     assert isinstance(memory_check.store, Store) and isinstance(redis_check.store, Store)
+
+
+# --- algorithm: sliding-log -------------------------------------------------------------------------
+
+SLIDING = PER_KEY + "  algorithm: sliding-log\n"
+
+
+def test_a_sliding_log_quota_admits_the_limit_then_says_when_the_oldest_leaves(build: Build) -> None:
+    authorizer = build(SLIDING)
+    first = decide(authorizer)
+    # No burst to spend down: r is what is left of the limit, t when the window is empty again.
+    assert headers(first) == {"ratelimit-policy": '"per-key";q=3;w=60', "ratelimit": '"per-key";r=2;t=60'}
+    assert [decide(authorizer).allowed for _ in range(3)] == [True, True, False]
+    refused = decide(authorizer)
+    assert (refused.status, refused.reason, refused.rule) == (429, "quota_exceeded", "quota:per-key")
+    assert headers(refused)["retry-after"] == "60"  # when the first of the three leaves the window
+    assert "quota per-key (enforce, memory): counter" in "\n".join(refused.steps or ())
+    assert decide(authorizer, request(headers={"x-api-key": "key-bob"})).allowed
+
+
+def test_a_sliding_log_quota_in_redis_has_its_own_counter_names(build: Build, redis_server: Any) -> None:
+    """Switching a quota's algorithm starts a fresh counter: the two are different kinds of Redis value."""
+    authorizer = build(SLIDING, settings={"redis_url": redis_server.url})
+    store = authorizer.policy_set.policies[0].checks[-1].store  # type: ignore[union-attr]
+
+    async def run() -> list[bool]:
+        await store.start()
+        try:
+            return [(await authorizer.check(check_request_from_sample(request()))).allowed for _ in range(4)]
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(run()) == [True, True, True, False]
+    [key] = redis_server.client().keys("*")
+    assert key.decode().startswith("extauthz:q:api:per-key:log:{")
+    assert redis_server.client().llen(key) == 3  # one entry per admitted request
+
+
+@pytest.mark.parametrize(("quota", "message"), [
+    ("{name: q, limit: 3, window: 1m, algorithm: sliding-log, burst: 5}", "burst: applies to algorithm gcra only"),
+    ("{name: q, limit: 100001, window: 1d, algorithm: sliding-log}", "limit: must be between 1 and 100000"),
+    ("{name: q, limit: 3, window: 500us, algorithm: sliding-log}", "window: must be a duration"),
+    ("{name: q, limit: 3, window: 0.0001, algorithm: sliding-log}", "window: must be at least 1ms"),
+    ("{name: q, limit: 3, window: 1m, algorithm: leaky}", "algorithm: must be one of: gcra, sliding-log"),
+])
+def test_sliding_log_policy_errors(build: Build, quota: str, message: str) -> None:
+    with pytest.raises(PolicySetError) as info:
+        build(f"- {quota}")
+    assert message in str(info.value)

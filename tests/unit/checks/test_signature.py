@@ -276,3 +276,17 @@ def test_webhook_needs_an_hmac_secret(tmp_path: Path) -> None:
         "spec:\n  signature: {keys: {folder: ../keys}, webhook: {preset: sha256-hex}}\n")
     with pytest.raises(PolicySetError, match="no usable HMAC secret"):
         load_folder(tmp_path / "policies", Services())
+
+
+def test_without_components_the_method_authority_and_path_must_be_covered(authorizer: Authorizer) -> None:
+    """The `bound` policy names no components: a signature over only its parameters (or over the body
+    alone) would verify on any request to any path, so the default covers the request's target."""
+    body = b"{}"
+    for components in ((), ("content-digest",), ("@method", "@authority", "content-digest")):
+        sample = _signed_sample(host="bound.example.com", components=components, body=body, nonce=None, tag=None,
+                                headers={"x-user": "alice"})
+        d = _decide(authorizer, sample)
+        assert (d.allowed, d.status) == (False, 401), components
+    sample = _signed_sample(host="bound.example.com", components=("@method", "@authority", "@path", "content-digest"),
+                            body=body, nonce=None, tag=None, headers={"x-user": "alice"})
+    assert _decide(authorizer, sample).allowed

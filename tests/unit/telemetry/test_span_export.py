@@ -15,7 +15,8 @@ import pytest
 from otlpd import OtlpReceiver
 
 from extauthz.decision import Decision
-from extauthz.telemetry import metrics, span_export
+from extauthz.telemetry import metrics
+from extauthz.telemetry import shipper as shipper_module
 from extauthz.telemetry.metrics import Metrics
 from extauthz.telemetry.span_export import SpanShipper
 from extauthz.telemetry.tracing import SubjectHasher, decision_attributes, decision_facts
@@ -175,7 +176,7 @@ def test_an_exporter_process_that_exited_is_started_again(tmp_path) -> None:
 
 def test_an_exporter_process_that_reads_nothing_is_killed_and_started_again(monkeypatch: pytest.MonkeyPatch) -> None:
 
-    monkeypatch.setattr(span_export, "WRITE_TIMEOUT", 0.5)
+    monkeypatch.setattr(shipper_module, "WRITE_TIMEOUT", 0.5)
     shipper = SpanShipper([sys.executable, "-c", "import time; time.sleep(60)"])  # never reads its stdin
     for i in range(3000):  # distinct records (marshal writes a repeated object once): more than a pipe holds
         shipper.add((i + 1, 2, 0, False, None, 0, 1, 0, f"d-{i}", None, None, [("select", "", 0, i, None, None)]))

@@ -1,7 +1,8 @@
-"""A tiny HTTP/1.1 upstream for the e2e tests: answers every request with 200 and a JSON description
-of what it received.
+"""A tiny HTTP/1.1 upstream: answers every request with 200 and a JSON description of what it
+received, so what Envoy forwarded (headers the policy set or removed, the body) can be seen. The
+upstream of ``extauthz dev`` and of the e2e tests.
 
-    python tests/e2e/echo_upstream.py --listen 127.0.0.1:PORT
+    python -m extauthz.dev.echo --listen 127.0.0.1:PORT
 
 Response body (application/json):
     {"method": "POST", "path": "/raw/path?with=query",
@@ -47,7 +48,8 @@ class EchoHandler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks, total = [], 0
+            chunks: list[bytes] = []
+            total = 0
             while True:
                 size_line = self.rfile.readline(1024)
                 size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
@@ -111,13 +113,14 @@ class EchoHandler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (default 127.0.0.1:0)")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     ThreadingHTTPServer.daemon_threads = True
     server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), EchoHandler)
-    print(f"echo-upstream listening on {server.server_address[0]}:{server.server_address[1]}", flush=True)
+    bound_host, bound_port = server.server_address[:2]
+    print(f"echo-upstream listening on {bound_host!s}:{bound_port}", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

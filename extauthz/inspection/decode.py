@@ -1,0 +1,296 @@
+"""The decode pipeline: what an attacker encodes, undone before any rule looks.
+
+Every step works on a whole text at C speed (``str.replace``, ``binascii``, codecs, ``translate``),
+because the inspector decodes all the values of a request joined into one text: a per-value or
+per-escape Python callback would make a body full of escapes cost milliseconds. The few steps that
+need a callback per match (numeric HTML entities, IIS ``%u`` escapes, nested Log4j lookups) stop
+after a budget and say so (:attr:`Decoded.over_budget`), which the inspector scores as an evasion.
+
+Patterns used here (decoding, not detection) are Python ``re`` patterns that cannot backtrack: each
+alternative has a fixed length or a single bounded repetition.
+"""
+
+from __future__ import annotations
+
+import binascii
+import html
+import re
+import unicodedata
+import warnings
+from dataclasses import dataclass
+
+__all__ = ["Decoded", "cmd_form", "decode", "lookup_form", "sql_form"]
+
+#: URL-decoding rounds: ``%252e`` is two, no legitimate value needs more than three.
+URL_ROUNDS = 3
+#: Escapes decoded by a Python callback (numeric entities, ``%u``, JS ``\\u{...}``), per request.
+CALLBACK_BUDGET = 1024
+#: Texts with more '&' than this skip the standard library's full entity table (the common named
+#: entities are still decoded).
+HTML_FALLBACK_MAX = 64
+#: Nested ``${...}`` lookups resolved per request.
+LOOKUP_BUDGET = 512
+
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPE = re.compile(r"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
+_IIS_ESCAPE = re.compile(r"%[uU]([0-9A-Fa-f]{4})")
+_NUMERIC_ENTITY = re.compile(r"&#(?:[xX]([0-9A-Fa-f]{1,6})|([0-9]{1,7}));?")
+_NAMED_ENTITIES = (
+    ("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&apos;", "'"), ("&nbsp;", " "), ("&sol;", "/"),
+    ("&lpar;", "("), ("&rpar;", ")"), ("&colon;", ":"), ("&semi;", ";"), ("&dollar;", "$"), ("&lbrace;", "{"),
+    ("&rbrace;", "}"), ("&period;", "."), ("&bsol;", "\\"), ("&tab;", "\t"), ("&newline;", "\n"),
+    ("&grave;", "`"), ("&equals;", "="), ("&excl;", "!"), ("&num;", "#"), ("&percnt;", "%"), ("&plus;", "+"),
+    ("&comma;", ","), ("&ast;", "*"), ("&lsqb;", "["), ("&rsqb;", "]"), ("&vert;", "|"), ("&quest;", "?"),
+    ("&amp;", "&"),
+)  # fmt: skip
+_JS_BRACED = re.compile(r"\\u\{([0-9A-Fa-f]{1,6})\}")
+_OVERLONG = (
+    (b"\xc0\xae", b"."), (b"\xe0\x80\xae", b"."), (b"\xc0\xaf", b"/"), (b"\xe0\x80\xaf", b"/"),
+    (b"\xc1\x9c", b"\\"), (b"\xc0\xbc", b"<"), (b"\xc0\xbe", b">"), (b"\xc0\xa7", b"'"), (b"\xc0\xa2", b'"'),
+    (b"\xc0\x80", b""),
+)  # fmt: skip
+#: Characters dropped before matching: NUL and the invisible ones used to split keywords.
+_INVISIBLE_CHARS = re.compile("[\x00\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+#: Dots and slashes that hosts and paths treat as '.' and '/' (IDNA, full-width).
+_LOOKALIKE_PAIRS = (("\u3002", "."), ("\uff61", "."), ("\uff0e", "."), ("\u2215", "/"), ("\u2044", "/"))
+#: Texts longer than this get only full-width ASCII mapped instead of the whole NFKC.
+NFKC_MAX_CHARS = 16384
+_FULL_WIDTH = re.compile("[\uff01-\uff5e]")
+
+
+def _half_width(match: re.Match[str]) -> str:
+    return chr(ord(match.group()) - 0xFEE0)
+_SPECIAL_WIDE = "\u3002\uff61\uff0e\u2215\u2044\u200b\u200c\u200d\u2060\ufeff"
+
+
+@dataclass(slots=True)
+class Decoded:
+    """A text after the pipeline, and whether a budgeted step gave up (an evasion signal)."""
+
+    text: str
+    over_budget: bool = False
+
+
+def decode(text: str) -> Decoded:
+    """Percent-escapes (repeatedly, IIS ``%u`` and overlong UTF-8 included), HTML entities, JS/JSON
+    escapes, Unicode NFKC, invisible characters: the form every built-in rule matches. Case is left
+    as it is: every rule matches case-insensitively (RE2's ``(?i)`` costs nothing per character,
+    lower-casing a non-ASCII text does).
+
+    Percent-escapes are decoded in every target, not only in URL parts: a JSON value that a backend
+    URL-decodes (or builds a URL from) carries them through.
+    """
+    budget = [CALLBACK_BUDGET]
+    for _ in range(URL_ROUNDS):
+        if "%" not in text or _ESCAPE.search(text) is None:
+            break
+        decoded = _percent_decode(text, budget)
+        if decoded == text:
+            break
+        text = decoded
+    for _ in range(2):  # &amp;lt; is two layers
+        if "&" not in text:
+            break
+        decoded = _html_decode(text, budget)
+        if decoded == text:
+            break
+        text = decoded
+    if "\\" in text:
+        text = _js_decode(text, budget)
+        if "%" in text:  # \x25 spelled the percent
+            text = _percent_decode(text, budget)
+    if not text.isascii():
+        if not unicodedata.is_normalized("NFKC", text):
+            if len(text) <= NFKC_MAX_CHARS:
+                text = unicodedata.normalize("NFKC", text)
+            else:  # NFKC costs about a microsecond a character: past the limit, full-width ASCII only
+                text = _budgeted_sub(_FULL_WIDTH, _half_width, text, budget, flag=False)
+        # Characters that need work: look-alike dots and slashes, invisible characters, and lone
+        # surrogates (an invalid %-escape in a query, \ud800 in JS: RE2 reads UTF-8 only). Only C
+        # loops here ("in", encode): a regular-expression search or max() over non-ASCII text is
+        # several times slower.
+        try:
+            text.encode("latin-1")
+            wide = False
+        except UnicodeEncodeError:
+            wide = True
+        if (wide and any(c in text for c in _SPECIAL_WIDE)) or "\xad" in text or "\x00" in text:
+            for lookalike, plain in _LOOKALIKE_PAIRS:  # str.replace: C speed; str.translate is not
+                if lookalike in text:
+                    text = text.replace(lookalike, plain)
+            text = _INVISIBLE_CHARS.sub("", text)
+        if wide:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                text = text.encode("utf-8", "replace").decode("utf-8")
+    elif "\x00" in text:
+        text = text.replace("\x00", "")
+    return Decoded(text, budget[0] < 0)
+
+
+def _percent_decode(text: str, budget: list[int]) -> str:
+    if "%u" in text or "%U" in text:
+        text = _budgeted_sub(_IIS_ESCAPE, lambda m: chr(int(m.group(1), 16)), text, budget)
+    # binascii's quoted-printable decoder undoes =XX at C speed: spell every '%XX' as '=XX' (a
+    # literal '=' as '=3D'), after making the '%' that start no escape literal.
+    if _BAD_PERCENT.search(text) is not None:
+        text = _BAD_PERCENT.sub("%25", text)
+    raw = text.encode("utf-8", "surrogatepass").replace(b"=", b"=3D").replace(b"%", b"=")
+    decoded = binascii.a2b_qp(raw)
+    if b"\xc0" in decoded or b"\xc1" in decoded or b"\xe0\x80" in decoded:
+        for overlong, plain in _OVERLONG:
+            decoded = decoded.replace(overlong, plain)
+    return decoded.decode("utf-8", "replace")
+
+
+def _html_decode(text: str, budget: list[int]) -> str:
+    for entity, char in _NAMED_ENTITIES:
+        if entity in text:
+            text = text.replace(entity, char)
+    if "&#" in text:
+        text = _budgeted_sub(_NUMERIC_ENTITY, _entity_char, text, budget)
+    elif "&" in text and ";" in text and text.count("&") <= HTML_FALLBACK_MAX:
+        # Rarer named entities (&Tab; &NewLine; ...): the standard library's table, for a text with
+        # few '&' (its decoder calls back into Python for every one).
+        text = html.unescape(text)
+    return text
+
+
+def _entity_char(match: re.Match[str]) -> str:
+    entity = match.group()
+    char = _ENTITY_CHARS.get(entity)
+    if char is None:
+        code = int(match.group(1), 16) if match.group(1) else int(match.group(2))
+        char = chr(code) if 0 < code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else "\ufffd"
+        if len(_ENTITY_CHARS) < 4096:
+            _ENTITY_CHARS[entity] = char
+    return char
+
+
+#: Numeric entities already decoded (the same few come back: &#39; &#x3C; &#8217;). Bounded.
+_ENTITY_CHARS: dict[str, str] = {}
+
+
+def _js_decode(text: str, budget: list[int]) -> str:
+    if "\\u{" in text:
+        text = _budgeted_sub(_JS_BRACED, lambda m: chr(min(int(m.group(1), 16), 0x10FFFF)), text, budget)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown escapes such as \q stay as they are
+            return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError:  # a truncated escape somewhere: decode the well-formed ones only
+        return _budgeted_sub(_JS_ESCAPE, _js_char, text, budget)
+
+
+_JS_ESCAPE = re.compile(r"\\(?:x([0-9A-Fa-f]{2})|u([0-9A-Fa-f]{4}))")
+
+
+def _js_char(match: re.Match[str]) -> str:
+    code = int(match.group(1) or match.group(2), 16)
+    return chr(code) if not 0xD800 <= code <= 0xDFFF else "\ufffd"
+
+
+def _budgeted_sub(pattern: re.Pattern[str], replace: object, text: str, budget: list[int], *,
+                  flag: bool = True) -> str:  # fmt: skip
+    """``pattern.sub`` for at most what is left of the budget; running out marks the budget spent
+    (an evasion, unless ``flag`` is false: then the rest is only left as it is)."""
+    if budget[0] <= 0:
+        if flag:
+            budget[0] = -1
+        return text
+    count = budget[0]
+    result, made = pattern.subn(replace, text, count=count)  # type: ignore[call-overload]
+    budget[0] -= made
+    if made >= count and flag:
+        budget[0] = -1
+    return result  # type: ignore[no-any-return]
+
+
+# --- the extra forms some detectors match besides the decoded text ------------------------------
+
+_COMMENT_BUDGET = 256
+_VERSIONED = re.compile(r"/\*!\d{0,6}")
+
+
+def sql_form(text: str) -> str:
+    """SQL comments out of the way: ``union/**/select`` and ``union/*!50000select*/`` read as
+    ``union select``. The first 256 comments are removed with their content; any further comment
+    delimiters are blanked (their content stays: past that many comments the text is not data)."""
+    if "/*" not in text:
+        return text
+    text = _VERSIONED.sub(" ", text)
+    pieces = text.split("/*")
+    out = [pieces[0]]
+    for piece in pieces[1 : _COMMENT_BUDGET + 1]:
+        end = piece.find("*/")
+        out.append(" " + (piece[end + 2 :] if end >= 0 else piece))
+    if len(pieces) > _COMMENT_BUDGET + 1:
+        out.append(" " + " ".join(pieces[_COMMENT_BUDGET + 1 :]))
+    return "".join(out).replace("*/", " ")
+
+
+_IFS = re.compile(r"\$\{ifs\}|\$ifs", re.IGNORECASE)
+
+
+def cmd_form(text: str) -> str:
+    """Shell quoting and field-separator tricks undone: ``c'a't /e\\tc/pa""sswd`` and
+    ``cat${IFS}/etc/passwd`` read as ``cat /etc/passwd``."""
+    if "$" in text:
+        text = _IFS.sub(" ", text).replace("$@", "").replace("$*", "")
+        for digit in "0123456789":  # positional parameters, empty in an injected command
+            text = text.replace("$" + digit, "")
+    for char in "\\'\"^":  # str.replace: C speed (translate with a table is not)
+        if char in text:
+            text = text.replace(char, "")
+    return text
+
+
+_INNER_LOOKUP = re.compile(r"\$\{([^${}]{0,256})\}")
+#: Log4j lookups that read something: without a default they resolve to an unknown value.
+_LOOKUP_NAMES = frozenset({
+    "env", "sys", "java", "ctx", "main", "date", "map", "sd", "bundle", "docker", "k8s", "kubernetes",
+    "spring", "web", "log4j", "marker", "jvmrunargs", "event", "base64", "lower", "upper", "jndi", "hostname",
+})  # fmt: skip
+#: What a resolved ``${jndi:...}`` leaves behind, so later rounds cannot resolve it away.
+JNDI_MARK = "\ue000jndi:"
+_FROZEN_OPEN, _FROZEN_CLOSE = "\ue001", "\ue002"
+
+
+def lookup_form(text: str) -> Decoded:
+    """Log4j lookups resolved from the inside out, as Log4j would: ``${lower:J}`` is ``j``,
+    ``${::-j}`` and ``${env:X:-j}`` are ``j`` (their default), other known lookups an unknown value,
+    unknown names stay literal. ``${${lower:j}ndi:`` becomes a ``${jndi:`` and is marked."""
+    if "${" not in text:
+        return Decoded(text)
+    if text.count("${") > LOOKUP_BUDGET:  # not a value a logger would see as data: say so, resolve nothing
+        return Decoded(text, True)
+    budget = [LOOKUP_BUDGET]
+    for _ in range(8):
+        if "${" not in text or budget[0] <= 0:
+            break
+        resolved = _budgeted_sub(_INNER_LOOKUP, _resolve, text, budget)
+        if resolved == text:
+            break
+        text = resolved
+    text = text.replace(_FROZEN_OPEN, "${").replace(_FROZEN_CLOSE, "}")
+    return Decoded(text, budget[0] < 0)
+
+
+def _resolve(match: re.Match[str]) -> str:
+    body = match.group(1)
+    name, colon, argument = body.partition(":")
+    name = name.strip().lower()
+    if name == "jndi" and colon:
+        return JNDI_MARK + argument
+    if ":-" in body:
+        return body.split(":-", 1)[1]
+    if name == "lower":
+        return argument.lower()
+    if name == "date" and len(argument) >= 2 and argument[0] == argument[-1] == "'":
+        return argument[1:-1]  # a quoted literal in a date pattern prints as itself
+    if name == "upper":
+        return argument.lower()  # rules match case-insensitively anyway
+    if name in _LOOKUP_NAMES and colon:
+        return ""
+    return _FROZEN_OPEN + body + _FROZEN_CLOSE

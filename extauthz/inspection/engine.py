@@ -1,0 +1,385 @@
+"""The inspector: compiled once per policy, run once per request.
+
+One request is inspected in a few passes whatever its size or number of values: the values of each
+group (path, query, cookies, body and headers; file names) are joined into one text, the text is decoded once, and every
+enabled rule runs in one RE2 set match over it (plus one over each extra form the text needs: SQL
+comments removed, shell quoting removed, lookups resolved). Only when a rule matched are the values
+decoded one by one to find where (the location a finding names); a match that spans two values is
+found to be in none and dropped there. Scores of the rules that matched add up; at the threshold the
+request is refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import re2
+
+from extauthz.inspection.decode import Decoded, cmd_form, decode, lookup_form, sql_form
+from extauthz.inspection.rules import EVASION_RULE, SSRF_RULES, Rule
+from extauthz.inspection.ssrf import (
+    BARE_CANDIDATE_PATTERN,
+    CANDIDATE_PATTERN,
+    FLOOD,
+    METADATA_CANDIDATE_PATTERN,
+    AddressAllowList,
+    ssrf_findings,
+)
+from extauthz.inspection.targets import RequestValues, safe_pointer
+from extauthz.payload import BodyKind, BodyProblem, JsonLimits, body_view
+from extauthz.request import Request
+
+__all__ = ["Exclusion", "Finding", "InspectConfig", "Inspector", "RequestLimits", "Verdict"]
+
+#: Locations recorded per rule, and findings per request: what a denial, a log line and a span can hold.
+MAX_LOCATIONS_PER_RULE = 4
+MAX_FINDINGS = 16
+#: JSON strings and keys a rule is tried on, one by one, to locate what matched the body's text.
+MAX_VALUES_LOCATED = 128
+_FORM_FUNCTIONS: dict[str, Callable[[str], str]] = {
+    "sql": sql_form,
+    "cmd": cmd_form,
+    "lookup": lambda text: lookup_form(text).text,
+}
+_CMD_CHARS = ("'", '"', "\\", "^", "$")  # "in" on a str: a C loop (set.isdisjoint(str) is not)
+_CMD_STARTS = (";", "|", "&", "`", "$(", "${", "\r")
+_SSRF_CANDIDATE = "ssrf-candidate"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    rule: str
+    detector: str
+    #: Where: "query:q", "body:/items/0/note", "header:user-agent", "path", ... (names made safe).
+    location: str
+    #: The target kind (path, query, name, header, cookie, body, filename): a bounded metric label.
+    kind: str
+    score: int
+    #: Report-only: recorded, never counted towards a denial.
+    reported: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    findings: tuple[Finding, ...] = ()
+    #: Sum of the scores of the enforced rules that matched (each rule counted once).
+    score: int = 0
+    #: A parser or size limit the request broke (denied with its status, whatever the score).
+    problem: BodyProblem | None = None
+    #: The problem was found by a rule or limit in report mode only.
+    problem_reported: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    max_parameters: int = 256
+    max_cookies: int = 64
+    #: Bytes of one header value.
+    max_header_bytes: int = 8192
+    json: JsonLimits = field(default_factory=JsonLimits)
+    #: "deny": a body Envoy cut is refused (413); "inspect": what arrived is inspected as text.
+    partial_body: str = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Exclusion:
+    """Findings of ``rules`` (ids or detector names; empty: all) on request paths ``paths`` (empty:
+    all) at ``locations`` (empty: all) are dropped."""
+
+    rules: frozenset[str] = frozenset()
+    paths: tuple[str, ...] = ()
+    locations: tuple[str, ...] = ()
+
+    def drops(self, rule: Rule | str, detector: str, request_path: str, location: str) -> bool:
+        rule_id = rule if isinstance(rule, str) else rule.id
+        if self.rules and rule_id not in self.rules and detector not in self.rules:
+            return False
+        if self.paths and not any(_path_matches(p, request_path) for p in self.paths):
+            return False
+        return not self.locations or any(_location_matches(p, location) for p in self.locations)
+
+
+def _path_matches(pattern: str, path: str) -> bool:
+    if pattern.endswith("/*"):
+        return path.startswith(pattern[:-1])
+    return path == pattern
+
+
+def _location_matches(pattern: str, location: str) -> bool:
+    if pattern == location:
+        return True
+    kind, _, name = pattern.partition(":")
+    loc_kind, _, loc_name = location.partition(":")
+    if kind != loc_kind:
+        return False
+    if kind == "body" and name.startswith("/"):
+        if name.endswith("/**"):
+            return loc_name == name[:-3] or loc_name.startswith(name[:-2])
+        tokens, loc_tokens = name.split("/"), loc_name.split("/")
+        return len(tokens) == len(loc_tokens) and all(t == "*" or t == u for t, u in zip(tokens, loc_tokens,
+                                                                                         strict=True))
+    return fnmatch.fnmatchcase(loc_name, name)
+
+
+@dataclass(frozen=True, slots=True)
+class InspectConfig:
+    rules: tuple[Rule, ...]
+    threshold: int = 5
+    report_only: bool = False
+    #: Rule ids and detector names whose findings are reported, never enforced.
+    report: frozenset[str] = frozenset()
+    exclusions: tuple[Exclusion, ...] = ()
+    ssrf: bool = True
+    ssrf_allow: tuple[str, ...] = ()
+    #: Bare internal addresses (no scheme) are reported as weak signals from this level on.
+    sensitivity: int = 1
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    inspect_body: bool = True
+    inspect_headers: bool = True
+
+
+class _OutOfBudget(Exception):
+    pass
+
+
+class _RuleSet:
+    """Rules compiled into one RE2 set (which matched) plus each one alone (where it matched)."""
+
+    def __init__(self, rules: list[Rule]) -> None:
+        self.rules = rules
+        self.set: re2.Set | None = None
+        if rules:
+            options = re2.Options()
+            options.max_mem = 64 << 20
+            self.set = re2.Set.SearchSet(options)
+            for rule in rules:
+                self.set.Add(rule.pattern)
+            self.set.Compile()
+
+    def matched(self, text: str) -> list[Rule]:
+        if self.set is None or not text:
+            return []
+        # The compiled set itself (the wrapper's Match adds a call and an isinstance per request).
+        hits = self.set._set.Match(text.encode("utf-8"))
+        return [self.rules[i] for i in hits] if hits else []
+
+
+class Inspector:
+    def __init__(self, config: InspectConfig) -> None:
+        self.config = config
+        self.compiled = {rule.id: re2.compile(rule.pattern) for rule in config.rules}
+        self.by_id = {rule.id: rule for rule in config.rules}
+        input_rules = [r for r in config.rules if r.targets & {"path", "query", "name", "cookie", "body", "header"}]
+        if config.ssrf:
+            # Not a finding: it says the text holds a URL or address worth classifying (see ssrf.py).
+            candidates = [CANDIDATE_PATTERN, METADATA_CANDIDATE_PATTERN]
+            if config.sensitivity >= 2:
+                candidates.append(BARE_CANDIDATE_PATTERN)
+            input_rules.append(Rule(_SSRF_CANDIDATE, "ssrf", 1, 0, "(?mi)" + "|".join(candidates),
+                                    frozenset({"query", "cookie", "body"})))
+        file_rules = [r for r in config.rules if "filename" in r.targets]
+        self.groups = {
+            "inputs": _RuleSet(input_rules),
+            "files": _RuleSet(file_rules),
+        }
+        self.allow = AddressAllowList(config.ssrf_allow) if config.ssrf_allow else None
+
+    # --- per request ---------------------------------------------------------------------------------
+    def inspect(self, request: Request) -> Verdict:
+        config = self.config
+        problem = self._request_limits(request)
+        if problem is not None:
+            return Verdict(problem=problem, problem_reported=config.report_only)
+        view = body_view(request) if config.inspect_body else None
+        if view is not None:
+            problem = view.problem
+            if problem is not None and problem.reason == "body_truncated" and config.limits.partial_body == "inspect":
+                problem = None
+            if problem is None and view.document is not None:
+                problem = view.document.problem(config.limits.json)
+            if problem is not None:
+                if view.document is not None and view.kind is BodyKind.JSON and problem.pointer:
+                    problem = BodyProblem(problem.reason, problem.status, problem.message,
+                                          safe_pointer(problem.pointer), problem.limit)
+                return Verdict(problem=problem, problem_reported=config.report_only)
+        values = RequestValues(request, view, headers=config.inspect_headers)
+        hits: dict[str, set[str]] = {}  # rule id -> groups to locate it in
+        # Decoded segment by segment (a body's decoded text is then reused to locate a match in it),
+        # matched as one text: one pass of each rule set. Locating a match looks only at the kinds
+        # its rule targets.
+        text = values.inputs_text(body=False)
+        if config.inspect_headers:
+            text = text + "\n" + values.headers_text()
+        body_text = values.body_text
+        decoded_values: dict[tuple[str, str], str] = {}  # (value, form) -> text, for locating
+        if body_text and view is not None and view.document is None and len(body_text) > 4096:
+            # A large text body is one value: decoded on its own, the result serves to locate a match.
+            body = decode(body_text)
+            decoded_values[(body_text, "")] = body.text
+            decoded = decode(text)
+            evasion = decoded.over_budget or body.over_budget
+            text = decoded.text + "\n" + body.text
+        else:
+            decoded = decode(text + "\n" + body_text if body_text else text)
+            evasion = decoded.over_budget
+            text = decoded.text
+        evasion |= self._scan("inputs", Decoded(text), hits)
+        filenames = values.filenames() if view is not None and view.parts else []
+        if filenames:
+            evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits)
+        ssrf_rules: set[str] = set()
+        if hits.pop(_SSRF_CANDIDATE, None) is not None:
+            ssrf_rules = self._ssrf(text)
+            if FLOOD in ssrf_rules:
+                ssrf_rules.discard(FLOOD)
+                evasion = True
+        if not hits and not ssrf_rules and not evasion:
+            return Verdict()
+        return self._verdict(request, values, hits, ssrf_rules, evasion, decoded_values)
+
+    def _request_limits(self, request: Request) -> BodyProblem | None:
+        limits = self.config.limits
+        raw_query = request.raw_query
+        if raw_query and raw_query.count("&") + raw_query.count(";") >= limits.max_parameters:
+            count = len([p for p in re.split(r"[&;]", raw_query) if p])
+            if count > limits.max_parameters:
+                return BodyProblem("request_limit_exceeded", 400,
+                                   f"the query has more than {limits.max_parameters} parameters", "query", "parameters")
+        cookie = request.headers.get("cookie")
+        if cookie and cookie.count(";") >= limits.max_cookies:
+            return BodyProblem("request_limit_exceeded", 400, f"more than {limits.max_cookies} cookies", "cookie",
+                               "cookies")
+        longest = limits.max_header_bytes
+        headers = request.headers
+        if sum(map(len, headers.values())) <= longest:  # all of them together are within: the usual case
+            return None
+        for name, value in headers.items():
+            if name.startswith(":"):  # the path and authority: Envoy's own limits apply to them
+                continue
+            if len(value) > longest and len(value.encode("utf-8", "surrogateescape")) > longest:
+                return BodyProblem("request_limit_exceeded", 400,
+                                   f"a header value is longer than {longest} bytes", f"header:{name}", "header_bytes")
+        return None
+
+    def _scan(self, group: str, decoded: Decoded, hits: dict[str, set[str]]) -> bool:
+        """One RE2 set match over the decoded text and, after it, each extra form the text needs:
+        an RE2 call costs a few microseconds whatever it matches, so one call over all forms beats
+        one per form. A rule that matched in a form it does not read is dropped when located."""
+        text = decoded.text
+        evasion = decoded.over_budget
+        forms = [text]
+        if "/*" in text:
+            forms.append(sql_form(text))
+        # Shell quoting only hides a command that something starts: a separator, a substitution.
+        if any(c in text for c in _CMD_CHARS) and any(c in text for c in _CMD_STARTS):
+            forms.append(cmd_form(text))
+        if "${" in text:
+            looked_up = lookup_form(text)
+            evasion |= looked_up.over_budget
+            forms.append(looked_up.text)
+        for rule in self.groups[group].matched("\n".join(forms) if len(forms) > 1 else text):
+            hits.setdefault(rule.id, set()).add(group)
+        return evasion
+
+    def _ssrf(self, text: str) -> set[str]:
+        if self.config.sensitivity >= 2:
+            bare = True
+        else:  # at level 1 a bare address (no scheme) counts only when it is a metadata endpoint
+            bare = "169.254.1" in text or "100.100.100.200" in text or "fd00:ec2:" in text.lower()
+        found = ssrf_findings(text, self.allow, bare=bare)
+        if self.config.sensitivity < 2:
+            found.discard("ssrf-bare-internal-address")
+        return found
+
+    # --- when something matched: where, exclusions, scores ------------------------------------------------
+    def _verdict(self, request: Request, values: RequestValues, hits: dict[str, set[str]], ssrf_rules: set[str],
+                 evasion: bool, cache: dict[tuple[str, str], str]) -> Verdict:  # fmt: skip
+
+        def form_of(value: str, form: str) -> str:
+            key = (value, form)
+            done = cache.get(key)
+            if done is None:
+                base = cache.get((value, ""))
+                if base is None:
+                    base = cache[(value, "")] = decode(value).text
+                done = cache[key] = base if form == "" else _FORM_FUNCTIONS[form](base)
+            return done
+
+        findings: list[Finding] = []
+        for rule_id, groups in hits.items():
+            rule = self.by_id[rule_id]
+            compiled = self.compiled[rule_id]
+            forms = ("", *sorted(rule.forms))
+
+            def matches(value: str, compiled: re2._Regexp = compiled, forms: tuple[str, ...] = forms) -> bool:
+                return any(compiled.search(form_of(value, form)) is not None for form in forms)
+
+            kinds = rule.targets
+            if "files" not in groups:
+                kinds = kinds - {"filename"}
+            if "inputs" not in groups:
+                kinds = kinds & {"filename"}
+            located = self._locate(values, kinds, matches)
+            self._add(findings, request, rule.id, rule.detector, rule.score, located)
+        ssrf_of: dict[str, set[str]] = {}
+
+        def ssrf_rules_of(value: str) -> set[str]:
+            found = ssrf_of.get(value)
+            if found is None:
+                found = ssrf_of[value] = self._ssrf(form_of(value, "")) - {FLOOD}
+            return found
+
+        for rule_id in sorted(ssrf_rules):
+            def has_rule(value: str, rule_id: str = rule_id) -> bool:
+                return rule_id in ssrf_rules_of(value)
+
+            _, score, _ = SSRF_RULES[rule_id]
+            located = self._locate(values, frozenset({"path", "query", "cookie", "body"}), has_rule)
+            self._add(findings, request, rule_id, "ssrf", score, located)
+        if evasion:
+            rule_id, _, score, _ = EVASION_RULE
+            self._add(findings, request, rule_id, "evasion", score, [("body", "request")])
+        score = sum({f.rule: f.score for f in findings if not f.reported}.values())
+        return Verdict(tuple(findings[:MAX_FINDINGS]), score)
+
+    def _locate(self, values: RequestValues, kinds: frozenset[str],
+                matches: Callable[[str], bool]) -> list[tuple[str, str]]:  # fmt: skip
+        located: list[tuple[str, str]] = []
+        for fld in values.fields(kinds):
+            if matches(fld.value):
+                located.append((fld.kind, fld.location))
+                if len(located) >= MAX_LOCATIONS_PER_RULE:
+                    return located
+        view = values.view
+        if "body" in kinds and view is not None and view.document is not None:
+            budget = [MAX_VALUES_LOCATED]
+
+            def bounded(value: str) -> bool:
+                budget[0] -= 1
+                if budget[0] < 0:
+                    raise _OutOfBudget
+                return matches(value)
+
+            try:
+                for pointer in view.document.find(bounded, keys=True):
+                    located.append(("body", "body:" + safe_pointer(pointer)))
+                    if len(located) >= MAX_LOCATIONS_PER_RULE:
+                        break
+            except _OutOfBudget:
+                # Too many values to try one by one: the rule matched the body's text, and where
+                # exactly is not worth milliseconds. Fail closed: the finding stands, on the body.
+                if not located:
+                    located.append(("body", "body"))
+        return located
+
+    def _add(self, findings: list[Finding], request: Request, rule_id: str, detector: str, score: int,
+             located: Iterable[tuple[str, str]]) -> None:  # fmt: skip
+        config = self.config
+        reported = config.report_only or rule_id in config.report or detector in config.report
+        for kind, location in located:
+            if any(x.drops(rule_id, detector, request.path, location) for x in config.exclusions):
+                continue
+            findings.append(Finding(rule_id, detector, location, kind, score, reported))
