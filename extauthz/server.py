@@ -21,8 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from extauthz import client_ip
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Authorizer, Decision
-from extauthz.policy import PolicySet, PolicySetError, PolicyWatcher, Services
-from extauthz.policy.loader import PolicyLoader
+from extauthz.policy import PolicyLoader, PolicySet, PolicySetError, PolicyWatcher, Services
 from extauthz.responses import DYNAMIC_METADATA_MODES, check_response_bytes
 from extauthz.telemetry import metrics as process_metrics
 from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
