@@ -21,6 +21,9 @@ the same program twice.
 from __future__ import annotations
 
 import re
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -236,7 +239,8 @@ def _activation(paths: tuple[tuple[str, ...], ...], values: list[Any]) -> dict[s
 class Expression:
     """A compiled CEL expression bound to the paths it reads."""
 
-    __slots__ = ("_direct", "_getters", "_memo", "_program", "_single", "paths", "result_type", "source")
+    __slots__ = ("__weakref__", "_direct", "_getters", "_memo", "_program", "_single", "paths", "result_type",
+                 "source")
 
     def __init__(
         self,
@@ -304,6 +308,17 @@ class Expression:
         return result
 
 
+#: The compile cache's key: source, accepted types, allowed roots, accessor factory.
+_CacheKey = tuple[str, frozenset[str] | None, frozenset[str] | None, AccessorFactory]
+#: Compiled expressions that something still holds (a served policy, the set being compiled), by
+#: what they were compiled from. It never holds one alive, so its size is that of the live sets.
+_COMPILED: weakref.WeakValueDictionary[_CacheKey, Expression] = weakref.WeakValueDictionary()
+#: Recent compile errors (a templated typo repeated in a thousand policies costs one compile).
+_FAILED: OrderedDict[_CacheKey, str] = OrderedDict()
+_FAILED_LIMIT = 512
+_CACHE_LOCK = threading.Lock()
+
+
 def compile_expression(
     source: str,
     accessor: AccessorFactory,
@@ -316,18 +331,46 @@ def compile_expression(
     ``expect`` (a CEL type name such as "bool", or a set such as :data:`KEY`) rejects expressions
     whose static type can never be one of them. ``allowed`` limits the root variables (e.g.
     identity keys cannot read ``identity``).
+
+    An expression compiled before with the same source, ``expect``, ``allowed`` and accessor
+    factory, and still held by something, is returned as it is: programs are immutable and an
+    expression's memo maps the same inputs to the same result, so policies share them. Compiling
+    takes about 1.5 ms and a thousand templated policies repeat a handful of expressions.
     """
     if not isinstance(source, str) or not source.strip():
         raise CelError("expression must be a non-empty string")
+    wanted = None if expect is None else frozenset((expect,) if isinstance(expect, str) else expect)
+    roots = None if allowed is None else frozenset(allowed)
+    key: _CacheKey = (source, wanted, roots, accessor)
+    with _CACHE_LOCK:
+        found = _COMPILED.get(key)
+        failure = _FAILED.get(key)
+    if found is not None:
+        return found
+    if failure is not None:
+        raise CelError(failure)
+    try:
+        expression = _compile(source, accessor, wanted, roots)
+    except CelError as exc:
+        with _CACHE_LOCK:
+            _FAILED[key] = str(exc)
+            while len(_FAILED) > _FAILED_LIMIT:
+                _FAILED.popitem(last=False)
+        raise
+    with _CACHE_LOCK:
+        _COMPILED[key] = expression
+    return expression
+
+
+def _compile(source: str, accessor: AccessorFactory, wanted: frozenset[str] | None,
+             allowed: frozenset[str] | None) -> Expression:
     try:
         checked_program = _CHECK_ENV.compile(source)
     except Exception as exc:
         raise CelError(_clean_message(str(exc))) from exc
     result_type = _type_name(checked_program.return_type())
-    if expect is not None:
-        wanted = frozenset((expect,) if isinstance(expect, str) else expect)
-        if not _accepts(wanted, result_type):
-            raise CelError(_mismatch(source, result_type, wanted))
+    if wanted is not None and not _accepts(wanted, result_type):
+        raise CelError(_mismatch(source, result_type, wanted))
     try:
         program = _EVAL_ENV.compile(source)
     except Exception as exc:  # cannot happen: the dynamic environment accepts more
@@ -336,7 +379,6 @@ def compile_expression(
     checked = ast_pb2.CheckedExpr.FromString(wrapped.value)
     paths = tuple(_dependencies(checked.expr, VARIABLES))
     if allowed is not None:
-        allowed = frozenset(allowed)
         for path in paths:
             if path[0] not in allowed:
                 raise CelError(f"'{path[0]}' is not available here (allowed: {', '.join(sorted(allowed))})")

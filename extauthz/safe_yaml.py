@@ -22,7 +22,7 @@ import yaml
 from yaml.composer import Composer
 from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.error import Mark, MarkedYAMLError
-from yaml.events import AliasEvent
+from yaml.events import AliasEvent, Event
 from yaml.nodes import Node
 from yaml.resolver import Resolver
 
@@ -85,8 +85,10 @@ class SafeYamlLoader(Composer, _EventSource, SafeConstructor, Resolver):  # type
         #: Nodes composed so far (across documents).
         self.nodes = 0
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
-        event = self.peek_event()
+    def admit(self, event: Event, depth: int) -> None:
+        """Count the node that ``event`` starts, ``depth`` levels down; raise YamlRefused for an
+        alias, an anchor, a node past the cap or one nested too deep. Whoever builds values from
+        events (this composer, policy.model's reader) calls it for every node before using it."""
         if isinstance(event, AliasEvent):
             raise YamlRefused(f"YAML aliases are not allowed (found *{event.anchor}); write the value out in full",
                               event.start_mark)
@@ -97,8 +99,11 @@ class SafeYamlLoader(Composer, _EventSource, SafeConstructor, Resolver):  # type
         self.nodes += 1
         if self.nodes > self.max_nodes:
             raise YamlRefused(f"more than {self.max_nodes} YAML nodes; split the file", event.start_mark)
-        if self._depth >= self.max_depth:
+        if depth >= self.max_depth:
             raise YamlRefused(f"nested deeper than {self.max_depth} levels", event.start_mark)
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        self.admit(self.peek_event(), self._depth)
         self._depth += 1
         try:
             return super().compose_node(parent, index)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Generic, TypeVar
 
-__all__ = ["WatchedPath", "visible_files"]
+__all__ = ["WatchedPath", "path_fingerprint", "visible_files"]
 
 log = logging.getLogger("extauthz.watched")
 
@@ -36,7 +36,9 @@ def visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
 
 
-def _fingerprint(path: Path) -> tuple:
+def path_fingerprint(path: Path) -> tuple:
+    """Changes whenever the file, or a visible file of the folder, is replaced, rewritten, added or
+    removed (real path, inode, size, mtime); an unreadable path gives ("error", errno)."""
     try:
         files = visible_files(path) if path.is_dir() else [path]
         items = []
@@ -118,8 +120,8 @@ class WatchedPath(Generic[T]):
 
     def _fingerprint(self) -> tuple:
         if self.related is None:
-            return _fingerprint(self.path)
-        return (_fingerprint(self.path), *(_fingerprint(p) for p in self.related() if p != self.path))
+            return path_fingerprint(self.path)
+        return (path_fingerprint(self.path), *(path_fingerprint(p) for p in self.related() if p != self.path))
 
     def _see_related(self, seen: tuple) -> None:
         """After a parse: when it read other files than the fingerprint covered, cover them now

@@ -8,7 +8,10 @@ The contract, for every check:
 
 - ``from_spec(spec, build)`` runs at policy load. It validates its section (reporting errors through
   ``build``), compiles everything it can (CEL, keys, tables) and returns the check, or ``None`` when
-  the section asks for nothing.
+  the section asks for nothing. A reload reuses the compiled policy while its document and the
+  files it read are unchanged, so files are reached through ``build.resolve_path`` or
+  ``build.watched`` (which record them); a check whose result depends on anything else calls
+  ``build.not_reusable()``.
 - ``credential_locations`` (optional): ``(kind, name)`` of every header, query parameter or cookie
   the check reads a credential from; the decision log redacts them whatever its allow-list says.
 - ``owned_headers`` (optional): the request headers the check sets on an allowed request, and

@@ -2,7 +2,7 @@
 
 from extauthz.policy.build import BuildContext, Services, Spec
 from extauthz.policy.compiler import CompiledPolicy, PolicySet, compile_documents
-from extauthz.policy.loader import PolicyWatcher, load_folder, read_documents
+from extauthz.policy.loader import PolicyLoader, PolicyWatcher, load_folder, read_documents
 from extauthz.policy.model import API_VERSION, Document, PolicyError, PolicySetError, parse_documents
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "CompiledPolicy",
     "Document",
     "PolicyError",
+    "PolicyLoader",
     "PolicySet",
     "PolicySetError",
     "PolicyWatcher",

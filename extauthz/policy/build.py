@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 from extauthz.cel import CelError, Expression, compile_expression
 from extauthz.context import accessor_for
 from extauthz.policy.model import Document, FieldPath, PolicyError
-from extauthz.watched import WatchedPath, watch_interval
+from extauthz.watched import WatchedPath, path_fingerprint, watch_interval
 
 __all__ = [
     "DURATION_MESSAGE", "DURATION_PATTERN", "PROBE", "BuildContext", "Probe", "Services", "Spec", "parse_duration",
@@ -69,7 +69,14 @@ class Services:
 
 @dataclass(slots=True)
 class BuildContext:
-    """Compile-time context of one policy document."""
+    """Compile-time context of one policy document.
+
+    A compiled policy is reused by the next load of the set while its document is unchanged and so
+    is everything else its compile read (see policy.compiler.CompileCache). Files and folders count
+    when they are reached through ``resolve_path`` or ``watched``, which record them; a check whose
+    result depends on anything else (another document, the clock, the network) calls
+    ``not_reusable``.
+    """
 
     document: Document
     folder: Path
@@ -79,6 +86,12 @@ class BuildContext:
     layer: bool = False
     #: Set by the schema generator only (through PROBE): records what the accessors read.
     probe: Probe | None = field(default_factory=PROBE.get)
+    #: The files and folders this compile read, with their fingerprints when it read them.
+    dependencies: dict[str, tuple] = field(default_factory=dict)
+    #: False once a check said its result may change while the files above do not.
+    reusable: bool = True
+    #: Fingerprints a path (the compiler shares one memo over a whole load).
+    fingerprint: Callable[[Path], tuple] = path_fingerprint
 
     @property
     def policy_name(self) -> str:
@@ -91,9 +104,23 @@ class BuildContext:
         return Spec(self, ("spec", section), self.document.body.get("spec", {}).get(section))
 
     def resolve_path(self, value: str) -> Path:
-        """A file path from a policy: relative ones are relative to the policy folder."""
+        """A file path from a policy: relative ones are relative to the policy folder. The policy
+        depends on it from now on: a later load recompiles it when the file or folder changed."""
         path = Path(value)
-        return path if path.is_absolute() else self.folder / path
+        path = path if path.is_absolute() else self.folder / path
+        self.depends_on(path)
+        return path
+
+    def depends_on(self, path: Path) -> None:
+        """Record that the compiled policy depends on ``path`` as it is now."""
+        key = str(path)
+        if key not in self.dependencies:
+            self.dependencies[key] = self.fingerprint(path)
+
+    def not_reusable(self) -> None:
+        """The compiled policy depends on more than its document and the files it named: compile it
+        again at every load."""
+        self.reusable = False
 
     def watched(self, node: Spec, value: str, parse: Callable[[Path], T], *, what: str,
                 key: tuple[Any, ...] = (), related: Callable[[], Iterable[Path]] | None = None) -> WatchedPath[T]:
@@ -155,11 +182,13 @@ class Spec:
         return self.value is not None
 
     def child(self, key: str | int) -> Spec:
+        parent = self.value
         value = None
-        if isinstance(self.value, Mapping) and isinstance(key, str):
-            value = self.value.get(key)
-        elif isinstance(self.value, list) and isinstance(key, int):
-            value = self.value[key]
+        if type(parent) is dict or isinstance(parent, Mapping):  # YAML gives dicts: skip the ABC check
+            if isinstance(key, str):
+                value = parent.get(key)
+        elif isinstance(parent, list) and isinstance(key, int):
+            value = parent[key]
         return Spec(self.build, (*self.path, key), value)
 
     def is_mapping(self, *, allowed: Iterable[str] | None = None, hints: Mapping[str, str] | None = None) -> bool:

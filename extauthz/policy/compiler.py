@@ -2,12 +2,17 @@
 
 Everything that can be prepared ahead of requests is prepared here: CEL programs, routing, keys,
 and the parts of responses that never change.
+
+A reload compiles only what changed: a :class:`CompileCache` keeps each compiled policy with the
+document it came from and the fingerprints of the files its compile read, and the next load reuses
+it while both are unchanged. What depends on the whole set (names, ties, routing, the headers other
+policies own) is computed again at every load, in time proportional to the set's size.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,13 +22,13 @@ from extauthz.policy.build import BuildContext, Services, Spec
 from extauthz.policy.model import API_VERSION, DOCUMENT_FIELDS, METADATA_FIELDS, Document, PolicyError, PolicySetError
 from extauthz.policy.routing import LayerRouter, Route, Router, Shadow, find_shadows, find_ties
 from extauthz.request import BadRequest, normalize_path
+from extauthz.watched import path_fingerprint
 
 if TYPE_CHECKING:
     from extauthz.identity.credentials import CredentialLocation
 
-__all__ = ["LAYER_KIND", "POLICY_KIND", "CompiledPolicy", "PolicySet", "compile_documents", "compile_policy",
-           "read_metadata",
-           "read_policy_document"]
+__all__ = ["LAYER_KIND", "POLICY_KIND", "CompileCache", "CompiledPolicy", "ForeignHeaders", "PolicySet",
+           "compile_documents", "compile_policy", "read_metadata", "read_policy_document"]
 
 POLICY_KIND = "AuthPolicy"
 #: Policies that run for every request they match, before the deciding policy; they never allow.
@@ -81,9 +86,18 @@ class PolicySet:
     #: Per deciding policy (by name): the headers other policies and layers set, which an allowed
     #: request never carries upstream unless a policy that ran set them itself (a client's own
     #: ``x-user: admin`` on a route whose policy sets no x-user).
-    foreign_headers: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    #: Selection oddities worth a warning (``extauthz validate``); never errors.
-    shadows: tuple[Shadow[CompiledPolicy], ...] = ()
+    foreign_headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: The deciding policies' routes in document order (the router holds them in the order tried).
+    routes: tuple[Route[CompiledPolicy], ...] = ()
+    _shadows: list[tuple[Shadow[CompiledPolicy], ...]] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def shadows(self) -> tuple[Shadow[CompiledPolicy], ...]:
+        """Selection oddities worth a warning (``extauthz validate``); never errors. Found on first
+        use: the sidecar never asks."""
+        if not self._shadows:
+            self._shadows.append(tuple(find_shadows(self.routes)))
+        return self._shadows[0]
 
     def credential_names(self, kind: str) -> frozenset[str]:
         """Names of the headers ("header"), query parameters ("query") or cookies ("cookie") that
@@ -149,6 +163,71 @@ def _match_routes(build: BuildContext, policy: CompiledPolicy | None) -> list[Ro
         for host in dict.fromkeys(host_patterns or [""])
         for path in dict.fromkeys(path_patterns or [""])
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """One document's compiled policy and routes, with what its compile read."""
+
+    document: Document
+    policy: CompiledPolicy
+    routes: tuple[Route[CompiledPolicy], ...]
+    #: (path, fingerprint when the compile read it) of every file and folder it read.
+    dependencies: tuple[tuple[str, tuple], ...]
+
+
+class CompileCache:
+    """Compiled policies of the last load, for the next load to reuse.
+
+    An entry is found by its document object: the loader hands out the same Document for a file
+    whose bytes did not change, so the same object means the same text from the same file. It is
+    reused only while every file and folder its compile read still has the fingerprint it had
+    then (a rotated key file, a key folder that lost the key a policy names): otherwise the policy
+    is compiled again and the new result, errors included, is what the set gets. Nothing else goes
+    into a policy's compile (the policy folder and the services are those of the loader; checks
+    that read more say so with ``BuildContext.not_reusable``), and everything that depends on the
+    whole set is computed at every load by ``compile_documents``.
+
+    Not thread-safe: one load at a time (the watcher's loads are sequential).
+    """
+
+    __slots__ = ("_entries", "reused")
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _Compiled] = {}
+        #: How many policies the last load reused (for logs and tests).
+        self.reused = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _lookup(self, doc: Document, fingerprint: Callable[[Path], tuple]) -> _Compiled | None:
+        entry = self._entries.get(id(doc))
+        if entry is None or entry.document is not doc:
+            return None
+        for path, seen in entry.dependencies:
+            if fingerprint(Path(path)) != seen:
+                return None
+        return entry
+
+    def _replace(self, entries: dict[int, _Compiled], reused: int) -> None:
+        """Keep exactly the entries of this load: documents gone from the folder go too."""
+        self._entries = entries
+        self.reused = reused
+
+
+def _memo(function: Callable[[Path], tuple]) -> Callable[[Path], tuple]:
+    """``function`` remembered per path for one load: a thousand policies naming one key file stat it once."""
+    seen: dict[str, tuple] = {}
+
+    def remembered(path: Path) -> tuple:
+        key = str(path)
+        found = seen.get(key)
+        if found is None:
+            found = seen[key] = function(path)
+        return found
+
+    return remembered
 
 
 def read_policy_document(build: BuildContext) -> tuple[Spec, bool, int] | None:
@@ -231,15 +310,39 @@ def compile_policy(build: BuildContext) -> tuple[CompiledPolicy | None, list[Rou
     return policy, routes
 
 
-def compile_documents(documents: Sequence[Document], folder: Path, services: Services | None = None) -> PolicySet:
-    """Compile a whole set; raise PolicySetError listing every problem."""
+def _compile_policy(
+    doc: Document, folder: Path, services: Services, errors: list[PolicyError],
+    fingerprint: Callable[[Path], tuple] = path_fingerprint,
+) -> tuple[_Compiled | None, bool]:
+    """The document's compiled policy (None when it has errors, which go to ``errors``), and
+    whether it may be reused by a later load."""
+    build = BuildContext(doc, folder, services, errors, doc.kind == LAYER_KIND, fingerprint=fingerprint)
+    policy, routes = compile_policy(build)
+    if policy is None:
+        return None, False
+    return _Compiled(doc, policy, tuple(routes), tuple(build.dependencies.items())), build.reusable
+
+
+def compile_documents(
+    documents: Sequence[Document], folder: Path, services: Services | None = None, *,
+    reuse: CompileCache | None = None,
+) -> PolicySet:
+    """Compile a whole set; raise PolicySetError listing every problem.
+
+    With ``reuse``, policies whose document and files did not change since the load that filled it
+    are taken from it, and it is refilled with this load's policies (also when the set is refused:
+    the policies that compiled are still right for their documents).
+    """
     services = services if services is not None else Services()
+    fingerprint = _memo(path_fingerprint)
     errors: list[PolicyError] = []
     policies: list[CompiledPolicy] = []
     routes: list[Route] = []
-    layer_routes: dict[str, list[Route]] = {}
+    layer_routes: dict[str, tuple[Route, ...]] = {}
     tests: list[Document] = []
     names: dict[str, Document] = {}
+    kept: dict[int, _Compiled] = {}
+    reused = 0
     for doc in documents:
         if doc.kind in IGNORED_KINDS:
             tests.append(doc)
@@ -254,15 +357,24 @@ def compile_documents(documents: Sequence[Document], folder: Path, services: Ser
             errors.append(doc.error(("metadata", "name"), f"duplicate policy name (also in {where})"))
             continue
         names[doc.name] = doc
-        build = BuildContext(doc, folder, services, errors, doc.kind == LAYER_KIND)
-        policy, policy_routes = compile_policy(build)
-        if policy is None:
-            continue
+        entry = reuse._lookup(doc, fingerprint) if reuse is not None else None
+        if entry is not None:
+            reused += 1
+            kept[id(doc)] = entry
+        else:
+            entry, reusable = _compile_policy(doc, folder, services, errors, fingerprint)
+            if entry is None:
+                continue
+            if reusable:
+                kept[id(doc)] = entry
+        policy = entry.policy
         policies.append(policy)
         if policy.layer:
-            layer_routes[policy.name] = policy_routes
+            layer_routes[policy.name] = entry.routes
         else:
-            routes.extend(policy_routes)
+            routes.extend(entry.routes)
+    if reuse is not None:
+        reuse._replace(kept, reused)
     by_policy = {p.name: names[p.name] for p in policies}
     for a, b in find_ties(routes):
         doc = by_policy[b.target.name]
@@ -280,14 +392,49 @@ def compile_documents(documents: Sequence[Document], folder: Path, services: Ser
     return PolicySet(
         tuple(policies), Router(routes), files, tuple(tests), layers,
         LayerRouter([route for layer in layers for route in layer_routes[layer.name]]),
-        _foreign_headers(policies), tuple(find_shadows(routes)),
+        ForeignHeaders(policies), tuple(routes),
     )
 
 
-def _foreign_headers(policies: Sequence[CompiledPolicy]) -> dict[str, tuple[str, ...]]:
-    """For each deciding policy, the headers that only other policies set (see PolicySet)."""
-    every = dict.fromkeys(name for p in policies for name in p.owned_headers)
-    return {
-        p.name: tuple(name for name in every if name not in p.owned_headers)
-        for p in policies if not p.layer
-    }
+class ForeignHeaders(Mapping[str, tuple[str, ...]]):
+    """For each deciding policy, the headers that only other policies set (see PolicySet).
+
+    Found per policy on first use and remembered, shared by policies that own the same headers:
+    building a thousand policies' lists up front would cost the square of the set's size when each
+    policy sets headers of its own.
+    """
+
+    __slots__ = ("_by_owned", "_deciding", "_every", "_found")
+
+    def __init__(self, policies: Sequence[CompiledPolicy]) -> None:
+        self._every = tuple(dict.fromkeys(name for p in policies for name in p.owned_headers))
+        self._deciding = {p.name: p.owned_headers for p in policies if not p.layer}
+        self._found: dict[str, tuple[str, ...]] = {}
+        self._by_owned: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        found = self._found.get(name)
+        if found is not None:
+            return found
+        owned = self._deciding[name]  # KeyError for a layer or an unknown name, as a dict would
+        found = self._by_owned.get(owned)
+        if found is None:
+            mine = set(owned)
+            found = self._by_owned[owned] = tuple(header for header in self._every if header not in mine)
+        self._found[name] = found
+        return found
+
+    def get(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:  # type: ignore[override]
+        found = self._found.get(name)
+        if found is not None:
+            return found
+        return self[name] if name in self._deciding else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._deciding)
+
+    def __len__(self) -> int:
+        return len(self._deciding)
+
+    def __bool__(self) -> bool:
+        return bool(self._every)  # nothing is foreign when no policy owns a header

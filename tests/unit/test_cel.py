@@ -317,3 +317,49 @@ def test_every_identity_field_any_source_sets_is_declared() -> None:
     assert set_here <= declared, set_here - declared
     spiffe = celvars_pb2.DESCRIPTOR.message_types_by_name["Spiffe"]
     assert set(spiffe.fields_by_name) == {"trust_domain", "path", "namespace", "service_account"}
+
+
+# --- the compile cache -----------------------------------------------------------------------------------
+def test_an_expression_compiled_again_is_the_same_program() -> None:
+    first = compile_("request.method == 'GET' && request.path.startsWith('/cache/')", expect=BOOL)
+    again = compile_("request.method == 'GET' && request.path.startsWith('/cache/')", expect=BOOL)
+    assert again is first
+    assert again.evaluate(ctx_for(method="GET", path="/cache/x")) is True
+
+
+def test_the_cache_never_answers_for_another_expected_type() -> None:
+    as_string = compile_("request.headers[?'x-cache-type'].orValue('a')", expect=STRING)
+    with pytest.raises(CelError, match="expected bool"):
+        compile_("request.headers[?'x-cache-type'].orValue('a')", expect=BOOL)
+    as_key = compile_("request.headers[?'x-cache-type'].orValue('a')", expect=KEY)
+    assert as_key is not as_string and as_key.result_type == as_string.result_type == "string"
+    # And the other way round: a bool program is not handed to a site that wants a string.
+    compile_("request.method == 'X-CACHE'", expect=BOOL)
+    with pytest.raises(CelError, match="expected string"):
+        compile_("request.method == 'X-CACHE'", expect=STRING)
+    # Nor to a site that allows fewer variables.
+    compile_("request.method == 'Y-CACHE'", expect=BOOL)
+    with pytest.raises(CelError, match="'request' is not available here"):
+        compile_("request.method == 'Y-CACHE'", expect=BOOL, allowed={"identity"})
+
+
+def test_a_failed_compile_fails_again_with_the_same_message() -> None:
+    with pytest.raises(CelError) as first:
+        compile_("request.methd == 'cache-miss'", expect=BOOL)
+    with pytest.raises(CelError) as again:
+        compile_("request.methd == 'cache-miss'", expect=BOOL)
+    assert str(again.value) == str(first.value) and "unknown field 'methd'" in str(first.value)
+
+
+def test_the_cache_holds_only_what_something_else_holds() -> None:
+    import gc
+
+    from extauthz import cel
+
+    source = "request.method == 'CACHE-WEAK'"
+    expr = compile_(source, expect=BOOL)
+    key = (source, BOOL, None, accessor_for)
+    assert cel._COMPILED.get(key) is expr
+    del expr
+    gc.collect()
+    assert cel._COMPILED.get(key) is None
