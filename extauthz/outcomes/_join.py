@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from extauthz.policy.build import Services
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One response as Envoy logged it."""
+
+    request_id: str
+    #: The HTTP status sent to the client (0 when none was: a reset, a timeout before headers).
+    status: int
+    #: Envoy's response flags in their short form (``UF``, ``UT``, ...), empty when none.
+    flags: str = ""
+
+
+#: Called once with the outcome of the request it was registered for; must not raise or block.
+OutcomeCallback = Callable[[Outcome], None]
+
+
+class OutcomeJoin:
+    """Callbacks waiting for the outcome of a request, bounded in count and age."""
+
+    __slots__ = ("_clock", "_waiting", "capacity", "delivered", "dropped", "enabled", "ttl")
+
+    def __init__(self, *, capacity: int = 100_000, ttl: float = 60.0, enabled: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = capacity
+        self.ttl = ttl
+        #: False when the sidecar was told no access logs will come (checks that need outcomes say
+        #: so at load and count only what they see themselves).
+        self.enabled = enabled
+        self._clock = clock
+        self._waiting: OrderedDict[str, tuple[float, list[OutcomeCallback]]] = OrderedDict()
+        self.delivered = 0
+        self.dropped = 0
+
+    def expect(self, request_id: str, callback: OutcomeCallback) -> None:
+        """Call ``callback`` when the outcome of ``request_id`` arrives (at most once, or never)."""
+        if not self.enabled or not request_id:
+            return
+        entry = self._waiting.get(request_id)
+        if entry is not None:
+            entry[1].append(callback)
+            return
+        now = self._clock()
+        self._waiting[request_id] = (now + self.ttl, [callback])
+        self._evict(now)
+
+    def deliver(self, outcome: Outcome) -> bool:
+        """Hand ``outcome`` to whoever waits for it; False when nobody did (or they gave up)."""
+        entry = self._waiting.pop(outcome.request_id, None)
+        if entry is None:
+            return False
+        deadline, callbacks = entry
+        if deadline < self._clock():
+            self.dropped += 1
+            return False
+        self.delivered += 1
+        for callback in callbacks:
+            callback(outcome)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def _evict(self, now: float) -> None:
+        waiting = self._waiting
+        while len(waiting) > self.capacity:
+            waiting.popitem(last=False)
+            self.dropped += 1
+        # Entries are in insertion order, so the expired ones are at the front; a few per call keeps
+        # the cost per request constant.
+        for _ in range(4):
+            if not waiting:
+                return
+            request_id, (deadline, _) = next(iter(waiting.items()))
+            if deadline >= now:
+                return
+            del waiting[request_id]
+            self.dropped += 1
+
+
+def outcomes_for(services: Services) -> OutcomeJoin:
+    """The sidecar's one join (shared by every policy and reload)."""
+    return services.shared(("outcomes",), lambda: OutcomeJoin(
+        enabled=bool(services.settings.get("access_logs", True))))
