@@ -20,6 +20,7 @@ from extauthz.api.envoy.service.auth.v3 import attribute_context_pb2, external_a
 
 __all__ = [
     "ENVOY_HEADERS",
+    "ENVOY_VALUE_PREFIX",
     "BadRequest",
     "HttpOrigin",
     "HttpParts",
@@ -463,17 +464,29 @@ def _filter_metadata(attrs: Any) -> Mapping[str, Any]:
 
 # --- Envoy's HTTP ext_authz protocol -------------------------------------------------------------
 #
-# In HTTP mode Envoy sends the client's request line and the headers its ``allowed_headers`` let
-# through; everything else a policy may read about the connection arrives in headers Envoy adds
-# itself (``authorization_request.headers_to_add``). Those are the only headers trusted as Envoy's
-# word, and only because Envoy's headers_to_add overwrite whatever the client sent under the same
-# name: the Envoy configuration must set every one of them, with ``keep_empty_value: true`` (without
-# it an empty value, e.g. no client certificate, leaves the client's own header in place). A request
-# missing any of them is refused (500, which Envoy turns into its status_on_error): it means the
-# configuration does not set them, and then a client could set them. docs/http-mode.md has the table.
+# In HTTP mode Envoy sends the client's method, path (after its ``path_prefix``), body and the
+# headers its ``allowed_headers`` let through; the Host it sends is the authorization cluster's.
+# Everything else a policy may read about the request and its connection arrives in headers Envoy
+# adds itself (``authorization_request.headers_to_add``), and those are trusted as Envoy's word:
+#
+# - Envoy's headers_to_add overwrite a client's header of the same name, but only when the value is
+#   not empty: with no client certificate, %DOWNSTREAM_PEER_URI_SAN% is empty and a client's own
+#   x-extauthz-peer-uri-san (when allowed_headers lets it through) would arrive untouched. So every
+#   value is configured as ``v1:`` followed by the formatter: never empty, always Envoy's.
+# - A request where any of them is missing or lacks ``v1:`` is refused (500, which Envoy turns into
+#   its status_on_error): the configuration does not set it, and then a client could. Every honest
+#   request shows such a mistake at once.
+#
+# docs/http-mode.md has the table and the Envoy configuration.
 
-#: Header -> the Envoy formatter its value must come from (authorization_request.headers_to_add).
+#: Every value Envoy's headers_to_add give starts with this (see above).
+ENVOY_VALUE_PREFIX = "v1:"
+#: Header -> the Envoy formatter after ENVOY_VALUE_PREFIX in its value (authorization_request.headers_to_add).
 ENVOY_HEADERS: Mapping[str, str] = MappingProxyType({
+    "x-extauthz-authority": "%REQ(:AUTHORITY)%",
+    "x-extauthz-scheme": "%REQ(:SCHEME)%",
+    "x-extauthz-protocol": "%PROTOCOL%",
+    "x-extauthz-stream-id": "%STREAM_ID%",
     "x-extauthz-peer-address": "%DOWNSTREAM_REMOTE_ADDRESS%",
     "x-extauthz-local-address": "%DOWNSTREAM_LOCAL_ADDRESS%",
     "x-extauthz-peer-uri-san": "%DOWNSTREAM_PEER_URI_SAN%",
@@ -481,14 +494,13 @@ ENVOY_HEADERS: Mapping[str, str] = MappingProxyType({
     "x-extauthz-peer-cert": "%DOWNSTREAM_PEER_CERT%",
     "x-extauthz-sni": "%REQUESTED_SERVER_NAME%",
     "x-extauthz-tls-version": "%DOWNSTREAM_TLS_VERSION%",
-    "x-extauthz-scheme": "%REQ(:SCHEME)%",
-    "x-extauthz-protocol": "%PROTOCOL%",
-    "x-extauthz-stream-id": "%STREAM_ID%",
 })
 _ENVOY_HEADER_NAMES = tuple(ENVOY_HEADERS)
+_PREFIX_LENGTH = len(ENVOY_VALUE_PREFIX)
 #: Headers of the hop between Envoy and us, not of the client's request: dropped from the view.
-#: (Envoy sends content-length for the body it forwards; the client's own is not sent.)
-_HOP_HEADERS = ("content-length", "transfer-encoding", "connection", "keep-alive", "x-envoy-expected-rq-timeout-ms")
+#: (Envoy sends content-length for the body it forwards, never the client's own; Host names us.)
+_HOP_HEADERS = ("host", "content-length", "transfer-encoding", "connection", "keep-alive", "x-envoy-internal",
+                "x-envoy-expected-rq-timeout-ms")
 
 
 def _split_address(text: str) -> tuple[str, int]:
@@ -564,22 +576,22 @@ def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
     values = []
     for name in _ENVOY_HEADER_NAMES:
         value = headers.pop(name, None)
-        if value is None:
-            raise BadRequest("envoy_header_missing", f"Envoy did not send {name}: its ext_authz http_service must set "
-                             f"it in authorization_request.headers_to_add (see docs/http-mode.md)", 500)
+        if value is None or not value.startswith(ENVOY_VALUE_PREFIX):
+            what = "did not send" if value is None else f"sent without the {ENVOY_VALUE_PREFIX!r} prefix"
+            raise BadRequest("envoy_header_missing", f"Envoy {what} {name}: its ext_authz http_service must set it "
+                             f"in authorization_request.headers_to_add as '{ENVOY_VALUE_PREFIX}{ENVOY_HEADERS[name]}' "
+                             f"(docs/http-mode.md)", 500)
         if lines and name in lines:
             raise BadRequest("duplicate_header", f"{name} appears more than once")
-        values.append(value)
+        values.append(value[_PREFIX_LENGTH:])
     for name in _HOP_HEADERS:
         if name in headers:
             del headers[name]
-    origin = HttpOrigin(values[9], values[7], values[8], values[5], values[6], values[0], values[1], values[2],
-                        values[3], values[4])
-
-    authority = headers.pop("host", "")
-    if lines and "host" in lines:
-        raise BadRequest("duplicate_header", ":authority appears more than once")
+    authority, scheme, protocol, stream_id, peer, local, uri_san, subject, cert, sni, tls_version = values
+    origin = HttpOrigin(stream_id, scheme, protocol, sni, tls_version, peer, local, uri_san, subject, cert)
     host = _normalized(authority, True)
+    if "," in authority:
+        raise BadRequest("duplicate_header", ":authority appears more than once")
 
     raw_path = parts.target
     if path_prefix:

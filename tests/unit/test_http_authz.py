@@ -16,7 +16,7 @@ import pytest
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from extauthz.decision import Decision
-from extauthz.request import ENVOY_HEADERS, BadRequest, HttpParts, request_from_check, request_from_http
+from extauthz.request import ENVOY_HEADERS, ENVOY_VALUE_PREFIX, BadRequest, HttpParts, request_from_check, request_from_http
 from extauthz.samples import check_request_from_sample
 from extauthz.server import Settings, Sidecar
 from extauthz.wire.http_authz import HttpAuthzLimits, http_response_bytes
@@ -40,20 +40,21 @@ def _free_port() -> int:
 
 
 def envoy_headers(**values: str) -> dict[str, str]:
-    """The headers Envoy's headers_to_add set on every authorization request (empty when unknown)."""
+    """The headers Envoy's headers_to_add set on every authorization request ("v1:" and the value)."""
     found = dict.fromkeys(ENVOY_HEADERS, "")
+    found["x-extauthz-authority"] = "api.example.com"
     found["x-extauthz-peer-address"] = "10.1.2.3:40000"
     found["x-extauthz-local-address"] = "10.0.0.1:8443"
     found["x-extauthz-scheme"] = "https"
     found["x-extauthz-protocol"] = "HTTP/1.1"
     found["x-extauthz-stream-id"] = "12345"
     found.update({f"x-extauthz-{k.replace('_', '-')}": v for k, v in values.items()})
-    return found
+    return {name: ENVOY_VALUE_PREFIX + value for name, value in found.items()}
 
 
 def raw_request(method: str, target: str, headers: dict[str, str], body: bytes = b"", *,
                 envoy: bool = True) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "host: api.example.com"]
+    lines = [f"{method} {target} HTTP/1.1", "host: 127.0.0.1:9292"]  # Envoy sends the cluster's host
     every = {**(envoy_headers() if envoy else {}), **headers}
     lines += [f"{name}: {value}" for name, value in every.items()]
     lines.append(f"content-length: {len(body)}")
@@ -185,10 +186,10 @@ def test_peer_identity_comes_from_envoys_headers_only(folder: Path) -> None:
 
 def test_request_view_mapping() -> None:
     cert = "-----BEGIN%20CERTIFICATE-----%0AMIIB-----END%20CERTIFICATE-----%0A"
-    headers = {"host": "API.Example.com:443", "x-tenant": "a", "content-length": "5",
-               "x-envoy-auth-partial-body": "true",
+    headers = {"host": "127.0.0.1:9292", "x-tenant": "a", "content-length": "5", "x-envoy-internal": "true",
+               "x-envoy-expected-rq-timeout-ms": "500", "x-envoy-auth-partial-body": "true",
                **envoy_headers(peer_uri_san="spiffe://td/a", peer_cert=cert, sni="api.example.com",
-                               tls_version="TLSv1.3", peer_address="[::1]:5000")}
+                               tls_version="TLSv1.3", peer_address="[::1]:5000", authority="API.Example.com:443")}
     request = request_from_http(HttpParts("POST", "/authz/a/../b?x=1", headers, b"hello"), "/authz")
     assert (request.method, request.host, request.path, request.raw_path, request.raw_query) == (
         "POST", "api.example.com", "/b", "/a/../b?x=1", "x=1")
@@ -196,7 +197,8 @@ def test_request_view_mapping() -> None:
     assert request.headers[":authority"] == "API.Example.com:443"
     assert request.headers[":path"] == "/a/../b?x=1"
     assert request.headers[":method"] == "POST" and request.headers[":scheme"] == "https"
-    assert "content-length" not in request.headers and "host" not in request.headers
+    assert request.headers == {"x-tenant": "a", "x-envoy-auth-partial-body": "true", ":authority": "API.Example.com:443",
+                               ":path": "/a/../b?x=1", ":method": "POST", ":scheme": "https"}
     assert not any(name.startswith("x-extauthz-") for name in request.headers)
     assert request.source.address == "::1" and request.source.port == 5000
     assert request.source.principal == "spiffe://td/a"
@@ -208,16 +210,21 @@ def test_request_view_mapping() -> None:
     assert request.context_extensions == {} and request.metadata == {}
     assert request.size == -1 and request.timestamp == 0.0
     # The subject stands in for the principal when the certificate has no URI SAN, as in gRPC mode.
-    headers = {"host": "h", **envoy_headers(peer_subject="CN=client")}
+    headers = envoy_headers(peer_subject="CN=client")
     assert request_from_http(HttpParts("GET", "/", headers)).source.principal == "CN=client"
     with pytest.raises(BadRequest, match="prefix"):
-        request_from_http(HttpParts("GET", "/other/x", {"host": "h", **envoy_headers()}), "/authz")
+        request_from_http(HttpParts("GET", "/other/x", envoy_headers()), "/authz")
     with pytest.raises(BadRequest) as missing:
         request_from_http(HttpParts("GET", "/x", {"host": "h"}))
     assert missing.value.status == 500
+    # A value without "v1:" is not Envoy's (or Envoy is configured without it): refused too.
+    unmarked = {**envoy_headers(), "x-extauthz-peer-uri-san": "spiffe://td/ns/a/sa/b"}
+    with pytest.raises(BadRequest, match="x-extauthz-peer-uri-san.*v1:%DOWNSTREAM_PEER_URI_SAN%") as missing:
+        request_from_http(HttpParts("GET", "/x", unmarked))
+    assert missing.value.status == 500
     # The gRPC view of the same request has the same fields.
     grpc_view = request_from_check(check_request_from_sample({"method": "GET", "host": "h", "path": "/x"}))
-    http_view = request_from_http(HttpParts("GET", "/x", {"host": "h", **envoy_headers()}))
+    http_view = request_from_http(HttpParts("GET", "/x", envoy_headers(authority="h")))
     assert grpc_view[:5] == http_view[:5]
 
 
