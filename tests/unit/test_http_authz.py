@@ -16,7 +16,14 @@ import pytest
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from extauthz.decision import Decision
-from extauthz.request import ENVOY_HEADERS, ENVOY_VALUE_PREFIX, BadRequest, HttpParts, request_from_check, request_from_http
+from extauthz.request import (
+    ENVOY_HEADERS,
+    ENVOY_VALUE_PREFIX,
+    BadRequest,
+    HttpParts,
+    request_from_check,
+    request_from_http,
+)
 from extauthz.samples import check_request_from_sample
 from extauthz.server import Settings, Sidecar
 from extauthz.wire.http_authz import HttpAuthzLimits, http_response_bytes
@@ -219,7 +226,7 @@ def test_request_view_mapping() -> None:
     assert missing.value.status == 500
     # A value without "v1:" is not Envoy's (or Envoy is configured without it): refused too.
     unmarked = {**envoy_headers(), "x-extauthz-peer-uri-san": "spiffe://td/ns/a/sa/b"}
-    with pytest.raises(BadRequest, match="x-extauthz-peer-uri-san.*v1:%DOWNSTREAM_PEER_URI_SAN%") as missing:
+    with pytest.raises(BadRequest, match=r"x-extauthz-peer-uri-san.*v1:%DOWNSTREAM_PEER_URI_SAN%") as missing:
         request_from_http(HttpParts("GET", "/x", unmarked))
     assert missing.value.status == 500
     # The gRPC view of the same request has the same fields.
