@@ -95,12 +95,14 @@ def _headers_to_add(config: dict[str, Any]) -> dict[str, str]:
 
 def test_the_headers_envoy_sets_for_the_sidecar_can_never_come_from_the_client(config) -> None:
     """Envoy skips a headers_to_add entry whose value is empty (no client certificate, no SNI) and would
-    then pass the client's own header of that name: disallowed_headers must drop every such name."""
+    then pass the client's own header of that name: every value has a constant prefix (never empty), and
+    disallowed_headers drops every such name from the client's headers as well."""
     authz = _authz(config)
     added = _headers_to_add(config)
     disallowed = [p["prefix"] for p in authz["disallowed_headers"]["patterns"]]
-    for name in added:
+    for name, value in added.items():
         assert any(name.startswith(p) for p in disallowed), name
+        assert value.startswith("v1:%") and value.endswith("%"), (name, value)
     # ...and the application never sees the client's copy either.
     assert sorted(_hcm(config)["route_config"]["request_headers_to_remove"]) == sorted(added)
     # Every other header reaches the sidecar: a policy may read any of them.
@@ -110,10 +112,8 @@ def test_the_headers_envoy_sets_for_the_sidecar_can_never_come_from_the_client(c
 def test_the_headers_envoy_sets_are_the_ones_the_sidecar_reads(config) -> None:
     from extauthz import request
 
-    expected = getattr(request, "ENVOY_HEADERS", None)
-    if expected is None:
-        pytest.skip("this checkout's sidecar has no HTTP mode (extauthz.request.ENVOY_HEADERS)")
-    assert _headers_to_add(config) == dict(expected)
+    assert _headers_to_add(config) == {name: request.ENVOY_VALUE_PREFIX + formatter
+                                       for name, formatter in request.ENVOY_HEADERS.items()}
 
 
 def _matcher(config: dict[str, Any], field: str) -> str:
