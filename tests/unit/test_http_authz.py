@@ -26,7 +26,7 @@ from extauthz.request import (
 )
 from extauthz.samples import check_request_from_sample
 from extauthz.server import Settings, Sidecar
-from extauthz.wire.http_authz import HttpAuthzLimits, http_response_bytes
+from extauthz.wire.http_authz import HttpAuthzLimits, HttpAuthzServer, _continued, http_response_bytes
 
 POLICY = """
 match: {hosts: [api.example.com], paths: [/x]}
@@ -235,7 +235,13 @@ def test_request_view_mapping() -> None:
     assert grpc_view[:5] == http_view[:5]
 
 
-def test_keep_alive_pipelining_and_head(folder: Path) -> None:
+@pytest.mark.parametrize("eager", [True, False], ids=["decided-inline", "decided-in-tasks"])
+def test_keep_alive_pipelining_and_head(folder: Path, eager: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers come back in request order whether a decision is made as its request completes (no
+    policy waits on I/O) or in a Task of its own (some policy may)."""
+    if not eager:
+        monkeypatch.setattr(HttpAuthzServer, "eager", lambda self: False)
+
     async def scenario() -> None:
         async with sidecar(folder) as sc:
             reader, writer = await connect(sc)
@@ -352,3 +358,29 @@ def test_http_only_sidecar_refuses_policies_reading_what_only_grpc_sends(
     with pytest.raises(PolicySetError, match=r"context.*only to a gRPC"):
         sc.load_initial()
     Sidecar(Settings(policies=folder, http_authz_listen="127.0.0.1:1")).load_initial()  # gRPC served too: fine
+
+
+def test_a_decision_that_suspends_is_carried_on_by_a_task() -> None:
+    """The inline path runs a decision up to its first suspension; a Task finishes it, with what it
+    awaited, and a cancellation reaches it."""
+
+    async def decide(future: asyncio.Future[bytes]) -> bytes:
+        await asyncio.sleep(0)
+        return b"answer:" + await future
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        coro = decide(future)
+        yielded = coro.send(None)  # suspends in asyncio.sleep(0)
+        task = loop.create_task(_continued(coro, yielded))
+        loop.call_later(0.01, future.set_result, b"ok")
+        assert await task == b"answer:ok"
+        waiting = decide(loop.create_future())
+        task = loop.create_task(_continued(waiting, waiting.send(None)))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
