@@ -28,7 +28,7 @@ from extauthz.telemetry import metrics as process_metrics
 from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
 from extauthz.telemetry.metrics import Metrics, multiprocess_dir
 from extauthz.telemetry.tracing import SubjectHasher, subject_hash_key
-from extauthz.wire.http_authz import HttpAuthzServer
+from extauthz.wire.http_authz import HttpAuthzLimits, HttpAuthzServer
 
 __all__ = ["Settings", "Sidecar", "StartupError", "check_listeners", "serve"]
 
@@ -371,8 +371,9 @@ class Sidecar:
         address = self.settings.http_authz_listen
         if not address:
             return
+        limits = self.settings.http_authz_limits or HttpAuthzLimits(max_body_bytes=self.settings.max_message_bytes)
         server = HttpAuthzServer(self.authorizer, path_prefix=self.settings.http_authz_path_prefix,
-                                 metadata=self._metadata, limits=self.settings.http_authz_limits, metrics=self.metrics)
+                                 metadata=self._metadata, limits=limits, metrics=self.metrics)
         host, _, port = address.rpartition(":")
         try:
             await server.start(host.strip("[]"), int(port), reuse_port=self.settings.reuse_port)

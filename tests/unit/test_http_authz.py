@@ -384,3 +384,35 @@ def test_a_decision_that_suspends_is_carried_on_by_a_task() -> None:
             await task
 
     asyncio.run(scenario())
+
+
+def test_decision_log_and_spans_are_those_of_a_grpc_check(folder: Path, tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from extauthz.telemetry.decision_log import DecisionLogConfig
+    from extauthz.telemetry.tracing import SubjectHasher, Tracing, _default_propagator
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider, _default_propagator(), SubjectHasher("hash", b"k"))
+    log_file = tmp_path / "decisions.log"
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async def scenario() -> None:
+        async with sidecar(folder, tracing=tracing,
+                           decision_log=DecisionLogConfig(destination=str(log_file), allow_sample=1.0)) as sc:
+            headers = {"x-tenant": "b", "x-request-id": "log-1", "traceparent": parent}
+            assert (await ask(sc, "GET", "/x", {**headers, **envoy_headers(peer_uri_san="spiffe://td/w")}))[0] == 403
+
+    asyncio.run(scenario())
+    record = json.loads(log_file.read_text().splitlines()[-1])
+    assert (record["decision_id"], record["policy"], record["host"], record["path"]) == ("log-1", "a",
+                                                                                         "api.example.com", "/x")
+    assert (record["source_address"], record["source_principal"]) == ("10.1.2.3", "spiffe://td/w")
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    check = spans["extauthz.check"]
+    assert f"{check.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"  # Envoy's span is the parent
+    assert check.attributes["extauthz.decision"] == "deny"
