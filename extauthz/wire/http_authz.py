@@ -365,8 +365,14 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except _TooLarge:
             self._refuse(*self.refusal)  # type: ignore[misc]
-        except httptools.HttpParserUpgrade:
-            self._refuse(400, "malformed_request", "protocol upgrades are not accepted")
+        except httptools.HttpParserUpgrade as upgrade:
+            # A request with "Connection: upgrade" (a WebSocket handshake Envoy asks about) is a
+            # request like any other here: it was answered; we never switch protocols. llhttp stops
+            # after it, so a fresh parser reads what follows.
+            self.parser = httptools.HttpRequestParser(self)
+            offset = upgrade.args[0] if upgrade.args and isinstance(upgrade.args[0], int) else len(data)
+            if offset < len(data) and not self.reading:
+                self.data_received(data[offset:])
         except (httptools.HttpParserError, UnicodeDecodeError):
             # httptools wraps what a callback raised (its cause is not kept): a limit kept its answer.
             refusal = self.refusal

@@ -260,6 +260,12 @@ def test_keep_alive_pipelining_and_head(folder: Path, eager: bool, monkeypatch: 
             # and the connection still serves the next request
             writer.write(raw_request("GET", "/x", {"x-tenant": "a"}))
             assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+            # A WebSocket handshake is judged like any request (we never switch protocols), and
+            # what follows it on the connection is read as usual.
+            upgrade = raw_request("GET", "/x", {"x-tenant": "a", "connection": "upgrade", "upgrade": "websocket"})
+            writer.write(upgrade + raw_request("GET", "/x", {"x-tenant": "b"}))
+            assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+            assert (await asyncio.wait_for(read_response(reader), 5))[0] == 403
             # Connection: close is honoured
             writer.write(raw_request("GET", "/x", {"x-tenant": "a", "connection": "close"}))
             status, headers, _ = await asyncio.wait_for(read_response(reader), 5)
