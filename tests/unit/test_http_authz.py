@@ -422,3 +422,29 @@ def test_decision_log_and_spans_are_those_of_a_grpc_check(folder: Path, tmp_path
     check = spans["extauthz.check"]
     assert f"{check.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"  # Envoy's span is the parent
     assert check.attributes["extauthz.decision"] == "deny"
+
+
+def test_command_line(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from extauthz.cli import main
+
+    assert main(["serve", "--policies", str(folder), "--listen", "off", "--decision-log", "off"]) == 2
+    assert "--listen off needs --http-authz-listen" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--policies", str(folder), "--http-authz-path-prefix", "authz/"])
+    assert exited.value.code == 2
+    assert "a path prefix starts with '/'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--policies", str(folder), "--http-authz-listen", "unix:/tmp/x.sock"])
+    assert "takes HOST:PORT" in capsys.readouterr().err
+
+
+def test_http_only_sidecar_serves_and_stops(folder: Path) -> None:
+    async def scenario() -> None:
+        async with sidecar(folder, listen="") as sc:
+            assert sc.grpc_server is None and sc.readiness()[0]
+            assert (await ask(sc, "GET", "/x", {"x-tenant": "a"}))[0] == 200
+            reader, writer = await connect(sc)  # an idle keep-alive connection is closed at stop
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+    asyncio.run(scenario())
