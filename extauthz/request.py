@@ -581,6 +581,21 @@ def header_kind(name: str) -> int:
     return HOP_HEADER if name in _HOP_HEADERS else CLIENT_HEADER
 
 
+_startswith = str.startswith
+_PREFIXES = (ENVOY_VALUE_PREFIX,) * len(ENVOY_HEADERS)
+
+
+def _refuse_envoy_headers(envoy: Mapping[str, str]) -> None:
+    """Raise for the first of ENVOY_HEADERS missing or without the prefix."""
+    for name, formatter in ENVOY_HEADERS.items():
+        value = envoy.get(name)
+        if value is None or not value.startswith(ENVOY_VALUE_PREFIX):
+            what = "did not send" if value is None else f"sent without the {ENVOY_VALUE_PREFIX!r} prefix"
+            raise BadRequest("envoy_header_missing", f"Envoy {what} {name}: its ext_authz http_service must set it "
+                             f"in authorization_request.headers_to_add as '{ENVOY_VALUE_PREFIX}{formatter}' "
+                             f"(docs/http-mode.md)", 500)
+
+
 def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
     """Build the request view from Envoy's HTTP authorization request, or raise BadRequest.
 
@@ -597,17 +612,14 @@ def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
         for name in _HOP_HEADERS:
             if name in headers:
                 del headers[name]
-    values = []
-    for name in _ENVOY_HEADER_NAMES:
-        value = envoy.get(name)
-        if value is None or not value.startswith(ENVOY_VALUE_PREFIX):
-            what = "did not send" if value is None else f"sent without the {ENVOY_VALUE_PREFIX!r} prefix"
-            raise BadRequest("envoy_header_missing", f"Envoy {what} {name}: its ext_authz http_service must set it "
-                             f"in authorization_request.headers_to_add as '{ENVOY_VALUE_PREFIX}{ENVOY_HEADERS[name]}' "
-                             f"(docs/http-mode.md)", 500)
-        if lines and name in lines:
-            raise BadRequest("duplicate_header", f"{name} appears more than once")
-        values.append(value[_PREFIX_LENGTH:])
+    sent = list(map(envoy.get, _ENVOY_HEADER_NAMES))  # C loops: this runs for every request
+    if None in sent or False in map(_startswith, sent, _PREFIXES):
+        _refuse_envoy_headers(envoy)
+    if lines:
+        for name in _ENVOY_HEADER_NAMES:
+            if name in lines:
+                raise BadRequest("duplicate_header", f"{name} appears more than once")
+    values = [value[_PREFIX_LENGTH:] for value in sent]
     authority, scheme, protocol, stream_id, peer, local, uri_san, subject, cert, sni, tls_version = values
     origin = HttpOrigin(stream_id, scheme, protocol, sni, tls_version, peer, local, uri_san, subject, cert)
     host = _normalized(authority, True)

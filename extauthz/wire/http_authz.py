@@ -306,12 +306,13 @@ class HttpAuthzServer:
 class _Connection(asyncio.Protocol):
     """One connection from Envoy: httptools calls the ``on_*`` methods as bytes arrive."""
 
-    __slots__ = ("body", "body_size", "closing", "deadline", "envoy", "head_bytes", "headers", "lines", "loop",
-                 "parser", "paused", "pending", "raw", "reading", "refusal", "server", "transport", "url",
+    __slots__ = ("body", "body_size", "closing", "deadline", "envoy", "head_bytes", "headers", "limits", "lines",
+                 "loop", "parser", "paused", "pending", "raw", "reading", "refusal", "server", "transport", "url",
                  "write_paused")
 
     def __init__(self, server: HttpAuthzServer) -> None:
         self.server = server
+        self.limits = server.limits
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -338,7 +339,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
-        self.deadline = self.loop.time() + self.server.limits.idle_timeout
+        self.deadline = self.loop.time() + self.limits.idle_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -350,7 +351,7 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.deadline = self.loop.time() + self.server.limits.request_timeout  # Envoy reads its answers
+        self.deadline = self.loop.time() + self.limits.request_timeout  # Envoy reads its answers
         self._pause()
 
     def resume_writing(self) -> None:
@@ -391,22 +392,19 @@ class _Connection(asyncio.Protocol):
     # --- httptools ---
     def on_message_begin(self) -> None:
         self.reading = True
-        self.deadline = self.loop.time() + self.server.limits.request_timeout
+        self.deadline = self.loop.time() + self.limits.request_timeout
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         self.head_bytes += len(url)
-        if self.head_bytes > self.server.limits.max_header_bytes:
+        if self.head_bytes > self.limits.max_header_bytes:
             self._too_large(431, "headers_too_large", "request line and headers are too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value)
-        if self.head_bytes > self.server.limits.max_header_bytes:
+        size = self.head_bytes = self.head_bytes + len(name) + len(value)
+        if size > self.limits.max_header_bytes:
             self._too_large(431, "headers_too_large", "request line and headers are too large")
-        known = _NAMES.get(name)
-        if known is None:
-            known = _name(name)
-        key, kind = known
+        key, kind = _NAMES.get(name) or _name(name)
         if kind == HOP_HEADER:
             return  # content-length and the like: the parser's business, not the view's
         try:
@@ -428,7 +426,7 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
-        if self.body_size > self.server.limits.max_body_bytes:
+        if self.body_size > self.limits.max_body_bytes:
             self._too_large(413, "body_too_large", "request body is too large")
         self.body.append(body)
 
@@ -470,7 +468,7 @@ class _Connection(asyncio.Protocol):
             task = self.loop.create_task(_continued(coro, yielded), context=context)
         task.add_done_callback(self._answered)
         self.pending.append(task)
-        if len(self.pending) >= self.server.limits.max_pipelined:
+        if len(self.pending) >= self.limits.max_pipelined:
             self._pause()
 
     # --- answers, in request order ---
@@ -499,12 +497,12 @@ class _Connection(asyncio.Protocol):
                 transport.close()
                 return
             self._idle_deadline()
-        if self.paused and len(pending) < self.server.limits.max_pipelined:
+        if self.paused and len(pending) < self.limits.max_pipelined:
             self._resume()
 
     def _idle_deadline(self) -> None:
         if not self.reading and not self.pending and not self.write_paused:
-            self.deadline = self.loop.time() + self.server.limits.idle_timeout
+            self.deadline = self.loop.time() + self.limits.idle_timeout
         elif not self.reading:
             self.deadline = 0.0  # answers being decided: the check timeout bounds them
 
