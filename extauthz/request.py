@@ -612,7 +612,7 @@ def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
         for name in _HOP_HEADERS:
             if name in headers:
                 del headers[name]
-    sent = list(map(envoy.get, _ENVOY_HEADER_NAMES))  # C loops: this runs for every request
+    sent: list[Any] = list(map(envoy.get, _ENVOY_HEADER_NAMES))  # C loops: this runs for every request
     if None in sent or False in map(_startswith, sent, _PREFIXES):
         _refuse_envoy_headers(envoy)
     if lines:
