@@ -216,7 +216,9 @@ def test_request_view_mapping() -> None:
         "api.example.com", "TLSv1.3", "https", "HTTP/1.1", "12345")
     assert request.context_extensions == {} and request.metadata == {}
     assert request.size == -1 and request.timestamp == 0.0
-    # The subject stands in for the principal when the certificate has no URI SAN, as in gRPC mode.
+    # As in gRPC mode: no URI SAN, the first DNS SAN; neither, the subject.
+    headers = envoy_headers(peer_dns_san="a.example.com,b.example.com", peer_subject="CN=client")
+    assert request_from_http(HttpParts("GET", "/", headers)).source.principal == "a.example.com"
     headers = envoy_headers(peer_subject="CN=client")
     assert request_from_http(HttpParts("GET", "/", headers)).source.principal == "CN=client"
     with pytest.raises(BadRequest, match="prefix"):
