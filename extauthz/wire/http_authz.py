@@ -443,6 +443,7 @@ class _Connection(asyncio.Protocol):
                           {name: tuple(values) for name, values in lines.items()} if lines else {}, self.envoy)
         self._reset()
         self.reading = False
+        self.deadline = 0.0  # until it is answered, the check timeout bounds the wait, not us
         if close:
             self.closing = True  # nothing after this request is read
         coro = self.server.answer(parts, method == "HEAD", close)
