@@ -64,9 +64,13 @@ __all__ = [
     "Account",
     "BasicSource",
     "HashPolicy",
+    "PasswordPool",
     "PasswordTable",
     "Verifier",
+    "cache_key",
+    "check_password",
     "decode_basic",
+    "parse_htpasswd",
     "read_htpasswd",
 ]
 
@@ -100,7 +104,6 @@ DEFAULT_MIN_BCRYPT_COST = 10
 DEFAULT_MIN_ARGON2 = (19 * 1024, 2, 1)
 DEFAULT_CACHE_SECONDS = 60.0
 DEFAULT_MAX_CONCURRENT = 8
-LOCATION = CredentialLocation("header", "authorization", "Basic", forward=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -14,7 +15,7 @@ import bcrypt
 import pytest
 from argon2 import PasswordHasher
 from material import authorizer as make_authorizer
-from material import decide, decide_now, exposed, write_policy, www_authenticate
+from material import decide, decide_now, exposed, public_jwk, rsa_key, write_policy, www_authenticate
 
 from extauthz.identity import Rejected
 from extauthz.identity.basic import (
@@ -387,3 +388,48 @@ def test_the_header_is_a_credential_location(tmp_path, htpasswd):
     auth = _auth(tmp_path)
     assert ("header", "authorization") in auth.policy_set.policies[0].credential_locations
     assert "authorization" in auth.policy_set.credential_names("header")
+
+
+def test_a_verification_that_straddles_a_reload_is_not_cached(tmp_path, htpasswd):
+    """Verified against the old hash while the new file arrived: answered, but never remembered."""
+    auth = _auth(tmp_path)
+    source = _source(auth)
+    pool = PasswordPool(threads=1)
+    source.verifier = Verifier(pool, 1)
+    gate = threading.Event()
+
+    async def run():
+        blocker = pool.executor().submit(gate.wait, 10)
+        pending = asyncio.ensure_future(decide(auth, _basic("alice", PASSWORDS["alice"])))
+        for _ in range(1000):  # until the request holds the one slot (its verification is queued)
+            if source.verifier.busy():
+                break
+            await asyncio.sleep(0.001)
+        assert source.verifier.busy()
+        _replace(htpasswd, f"alice:{_bcrypt('rotated')}\n")
+        assert source.table.refresh()
+        gate.set()
+        await asyncio.wrap_future(blocker)
+        return await pending
+
+    try:
+        assert asyncio.run(run()).allowed
+    finally:
+        gate.set()
+        asyncio.run(pool.aclose())
+    assert len(source.cache) == 0
+    assert decide_now(auth, _basic("alice", PASSWORDS["alice"])).reason == "invalid_credentials"
+
+
+def test_missing_credentials_challenge_every_scheme(tmp_path, htpasswd):
+    (tmp_path / "policies").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "policies" / "jwks.json").write_text(json.dumps({"keys": [public_jwk(rsa_key(), "k1")]}))
+    spec = """
+    identity:
+      - name: users
+        jwt: {issuer: https://idp.test, audiences: [a], jwksFile: jwks.json}
+      - name: staff
+        basic: {htpasswd: ../secrets/htpasswd, minBcryptCost: 4, minArgon2: {memoryKiB: 8, iterations: 1}, realm: r}
+    """
+    d = decide_now(make_authorizer(write_policy(tmp_path / "policies", spec)), {})
+    assert www_authenticate(d) == ["Bearer", 'Basic realm="r", charset="UTF-8"']
