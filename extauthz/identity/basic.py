@@ -40,6 +40,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from extauthz.identity import Identity, Rejected, make_identity, source_kind
 from extauthz.identity.cache import ExpiringCache
 from extauthz.identity.credentials import CredentialLocation, extract_first
 from extauthz.policy.build import BuildContext, Spec
+from extauthz.telemetry.metrics import password_verification
 from extauthz.watched import WatchedPath
 
 __all__ = [
@@ -407,8 +409,14 @@ class BasicSource:
                     ctx.note(f"identity {self.name}: user verified earlier (cached)")
                 return self._accept(ctx, cached)
         account = table.accounts.get(user)
-        ok = await self.verifier.verify(account if account is not None else table.dummy, password)
+        started = time.perf_counter()
+        try:
+            ok = await self.verifier.verify(account if account is not None else table.dummy, password)
+        except Rejected:
+            password_verification("overloaded")
+            raise
         del password
+        password_verification("match" if ok and account is not None else "mismatch", time.perf_counter() - started)
         if account is None or not ok:
             ctx.attributes["attempted_user"] = user
             raise Rejected("invalid_credentials", "user name or password is not valid")

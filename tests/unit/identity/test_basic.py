@@ -433,3 +433,30 @@ def test_missing_credentials_challenge_every_scheme(tmp_path, htpasswd):
     """
     d = decide_now(make_authorizer(write_policy(tmp_path / "policies", spec)), {})
     assert www_authenticate(d) == ["Bearer", 'Basic realm="r", charset="UTF-8"']
+
+
+def test_verifications_are_counted(tmp_path, htpasswd):
+    from extauthz.telemetry import metrics
+
+    installed = metrics.Metrics()
+    metrics.install(installed)
+    try:
+        auth = _auth(tmp_path)
+
+        def value(name: str, **labels: str) -> float:
+            return installed.registry.get_sample_value(name, labels) or 0
+
+        for user, password in [("alice", PASSWORDS["alice"]), ("alice", PASSWORDS["alice"]), ("alice", "x"),
+                               ("nobody", "x")]:
+            decide_now(auth, _basic(user, password))
+        assert value("extauthz_password_verifications_total", result="match") == 1  # the second was cached
+        assert value("extauthz_password_verifications_total", result="mismatch") == 2
+        assert value("extauthz_password_verification_seconds_count") == 3
+        source = _source(auth)
+        source.verifier = Verifier(source.verifier.pool, 1)
+        assert source.verifier._slots.acquire(blocking=False)
+        decide_now(auth, _basic("alice", "y"))
+        source.verifier._slots.release()
+        assert value("extauthz_password_verifications_total", result="overloaded") == 1
+    finally:
+        metrics.install(None)
