@@ -140,6 +140,8 @@ class PasswordTable:
 
 def _scheme_problem(hash_text: str, policy: HashPolicy) -> tuple[str, tuple[Any, ...]] | str:
     """(scheme, cost) of an acceptable hash, or why it is refused (never quoting it)."""
+    if not hash_text.isascii() or any(c.isspace() for c in hash_text):
+        return "the hash has characters no bcrypt or argon2id hash has (non-ASCII or spaces)"
     match = _BCRYPT.fullmatch(hash_text)
     if match is not None:
         cost = int(match.group(1))

@@ -210,6 +210,16 @@ def test_weak_and_malformed_lines_are_refused_with_line_and_user_never_the_hash(
         assert words in message, words
 
 
+def test_odd_characters_in_a_hash_are_refused_without_quoting_it():
+    bad = _bcrypt("x")[:-1] + "é"
+    argon = ARGON2.hash("x")[:-2] + "é="
+    with pytest.raises(ValueError) as caught:
+        parse_htpasswd(f"a:{bad}\nb:{argon}\nc:$2b$04$ spaced", LOW)
+    message = str(caught.value)
+    assert "line 1: user 'a': the hash has characters" in message and "line 2: user 'b'" in message
+    assert "line 3: user 'c'" in message and "é" not in message
+
+
 def test_argon2_below_minimum_and_empty_files(tmp_path):
     with pytest.raises(ValueError, match=r"line 1: user 'u': argon2id parameters m=8,t=1,p=1 are below the minimum"):
         parse_htpasswd("u:" + ARGON2.hash("x"), HashPolicy())
