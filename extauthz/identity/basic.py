@@ -14,7 +14,7 @@ cost are refused at load, each with its line and user (never the hash): a file t
 file whose passwords fall to an offline attack, and accepting it quietly would hide that.
 
 Per request the password is checked against the hash on a small thread pool (bcrypt and argon2 cost
-50-200 ms of CPU: on the event loop that would stall every other Check). At most ``maxConcurrent``
+tens to hundreds of milliseconds of CPU: on the event loop that would stall every other Check). At most ``maxConcurrent``
 verifications of a source run or wait at once; beyond that the request is refused with ``503
 verification_overloaded`` at once, so a flood of guesses costs a bounded amount of queued work and
 never an allow. An unknown user is verified against a dummy hash of the file's most common scheme and
@@ -23,7 +23,8 @@ cost, so that a user name's existence does not show in the response time.
 Successful verifications are cached for a short time (``cacheDuration``) under an HMAC-SHA256 of the
 user and password with a key drawn at random per process: a hot client does not pay a bcrypt per
 request, and neither the password nor an unkeyed (offline-guessable) hash of it is kept. A change of
-the file empties the cache: a changed password or a removed user stops working at once.
+the file empties the cache: a changed password or a removed user stops working as soon as the watcher
+sees the new file (every 2 s), cached or not.
 
 A rejection leaves the user name that was tried in ``ctx.attributes["attempted_user"]`` (the
 brute-force detector counts failures per user); the password and the header never leave this module.
