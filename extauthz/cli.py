@@ -311,6 +311,10 @@ def _telemetry_arguments(serve: argparse.ArgumentParser) -> None:
                             "deny (default: denials and dry-run decisions), all, or off "
                             "(env EXTAUTHZ_DYNAMIC_METADATA)")
     loops = ["auto", "uvloop", "asyncio"]
+    serve.add_argument("--access-logs", default=_env("ACCESS_LOGS", "on"), type=_one_of(["on", "off"]),
+                       choices=["on", "off"],
+                       help="serve Envoy's gRPC access-log service on the gRPC port so detectors see what the "
+                            "upstream answered; off: none will come (env EXTAUTHZ_ACCESS_LOGS)")
     serve.add_argument("--event-loop", default=_env("EVENT_LOOP", "auto"), type=_one_of(loops), choices=loops,
                        help="uvloop (auto: when installed) cuts about 20 us of CPU per Check; asyncio is the "
                             "standard library loop (env EXTAUTHZ_EVENT_LOOP)")
@@ -686,6 +690,7 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
         tracing=tracing,
         reuse_port=reuse_port,
         dynamic_metadata=ns.dynamic_metadata,
+        access_logs=ns.access_logs == "on",
     )
     gc.set_threshold(*GC_THRESHOLDS)
     try:
