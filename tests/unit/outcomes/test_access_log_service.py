@@ -88,7 +88,7 @@ def test_streamed_entries_reach_the_waiting_decisions(policy_dir, policy_yaml) -
             for request_id in ("login-1", "login-2", "probe-1", "denied-1"):
                 join.expect(request_id, lambda o, rid=request_id: seen.setdefault(rid, []).append(o))
             reply = await _stream_raw(sc.settings.listen, [
-                _batch(_entry("login-1", 401), _entry("nobody-waits", 200), name="extauthz_outcomes"),
+                _batch(_entry("login-1", 401), _entry("nobody-waits", 200), name="extauthz-outcomes"),
                 b"\xff\xff\xff not a protobuf",  # skipped, the stream goes on
                 # a start-of-request entry is not the outcome: login-2 keeps waiting for its last line
                 _batch(_entry("login-2", 0, kind=accesslog_pb2.DownstreamStart)),
