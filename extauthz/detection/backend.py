@@ -26,7 +26,8 @@ def detections_for(services: Services) -> MemoryDetections | RedisDetections:
             return detections
 
         return services.shared(("detections", "memory"), local)
-    from extauthz.detection.redis import RedisDetections, RedisStore
+    from extauthz.detection.redis import RedisDetections
+    from extauthz.stores.redis import RedisStore
 
     assert isinstance(store, RedisStore)
     return services.shared(("detections", "redis", id(store)), lambda: RedisDetections(store))
