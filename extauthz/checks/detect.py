@@ -192,8 +192,10 @@ class DetectCheck:
             op = Op(kind, det, digest, label[:_LABEL], value)
             ops.append(op)
             used.append(detection)
-            if detection.statuses and self.join.enabled and ctx.request.id:
-                self._expect(ctx.request.id, detection, op)
+            if detection.statuses and self.join.enabled:
+                request_id = ctx.request.headers.get("x-request-id")  # what Envoy's access log carries
+                if request_id:
+                    self._expect(request_id, detection, op)
         return ops, used
 
     async def check(self, ctx: CheckContext) -> Denial | None:
@@ -272,7 +274,8 @@ class DetectCheck:
         kind = OP_FAIL if detection.detector.op == OP_FAIL else OP_DISTINCT
 
         def on_outcome(outcome: Outcome) -> None:
-            if outcome.status not in detection.statuses:
+            # Our own denials (Envoy's UAEX: a block, a quota) are not the upstream's answer.
+            if outcome.status not in detection.statuses or "UAEX" in outcome.flags.split(","):
                 return
             self._count_outcome(detection, op._replace(kind=kind))
 

@@ -164,3 +164,53 @@ def test_log_action_counts_and_lets_through(tmp_path: Path, fixed_clock) -> None
 def test_bad_detectors_are_refused_with_a_clear_error(tmp_path: Path, detect: str, message: str) -> None:
     with pytest.raises(PolicySetError, match=message):
         build(tmp_path / "p", detect)
+
+
+UPSTREAM = """
+- name: login-failures
+  failures: {identity: false, upstream: [401, 403]}
+  by: client_ip
+  when: "request.path == '/login'"
+  threshold: 3
+  window: 10m
+  action: {block: {duration: 1m}}
+- name: probing
+  distinct: {value: request.path, statuses: [404]}
+  by: client_ip
+  threshold: 2
+  window: 10m
+  action: {block: {duration: 1m, status: 403}}
+"""
+
+
+def test_upstream_outcomes_feed_failures_and_distinct_404s(tmp_path: Path, fixed_clock) -> None:
+    from extauthz.outcomes import Outcome, outcomes_for
+    from extauthz.policy import Services
+
+    services = Services()
+    auth = build(tmp_path / "p", UPSTREAM, services=services)
+    join = outcomes_for(services)
+    ids = iter(range(1000))
+
+    def call(path: str, status: int, flags: str = "", ip: str = "203.0.113.7"):
+        rid = f"req-{next(ids)}"
+        sample = request(ACME, path=path, ip=ip)
+        sample["headers"]["x-request-id"] = rid
+        d = decide(auth, sample)
+        if d.allowed:
+            join.deliver(Outcome(rid, status, flags))
+        return d
+
+    # The upstream's 401s on /login: three trip the detector, the fourth request is blocked.
+    for _ in range(3):
+        assert call("/login", 401).allowed
+    assert call("/login", 200).reason == "blocked"
+    # Our own denials (UAEX) and other statuses are not counted; other routes are not watched.
+    for _ in range(5):
+        assert call("/login", 401, "UAEX", ip="198.51.100.1").allowed
+        assert call("/other", 401, ip="198.51.100.1").allowed
+    # Distinct 404 paths: two are fine, the third trips; repeats of one path do not count.
+    for path in ("/a", "/a", "/a", "/b"):
+        assert call(path, 404, ip="192.0.2.5").allowed
+    assert call("/c", 404, ip="192.0.2.5").allowed  # its outcome trips the detector after the decision
+    assert call("/d", 200, ip="192.0.2.5").reason == "blocked"
