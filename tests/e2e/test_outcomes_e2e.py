@@ -181,3 +181,76 @@ def test_stream_is_open_and_counted(envoy, sidecar: ProbeSidecar) -> None:
     assert sidecar.metric('extauthz_access_log_entries_total{result="joined"}') >= 1
     assert sidecar.metric('extauthz_access_log_entries_total{result="unjoined"}') == 0
     assert sidecar.metric("extauthz_access_log_malformed_messages_total") == 0
+
+
+# --- a detector counting the application's 401s -----------------------------------------------------
+
+DETECT_POLICY = """\
+apiVersion: extauthz.dev/v1
+kind: AuthPolicy
+metadata:
+  name: login
+spec:
+  match:
+    paths: ["/login"]
+  detect:
+    - name: password-guessing
+      failures: {upstream: [401]}
+      by: client_ip
+      threshold: 10
+      window: 10m
+      action: {block: {duration: 3s, status: 429}}
+  rules:
+    - name: everyone
+      decision: allow
+"""
+BLOCK_SECONDS = 3
+
+
+@pytest.fixture(scope="module")
+def guarded(extauthz_factory, envoy_factory, login_app: int, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The real sidecar (``python -m extauthz serve``) with a failures detector, behind a real Envoy."""
+    policies = tmp_path_factory.mktemp("detect-policies")
+    (policies / "login.yaml").write_text(DETECT_POLICY)
+    sidecar = extauthz_factory(policies, extra_args=["--decision-log", "off"])
+    return sidecar, envoy_factory(ext_authz=sidecar.target, upstream_port=login_app)
+
+
+def _login(envoy, password: str, source: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    """POST /login from the loopback address ``source`` (Envoy sees it as the client's address)."""
+    conn = http.client.HTTPConnection(LOOPBACK, envoy.port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("POST", "/login", body=f"user=alice&password={password}",
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.getheader("retry-after") or ""
+    finally:
+        conn.close()
+
+
+def _joined(sidecar) -> float:  # type: ignore[no-untyped-def]
+    status, body = _procs.http_get(LOOPBACK, sidecar.http_port, "/metrics")
+    assert status == 200
+    for line in body.decode().splitlines():
+        if line.startswith('extauthz_access_log_entries_total{result="joined"} '):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_the_eleventh_failed_login_from_one_address_is_blocked_until_the_block_ends(guarded) -> None:
+    sidecar, envoy = guarded
+    attacker, neighbour = "127.0.0.1", "127.0.0.2"
+    for attempt in range(1, 11):
+        assert _login(envoy, "wrong", attacker)[0] == 401, f"attempt {attempt} reaches the application"
+        # the application's 401 comes back through Envoy's access log; the next attempt waits for it
+        # to be counted (an attacker faster than the 100 ms flush gets at most that much ahead)
+        _wait_for(lambda attempt=attempt: _joined(sidecar) >= attempt, f"outcome {attempt} joined")
+    status, retry_after = _login(envoy, "wrong", attacker)
+    assert status == 429, "the 11th failed login is blocked by the sidecar"
+    assert 1 <= int(retry_after) <= BLOCK_SECONDS
+    assert _login(envoy, "right", attacker)[0] == 429, "a blocked client learns nothing from a right guess"
+    assert _login(envoy, "wrong", neighbour)[0] == 401, "another address is not blocked"
+    assert _login(envoy, "right", neighbour)[0] == 200
+    time.sleep(BLOCK_SECONDS + 0.5)  # the block's own duration: it ends on time
+    assert _login(envoy, "right", attacker)[0] == 200, "the block has ended"
