@@ -233,3 +233,38 @@ def test_expired_outcomes_are_counted_and_missing_streams_reported(policy_dir, p
 
     asyncio.run(scenario())
     assert any("no access-log stream has connected" in r.getMessage() for r in caplog.records)
+
+
+DETECT = """
+match: {paths: [/login]}
+detect:
+  - name: password-guessing
+    failures: {upstream: [401]}
+    by: client_ip
+    threshold: 10
+    window: 10m
+    action: {block: {duration: 1m}}
+rules:
+  - {name: everyone, decision: allow}
+"""
+
+
+def test_without_access_logs_detectors_that_need_outcomes_say_so_and_the_rest_works(policy_dir, policy_yaml,
+                                                                                     caplog) -> None:
+    async def scenario() -> None:
+        sc = _sidecar(policy_dir(**{"login.yaml": policy_yaml("login", DETECT)}), access_logs=False)
+        await sc.start()
+        try:
+            async with grpc.aio.insecure_channel(sc.settings.listen) as channel:
+                from extauthz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
+                from extauthz.samples import check_request_from_sample
+
+                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                reply = await stub.Check(check_request_from_sample({"method": "POST", "path": "/login"}), timeout=5)
+            assert reply.WhichOneof("http_response") == "ok_response"
+            assert len(outcomes_for(sc.services)) == 0  # nothing waits for outcomes that will not come
+        finally:
+            await sc.stop()
+
+    asyncio.run(scenario())
+    assert any("password-guessing" in r.getMessage() and "no access logs" in r.getMessage() for r in caplog.records)
