@@ -188,6 +188,15 @@ class Metrics:
             ["policy", "limit", "action"], registry=r,
         )  # fmt: skip
         self._inspect_children: dict[tuple[str, ...], Any] = {}
+        self.detections = Counter(
+            "extauthz_detections",
+            "Abuse detector trips by policy, detector and action (log, throttle, block, dry_run_throttle, "
+            "dry_run_block)", ["policy", "detector", "action"], registry=r,
+        )  # fmt: skip
+        self.blocks_active = gauge(
+            "extauthz_blocks_active", "Live blocks and throttles of abuse detectors (in process: exact; with Redis: "
+            "those this replica decided, until they end)", mode="livesum",
+        )  # fmt: skip
         self.build_info = gauge("extauthz_build_info", "Version of the running sidecar (always 1)", ("version",))
         self.build_info.labels(_version()).set(1)
         # Label children are cached: .labels() costs a microsecond, a cached child's inc a fraction.
@@ -387,6 +396,11 @@ def store_error(store: str, operation: str) -> None:
 def circuit_state(store: str, state: str) -> None:
     """A store's circuit breaker changed state: "closed", "half_open" or "open"."""
     _guarded(lambda m: m.circuit.labels(store).set(CIRCUIT_STATES[state]))
+
+
+def detection(policy: str, detector: str, action: str) -> None:
+    """An abuse detector tripped (labels bounded: names from the loaded policies, a fixed set of actions)."""
+    _guarded(lambda m: m.detections.labels(policy, detector, action).inc())
 
 
 def jwks_fetch(result: str, seconds: float | None = None) -> None:

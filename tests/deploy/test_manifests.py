@@ -34,7 +34,7 @@ BASE = K8S / "base"
 ISTIO = K8S / "overlays" / "istio"
 #: Oldest Kubernetes the manifests support, and the newest the bundled schemas know.
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
-ISTIO_KINDS = {"AuthorizationPolicy", "ServiceEntry"}
+ISTIO_KINDS = {"AuthorizationPolicy", "ServiceEntry", "Telemetry"}
 
 sys.path.insert(0, str(K8S))
 import sync  # noqa: E402
@@ -331,7 +331,8 @@ def test_istio_overlay(istio) -> None:
     policy = _one(istio, "AuthorizationPolicy", "orders-extauthz")
     assert policy["spec"]["action"] == "CUSTOM"
     mesh = yaml.safe_load((ISTIO / "mesh-config.yaml").read_text())
-    [provider] = mesh["spec"]["meshConfig"]["extensionProviders"]
+    providers = {p["name"]: p for p in mesh["spec"]["meshConfig"]["extensionProviders"]}
+    provider = providers["extauthz-grpc"]
     assert policy["spec"]["provider"]["name"] == provider["name"]
     grpc = provider["envoyExtAuthzGrpc"]
     assert grpc["failOpen"] is False and grpc["statusOnError"] == "503"
@@ -340,6 +341,12 @@ def test_istio_overlay(istio) -> None:
     assert entry["spec"]["endpoints"] == [{"address": "127.0.0.1"}]
     labels = policy["spec"]["selector"]["matchLabels"]
     assert labels.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    # the access logs (outcomes for the detectors) go to the same sidecar, selected by a Telemetry
+    telemetry = _one(istio, "Telemetry", "orders-extauthz-outcomes")
+    [logging] = telemetry["spec"]["accessLogging"]
+    als = providers[logging["providers"][0]["name"]]["envoyHttpAls"]
+    assert (als["service"], als["port"]) == (grpc["service"], grpc["port"])
+    assert telemetry["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
 def test_dockerfile_and_constraints() -> None:
