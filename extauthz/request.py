@@ -494,7 +494,6 @@ ENVOY_HEADERS: Mapping[str, str] = MappingProxyType({
     "x-extauthz-peer-address": "%DOWNSTREAM_REMOTE_ADDRESS%",
     "x-extauthz-local-address": "%DOWNSTREAM_LOCAL_ADDRESS%",
     "x-extauthz-peer-uri-san": "%DOWNSTREAM_PEER_URI_SAN%",
-    "x-extauthz-peer-dns-san": "%DOWNSTREAM_PEER_DNS_SAN%",
     "x-extauthz-peer-subject": "%DOWNSTREAM_PEER_SUBJECT%",
     "x-extauthz-peer-cert": "%DOWNSTREAM_PEER_CERT%",
     "x-extauthz-sni": "%REQUESTED_SERVER_NAME%",
@@ -520,6 +519,19 @@ def _split_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _first_dns_san(certificate: str) -> str:
+    """The certificate's first DNS SAN ("" without one, or when it does not parse)."""
+    if not certificate:
+        return ""
+    from extauthz.identity.certs import CertificateError, peer_certificate  # identity imports this module
+
+    try:
+        names = peer_certificate(certificate).dns_names
+    except CertificateError:
+        return ""
+    return names[0] if names else ""
+
+
 class HttpOrigin(NamedTuple):
     """What Envoy's HTTP mode says about the request beyond the request itself, from ENVOY_HEADERS.
 
@@ -535,16 +547,17 @@ class HttpOrigin(NamedTuple):
     peer_address: str = ""
     local_address: str = ""
     uri_san: str = ""
-    dns_san: str = ""
     subject: str = ""
     #: URL-encoded PEM, as %DOWNSTREAM_PEER_CERT% gives it (and the gRPC mode's include_peer_certificate).
     certificate: str = ""
 
     def source(self) -> Peer:
         address, port = _split_address(self.peer_address)
-        # As Envoy's gRPC mode: the first URI SAN, else the first DNS SAN, else the subject.
-        principal = self.uri_san.split(",", 1)[0].strip() or self.dns_san.split(",", 1)[0].strip() or self.subject
         certificate = unquote_to_bytes(self.certificate).decode("utf-8", "replace") if self.certificate else ""
+        # As Envoy's gRPC mode: the first URI SAN, else the first DNS SAN, else the subject. The DNS
+        # SAN is read from the certificate itself (parsed once per certificate, shared with the
+        # mtls check), so Envoy needs no header more for the rare certificate without a URI SAN.
+        principal = self.uri_san.split(",", 1)[0].strip() or _first_dns_san(certificate) or self.subject
         if not (address or principal or certificate):
             return _NO_PEER
         return Peer(address, port, principal, certificate)
@@ -622,8 +635,8 @@ def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
             if name in lines:
                 raise BadRequest("duplicate_header", f"{name} appears more than once")
     values = [value[_PREFIX_LENGTH:] for value in sent]
-    authority, scheme, protocol, stream_id, peer, local, uri_san, dns_san, subject, cert, sni, tls_version = values
-    origin = HttpOrigin(stream_id, scheme, protocol, sni, tls_version, peer, local, uri_san, dns_san, subject, cert)
+    authority, scheme, protocol, stream_id, peer, local, uri_san, subject, cert, sni, tls_version = values
+    origin = HttpOrigin(stream_id, scheme, protocol, sni, tls_version, peer, local, uri_san, subject, cert)
     host = _normalized(authority, True)
     if "," in authority:
         raise BadRequest("duplicate_header", ":authority appears more than once")

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 import pytest
@@ -38,6 +40,14 @@ rules:
   - {name: spiffe, when: "source.principal == 'spiffe://td/ns/a/sa/b'", decision: allow}
   - {name: posts, when: "request.method == 'POST' && request.body == 'hello'", decision: allow}
 """
+
+
+def _pki_client(**names: Any) -> str:
+    """A client certificate's PEM (tests/unit/identity/material.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "identity"))
+    import material
+
+    return material.Pki("http-mode-ca").client("partner", **names).pem
 
 
 def _free_port() -> int:
@@ -216,8 +226,9 @@ def test_request_view_mapping() -> None:
         "api.example.com", "TLSv1.3", "https", "HTTP/1.1", "12345")
     assert request.context_extensions == {} and request.metadata == {}
     assert request.size == -1 and request.timestamp == 0.0
-    # As in gRPC mode: no URI SAN, the first DNS SAN; neither, the subject.
-    headers = envoy_headers(peer_dns_san="a.example.com,b.example.com", peer_subject="CN=client")
+    # As in gRPC mode: no URI SAN, the certificate's first DNS SAN; neither, the subject.
+    partner = _pki_client(dns=("a.example.com", "b.example.com"))
+    headers = envoy_headers(peer_cert=quote(partner), peer_subject="CN=partner")
     assert request_from_http(HttpParts("GET", "/", headers)).source.principal == "a.example.com"
     headers = envoy_headers(peer_subject="CN=client")
     assert request_from_http(HttpParts("GET", "/", headers)).source.principal == "CN=client"
