@@ -306,6 +306,12 @@ def _parser() -> argparse.ArgumentParser:
     inventory.add_argument("--policy", metavar="NAME", help="only this policy")
     inventory.add_argument("--format", choices=["text", "json", "openapi"], default="text",
                            help="text (default), json, or openapi: a skeleton of the shadow endpoints (YAML)")
+    from extauthz.detection.cli import add_arguments as blocks_arguments
+
+    blocks_arguments(sub)
+    serve.add_argument("--admin-token-file", type=_readable_file, default=_env("ADMIN_TOKEN_FILE"), metavar="FILE",
+                       help="bearer token (a mounted Secret) of the /admin/blocks endpoint on the probes port; "
+                            "without it there is no endpoint (env EXTAUTHZ_ADMIN_TOKEN_FILE)")
     return parser
 
 
@@ -341,6 +347,10 @@ def _telemetry_arguments(serve: argparse.ArgumentParser) -> None:
                             "deny (default: denials and dry-run decisions), all, or off "
                             "(env EXTAUTHZ_DYNAMIC_METADATA)")
     loops = ["auto", "uvloop", "asyncio"]
+    serve.add_argument("--access-logs", default=_env("ACCESS_LOGS", "on"), type=_one_of(["on", "off"]),
+                       choices=["on", "off"],
+                       help="serve Envoy's gRPC access-log service on the gRPC port so detectors see what the "
+                            "upstream answered; off: none will come (env EXTAUTHZ_ACCESS_LOGS)")
     serve.add_argument("--event-loop", default=_env("EVENT_LOOP", "auto"), type=_one_of(loops), choices=loops,
                        help="uvloop (auto: when installed) cuts about 20 us of CPU per Check; asyncio is the "
                             "standard library loop (env EXTAUTHZ_EVENT_LOOP)")
@@ -720,6 +730,8 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
         tracing=tracing,
         reuse_port=reuse_port,
         dynamic_metadata=ns.dynamic_metadata,
+        access_logs=ns.access_logs == "on",
+        admin_token_file=ns.admin_token_file,
         http_authz_listen=ns.http_authz_listen or None,
         http_authz_path_prefix=ns.http_authz_path_prefix,
     )
@@ -775,10 +787,17 @@ def _cmd_schema(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_blocks(ns: argparse.Namespace) -> int:
+    from extauthz.detection.cli import run
+
+    return run(ns)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     command = {"serve": _cmd_serve, "validate": _cmd_validate, "explain": _cmd_explain, "test": _cmd_test,
-               "routes": _cmd_routes, "schema": _cmd_schema, "dev": _cmd_dev, "inventory": _cmd_inventory}
+               "routes": _cmd_routes, "schema": _cmd_schema, "dev": _cmd_dev, "inventory": _cmd_inventory,
+               "blocks": _cmd_blocks}
     return command[ns.command](ns)
 
 

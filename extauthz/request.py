@@ -19,13 +19,17 @@ from google.protobuf import json_format
 from extauthz.api.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 __all__ = [
+    "CLIENT_HEADER",
+    "ENVOY_HEADER",
     "ENVOY_HEADERS",
     "ENVOY_VALUE_PREFIX",
+    "HOP_HEADER",
     "BadRequest",
     "HttpOrigin",
     "HttpParts",
     "Peer",
     "Request",
+    "header_kind",
     "normalize_host",
     "normalize_path",
     "request_from_check",
@@ -499,8 +503,8 @@ _ENVOY_HEADER_NAMES = tuple(ENVOY_HEADERS)
 _PREFIX_LENGTH = len(ENVOY_VALUE_PREFIX)
 #: Headers of the hop between Envoy and us, not of the client's request: dropped from the view.
 #: (Envoy sends content-length for the body it forwards, never the client's own; Host names us.)
-_HOP_HEADERS = ("host", "content-length", "transfer-encoding", "connection", "keep-alive", "x-envoy-internal",
-                "x-envoy-expected-rq-timeout-ms")
+_HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "x-envoy-internal",
+                "x-envoy-expected-rq-timeout-ms"})
 
 
 def _split_address(text: str) -> tuple[str, int]:
@@ -513,6 +517,19 @@ def _split_address(text: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
+
+
+def _first_dns_san(certificate: str) -> str:
+    """The certificate's first DNS SAN ("" without one, or when it does not parse)."""
+    if not certificate:
+        return ""
+    from extauthz.identity.certs import CertificateError, peer_certificate  # identity imports this module
+
+    try:
+        names = peer_certificate(certificate).dns_names
+    except CertificateError:
+        return ""
+    return names[0] if names else ""
 
 
 class HttpOrigin(NamedTuple):
@@ -536,9 +553,11 @@ class HttpOrigin(NamedTuple):
 
     def source(self) -> Peer:
         address, port = _split_address(self.peer_address)
-        # As Envoy's gRPC mode: the first URI SAN, else the subject.
-        principal = self.uri_san.split(",", 1)[0].strip() or self.subject
         certificate = unquote_to_bytes(self.certificate).decode("utf-8", "replace") if self.certificate else ""
+        # As Envoy's gRPC mode: the first URI SAN, else the first DNS SAN, else the subject. The DNS
+        # SAN is read from the certificate itself (parsed once per certificate, shared with the
+        # mtls check), so Envoy needs no header more for the rare certificate without a URI SAN.
+        principal = self.uri_san.split(",", 1)[0].strip() or _first_dns_san(certificate) or self.subject
         if not (address or principal or certificate):
             return _NO_PEER
         return Peer(address, port, principal, certificate)
@@ -561,6 +580,35 @@ class HttpParts(NamedTuple):
     raw_headers: Mapping[str, bytes] = _EMPTY
     #: Every line of a header sent more than once.
     header_lines: Mapping[str, tuple[str, ...]] = _EMPTY
+    #: ENVOY_HEADERS as sent, when the listener already filed them apart (see header_kind): then
+    #: ``headers`` holds neither them nor the hop's own headers. None: request_from_http does it.
+    envoy: dict[str, str] | None = None
+
+
+#: header_kind's answers.
+CLIENT_HEADER, ENVOY_HEADER, HOP_HEADER = 0, 1, 2
+
+
+def header_kind(name: str) -> int:
+    """Whether a (lower-case) header name is the client's, one of ENVOY_HEADERS, or of the hop itself."""
+    if name in ENVOY_HEADERS:
+        return ENVOY_HEADER
+    return HOP_HEADER if name in _HOP_HEADERS else CLIENT_HEADER
+
+
+_startswith = str.startswith
+_PREFIXES = (ENVOY_VALUE_PREFIX,) * len(ENVOY_HEADERS)
+
+
+def _refuse_envoy_headers(envoy: Mapping[str, str]) -> None:
+    """Raise for the first of ENVOY_HEADERS missing or without the prefix."""
+    for name, formatter in ENVOY_HEADERS.items():
+        value = envoy.get(name)
+        if value is None or not value.startswith(ENVOY_VALUE_PREFIX):
+            what = "did not send" if value is None else f"sent without the {ENVOY_VALUE_PREFIX!r} prefix"
+            raise BadRequest("envoy_header_missing", f"Envoy {what} {name}: its ext_authz http_service must set it "
+                             f"in authorization_request.headers_to_add as '{ENVOY_VALUE_PREFIX}{formatter}' "
+                             f"(docs/http-mode.md)", 500)
 
 
 def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
@@ -573,20 +621,20 @@ def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
     """
     headers = parts.headers
     lines = parts.header_lines
-    values = []
-    for name in _ENVOY_HEADER_NAMES:
-        value = headers.pop(name, None)
-        if value is None or not value.startswith(ENVOY_VALUE_PREFIX):
-            what = "did not send" if value is None else f"sent without the {ENVOY_VALUE_PREFIX!r} prefix"
-            raise BadRequest("envoy_header_missing", f"Envoy {what} {name}: its ext_authz http_service must set it "
-                             f"in authorization_request.headers_to_add as '{ENVOY_VALUE_PREFIX}{ENVOY_HEADERS[name]}' "
-                             f"(docs/http-mode.md)", 500)
-        if lines and name in lines:
-            raise BadRequest("duplicate_header", f"{name} appears more than once")
-        values.append(value[_PREFIX_LENGTH:])
-    for name in _HOP_HEADERS:
-        if name in headers:
-            del headers[name]
+    envoy = parts.envoy
+    if envoy is None:
+        envoy = {name: headers.pop(name) for name in _ENVOY_HEADER_NAMES if name in headers}
+        for name in _HOP_HEADERS:
+            if name in headers:
+                del headers[name]
+    sent: list[Any] = list(map(envoy.get, _ENVOY_HEADER_NAMES))  # C loops: this runs for every request
+    if None in sent or False in map(_startswith, sent, _PREFIXES):
+        _refuse_envoy_headers(envoy)
+    if lines:
+        for name in _ENVOY_HEADER_NAMES:
+            if name in lines:
+                raise BadRequest("duplicate_header", f"{name} appears more than once")
+    values = [value[_PREFIX_LENGTH:] for value in sent]
     authority, scheme, protocol, stream_id, peer, local, uri_san, subject, cert, sni, tls_version = values
     origin = HttpOrigin(stream_id, scheme, protocol, sni, tls_version, peer, local, uri_san, subject, cert)
     host = _normalized(authority, True)

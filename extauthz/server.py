@@ -21,14 +21,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from extauthz import client_ip
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Authorizer, Decision
+from extauthz.detection import admin
+from extauthz.detection.admin import AdminToken
 from extauthz.openapi.inventory import Inventory, merge_snapshots
+from extauthz.outcomes import outcomes_for
+from extauthz.outcomes.access_log_service import AccessLogService
 from extauthz.policy import PolicyLoader, PolicySet, PolicySetError, PolicyWatcher, Services
 from extauthz.responses import DYNAMIC_METADATA_MODES, check_response_bytes
 from extauthz.telemetry import metrics as process_metrics
 from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
 from extauthz.telemetry.metrics import Metrics, multiprocess_dir
 from extauthz.telemetry.tracing import SubjectHasher, subject_hash_key
-from extauthz.wire.http_authz import HttpAuthzServer
+from extauthz.wire.http_authz import HttpAuthzLimits, HttpAuthzServer
 
 __all__ = ["Settings", "Sidecar", "StartupError", "check_listeners", "serve"]
 
@@ -66,6 +70,11 @@ class Settings:
     #: Which decisions carry dynamic metadata to Envoy: "deny" (denials and dry-run), "all" or "off"
     #: (see extauthz.responses).
     dynamic_metadata: str = "deny"
+    #: Serve Envoy's gRPC Access Log Service on the gRPC port, so checks learn what the upstream
+    #: answered (extauthz.outcomes); False tells them no outcomes will come.
+    access_logs: bool = True
+    #: File with the bearer token of the admin endpoint on the probes port (/admin/blocks); none: no endpoint.
+    admin_token_file: str | None = None
     #: Envoy's HTTP ext_authz protocol on "HOST:PORT" (extauthz.wire.http_authz); None: off.
     http_authz_listen: str | None = None
     #: The http_service's path_prefix, stripped from every request path ("" for none).
@@ -188,7 +197,8 @@ class Sidecar:
         self.settings = settings
         self.services = Services(settings={"redis_url": settings.redis_url,
                                            "redis_password_file": settings.redis_password_file,
-                                           "http_only": settings.http_only, **settings.extra})
+                                           "access_logs": settings.access_logs, "http_only": settings.http_only,
+                                           **settings.extra})
         client_ip.configure(settings.xff_trusted_hops)
         self.metrics = Metrics()
         process_metrics.install(self.metrics)
@@ -230,6 +240,15 @@ class Sidecar:
         self._stopping = False
         self._malformed_count = 0
         self._metadata = settings.dynamic_metadata
+        self.access_logs = (AccessLogService(outcomes_for(self.services), self.metrics.registry)
+                            if settings.access_logs else None)
+        self.admin_token: AdminToken | None = None
+        if settings.admin_token_file:
+            try:
+                self.admin_token = AdminToken(settings.admin_token_file)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"--admin-token-file {settings.admin_token_file}: {exc}") from None
+        self.metrics.flush_hooks.append(self._publish_blocks)
 
     # --- policies -------------------------------------------------------------------------
     def load_initial(self) -> PolicySet:
@@ -351,6 +370,8 @@ class Sidecar:
         # (about 12 us of the sidecar's CPU per Check, measured through Envoy).
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.access_logs is not None:
+            self.access_logs.register(server)
         for option, address in (("--listen", self.settings.listen), ("--unix-socket", self.settings.unix_socket)):
             if address:
                 try:
@@ -371,8 +392,9 @@ class Sidecar:
         address = self.settings.http_authz_listen
         if not address:
             return
+        limits = self.settings.http_authz_limits or HttpAuthzLimits(max_body_bytes=self.settings.max_message_bytes)
         server = HttpAuthzServer(self.authorizer, path_prefix=self.settings.http_authz_path_prefix,
-                                 metadata=self._metadata, limits=self.settings.http_authz_limits, metrics=self.metrics)
+                                 metadata=self._metadata, limits=limits, metrics=self.metrics)
         host, _, port = address.rpartition(":")
         try:
             await server.start(host.strip("[]"), int(port), reuse_port=self.settings.reuse_port)
@@ -395,16 +417,36 @@ class Sidecar:
         }
         return ready, detail
 
+    def _detections(self) -> Any:
+        """The detection store, once a policy with detectors made one (None before)."""
+        from extauthz.detection import MemoryDetections
+
+        for service in self.services.all():
+            if isinstance(service, MemoryDetections) or type(service).__name__ == "RedisDetections":
+                return service
+        return None
+
+    def _publish_blocks(self) -> None:
+        detections = self._detections()
+        if detections is not None:
+            self.metrics.blocks_active.set(detections.active_blocks())
+
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
-            while True:  # drain headers; we need none of them
+            authorization = None
+            for _ in range(100):  # drain headers; only the admin endpoint reads one
                 header = await asyncio.wait_for(reader.readline(), 5)
                 if header in (b"\r\n", b"\n", b""):
                     break
+                if header[:14].lower() == b"authorization:":
+                    authorization = header[14:].decode("latin-1").strip()
             parts = line.decode("latin-1").split()
             path = parts[1] if len(parts) >= 2 else ""
-            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+            if len(parts) >= 2 and path.startswith("/admin/"):
+                status, ctype, body = await admin.handle(parts[0], path, authorization, self.admin_token,
+                                                         self._detections())
+            elif len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
                 status, ctype, body = 405, "text/plain", b"method not allowed\n"
             elif path == "/healthz":
                 status, ctype, body = 200, "text/plain", b"ok\n"
@@ -462,6 +504,8 @@ class Sidecar:
         if self._stopping:
             return
         self.metrics.flush()
+        if self.access_logs is not None:
+            self.access_logs.publish()
         self._ticks += 1
         if self._ticks % 5 == 0 and multiprocess_dir() is not None:
             asyncio.get_running_loop().run_in_executor(None, self._write_inventory, self.inventory.snapshot())
@@ -484,6 +528,8 @@ class Sidecar:
         await self._close(0)
 
     async def _close(self, grace: float) -> None:
+        if self.access_logs is not None:
+            self.access_logs.close()
         closing = []
         if self.http_authz is not None:
             closing.append(self.http_authz.close(grace))

@@ -301,6 +301,20 @@ class _StoreQuotaCheck(QuotaCheck):
     may_wait: ClassVar[bool] = True
 
     async def check(self, ctx: CheckContext) -> Denial | None:
+        pending = ctx.pending
+        if pending is None:
+            return await self._check(ctx)
+        # The detect check queued its store call: this charge leaves in the same write (the store
+        # sends one loop turn's commands together), and its answer, which Redis sends first, is
+        # awaited after ours. A block is the answer even where the quota had room.
+        ctx.pending = None
+        try:
+            denial = await self._check(ctx)
+        finally:
+            earlier = await pending
+        return earlier if earlier is not None else denial
+
+    async def _check(self, ctx: CheckContext) -> Denial | None:
         applied = self._applicable(ctx)
         if type(applied) is not list:
             return applied  # type: ignore[return-value]  # a denial, or None: no quota applies

@@ -139,6 +139,8 @@ def render_envoy_bootstrap(
     authz_filter = _find(http_filters, "envoy.filters.http.ext_authz", "http filter")["typed_config"]
     if ext_authz is None:
         http_filters[:] = [f for f in http_filters if f["name"] != "envoy.filters.http.ext_authz"]
+        # The access log of outcomes streams to the sidecar's cluster, which goes with it.
+        hcm["access_log"] = [a for a in hcm.get("access_log", []) if a["name"] != "envoy.access_loggers.http_grpc"]
         static["clusters"] = [c for c in static["clusters"] if c["name"] != "ext_authz"]
     else:
         host, port = _split_hostport(ext_authz)

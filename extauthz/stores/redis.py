@@ -1108,6 +1108,31 @@ class RedisStore:
             self._trip(operation, exc)
             raise StoreError(f"redis {operation} failed: {_describe(exc)}") from None
 
+    def send(self, operation: str, args: tuple[Any, ...], fallback: tuple[Any, ...] | None = None) -> Any:
+        """Queue one command now and return an awaitable of its reply (StoreError on failure).
+
+        Unlike the coroutine methods, the command is queued before the caller awaits anything, so it
+        leaves in the same write as the commands issued later in this loop turn (the detect check's
+        script beside the quota charge: one round trip for both). The result must be awaited.
+        """
+        if self.circuit_open:
+            _store_error_metric(operation)
+            self._ensure_probe()
+            return _failed(StoreError("redis circuit is open"))
+        return self._settle(operation, self._pipeline.submit(args, fallback))
+
+    async def _settle(self, operation: str, future: Any) -> Any:
+        try:
+            return await future
+        except _FAILURES as exc:
+            self._trip(operation, exc)
+            raise StoreError(f"redis {operation} failed: {_describe(exc)}") from None
+
+    @property
+    def key_prefix(self) -> str:
+        """Prepended to every key (``prefix`` of the URL, and a colon)."""
+        return self._key_prefix
+
     # --- operations ------------------------------------------------------------------------------
     async def remember_once(self, key: str, ttl: float) -> bool:
         digest = hashlib.blake2b(key.encode(), digest_size=18).hexdigest()
@@ -1222,6 +1247,10 @@ class RedisStore:
             _store_error_metric("charge")
             raise StoreError("redis charge script gave an unexpected reply") from None
         return values[0] == 1, marks, results
+
+
+async def _failed(exc: Exception) -> Any:
+    raise exc
 
 
 def _describe(exc: BaseException) -> str:

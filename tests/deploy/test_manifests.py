@@ -34,7 +34,7 @@ BASE = K8S / "base"
 ISTIO = K8S / "overlays" / "istio"
 #: Oldest Kubernetes the manifests support, and the newest the bundled schemas know.
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
-ISTIO_KINDS = {"AuthorizationPolicy", "ServiceEntry"}
+ISTIO_KINDS = {"AuthorizationPolicy", "ServiceEntry", "Telemetry"}
 
 sys.path.insert(0, str(K8S))
 import sync  # noqa: E402
@@ -332,7 +332,7 @@ def test_istio_overlay(istio) -> None:
     assert policy["spec"]["action"] == "CUSTOM"
     mesh = yaml.safe_load((ISTIO / "mesh-config.yaml").read_text())
     providers = {p["name"]: p for p in mesh["spec"]["meshConfig"]["extensionProviders"]}
-    assert set(providers) == {"extauthz-grpc", "extauthz-http"}
+    assert set(providers) == {"extauthz-grpc", "extauthz-http", "extauthz-als"}
     assert policy["spec"]["provider"]["name"] == "extauthz-grpc"
     grpc = providers["extauthz-grpc"]["envoyExtAuthzGrpc"]
     http = providers["extauthz-http"]["envoyExtAuthzHttp"]
@@ -359,6 +359,12 @@ def test_istio_overlay(istio) -> None:
                                                        response["allowed_client_headers_on_success"]["patterns"]}
     labels = policy["spec"]["selector"]["matchLabels"]
     assert labels.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    # the access logs (outcomes for the detectors) go to the same sidecar, selected by a Telemetry
+    telemetry = _one(istio, "Telemetry", "orders-extauthz-outcomes")
+    [logging] = telemetry["spec"]["accessLogging"]
+    als = providers[logging["providers"][0]["name"]]["envoyHttpAls"]
+    assert (als["service"], als["port"]) == (grpc["service"], grpc["port"])
+    assert telemetry["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
 def test_dockerfile_and_constraints() -> None:

@@ -31,6 +31,7 @@ from extauthz.request import ENVOY_HEADERS, ENVOY_VALUE_PREFIX
 pytestmark = pytest.mark.e2e
 
 CHECKOUT = "spiffe://cluster.local/ns/payments/sa/checkout"
+PARTNER_DNS = "api.partners.example.com"
 PREFIX = "/authz"
 MAX_BODY = 16
 
@@ -76,7 +77,8 @@ def http_mode(authz_port: int, *, extra_allowed: tuple[str, ...] = ()) -> Callab
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("http-authz-e2e")
     pki = material.Pki("http-mode-ca")
-    certs = {"server": pki.server(), "checkout": pki.client("checkout", uris=(CHECKOUT,))}
+    certs = {"server": pki.server(), "checkout": pki.client("checkout", uris=(CHECKOUT,)),
+             "partner": pki.client("partner", dns=(PARTNER_DNS,))}
     tls = root / "tls"
     files = {name: issued.write(tls, name) for name, issued in certs.items()}
     (tls / "ca.crt").write_text(pki.ca.pem)
@@ -105,6 +107,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
           match: {{hosts: [mesh.test]}}
           rules:
             - {{name: workloads, when: "source.principal.startsWith('spiffe://')", decision: allow}}
+            - {{name: partners, when: "source.principal.endsWith('.partners.example.com')", decision: allow}}
           response:
             headers:
               x-caller: "source.principal"
@@ -216,6 +219,10 @@ def test_a_client_cannot_pose_as_a_workload(envoy, world) -> None:
     status, _, body = _request(envoy, world, "mesh.test", client="checkout")
     assert status == 200
     assert json.loads(body)["headers"]["x-caller"] == [CHECKOUT]
+    # A certificate with only a DNS SAN: that is the principal, as in gRPC mode.
+    status, _, body = _request(envoy, world, "mesh.test", client="partner")
+    assert status == 200
+    assert json.loads(body)["headers"]["x-caller"] == [PARTNER_DNS]
 
 
 def test_headers_other_policies_own_are_removed_upstream(envoy, world) -> None:

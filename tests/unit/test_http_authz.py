@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 import pytest
@@ -26,7 +28,7 @@ from extauthz.request import (
 )
 from extauthz.samples import check_request_from_sample
 from extauthz.server import Settings, Sidecar
-from extauthz.wire.http_authz import HttpAuthzLimits, http_response_bytes
+from extauthz.wire.http_authz import HttpAuthzLimits, HttpAuthzServer, _continued, http_response_bytes
 
 POLICY = """
 match: {hosts: [api.example.com], paths: [/x]}
@@ -38,6 +40,14 @@ rules:
   - {name: spiffe, when: "source.principal == 'spiffe://td/ns/a/sa/b'", decision: allow}
   - {name: posts, when: "request.method == 'POST' && request.body == 'hello'", decision: allow}
 """
+
+
+def _pki_client(**names: Any) -> str:
+    """A client certificate's PEM (tests/unit/identity/material.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "identity"))
+    import material
+
+    return material.Pki("http-mode-ca").client("partner", **names).pem
 
 
 def _free_port() -> int:
@@ -216,7 +226,10 @@ def test_request_view_mapping() -> None:
         "api.example.com", "TLSv1.3", "https", "HTTP/1.1", "12345")
     assert request.context_extensions == {} and request.metadata == {}
     assert request.size == -1 and request.timestamp == 0.0
-    # The subject stands in for the principal when the certificate has no URI SAN, as in gRPC mode.
+    # As in gRPC mode: no URI SAN, the certificate's first DNS SAN; neither, the subject.
+    partner = _pki_client(dns=("a.example.com", "b.example.com"))
+    headers = envoy_headers(peer_cert=quote(partner), peer_subject="CN=partner")
+    assert request_from_http(HttpParts("GET", "/", headers)).source.principal == "a.example.com"
     headers = envoy_headers(peer_subject="CN=client")
     assert request_from_http(HttpParts("GET", "/", headers)).source.principal == "CN=client"
     with pytest.raises(BadRequest, match="prefix"):
@@ -235,7 +248,13 @@ def test_request_view_mapping() -> None:
     assert grpc_view[:5] == http_view[:5]
 
 
-def test_keep_alive_pipelining_and_head(folder: Path) -> None:
+@pytest.mark.parametrize("eager", [True, False], ids=["decided-inline", "decided-in-tasks"])
+def test_keep_alive_pipelining_and_head(folder: Path, eager: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers come back in request order whether a decision is made as its request completes (no
+    policy waits on I/O) or in a Task of its own (some policy may)."""
+    if not eager:
+        monkeypatch.setattr(HttpAuthzServer, "eager", lambda self: False)
+
     async def scenario() -> None:
         async with sidecar(folder) as sc:
             reader, writer = await connect(sc)
@@ -254,6 +273,12 @@ def test_keep_alive_pipelining_and_head(folder: Path) -> None:
             # and the connection still serves the next request
             writer.write(raw_request("GET", "/x", {"x-tenant": "a"}))
             assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+            # A WebSocket handshake is judged like any request (we never switch protocols), and
+            # what follows it on the connection is read as usual.
+            upgrade = raw_request("GET", "/x", {"x-tenant": "a", "connection": "upgrade", "upgrade": "websocket"})
+            writer.write(upgrade + raw_request("GET", "/x", {"x-tenant": "b"}))
+            assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+            assert (await asyncio.wait_for(read_response(reader), 5))[0] == 403
             # Connection: close is honoured
             writer.write(raw_request("GET", "/x", {"x-tenant": "a", "connection": "close"}))
             status, headers, _ = await asyncio.wait_for(read_response(reader), 5)
@@ -352,3 +377,87 @@ def test_http_only_sidecar_refuses_policies_reading_what_only_grpc_sends(
     with pytest.raises(PolicySetError, match=r"context.*only to a gRPC"):
         sc.load_initial()
     Sidecar(Settings(policies=folder, http_authz_listen="127.0.0.1:1")).load_initial()  # gRPC served too: fine
+
+
+def test_a_decision_that_suspends_is_carried_on_by_a_task() -> None:
+    """The inline path runs a decision up to its first suspension; a Task finishes it, with what it
+    awaited, and a cancellation reaches it."""
+
+    async def decide(future: asyncio.Future[bytes]) -> bytes:
+        await asyncio.sleep(0)
+        return b"answer:" + await future
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        coro = decide(future)
+        yielded = coro.send(None)  # suspends in asyncio.sleep(0)
+        task = loop.create_task(_continued(coro, yielded))
+        loop.call_later(0.01, future.set_result, b"ok")
+        assert await task == b"answer:ok"
+        waiting = decide(loop.create_future())
+        task = loop.create_task(_continued(waiting, waiting.send(None)))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+
+
+def test_decision_log_and_spans_are_those_of_a_grpc_check(folder: Path, tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from extauthz.telemetry.decision_log import DecisionLogConfig
+    from extauthz.telemetry.tracing import SubjectHasher, Tracing, _default_propagator
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider, _default_propagator(), SubjectHasher("hash", b"k"))
+    log_file = tmp_path / "decisions.log"
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async def scenario() -> None:
+        async with sidecar(folder, tracing=tracing,
+                           decision_log=DecisionLogConfig(destination=str(log_file), allow_sample=1.0)) as sc:
+            headers = {"x-tenant": "b", "x-request-id": "log-1", "traceparent": parent}
+            assert (await ask(sc, "GET", "/x", {**headers, **envoy_headers(peer_uri_san="spiffe://td/w")}))[0] == 403
+
+    asyncio.run(scenario())
+    record = json.loads(log_file.read_text().splitlines()[-1])
+    assert (record["decision_id"], record["policy"], record["host"], record["path"]) == ("log-1", "a",
+                                                                                         "api.example.com", "/x")
+    assert (record["source_address"], record["source_principal"]) == ("10.1.2.3", "spiffe://td/w")
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    check = spans["extauthz.check"]
+    assert f"{check.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"  # Envoy's span is the parent
+    assert check.attributes["extauthz.decision"] == "deny"
+
+
+def test_command_line(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from extauthz.cli import main
+
+    assert main(["serve", "--policies", str(folder), "--listen", "off", "--decision-log", "off"]) == 2
+    assert "--listen off needs --http-authz-listen" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--policies", str(folder), "--http-authz-path-prefix", "authz/"])
+    assert exited.value.code == 2
+    assert "a path prefix starts with '/'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--policies", str(folder), "--http-authz-listen", "unix:/tmp/x.sock"])
+    assert "takes HOST:PORT" in capsys.readouterr().err
+
+
+def test_http_only_sidecar_serves_and_stops(folder: Path) -> None:
+    async def scenario() -> None:
+        async with sidecar(folder, listen="") as sc:
+            assert sc.grpc_server is None and sc.readiness()[0]
+            assert (await ask(sc, "GET", "/x", {"x-tenant": "a"}))[0] == 200
+            reader, writer = await connect(sc)  # an idle keep-alive connection is closed at stop
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+    asyncio.run(scenario())

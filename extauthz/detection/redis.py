@@ -1,0 +1,244 @@
+"""Detection state in Redis: shared by every replica, one script per request, every key expiring.
+
+Every op of a request goes into one script call (:data:`DETECT_SCRIPT`), with Redis's clock, so a
+block decided at one replica holds at the next request any replica sees. The call is queued at once
+(:meth:`RedisDetections.submit`): beside a quota it leaves in the same write as the quota's charge.
+
+Keys, per (policy, detector, key digest), all with the digest as hash tag (one slot per key value)::
+
+    <prefix>:d:<policy>:<detector>:{<digest>}:b   the block or throttle (hash), expires at its end
+    <prefix>:d:<policy>:<detector>:{<digest>}:o   offences (integer), expires ``remember`` after the last
+    <prefix>:d:<policy>:<detector>:{<digest>}:c   the counter: failures (integer) or distinct values
+                                                  (HyperLogLog), expiring with their window; a spike's
+                                                  state (hash), expiring when idle
+    <prefix>:d:<policy>:<detector>:{<digest>}:t   a throttle's temporary quota (GCRA TAT), expires when full
+
+The arithmetic is :class:`~extauthz.detection.memory.MemoryDetections`' (tests hold the two to the
+same answers); distinct values are counted by a HyperLogLog, exact for small sets and within about
+1% beyond. On a Redis Cluster the ops of one key value share a slot; a request's ops on different
+key values go as one script per slot, sent together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis.crc import key_slot
+
+from extauthz.detection.model import Answer, BlockRecord, Op, block_id
+from extauthz.stores import StoreError
+from extauthz.stores.redis import RedisStore
+
+__all__ = ["DETECT_SCRIPT", "RedisDetections"]
+
+#: KEYS: per op, its block, offences, counter and throttle keys. ARGV: per op, "kind <Detector.spec>",
+#: the distinct value, the key's label (what operators see in the block). Returns per op seven
+#: integers: refused_ms, kind, tripped, total, offences, duration_ms, status (see detection.Answer).
+DETECT_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i = 1, #KEYS / 4 do
+  local kb, ko, kc, kt = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
+  local s = {}
+  for v in string.gmatch(ARGV[3 * i - 2], '%S+') do s[#s + 1] = tonumber(v) end
+  local op, threshold, window, action, duration = s[1], s[2], s[3], s[4], s[5]
+  local esc, maxd, memory, status, ti, tb = s[6] / 1000, s[7], s[8], s[9], s[10], s[11]
+  local interval, alpha, warmup, mincount, factor, ttl = s[12], s[13] / 1000000, s[14], s[15], s[16] / 1000, s[17]
+  local refused, kind, tripped, total, offences, dur = 0, 0, 0, 0, 0, 0
+  local rec = redis.call('HMGET', kb, 'kind', 'ti', 'tb', 'status', 'until', 'off')
+  if rec[1] then
+    kind, status, offences = tonumber(rec[1]), tonumber(rec[4]), tonumber(rec[6])
+    if kind == 2 then
+      refused = math.max(1, tonumber(rec[5]) - now)
+    else
+      local rti, rtb, nowu = tonumber(rec[2]), tonumber(rec[3]), now * 1000
+      local tat = tonumber(redis.call('GET', kt)) or 0
+      if tat < nowu then tat = nowu end
+      local newtat = tat + rti
+      local allow = newtat - rtb * rti
+      if allow <= nowu then
+        redis.call('SET', kt, string.format('%d', newtat), 'PX', math.floor((newtat - nowu) / 1000) + 1)
+      else
+        refused = math.floor((allow - nowu) / 1000) + 1
+      end
+    end
+  elseif op > 0 then
+    if op == 1 then
+      total = redis.call('INCR', kc)
+      if total == 1 then redis.call('PEXPIRE', kc, window) end
+      if total >= threshold then tripped = 1 end
+    elseif op == 2 then
+      redis.call('PFADD', kc, ARGV[3 * i - 1])
+      if redis.call('PTTL', kc) == -1 then redis.call('PEXPIRE', kc, window) end
+      total = redis.call('PFCOUNT', kc)
+      if total > threshold then tripped = 1 end
+    else
+      local b = math.floor(now / interval)
+      local st = redis.call('HMGET', kc, 'b', 'c', 'a', 'n', 'f')
+      local sb, sc, avg = tonumber(st[1]) or b, tonumber(st[2]) or 0, tonumber(st[3]) or 0
+      local seen, fl = tonumber(st[4]) or 0, tonumber(st[5]) or -1
+      if b > sb then
+        avg = avg + alpha * (sc - avg)
+        seen = seen + 1
+        local gap = math.min(b - sb - 1, 100000)
+        if gap > 0 then
+          avg = avg * (1 - alpha) ^ gap
+          seen = seen + gap
+        end
+        sb, sc = b, 0
+      end
+      sc = sc + 1
+      total = sc
+      if seen >= warmup and sc >= mincount and sc > factor * avg and fl ~= b then
+        tripped, fl = 1, b
+      end
+      redis.call('HSET', kc, 'b', string.format('%d', sb), 'c', sc, 'a', string.format('%.17g', avg), 'n', seen,
+        'f', string.format('%d', fl))
+      redis.call('PEXPIRE', kc, ttl)
+    end
+    if tripped == 1 then
+      if op ~= 3 then redis.call('DEL', kc) end
+      if action > 0 then
+        offences = redis.call('INCR', ko)
+        redis.call('PEXPIRE', ko, memory)
+        dur = math.floor(math.min(duration * esc ^ (offences - 1), maxd))
+        redis.call('DEL', kb, kt)
+        redis.call('HSET', kb, 'kind', action, 'ti', ti, 'tb', tb, 'status', status, 'since', string.format('%d', now),
+          'until', string.format('%d', now + dur), 'off', offences, 'label', ARGV[3 * i])
+        redis.call('PEXPIRE', kb, dur)
+        kind = action
+        if action == 2 then refused = dur end
+      end
+    end
+  end
+  out[#out + 1] = string.format('%d %d %d %d %d %d %d', refused, kind, tripped, total, offences, dur, status)
+end
+return table.concat(out, ' ')
+"""
+
+#: At most this many block keys are listed (SCAN is bounded: operators page through a store that
+#: holds more with the metrics and the decision log).
+MAX_LISTED = 10_000
+
+
+class RedisDetections:
+    """Detection ops in Redis through the sidecar's Redis store (its connection, deadline, circuit)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._sha = hashlib.sha1(DETECT_SCRIPT.encode()).hexdigest()
+        self._base = store.key_prefix + "d:"
+        self._specs: dict[tuple[int, int], str] = {}
+        #: End times (monotonic) of the blocks and throttles this replica wrote (extauthz_blocks_active).
+        self._written: list[float] = []
+
+    def _key(self, op: Op) -> str:
+        det = op.detector
+        return f"{self._base}{det.policy}:{det.name}:{{{op.digest}}}:"
+
+    def submit(self, ops: Sequence[Op]) -> Any:
+        """Queue the ops now (one script, or one per Cluster slot); an awaitable of their answers
+        that raises StoreError. It must be awaited."""
+        if not self.store.cluster or len(ops) == 1:
+            return self._answers(ops, [self._send(ops)])
+        groups: dict[int, list[int]] = {}
+        for i, op in enumerate(ops):
+            groups.setdefault(key_slot(op.digest.encode()), []).append(i)
+        order = [i for idx in groups.values() for i in idx]
+        sends = [self._send([ops[i] for i in idx]) for idx in groups.values()]
+        return self._reordered(ops, order, sends)
+
+    def _send(self, ops: Sequence[Op]) -> Any:
+        keys: list[str] = []
+        argv: list[str] = []
+        for op in ops:
+            base = self._key(op)
+            keys.extend((base + "b", base + "o", base + "c", base + "t"))
+            spec_key = (op.kind, id(op.detector))
+            spec = self._specs.get(spec_key)
+            if spec is None:
+                if len(self._specs) >= 4096:
+                    self._specs.clear()
+                spec = self._specs[spec_key] = f"{op.kind} {op.detector.spec}"
+            argv.extend((spec, op.value, op.label))
+        tail = (len(keys), *keys, *argv)
+        return self.store.send("detect", ("EVALSHA", self._sha, *tail), ("EVAL", DETECT_SCRIPT, *tail))
+
+    async def _answers(self, ops: Sequence[Op], sends: list[Any]) -> list[Answer]:
+        replies = [await send for send in sends]
+        return self._parse(ops, " ".join(r.decode() if isinstance(r, bytes) else str(r) for r in replies))
+
+    async def _reordered(self, ops: Sequence[Op], order: list[int], sends: list[Any]) -> list[Answer]:
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            raise failure
+        answers = self._parse([ops[i] for i in order], " ".join(
+            r.decode() if isinstance(r, bytes) else str(r) for r in results))  # fmt: skip
+        by_index = dict(zip(order, answers, strict=True))
+        return [by_index[i] for i in range(len(ops))]
+
+    def _parse(self, ops: Sequence[Op], text: str) -> list[Answer]:
+        try:
+            values = [int(v) for v in text.split()]
+            answers = [Answer(values[k], values[k + 1], values[k + 2] == 1, values[k + 3], values[k + 4],
+                              values[k + 5], values[k + 6]) for k in range(0, 7 * len(ops), 7)]  # fmt: skip
+        except (ValueError, IndexError):
+            raise StoreError("redis detect script gave an unexpected reply") from None
+        if len(values) != 7 * len(ops):
+            raise StoreError("redis detect script gave an unexpected reply")
+        for answer in answers:
+            if answer.duration_ms:
+                self._written.append(time.monotonic() + answer.duration_ms / 1000)
+        return answers
+
+    # --- operators -------------------------------------------------------------------------------
+    def active_blocks(self) -> int:
+        """Blocks and throttles this replica wrote that have not ended (lifted ones count until then)."""
+        now = time.monotonic()
+        self._written = [end for end in self._written if end > now]
+        return len(self._written)
+
+    async def blocks(self) -> list[BlockRecord]:
+        """Live blocks and throttles of every replica (SCAN, bounded by MAX_LISTED), the newest first."""
+        if self.store.cluster:
+            raise StoreError("listing blocks is not supported on a Redis Cluster (show and lift are)")
+        cursor, keys = b"0", []
+        while True:
+            cursor, batch = await self.store.send("scan", ("SCAN", cursor, "MATCH", self._base + "*:b", "COUNT", 1000))
+            keys.extend(batch)
+            if cursor in (b"0", 0, "0") or len(keys) >= MAX_LISTED:
+                break
+        records = []
+        for key in keys[:MAX_LISTED]:
+            record = await self._record(key.decode() if isinstance(key, bytes) else key)
+            if record is not None:
+                records.append(record)
+        records.sort(key=lambda r: r.since_ms, reverse=True)
+        return records
+
+    async def block(self, policy: str, detector: str, digest: str) -> BlockRecord | None:
+        return await self._record(f"{self._base}{policy}:{detector}:{{{digest}}}:b")
+
+    async def _record(self, key: str) -> BlockRecord | None:
+        rest = key[len(self._base):]
+        policy, detector, tagged = rest.rsplit(":", 3)[:3]
+        digest = tagged.strip("{}")
+        fields = await self.store.send("hmget", ("HMGET", key, "kind", "status", "since", "until", "off", "label"))
+        if fields[0] is None:
+            return None
+        kind, status, since, until, offences = (int(v) for v in fields[:5])
+        label = fields[5].decode("utf-8", "replace") if isinstance(fields[5], bytes) else str(fields[5] or "")
+        return BlockRecord(block_id(policy, detector, digest), policy, detector, label, kind, status, since, until,
+                           offences)  # fmt: skip
+
+    async def lift(self, policy: str, detector: str, digest: str) -> bool:
+        """End a block or throttle now (its offences are kept); True when there was one."""
+        base = f"{self._base}{policy}:{detector}:{{{digest}}}:"
+        return bool(await self.store.send("lift", ("DEL", base + "b", base + "t")))
+
