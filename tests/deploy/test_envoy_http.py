@@ -74,9 +74,25 @@ def test_everything_but_the_authz_transport_is_the_deployed_grpc_configuration(c
             k: v for k, v in hcm["access_log"][0]["typed_config"]["log_format"]["json_format"].items()
             if not k.startswith("authz_")}
         hcm["route_config"].pop("request_headers_to_remove", None)
-        cfg["static_resources"]["clusters"] = [c for c in cfg["static_resources"]["clusters"] if c["name"] != "ext_authz"]
+        for log in hcm["access_log"]:  # the outcomes log: over ext_authz in gRPC mode, its own cluster in HTTP mode
+            if log["name"] == "envoy.access_loggers.http_grpc":
+                log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "sidecar-grpc"
+        cfg["static_resources"]["clusters"] = [c for c in cfg["static_resources"]["clusters"]
+                                               if c["name"] not in ("ext_authz", "extauthz_grpc")]
         cfg.pop("layered_runtime", None)
     assert http == grpc
+
+
+def test_the_outcomes_log_reaches_the_sidecars_grpc_port(config) -> None:
+    """Envoy's gRPC Access Log Service cannot ride the HTTP/1.1 authorization cluster."""
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    log = next(a for a in _hcm(config)["access_log"] if a["name"] == "envoy.access_loggers.http_grpc")
+    cluster = clusters[log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]]
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in options["explicit_http_config"]
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    grpc = next(c for c in _load(GRPC_YAML)["static_resources"]["clusters"] if c["name"] == "ext_authz")
+    assert address == grpc["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
 
 
 def test_the_access_log_reads_the_metadata_the_headers_become(config) -> None:

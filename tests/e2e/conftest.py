@@ -133,7 +133,10 @@ def envoy_factory(tmp_path_factory: pytest.TempPathFactory, authz_mode: str) -> 
         nonlocal counter
         counter += 1
         workdir = tmp_path_factory.mktemp(f"envoy{counter}")
-        config = _procs.render_envoy_bootstrap(mode=mode or authz_mode, **render_kwargs)  # type: ignore[arg-type]
+        mode = mode or authz_mode
+        if mode == "http" and "access_log_service" not in render_kwargs:  # a sidecar's gRPC port, if it is one
+            render_kwargs["access_log_service"] = _procs.GRPC_PORT_OF_TARGET.get(str(render_kwargs.get("ext_authz")))
+        config = _procs.render_envoy_bootstrap(mode=mode, **render_kwargs)  # type: ignore[arg-type]
         envoy = _procs.start_envoy(config, workdir, name=f"envoy{counter}", log_level=log_level)
         started.append(envoy)
         return envoy
