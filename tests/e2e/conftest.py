@@ -14,7 +14,9 @@ listens with --http-authz-listen, its ``.target`` is that listener, and envoy_fa
 deploy/envoy/envoy-http.yaml instead of envoy.yaml; the tests themselves do not change. A test that
 only makes sense over gRPC (context_extensions, query mutation, calls to the gRPC API) is marked
 ``pytest.mark.grpc_only(reason)``. A sidecar asked for in mode "http" skips the test when
-``extauthz serve`` lacks HTTP mode.
+``extauthz serve`` lacks HTTP mode. A module fixture holding state that a test changes (a key server
+it stops, a password file it rotates) takes ``authz_mode`` too, so each mode starts from scratch.
+Run one mode only with ``-k grpc`` or ``-k http``.
 
 Everything listens on 127.0.0.1; processes are stopped by pid (SIGTERM, then SIGKILL) at teardown.
 When a test fails, the log tails of the processes still running are attached to its report.
