@@ -192,11 +192,11 @@ class _Resume:
 
     __slots__ = ("coro", "yielded")
 
-    def __init__(self, coro: Coroutine[Any, Any, bytes], yielded: Any) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
         self.coro = coro
         self.yielded = yielded
 
-    def __await__(self) -> Generator[Any, Any, bytes]:
+    def __await__(self) -> Generator[Any, Any, Any]:
         coro, yielded = self.coro, self.yielded
         while True:
             try:
@@ -205,16 +205,12 @@ class _Resume:
                 try:
                     yielded = coro.throw(exc)
                 except StopIteration as done:
-                    return done.value  # type: ignore[no-any-return]
+                    return done.value
             else:
                 try:
                     yielded = coro.send(sent)
                 except StopIteration as done:
-                    return done.value  # type: ignore[no-any-return]
-
-
-async def _continued(coro: Coroutine[Any, Any, bytes], yielded: Any) -> bytes:
-    return await _Resume(coro, yielded)
+                    return done.value
 
 
 class _TooLarge(Exception):
@@ -265,6 +261,7 @@ class HttpAuthzServer:
         return self._eager_of[1]
 
     async def answer(self, parts: HttpParts, head: bool, close: bool) -> bytes:
+        """Decide in a Task of its own (some policy of the live set may wait on I/O)."""
         metrics = self.metrics
         if metrics is not None:
             metrics.in_flight += 1
@@ -273,6 +270,28 @@ class HttpAuthzServer:
         finally:
             if metrics is not None:
                 metrics.in_flight -= 1
+        return self.encode(decision, head, close)
+
+    async def finish(self, coro: Coroutine[Any, Any, Decision], yielded: Any, head: bool, close: bool) -> bytes:
+        """Carry on a decision that suspended while being made inline (see _Connection.on_message_complete)."""
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight += 1
+        try:
+            decision = await _Resume(coro, yielded)
+        finally:
+            if metrics is not None:
+                metrics.in_flight -= 1
+        return self.encode(decision, head, close)
+
+    def first_step(self, parts: HttpParts) -> tuple[Coroutine[Any, Any, Decision], Any]:
+        """Start deciding inline: StopIteration carries the decision when it needed no wait, else
+        the coroutine and what it waits on are returned. Run in the request's own context."""
+        coro = self.authorizer.check_http(parts, self.path_prefix)
+        return coro, coro.send(None)
+
+    def encode(self, decision: Decision, head: bool, close: bool) -> bytes:
+        """The answer's bytes; a decision that cannot be written is a 503 denial, never an allow."""
         try:
             return http_response_bytes(decision, self.metadata, head=head, close=close)
         except (ValueError, UnicodeError) as exc:
@@ -446,18 +465,19 @@ class _Connection(asyncio.Protocol):
         self.deadline = 0.0  # until it is answered, the check timeout bounds the wait, not us
         if close:
             self.closing = True  # nothing after this request is read
-        coro = self.server.answer(parts, method == "HEAD", close)
-        if not self.server.eager():
-            task = self.loop.create_task(coro)
+        server = self.server
+        head = method == "HEAD"
+        if not server.eager():
+            task = self.loop.create_task(server.answer(parts, head, close))
         else:
             # No policy of the live set waits on I/O: the decision is usually made without ever
-            # suspending, so run it now rather than as a Task on the next turn of the loop (in a
+            # suspending, so make it now rather than in a Task on the next turn of the loop (in a
             # context of its own, as a Task would). If it does suspend, a Task carries it on.
             context = contextvars.copy_context()
             try:
-                yielded = context.run(coro.send, None)
+                coro, yielded = context.run(server.first_step, parts)
             except StopIteration as done:
-                self.pending.append(done.value)
+                self.pending.append(server.encode(done.value, head, close))
                 self._answered(None)
                 return
             except Exception:
@@ -466,7 +486,7 @@ class _Connection(asyncio.Protocol):
                 self.closing = True
                 self._answered(None)
                 return
-            task = self.loop.create_task(_continued(coro, yielded), context=context)
+            task = self.loop.create_task(server.finish(coro, yielded, head, close), context=context)
         task.add_done_callback(self._answered)
         self.pending.append(task)
         if len(self.pending) >= self.limits.max_pipelined:

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
-from extauthz.decision import Decision
+from extauthz.decision import Authorizer, Decision
 from extauthz.request import (
     ENVOY_HEADERS,
     ENVOY_VALUE_PREFIX,
@@ -28,7 +28,7 @@ from extauthz.request import (
 )
 from extauthz.samples import check_request_from_sample
 from extauthz.server import Settings, Sidecar
-from extauthz.wire.http_authz import HttpAuthzLimits, HttpAuthzServer, _continued, http_response_bytes
+from extauthz.wire.http_authz import HttpAuthzLimits, HttpAuthzServer, _Resume, http_response_bytes
 
 POLICY = """
 match: {hosts: [api.example.com], paths: [/x]}
@@ -248,12 +248,23 @@ def test_request_view_mapping() -> None:
     assert grpc_view[:5] == http_view[:5]
 
 
-@pytest.mark.parametrize("eager", [True, False], ids=["decided-inline", "decided-in-tasks"])
-def test_keep_alive_pipelining_and_head(folder: Path, eager: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["inline", "tasks", "inline-then-task"])
+def test_keep_alive_pipelining_and_head(folder: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Answers come back in request order whether a decision is made as its request completes (no
-    policy waits on I/O) or in a Task of its own (some policy may)."""
-    if not eager:
+    policy waits on I/O), in a Task of its own (some policy may), or starts inline and suspends."""
+    if mode == "tasks":
         monkeypatch.setattr(HttpAuthzServer, "eager", lambda self: False)
+    if mode == "inline-then-task":
+        original = Authorizer.check_http
+
+        def suspending(self: Authorizer, parts: HttpParts, path_prefix: str = "") -> Any:
+            async def decide() -> Decision:
+                await asyncio.sleep(0)
+                return await original(self, parts, path_prefix)
+
+            return decide()
+
+        monkeypatch.setattr(Authorizer, "check_http", suspending)
 
     async def scenario() -> None:
         async with sidecar(folder) as sc:
@@ -379,6 +390,10 @@ def test_http_only_sidecar_refuses_policies_reading_what_only_grpc_sends(
     Sidecar(Settings(policies=folder, http_authz_listen="127.0.0.1:1")).load_initial()  # gRPC served too: fine
 
 
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
 def test_a_decision_that_suspends_is_carried_on_by_a_task() -> None:
     """The inline path runs a decision up to its first suspension; a Task finishes it, with what it
     awaited, and a cancellation reaches it."""
@@ -392,11 +407,11 @@ def test_a_decision_that_suspends_is_carried_on_by_a_task() -> None:
         future: asyncio.Future[bytes] = loop.create_future()
         coro = decide(future)
         yielded = coro.send(None)  # suspends in asyncio.sleep(0)
-        task = loop.create_task(_continued(coro, yielded))
+        task = loop.create_task(_await(_Resume(coro, yielded)))
         loop.call_later(0.01, future.set_result, b"ok")
         assert await task == b"answer:ok"
         waiting = decide(loop.create_future())
-        task = loop.create_task(_continued(waiting, waiting.send(None)))
+        task = loop.create_task(_await(_Resume(waiting, waiting.send(None))))
         await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
