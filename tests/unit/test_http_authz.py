@@ -476,3 +476,9 @@ def test_http_only_sidecar_serves_and_stops(folder: Path) -> None:
         writer.close()
 
     asyncio.run(scenario())
+
+
+def test_the_headers_envoy_must_let_upstream_are_logged(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="extauthz.server")
+    Sidecar(Settings(policies=folder, http_authz_listen="127.0.0.1:1")).load_initial()
+    assert "allowed_upstream_headers must match the headers policies set: x-checked" in caplog.text
