@@ -482,3 +482,17 @@ def test_the_headers_envoy_must_let_upstream_are_logged(folder: Path, caplog: py
     caplog.set_level("INFO", logger="extauthz.server")
     Sidecar(Settings(policies=folder, http_authz_listen="127.0.0.1:1")).load_initial()
     assert "allowed_upstream_headers must match the headers policies set: x-checked" in caplog.text
+
+
+def test_pipelining_beyond_the_limit_pauses_reading(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(HttpAuthzServer, "eager", lambda self: False)  # every decision in a Task
+
+    async def scenario() -> None:
+        async with sidecar(folder, http_authz_limits=HttpAuthzLimits(max_pipelined=2)) as sc:
+            reader, writer = await connect(sc)
+            writer.write(b"".join(raw_request("GET", "/x", {"x-tenant": "ab"[i % 2]}) for i in range(40)))
+            answers = [(await asyncio.wait_for(read_response(reader), 5))[0] for _ in range(40)]
+            assert answers == [200, 403] * 20
+            writer.close()
+
+    asyncio.run(scenario())
