@@ -496,3 +496,74 @@ def test_pipelining_beyond_the_limit_pauses_reading(folder: Path, monkeypatch: p
             writer.close()
 
     asyncio.run(scenario())
+
+
+class _Transport(asyncio.Transport):
+    """An in-memory transport: what the connection wrote, and whether it closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "written after close"
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_arbitrary_bytes_never_escape_as_an_exception_or_an_allow(folder: Path) -> None:
+    """Whatever arrives (split anywhere), the connection answers well-formed denials, or allows only
+    what a whole valid request earned, and never raises."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from extauthz.wire.http_authz import _Connection
+
+    valid = raw_request("GET", "/x", {"x-tenant": "a"})
+    pieces = st.sampled_from([valid, b"GET /x HTTP/1.1\r\n", b"\r\n", b"x-a: b\r\n", b"content-length: 3\r\n",
+                              b"transfer-encoding: chunked\r\n", b"0\r\n\r\n", b"\x00\xff", b"POST", b" ", b":"])
+    loop = asyncio.new_event_loop()
+    sc = Sidecar(Settings(policies=folder, listen="", http_authz_listen="127.0.0.1:0", http_port=_free_port()))
+    loop.run_until_complete(sc.start())
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.one_of(pieces, st.binary(max_size=40)), max_size=8), st.integers(1, 64))
+    def feed(chunks: list[bytes], step: int) -> None:
+        async def run() -> None:
+            assert sc.http_authz is not None
+            transport = _Transport()
+            connection = _Connection(sc.http_authz)
+            connection.connection_made(transport)
+            data = b"".join(chunks)
+            for start in range(0, len(data), step):
+                connection.data_received(data[start:start + step])
+            for _ in range(3):
+                await asyncio.sleep(0)
+            written = bytes(transport.written)
+            assert written == b"" or written.startswith(b"HTTP/1.1 ")
+            allowed = written.count(b"HTTP/1.1 200 OK")
+            assert allowed <= data.count(valid)
+            connection.connection_lost(None)
+
+        loop.run_until_complete(run())
+
+    try:
+        feed()
+    finally:
+        loop.run_until_complete(sc.stop())
+        loop.close()
