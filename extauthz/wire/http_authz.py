@@ -77,8 +77,9 @@ _kept: dict[tuple[str, str], bytes] = {}
 _KEEP_LIMIT, _KEEP_BYTES = 4096, 512
 
 
-def _line(name: str, value: str) -> bytes:
-    """``name: value\\r\\n``; ValueError for a value that would break the message (CR, LF, NUL)."""
+def _line(name: str, value: str, *, keep: bool = True) -> bytes:
+    """``name: value\\r\\n``; ValueError for a value that would break the message (CR, LF, NUL).
+    Kept for the next answer unless ``keep`` is False (a value new every time: the decision id)."""
     key = (name, value)
     line = _kept.get(key)
     if line is not None:
@@ -89,7 +90,7 @@ def _line(name: str, value: str) -> bytes:
     if not name or " " in name or ":" in name:
         raise ValueError("header name is not a token")
     line = f"{name}: {value}\r\n".encode()
-    if len(line) <= _KEEP_BYTES:
+    if keep and len(line) <= _KEEP_BYTES:
         if len(_kept) >= _KEEP_LIMIT:
             _kept.clear()
         _kept[key] = line
@@ -111,9 +112,12 @@ _JSON = b"content-type: application/json\r\n"
 
 
 def _metadata_lines(decision: Decision) -> list[bytes]:
-    lines = [_line(METADATA_HEADERS["decision_id"], decision.decision_id), _line(METADATA_HEADERS["policy"],
-             decision.policy), _line(METADATA_HEADERS["rule"], decision.rule),
-             _line(METADATA_HEADERS["reason"], decision.reason)]  # fmt: skip
+    lines = [
+        _line(METADATA_HEADERS["decision_id"], decision.decision_id, keep=False),
+        _line(METADATA_HEADERS["policy"], decision.policy),
+        _line(METADATA_HEADERS["rule"], decision.rule),
+        _line(METADATA_HEADERS["reason"], decision.reason),
+    ]
     if decision.dry_run:
         lines.append(_line(METADATA_HEADERS["dry_run"], "true"))
         lines.append(_line(METADATA_HEADERS["would_deny"], "true" if decision.would_deny else "false"))
