@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import Any
 
 import httptools
@@ -187,6 +188,10 @@ def _name(name: bytes) -> tuple[str, int]:
         _NAMES.clear()
     _NAMES[name] = known
     return known
+
+
+_METHODS = {name.encode(): name for name in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+_NOTHING: Any = MappingProxyType({})
 
 
 # --- the server ---------------------------------------------------------------------------------------
@@ -354,7 +359,7 @@ class _Connection(asyncio.Protocol):
         self.envoy: dict[str, str] = {}
         self.lines: dict[str, list[str]] | None = None
         self.raw: dict[str, bytes] | None = None
-        self.body: list[bytes] = []
+        self.body: list[bytes] | None = None
         self.body_size = 0
         self.head_bytes = 0
 
@@ -451,19 +456,24 @@ class _Connection(asyncio.Protocol):
         self.body_size += len(body)
         if self.body_size > self.limits.max_body_bytes:
             self._too_large(413, "body_too_large", "request body is too large")
-        self.body.append(body)
+        if self.body is None:
+            self.body = [body]
+        else:
+            self.body.append(body)
 
     def on_message_complete(self) -> None:
         if self.closing:
             return  # pipelined after a "Connection: close" request: never answered
         parser = self.parser
-        method = parser.get_method().decode("ascii")
+        method_bytes = parser.get_method()
+        method = _METHODS.get(method_bytes) or method_bytes.decode("ascii")
         close = not parser.should_keep_alive()
         body = self.body
         lines = self.lines
         parts = HttpParts(method, self.url.decode("latin-1"), self.headers,
-                          body[0] if len(body) == 1 else b"".join(body), self.raw or {},  # type: ignore[arg-type]
-                          {name: tuple(values) for name, values in lines.items()} if lines else {}, self.envoy)
+                          (body[0] if len(body) == 1 else b"".join(body)) if body else b"",
+                          self.raw or _NOTHING,  # type: ignore[arg-type]
+                          {name: tuple(values) for name, values in lines.items()} if lines else _NOTHING, self.envoy)
         self._reset()
         self.reading = False
         self.deadline = 0.0  # until it is answered, the check timeout bounds the wait, not us
