@@ -226,6 +226,18 @@ def test_request_view_mapping() -> None:
         "api.example.com", "TLSv1.3", "https", "HTTP/1.1", "12345")
     assert request.context_extensions == {} and request.metadata == {}
     assert request.size == -1 and request.timestamp == 0.0
+    # The client's content-length (Envoy sends its own, for the body it forwards) comes from the
+    # optional x-extauthz-content-length; without it the view has none.
+    for sent, seen in (("v1:5", "5"), ("v1:", None), (None, None)):
+        headers = {**envoy_headers(), "content-length": "0"}
+        if sent is not None:
+            headers["x-extauthz-content-length"] = sent
+        view = request_from_http(HttpParts("POST", "/", headers))
+        assert view.headers.get("content-length") == seen
+        assert "x-extauthz-content-length" not in view.headers
+    with pytest.raises(BadRequest, match=r"x-extauthz-content-length.*without the 'v1:' prefix") as unmarked_length:
+        request_from_http(HttpParts("POST", "/", {**envoy_headers(), "x-extauthz-content-length": "5"}))
+    assert unmarked_length.value.status == 500
     # As in gRPC mode: no URI SAN, the certificate's first DNS SAN; neither, the subject.
     partner = _pki_client(dns=("a.example.com", "b.example.com"))
     headers = envoy_headers(peer_cert=quote(partner), peer_subject="CN=partner")
