@@ -22,6 +22,7 @@ __all__ = [
     "CLIENT_HEADER",
     "ENVOY_HEADER",
     "ENVOY_HEADERS",
+    "ENVOY_OPTIONAL_HEADERS",
     "ENVOY_VALUE_PREFIX",
     "HOP_HEADER",
     "BadRequest",
@@ -499,7 +500,15 @@ ENVOY_HEADERS: Mapping[str, str] = MappingProxyType({
     "x-extauthz-sni": "%REQUESTED_SERVER_NAME%",
     "x-extauthz-tls-version": "%DOWNSTREAM_TLS_VERSION%",
 })
+#: Headers Envoy should add too, but whose absence only leaves the view with less (the same
+#: "v1:" rule when present). Envoy never forwards the client's own content-length; without it a
+#: request whose body Envoy does not forward (no with_request_body) shows no sign of one, where the
+#: gRPC mode's headers do (signature and OpenAPI body checks read it).
+ENVOY_OPTIONAL_HEADERS: Mapping[str, str] = MappingProxyType({
+    "x-extauthz-content-length": "%REQ(CONTENT-LENGTH)%",
+})
 _ENVOY_HEADER_NAMES = tuple(ENVOY_HEADERS)
+_CONTENT_LENGTH = "x-extauthz-content-length"
 _PREFIX_LENGTH = len(ENVOY_VALUE_PREFIX)
 #: Headers of the hop between Envoy and us, not of the client's request: dropped from the view.
 #: (Envoy sends content-length for the body it forwards, never the client's own; Host names us.)
@@ -591,7 +600,7 @@ CLIENT_HEADER, ENVOY_HEADER, HOP_HEADER = 0, 1, 2
 
 def header_kind(name: str) -> int:
     """Whether a (lower-case) header name is the client's, one of ENVOY_HEADERS, or of the hop itself."""
-    if name in ENVOY_HEADERS:
+    if name in ENVOY_HEADERS or name in ENVOY_OPTIONAL_HEADERS:
         return ENVOY_HEADER
     return HOP_HEADER if name in _HOP_HEADERS else CLIENT_HEADER
 
@@ -600,13 +609,13 @@ _startswith = str.startswith
 _PREFIXES = (ENVOY_VALUE_PREFIX,) * len(ENVOY_HEADERS)
 
 
-def _refuse_envoy_headers(envoy: Mapping[str, str]) -> None:
-    """Raise for the first of ENVOY_HEADERS missing or without the prefix."""
-    for name, formatter in ENVOY_HEADERS.items():
+def _refuse_envoy_headers(envoy: Mapping[str, str | None], which: Mapping[str, str] = ENVOY_HEADERS) -> None:
+    """Raise for the first of ``which`` missing or without the prefix."""
+    for name, formatter in which.items():
         value = envoy.get(name)
         if value is None or not value.startswith(ENVOY_VALUE_PREFIX):
-            what = "did not send" if value is None else f"sent without the {ENVOY_VALUE_PREFIX!r} prefix"
-            raise BadRequest("envoy_header_missing", f"Envoy {what} {name}: its ext_authz http_service must set it "
+            what = "not sent" if value is None else f"sent without the {ENVOY_VALUE_PREFIX!r} prefix"
+            raise BadRequest("envoy_header_missing", f"{name} {what}: Envoy's ext_authz http_service must set it "
                              f"in authorization_request.headers_to_add as '{ENVOY_VALUE_PREFIX}{formatter}' "
                              f"(docs/http-mode.md)", 500)
 
@@ -623,7 +632,7 @@ def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
     lines = parts.header_lines
     envoy = parts.envoy
     if envoy is None:
-        envoy = {name: headers.pop(name) for name in _ENVOY_HEADER_NAMES if name in headers}
+        envoy = {name: headers.pop(name) for name in (*_ENVOY_HEADER_NAMES, _CONTENT_LENGTH) if name in headers}
         for name in _HOP_HEADERS:
             if name in headers:
                 del headers[name]
@@ -631,10 +640,16 @@ def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
     if None in sent or False in map(_startswith, sent, _PREFIXES):
         _refuse_envoy_headers(envoy)
     if lines:
-        for name in _ENVOY_HEADER_NAMES:
+        for name in (*_ENVOY_HEADER_NAMES, _CONTENT_LENGTH):
             if name in lines:
                 raise BadRequest("duplicate_header", f"{name} appears more than once")
     values = [value[_PREFIX_LENGTH:] for value in sent]
+    content_length = envoy.get(_CONTENT_LENGTH)
+    if content_length is not None:
+        if not content_length.startswith(ENVOY_VALUE_PREFIX):
+            _refuse_envoy_headers(envoy, ENVOY_OPTIONAL_HEADERS)
+        if len(content_length) > _PREFIX_LENGTH:
+            headers["content-length"] = content_length[_PREFIX_LENGTH:]
     authority, scheme, protocol, stream_id, peer, local, uri_san, subject, cert, sni, tls_version = values
     origin = HttpOrigin(stream_id, scheme, protocol, sni, tls_version, peer, local, uri_san, subject, cert)
     host = _normalized(authority, True)

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import Any
 
 import httptools
@@ -77,8 +78,9 @@ _kept: dict[tuple[str, str], bytes] = {}
 _KEEP_LIMIT, _KEEP_BYTES = 4096, 512
 
 
-def _line(name: str, value: str) -> bytes:
-    """``name: value\\r\\n``; ValueError for a value that would break the message (CR, LF, NUL)."""
+def _line(name: str, value: str, *, keep: bool = True) -> bytes:
+    """``name: value\\r\\n``; ValueError for a value that would break the message (CR, LF, NUL).
+    Kept for the next answer unless ``keep`` is False (a value new every time: the decision id)."""
     key = (name, value)
     line = _kept.get(key)
     if line is not None:
@@ -89,7 +91,7 @@ def _line(name: str, value: str) -> bytes:
     if not name or " " in name or ":" in name:
         raise ValueError("header name is not a token")
     line = f"{name}: {value}\r\n".encode()
-    if len(line) <= _KEEP_BYTES:
+    if keep and len(line) <= _KEEP_BYTES:
         if len(_kept) >= _KEEP_LIMIT:
             _kept.clear()
         _kept[key] = line
@@ -111,9 +113,12 @@ _JSON = b"content-type: application/json\r\n"
 
 
 def _metadata_lines(decision: Decision) -> list[bytes]:
-    lines = [_line(METADATA_HEADERS["decision_id"], decision.decision_id), _line(METADATA_HEADERS["policy"],
-             decision.policy), _line(METADATA_HEADERS["rule"], decision.rule),
-             _line(METADATA_HEADERS["reason"], decision.reason)]  # fmt: skip
+    lines = [
+        _line(METADATA_HEADERS["decision_id"], decision.decision_id, keep=False),
+        _line(METADATA_HEADERS["policy"], decision.policy),
+        _line(METADATA_HEADERS["rule"], decision.rule),
+        _line(METADATA_HEADERS["reason"], decision.reason),
+    ]
     if decision.dry_run:
         lines.append(_line(METADATA_HEADERS["dry_run"], "true"))
         lines.append(_line(METADATA_HEADERS["would_deny"], "true" if decision.would_deny else "false"))
@@ -185,6 +190,10 @@ def _name(name: bytes) -> tuple[str, int]:
     return known
 
 
+_METHODS = {name.encode(): name for name in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+_NOTHING: Any = MappingProxyType({})
+
+
 # --- the server ---------------------------------------------------------------------------------------
 
 class _Resume:
@@ -192,11 +201,11 @@ class _Resume:
 
     __slots__ = ("coro", "yielded")
 
-    def __init__(self, coro: Coroutine[Any, Any, bytes], yielded: Any) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
         self.coro = coro
         self.yielded = yielded
 
-    def __await__(self) -> Generator[Any, Any, bytes]:
+    def __await__(self) -> Generator[Any, Any, Any]:
         coro, yielded = self.coro, self.yielded
         while True:
             try:
@@ -205,16 +214,12 @@ class _Resume:
                 try:
                     yielded = coro.throw(exc)
                 except StopIteration as done:
-                    return done.value  # type: ignore[no-any-return]
+                    return done.value
             else:
                 try:
                     yielded = coro.send(sent)
                 except StopIteration as done:
-                    return done.value  # type: ignore[no-any-return]
-
-
-async def _continued(coro: Coroutine[Any, Any, bytes], yielded: Any) -> bytes:
-    return await _Resume(coro, yielded)
+                    return done.value
 
 
 class _TooLarge(Exception):
@@ -265,6 +270,7 @@ class HttpAuthzServer:
         return self._eager_of[1]
 
     async def answer(self, parts: HttpParts, head: bool, close: bool) -> bytes:
+        """Decide in a Task of its own (some policy of the live set may wait on I/O)."""
         metrics = self.metrics
         if metrics is not None:
             metrics.in_flight += 1
@@ -273,6 +279,28 @@ class HttpAuthzServer:
         finally:
             if metrics is not None:
                 metrics.in_flight -= 1
+        return self.encode(decision, head, close)
+
+    async def finish(self, coro: Coroutine[Any, Any, Decision], yielded: Any, head: bool, close: bool) -> bytes:
+        """Carry on a decision that suspended while being made inline (see _Connection.on_message_complete)."""
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight += 1
+        try:
+            decision = await _Resume(coro, yielded)
+        finally:
+            if metrics is not None:
+                metrics.in_flight -= 1
+        return self.encode(decision, head, close)
+
+    def first_step(self, parts: HttpParts) -> tuple[Coroutine[Any, Any, Decision], Any]:
+        """Start deciding inline: StopIteration carries the decision when it needed no wait, else
+        the coroutine and what it waits on are returned. Run in the request's own context."""
+        coro = self.authorizer.check_http(parts, self.path_prefix)
+        return coro, coro.send(None)
+
+    def encode(self, decision: Decision, head: bool, close: bool) -> bytes:
+        """The answer's bytes; a decision that cannot be written is a 503 denial, never an allow."""
         try:
             return http_response_bytes(decision, self.metadata, head=head, close=close)
         except (ValueError, UnicodeError) as exc:
@@ -331,7 +359,7 @@ class _Connection(asyncio.Protocol):
         self.envoy: dict[str, str] = {}
         self.lines: dict[str, list[str]] | None = None
         self.raw: dict[str, bytes] | None = None
-        self.body: list[bytes] = []
+        self.body: list[bytes] | None = None
         self.body_size = 0
         self.head_bytes = 0
 
@@ -428,36 +456,42 @@ class _Connection(asyncio.Protocol):
         self.body_size += len(body)
         if self.body_size > self.limits.max_body_bytes:
             self._too_large(413, "body_too_large", "request body is too large")
-        self.body.append(body)
+        if self.body is None:
+            self.body = [body]
+        else:
+            self.body.append(body)
 
     def on_message_complete(self) -> None:
         if self.closing:
             return  # pipelined after a "Connection: close" request: never answered
         parser = self.parser
-        method = parser.get_method().decode("ascii")
+        method_bytes = parser.get_method()
+        method = _METHODS.get(method_bytes) or method_bytes.decode("ascii")
         close = not parser.should_keep_alive()
         body = self.body
         lines = self.lines
         parts = HttpParts(method, self.url.decode("latin-1"), self.headers,
-                          body[0] if len(body) == 1 else b"".join(body), self.raw or {},  # type: ignore[arg-type]
-                          {name: tuple(values) for name, values in lines.items()} if lines else {}, self.envoy)
+                          (body[0] if len(body) == 1 else b"".join(body)) if body else b"",
+                          self.raw or _NOTHING,  # type: ignore[arg-type]
+                          {name: tuple(values) for name, values in lines.items()} if lines else _NOTHING, self.envoy)
         self._reset()
         self.reading = False
         self.deadline = 0.0  # until it is answered, the check timeout bounds the wait, not us
         if close:
             self.closing = True  # nothing after this request is read
-        coro = self.server.answer(parts, method == "HEAD", close)
-        if not self.server.eager():
-            task = self.loop.create_task(coro)
+        server = self.server
+        head = method == "HEAD"
+        if not server.eager():
+            task = self.loop.create_task(server.answer(parts, head, close))
         else:
             # No policy of the live set waits on I/O: the decision is usually made without ever
-            # suspending, so run it now rather than as a Task on the next turn of the loop (in a
+            # suspending, so make it now rather than in a Task on the next turn of the loop (in a
             # context of its own, as a Task would). If it does suspend, a Task carries it on.
             context = contextvars.copy_context()
             try:
-                yielded = context.run(coro.send, None)
+                coro, yielded = context.run(server.first_step, parts)
             except StopIteration as done:
-                self.pending.append(done.value)
+                self.pending.append(server.encode(done.value, head, close))
                 self._answered(None)
                 return
             except Exception:
@@ -466,7 +500,7 @@ class _Connection(asyncio.Protocol):
                 self.closing = True
                 self._answered(None)
                 return
-            task = self.loop.create_task(_continued(coro, yielded), context=context)
+            task = self.loop.create_task(server.finish(coro, yielded, head, close), context=context)
         task.add_done_callback(self._answered)
         self.pending.append(task)
         if len(self.pending) >= self.limits.max_pipelined:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "identity"
 
 import material
 
-from extauthz.request import ENVOY_HEADERS, ENVOY_VALUE_PREFIX
+from extauthz.request import ENVOY_HEADERS, ENVOY_OPTIONAL_HEADERS, ENVOY_VALUE_PREFIX
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +51,7 @@ def http_mode(authz_port: int, *, extra_allowed: tuple[str, ...] = ()) -> Callab
             "authorization_request": {
                 "allowed_headers": {"patterns": [{"exact": name} for name in allowed]},
                 "headers_to_add": [{"key": name, "value": ENVOY_VALUE_PREFIX + formatter}
-                                   for name, formatter in ENVOY_HEADERS.items()],
+                                   for name, formatter in {**ENVOY_HEADERS, **ENVOY_OPTIONAL_HEADERS}.items()],
             },
             "authorization_response": {
                 "allowed_upstream_headers": {"patterns": [{"exact": "x-seen"}, {"exact": "x-caller"}]},
@@ -127,6 +127,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
           rules:
             - {{name: hello, when: "request.body == 'hello' && !request.partial_body", decision: allow}}
             - {{name: partial, when: "request.path == '/partial' && request.partial_body", decision: allow}}
+            - {{name: length, when: "request.path == '/length' && request.headers[?'content-length'].orValue('') == '7'",
+                decision: allow}}
         ---
         apiVersion: extauthz.dev/v1
         kind: AuthPolicy
@@ -239,6 +241,8 @@ def test_body_and_partial_body(envoy, world) -> None:
     big = b"hello" + b"x" * (MAX_BODY * 2)
     assert _request(envoy, world, "body.test", method="POST", body=big)[0] == 403
     assert _request(envoy, world, "body.test", "/partial", method="POST", body=big)[0] == 200
+    # The client's own content-length, as the gRPC mode shows it (x-extauthz-content-length).
+    assert _request(envoy, world, "body.test", "/length", method="POST", body=b"1234567")[0] == 200
 
 
 def test_unauthenticated_gets_the_challenge(envoy, world) -> None:

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
-from extauthz.decision import Decision
+from extauthz.decision import Authorizer, Decision
 from extauthz.request import (
     ENVOY_HEADERS,
     ENVOY_VALUE_PREFIX,
@@ -28,7 +28,7 @@ from extauthz.request import (
 )
 from extauthz.samples import check_request_from_sample
 from extauthz.server import Settings, Sidecar
-from extauthz.wire.http_authz import HttpAuthzLimits, HttpAuthzServer, _continued, http_response_bytes
+from extauthz.wire.http_authz import HttpAuthzLimits, HttpAuthzServer, _Resume, http_response_bytes
 
 POLICY = """
 match: {hosts: [api.example.com], paths: [/x]}
@@ -226,6 +226,18 @@ def test_request_view_mapping() -> None:
         "api.example.com", "TLSv1.3", "https", "HTTP/1.1", "12345")
     assert request.context_extensions == {} and request.metadata == {}
     assert request.size == -1 and request.timestamp == 0.0
+    # The client's content-length (Envoy sends its own, for the body it forwards) comes from the
+    # optional x-extauthz-content-length; without it the view has none.
+    for sent, seen in (("v1:5", "5"), ("v1:", None), (None, None)):
+        headers = {**envoy_headers(), "content-length": "0"}
+        if sent is not None:
+            headers["x-extauthz-content-length"] = sent
+        view = request_from_http(HttpParts("POST", "/", headers))
+        assert view.headers.get("content-length") == seen
+        assert "x-extauthz-content-length" not in view.headers
+    with pytest.raises(BadRequest, match=r"x-extauthz-content-length.*without the 'v1:' prefix") as unmarked_length:
+        request_from_http(HttpParts("POST", "/", {**envoy_headers(), "x-extauthz-content-length": "5"}))
+    assert unmarked_length.value.status == 500
     # As in gRPC mode: no URI SAN, the certificate's first DNS SAN; neither, the subject.
     partner = _pki_client(dns=("a.example.com", "b.example.com"))
     headers = envoy_headers(peer_cert=quote(partner), peer_subject="CN=partner")
@@ -248,12 +260,23 @@ def test_request_view_mapping() -> None:
     assert grpc_view[:5] == http_view[:5]
 
 
-@pytest.mark.parametrize("eager", [True, False], ids=["decided-inline", "decided-in-tasks"])
-def test_keep_alive_pipelining_and_head(folder: Path, eager: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["inline", "tasks", "inline-then-task"])
+def test_keep_alive_pipelining_and_head(folder: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Answers come back in request order whether a decision is made as its request completes (no
-    policy waits on I/O) or in a Task of its own (some policy may)."""
-    if not eager:
+    policy waits on I/O), in a Task of its own (some policy may), or starts inline and suspends."""
+    if mode == "tasks":
         monkeypatch.setattr(HttpAuthzServer, "eager", lambda self: False)
+    if mode == "inline-then-task":
+        original = Authorizer.check_http
+
+        def suspending(self: Authorizer, parts: HttpParts, path_prefix: str = "") -> Any:
+            async def decide() -> Decision:
+                await asyncio.sleep(0)
+                return await original(self, parts, path_prefix)
+
+            return decide()
+
+        monkeypatch.setattr(Authorizer, "check_http", suspending)
 
     async def scenario() -> None:
         async with sidecar(folder) as sc:
@@ -379,6 +402,10 @@ def test_http_only_sidecar_refuses_policies_reading_what_only_grpc_sends(
     Sidecar(Settings(policies=folder, http_authz_listen="127.0.0.1:1")).load_initial()  # gRPC served too: fine
 
 
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
 def test_a_decision_that_suspends_is_carried_on_by_a_task() -> None:
     """The inline path runs a decision up to its first suspension; a Task finishes it, with what it
     awaited, and a cancellation reaches it."""
@@ -392,11 +419,11 @@ def test_a_decision_that_suspends_is_carried_on_by_a_task() -> None:
         future: asyncio.Future[bytes] = loop.create_future()
         coro = decide(future)
         yielded = coro.send(None)  # suspends in asyncio.sleep(0)
-        task = loop.create_task(_continued(coro, yielded))
+        task = loop.create_task(_await(_Resume(coro, yielded)))
         loop.call_later(0.01, future.set_result, b"ok")
         assert await task == b"answer:ok"
         waiting = decide(loop.create_future())
-        task = loop.create_task(_continued(waiting, waiting.send(None)))
+        task = loop.create_task(_await(_Resume(waiting, waiting.send(None))))
         await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -461,3 +488,94 @@ def test_http_only_sidecar_serves_and_stops(folder: Path) -> None:
         writer.close()
 
     asyncio.run(scenario())
+
+
+def test_the_headers_envoy_must_let_upstream_are_logged(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="extauthz.server")
+    Sidecar(Settings(policies=folder, http_authz_listen="127.0.0.1:1")).load_initial()
+    assert "allowed_upstream_headers must match the headers policies set: x-checked" in caplog.text
+
+
+def test_pipelining_beyond_the_limit_pauses_reading(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(HttpAuthzServer, "eager", lambda self: False)  # every decision in a Task
+
+    async def scenario() -> None:
+        async with sidecar(folder, http_authz_limits=HttpAuthzLimits(max_pipelined=2)) as sc:
+            reader, writer = await connect(sc)
+            writer.write(b"".join(raw_request("GET", "/x", {"x-tenant": "ab"[i % 2]}) for i in range(40)))
+            answers = [(await asyncio.wait_for(read_response(reader), 5))[0] for _ in range(40)]
+            assert answers == [200, 403] * 20
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+class _Transport(asyncio.Transport):
+    """An in-memory transport: what the connection wrote, and whether it closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "written after close"
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_arbitrary_bytes_never_escape_as_an_exception_or_an_allow(folder: Path) -> None:
+    """Whatever arrives (split anywhere), the connection answers well-formed denials, or allows only
+    what a whole valid request earned, and never raises."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from extauthz.wire.http_authz import _Connection
+
+    valid = raw_request("GET", "/x", {"x-tenant": "a"})
+    pieces = st.sampled_from([valid, b"GET /x HTTP/1.1\r\n", b"\r\n", b"x-a: b\r\n", b"content-length: 3\r\n",
+                              b"transfer-encoding: chunked\r\n", b"0\r\n\r\n", b"\x00\xff", b"POST", b" ", b":"])
+    loop = asyncio.new_event_loop()
+    sc = Sidecar(Settings(policies=folder, listen="", http_authz_listen="127.0.0.1:0", http_port=_free_port()))
+    loop.run_until_complete(sc.start())
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.one_of(pieces, st.binary(max_size=40)), max_size=8), st.integers(1, 64))
+    def feed(chunks: list[bytes], step: int) -> None:
+        async def run() -> None:
+            assert sc.http_authz is not None
+            transport = _Transport()
+            connection = _Connection(sc.http_authz)
+            connection.connection_made(transport)
+            data = b"".join(chunks)
+            for start in range(0, len(data), step):
+                connection.data_received(data[start:start + step])
+            for _ in range(3):
+                await asyncio.sleep(0)
+            written = bytes(transport.written)
+            assert written == b"" or written.startswith(b"HTTP/1.1 ")
+            allowed = written.count(b"HTTP/1.1 200 OK")
+            assert allowed <= data.count(valid)
+            connection.connection_lost(None)
+
+        loop.run_until_complete(run())
+
+    try:
+        feed()
+    finally:
+        loop.run_until_complete(sc.stop())
+        loop.close()
