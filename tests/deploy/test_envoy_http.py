@@ -128,8 +128,8 @@ def test_the_headers_envoy_sets_for_the_sidecar_can_never_come_from_the_client(c
 def test_the_headers_envoy_sets_are_the_ones_the_sidecar_reads(config) -> None:
     from extauthz import request
 
-    assert _headers_to_add(config) == {name: request.ENVOY_VALUE_PREFIX + formatter
-                                       for name, formatter in request.ENVOY_HEADERS.items()}
+    every = {**request.ENVOY_HEADERS, **request.ENVOY_OPTIONAL_HEADERS}  # the optional ones too: recommended
+    assert _headers_to_add(config) == {name: request.ENVOY_VALUE_PREFIX + formatter for name, formatter in every.items()}
 
 
 def _matcher(config: dict[str, Any], field: str) -> str:
