@@ -614,9 +614,14 @@ def _http_mode_summary(targets: list[Target], med: dict[str, Result], raw: dict[
             if floor is None or floor not in med:
                 continue
             rps = med[t.name].rps / med[floor].rps if med[floor].rps else float("nan")
-            goal = f" (target >= {target:g}x: {'met' if rps >= target else 'MISSED'})" if target else ""
-            parts.append(f"vs {floor} {rps:.2f}x req/s, {_round_ratio(raw, t.name, floor):.2f}x per round, "
-                         f"{_cpu_ratio(med[t.name], med[floor])} cpu{goal};")
+            per_round = _round_ratio(raw, t.name, floor)
+            cpu = _cpu_ratio(med[t.name], med[floor])
+            goal = ""
+            if target:
+                readings = {"req/s": rps, "per round": per_round, "cpu": float(cpu.rstrip("x")) if cpu != "-" else 0.0}
+                goal = " (target >= {:g}x: {})".format(target, ", ".join(
+                    f"{name} {'met' if value >= target else 'MISSED'}" for name, value in readings.items()))
+            parts.append(f"vs {floor} {rps:.2f}x req/s, {per_round:.2f}x per round, {cpu} cpu{goal};")
         lines.append(" ".join(parts))
     return ("HTTP ext_authz mode, each row against both floors:\n  " + "\n  ".join(lines)) if lines else ""
 
