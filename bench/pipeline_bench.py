@@ -61,11 +61,12 @@ def _sample(request: run.RequestSpec) -> dict:
 
 def _http_request_bytes(request: run.RequestSpec) -> bytes:
     """The authorization request Envoy's HTTP mode sends for ``request`` (deploy/envoy/envoy-http.yaml)."""
-    from extauthz.request import ENVOY_HEADERS, ENVOY_VALUE_PREFIX
+    from extauthz.request import ENVOY_HEADERS, ENVOY_OPTIONAL_HEADERS, ENVOY_VALUE_PREFIX
 
     envoy = {"%REQ(:AUTHORITY)%": request.host, "%REQ(:SCHEME)%": "http", "%PROTOCOL%": "HTTP/1.1",
              "%STREAM_ID%": "1234567890123456789", "%DOWNSTREAM_REMOTE_ADDRESS%": "127.0.0.1:40000",
-             "%DOWNSTREAM_LOCAL_ADDRESS%": "127.0.0.1:8080"}  # fmt: skip
+             "%DOWNSTREAM_LOCAL_ADDRESS%": "127.0.0.1:8080", "%REQ(CONTENT-LENGTH)%": str(len(request.body))
+             if request.body else ""}  # fmt: skip
     lines = [f"{request.method} {request.path} HTTP/1.1", "host: ext_authz"]
     lines += [f"{k.lower()}: {v}" for k, v in request.headers.items()]
     lines += ["x-request-id: 3f1c6a2e-7d4b-4e0f-9a51-2b8c5d6e7f80", "x-forwarded-proto: http",
@@ -73,7 +74,8 @@ def _http_request_bytes(request: run.RequestSpec) -> bytes:
               f"content-length: {len(request.body)}"]  # fmt: skip
     if request.body:
         lines.append("x-envoy-auth-partial-body: false")
-    lines += [f"{name}: {ENVOY_VALUE_PREFIX}{envoy.get(formatter, '')}" for name, formatter in ENVOY_HEADERS.items()]
+    every = {**ENVOY_HEADERS, **ENVOY_OPTIONAL_HEADERS}  # as deploy/envoy/envoy-http.yaml sends them
+    lines += [f"{name}: {ENVOY_VALUE_PREFIX}{envoy.get(formatter, '')}" for name, formatter in every.items()]
     lines += ["x-envoy-internal: true", "x-envoy-expected-rq-timeout-ms: 500"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + request.body
 
