@@ -512,8 +512,10 @@ _CONTENT_LENGTH = "x-extauthz-content-length"
 _PREFIX_LENGTH = len(ENVOY_VALUE_PREFIX)
 #: Headers of the hop between Envoy and us, not of the client's request: dropped from the view.
 #: (Envoy sends content-length for the body it forwards, never the client's own; Host names us.)
-_HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "x-envoy-internal",
-                "x-envoy-expected-rq-timeout-ms"})
+_HOP_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "x-envoy-internal",
+    "x-envoy-expected-rq-timeout-ms",
+})
 
 
 def _split_address(text: str) -> tuple[str, int]:
