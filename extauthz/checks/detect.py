@@ -364,9 +364,9 @@ def _refusal(ctx: CheckContext, detection: Detection, answer: Answer) -> Denial:
     ctx.attributes["blocked_by"] = detection.name
     ctx.note(f"detect {detection.name}: key {'throttled' if throttled else 'blocked'}, retry in {retry}s -> deny")
     if throttled:
-        return Denial(429, "throttled", "too many requests: this client is throttled",
+        return Denial(429, "abuse_throttled", "too many requests: this client is throttled",
                       headers=(("retry-after", str(retry)),), rule=f"detect:{detection.name}")  # fmt: skip
-    return Denial(answer.status, "blocked", "this client is blocked for suspicious activity",
+    return Denial(answer.status, "abuse_blocked", "this client is blocked for suspicious activity",
                   headers=(("retry-after", str(retry)),), rule=f"detect:{detection.name}")  # fmt: skip
 
 

@@ -68,7 +68,7 @@ def test_a_block_decided_at_one_replica_holds_at_the_other(tmp_path: Path, redis
                 assert (await decide_async(one.authorizer, request("ak_wrong"))).status == 401
             # The very next request, at replica two (one round trip: its detect script), is blocked.
             other = await decide_async(two.authorizer, request(ACME))
-            assert (other.allowed, other.status, other.reason) == (False, 429, "blocked")
+            assert (other.allowed, other.status, other.reason) == (False, 429, "abuse_blocked")
             assert 299 <= int(dict(other.client_headers)["retry-after"]) <= 300
             # Another address is not.
             assert (await decide_async(two.authorizer, request(ACME, ip="198.51.100.9"))).allowed
@@ -91,7 +91,7 @@ def test_enumeration_through_redis_blocks_the_walker_only(tmp_path: Path, redis_
             for order in range(1, 21):
                 assert (await decide_async(one.authorizer, request(ACME, path=f"/orders/{order}"))).allowed
             walker = await decide_async(one.authorizer, request(ACME, path="/orders/21"))
-            assert (walker.status, walker.reason) == (403, "blocked")
+            assert (walker.status, walker.reason) == (403, "abuse_blocked")
             for _ in range(10):
                 for order in (7, 8, 9):
                     assert (await decide_async(one.authorizer, request(GLOBEX, path=f"/orders/{order}"))).allowed
@@ -118,7 +118,7 @@ def test_beside_a_quota_detection_adds_no_round_trip(tmp_path: Path, redis_serve
             # And the block still answers through the quota check's round trip.
             for order in range(14, 22):
                 last = await decide_async(with_detect.authorizer, request(ACME, path=f"/orders/{order}"))
-            assert (last.status, last.reason) == (403, "blocked")
+            assert (last.status, last.reason) == (403, "abuse_blocked")
         finally:
             await with_detect.close()
 
