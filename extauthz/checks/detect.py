@@ -163,36 +163,35 @@ class DetectCheck:
 
     # --- per request -----------------------------------------------------------------------------
     def _ops(self, ctx: CheckContext) -> tuple[list[Op], list[Detection]]:
+        """One op per detector whose key this request has: a count where ``when`` holds and the
+        detector counts requests, else a lookup of the key's block (a block holds for every request
+        of the policy with that key, whatever ``when`` says: it scopes what is counted)."""
         ops: list[Op] = []
         used: list[Detection] = []
         for detection in self.detections:
-            if detection.when is not None:
-                try:
-                    holds = detection.when.evaluate(ctx)
-                except CelError as exc:
-                    _note(ctx, detection, f"when failed ({exc}); not counted")
-                    continue
-                if holds is not True:
-                    continue
             label = _key_of(detection, ctx)
             if not label:
                 continue
-            digest = _digest(label)
+            counts = True
+            if detection.when is not None:
+                try:
+                    counts = detection.when.evaluate(ctx) is True
+                except CelError as exc:
+                    _note(ctx, detection, f"when failed ({exc}); not counted")
+                    counts = False
             det = detection.detector
             kind = OP_CHECK
             value = ""
-            if det.op == OP_RATE:
+            if counts and det.op == OP_RATE:
                 kind = OP_RATE
-            elif det.op == OP_DISTINCT:
+            elif counts and det.op == OP_DISTINCT:
                 value = _value_of(detection, ctx)
-                if not value:
-                    continue
-                if not detection.statuses:
+                if value and not detection.statuses:
                     kind = OP_DISTINCT
-            op = Op(kind, det, digest, label[:_LABEL], value)
+            op = Op(kind, det, _digest(label), label[:_LABEL], value)
             ops.append(op)
             used.append(detection)
-            if detection.statuses and self.join.enabled:
+            if counts and detection.statuses and self.join.enabled and (det.op == OP_FAIL or value):
                 request_id = ctx.request.headers.get("x-request-id")  # what Envoy's access log carries
                 if request_id:
                     self._expect(request_id, detection, op)
@@ -241,16 +240,16 @@ class DetectCheck:
         ops: list[Op] = []
         used: list[Detection] = []
         for detection in self._failure_detectors:
-            if detection.when is not None:
-                try:
-                    if detection.when.evaluate(ctx) is not True:
-                        continue
-                except CelError:
-                    continue
             label = _key_of(detection, ctx)
             if not label:
                 continue
-            ops.append(Op(OP_FAIL, detection.detector, _digest(label), label[:_LABEL]))
+            counts = True
+            if detection.when is not None:
+                try:
+                    counts = detection.when.evaluate(ctx) is True
+                except CelError:
+                    counts = False
+            ops.append(Op(OP_FAIL if counts else OP_CHECK, detection.detector, _digest(label), label[:_LABEL]))
             used.append(detection)
         if not ops:
             return denial
