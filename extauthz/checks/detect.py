@@ -40,7 +40,7 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -315,16 +315,18 @@ class _StoreDetectCheck(DetectCheck):
         ops, used = self._ops(ctx)
         if not ops:
             return None
-        pending = self.backend.submit(ops)  # queued now: it leaves with this loop turn's other commands
-        if self.defer:
-            ctx.pending = self._settle(ctx, used, pending)
-            return None
-        return await self._settle(ctx, used, pending)
-
-    async def _settle(self, ctx: CheckContext, used: list[Detection],
-                      pending: Awaitable[list[Answer]]) -> Denial | None:  # fmt: skip
         try:
-            answers = await pending
+            sends = self.backend.send(ops)  # queued now: it leaves with this loop turn's other commands
+        except StoreError as exc:
+            return _store_failed(ctx, used, str(exc))
+        if self.defer:
+            ctx.pending = self._settle(ctx, used, ops, sends)
+            return None
+        return await self._settle(ctx, used, ops, sends)
+
+    async def _settle(self, ctx: CheckContext, used: list[Detection], ops: list[Op], sends: Any) -> Denial | None:
+        try:
+            answers = await self.backend.answers(ops, sends)
         except StoreError as exc:
             return _store_failed(ctx, used, str(exc))
         return self._decide(ctx, used, answers)
