@@ -52,6 +52,8 @@ class Detector:
     throttle_burst: int = 0
     #: Spike: interval length, EWMA weight of one interval (0..1), warm-up intervals, the least
     #: count that can trip, the factor over the baseline, and how long an idle key's state is kept.
+    #: (alpha, factor and escalation are rounded at compile time to what the Redis script reads:
+    #: millionths, thousandths, thousandths, so both stores compute with the same numbers.)
     interval_ms: int = 0
     alpha: float = 0.0
     warmup: int = 0
@@ -69,7 +71,7 @@ class Detector:
 
     def duration_for(self, offences: int) -> int:
         """Milliseconds of the block (or throttle) for the ``offences``-th offence (1 is the first)."""
-        scaled = self.duration_ms * (round(self.escalation * 1000) / 1000) ** (offences - 1)
+        scaled = self.duration_ms * self.escalation ** (offences - 1)
         return int(min(scaled, self.max_duration_ms))
 
 

@@ -1115,18 +1115,34 @@ class RedisStore:
         leaves in the same write as the commands issued later in this loop turn (the detect check's
         script beside the quota charge: one round trip for both). The result must be awaited.
         """
+        try:
+            future = self.send_now(operation, args, fallback)
+        except StoreError as exc:
+            return _failed(exc)
+        return self._settle(operation, future)
+
+    def send_now(self, operation: str, args: tuple[Any, ...], fallback: tuple[Any, ...] | None = None) -> Any:
+        """:meth:`send` without the coroutine: the reply's future, whose failure the caller turns
+        into a StoreError with :meth:`failed`. Raises StoreError at once when the circuit is open."""
         if self.circuit_open:
             _store_error_metric(operation)
             self._ensure_probe()
-            return _failed(StoreError("redis circuit is open"))
-        return self._settle(operation, self._pipeline.submit(args, fallback))
+            raise StoreError("redis circuit is open")
+        return self._pipeline.submit(args, fallback)
+
+    def failed(self, operation: str, exc: BaseException) -> StoreError:
+        """The StoreError for a failed :meth:`send_now` (a Redis failure trips the circuit)."""
+        if isinstance(exc, _FAILURES):
+            self._trip(operation, exc)
+        else:
+            _store_error_metric(operation)
+        return StoreError(f"redis {operation} failed: {_describe(exc)}")
 
     async def _settle(self, operation: str, future: Any) -> Any:
         try:
             return await future
         except _FAILURES as exc:
-            self._trip(operation, exc)
-            raise StoreError(f"redis {operation} failed: {_describe(exc)}") from None
+            raise self.failed(operation, exc) from None
 
     @property
     def key_prefix(self) -> str:
