@@ -13,11 +13,11 @@ Only slow, salted password hashes are accepted: bcrypt and argon2id. Plaintext, 
 cost are refused at load, each with its line and user (never the hash): a file that holds one is a
 file whose passwords fall to an offline attack, and accepting it quietly would hide that.
 
-Per request the password is checked against the hash on a small thread pool (bcrypt and argon2 cost
-tens to hundreds of milliseconds of CPU: on the event loop that would stall every other Check). At most ``maxConcurrent``
-verifications of a source run or wait at once; beyond that the request is refused with ``503
-verification_overloaded`` at once, so a flood of guesses costs a bounded amount of queued work and
-never an allow. An unknown user is verified against a dummy hash of the file's most common scheme and
+Per request the password is checked against the hash on a small thread pool (bcrypt and argon2
+cost tens to hundreds of milliseconds of CPU: on the event loop that would stall every other Check).
+At most ``maxConcurrent`` verifications of a source run or wait at once; beyond that the request is
+refused with ``503 verification_overloaded`` at once, so a flood of guesses costs a bounded amount of
+queued work and never an allow. An unknown user is verified against a dummy hash of the file's most common scheme and
 cost, so that a user name's existence does not show in the response time.
 
 Successful verifications are cached for a short time (``cacheDuration``) under an HMAC-SHA256 of the

@@ -382,7 +382,10 @@ class Tracing:
         return random_span_id() if self._random_ids else self.ids.generate_span_id()
 
     def begin(self, message: external_auth_pb2.CheckRequest) -> _CheckSpan:
-        headers = trace_headers(message)
+        return self.begin_headers(trace_headers(message))
+
+    def begin_headers(self, headers: Mapping[str, str]) -> _CheckSpan:
+        """``begin`` from the request's headers (Envoy's HTTP mode sends no CheckRequest)."""
         if self._parse is not None and self._rule is not None:
             parent = self._parse(headers)
             trace_id = parent.trace_id if parent is not None else self.ids.generate_trace_id()

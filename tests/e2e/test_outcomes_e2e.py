@@ -239,7 +239,21 @@ def _joined(sidecar) -> float:  # type: ignore[no-untyped-def]
 
 
 def test_the_eleventh_failed_login_from_one_address_is_blocked_until_the_block_ends(guarded) -> None:
-    sidecar, envoy = guarded
+    _eleventh_failure_blocked(*guarded)
+
+
+def test_the_same_in_envoys_http_ext_authz_mode(extauthz_factory, envoy_factory, login_app,
+                                                tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    """deploy/envoy/envoy-http.yaml: decisions over HTTP, the access log over the sidecar's gRPC port."""
+    policies = tmp_path_factory.mktemp("detect-http-policies")
+    (policies / "login.yaml").write_text(DETECT_POLICY)
+    sidecar = extauthz_factory(policies, extra_args=["--decision-log", "off"], mode="http")
+    envoy = envoy_factory(ext_authz=sidecar.target, mode="http", upstream_port=login_app,
+                          access_log_service=f"{LOOPBACK}:{sidecar.grpc_port}")
+    _eleventh_failure_blocked(sidecar, envoy)
+
+
+def _eleventh_failure_blocked(sidecar, envoy) -> None:  # type: ignore[no-untyped-def]
     attacker, neighbour = "127.0.0.1", "127.0.0.2"
     for attempt in range(1, 11):
         assert _login(envoy, "wrong", attacker)[0] == 401, f"attempt {attempt} reaches the application"
