@@ -43,7 +43,7 @@ async def _failed(exc: Exception) -> Any:
     raise exc
 
 #: KEYS: per op, its block key ("<base>b"; the op's other keys are the same base with another last
-#: letter, in the same hash slot). ARGV: per op, "kind <Detector.spec>", the distinct value, the key's
+#: letter, in the same hash slot). ARGV: per op, its Detector.spec(kind), the distinct value, the key's
 #: label (what operators see in a block). Returns "" when no op has anything to say (the common
 #: case, parsed at once), else, per op with something to say (refused or tripped), eight integers:
 #: its index (1-based), refused_ms, kind, tripped, total, offences, duration_ms, status (see
@@ -56,12 +56,14 @@ for i = 1, #KEYS do
   local kb, spec = KEYS[i], ARGV[3 * i - 2]
   local base = string.sub(kb, 1, -2)
   local op = string.byte(spec) - 48
-  local s = {}
-  if op > 0 then  -- a lookup (op 0) reads nothing else: the spec is parsed only to count
-    for v in string.gmatch(spec, '%S+') do s[#s + 1] = tonumber(v) end
+  -- "<op> <counting numbers> | <action numbers>": the action's are parsed only on a trip.
+  local s, head, tail = {}, nil, nil
+  if op > 0 then
+    head, tail = string.match(spec, '^%d+ (.-) | (.*)$')
+    for v in string.gmatch(head, '%S+') do s[#s + 1] = tonumber(v) end
   end
-  local threshold, window, action = s[2], s[3], s[4]
-  local refused, kind, tripped, total, offences, dur, status = 0, 0, 0, 0, 0, 0, s[9] or 429
+  local threshold, window = s[1], s[2]
+  local refused, kind, tripped, total, offences, dur, status = 0, 0, 0, 0, 0, 0, 429
   local rec = redis.call('HMGET', kb, 'kind', 'ti', 'tb', 'status', 'until', 'off')
   local kc, kt = base .. 'c', base .. 't'
   if rec[1] then
@@ -93,7 +95,7 @@ for i = 1, #KEYS do
         if total > threshold then tripped = 1 end
       end
     else
-      local interval, alpha, warmup, mincount, factor = s[12], s[13] / 1000000, s[14], s[15], s[16] / 1000
+      local interval, alpha, warmup, mincount, factor = s[1], s[2] / 1000000, s[3], s[4], s[5] / 1000
       local b = math.floor(now / interval)
       local sb, sc, avg, seen, fl = b, 0, 0, 0, -1
       local state = redis.call('GET', kc)
@@ -116,17 +118,21 @@ for i = 1, #KEYS do
       if seen >= warmup and sc >= mincount and sc > factor * avg and fl ~= b then
         tripped, fl = 1, b
       end
-      redis.call('SET', kc, string.format('%d %d %.17g %d %d', sb, sc, avg, seen, fl), 'PX', s[17])
+      redis.call('SET', kc, string.format('%d %d %.17g %d %d', sb, sc, avg, seen, fl), 'PX', s[6])
     end
     if tripped == 1 then
       if op ~= 3 then redis.call('DEL', kc) end
+      local a = {}
+      for v in string.gmatch(tail, '%S+') do a[#a + 1] = tonumber(v) end
+      local action = a[1]
+      status = a[6]
       if action > 0 then
         local ko = base .. 'o'
         offences = redis.call('INCR', ko)
-        redis.call('PEXPIRE', ko, s[8])
-        dur = math.floor(math.min(s[5] * (s[6] / 1000) ^ (offences - 1), s[7]))
+        redis.call('PEXPIRE', ko, a[5])
+        dur = math.floor(math.min(a[2] * (a[3] / 1000) ^ (offences - 1), a[4]))
         redis.call('DEL', kb, kt)
-        redis.call('HSET', kb, 'kind', action, 'ti', s[10], 'tb', s[11], 'status', status,
+        redis.call('HSET', kb, 'kind', action, 'ti', a[7], 'tb', a[8], 'status', status,
           'since', string.format('%d', now), 'until', string.format('%d', now + dur), 'off', offences,
           'label', ARGV[3 * i])
         redis.call('PEXPIRE', kb, dur)
@@ -233,7 +239,7 @@ class RedisDetections:
             if spec is None:
                 if len(specs) >= 4096:
                     specs.clear()
-                spec = specs[spec_key] = f"{op.kind} {det.spec}"
+                spec = specs[spec_key] = det.spec(op.kind)
             argv.extend((spec, op.value, op.label))
         return keys, argv
 
