@@ -237,7 +237,9 @@ class DetectCheck:
         if answer.duration_ms:
             text += f":{math.ceil(answer.duration_ms / 1000)}s"
         if ctx is not None:
-            ctx.attributes.setdefault("detections", []).append(text)
+            # A string (comma-separated), so that spans carry it too (extauthz.detections).
+            earlier = ctx.attributes.get("detections")
+            ctx.attributes["detections"] = f"{earlier},{text}" if earlier else text
             if ctx.steps is not None:
                 ctx.note(f"detect {det.name}: tripped ({answer.total} in the window) -> {what}")
         else:
