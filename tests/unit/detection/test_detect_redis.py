@@ -195,3 +195,43 @@ def test_same_answers_as_the_memory_store(redis_server: Any) -> None:
             await backend.store.aclose()
 
     asyncio.run(test())
+
+
+UPSTREAM = """
+- name: login-failures
+  failures: {identity: false, upstream: [401]}
+  by: client_ip
+  threshold: 3
+  window: 10m
+  action: {block: {duration: 1m}}
+"""
+
+
+def test_upstream_failures_through_redis_block_at_every_replica(tmp_path: Path, redis_server: Any) -> None:
+    from extauthz.outcomes import Outcome, outcomes_for
+
+    async def test() -> None:
+        one = Replica(tmp_path / "one", redis_server.url, UPSTREAM)
+        two = Replica(tmp_path / "two", redis_server.url, UPSTREAM)
+        await one.start()
+        await two.start()
+        join = outcomes_for(one.services)
+        try:
+            for n in range(3):
+                sample = request(ACME, path="/login")
+                sample["headers"]["x-request-id"] = f"r{n}"
+                assert (await decide_async(one.authorizer, sample)).allowed
+                assert join.deliver(Outcome(f"r{n}", 401))
+            # Each outcome is counted by a task of the detect check: wait for them, then ask replica two.
+            from extauthz.checks.detect import DetectCheck
+
+            policy = one.authorizer.policy_set.policies[0]  # type: ignore[union-attr]
+            check = next(c for c in policy.checks if isinstance(c, DetectCheck))
+            await asyncio.gather(*check._tasks)
+            blocked = await decide_async(two.authorizer, request(ACME))
+            assert (blocked.status, blocked.reason) == (429, "abuse_blocked")
+        finally:
+            await one.close()
+            await two.close()
+
+    asyncio.run(test())
