@@ -237,7 +237,9 @@ class DetectCheck:
         if answer.duration_ms:
             text += f":{math.ceil(answer.duration_ms / 1000)}s"
         if ctx is not None:
-            ctx.attributes.setdefault("detections", []).append(text)
+            # A string (comma-separated), so that spans carry it too (extauthz.detections).
+            earlier = ctx.attributes.get("detections")
+            ctx.attributes["detections"] = f"{earlier},{text}" if earlier else text
             if ctx.steps is not None:
                 ctx.note(f"detect {det.name}: tripped ({answer.total} in the window) -> {what}")
         else:
@@ -315,13 +317,14 @@ class _StoreDetectCheck(DetectCheck):
         ops, used = self._ops(ctx)
         if not ops:
             return None
+        if self.defer:
+            # The quota check carries the ops in its own script call (see _PendingDetect).
+            ctx.pending = _PendingDetect(self, ctx, used, ops)
+            return None
         try:
-            sends = self.backend.send(ops)  # queued now: it leaves with this loop turn's other commands
+            sends = self.backend.send(ops)
         except StoreError as exc:
             return _store_failed(ctx, used, str(exc))
-        if self.defer:
-            ctx.pending = self._settle(ctx, used, ops, sends)
-            return None
         return await self._settle(ctx, used, ops, sends)
 
     async def _settle(self, ctx: CheckContext, used: list[Detection], ops: list[Op], sends: Any) -> Denial | None:
@@ -356,6 +359,40 @@ class _StoreDetectCheck(DetectCheck):
         task = loop.create_task(count(), name="detect-outcome")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+class _PendingDetect:
+    """The detect check's ops, waiting for the quota check of the same policy (``ctx.pending``).
+
+    The quota check passes ``rider`` to the store with its charge: one script call does both and the
+    detectors' part of the reply lands in it. ``wait()`` then decides from that part; when the quota
+    check charged nothing (no quota applied, or a Cluster), it sends the ops in a call of their own.
+    """
+
+    __slots__ = ("check", "ctx", "ops", "rider", "used")
+
+    def __init__(self, check: _StoreDetectCheck, ctx: CheckContext, used: list[Detection], ops: list[Op]) -> None:
+        self.check = check
+        self.ctx = ctx
+        self.used = used
+        self.ops = ops
+        self.rider = check.backend.rider(ops)
+
+    async def wait(self) -> Denial | None:
+        check, ctx, rider = self.check, self.ctx, self.rider
+        if rider is not None and rider.reply is not None:
+            try:
+                answers = check.backend.answers_from(self.ops, rider.reply)
+            except StoreError as exc:
+                return _store_failed(ctx, self.used, str(exc))
+            return check._decide(ctx, self.used, answers)
+        if rider is not None and rider.error is not None:
+            return _store_failed(ctx, self.used, str(rider.error))
+        try:
+            sends = check.backend.send(self.ops)
+        except StoreError as exc:
+            return _store_failed(ctx, self.used, str(exc))
+        return await check._settle(ctx, self.used, self.ops, sends)
 
 
 def _store_failed(ctx: CheckContext, used: Sequence[Detection], failure: str) -> Denial | None:

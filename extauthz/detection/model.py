@@ -61,13 +61,20 @@ class Detector:
     factor: float = 0.0
     state_ttl_ms: int = 0
 
-    @property
-    def spec(self) -> str:
-        """The numbers as the Redis script reads them (see extauthz.detection.redis)."""
-        return (f"{self.threshold} {self.window_ms} {self.store_action} {self.duration_ms} "
-                f"{round(self.escalation * 1000)} {self.max_duration_ms} {self.memory_ms} {self.status} "
-                f"{self.throttle_interval_us} {self.throttle_burst} {self.interval_ms} {round(self.alpha * 1e6)} "
-                f"{self.warmup} {self.min_count} {round(self.factor * 1000)} {self.state_ttl_ms}")  # fmt: skip
+    def spec(self, kind: int) -> str:
+        """The numbers of an op of ``kind`` as the Redis script reads them (extauthz.detection.redis):
+        "<kind> <counting numbers> | <action numbers>", the action's read only when the op trips; a
+        lookup is its kind alone."""
+        if kind == OP_CHECK:
+            return "0"
+        if kind == OP_RATE:
+            head = (f"{self.interval_ms} {round(self.alpha * 1e6)} {self.warmup} {self.min_count} "
+                    f"{round(self.factor * 1000)} {self.state_ttl_ms}")  # fmt: skip
+        else:
+            head = f"{self.threshold} {self.window_ms}"
+        return (f"{kind} {head} | {self.store_action} {self.duration_ms} {round(self.escalation * 1000)} "
+                f"{self.max_duration_ms} {self.memory_ms} {self.status} {self.throttle_interval_us} "
+                f"{self.throttle_burst}")  # fmt: skip
 
     def duration_for(self, offences: int) -> int:
         """Milliseconds of the block (or throttle) for the ``offences``-th offence (1 is the first)."""

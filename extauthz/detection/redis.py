@@ -31,7 +31,7 @@ from redis.crc import key_slot
 
 from extauthz.detection.model import Answer, BlockRecord, Op, block_id
 from extauthz.stores import StoreError
-from extauthz.stores.redis import RedisStore
+from extauthz.stores.redis import CHARGE_SCRIPT, RedisStore
 
 __all__ = ["DETECT_SCRIPT", "RedisDetections"]
 
@@ -43,7 +43,7 @@ async def _failed(exc: Exception) -> Any:
     raise exc
 
 #: KEYS: per op, its block key ("<base>b"; the op's other keys are the same base with another last
-#: letter, in the same hash slot). ARGV: per op, "kind <Detector.spec>", the distinct value, the key's
+#: letter, in the same hash slot). ARGV: per op, its Detector.spec(kind), the distinct value, the key's
 #: label (what operators see in a block). Returns "" when no op has anything to say (the common
 #: case, parsed at once), else, per op with something to say (refused or tripped), eight integers:
 #: its index (1-based), refused_ms, kind, tripped, total, offences, duration_ms, status (see
@@ -53,14 +53,19 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for i = 1, #KEYS do
-  local kb = KEYS[i]
+  local kb, spec = KEYS[i], ARGV[3 * i - 2]
   local base = string.sub(kb, 1, -2)
-  local kc, ko, kt = base .. 'c', base .. 'o', base .. 't'
-  local s = {}
-  for v in string.gmatch(ARGV[3 * i - 2], '%S+') do s[#s + 1] = tonumber(v) end
-  local op, threshold, window, action = s[1], s[2], s[3], s[4]
-  local refused, kind, tripped, total, offences, dur, status = 0, 0, 0, 0, 0, 0, s[9]
+  local op = string.byte(spec) - 48
+  -- "<op> <counting numbers> | <action numbers>": the action's are parsed only on a trip.
+  local s, head, tail = {}, nil, nil
+  if op > 0 then
+    head, tail = string.match(spec, '^%d+ (.-) | (.*)$')
+    for v in string.gmatch(head, '%S+') do s[#s + 1] = tonumber(v) end
+  end
+  local threshold, window = s[1], s[2]
+  local refused, kind, tripped, total, offences, dur, status = 0, 0, 0, 0, 0, 0, 429
   local rec = redis.call('HMGET', kb, 'kind', 'ti', 'tb', 'status', 'until', 'off')
+  local kc, kt = base .. 'c', base .. 't'
   if rec[1] then
     kind, status, offences = tonumber(rec[1]), tonumber(rec[4]), tonumber(rec[6])
     if kind == 2 then
@@ -90,7 +95,7 @@ for i = 1, #KEYS do
         if total > threshold then tripped = 1 end
       end
     else
-      local interval, alpha, warmup, mincount, factor = s[12], s[13] / 1000000, s[14], s[15], s[16] / 1000
+      local interval, alpha, warmup, mincount, factor = s[1], s[2] / 1000000, s[3], s[4], s[5] / 1000
       local b = math.floor(now / interval)
       local sb, sc, avg, seen, fl = b, 0, 0, 0, -1
       local state = redis.call('GET', kc)
@@ -113,16 +118,21 @@ for i = 1, #KEYS do
       if seen >= warmup and sc >= mincount and sc > factor * avg and fl ~= b then
         tripped, fl = 1, b
       end
-      redis.call('SET', kc, string.format('%d %d %.17g %d %d', sb, sc, avg, seen, fl), 'PX', s[17])
+      redis.call('SET', kc, string.format('%d %d %.17g %d %d', sb, sc, avg, seen, fl), 'PX', s[6])
     end
     if tripped == 1 then
       if op ~= 3 then redis.call('DEL', kc) end
+      local a = {}
+      for v in string.gmatch(tail, '%S+') do a[#a + 1] = tonumber(v) end
+      local action = a[1]
+      status = a[6]
       if action > 0 then
+        local ko = base .. 'o'
         offences = redis.call('INCR', ko)
-        redis.call('PEXPIRE', ko, s[8])
-        dur = math.floor(math.min(s[5] * (s[6] / 1000) ^ (offences - 1), s[7]))
+        redis.call('PEXPIRE', ko, a[5])
+        dur = math.floor(math.min(a[2] * (a[3] / 1000) ^ (offences - 1), a[4]))
         redis.call('DEL', kb, kt)
-        redis.call('HSET', kb, 'kind', action, 'ti', s[10], 'tb', s[11], 'status', status,
+        redis.call('HSET', kb, 'kind', action, 'ti', a[7], 'tb', a[8], 'status', status,
           'since', string.format('%d', now), 'until', string.format('%d', now + dur), 'off', offences,
           'label', ARGV[3 * i])
         redis.call('PEXPIRE', kb, dur)
@@ -137,6 +147,38 @@ for i = 1, #KEYS do
 end
 return table.concat(out, ' ')
 """
+
+#: The quota charge and the detectors in one call (the quota check carries the detect check's ops):
+#: KEYS are the quota counters then the detect keys; ARGV[1] the number of quota counters, ARGV[2]
+#: the charge spec, then the detect arguments. Each script runs as it does alone (its own KEYS and
+#: ARGV); the reply is the detectors' reply, "|", the charge's.
+COMBINED_SCRIPT = (
+    "local function charge(KEYS, ARGV)\n" + CHARGE_SCRIPT + "\nend\n"
+    "local function detect(KEYS, ARGV)\n" + DETECT_SCRIPT + "\nend\n"
+    """local nq = tonumber(ARGV[1])
+local qk, dk, da = {}, {}, {}
+for i = 1, nq do qk[i] = KEYS[i] end
+for i = nq + 1, #KEYS do dk[i - nq] = KEYS[i] end
+for i = 3, #ARGV do da[i - 2] = ARGV[i] end
+return detect(dk, da) .. '|' .. charge(qk, {ARGV[2]})
+"""
+)
+_COMBINED = (COMBINED_SCRIPT, hashlib.sha1(COMBINED_SCRIPT.encode()).hexdigest())
+
+
+class Rider:
+    """The detectors' ops of one request, riding in the quota charge's script call."""
+
+    __slots__ = ("argv", "error", "indexes", "keys", "reply", "script")
+
+    def __init__(self, keys: list[str], argv: list[str]) -> None:
+        self.keys = keys
+        self.argv = argv
+        self.script = _COMBINED
+        #: The detectors' part of the reply, once the call answered; or the failure.
+        self.reply: str | None = None
+        self.error: Exception | None = None
+
 
 #: At most this many block keys are listed (SCAN is bounded: operators page through a store that
 #: holds more with the metrics and the decision log).
@@ -172,7 +214,20 @@ class RedisDetections:
             groups.setdefault(key_slot(op.digest.encode()), []).append(i)
         return [self._send([ops[i] for i in idx], idx) for idx in groups.values()]
 
-    def _send(self, ops: Sequence[Op], indexes: Sequence[int]) -> Any:
+    def rider(self, ops: Sequence[Op]) -> Rider | None:
+        """The ops as a rider of the quota charge (None on a Cluster: they go in their own call)."""
+        if self.store.cluster:
+            return None
+        return Rider(*self._arguments(ops))
+
+    def answers_from(self, ops: Sequence[Op], reply: str) -> list[Answer]:
+        """The answers in a rider's reply."""
+        answers = [_NOTHING] * len(ops)
+        if reply:
+            self._parse(reply, range(len(ops)), answers)
+        return answers
+
+    def _arguments(self, ops: Sequence[Op]) -> tuple[list[str], list[str]]:
         keys: list[str] = []
         argv: list[str] = []
         specs = self._specs
@@ -184,8 +239,12 @@ class RedisDetections:
             if spec is None:
                 if len(specs) >= 4096:
                     specs.clear()
-                spec = specs[spec_key] = f"{op.kind} {det.spec}"
+                spec = specs[spec_key] = det.spec(op.kind)
             argv.extend((spec, op.value, op.label))
+        return keys, argv
+
+    def _send(self, ops: Sequence[Op], indexes: Sequence[int]) -> Any:
+        keys, argv = self._arguments(ops)
         tail = (len(keys), *keys, *argv)
         future = self.store.send_now("detect", ("EVALSHA", self._sha, *tail), ("EVAL", DETECT_SCRIPT, *tail))
         return future, indexes

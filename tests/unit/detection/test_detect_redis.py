@@ -114,7 +114,8 @@ def test_beside_a_quota_detection_adds_no_round_trip(tmp_path: Path, redis_serve
                 d = await decide_async(with_detect.authorizer, request(ACME, path=f"/orders/{order}"))
                 assert d.allowed and d.attributes["quota"] == "per-key"
             writes, commands = pipeline.batches - before[0], pipeline.commands - before[1]
-            assert (writes, commands) == (10, 20)  # one write (one round trip) per request, with two scripts
+            # One write (one round trip) and one command per request: the detectors ride in the quota's script.
+            assert (writes, commands) == (10, 10)
             # And the block still answers through the quota check's round trip.
             for order in range(14, 22):
                 last = await decide_async(with_detect.authorizer, request(ACME, path=f"/orders/{order}"))
@@ -192,5 +193,45 @@ def test_same_answers_as_the_memory_store(redis_server: Any) -> None:
             assert (await backend.submit([Op(OP_FAIL, fail, "a" * 32, "ip")]))[0].refused_ms == 0
         finally:
             await backend.store.aclose()
+
+    asyncio.run(test())
+
+
+UPSTREAM = """
+- name: login-failures
+  failures: {identity: false, upstream: [401]}
+  by: client_ip
+  threshold: 3
+  window: 10m
+  action: {block: {duration: 1m}}
+"""
+
+
+def test_upstream_failures_through_redis_block_at_every_replica(tmp_path: Path, redis_server: Any) -> None:
+    from extauthz.outcomes import Outcome, outcomes_for
+
+    async def test() -> None:
+        one = Replica(tmp_path / "one", redis_server.url, UPSTREAM)
+        two = Replica(tmp_path / "two", redis_server.url, UPSTREAM)
+        await one.start()
+        await two.start()
+        join = outcomes_for(one.services)
+        try:
+            for n in range(3):
+                sample = request(ACME, path="/login")
+                sample["headers"]["x-request-id"] = f"r{n}"
+                assert (await decide_async(one.authorizer, sample)).allowed
+                assert join.deliver(Outcome(f"r{n}", 401))
+            # Each outcome is counted by a task of the detect check: wait for them, then ask replica two.
+            from extauthz.checks.detect import DetectCheck
+
+            policy = one.authorizer.policy_set.policies[0]  # type: ignore[union-attr]
+            check = next(c for c in policy.checks if isinstance(c, DetectCheck))
+            await asyncio.gather(*check._tasks)
+            blocked = await decide_async(two.authorizer, request(ACME))
+            assert (blocked.status, blocked.reason) == (429, "abuse_blocked")
+        finally:
+            await one.close()
+            await two.close()
 
     asyncio.run(test())
