@@ -3,6 +3,7 @@
     python bench/detect_bench.py                          # in-process store: p50 with and without detectors
     python bench/detect_bench.py --redis-url URL          # Redis, beside a quota: round trips per Check
     python bench/detect_bench.py --requests 20000 --keys 1000
+    python bench/detect_bench.py --redis-url URL --script-cost # Redis's CPU per script (INFO commandstats)
 
 Two policies differ only in their ``detect`` section: both have an API-key identity, one rule and
 (with ``--quota``, the default with Redis) one quota; the detecting one adds three detectors that
@@ -11,7 +12,9 @@ distinct order ids per subject, a spike one per subject): every Check looks up o
 a distinct value and a rate. Requests rotate over ``--keys`` client addresses and order ids. Checks
 of the two policies alternate, each timed alone (perf_counter_ns); the table gives p50/p99 of each
 and the difference of the medians. With Redis it also counts the writes to Redis per Check (each a
-round trip): with a quota and detectors, one.
+round trip): with a quota and detectors, one. ``--script-cost`` instead runs the scripts alone
+against Redis, one call at a time (the quota charge of three counters, the three detectors, both in
+one call, and each detector's op alone) and prints Redis's own CPU per call from INFO commandstats.
 """
 
 from __future__ import annotations
@@ -128,6 +131,41 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def script_cost(url: str, calls: int = 3000) -> int:
+    """Redis's CPU per call of each script (usec_per_call of EVALSHA), the scripts sent alone."""
+    import redis
+
+    from extauthz.detection.model import Detector
+    from extauthz.detection.redis import COMBINED_SCRIPT, DETECT_SCRIPT
+    from extauthz.stores.redis import CHARGE_SCRIPT
+
+    def detector(op: int, **extra: object) -> Detector:
+        return Detector(policy="p", name="d", op=op, threshold=10000, window_ms=60000, store_action=2, action=2,
+                        dry_run=False, duration_ms=1000, escalation=2.0, max_duration_ms=2000, memory_ms=3600000,
+                        **extra)  # type: ignore[arg-type]  # fmt: skip
+
+    spike = detector(3, interval_ms=60000, alpha=0.064516, warmup=10, min_count=1000000, factor=5.0,
+                     state_ttl_ms=4800000)  # fmt: skip
+    keys = ["extauthz:d:p:a:{aaaa}:b", "extauthz:d:p:w:{bbbb}:b", "extauthz:d:p:s:{aaaa}:b"]
+    argv = [detector(1).spec(0), "", "ip", detector(2).spec(2), "/api/orders", "t", spike.spec(3), "", "ip"]
+    quota_keys = ["extauthz:q:a:{x}", "extauthz:q:b:{y}", "extauthz:q:c:{global}"]
+    quota_spec = " ".join(["1 1000000000 1 1 0"] * 3)
+    client = redis.Redis.from_url(url)
+    runs = [("quota charge (3 counters)", CHARGE_SCRIPT, quota_keys, [quota_spec]),
+            ("3 detectors", DETECT_SCRIPT, keys, argv),
+            ("both in one call", COMBINED_SCRIPT, quota_keys + keys, [3, quota_spec, *argv])]  # fmt: skip
+    runs += [(f"{name} alone", DETECT_SCRIPT, [keys[i]], argv[3 * i:3 * i + 3])
+             for i, name in enumerate(("block lookup", "distinct value", "spike"))]  # fmt: skip
+    for name, body, run_keys, run_argv in runs:
+        sha = client.script_load(body)
+        client.config_resetstat()
+        for _ in range(calls):
+            client.evalsha(sha, len(run_keys), *run_keys, *run_argv)
+        stats = client.info("commandstats")["cmdstat_evalsha"]
+        print(f"{name:<28} {stats['usec_per_call']:6.1f} us of Redis CPU per call")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20000)
@@ -136,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=None)
     parser.add_argument("--quota", action="store_true", help="add the quota in memory too (always with Redis)")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="stop timing after this long")
+    parser.add_argument("--script-cost", action="store_true", help="Redis's CPU per script call (needs --redis-url)")
     args = parser.parse_args(argv)
+    if args.script_cost:
+        if not args.redis_url:
+            parser.error("--script-cost needs --redis-url")
+        return script_cost(args.redis_url)
     return asyncio.run(_run(args))
 
 

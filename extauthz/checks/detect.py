@@ -196,7 +196,7 @@ class DetectCheck:
                     value = _value_of(detection, ctx)
                     if value and not watch:
                         kind = OP_DISTINCT
-            op = Op(kind, det, known[1], known[0], value)
+            op = _new_op(Op, (kind, det, known[1], known[0], value))
             ops.append(op)
             used.append(detection)
             if watch and counts and (op_kind == OP_FAIL or value):
@@ -472,6 +472,8 @@ def _value_of(detection: Detection, ctx: CheckContext) -> str:
 
 
 _DIGESTS: dict[str, str] = {}
+#: Op(...) without the NamedTuple constructor's argument handling (the request path builds several).
+_new_op = tuple.__new__
 
 
 def _digest(value: str) -> str:

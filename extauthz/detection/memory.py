@@ -34,6 +34,8 @@ log = logging.getLogger("extauthz.detection")
 
 #: Every this many calls, up to _SWEEP expired entries of each table go (O(1) per request).
 _SWEEP, _SWEEP_EVERY = 16, 8
+#: The answer of an op with nothing to say (most of them).
+_NOTHING = Answer(0, 0, False, 0)
 
 
 def _wall_ms() -> int:
@@ -99,7 +101,7 @@ class MemoryDetections:
 
     def _one(self, op: Op, now: int) -> Answer:
         det = op.detector
-        key = f"{det.policy}:{det.name}:{op.digest}"
+        key = det.prefix + op.digest
         block = self._blocks.get(key)
         if block is not None and block.until_ms <= now:
             del self._blocks[key]
@@ -110,7 +112,7 @@ class MemoryDetections:
                 return Answer(block.until_ms - now, block.kind, False, 0, block.offences, 0, block.status)
             return Answer(self._throttle(key, block, now), block.kind, False, 0, block.offences, 0, block.status)
         if op.kind == OP_CHECK:
-            return Answer(0, 0, False, 0, 0, 0, det.status)
+            return _NOTHING
         tripped = False
         if op.kind == OP_FAIL:
             entry = self._counts.get(key)
@@ -139,7 +141,7 @@ class MemoryDetections:
         else:
             raise ValueError(f"unknown detection op {op.kind}")
         if not tripped or det.store_action == ACTION_LOG:
-            return Answer(0, 0, tripped, count, 0, 0, det.status)
+            return Answer(0, 0, True, count, 0, 0, det.status) if tripped else _NOTHING
         return self._apply(key, op, now, count)
 
     def _throttle(self, key: str, block: _Block, now: int) -> int:

@@ -60,6 +60,11 @@ class Detector:
     min_count: int = 0
     factor: float = 0.0
     state_ttl_ms: int = 0
+    #: "<policy>:<detector>:": the in-process store's keys are this and a key digest.
+    prefix: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", f"{self.policy}:{self.name}:")
 
     def spec(self, kind: int) -> str:
         """The numbers of an op of ``kind`` as the Redis script reads them (extauthz.detection.redis):
