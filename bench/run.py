@@ -128,6 +128,11 @@ SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
     "layers-one": SidecarScenario(
         "orders.yaml + a mesh-wide layer: CIDR denylist and one rule (bench/layer_scenario.py)",
         setup=lambda workdir: __import__("layer_scenario").layer_setup(workdir, "one")),
+    "detect-memory": SidecarScenario("quota-memory's policy + 3 abuse detectors in process (bench/detect_scenario.py)",
+                                     setup=lambda workdir: __import__("detect_scenario").detect_memory_setup(workdir)),
+    "detect-redis": SidecarScenario("quota-redis's policy + 3 abuse detectors, one Redis round trip "
+                                    "(bench/detect_scenario.py)",
+                                    setup=lambda workdir: __import__("detect_scenario").detect_redis_setup(workdir)),
     "inspect": SidecarScenario("orders-api + payload inspection (inspect: {}), POST with a 1 KB JSON body "
                                "(bench/inspect_scenario.py)",
                                setup=lambda workdir: __import__("inspect_scenario").inspect_setup(workdir)),

@@ -40,7 +40,7 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -124,7 +124,9 @@ class DetectCheck:
         #: Sections whose denials this check sees (ObservedCheck): identity, when a detector counts them.
         self.observes_denials: tuple[str, ...] = ("identity",) if any(d.identity for d in detections) else ()
         self._failure_detectors = tuple(d for d in detections if d.identity)
-        self._outcome_detectors = tuple(d for d in detections if d.statuses and join.enabled)
+        #: Per detector, what _ops reads: (detection, by, when, detector, op, counts outcomes).
+        self._plan = tuple((d, d.by, d.when, d.detector, d.detector.op, bool(d.statuses and join.enabled))
+                           for d in detections)  # fmt: skip
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- compile ---------------------------------------------------------------------------------
@@ -163,36 +165,41 @@ class DetectCheck:
 
     # --- per request -----------------------------------------------------------------------------
     def _ops(self, ctx: CheckContext) -> tuple[list[Op], list[Detection]]:
+        """One op per detector whose key this request has: a count where ``when`` holds and the
+        detector counts requests, else a lookup of the key's block (a block holds for every request
+        of the policy with that key, whatever ``when`` says: it scopes what is counted)."""
         ops: list[Op] = []
         used: list[Detection] = []
-        for detection in self.detections:
-            if detection.when is not None:
+        keys: dict[str, tuple[str, str]] = {}  # by -> (label, digest): detectors often share a key
+        for detection, by, when, det, op_kind, watch in self._plan:
+            known = keys.get(by)
+            if known is None:
+                label = _key_of(detection, ctx)
+                if not label:
+                    continue
+                known = (label[:_LABEL], _digest(label))
+                if by != "key":
+                    keys[by] = known
+            counts = True
+            if when is not None:
                 try:
-                    holds = detection.when.evaluate(ctx)
+                    counts = when.evaluate(ctx) is True
                 except CelError as exc:
                     _note(ctx, detection, f"when failed ({exc}); not counted")
-                    continue
-                if holds is not True:
-                    continue
-            label = _key_of(detection, ctx)
-            if not label:
-                continue
-            digest = _digest(label)
-            det = detection.detector
+                    counts = False
             kind = OP_CHECK
             value = ""
-            if det.op == OP_RATE:
-                kind = OP_RATE
-            elif det.op == OP_DISTINCT:
-                value = _value_of(detection, ctx)
-                if not value:
-                    continue
-                if not detection.statuses:
-                    kind = OP_DISTINCT
-            op = Op(kind, det, digest, label[:_LABEL], value)
+            if counts and op_kind != OP_FAIL:
+                if op_kind == OP_RATE:
+                    kind = OP_RATE
+                else:
+                    value = _value_of(detection, ctx)
+                    if value and not watch:
+                        kind = OP_DISTINCT
+            op = _new_op(Op, (kind, det, known[1], known[0], value))
             ops.append(op)
             used.append(detection)
-            if detection.statuses and self.join.enabled:
+            if watch and counts and (op_kind == OP_FAIL or value):
                 request_id = ctx.request.headers.get("x-request-id")  # what Envoy's access log carries
                 if request_id:
                     self._expect(request_id, detection, op)
@@ -206,6 +213,11 @@ class DetectCheck:
 
     def _decide(self, ctx: CheckContext, used: Sequence[Detection], answers: Sequence[Answer]) -> Denial | None:
         """Report trips, and refuse with the longest block or throttle of an enforcing detector."""
+        for answer in answers:
+            if answer.tripped or answer.refused_ms:
+                break
+        else:
+            return None  # the common case: nothing to report
         worst: tuple[Detection, Answer] | None = None
         for detection, answer in zip(used, answers, strict=True):
             if answer.tripped:
@@ -225,7 +237,9 @@ class DetectCheck:
         if answer.duration_ms:
             text += f":{math.ceil(answer.duration_ms / 1000)}s"
         if ctx is not None:
-            ctx.attributes.setdefault("detections", []).append(text)
+            # A string (comma-separated), so that spans carry it too (extauthz.detections).
+            earlier = ctx.attributes.get("detections")
+            ctx.attributes["detections"] = f"{earlier},{text}" if earlier else text
             if ctx.steps is not None:
                 ctx.note(f"detect {det.name}: tripped ({answer.total} in the window) -> {what}")
         else:
@@ -241,16 +255,16 @@ class DetectCheck:
         ops: list[Op] = []
         used: list[Detection] = []
         for detection in self._failure_detectors:
-            if detection.when is not None:
-                try:
-                    if detection.when.evaluate(ctx) is not True:
-                        continue
-                except CelError:
-                    continue
             label = _key_of(detection, ctx)
             if not label:
                 continue
-            ops.append(Op(OP_FAIL, detection.detector, _digest(label), label[:_LABEL]))
+            counts = True
+            if detection.when is not None:
+                try:
+                    counts = detection.when.evaluate(ctx) is True
+                except CelError:
+                    counts = False
+            ops.append(Op(OP_FAIL if counts else OP_CHECK, detection.detector, _digest(label), label[:_LABEL]))
             used.append(detection)
         if not ops:
             return denial
@@ -303,16 +317,19 @@ class _StoreDetectCheck(DetectCheck):
         ops, used = self._ops(ctx)
         if not ops:
             return None
-        pending = self.backend.submit(ops)  # queued now: it leaves with this loop turn's other commands
         if self.defer:
-            ctx.pending = self._settle(ctx, used, pending)
+            # The quota check carries the ops in its own script call (see _PendingDetect).
+            ctx.pending = _PendingDetect(self, ctx, used, ops)
             return None
-        return await self._settle(ctx, used, pending)
-
-    async def _settle(self, ctx: CheckContext, used: list[Detection],
-                      pending: Awaitable[list[Answer]]) -> Denial | None:  # fmt: skip
         try:
-            answers = await pending
+            sends = self.backend.send(ops)
+        except StoreError as exc:
+            return _store_failed(ctx, used, str(exc))
+        return await self._settle(ctx, used, ops, sends)
+
+    async def _settle(self, ctx: CheckContext, used: list[Detection], ops: list[Op], sends: Any) -> Denial | None:
+        try:
+            answers = await self.backend.answers(ops, sends)
         except StoreError as exc:
             return _store_failed(ctx, used, str(exc))
         return self._decide(ctx, used, answers)
@@ -344,6 +361,40 @@ class _StoreDetectCheck(DetectCheck):
         task.add_done_callback(self._tasks.discard)
 
 
+class _PendingDetect:
+    """The detect check's ops, waiting for the quota check of the same policy (``ctx.pending``).
+
+    The quota check passes ``rider`` to the store with its charge: one script call does both and the
+    detectors' part of the reply lands in it. ``wait()`` then decides from that part; when the quota
+    check charged nothing (no quota applied, or a Cluster), it sends the ops in a call of their own.
+    """
+
+    __slots__ = ("check", "ctx", "ops", "rider", "used")
+
+    def __init__(self, check: _StoreDetectCheck, ctx: CheckContext, used: list[Detection], ops: list[Op]) -> None:
+        self.check = check
+        self.ctx = ctx
+        self.used = used
+        self.ops = ops
+        self.rider = check.backend.rider(ops)
+
+    async def wait(self) -> Denial | None:
+        check, ctx, rider = self.check, self.ctx, self.rider
+        if rider is not None and rider.reply is not None:
+            try:
+                answers = check.backend.answers_from(self.ops, rider.reply)
+            except StoreError as exc:
+                return _store_failed(ctx, self.used, str(exc))
+            return check._decide(ctx, self.used, answers)
+        if rider is not None and rider.error is not None:
+            return _store_failed(ctx, self.used, str(rider.error))
+        try:
+            sends = check.backend.send(self.ops)
+        except StoreError as exc:
+            return _store_failed(ctx, self.used, str(exc))
+        return await check._settle(ctx, self.used, self.ops, sends)
+
+
 def _store_failed(ctx: CheckContext, used: Sequence[Detection], failure: str) -> Denial | None:
     """The store could not answer: each detector does what its ``onStoreError`` says (deny: 503;
     allow: the request goes on unchecked by it)."""
@@ -364,9 +415,9 @@ def _refusal(ctx: CheckContext, detection: Detection, answer: Answer) -> Denial:
     ctx.attributes["blocked_by"] = detection.name
     ctx.note(f"detect {detection.name}: key {'throttled' if throttled else 'blocked'}, retry in {retry}s -> deny")
     if throttled:
-        return Denial(429, "throttled", "too many requests: this client is throttled",
+        return Denial(429, "abuse_throttled", "too many requests: this client is throttled",
                       headers=(("retry-after", str(retry)),), rule=f"detect:{detection.name}")  # fmt: skip
-    return Denial(answer.status, "blocked", "this client is blocked for suspicious activity",
+    return Denial(answer.status, "abuse_blocked", "this client is blocked for suspicious activity",
                   headers=(("retry-after", str(retry)),), rule=f"detect:{detection.name}")  # fmt: skip
 
 
@@ -421,6 +472,8 @@ def _value_of(detection: Detection, ctx: CheckContext) -> str:
 
 
 _DIGESTS: dict[str, str] = {}
+#: Op(...) without the NamedTuple constructor's argument handling (the request path builds several).
+_new_op = tuple.__new__
 
 
 def _digest(value: str) -> str:
@@ -521,9 +574,9 @@ def _detection_from_spec(item: Spec, build: BuildContext) -> Detection | None:
     detector = Detector(
         policy=build.policy_name, name=name, op=op, threshold=int(threshold), window_ms=_ms(window) if window else 0,
         store_action=ACTION_LOG if dry_run else action, action=action, dry_run=dry_run,
-        interval_ms=_ms(interval_s) if interval_s else 0, alpha=float(spike.get("alpha", 0.0)),
+        interval_ms=_ms(interval_s) if interval_s else 0, alpha=round(float(spike.get("alpha", 0.0)) * 1e6) / 1e6,
         warmup=int(spike.get("warmup") or 0), min_count=int(spike.get("min") or 0),
-        factor=float(spike.get("factor") or 0.0),
+        factor=round(float(spike.get("factor") or 0.0) * 1000) / 1000,
         state_ttl_ms=_ms(interval_s * (int(spike.get("baseline") or 0) + int(spike.get("warmup") or 0)) * 2)
         if interval_s else 0,
         **params,
@@ -575,7 +628,7 @@ def _action(item: Spec) -> tuple[int, dict[str, Any]]:
     if not 1.0 <= remember <= _MAX_WINDOW:
         section.error("must be at least 1s and at most 30d", "remember")
     params: dict[str, Any] = {
-        "duration_ms": _ms(duration) if duration else 1, "escalation": float(escalation or 2.0),
+        "duration_ms": _ms(duration) if duration else 1, "escalation": round(float(escalation or 2.0) * 1000) / 1000,
         "max_duration_ms": _ms(longest) if longest else 1, "memory_ms": _ms(remember),
     }  # fmt: skip
     if which == "block":

@@ -32,7 +32,10 @@ __all__ = ["MemoryDetections"]
 
 log = logging.getLogger("extauthz.detection")
 
-_SWEEP = 4
+#: Every this many calls, up to _SWEEP expired entries of each table go (O(1) per request).
+_SWEEP, _SWEEP_EVERY = 16, 8
+#: The answer of an op with nothing to say (most of them).
+_NOTHING = Answer(0, 0, False, 0)
 
 
 def _wall_ms() -> int:
@@ -78,18 +81,27 @@ class MemoryDetections:
         self._tats: dict[str, int] = {}
         #: Live entries dropped because a table was full.
         self.evicted = 0
+        self._countdown = _SWEEP_EVERY
+        #: Each table with how its entries' expiry is read (for the sweep).
+        self._tables: tuple[tuple[OrderedDict[str, Any], Callable[[Any], int]], ...] = (
+            (self._counts, lambda e: e[0]), (self._sets, lambda e: e[0]), (self._spikes, lambda e: e.expires_ms),
+            (self._offences, lambda e: e[0]), (self._blocks, lambda e: e.until_ms),
+        )  # fmt: skip
 
     # --- the request path ------------------------------------------------------------------------
     def run(self, ops: Sequence[Op]) -> list[Answer]:
         """Every op of one request, in order (atomic: it never yields)."""
         now = self._clock()
         answers = [self._one(op, now) for op in ops]
-        self._sweep(now)
+        self._countdown -= 1
+        if self._countdown <= 0:
+            self._countdown = _SWEEP_EVERY
+            self._sweep(now)
         return answers
 
     def _one(self, op: Op, now: int) -> Answer:
         det = op.detector
-        key = f"{det.policy}:{det.name}:{op.digest}"
+        key = det.prefix + op.digest
         block = self._blocks.get(key)
         if block is not None and block.until_ms <= now:
             del self._blocks[key]
@@ -100,7 +112,7 @@ class MemoryDetections:
                 return Answer(block.until_ms - now, block.kind, False, 0, block.offences, 0, block.status)
             return Answer(self._throttle(key, block, now), block.kind, False, 0, block.offences, 0, block.status)
         if op.kind == OP_CHECK:
-            return Answer(0, 0, False, 0, 0, 0, det.status)
+            return _NOTHING
         tripped = False
         if op.kind == OP_FAIL:
             entry = self._counts.get(key)
@@ -129,7 +141,7 @@ class MemoryDetections:
         else:
             raise ValueError(f"unknown detection op {op.kind}")
         if not tripped or det.store_action == ACTION_LOG:
-            return Answer(0, 0, tripped, count, 0, 0, det.status)
+            return Answer(0, 0, True, count, 0, 0, det.status) if tripped else _NOTHING
         return self._apply(key, op, now, count)
 
     def _throttle(self, key: str, block: _Block, now: int) -> int:
@@ -155,7 +167,7 @@ class MemoryDetections:
         else:
             self._spikes.move_to_end(key)
         if bucket > state.bucket:
-            alpha = round(det.alpha * 1e6) / 1e6
+            alpha = det.alpha
             state.average += alpha * (state.count - state.average)
             state.seen += 1
             gap = min(bucket - state.bucket - 1, 100_000)
@@ -165,9 +177,8 @@ class MemoryDetections:
             state.bucket, state.count = bucket, 0
         state.count += 1
         state.expires_ms = now + det.state_ttl_ms
-        factor = round(det.factor * 1000) / 1000
         tripped = (state.seen >= det.warmup and state.count >= det.min_count
-                   and state.count > factor * state.average and state.flagged != bucket)  # fmt: skip
+                   and state.count > det.factor * state.average and state.flagged != bucket)  # fmt: skip
         if tripped:
             state.flagged = bucket
         return state.count, tripped
@@ -190,11 +201,7 @@ class MemoryDetections:
 
     def _sweep(self, now: int) -> None:
         """Drop a few expired entries of each table from its old end, and the oldest of a full one."""
-        tables: tuple[tuple[OrderedDict[str, Any], Callable[[Any], int]], ...] = (
-            (self._counts, lambda e: e[0]), (self._sets, lambda e: e[0]), (self._spikes, lambda e: e.expires_ms),
-            (self._offences, lambda e: e[0]), (self._blocks, lambda e: e.until_ms),
-        )  # fmt: skip
-        for table, expiry in tables:
+        for table, expiry in self._tables:
             for _ in range(_SWEEP):
                 if not table:
                     break

@@ -52,24 +52,38 @@ class Detector:
     throttle_burst: int = 0
     #: Spike: interval length, EWMA weight of one interval (0..1), warm-up intervals, the least
     #: count that can trip, the factor over the baseline, and how long an idle key's state is kept.
+    #: (alpha, factor and escalation are rounded at compile time to what the Redis script reads:
+    #: millionths, thousandths, thousandths, so both stores compute with the same numbers.)
     interval_ms: int = 0
     alpha: float = 0.0
     warmup: int = 0
     min_count: int = 0
     factor: float = 0.0
     state_ttl_ms: int = 0
+    #: "<policy>:<detector>:": the in-process store's keys are this and a key digest.
+    prefix: str = ""
 
-    @property
-    def spec(self) -> str:
-        """The numbers as the Redis script reads them (see extauthz.detection.redis)."""
-        return (f"{self.threshold} {self.window_ms} {self.store_action} {self.duration_ms} "
-                f"{round(self.escalation * 1000)} {self.max_duration_ms} {self.memory_ms} {self.status} "
-                f"{self.throttle_interval_us} {self.throttle_burst} {self.interval_ms} {round(self.alpha * 1e6)} "
-                f"{self.warmup} {self.min_count} {round(self.factor * 1000)} {self.state_ttl_ms}")  # fmt: skip
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", f"{self.policy}:{self.name}:")
+
+    def spec(self, kind: int) -> str:
+        """The numbers of an op of ``kind`` as the Redis script reads them (extauthz.detection.redis):
+        "<kind> <counting numbers> | <action numbers>", the action's read only when the op trips; a
+        lookup is its kind alone."""
+        if kind == OP_CHECK:
+            return "0"
+        if kind == OP_RATE:
+            head = (f"{self.interval_ms} {round(self.alpha * 1e6)} {self.warmup} {self.min_count} "
+                    f"{round(self.factor * 1000)} {self.state_ttl_ms}")  # fmt: skip
+        else:
+            head = f"{self.threshold} {self.window_ms}"
+        return (f"{kind} {head} | {self.store_action} {self.duration_ms} {round(self.escalation * 1000)} "
+                f"{self.max_duration_ms} {self.memory_ms} {self.status} {self.throttle_interval_us} "
+                f"{self.throttle_burst}")  # fmt: skip
 
     def duration_for(self, offences: int) -> int:
         """Milliseconds of the block (or throttle) for the ``offences``-th offence (1 is the first)."""
-        scaled = self.duration_ms * (round(self.escalation * 1000) / 1000) ** (offences - 1)
+        scaled = self.duration_ms * self.escalation ** (offences - 1)
         return int(min(scaled, self.max_duration_ms))
 
 

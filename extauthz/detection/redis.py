@@ -31,26 +31,41 @@ from redis.crc import key_slot
 
 from extauthz.detection.model import Answer, BlockRecord, Op, block_id
 from extauthz.stores import StoreError
-from extauthz.stores.redis import RedisStore
+from extauthz.stores.redis import CHARGE_SCRIPT, RedisStore
 
 __all__ = ["DETECT_SCRIPT", "RedisDetections"]
 
-#: KEYS: per op, its block, offences, counter and throttle keys. ARGV: per op, "kind <Detector.spec>",
-#: the distinct value, the key's label (what operators see in the block). Returns per op seven
-#: integers: refused_ms, kind, tripped, total, offences, duration_ms, status (see detection.Answer).
+#: What an op with nothing to say is answered (the script leaves it out of its reply).
+_NOTHING = Answer(0, 0, False, 0)
+
+
+async def _failed(exc: Exception) -> Any:
+    raise exc
+
+#: KEYS: per op, its block key ("<base>b"; the op's other keys are the same base with another last
+#: letter, in the same hash slot). ARGV: per op, its Detector.spec(kind), the distinct value, the key's
+#: label (what operators see in a block). Returns "" when no op has anything to say (the common
+#: case, parsed at once), else, per op with something to say (refused or tripped), eight integers:
+#: its index (1-based), refused_ms, kind, tripped, total, offences, duration_ms, status (see
+#: detection.Answer). A spike's state is one string "bucket count average seen flagged".
 DETECT_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
-for i = 1, #KEYS / 4 do
-  local kb, ko, kc, kt = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
-  local s = {}
-  for v in string.gmatch(ARGV[3 * i - 2], '%S+') do s[#s + 1] = tonumber(v) end
-  local op, threshold, window, action, duration = s[1], s[2], s[3], s[4], s[5]
-  local esc, maxd, memory, status, ti, tb = s[6] / 1000, s[7], s[8], s[9], s[10], s[11]
-  local interval, alpha, warmup, mincount, factor, ttl = s[12], s[13] / 1000000, s[14], s[15], s[16] / 1000, s[17]
-  local refused, kind, tripped, total, offences, dur = 0, 0, 0, 0, 0, 0
+for i = 1, #KEYS do
+  local kb, spec = KEYS[i], ARGV[3 * i - 2]
+  local base = string.sub(kb, 1, -2)
+  local op = string.byte(spec) - 48
+  -- "<op> <counting numbers> | <action numbers>": the action's are parsed only on a trip.
+  local s, head, tail = {}, nil, nil
+  if op > 0 then
+    head, tail = string.match(spec, '^%d+ (.-) | (.*)$')
+    for v in string.gmatch(head, '%S+') do s[#s + 1] = tonumber(v) end
+  end
+  local threshold, window = s[1], s[2]
+  local refused, kind, tripped, total, offences, dur, status = 0, 0, 0, 0, 0, 0, 429
   local rec = redis.call('HMGET', kb, 'kind', 'ti', 'tb', 'status', 'until', 'off')
+  local kc, kt = base .. 'c', base .. 't'
   if rec[1] then
     kind, status, offences = tonumber(rec[1]), tonumber(rec[4]), tonumber(rec[6])
     if kind == 2 then
@@ -73,15 +88,21 @@ for i = 1, #KEYS / 4 do
       if total == 1 then redis.call('PEXPIRE', kc, window) end
       if total >= threshold then tripped = 1 end
     elseif op == 2 then
-      redis.call('PFADD', kc, ARGV[3 * i - 1])
-      if redis.call('PTTL', kc) == -1 then redis.call('PEXPIRE', kc, window) end
-      total = redis.call('PFCOUNT', kc)
-      if total > threshold then tripped = 1 end
+      -- An unchanged HyperLogLog has the count it had, at most the threshold: nothing to check.
+      if redis.call('PFADD', kc, ARGV[3 * i - 1]) == 1 then
+        if redis.call('PTTL', kc) == -1 then redis.call('PEXPIRE', kc, window) end
+        total = redis.call('PFCOUNT', kc)
+        if total > threshold then tripped = 1 end
+      end
     else
+      local interval, alpha, warmup, mincount, factor = s[1], s[2] / 1000000, s[3], s[4], s[5] / 1000
       local b = math.floor(now / interval)
-      local st = redis.call('HMGET', kc, 'b', 'c', 'a', 'n', 'f')
-      local sb, sc, avg = tonumber(st[1]) or b, tonumber(st[2]) or 0, tonumber(st[3]) or 0
-      local seen, fl = tonumber(st[4]) or 0, tonumber(st[5]) or -1
+      local sb, sc, avg, seen, fl = b, 0, 0, 0, -1
+      local state = redis.call('GET', kc)
+      if state then
+        local x1, x2, x3, x4, x5 = string.match(state, '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
+        sb, sc, avg, seen, fl = tonumber(x1), tonumber(x2), tonumber(x3), tonumber(x4), tonumber(x5)
+      end
       if b > sb then
         avg = avg + alpha * (sc - avg)
         seen = seen + 1
@@ -97,29 +118,67 @@ for i = 1, #KEYS / 4 do
       if seen >= warmup and sc >= mincount and sc > factor * avg and fl ~= b then
         tripped, fl = 1, b
       end
-      redis.call('HSET', kc, 'b', string.format('%d', sb), 'c', sc, 'a', string.format('%.17g', avg), 'n', seen,
-        'f', string.format('%d', fl))
-      redis.call('PEXPIRE', kc, ttl)
+      redis.call('SET', kc, string.format('%d %d %.17g %d %d', sb, sc, avg, seen, fl), 'PX', s[6])
     end
     if tripped == 1 then
       if op ~= 3 then redis.call('DEL', kc) end
+      local a = {}
+      for v in string.gmatch(tail, '%S+') do a[#a + 1] = tonumber(v) end
+      local action = a[1]
+      status = a[6]
       if action > 0 then
+        local ko = base .. 'o'
         offences = redis.call('INCR', ko)
-        redis.call('PEXPIRE', ko, memory)
-        dur = math.floor(math.min(duration * esc ^ (offences - 1), maxd))
+        redis.call('PEXPIRE', ko, a[5])
+        dur = math.floor(math.min(a[2] * (a[3] / 1000) ^ (offences - 1), a[4]))
         redis.call('DEL', kb, kt)
-        redis.call('HSET', kb, 'kind', action, 'ti', ti, 'tb', tb, 'status', status, 'since', string.format('%d', now),
-          'until', string.format('%d', now + dur), 'off', offences, 'label', ARGV[3 * i])
+        redis.call('HSET', kb, 'kind', action, 'ti', a[7], 'tb', a[8], 'status', status,
+          'since', string.format('%d', now), 'until', string.format('%d', now + dur), 'off', offences,
+          'label', ARGV[3 * i])
         redis.call('PEXPIRE', kb, dur)
         kind = action
         if action == 2 then refused = dur end
       end
     end
   end
-  out[#out + 1] = string.format('%d %d %d %d %d %d %d', refused, kind, tripped, total, offences, dur, status)
+  if refused > 0 or tripped == 1 then
+    out[#out + 1] = string.format('%d %d %d %d %d %d %d %d', i, refused, kind, tripped, total, offences, dur, status)
+  end
 end
 return table.concat(out, ' ')
 """
+
+#: The quota charge and the detectors in one call (the quota check carries the detect check's ops):
+#: KEYS are the quota counters then the detect keys; ARGV[1] the number of quota counters, ARGV[2]
+#: the charge spec, then the detect arguments. Each script runs as it does alone (its own KEYS and
+#: ARGV); the reply is the detectors' reply, "|", the charge's.
+COMBINED_SCRIPT = (
+    "local function charge(KEYS, ARGV)\n" + CHARGE_SCRIPT + "\nend\n"
+    "local function detect(KEYS, ARGV)\n" + DETECT_SCRIPT + "\nend\n"
+    """local nq = tonumber(ARGV[1])
+local qk, dk, da = {}, {}, {}
+for i = 1, nq do qk[i] = KEYS[i] end
+for i = nq + 1, #KEYS do dk[i - nq] = KEYS[i] end
+for i = 3, #ARGV do da[i - 2] = ARGV[i] end
+return detect(dk, da) .. '|' .. charge(qk, {ARGV[2]})
+"""
+)
+_COMBINED = (COMBINED_SCRIPT, hashlib.sha1(COMBINED_SCRIPT.encode()).hexdigest())
+
+
+class Rider:
+    """The detectors' ops of one request, riding in the quota charge's script call."""
+
+    __slots__ = ("argv", "error", "indexes", "keys", "reply", "script")
+
+    def __init__(self, keys: list[str], argv: list[str]) -> None:
+        self.keys = keys
+        self.argv = argv
+        self.script = _COMBINED
+        #: The detectors' part of the reply, once the call answered; or the failure.
+        self.reply: str | None = None
+        self.error: Exception | None = None
+
 
 #: At most this many block keys are listed (SCAN is bounded: operators page through a store that
 #: holds more with the metrics and the decision log).
@@ -137,65 +196,90 @@ class RedisDetections:
         #: End times (monotonic) of the blocks and throttles this replica wrote (extauthz_blocks_active).
         self._written: list[float] = []
 
-    def _key(self, op: Op) -> str:
-        det = op.detector
-        return f"{self._base}{det.policy}:{det.name}:{{{op.digest}}}:"
-
     def submit(self, ops: Sequence[Op]) -> Any:
-        """Queue the ops now (one script, or one per Cluster slot); an awaitable of their answers
-        that raises StoreError. It must be awaited."""
+        """Queue the ops now; an awaitable of their answers (StoreError on failure; await it)."""
+        try:
+            sends = self.send(ops)
+        except StoreError as exc:
+            return _failed(exc)
+        return self.answers(ops, sends)
+
+    def send(self, ops: Sequence[Op]) -> list[Any]:
+        """Queue the ops now (one script; on a Cluster one per slot): the futures of their replies,
+        for :meth:`answers`. Raises StoreError at once when the circuit is open."""
         if not self.store.cluster or len(ops) == 1:
-            return self._answers(ops, [self._send(ops)])
+            return [self._send(ops, range(len(ops)))]
         groups: dict[int, list[int]] = {}
         for i, op in enumerate(ops):
             groups.setdefault(key_slot(op.digest.encode()), []).append(i)
-        order = [i for idx in groups.values() for i in idx]
-        sends = [self._send([ops[i] for i in idx]) for idx in groups.values()]
-        return self._reordered(ops, order, sends)
+        return [self._send([ops[i] for i in idx], idx) for idx in groups.values()]
 
-    def _send(self, ops: Sequence[Op]) -> Any:
+    def rider(self, ops: Sequence[Op]) -> Rider | None:
+        """The ops as a rider of the quota charge (None on a Cluster: they go in their own call)."""
+        if self.store.cluster:
+            return None
+        return Rider(*self._arguments(ops))
+
+    def answers_from(self, ops: Sequence[Op], reply: str) -> list[Answer]:
+        """The answers in a rider's reply."""
+        answers = [_NOTHING] * len(ops)
+        if reply:
+            self._parse(reply, range(len(ops)), answers)
+        return answers
+
+    def _arguments(self, ops: Sequence[Op]) -> tuple[list[str], list[str]]:
         keys: list[str] = []
         argv: list[str] = []
+        specs = self._specs
         for op in ops:
-            base = self._key(op)
-            keys.extend((base + "b", base + "o", base + "c", base + "t"))
-            spec_key = (op.kind, id(op.detector))
-            spec = self._specs.get(spec_key)
+            det = op.detector
+            keys.append(f"{self._base}{det.policy}:{det.name}:{{{op.digest}}}:b")
+            spec_key = (op.kind, id(det))
+            spec = specs.get(spec_key)
             if spec is None:
-                if len(self._specs) >= 4096:
-                    self._specs.clear()
-                spec = self._specs[spec_key] = f"{op.kind} {op.detector.spec}"
+                if len(specs) >= 4096:
+                    specs.clear()
+                spec = specs[spec_key] = det.spec(op.kind)
             argv.extend((spec, op.value, op.label))
+        return keys, argv
+
+    def _send(self, ops: Sequence[Op], indexes: Sequence[int]) -> Any:
+        keys, argv = self._arguments(ops)
         tail = (len(keys), *keys, *argv)
-        return self.store.send("detect", ("EVALSHA", self._sha, *tail), ("EVAL", DETECT_SCRIPT, *tail))
+        future = self.store.send_now("detect", ("EVALSHA", self._sha, *tail), ("EVAL", DETECT_SCRIPT, *tail))
+        return future, indexes
 
-    async def _answers(self, ops: Sequence[Op], sends: list[Any]) -> list[Answer]:
-        replies = [await send for send in sends]
-        return self._parse(ops, " ".join(r.decode() if isinstance(r, bytes) else str(r) for r in replies))
-
-    async def _reordered(self, ops: Sequence[Op], order: list[int], sends: list[Any]) -> list[Answer]:
-        results = await asyncio.gather(*sends, return_exceptions=True)
-        failure = next((r for r in results if isinstance(r, BaseException)), None)
+    async def answers(self, ops: Sequence[Op], sends: list[Any]) -> list[Answer]:
+        """The answers to ``ops`` from the replies of :meth:`send` (StoreError when one failed)."""
+        answers = [_NOTHING] * len(ops)
+        failure: StoreError | None = None
+        for future, indexes in sends:
+            try:
+                reply = await future
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failure = failure or self.store.failed("detect", exc)
+                continue
+            if reply:
+                self._parse(reply, indexes, answers)
         if failure is not None:
             raise failure
-        answers = self._parse([ops[i] for i in order], " ".join(
-            r.decode() if isinstance(r, bytes) else str(r) for r in results))  # fmt: skip
-        by_index = dict(zip(order, answers, strict=True))
-        return [by_index[i] for i in range(len(ops))]
+        return answers
 
-    def _parse(self, ops: Sequence[Op], text: str) -> list[Answer]:
+    def _parse(self, reply: Any, indexes: Sequence[int], answers: list[Answer]) -> None:
         try:
-            values = [int(v) for v in text.split()]
-            answers = [Answer(values[k], values[k + 1], values[k + 2] == 1, values[k + 3], values[k + 4],
-                              values[k + 5], values[k + 6]) for k in range(0, 7 * len(ops), 7)]  # fmt: skip
+            values = [int(v) for v in (reply.decode() if isinstance(reply, bytes) else str(reply)).split()]
+            if len(values) % 8:
+                raise ValueError
+            for k in range(0, len(values), 8):
+                answer = Answer(values[k + 1], values[k + 2], values[k + 3] == 1, values[k + 4], values[k + 5],
+                                values[k + 6], values[k + 7])  # fmt: skip
+                answers[indexes[values[k] - 1]] = answer
+                if answer.duration_ms:
+                    self._written.append(time.monotonic() + answer.duration_ms / 1000)
         except (ValueError, IndexError):
             raise StoreError("redis detect script gave an unexpected reply") from None
-        if len(values) != 7 * len(ops):
-            raise StoreError("redis detect script gave an unexpected reply")
-        for answer in answers:
-            if answer.duration_ms:
-                self._written.append(time.monotonic() + answer.duration_ms / 1000)
-        return answers
 
     # --- operators -------------------------------------------------------------------------------
     def active_blocks(self) -> int:

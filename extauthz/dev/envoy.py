@@ -37,6 +37,10 @@ from extauthz.dev.procs import (
 __all__ = ["DownstreamTls", "EnvoyProcess", "envoy_binary", "render_envoy_bootstrap", "start_envoy"]
 
 
+#: The cluster of the access log of outcomes where the sidecar's gRPC port is not the ext_authz one.
+ALS_CLUSTER = "sidecar_grpc"
+
+
 def envoy_binary() -> str:
     """Path of the Envoy executable.
 
@@ -107,9 +111,9 @@ def render_envoy_bootstrap(
     failure_mode_allow: bool | None = None,
     tls: DownstreamTls | None = None,
     access_log: bool = True,
+    access_log_service: str | None = None,
     direct_response_body: str = "ok\n",
     mutate: Callable[[dict], None] | None = None,
-    access_log_service: str | None = None,
 ) -> dict:
     """Envoy bootstrap (as a dict) = ``base`` (deploy/envoy/envoy.yaml: a path or its parsed form)
     with local ports and optional knobs.
@@ -119,9 +123,9 @@ def render_envoy_bootstrap(
                      drop the ext_authz filter (and its cluster) entirely.
     upstream_port    port of the HTTP/1.1 app on 127.0.0.1, or None to answer every request with a
                      direct_response 200 (body `direct_response_body`) instead of proxying.
-    access_log_service  HTTP mode only: "host:port" of the sidecar's gRPC port for the access log of
-                     outcomes (envoy-http.yaml's extauthz_grpc cluster); None drops that log. (In gRPC
-                     mode it rides the ext_authz cluster.)
+    access_log_service  "host:port" of the sidecar's gRPC port for the access log of outcomes where it
+                     has a cluster of its own (envoy-http.yaml's ``sidecar_grpc``; envoy.yaml's goes
+                     with ext_authz); None drops that logger and cluster.
     listener_port    0 = let the kernel pick (start_envoy reads the real port from the admin API).
     admin_port       0 = let the kernel pick (start_envoy reads it via --admin-address-path).
     The remaining knobs override the deployed ext_authz settings when not None. Everything listens on
@@ -141,17 +145,10 @@ def render_envoy_bootstrap(
 
     http_filters = hcm["http_filters"]
     authz_filter = _find(http_filters, "envoy.filters.http.ext_authz", "http filter")["typed_config"]
-    # HTTP mode (envoy-http.yaml) sends the access log of outcomes to the sidecar's gRPC port through
-    # a cluster of its own: pointed at ``access_log_service``, or dropped with its logger.
-    als_cluster = next((c for c in static["clusters"] if c["name"] == "extauthz_grpc"), None)
-    if ext_authz is None or (als_cluster is not None and access_log_service is None):
-        # The access log of outcomes streams to the sidecar's cluster, which goes with it.
-        hcm["access_log"] = [a for a in hcm.get("access_log", []) if a["name"] != "envoy.access_loggers.http_grpc"]
-        static["clusters"] = [c for c in static["clusters"] if c["name"] != "extauthz_grpc"]
-    elif als_cluster is not None and access_log_service is not None:
-        _set_single_endpoint(als_cluster, *_split_hostport(access_log_service))
     if ext_authz is None:
         http_filters[:] = [f for f in http_filters if f["name"] != "envoy.filters.http.ext_authz"]
+        # The access log of outcomes streams to the sidecar's cluster, which goes with it.
+        hcm["access_log"] = [a for a in hcm.get("access_log", []) if a["name"] != "envoy.access_loggers.http_grpc"]
         static["clusters"] = [c for c in static["clusters"] if c["name"] != "ext_authz"]
     else:
         host, port = _split_hostport(ext_authz)
@@ -172,6 +169,13 @@ def render_envoy_bootstrap(
             authz_filter["include_peer_certificate"] = bool(include_peer_certificate)
         if failure_mode_allow is not None:
             authz_filter["failure_mode_allow"] = bool(failure_mode_allow)
+
+    als_cluster = next((c for c in static["clusters"] if c["name"] == ALS_CLUSTER), None)
+    if als_cluster is not None and access_log_service is None:
+        hcm["access_log"] = [a for a in hcm.get("access_log", []) if a["name"] != "envoy.access_loggers.http_grpc"]
+        static["clusters"] = [c for c in static["clusters"] if c["name"] != ALS_CLUSTER]
+    elif als_cluster is not None and access_log_service is not None:
+        _set_single_endpoint(als_cluster, *_split_hostport(access_log_service))
 
     route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
     if upstream_port is None:

@@ -98,7 +98,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             headers:
               x-seen: >-
                 [request.method, request.host, request.path, request.raw_path, request.scheme, request.protocol,
-                 tls.sni, source.principal, source.address, request.headers[?':authority'].orValue('-')]
+                 tls.sni, source.principal, source.address, request.headers[?':authority'].orValue('-'), tls.version]
         ---
         apiVersion: extauthz.dev/v1
         kind: AuthPolicy
@@ -178,13 +178,14 @@ def test_allow_sees_the_request_as_the_grpc_mode_would(envoy, world) -> None:
                                headers={"x-tenant": "a"})
     assert status == 200, body
     seen = json.loads(body)["headers"]["x-seen"][0].split(",")
-    method, host, path, raw_path, scheme, protocol, sni, principal, address, authority = seen
+    method, host, path, raw_path, scheme, protocol, sni, principal, address, authority, tls_version = seen
     assert (method, host, path, scheme, protocol) == ("GET", "api.test", "/stuff", "https", "HTTP/1.1")
     assert raw_path == "/stuff?q=1"  # Envoy normalized the path before asking (normalize_path: true)
     assert authority == "api.test"
     assert sni == ""  # the client connected to 127.0.0.1: no SNI
     assert principal == CHECKOUT
     assert address == "127.0.0.1"
+    assert tls_version.startswith("TLSv1.")  # tls.version: only the HTTP mode has it
 
 
 def test_deny_status_body_client_headers_and_metadata(envoy, world, echo_upstream) -> None:

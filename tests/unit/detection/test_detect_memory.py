@@ -35,9 +35,9 @@ def test_brute_force_from_one_address_is_blocked_at_the_eleventh_attempt(tmp_pat
     for attempt in range(10):
         d = decide(auth, request(f"ak_wrong_guess_{attempt}"))
         assert (d.allowed, d.status) == (False, 401), attempt
-    assert decide(auth, request("ak_wrong_guess_10")).reason == "blocked"
+    assert decide(auth, request("ak_wrong_guess_10")).reason == "abuse_blocked"
     eleventh = decide(auth, request(ACME))  # even the right key: a blocked client learns nothing
-    assert (eleventh.allowed, eleventh.status, eleventh.reason, eleventh.rule) == (False, 429, "blocked",
+    assert (eleventh.allowed, eleventh.status, eleventh.reason, eleventh.rule) == (False, 429, "abuse_blocked",
                                                                                     "detect:guessing")
     assert dict(eleventh.client_headers)["retry-after"] == "300"
     # Another address is not affected.
@@ -45,7 +45,7 @@ def test_brute_force_from_one_address_is_blocked_at_the_eleventh_attempt(tmp_pat
     assert decide(auth, request("ak_wrong", ip="198.51.100.9")).status == 401
     # The block ends on time, not later.
     clock.set_fixed(clock.wall() + 299)
-    assert decide(auth, request(ACME)).reason == "blocked"
+    assert decide(auth, request(ACME)).reason == "abuse_blocked"
     clock.set_fixed(clock.wall() + 1)
     assert decide(auth, request(ACME)).allowed
 
@@ -69,7 +69,7 @@ def test_the_tripping_failure_is_reported_in_the_decision(tmp_path: Path, fixed_
         assert "detections" not in (decide(auth, request("ak_wrong")).attributes or {})
     tenth = decide(auth, request("ak_wrong"))
     assert tenth.status == 401
-    assert tenth.attributes["detections"] == ["guessing:block:300s"]
+    assert tenth.attributes["detections"] == "guessing:block:300s"
 
 
 def test_missing_credentials_are_not_failures(tmp_path: Path, fixed_clock) -> None:
@@ -95,9 +95,9 @@ def test_enumeration_blocks_the_walker_not_a_reader_of_its_own_few_objects(tmp_p
     for order in range(1, 21):
         assert decide(auth, request(ACME, path=f"/orders/{order}")).allowed, order
     walker = decide(auth, request(ACME, path="/orders/21"))
-    assert (walker.allowed, walker.status, walker.reason) == (False, 403, "blocked")
-    assert walker.attributes["detections"] == ["order-walking:block:600s"]
-    assert decide(auth, request(ACME, path="/orders/1")).reason == "blocked"
+    assert (walker.allowed, walker.status, walker.reason) == (False, 403, "abuse_blocked")
+    assert walker.attributes["detections"] == "order-walking:block:600s"
+    assert decide(auth, request(ACME, path="/orders/1")).reason == "abuse_blocked"
     # Another identity (other address too, irrelevant here) reading its own three orders, many times.
     for _ in range(30):
         for order in (7, 8, 9):
@@ -129,17 +129,17 @@ def test_a_spike_against_a_quiet_baseline_is_throttled_a_busy_account_is_not(tmp
     # The quiet one bursts: flagged within the minute (at the 20th request, past minCount and 4x its baseline).
     burst = [decide(auth, request(ACME)) for _ in range(20)]
     assert [bool((d.attributes or {}).get("detections")) for d in burst].index(True) == 19
-    assert burst[-1].attributes["detections"] == ["burst:throttle:600s"]
+    assert burst[-1].attributes["detections"] == "burst:throttle:600s"
     # Then a temporary quota of 10 a minute: the burst allowance, then 429 throttled.
     after = [decide(auth, request(ACME)) for _ in range(11)]
     assert all(d.allowed for d in after[:10])
-    assert (after[10].status, after[10].reason) == (429, "throttled")
+    assert (after[10].status, after[10].reason) == (429, "abuse_throttled")
 
 
 def test_dry_run_reports_and_never_refuses(tmp_path: Path, fixed_clock) -> None:
     auth = build(tmp_path / "p", BRUTE.replace("  by: client_ip", "  by: client_ip\n  mode: dry-run"))
     reports = [decide(auth, request("ak_wrong")) for _ in range(10)]
-    assert reports[-1].attributes["detections"] == ["guessing:dry_run_block"]
+    assert reports[-1].attributes["detections"] == "guessing:dry_run_block"
     assert decide(auth, request(ACME)).allowed
 
 
@@ -148,7 +148,7 @@ def test_log_action_counts_and_lets_through(tmp_path: Path, fixed_clock) -> None
                                                      "  action: log"))
     decisions = [decide(auth, request(ACME, path=f"/orders/{i}")) for i in range(1, 30)]
     assert all(d.allowed for d in decisions)
-    assert decisions[20].attributes["detections"] == ["order-walking:log"]
+    assert decisions[20].attributes["detections"] == "order-walking:log"
 
 
 @pytest.mark.parametrize(("detect", "message"), [
@@ -204,7 +204,7 @@ def test_upstream_outcomes_feed_failures_and_distinct_404s(tmp_path: Path, fixed
     # The upstream's 401s on /login: three trip the detector, the fourth request is blocked.
     for _ in range(3):
         assert call("/login", 401).allowed
-    assert call("/login", 200).reason == "blocked"
+    assert call("/login", 200).reason == "abuse_blocked"
     # Our own denials (UAEX) and other statuses are not counted; other routes are not watched.
     for _ in range(5):
         assert call("/login", 401, "UAEX", ip="198.51.100.1").allowed
@@ -213,4 +213,4 @@ def test_upstream_outcomes_feed_failures_and_distinct_404s(tmp_path: Path, fixed
     for path in ("/a", "/a", "/a", "/b"):
         assert call(path, 404, ip="192.0.2.5").allowed
     assert call("/c", 404, ip="192.0.2.5").allowed  # its outcome trips the detector after the decision
-    assert call("/d", 200, ip="192.0.2.5").reason == "blocked"
+    assert call("/d", 200, ip="192.0.2.5").reason == "abuse_blocked"
