@@ -129,6 +129,27 @@ def _grpc_address(text: str) -> str:
     return text
 
 
+def _grpc_listen(text: str) -> str:
+    """--listen: a gRPC address, or 'off' ("" in Settings)."""
+    return "" if text.strip().lower() == "off" else _grpc_address(text)
+
+
+def _http_authz_address(text: str) -> str:
+    """--http-authz-listen: HOST:PORT or [IPV6]:PORT (no unix socket: Envoy's http_service wants TCP)."""
+    text = text.strip()
+    if text.startswith(("unix:", "unix-abstract:")):
+        raise argparse.ArgumentTypeError(f"{text!r}: the HTTP ext_authz listener takes HOST:PORT")
+    return _grpc_address(text)
+
+
+def _path_prefix(text: str) -> str:
+    prefix = text.strip()
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/") or "?" in prefix or "#" in prefix):
+        raise argparse.ArgumentTypeError(f"{prefix!r}: a path prefix starts with '/' and does not end with one "
+                                         "(e.g. /authz)")
+    return prefix
+
+
 def _unix_socket(text: str) -> str:
     if not text.strip().startswith(("unix:", "unix-abstract:")):
         raise argparse.ArgumentTypeError(f"{text!r} is not unix:PATH (e.g. unix:/run/extauthz/grpc.sock)")
@@ -190,8 +211,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--policies", default=_env("POLICIES", "policies"), type=_existing_folder,
                        help="policy folder (env EXTAUTHZ_POLICIES; default ./policies)")
-    serve.add_argument("--listen", type=_grpc_address, default=_env("LISTEN", "127.0.0.1:9191"),
-                       help="gRPC address HOST:PORT, [IPV6]:PORT or unix:PATH (env EXTAUTHZ_LISTEN)")
+    serve.add_argument("--listen", type=_grpc_listen, default=_env("LISTEN", "127.0.0.1:9191"),
+                       help="gRPC address HOST:PORT, [IPV6]:PORT or unix:PATH; 'off' serves no gRPC (then "
+                            "--http-authz-listen is required) (env EXTAUTHZ_LISTEN)")
+    serve.add_argument("--http-authz-listen", type=_http_authz_address, default=_env("HTTP_AUTHZ_LISTEN"),
+                       metavar="HOST:PORT",
+                       help="also serve Envoy's HTTP ext_authz protocol here (off by default; Envoy's "
+                            "http_service must set the x-extauthz-* headers, see docs/http-mode.md) "
+                            "(env EXTAUTHZ_HTTP_AUTHZ_LISTEN)")
+    serve.add_argument("--http-authz-path-prefix", type=_path_prefix, default=_env("HTTP_AUTHZ_PATH_PREFIX", ""),
+                       metavar="PREFIX", help="the http_service's path_prefix, stripped from every path "
+                       "(env EXTAUTHZ_HTTP_AUTHZ_PATH_PREFIX)")
     serve.add_argument("--unix-socket", type=_unix_socket, default=_env("UNIX_SOCKET"),
                        help="additional gRPC listener, unix:PATH (env EXTAUTHZ_UNIX_SOCKET)")
     serve.add_argument("--http-host", type=_http_host, default=_env("HTTP_HOST", "127.0.0.1"),
@@ -317,6 +347,10 @@ def _telemetry_arguments(serve: argparse.ArgumentParser) -> None:
                             "deny (default: denials and dry-run decisions), all, or off "
                             "(env EXTAUTHZ_DYNAMIC_METADATA)")
     loops = ["auto", "uvloop", "asyncio"]
+    serve.add_argument("--access-logs", default=_env("ACCESS_LOGS", "on"), type=_one_of(["on", "off"]),
+                       choices=["on", "off"],
+                       help="serve Envoy's gRPC access-log service on the gRPC port so detectors see what the "
+                            "upstream answered; off: none will come (env EXTAUTHZ_ACCESS_LOGS)")
     serve.add_argument("--event-loop", default=_env("EVENT_LOOP", "auto"), type=_one_of(loops), choices=loops,
                        help="uvloop (auto: when installed) cuts about 20 us of CPU per Check; asyncio is the "
                             "standard library loop (env EXTAUTHZ_EVENT_LOOP)")
@@ -675,6 +709,10 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
         print(f"extauthz: not starting: {exc}", file=sys.stderr)
         return 2
     listen = ns.listen
+    if not listen and not ns.unix_socket and not ns.http_authz_listen:
+        print("extauthz: not starting: --listen off needs --http-authz-listen (nothing would be served)",
+              file=sys.stderr)
+        return 2
     settings = Settings(
         policies=ns.policies,
         listen=listen,
@@ -692,7 +730,10 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
         tracing=tracing,
         reuse_port=reuse_port,
         dynamic_metadata=ns.dynamic_metadata,
+        access_logs=ns.access_logs == "on",
         admin_token_file=ns.admin_token_file,
+        http_authz_listen=ns.http_authz_listen or None,
+        http_authz_path_prefix=ns.http_authz_path_prefix,
     )
     gc.set_threshold(*GC_THRESHOLDS)
     try:

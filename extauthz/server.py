@@ -24,12 +24,15 @@ from extauthz.decision import Authorizer, Decision
 from extauthz.detection import admin
 from extauthz.detection.admin import AdminToken
 from extauthz.openapi.inventory import Inventory, merge_snapshots
+from extauthz.outcomes import outcomes_for
+from extauthz.outcomes.access_log_service import AccessLogService
 from extauthz.policy import PolicyLoader, PolicySet, PolicySetError, PolicyWatcher, Services
 from extauthz.responses import DYNAMIC_METADATA_MODES, check_response_bytes
 from extauthz.telemetry import metrics as process_metrics
 from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
 from extauthz.telemetry.metrics import Metrics, multiprocess_dir
 from extauthz.telemetry.tracing import SubjectHasher, subject_hash_key
+from extauthz.wire.http_authz import HttpAuthzServer
 
 __all__ = ["Settings", "Sidecar", "StartupError", "check_listeners", "serve"]
 
@@ -41,6 +44,7 @@ SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 @dataclass(slots=True)
 class Settings:
     policies: Path
+    #: gRPC listen address; "" serves no gRPC (then ``http_authz_listen`` is required).
     listen: str = "127.0.0.1:9191"
     #: Extra gRPC listen address, e.g. "unix:/run/extauthz.sock".
     unix_socket: str | None = None
@@ -66,13 +70,32 @@ class Settings:
     #: Which decisions carry dynamic metadata to Envoy: "deny" (denials and dry-run), "all" or "off"
     #: (see extauthz.responses).
     dynamic_metadata: str = "deny"
+    #: Serve Envoy's gRPC Access Log Service on the gRPC port, so checks learn what the upstream
+    #: answered (extauthz.outcomes); False tells them no outcomes will come.
+    access_logs: bool = True
     #: File with the bearer token of the admin endpoint on the probes port (/admin/blocks); none: no endpoint.
     admin_token_file: str | None = None
+    #: Envoy's HTTP ext_authz protocol on "HOST:PORT" (extauthz.wire.http_authz); None: off.
+    http_authz_listen: str | None = None
+    #: The http_service's path_prefix, stripped from every request path ("" for none).
+    http_authz_path_prefix: str = ""
+    #: Connection limits of the HTTP ext_authz port (an extauthz.wire.http_authz.HttpAuthzLimits), or None.
+    http_authz_limits: Any = None
 
     def __post_init__(self) -> None:
         if self.dynamic_metadata not in DYNAMIC_METADATA_MODES:
             raise ValueError(f"dynamic_metadata must be one of {', '.join(DYNAMIC_METADATA_MODES)}, "
                              f"not {self.dynamic_metadata!r}")
+        if not self.listen and not self.unix_socket and not self.http_authz_listen:
+            raise ValueError("nothing to serve: no gRPC listener and no HTTP ext_authz listener")
+        prefix = self.http_authz_path_prefix
+        if prefix and (not prefix.startswith("/") or prefix.endswith("/") or "?" in prefix or "#" in prefix):
+            raise ValueError(f"http_authz_path_prefix must start with '/' and not end with one: {prefix!r}")
+
+    @property
+    def http_only(self) -> bool:
+        """Only Envoy's HTTP protocol is served: policies may not read what only gRPC sends."""
+        return not self.listen and not self.unix_socket
 
 
 class StartupError(Exception):
@@ -127,13 +150,14 @@ def _listen_problem(address: str, reuse_port: bool) -> str | None:
 
 
 def check_listeners(listen: str, unix_socket: str | None, http_host: str, http_port: int, *,
-                    reuse_port: bool) -> None:
+                    reuse_port: bool, http_authz: str | None = None) -> None:
     """Raise StartupError when a listener cannot be opened (a port in use, a name that does not
     resolve, a socket folder missing). Called before the policies load, so that its line is the
     only one on stderr; a failure at the real bind a moment later is still caught."""
     host = f"[{http_host}]" if ":" in http_host else http_host
     listeners = [("--listen", listen, listen), ("--unix-socket", unix_socket, unix_socket),
-                 ("--http-host/--http-port", f"{http_host} {http_port}", f"{host}:{http_port}")]
+                 ("--http-host/--http-port", f"{http_host} {http_port}", f"{host}:{http_port}"),
+                 ("--http-authz-listen", http_authz, http_authz)]
     for option, shown, address in listeners:
         problem = _listen_problem(address, reuse_port) if address else None
         if problem is not None:
@@ -172,7 +196,9 @@ class Sidecar:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.services = Services(settings={"redis_url": settings.redis_url,
-                                           "redis_password_file": settings.redis_password_file, **settings.extra})
+                                           "redis_password_file": settings.redis_password_file,
+                                           "access_logs": settings.access_logs, "http_only": settings.http_only,
+                                           **settings.extra})
         client_ip.configure(settings.xff_trusted_hops)
         self.metrics = Metrics()
         process_metrics.install(self.metrics)
@@ -203,6 +229,7 @@ class Sidecar:
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.http_server: asyncio.Server | None = None
+        self.http_authz: HttpAuthzServer | None = None
         #: Reads the policy folder at start and at every reload, reusing what did not change.
         self.policy_loader = PolicyLoader(settings.policies, self.services)
         self.watcher: PolicyWatcher | None = None
@@ -213,6 +240,8 @@ class Sidecar:
         self._stopping = False
         self._malformed_count = 0
         self._metadata = settings.dynamic_metadata
+        self.access_logs = (AccessLogService(outcomes_for(self.services), self.metrics.registry)
+                            if settings.access_logs else None)
         self.admin_token: AdminToken | None = None
         if settings.admin_token_file:
             try:
@@ -341,6 +370,8 @@ class Sidecar:
         # (about 12 us of the sidecar's CPU per Check, measured through Envoy).
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.access_logs is not None:
+            self.access_logs.register(server)
         for option, address in (("--listen", self.settings.listen), ("--unix-socket", self.settings.unix_socket)):
             if address:
                 try:
@@ -353,9 +384,24 @@ class Sidecar:
         self.grpc_server = server
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.serving = True
         log.info("gRPC listening on %s%s", self.settings.listen,
                  f" and {self.settings.unix_socket}" if self.settings.unix_socket else "")
+
+    # --- Envoy's HTTP ext_authz protocol ------------------------------------------------------------
+    async def _start_http_authz(self) -> None:
+        address = self.settings.http_authz_listen
+        if not address:
+            return
+        server = HttpAuthzServer(self.authorizer, path_prefix=self.settings.http_authz_path_prefix,
+                                 metadata=self._metadata, limits=self.settings.http_authz_limits, metrics=self.metrics)
+        host, _, port = address.rpartition(":")
+        try:
+            await server.start(host.strip("[]"), int(port), reuse_port=self.settings.reuse_port)
+        except OSError as exc:
+            why = (exc.strerror or str(exc)).lower()
+            raise StartupError(f"--http-authz-listen {address}: cannot listen: {why}") from None
+        self.http_authz = server
+        log.info("HTTP ext_authz listening on %s", address)
 
     # --- HTTP probes and metrics -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -428,7 +474,7 @@ class Sidecar:
         """Raise StartupError when a listener cannot be opened; see check_listeners."""
         settings = self.settings
         check_listeners(settings.listen, settings.unix_socket, settings.http_host, settings.http_port,
-                        reuse_port=settings.reuse_port)
+                        reuse_port=settings.reuse_port, http_authz=settings.http_authz_listen)
 
     async def start(self) -> None:
         self.check_addresses()
@@ -442,7 +488,10 @@ class Sidecar:
         except OSError as exc:
             why = (exc.strerror or str(exc)).lower()
             raise StartupError(f"--http-host/--http-port {host} {port}: cannot listen: {why}") from None
-        await self._start_grpc()
+        await self._start_http_authz()
+        if self.settings.listen or self.settings.unix_socket:
+            await self._start_grpc()
+        self.serving = True
         self.watcher = PolicyWatcher(self.settings.policies, self.services, self._on_new_set, self._on_bad_set,
                                      interval=self.settings.reload_interval, loader=self.policy_loader)
         self.watcher.mark_loaded()
@@ -454,6 +503,8 @@ class Sidecar:
         if self._stopping:
             return
         self.metrics.flush()
+        if self.access_logs is not None:
+            self.access_logs.publish()
         self._ticks += 1
         if self._ticks % 5 == 0 and multiprocess_dir() is not None:
             asyncio.get_running_loop().run_in_executor(None, self._write_inventory, self.inventory.snapshot())
@@ -476,8 +527,14 @@ class Sidecar:
         await self._close(0)
 
     async def _close(self, grace: float) -> None:
+        if self.access_logs is not None:
+            self.access_logs.close()
+        closing = []
+        if self.http_authz is not None:
+            closing.append(self.http_authz.close(grace))
         if self.grpc_server is not None:
-            await self.grpc_server.stop(grace)
+            closing.append(self.grpc_server.stop(grace))
+        await asyncio.gather(*closing)
         if self.watcher is not None:
             await self.watcher.stop()
         if self.http_server is not None:

@@ -39,6 +39,7 @@ __all__ = [
     "introspection_request",
     "jwks_fetch",
     "multiprocess_dir",
+    "password_verification",
     "store_error",
 ]
 
@@ -124,6 +125,16 @@ class Metrics:
         self.fetch_duration = Histogram(
             "extauthz_fetch_duration_seconds", "Duration of remote fetches by kind (jwks, introspection)",
             ["kind"], buckets=FETCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.password_verifications = Counter(
+            "extauthz_password_verifications",
+            "HTTP Basic password verifications by result (match, mismatch, overloaded; cache hits not counted)",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.password_duration = Histogram(
+            "extauthz_password_verification_seconds",
+            "Duration of HTTP Basic password verifications, the wait for a hashing thread included",
+            buckets=FETCH_BUCKETS, registry=r,
         )  # fmt: skip
         self.decision_log_dropped = Counter(
             "extauthz_decision_log_dropped", "Decision log lines dropped: the writer fell behind or could not write",
@@ -399,6 +410,17 @@ def jwks_fetch(result: str, seconds: float | None = None) -> None:
         m.jwks_fetches.labels(result).inc()
         if seconds is not None:
             m.fetch_duration.labels("jwks").observe(seconds)
+
+    _guarded(record)
+
+
+def password_verification(result: str, seconds: float | None = None) -> None:
+    """An HTTP Basic password verification ended: "match", "mismatch" or "overloaded" (refused at once)."""
+
+    def record(m: Metrics) -> None:
+        m.password_verifications.labels(result).inc()
+        if seconds is not None:
+            m.password_duration.observe(seconds)
 
     _guarded(record)
 

@@ -180,3 +180,49 @@ def test_cel_ast_subset_matches_cels_field_numbers() -> None:
                 checked += 1
             stack.extend((f"{name}.{n.name}", n) for n in d.nested_types if not n.GetOptions().map_entry)
     assert checked > 30
+
+
+def test_access_log_subset_matches_envoys_fields() -> None:
+    """The access-log protos are a documented SUBSET of Envoy's: every message, enum value and field
+    we declare is Envoy's, with the same number, type, label and message type (so Envoy's bytes parse
+    into them, the rest skipped as unknown fields)."""
+    from google.protobuf import descriptor_pool
+
+    from extauthz.api.envoy.service.accesslog.v3 import als_pb2
+
+    pool = descriptor_pool.Default()
+    names: list[str] = []
+
+    def walk(d) -> None:
+        names.append(d.full_name)
+        names.extend(e.full_name for e in d.enum_types)
+        for nested in d.nested_types:
+            walk(nested)
+
+    for file_name in ("extauthz/api/envoy/service/accesslog/v3/als.proto",
+                      "extauthz/api/envoy/data/accesslog/v3/accesslog.proto"):
+        fd = pool.FindFileByName(file_name)
+        for d in fd.message_types_by_name.values():
+            walk(d)
+        names.extend(e.full_name for e in fd.enum_types_by_name.values())
+    results = []
+    for setup, path in (("from extauthz.api.envoy.service.accesslog.v3 import als_pb2", None),
+                        ("from envoy.service.accesslog.v3 import als_pb2", XDS_PROTOS)):
+        env = {**os.environ, "PYTHONPATH": str(path)} if path else dict(os.environ)
+        proc = subprocess.run([sys.executable, "-c", _describe(setup), json.dumps(names)], capture_output=True,
+                              text=True, cwd=ROOT if path is None else path, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr
+        results.append(json.loads(proc.stdout))
+    ours, upstream = results
+    assert len(names) >= 10
+    for name in names:
+        assert upstream[name] is not None, f"{name} does not exist upstream"
+        if "enum" in ours[name]:
+            assert set(map(tuple, ours[name]["enum"])) <= set(map(tuple, upstream[name]["enum"])), name
+            continue
+        for field_name, field in ours[name]["fields"].items():
+            assert upstream[name]["fields"].get(field_name) == field, f"{name}.{field_name} differs from Envoy's"
+    method = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].methods_by_name["StreamAccessLogs"]
+    assert (method.client_streaming, method.server_streaming) == (True, False)
+    assert f"/{method.containing_service.full_name}/{method.name}" == \
+        "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
