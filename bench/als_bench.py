@@ -213,6 +213,55 @@ def decode_cost(batches: list[bytes]) -> tuple[float, float]:
     return results[0], results[1]
 
 
+def through_envoy(sidecar: _procs.GrpcAuthzServer, rate: float, seconds: float, rounds: int,
+                  workdir: Path) -> list[tuple[float, float]]:
+    """--envoy: a real Envoy (deploy/envoy/envoy.yaml, direct_response 200) sends its access logs to
+    the sidecar while ``rate`` requests/s go through it; the ext_authz filter is removed, so the only
+    thing reaching the sidecar is the access-log stream, batched as Envoy batches it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run as harness  # bench/run.py's open-loop load generator
+
+    def keep_only_the_access_log(cfg: dict) -> None:
+        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_authz"]
+        hcm["access_log"] = [a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"]
+
+    config = _procs.render_envoy_bootstrap(ext_authz=sidecar.target, upstream_port=None,
+                                           mutate=keep_only_the_access_log)
+    envoy = _procs.start_envoy(config, workdir / "envoy", name="envoy-als")
+    raw = b"POST /login HTTP/1.1\r\nHost: shop.example.com\r\nContent-Length: 0\r\n\r\n"
+    rows = []
+    try:
+        asyncio.run(harness._open_loop(envoy.port, raw, 200, 1.0, 8))  # opens the access-log stream
+        time.sleep(1.5)
+        pid = sidecar.proc.pid
+        for round_ in range(1, rounds + 1):
+            before = cpu_seconds(pid)
+            time.sleep(seconds)
+            idle = cpu_seconds(pid) - before
+            entries_before = _received(sidecar)
+            before, started = cpu_seconds(pid), time.monotonic()
+            result = asyncio.run(harness._open_loop(envoy.port, raw, rate, seconds, 16))
+            time.sleep(1.0)  # Envoy's last flush (100 ms) and the sidecar's handling of it
+            elapsed = time.monotonic() - started
+            busy = cpu_seconds(pid) - before
+            entries = _received(sidecar) - entries_before
+            cost = max(busy - idle * elapsed / seconds, 0.0)
+            rows.append((cost / seconds * 100, cost / max(entries, 1) * 1e6))
+            print(f"envoy round {round_}: {result.requests} requests ({result.rps:,.0f}/s, {result.bad} bad), "
+                  f"{entries:.0f} entries reached the sidecar: stream {cost / seconds * 100:.1f}% of a core "
+                  f"({cost / max(entries, 1) * 1e6:.1f} us/entry)")
+    finally:
+        envoy.stop()
+    return rows
+
+
+def _received(sidecar: _procs.GrpcAuthzServer) -> float:
+    _, body = _procs.http_get(_procs.LOOPBACK, sidecar.http_port, "/metrics")
+    return sum(float(line.split()[1]) for line in body.decode().splitlines()
+               if line.startswith("extauthz_access_log_entries_total{"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=2000.0, help="entries per second (default 2000)")
@@ -221,6 +270,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=45, help="entries per message (Envoy: 16 KiB buffer)")
     parser.add_argument("--policies", type=Path, default=ROOT / "policies")
     parser.add_argument("--joined", type=int, default=20000, help="entries for the in-process join timing (0: skip)")
+    parser.add_argument("--envoy", action="store_true",
+                        help="also: the same rate of requests through a real Envoy whose access log streams to "
+                             "the sidecar (Envoy's own batching and entries)")
     ns = parser.parse_args()
     if not (0 < ns.rate <= 50000 and 0 < ns.seconds <= 60 and 0 < ns.rounds <= 10 and 0 < ns.batch <= 2000):
         raise SystemExit("bounded runs only: rate <= 50000, seconds <= 60, rounds <= 10, batch <= 2000")
@@ -248,6 +300,10 @@ def main() -> int:
             print(f"round {round_}: {sent} entries in {elapsed:.1f} s ({sent / elapsed:,.0f}/s): sidecar CPU "
                   f"{busy / elapsed * 100:.1f}% of a core streaming, {idle / ns.seconds * 100:.1f}% idle -> "
                   f"stream {cost / elapsed * 100:.1f}% ({cost / sent * 1e6:.1f} us/entry)")
+        if ns.envoy:
+            envoy_rows = sorted(through_envoy(sidecar, ns.rate, ns.seconds, ns.rounds, workdir))
+            share, per_entry = envoy_rows[len(envoy_rows) // 2]
+            print(f"through Envoy, median of {len(envoy_rows)}: {share:.1f}% of one core ({per_entry:.1f} us/entry)")
         _, status_body = _procs.http_get(_procs.LOOPBACK, sidecar.http_port, "/metrics")
         received = [line for line in status_body.decode().splitlines()
                     if line.startswith("extauthz_access_log_entries_total")]

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import ipaddress
 import json
+import logging
 import math
 import os
 import re
@@ -663,6 +664,13 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     from extauthz.telemetry.logs import configure_logging
 
     configure_logging(ns.log_level, ns.log_format)
+    if ns.workers > 1 and ns.http_authz_listen and ns.access_logs == "on":
+        # HTTP-mode decisions and the gRPC access log arrive on different connections, which the
+        # kernel hands to different workers: an outcome rarely reaches the worker that waits for it.
+        logging.getLogger("extauthz.outcomes").warning(
+            "--workers %d with --http-authz-listen: access-log outcomes join only when they reach the worker that "
+            "decided (docs/observability.md, Outcomes); detectors counting upstream answers need --workers 1",
+            ns.workers)
     if ns.workers > 1:
         from extauthz.workers import supervise
 

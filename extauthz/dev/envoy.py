@@ -37,6 +37,10 @@ from extauthz.dev.procs import (
 __all__ = ["DownstreamTls", "EnvoyProcess", "envoy_binary", "render_envoy_bootstrap", "start_envoy"]
 
 
+#: The cluster of the access log of outcomes where the sidecar's gRPC port is not the ext_authz one.
+ALS_CLUSTER = "sidecar_grpc"
+
+
 def envoy_binary() -> str:
     """Path of the Envoy executable.
 
@@ -107,6 +111,7 @@ def render_envoy_bootstrap(
     failure_mode_allow: bool | None = None,
     tls: DownstreamTls | None = None,
     access_log: bool = True,
+    access_log_service: str | None = None,
     direct_response_body: str = "ok\n",
     mutate: Callable[[dict], None] | None = None,
 ) -> dict:
@@ -118,6 +123,9 @@ def render_envoy_bootstrap(
                      drop the ext_authz filter (and its cluster) entirely.
     upstream_port    port of the HTTP/1.1 app on 127.0.0.1, or None to answer every request with a
                      direct_response 200 (body `direct_response_body`) instead of proxying.
+    access_log_service  "host:port" of the sidecar's gRPC port for the access log of outcomes where it
+                     has a cluster of its own (envoy-http.yaml's ``sidecar_grpc``; envoy.yaml's goes
+                     with ext_authz); None drops that logger and cluster.
     listener_port    0 = let the kernel pick (start_envoy reads the real port from the admin API).
     admin_port       0 = let the kernel pick (start_envoy reads it via --admin-address-path).
     The remaining knobs override the deployed ext_authz settings when not None. Everything listens on
@@ -161,6 +169,13 @@ def render_envoy_bootstrap(
             authz_filter["include_peer_certificate"] = bool(include_peer_certificate)
         if failure_mode_allow is not None:
             authz_filter["failure_mode_allow"] = bool(failure_mode_allow)
+
+    als_cluster = next((c for c in static["clusters"] if c["name"] == ALS_CLUSTER), None)
+    if als_cluster is not None and access_log_service is None:
+        hcm["access_log"] = [a for a in hcm.get("access_log", []) if a["name"] != "envoy.access_loggers.http_grpc"]
+        static["clusters"] = [c for c in static["clusters"] if c["name"] != ALS_CLUSTER]
+    elif als_cluster is not None and access_log_service is not None:
+        _set_single_endpoint(als_cluster, *_split_hostport(access_log_service))
 
     route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
     if upstream_port is None:

@@ -109,14 +109,17 @@ class AccessLogService:
         self._open += 1
         self.streams_opened += 1
         self._streams.inc()
-        named = False
+        named = malformed = False
         try:
             async for raw in messages:
                 try:
                     message = als_pb2.StreamAccessLogsMessage.FromString(raw)
                 except DecodeError:
                     self._malformed.inc()
-                    log.warning("malformed access-log message (%d bytes) skipped", len(raw))
+                    if not malformed:  # once per stream: a stream of garbage must not flood the log
+                        log.warning("malformed access-log message (%d bytes) skipped; the metric "
+                                    "extauthz_access_log_malformed_messages_total counts the others", len(raw))
+                    malformed = True
                     continue
                 if not named and message.HasField("identifier"):
                     named = True

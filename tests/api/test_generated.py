@@ -226,3 +226,47 @@ def test_access_log_subset_matches_envoys_fields() -> None:
     assert (method.client_streaming, method.server_streaming) == (True, False)
     assert f"/{method.containing_service.full_name}/{method.name}" == \
         "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+
+
+def test_envoys_full_access_log_message_parses_into_the_subset() -> None:
+    """Bytes of Envoy's full StreamAccessLogsMessage (node, addresses, timings, headers, TCP-free)
+    parse into our subset: the fields we read keep their values, the rest is skipped."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from envoy.service.accesslog.v3 import als_pb2
+        from envoy.data.accesslog.v3 import accesslog_pb2 as a
+        m = als_pb2.StreamAccessLogsMessage()
+        m.identifier.log_name = "extauthz-outcomes"
+        m.identifier.node.id = "envoy-1"
+        e = m.http_logs.log_entry.add()
+        c = e.common_properties
+        c.downstream_remote_address.socket_address.address = "203.0.113.7"
+        c.start_time.seconds = 1764900000
+        c.duration.nanos = 5000
+        c.response_flags.upstream_connection_failure = True
+        c.response_flags.unauthorized_details.reason = a.ResponseFlags.Unauthorized.EXTERNAL_SERVICE
+        c.access_log_type = a.DownstreamEnd
+        c.custom_tags["k"] = "v"
+        e.protocol_version = a.HTTPAccessLogEntry.HTTP2
+        e.request.path = "/login"
+        e.request.request_id = "6b1e0f0c-0000-4000-8000-000000000001"
+        e.request.request_headers["x-a"] = "b"
+        e.response.response_code.value = 401
+        e.response.response_code_details = "via_upstream"
+        sys.stdout.write(m.SerializeToString().hex())
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=XDS_PROTOS,
+                          env={**os.environ, "PYTHONPATH": str(XDS_PROTOS)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from extauthz.api.envoy.service.accesslog.v3 import als_pb2
+    from extauthz.outcomes.access_log_service import response_flags
+
+    message = als_pb2.StreamAccessLogsMessage.FromString(bytes.fromhex(proc.stdout))
+    assert message.identifier.log_name == "extauthz-outcomes"
+    [entry] = message.http_logs.log_entry
+    assert entry.request.request_id == "6b1e0f0c-0000-4000-8000-000000000001"
+    assert entry.response.response_code.value == 401
+    assert entry.common_properties.access_log_type == 6  # DownstreamEnd
+    assert response_flags(entry.common_properties.response_flags) == "UF,UAEX"

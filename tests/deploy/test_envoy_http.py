@@ -74,7 +74,13 @@ def test_everything_but_the_authz_transport_is_the_deployed_grpc_configuration(c
             k: v for k, v in hcm["access_log"][0]["typed_config"]["log_format"]["json_format"].items()
             if not k.startswith("authz_")}
         hcm["route_config"].pop("request_headers_to_remove", None)
-        cfg["static_resources"]["clusters"] = [c for c in cfg["static_resources"]["clusters"] if c["name"] != "ext_authz"]
+        cfg["static_resources"]["clusters"] = [c for c in cfg["static_resources"]["clusters"]
+                                               if c["name"] not in ("ext_authz", "sidecar_grpc")]
+        # the access log of outcomes goes to the sidecar's gRPC port: the ext_authz cluster in gRPC
+        # mode, a cluster of its own (sidecar_grpc) in HTTP mode
+        for log in hcm["access_log"]:
+            if log["name"] == "envoy.access_loggers.http_grpc":
+                log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "sidecar"
         cfg.pop("layered_runtime", None)
     assert http == grpc
 

@@ -239,7 +239,21 @@ def _joined(sidecar) -> float:  # type: ignore[no-untyped-def]
 
 
 def test_the_eleventh_failed_login_from_one_address_is_blocked_until_the_block_ends(guarded) -> None:
-    sidecar, envoy = guarded
+    _eleventh_failure_blocked(*guarded)
+
+
+def test_the_same_in_envoys_http_ext_authz_mode(extauthz_factory, envoy_factory, login_app,
+                                                tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    """deploy/envoy/envoy-http.yaml: decisions over HTTP, the access log over the sidecar's gRPC port."""
+    policies = tmp_path_factory.mktemp("detect-http-policies")
+    (policies / "login.yaml").write_text(DETECT_POLICY)
+    sidecar = extauthz_factory(policies, extra_args=["--decision-log", "off"], mode="http")
+    envoy = envoy_factory(ext_authz=sidecar.target, mode="http", upstream_port=login_app,
+                          access_log_service=f"{LOOPBACK}:{sidecar.grpc_port}")
+    _eleventh_failure_blocked(sidecar, envoy)
+
+
+def _eleventh_failure_blocked(sidecar, envoy) -> None:  # type: ignore[no-untyped-def]
     attacker, neighbour = "127.0.0.1", "127.0.0.2"
     for attempt in range(1, 11):
         assert _login(envoy, "wrong", attacker)[0] == 401, f"attempt {attempt} reaches the application"
@@ -254,3 +268,18 @@ def test_the_eleventh_failed_login_from_one_address_is_blocked_until_the_block_e
     assert _login(envoy, "right", neighbour)[0] == 200
     time.sleep(BLOCK_SECONDS + 0.5)  # the block's own duration: it ends on time
     assert _login(envoy, "right", attacker)[0] == 200, "the block has ended"
+
+
+def test_with_workers_each_outcome_joins_in_the_worker_that_decided(extauthz_factory, envoy_factory, login_app,
+                                                                   tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    """``--workers 2``: Envoy sends a request's Check and its access-log entry over the same
+    connection, so the entry reaches the worker process whose join waits for it."""
+    policies = tmp_path_factory.mktemp("workers-policies")
+    (policies / "login.yaml").write_text(DETECT_POLICY.replace("threshold: 10", "threshold: 1000"))
+    sidecar = extauthz_factory(policies, extra_args=["--workers", "2", "--decision-log", "off"])
+    envoy = envoy_factory(ext_authz=sidecar.target, upstream_port=login_app)
+    for _ in range(30):
+        assert _login(envoy, "wrong", "127.0.0.1")[0] == 401
+    _wait_for(lambda: _joined(sidecar) >= 30, "30 outcomes joined")
+    status, body = _procs.http_get(LOOPBACK, sidecar.http_port, "/metrics")
+    assert status == 200 and 'extauthz_access_log_entries_total{result="unjoined"} 0.0' in body.decode()

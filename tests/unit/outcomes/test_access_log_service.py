@@ -268,3 +268,26 @@ def test_without_access_logs_detectors_that_need_outcomes_say_so_and_the_rest_wo
 
     asyncio.run(scenario())
     assert any("password-guessing" in r.getMessage() and "no access logs" in r.getMessage() for r in caplog.records)
+
+
+def test_serve_flag_and_environment(monkeypatch, capsys) -> None:
+    """``--access-logs on|off`` (EXTAUTHZ_ACCESS_LOGS) reaches the sidecar's settings; anything else
+    is a usage error."""
+    import extauthz.server
+    from extauthz.cli import _parser, main
+
+    seen: list[Settings] = []
+
+    async def fake_serve(settings: Settings) -> None:
+        seen.append(settings)
+
+    monkeypatch.setattr(extauthz.server, "serve", fake_serve)
+    assert main(["serve", "--policies", "policies", "--event-loop", "asyncio", "--access-logs", "off"]) == 0
+    monkeypatch.setenv("EXTAUTHZ_ACCESS_LOGS", "ON")
+    assert main(["serve", "--policies", "policies", "--event-loop", "asyncio"]) == 0
+    assert [s.access_logs for s in seen] == [False, True]
+    assert _parser().parse_args(["serve"]).access_logs == "on"
+    monkeypatch.setenv("EXTAUTHZ_ACCESS_LOGS", "maybe")
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--policies", "policies"])
+    assert info.value.code == 2 and "--access-logs: invalid choice" in capsys.readouterr().err
