@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from extauthz import clock
 from extauthz.cel import BOOL, KEY, CelError, Expression
 from extauthz.checks import Phase, register
 from extauthz.context import CheckContext, Denial, accessor_for
@@ -83,6 +84,9 @@ _MAX_DISTINCT_THRESHOLD = 10_000
 _MAX_VALUE = 128
 _LABEL = 128
 _CLIENT_IP = accessor_for(("source", "client_ip"))
+#: With Redis, a block seen in an answer refuses early at this replica for at most this long (then
+#: the store is asked again: a lifted block ends here within it), and at most this many are kept.
+_SEEN_FOR, _SEEN_MAX = 10.0, 10_000
 #: Identity rejections that are failed authentications (a missing credential is not a guess).
 _NOT_FAILURES = frozenset({"credentials_missing"})
 
@@ -124,6 +128,10 @@ class DetectCheck:
         #: Sections whose denials this check sees (ObservedCheck): identity, when a detector counts them.
         self.observes_denials: tuple[str, ...] = ("identity",) if any(d.identity for d in detections) else ()
         self._failure_detectors = tuple(d for d in detections if d.identity)
+        #: The request refuse_early last saw, with its client address's (label, digest).
+        self._early_key: tuple[CheckContext, tuple[str, str]] | None = None
+        #: Failures detectors of identity rejections keyed on the client address: refuse_early asks them.
+        self._early = tuple(d for d in detections if d.identity and d.by == "client_ip" and not d.detector.dry_run)
         #: Per detector, what _ops reads: (detection, by, when, detector, op, counts outcomes).
         self._plan = tuple((d, d.by, d.when, d.detector, d.detector.op, bool(d.statuses and join.enabled))
                            for d in detections)  # fmt: skip
@@ -171,6 +179,9 @@ class DetectCheck:
         ops: list[Op] = []
         used: list[Detection] = []
         keys: dict[str, tuple[str, str]] = {}  # by -> (label, digest): detectors often share a key
+        early = self._early_key
+        if early is not None and early[0] is ctx:
+            keys["client_ip"] = early[1]
         for detection, by, when, det, op_kind, watch in self._plan:
             known = keys.get(by)
             if known is None:
@@ -209,9 +220,10 @@ class DetectCheck:
         ops, used = self._ops(ctx)
         if not ops:
             return None
-        return self._decide(ctx, used, self.backend.run(ops))
+        return self._decide(ctx, used, self.backend.run(ops), ops)
 
-    def _decide(self, ctx: CheckContext, used: Sequence[Detection], answers: Sequence[Answer]) -> Denial | None:
+    def _decide(self, ctx: CheckContext, used: Sequence[Detection], answers: Sequence[Answer],
+                ops: Sequence[Op]) -> Denial | None:  # fmt: skip
         """Report trips, and refuse with the longest block or throttle of an enforcing detector."""
         for answer in answers:
             if answer.tripped or answer.refused_ms:
@@ -219,11 +231,13 @@ class DetectCheck:
         else:
             return None  # the common case: nothing to report
         worst: tuple[Detection, Answer] | None = None
-        for detection, answer in zip(used, answers, strict=True):
+        for detection, answer, op in zip(used, answers, ops, strict=True):
             if answer.tripped:
                 self._tripped(ctx, detection, answer)
-            if answer.refused_ms > 0 and (worst is None or answer.refused_ms > worst[1].refused_ms):
-                worst = (detection, answer)
+            if answer.refused_ms > 0:
+                self._remember(op, answer)
+                if worst is None or answer.refused_ms > worst[1].refused_ms:
+                    worst = (detection, answer)
         if worst is None:
             return None
         return _refusal(ctx, *worst)
@@ -272,7 +286,9 @@ class DetectCheck:
         if answers is None:
             return denial
         worst: tuple[Detection, Answer] | None = None
-        for detection, answer in zip(used, answers, strict=True):
+        for detection, answer, op in zip(used, answers, ops, strict=True):
+            if answer.refused_ms > 0:
+                self._remember(op, answer)
             if answer.tripped:
                 self._tripped(ctx, detection, answer)
             # The failure that trips a detector keeps its own answer; the next attempts get the block.
@@ -282,6 +298,32 @@ class DetectCheck:
 
     async def _run_failures(self, ctx: CheckContext, ops: list[Op], used: list[Detection]) -> Sequence[Answer] | None:
         return self.backend.run(ops)  # type: ignore[no-any-return]
+
+    # --- refusing before the identity check (ObservedCheck) ---------------------------------------
+    def refuse_early(self, ctx: CheckContext) -> Denial | None:
+        """Before the watched identity check runs: the block of a client address that a failures
+        detector keys on, when one is known without I/O, so a blocked client costs no credential
+        verification (a password hash, an introspection call). In process the store is asked (it
+        is exact); with Redis, the blocks this replica saw in recent answers (:meth:`_remember`)."""
+        if not self._early:
+            return None
+        address = _CLIENT_IP(ctx)
+        if type(address) is not str or not address:
+            return None
+        digest = _digest(address)
+        self._early_key = (ctx, (address[:_LABEL], digest))  # _ops reuses it for this request
+        for detection in self._early:
+            answer = self._known_block(detection.detector, digest)
+            if answer is not None:
+                ctx.note(f"detect {detection.name}: client address blocked, before the identity check")
+                return _refusal(ctx, detection, answer)
+        return None
+
+    def _known_block(self, det: Detector, digest: str) -> Answer | None:
+        return self.backend.blocked(det, digest)  # type: ignore[no-any-return]
+
+    def _remember(self, op: Op, answer: Answer) -> None:
+        """A refusal seen in an answer (the in-process store needs no memory of its own)."""
 
     # --- upstream outcomes -------------------------------------------------------------------------
     def _expect(self, request_id: str, detection: Detection, op: Op) -> None:
@@ -312,6 +354,8 @@ class _StoreDetectCheck(DetectCheck):
         super().__init__(detections, backend, join, policy)
         #: The policy has quotas: queue the store call on the context for the quota check to await.
         self.defer = defer
+        #: Blocks seen in this replica's answers: key -> (until, answer), for refuse_early.
+        self._blocks_seen: dict[str, tuple[float, Answer]] = {}
 
     async def check(self, ctx: CheckContext) -> Denial | None:
         ops, used = self._ops(ctx)
@@ -332,7 +376,28 @@ class _StoreDetectCheck(DetectCheck):
             answers = await self.backend.answers(ops, sends)
         except StoreError as exc:
             return _store_failed(ctx, used, str(exc))
-        return self._decide(ctx, used, answers)
+        return self._decide(ctx, used, answers, ops)
+
+    def _known_block(self, det: Detector, digest: str) -> Answer | None:
+        known = self._blocks_seen.get(det.prefix + digest)
+        if known is None:
+            return None
+        until, answer = known
+        left = int((until - clock.wall()) * 1000)
+        if left <= 0:
+            del self._blocks_seen[det.prefix + digest]
+            return None
+        return answer._replace(refused_ms=left)
+
+    def _remember(self, op: Op, answer: Answer) -> None:
+        """Keep a block an answer showed, for refuse_early: at most _SEEN_FOR seconds (a block lifted
+        by an operator holds at most that long at this replica), bounded in count."""
+        if answer.kind != ACTION_BLOCK or not self._early:
+            return
+        seen = self._blocks_seen
+        seen[op.detector.prefix + op.digest] = (clock.wall() + min(answer.refused_ms / 1000, _SEEN_FOR), answer)
+        if len(seen) > _SEEN_MAX:
+            del seen[next(iter(seen))]
 
     async def _run_failures(self, ctx: CheckContext, ops: list[Op], used: list[Detection]) -> Sequence[Answer] | None:
         try:
@@ -385,7 +450,7 @@ class _PendingDetect:
                 answers = check.backend.answers_from(self.ops, rider.reply)
             except StoreError as exc:
                 return _store_failed(ctx, self.used, str(exc))
-            return check._decide(ctx, self.used, answers)
+            return check._decide(ctx, self.used, answers, self.ops)
         if rider is not None and rider.error is not None:
             return _store_failed(ctx, self.used, str(rider.error))
         try:

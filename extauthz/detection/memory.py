@@ -144,6 +144,16 @@ class MemoryDetections:
             return Answer(0, 0, True, count, 0, 0, det.status) if tripped else _NOTHING
         return self._apply(key, op, now, count)
 
+    def blocked(self, det: Any, digest: str) -> Answer | None:
+        """The key's live block (not a throttle: that would charge it), without counting anything."""
+        block = self._blocks.get(det.prefix + digest)
+        if block is None or block.kind != ACTION_BLOCK:
+            return None
+        now = self._clock()
+        if block.until_ms <= now:
+            return None
+        return Answer(block.until_ms - now, block.kind, False, 0, block.offences, 0, block.status)
+
     def _throttle(self, key: str, block: _Block, now: int) -> int:
         """Charge the throttle's temporary quota (GCRA, as the quota stores do): 0 or ms to wait."""
         now_us = now * 1000

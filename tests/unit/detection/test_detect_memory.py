@@ -214,3 +214,62 @@ def test_upstream_outcomes_feed_failures_and_distinct_404s(tmp_path: Path, fixed
         assert call(path, 404, ip="192.0.2.5").allowed
     assert call("/c", 404, ip="192.0.2.5").allowed  # its outcome trips the detector after the decision
     assert call("/d", 200, ip="192.0.2.5").reason == "abuse_blocked"
+
+
+BASIC_POLICY = f"""apiVersion: extauthz.dev/v1
+kind: AuthPolicy
+metadata: {{name: ops}}
+spec:
+  match: {{hosts: [ops.example.com]}}
+  identity:
+    - name: staff
+      basic: {{htpasswd: {Path(__file__).resolve().parents[3]}/examples/keys/identity/htpasswd, realm: ops}}
+  rules:
+    - {{name: all, decision: allow}}
+  detect:
+    - name: per-user
+      failures: {{identity: true}}
+      by: username
+      threshold: 3
+      window: 10m
+      action: {{block: {{duration: 5m, status: 429}}}}
+    - name: per-address
+      failures: {{identity: true}}
+      by: client_ip
+      threshold: 5
+      window: 10m
+      action: {{block: {{duration: 5m, status: 429}}}}
+"""
+
+
+def _basic(user: str, password: str, ip: str = "10.1.1.1") -> dict:
+    import base64
+
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"host": "ops.example.com", "path": "/status", "headers": {"authorization": f"Basic {token}"},
+            "source": {"address": ip, "port": 40000}}  # fmt: skip
+
+
+def test_basic_failures_block_the_user_name_and_the_address_before_any_hash(tmp_path: Path, fixed_clock) -> None:
+    """HTTP Basic's rejected user name (attempted_user) keys a detector; a blocked address is refused
+    before the identity check runs, so no password hash is spent on it."""
+    from extauthz.decision import Authorizer
+    from extauthz.policy import Services, load_folder
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "ops.yaml").write_text(BASIC_POLICY)
+    auth = Authorizer(load_folder(folder, Services()), check_timeout=5.0)
+    # Three wrong passwords for bob from three addresses: bob is blocked, from anywhere.
+    for n in range(3):
+        assert decide(auth, _basic("bob", f"guess-{n}", ip=f"10.2.2.{n}")).status == 401
+    blocked = decide(auth, _basic("bob", "example-bob-Hk4w9tLs", ip="10.3.3.3"))
+    assert (blocked.status, blocked.reason, blocked.rule) == (429, "abuse_blocked", "detect:per-user")
+    # alice from another address is not affected.
+    assert decide(auth, _basic("alice", "wrong", ip="10.4.4.4")).status == 401
+    # Five failures from one address (five users): the address is blocked before any verification.
+    for n in range(5):
+        assert decide(auth, _basic(f"user{n}", "wrong", ip="10.5.5.5")).status == 401
+    early = decide(auth, _basic("alice", "anything", ip="10.5.5.5"))
+    assert (early.status, early.reason, early.rule) == (429, "abuse_blocked", "detect:per-address")
+    assert any("before the identity check" in step for step in early.steps or ())

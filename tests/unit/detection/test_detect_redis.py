@@ -70,6 +70,12 @@ def test_a_block_decided_at_one_replica_holds_at_the_other(tmp_path: Path, redis
             other = await decide_async(two.authorizer, request(ACME))
             assert (other.allowed, other.status, other.reason) == (False, 429, "abuse_blocked")
             assert 299 <= int(dict(other.client_headers)["retry-after"]) <= 300
+            # Replica two has seen the block: its next request from there is refused before the
+            # identity check, without a store call.
+            writes = two.store._pipeline.batches
+            again = await decide_async(two.authorizer, request("ak_wrong"))
+            assert again.reason == "abuse_blocked" and two.store._pipeline.batches == writes
+            assert any("before the identity check" in step for step in again.steps or ())
             # Another address is not.
             assert (await decide_async(two.authorizer, request(ACME, ip="198.51.100.9"))).allowed
             # Every key the detector wrote expires.
