@@ -169,7 +169,8 @@ class DetectCheck:
         if isinstance(backend, MemoryDetections):
             return DetectCheck(tuple(detections), backend, join, build.policy_name)
         defer = build.spec("quotas").present
-        return _StoreDetectCheck(tuple(detections), backend, join, build.policy_name, defer=defer)
+        fallback = build.services.shared(("detections", "fallback"), MemoryDetections)
+        return _StoreDetectCheck(tuple(detections), backend, join, build.policy_name, defer=defer, fallback=fallback)
 
     # --- per request -----------------------------------------------------------------------------
     def _ops(self, ctx: CheckContext) -> tuple[list[Op], list[Detection]]:
@@ -350,10 +351,12 @@ class _StoreDetectCheck(DetectCheck):
     may_wait: ClassVar[bool] = True
 
     def __init__(self, detections: tuple[Detection, ...], backend: Any, join: OutcomeJoin, policy: str, *,
-                 defer: bool) -> None:  # fmt: skip
+                 defer: bool, fallback: MemoryDetections) -> None:  # fmt: skip
         super().__init__(detections, backend, join, policy)
         #: The policy has quotas: queue the store call on the context for the quota check to await.
         self.defer = defer
+        #: This replica's in-process state, for ``onStoreError: local`` while Redis cannot answer.
+        self.fallback = fallback
         #: Blocks seen in this replica's answers: key -> (until, answer), for refuse_early.
         self._blocks_seen: dict[str, tuple[float, Answer]] = {}
 
@@ -368,15 +371,36 @@ class _StoreDetectCheck(DetectCheck):
         try:
             sends = self.backend.send(ops)
         except StoreError as exc:
-            return _store_failed(ctx, used, str(exc))
+            return self._store_failed(ctx, used, ops, str(exc))
         return await self._settle(ctx, used, ops, sends)
 
     async def _settle(self, ctx: CheckContext, used: list[Detection], ops: list[Op], sends: Any) -> Denial | None:
         try:
             answers = await self.backend.answers(ops, sends)
         except StoreError as exc:
-            return _store_failed(ctx, used, str(exc))
+            return self._store_failed(ctx, used, ops, str(exc))
         return self._decide(ctx, used, answers, ops)
+
+    def _store_failed(self, ctx: CheckContext, used: Sequence[Detection], ops: Sequence[Op],
+                      failure: str) -> Denial | None:  # fmt: skip
+        """Redis could not answer: each detector does what its ``onStoreError`` says. deny (the
+        default): 503; local: this replica's in-process detection state decides meanwhile; allow:
+        the request goes on unchecked by it."""
+        ctx.attributes["detect_store"] = "unavailable"
+        for detection in used:
+            if detection.on_store_error == "deny" and not detection.detector.dry_run:
+                ctx.attributes["error"] = f"detector {detection.name}: {failure}"
+                ctx.note(f"detect {detection.name}: store unavailable ({failure}) -> deny (onStoreError: deny)")
+                return Denial(503, "detect_store_unavailable", "abuse detection state is unavailable",
+                              rule=f"detect:{detection.name}")  # fmt: skip
+        local = [(d, op) for d, op in zip(used, ops, strict=True) if d.on_store_error == "local"]
+        if not local:
+            ctx.note(f"detect: store unavailable ({failure}) -> not checked (onStoreError: allow)")
+            return None
+        ctx.attributes["detect_store"] = "local"
+        ctx.note(f"detect: store unavailable ({failure}) -> in-process state (onStoreError: local)")
+        local_ops = [op for _, op in local]
+        return self._decide(ctx, [d for d, _ in local], self.fallback.run(local_ops), local_ops)
 
     def _known_block(self, det: Detector, digest: str) -> Answer | None:
         known = self._blocks_seen.get(det.prefix + digest)
@@ -403,9 +427,17 @@ class _StoreDetectCheck(DetectCheck):
         try:
             return await self.backend.submit(ops)  # type: ignore[no-any-return]
         except StoreError as exc:
+            # The request is refused anyway (its credential was): count it where onStoreError says.
             ctx.attributes["detect_store"] = "unavailable"
-            ctx.note(f"detect: store unavailable ({exc}); failure not counted")
-            return None
+            local = [i for i, d in enumerate(used) if d.on_store_error == "local"]
+            if not local:
+                ctx.note(f"detect: store unavailable ({exc}); failure not counted")
+                return None
+            ctx.attributes["detect_store"] = "local"
+            answers = [Answer(0, 0, False, 0)] * len(ops)
+            for i, answer in zip(local, self.fallback.run([ops[i] for i in local]), strict=True):
+                answers[i] = answer
+            return answers
 
     def _count_outcome(self, detection: Detection, op: Op) -> None:
         try:
@@ -449,29 +481,15 @@ class _PendingDetect:
             try:
                 answers = check.backend.answers_from(self.ops, rider.reply)
             except StoreError as exc:
-                return _store_failed(ctx, self.used, str(exc))
+                return check._store_failed(ctx, self.used, self.ops, str(exc))
             return check._decide(ctx, self.used, answers, self.ops)
         if rider is not None and rider.error is not None:
-            return _store_failed(ctx, self.used, str(rider.error))
+            return check._store_failed(ctx, self.used, self.ops, str(rider.error))
         try:
             sends = check.backend.send(self.ops)
         except StoreError as exc:
-            return _store_failed(ctx, self.used, str(exc))
+            return check._store_failed(ctx, self.used, self.ops, str(exc))
         return await check._settle(ctx, self.used, self.ops, sends)
-
-
-def _store_failed(ctx: CheckContext, used: Sequence[Detection], failure: str) -> Denial | None:
-    """The store could not answer: each detector does what its ``onStoreError`` says (deny: 503;
-    allow: the request goes on unchecked by it)."""
-    ctx.attributes["detect_store"] = "unavailable"
-    for detection in used:
-        if detection.on_store_error == "deny" and not detection.detector.dry_run:
-            ctx.attributes["error"] = f"detector {detection.name}: {failure}"
-            ctx.note(f"detect {detection.name}: store unavailable ({failure}) -> deny (onStoreError: deny)")
-            return Denial(503, "detect_store_unavailable", "abuse detection state is unavailable",
-                          rule=f"detect:{detection.name}")  # fmt: skip
-    ctx.note(f"detect: store unavailable ({failure}) -> not checked (onStoreError: allow)")
-    return None
 
 
 def _refusal(ctx: CheckContext, detection: Detection, answer: Answer) -> Denial:
@@ -578,7 +596,7 @@ def _detection_from_spec(item: Spec, build: BuildContext) -> Detection | None:
     by = "key" if key is not None else by or "client_ip"
     when = item.cel("when", expect=BOOL)
     mode = item.str("mode", "enforce", choices=("enforce", "dry-run"))
-    on_store_error = item.str("onStoreError", "allow", choices=("allow", "deny"))
+    on_store_error = item.str("onStoreError", "deny", choices=("deny", "allow", "local"))
     identity, statuses, value, segment = False, frozenset[int](), None, 0
     threshold, window = 0, 0.0
     spike: dict[str, Any] = {}
@@ -646,7 +664,7 @@ def _detection_from_spec(item: Spec, build: BuildContext) -> Detection | None:
         if interval_s else 0,
         **params,
     )  # fmt: skip
-    return Detection(detector, by, key, when, identity, statuses, value, segment, on_store_error or "allow")
+    return Detection(detector, by, key, when, identity, statuses, value, segment, on_store_error or "deny")
 
 
 def _statuses(section: Spec, field_name: str) -> frozenset[int]:

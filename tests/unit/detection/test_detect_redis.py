@@ -134,20 +134,28 @@ def test_beside_a_quota_detection_adds_no_round_trip(tmp_path: Path, redis_serve
 
 def test_a_store_failure_follows_on_store_error(tmp_path: Path, redis_server: Any) -> None:
     async def test() -> None:
-        deny = ENUMERATION.replace("  by: subject", "  by: subject\n  onStoreError: deny")
-        one = Replica(tmp_path / "one", redis_server.url, deny)
-        two = Replica(tmp_path / "two", redis_server.url, ENUMERATION)
-        await one.start()
-        await two.start()
+        allow = ENUMERATION.replace("  by: subject", "  by: subject\n  onStoreError: allow")
+        local = ENUMERATION.replace("  by: subject", "  by: subject\n  onStoreError: local")
+        one = Replica(tmp_path / "one", redis_server.url, ENUMERATION)  # the default: deny
+        two = Replica(tmp_path / "two", redis_server.url, allow)
+        three = Replica(tmp_path / "three", redis_server.url, local)
+        for replica in (one, two, three):
+            await replica.start()
         try:
             redis_server.kill()
             refused = await decide_async(one.authorizer, request(ACME, path="/orders/1"))
             assert (refused.status, refused.reason) == (503, "detect_store_unavailable")
             allowed = await decide_async(two.authorizer, request(ACME, path="/orders/1"))
             assert allowed.allowed and allowed.attributes["detect_store"] == "unavailable"
+            # local: the replica's own state decides meanwhile, the walker is still caught.
+            for order in range(1, 21):
+                d = await decide_async(three.authorizer, request(ACME, path=f"/orders/{order}"))
+                assert d.allowed and d.attributes["detect_store"] == "local"
+            walker = await decide_async(three.authorizer, request(ACME, path="/orders/21"))
+            assert (walker.status, walker.reason) == (403, "abuse_blocked")
         finally:
-            await one.close()
-            await two.close()
+            for replica in (one, two, three):
+                await replica.close()
 
     asyncio.run(test())
 
