@@ -89,6 +89,8 @@ _CLIENT_IP = accessor_for(("source", "client_ip"))
 _SEEN_FOR, _SEEN_MAX = 10.0, 10_000
 #: Identity rejections that are failed authentications (a missing credential is not a guess).
 _NOT_FAILURES = frozenset({"credentials_missing"})
+#: Detection.segment of a distinct detector counting ``of: username`` or ``of: subject``.
+_OF_USERNAME, _OF_SUBJECT = -1, -2
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +102,11 @@ class Detection:
     by: str
     key: Expression | None
     when: Expression | None
-    #: failures: count our own identity rejections.
+    #: failures: count our own identity rejections; distinct: count their values (``failures: true``).
     identity: bool
     #: failures and distinct: count responses with these statuses (from the access logs).
     statuses: frozenset[int]
-    #: distinct: the value (CEL) or the 1-based path segment.
+    #: distinct: the value (CEL), or the 1-based path segment (negative: _OF_USERNAME, _OF_SUBJECT).
     value: Expression | None
     segment: int
     on_store_error: str
@@ -204,7 +206,7 @@ class DetectCheck:
             if counts and op_kind != OP_FAIL:
                 if op_kind == OP_RATE:
                     kind = OP_RATE
-                else:
+                elif not detection.identity:  # a distinct detector of failures counts in observe_denial
                     value = _value_of(detection, ctx)
                     if value and not watch:
                         kind = OP_DISTINCT
@@ -279,7 +281,11 @@ class DetectCheck:
                     counts = detection.when.evaluate(ctx) is True
                 except CelError:
                     counts = False
-            ops.append(Op(OP_FAIL if counts else OP_CHECK, detection.detector, _digest(label), label[:_LABEL]))
+            kind, value = (OP_FAIL if counts else OP_CHECK), ""
+            if counts and detection.detector.op == OP_DISTINCT:
+                value = _value_of(detection, ctx)
+                kind = OP_DISTINCT if value else OP_CHECK
+            ops.append(Op(kind, detection.detector, _digest(label), label[:_LABEL], value))
             used.append(detection)
         if not ops:
             return denial
@@ -535,7 +541,16 @@ def _key_of(detection: Detection, ctx: CheckContext) -> str:
 
 
 def _value_of(detection: Detection, ctx: CheckContext) -> str:
-    if detection.value is not None:
+    if detection.segment < 0:  # of: username | subject
+        value = ""
+        if detection.segment == _OF_USERNAME:
+            attempted = ctx.attributes.get("attempted_user")
+            if type(attempted) is str:
+                value = attempted
+        if not value:
+            subject = ctx.identity.get("subject")
+            value = subject if type(subject) is str else ""
+    elif detection.value is not None:
         try:
             value = detection.value.evaluate(ctx)
         except CelError:
@@ -613,12 +628,24 @@ def _detection_from_spec(item: Spec, build: BuildContext) -> Detection | None:
     elif kind == "distinct":
         op = OP_DISTINCT
         section = item.child("distinct")
-        if section.is_mapping(allowed={"value", "pathSegment", "statuses"}):
+        if section.is_mapping(allowed={"value", "pathSegment", "of", "statuses", "failures"}):
             value = section.cel("value", expect=KEY)
             segment = section.int("pathSegment", min=1, max=64) or 0
-            if (value is None) == (segment == 0):
-                section.error("give exactly one of value (CEL) or pathSegment")
+            of = section.str("of", None, choices=("username", "subject"))
+            if (value is not None) + (segment > 0) + (of is not None) != 1:
+                section.error("give exactly one of value (CEL), pathSegment or of (username, subject)")
+            if of == "username":
+                segment = _OF_USERNAME
+            elif of == "subject":
+                segment = _OF_SUBJECT
             statuses = _statuses(section, "statuses")
+            # Counted on failed authentications (the identity check's rejections) instead of on the
+            # requests that reach the detectors: credential stuffing, many user names from one address.
+            identity = bool(section.bool("failures", False))
+            if identity and statuses:
+                section.error("count either failed authentications (failures) or responses (statuses)", "failures")
+            if identity and by == "subject":
+                item.error("a failed identity check has no subject: use client_ip or username", "by")
     elif kind == "spike":
         op = OP_RATE
         section = item.child("spike")

@@ -273,3 +273,34 @@ def test_basic_failures_block_the_user_name_and_the_address_before_any_hash(tmp_
     early = decide(auth, _basic("alice", "anything", ip="10.5.5.5"))
     assert (early.status, early.reason, early.rule) == (429, "abuse_blocked", "detect:per-address")
     assert any("before the identity check" in step for step in early.steps or ())
+
+
+STUFFING = BASIC_POLICY.split("  detect:\n")[0] + """  detect:
+    - name: stuffing
+      distinct: {of: username, failures: true}
+      by: client_ip
+      threshold: 3
+      window: 10m
+      action: {block: {duration: 5m, status: 403}}
+"""
+
+
+def test_credential_stuffing_many_user_names_from_one_address(tmp_path: Path, fixed_clock) -> None:
+    from extauthz.decision import Authorizer
+    from extauthz.policy import Services, load_folder
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "ops.yaml").write_text(STUFFING)
+    auth = Authorizer(load_folder(folder, Services()), check_timeout=5.0)
+    # One user's wrong passwords, many times: one distinct user name, not stuffing.
+    for n in range(5):
+        assert decide(auth, _basic("bob", f"guess-{n}", ip="10.6.6.6")).status == 401
+    # Three more user names from that address: the fourth distinct one trips (that attempt keeps its 401).
+    for user in ("alice", "carol", "dave"):
+        assert decide(auth, _basic(user, "Winter2025!", ip="10.6.6.6")).status == 401
+    blocked = decide(auth, _basic("bob", "example-bob-Hk4w9tLs", ip="10.6.6.6"))
+    assert (blocked.status, blocked.reason, blocked.rule) == (403, "abuse_blocked", "detect:stuffing")
+    # Successful logins are not counted: another address signing in as bob many times is fine.
+    for _ in range(5):
+        assert decide(auth, _basic("bob", "example-bob-Hk4w9tLs", ip="10.7.7.7")).allowed
