@@ -304,3 +304,22 @@ def test_credential_stuffing_many_user_names_from_one_address(tmp_path: Path, fi
     # Successful logins are not counted: another address signing in as bob many times is fine.
     for _ in range(5):
         assert decide(auth, _basic("bob", "example-bob-Hk4w9tLs", ip="10.7.7.7")).allowed
+
+
+def test_the_in_process_store_is_bounded_and_expires() -> None:
+    from extauthz.detection import OP_DISTINCT, OP_FAIL, Detector, MemoryDetections, Op
+
+    now = [0]
+    store = MemoryDetections(max_keys=100, max_values=500, clock_ms=lambda: now[0])
+    walk = Detector(policy="p", name="w", op=OP_DISTINCT, threshold=50, window_ms=60_000, store_action=0, action=0,
+                    dry_run=False)
+    fail = Detector(policy="p", name="f", op=OP_FAIL, threshold=50, window_ms=60_000, store_action=0, action=0,
+                    dry_run=False)
+    for key in range(300):
+        for value in range(20):
+            store.run([Op(OP_DISTINCT, walk, f"{key:032x}", "", str(value)), Op(OP_FAIL, fail, f"{key:032x}")])
+    assert store.values_held <= 500 and store.entries() <= 200
+    now[0] += 61_000  # every window is over: the sweeps empty the tables a few entries at a time
+    for _ in range(200):
+        store.run([])
+    assert store.entries() == 0 and store.values_held == 0
