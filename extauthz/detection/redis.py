@@ -192,7 +192,8 @@ class RedisDetections:
         self.store = store
         self._sha = hashlib.sha1(DETECT_SCRIPT.encode()).hexdigest()
         self._base = store.key_prefix + "d:"
-        self._specs: dict[tuple[int, int], str] = {}
+        #: "<policy>:<detector>:" -> the detector's Redis key prefix, up to the hash tag's brace.
+        self._prefixes: dict[str, str] = {}
         #: End times (monotonic) of the blocks and throttles this replica wrote (extauthz_blocks_active).
         self._written: list[float] = []
 
@@ -230,17 +231,18 @@ class RedisDetections:
     def _arguments(self, ops: Sequence[Op]) -> tuple[list[str], list[str]]:
         keys: list[str] = []
         argv: list[str] = []
-        specs = self._specs
+        prefixes = self._prefixes
         for op in ops:
             det = op.detector
-            keys.append(f"{self._base}{det.policy}:{det.name}:{{{op.digest}}}:b")
-            spec_key = (op.kind, id(det))
-            spec = specs.get(spec_key)
-            if spec is None:
-                if len(specs) >= 4096:
-                    specs.clear()
-                spec = specs[spec_key] = det.spec(op.kind)
-            argv.extend((spec, op.value, op.label))
+            prefix = prefixes.get(det.prefix)
+            if prefix is None:
+                if len(prefixes) >= 4096:
+                    prefixes.clear()
+                prefix = prefixes[det.prefix] = self._base + det.prefix + "{"
+            keys.append(prefix + op.digest + "}:b")
+            argv.append(det.specs[op.kind])
+            argv.append(op.value)
+            argv.append(op.label)
         return keys, argv
 
     def _send(self, ops: Sequence[Op], indexes: Sequence[int]) -> Any:
