@@ -20,17 +20,20 @@ Each item of ``spec.detect`` is one detector (see :mod:`extauthz.detection`)::
         by: subject
         action: {throttle: {limit: 60, window: 1m, duration: 15m}}
 
-The check runs after the rules (Phase.DETECT): every detector whose ``when`` holds looks its key's
-block up, and the counting ones (distinct values, spikes) count the request, all in one store call.
-Failed authentications are counted where they happen: the policy's identity check is watched (see
-:class:`~extauthz.checks.ObservedCheck`), so a rejected credential is counted and, when its key is
-blocked, refused with the block instead of a 401 (a blocked client learns nothing from its guesses).
-The upstream's answers come from Envoy's access logs through :mod:`extauthz.outcomes`.
+The check runs after the rules (Phase.DETECT): every detector whose key the request has looks the
+key's block up, and where ``when`` holds the counting ones (distinct values, spikes) count the
+request, all in one store call. Failed authentications are counted where they happen: the policy's
+identity check is watched (see :class:`~extauthz.checks.ObservedCheck`), so a rejected credential is
+counted and, when its key is blocked, refused with the block instead of a 401 (a blocked client
+learns nothing from its guesses); a client address known to be blocked is refused before the
+identity check runs (``refuse_early``). The upstream's answers come from Envoy's access logs
+through :mod:`extauthz.outcomes`.
 
 With Redis, blocks and counters are shared by every replica. When the policy has quotas too, the
-check's store call is queued on the context and leaves in the same write as the quota charge: one
-round trip for both (the quota check awaits the detectors' answer after its own; a blocked request
-is refused with the block even though its quota was charged).
+check leaves its ops on the context (``ctx.pending``) and the quota check carries them in its own
+script call: one command, one round trip for both (a blocked request is refused with the block
+even though its quota was charged). ``onStoreError`` says what a Redis failure does: deny (the
+default), local (this replica's in-process state) or allow.
 """
 
 from __future__ import annotations
