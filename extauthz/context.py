@@ -138,7 +138,7 @@ def _root(path: tuple[str, ...]) -> tuple[Callable[[CheckContext], Any], int]:
             return (lambda ctx: {name: get(ctx) for name, get in getters.items()}), 1
         return _peer_field(peer_of, path[1]), 2
     if var == "tls":
-        return (lambda ctx: {"sni": ctx.request.sni}), 1
+        return (lambda ctx: {"sni": ctx.request.sni, "version": ctx.request.tls_version}), 1
     if var == "context":
         return (lambda ctx: dict(ctx.request.context_extensions)), 1
     if var == "metadata":

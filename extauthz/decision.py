@@ -135,10 +135,12 @@ class Authorizer:
         trace = self.tracer.begin(message) if self.tracer is not None else None
         return await self._checked(message, explain, trace)
 
-    async def check_http(self, parts: HttpParts, path_prefix: str = "", *, explain: bool = False) -> Decision:
-        """The same pipeline for a request of Envoy's HTTP ext_authz protocol (extauthz.wire.http_authz)."""
+    def check_http(self, parts: HttpParts, path_prefix: str = "", *,
+                   explain: bool = False) -> Coroutine[Any, Any, Decision]:
+        """The same pipeline for a request of Envoy's HTTP ext_authz protocol (extauthz.wire.http_authz):
+        await it. A plain function returning the coroutine: one coroutine less per request."""
         trace = self.tracer.begin_headers(parts.headers) if self.tracer is not None else None
-        return await self._checked((parts, path_prefix), explain, trace)
+        return self._checked((parts, path_prefix), explain, trace)
 
     async def _checked(self, message: external_auth_pb2.CheckRequest | tuple[HttpParts, str], explain: bool,
                        trace: CheckTrace | None) -> Decision:

@@ -19,13 +19,18 @@ from google.protobuf import json_format
 from extauthz.api.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 __all__ = [
+    "CLIENT_HEADER",
+    "ENVOY_HEADER",
     "ENVOY_HEADERS",
+    "ENVOY_OPTIONAL_HEADERS",
     "ENVOY_VALUE_PREFIX",
+    "HOP_HEADER",
     "BadRequest",
     "HttpOrigin",
     "HttpParts",
     "Peer",
     "Request",
+    "header_kind",
     "normalize_host",
     "normalize_path",
     "request_from_check",
@@ -495,12 +500,22 @@ ENVOY_HEADERS: Mapping[str, str] = MappingProxyType({
     "x-extauthz-sni": "%REQUESTED_SERVER_NAME%",
     "x-extauthz-tls-version": "%DOWNSTREAM_TLS_VERSION%",
 })
+#: Headers Envoy should add too, but whose absence only leaves the view with less (the same
+#: "v1:" rule when present). Envoy never forwards the client's own content-length; without it a
+#: request whose body Envoy does not forward (no with_request_body) shows no sign of one, where the
+#: gRPC mode's headers do (signature and OpenAPI body checks read it).
+ENVOY_OPTIONAL_HEADERS: Mapping[str, str] = MappingProxyType({
+    "x-extauthz-content-length": "%REQ(CONTENT-LENGTH)%",
+})
 _ENVOY_HEADER_NAMES = tuple(ENVOY_HEADERS)
+_CONTENT_LENGTH = "x-extauthz-content-length"
 _PREFIX_LENGTH = len(ENVOY_VALUE_PREFIX)
 #: Headers of the hop between Envoy and us, not of the client's request: dropped from the view.
 #: (Envoy sends content-length for the body it forwards, never the client's own; Host names us.)
-_HOP_HEADERS = ("host", "content-length", "transfer-encoding", "connection", "keep-alive", "x-envoy-internal",
-                "x-envoy-expected-rq-timeout-ms")
+_HOP_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "x-envoy-internal",
+    "x-envoy-expected-rq-timeout-ms",
+})
 
 
 def _split_address(text: str) -> tuple[str, int]:
@@ -515,36 +530,75 @@ def _split_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class HttpOrigin(NamedTuple):
+def _first_dns_san(certificate: str) -> str:
+    """The certificate's first DNS SAN ("" without one, or when it does not parse)."""
+    if not certificate:
+        return ""
+    from extauthz.identity.certs import CertificateError, peer_certificate  # identity imports this module
+
+    try:
+        names = peer_certificate(certificate).dns_names
+    except CertificateError:
+        return ""
+    return names[0] if names else ""
+
+
+class HttpOrigin:
     """What Envoy's HTTP mode says about the request beyond the request itself, from ENVOY_HEADERS.
 
-    Request.attributes in HTTP mode (the gRPC mode has Envoy's AttributeContext there). Raw text:
-    the peers are built from it when a policy reads them, as in gRPC mode.
+    Request.attributes in HTTP mode (the gRPC mode has Envoy's AttributeContext there). It keeps the
+    headers as they came (checked, "v1:" included) and reads a field when asked, as the gRPC mode
+    reads its message: most requests need two of the eleven. Never changed once built.
     """
 
-    id: str = ""
-    scheme: str = ""
-    protocol: str = ""
-    sni: str = ""
-    tls_version: str = ""
-    peer_address: str = ""
-    local_address: str = ""
-    uri_san: str = ""
-    subject: str = ""
-    #: URL-encoded PEM, as %DOWNSTREAM_PEER_CERT% gives it (and the gRPC mode's include_peer_certificate).
-    certificate: str = ""
+    __slots__ = ("_sent",)
+
+    def __init__(self, sent: Mapping[str, str]) -> None:
+        #: ENVOY_HEADERS by name, each value starting with ENVOY_VALUE_PREFIX (request_from_http checked).
+        self._sent = sent
+
+    def _get(self, name: str) -> str:
+        return self._sent[name][_PREFIX_LENGTH:]
+
+    @property
+    def id(self) -> str:
+        return self._get("x-extauthz-stream-id")
+
+    @property
+    def scheme(self) -> str:
+        return self._get("x-extauthz-scheme")
+
+    @property
+    def protocol(self) -> str:
+        return self._get("x-extauthz-protocol")
+
+    @property
+    def sni(self) -> str:
+        return self._get("x-extauthz-sni")
+
+    @property
+    def tls_version(self) -> str:
+        return self._get("x-extauthz-tls-version")
+
+    @property
+    def peer_address(self) -> str:
+        return self._get("x-extauthz-peer-address")
 
     def source(self) -> Peer:
         address, port = _split_address(self.peer_address)
-        # As Envoy's gRPC mode: the first URI SAN, else the subject.
-        principal = self.uri_san.split(",", 1)[0].strip() or self.subject
-        certificate = unquote_to_bytes(self.certificate).decode("utf-8", "replace") if self.certificate else ""
+        encoded = self._get("x-extauthz-peer-cert")
+        certificate = unquote_to_bytes(encoded).decode("utf-8", "replace") if encoded else ""
+        # As Envoy's gRPC mode: the first URI SAN, else the first DNS SAN, else the subject. The DNS
+        # SAN is read from the certificate itself (parsed once per certificate, shared with the
+        # mtls check), so Envoy needs no header more for the rare certificate without a URI SAN.
+        principal = (self._get("x-extauthz-peer-uri-san").split(",", 1)[0].strip() or _first_dns_san(certificate)
+                     or self._get("x-extauthz-peer-subject"))
         if not (address or principal or certificate):
             return _NO_PEER
         return Peer(address, port, principal, certificate)
 
     def destination(self) -> Peer:
-        address, port = _split_address(self.local_address)
+        address, port = _split_address(self._get("x-extauthz-local-address"))
         return Peer(address, port) if address else _NO_PEER
 
 
@@ -561,6 +615,35 @@ class HttpParts(NamedTuple):
     raw_headers: Mapping[str, bytes] = _EMPTY
     #: Every line of a header sent more than once.
     header_lines: Mapping[str, tuple[str, ...]] = _EMPTY
+    #: ENVOY_HEADERS as sent, when the listener already filed them apart (see header_kind): then
+    #: ``headers`` holds neither them nor the hop's own headers. None: request_from_http does it.
+    envoy: dict[str, str] | None = None
+
+
+#: header_kind's answers.
+CLIENT_HEADER, ENVOY_HEADER, HOP_HEADER = 0, 1, 2
+
+
+def header_kind(name: str) -> int:
+    """Whether a (lower-case) header name is the client's, one of ENVOY_HEADERS, or of the hop itself."""
+    if name in ENVOY_HEADERS or name in ENVOY_OPTIONAL_HEADERS:
+        return ENVOY_HEADER
+    return HOP_HEADER if name in _HOP_HEADERS else CLIENT_HEADER
+
+
+_startswith = str.startswith
+_PREFIXES = (ENVOY_VALUE_PREFIX,) * len(ENVOY_HEADERS)
+
+
+def _refuse_envoy_headers(envoy: Mapping[str, str | None], which: Mapping[str, str] = ENVOY_HEADERS) -> None:
+    """Raise for the first of ``which`` missing or without the prefix."""
+    for name, formatter in which.items():
+        value = envoy.get(name)
+        if value is None or not value.startswith(ENVOY_VALUE_PREFIX):
+            what = "not sent" if value is None else f"sent without the {ENVOY_VALUE_PREFIX!r} prefix"
+            raise BadRequest("envoy_header_missing", f"{name} {what}: Envoy's ext_authz http_service must set it "
+                             f"in authorization_request.headers_to_add as '{ENVOY_VALUE_PREFIX}{formatter}' "
+                             f"(docs/http-mode.md)", 500)
 
 
 def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
@@ -573,22 +656,28 @@ def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
     """
     headers = parts.headers
     lines = parts.header_lines
-    values = []
-    for name in _ENVOY_HEADER_NAMES:
-        value = headers.pop(name, None)
-        if value is None or not value.startswith(ENVOY_VALUE_PREFIX):
-            what = "did not send" if value is None else f"sent without the {ENVOY_VALUE_PREFIX!r} prefix"
-            raise BadRequest("envoy_header_missing", f"Envoy {what} {name}: its ext_authz http_service must set it "
-                             f"in authorization_request.headers_to_add as '{ENVOY_VALUE_PREFIX}{ENVOY_HEADERS[name]}' "
-                             f"(docs/http-mode.md)", 500)
-        if lines and name in lines:
-            raise BadRequest("duplicate_header", f"{name} appears more than once")
-        values.append(value[_PREFIX_LENGTH:])
-    for name in _HOP_HEADERS:
-        if name in headers:
-            del headers[name]
-    authority, scheme, protocol, stream_id, peer, local, uri_san, subject, cert, sni, tls_version = values
-    origin = HttpOrigin(stream_id, scheme, protocol, sni, tls_version, peer, local, uri_san, subject, cert)
+    envoy = parts.envoy
+    if envoy is None:
+        envoy = {name: headers.pop(name) for name in (*_ENVOY_HEADER_NAMES, _CONTENT_LENGTH) if name in headers}
+        for name in _HOP_HEADERS:
+            if name in headers:
+                del headers[name]
+    sent: list[Any] = list(map(envoy.get, _ENVOY_HEADER_NAMES))  # C loops: this runs for every request
+    if None in sent or False in map(_startswith, sent, _PREFIXES):
+        _refuse_envoy_headers(envoy)
+    if lines:
+        for name in (*_ENVOY_HEADER_NAMES, _CONTENT_LENGTH):
+            if name in lines:
+                raise BadRequest("duplicate_header", f"{name} appears more than once")
+    content_length = envoy.get(_CONTENT_LENGTH)
+    if content_length is not None:
+        if not content_length.startswith(ENVOY_VALUE_PREFIX):
+            _refuse_envoy_headers(envoy, ENVOY_OPTIONAL_HEADERS)
+        if len(content_length) > _PREFIX_LENGTH:
+            headers["content-length"] = content_length[_PREFIX_LENGTH:]
+    origin = HttpOrigin(envoy)
+    authority = envoy["x-extauthz-authority"][_PREFIX_LENGTH:]
+    scheme = envoy["x-extauthz-scheme"][_PREFIX_LENGTH:]
     host = _normalized(authority, True)
     if "," in authority:
         raise BadRequest("duplicate_header", ":authority appears more than once")
@@ -606,8 +695,8 @@ def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
     headers[":authority"] = authority
     headers[":path"] = raw_path
     headers[":method"] = method
-    if origin.scheme:
-        headers[":scheme"] = origin.scheme
+    if scheme:
+        headers[":scheme"] = scheme
 
     raw_headers = parts.raw_headers
     if raw_headers:

@@ -32,7 +32,7 @@ from extauthz.telemetry import metrics as process_metrics
 from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
 from extauthz.telemetry.metrics import Metrics, multiprocess_dir
 from extauthz.telemetry.tracing import SubjectHasher, subject_hash_key
-from extauthz.wire.http_authz import HttpAuthzServer
+from extauthz.wire.http_authz import HttpAuthzLimits, HttpAuthzServer
 
 __all__ = ["Settings", "Sidecar", "StartupError", "check_listeners", "serve"]
 
@@ -240,6 +240,7 @@ class Sidecar:
         self._stopping = False
         self._malformed_count = 0
         self._metadata = settings.dynamic_metadata
+        self._upstream_headers: tuple[str, ...] = ()
         self.access_logs = (AccessLogService(outcomes_for(self.services), self.metrics.registry)
                             if settings.access_logs else None)
         self.admin_token: AdminToken | None = None
@@ -265,6 +266,8 @@ class Sidecar:
         self.metrics.policy_errors.set(0)
         self.metrics.last_reload.set_to_current_time()
         self.last_reload = {"ok": True, "errors": []}
+        if self.settings.http_authz_listen:
+            self._note_upstream_headers(policy_set)
         stats = self.policy_loader.last_stats
         if stats is None:
             log.info("policy set generation %d live: %d policies from %d files",
@@ -273,6 +276,16 @@ class Sidecar:
             log.info("policy set generation %d live: %d policies from %d files (%d files read, %d parsed, %d "
                      "policies reused) in %.0f ms", self.authorizer.generation, len(policy_set.policies),
                      len(policy_set.files), stats.read, stats.parsed, stats.reused, stats.seconds * 1000)
+
+    def _note_upstream_headers(self, policy_set: PolicySet) -> None:
+        """In Envoy's HTTP mode a header a policy sets reaches the upstream only when the http_service's
+        allowed_upstream_headers match it (docs/http-mode.md): say which, when they change."""
+        names = tuple(sorted({name for policy in policy_set.policies for name in policy.owned_headers}))
+        if names != self._upstream_headers:
+            self._upstream_headers = names
+            if names:
+                log.info("HTTP ext_authz: Envoy's allowed_upstream_headers must match the headers policies set: %s",
+                         ", ".join(names))
 
     async def _on_new_set(self, policy_set: PolicySet) -> None:
         await self._start_services()
@@ -392,8 +405,9 @@ class Sidecar:
         address = self.settings.http_authz_listen
         if not address:
             return
+        limits = self.settings.http_authz_limits or HttpAuthzLimits(max_body_bytes=self.settings.max_message_bytes)
         server = HttpAuthzServer(self.authorizer, path_prefix=self.settings.http_authz_path_prefix,
-                                 metadata=self._metadata, limits=self.settings.http_authz_limits, metrics=self.metrics)
+                                 metadata=self._metadata, limits=limits, metrics=self.metrics)
         host, _, port = address.rpartition(":")
         try:
             await server.start(host.strip("[]"), int(port), reuse_port=self.settings.reuse_port)

@@ -20,16 +20,19 @@ that cannot be encoded a 503, a dropped connection an error Envoy turns into a d
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
+from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import Any
 
 import httptools
 
 from extauthz.decision import Authorizer, Decision
-from extauthz.request import HttpParts
+from extauthz.request import CLIENT_HEADER, HOP_HEADER, HttpParts, header_kind
 from extauthz.responses import denial_body, sends_metadata
 
 __all__ = ["HEADERS_TO_REMOVE", "METADATA_HEADERS", "HttpAuthzLimits", "HttpAuthzServer", "http_response_bytes"]
@@ -75,8 +78,9 @@ _kept: dict[tuple[str, str], bytes] = {}
 _KEEP_LIMIT, _KEEP_BYTES = 4096, 512
 
 
-def _line(name: str, value: str) -> bytes:
-    """``name: value\\r\\n``; ValueError for a value that would break the message (CR, LF, NUL)."""
+def _line(name: str, value: str, *, keep: bool = True) -> bytes:
+    """``name: value\\r\\n``; ValueError for a value that would break the message (CR, LF, NUL).
+    Kept for the next answer unless ``keep`` is False (a value new every time: the decision id)."""
     key = (name, value)
     line = _kept.get(key)
     if line is not None:
@@ -87,7 +91,7 @@ def _line(name: str, value: str) -> bytes:
     if not name or " " in name or ":" in name:
         raise ValueError("header name is not a token")
     line = f"{name}: {value}\r\n".encode()
-    if len(line) <= _KEEP_BYTES:
+    if keep and len(line) <= _KEEP_BYTES:
         if len(_kept) >= _KEEP_LIMIT:
             _kept.clear()
         _kept[key] = line
@@ -109,9 +113,12 @@ _JSON = b"content-type: application/json\r\n"
 
 
 def _metadata_lines(decision: Decision) -> list[bytes]:
-    lines = [_line(METADATA_HEADERS["decision_id"], decision.decision_id), _line(METADATA_HEADERS["policy"],
-             decision.policy), _line(METADATA_HEADERS["rule"], decision.rule),
-             _line(METADATA_HEADERS["reason"], decision.reason)]  # fmt: skip
+    lines = [
+        _line(METADATA_HEADERS["decision_id"], decision.decision_id, keep=False),
+        _line(METADATA_HEADERS["policy"], decision.policy),
+        _line(METADATA_HEADERS["rule"], decision.rule),
+        _line(METADATA_HEADERS["reason"], decision.reason),
+    ]
     if decision.dry_run:
         lines.append(_line(METADATA_HEADERS["dry_run"], "true"))
         lines.append(_line(METADATA_HEADERS["would_deny"], "true" if decision.would_deny else "false"))
@@ -168,7 +175,52 @@ def _failure(status: int, reason: str, message: str) -> bytes:
 _INTERNAL_ERROR = _failure(503, "internal_error", "authorization failed")
 
 
+#: Header names as sent -> (lower-case name, header_kind): the same few names arrive with every
+#: request. Bounded: cleared when full.
+_NAMES: dict[bytes, tuple[str, int]] = {}
+_NAMES_LIMIT = 1024
+
+
+def _name(name: bytes) -> tuple[str, int]:
+    key = name.decode("latin-1").lower()
+    known = (key, header_kind(key))
+    if len(_NAMES) >= _NAMES_LIMIT:
+        _NAMES.clear()
+    _NAMES[name] = known
+    return known
+
+
+_METHODS = {name.encode(): name for name in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+_NOTHING: Any = MappingProxyType({})
+
+
 # --- the server ---------------------------------------------------------------------------------------
+
+class _Resume:
+    """Awaits a coroutine that already ran up to its first suspension (see on_message_complete)."""
+
+    __slots__ = ("coro", "yielded")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
+        self.coro = coro
+        self.yielded = yielded
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, yielded = self.coro, self.yielded
+        while True:
+            try:
+                sent = yield yielded
+            except BaseException as exc:  # the Task's cancellation goes on to the coroutine
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as done:
+                    return done.value
+
 
 class _TooLarge(Exception):
     pass
@@ -187,6 +239,7 @@ class HttpAuthzServer:
         #: extauthz.telemetry.metrics.Metrics (in_flight, malformed), or None.
         self.metrics = metrics
         self._refused = 0
+        self._eager_of: tuple[Any, bool] = (None, False)
         self.connections: set[_Connection] = set()
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -209,7 +262,15 @@ class HttpAuthzServer:
             connection.expire()
         self._sweeper = loop.call_later(1.0, self._sweep)
 
+    def eager(self) -> bool:
+        """Whether no policy of the live set may wait on I/O (worked out once per set)."""
+        policy_set = self.authorizer.policy_set
+        if policy_set is not self._eager_of[0]:
+            self._eager_of = (policy_set, policy_set is not None and not any(p.may_wait for p in policy_set.policies))
+        return self._eager_of[1]
+
     async def answer(self, parts: HttpParts, head: bool, close: bool) -> bytes:
+        """Decide in a Task of its own (some policy of the live set may wait on I/O)."""
         metrics = self.metrics
         if metrics is not None:
             metrics.in_flight += 1
@@ -218,6 +279,28 @@ class HttpAuthzServer:
         finally:
             if metrics is not None:
                 metrics.in_flight -= 1
+        return self.encode(decision, head, close)
+
+    async def finish(self, coro: Coroutine[Any, Any, Decision], yielded: Any, head: bool, close: bool) -> bytes:
+        """Carry on a decision that suspended while being made inline (see _Connection.on_message_complete)."""
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight += 1
+        try:
+            decision = await _Resume(coro, yielded)
+        finally:
+            if metrics is not None:
+                metrics.in_flight -= 1
+        return self.encode(decision, head, close)
+
+    def first_step(self, parts: HttpParts) -> tuple[Coroutine[Any, Any, Decision], Any]:
+        """Start deciding inline: StopIteration carries the decision when it needed no wait, else
+        the coroutine and what it waits on are returned. Run in the request's own context."""
+        coro = self.authorizer.check_http(parts, self.path_prefix)
+        return coro, coro.send(None)
+
+    def encode(self, decision: Decision, head: bool, close: bool) -> bytes:
+        """The answer's bytes; a decision that cannot be written is a 503 denial, never an allow."""
         try:
             return http_response_bytes(decision, self.metadata, head=head, close=close)
         except (ValueError, UnicodeError) as exc:
@@ -251,11 +334,13 @@ class HttpAuthzServer:
 class _Connection(asyncio.Protocol):
     """One connection from Envoy: httptools calls the ``on_*`` methods as bytes arrive."""
 
-    __slots__ = ("body", "body_size", "closing", "deadline", "head_bytes", "headers", "lines", "loop", "parser",
-                 "paused", "pending", "raw", "reading", "refusal", "server", "transport", "url", "write_paused")
+    __slots__ = ("body", "body_size", "closing", "deadline", "envoy", "head_bytes", "headers", "limits", "lines",
+                 "loop", "parser", "paused", "pending", "raw", "reading", "refusal", "server", "transport", "url",
+                 "write_paused")
 
     def __init__(self, server: HttpAuthzServer) -> None:
         self.server = server
+        self.limits = server.limits
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -271,9 +356,10 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.url = b""
         self.headers: dict[str, str] = {}
+        self.envoy: dict[str, str] = {}
         self.lines: dict[str, list[str]] | None = None
         self.raw: dict[str, bytes] | None = None
-        self.body: list[bytes] = []
+        self.body: list[bytes] | None = None
         self.body_size = 0
         self.head_bytes = 0
 
@@ -281,7 +367,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
-        self.deadline = self.loop.time() + self.server.limits.idle_timeout
+        self.deadline = self.loop.time() + self.limits.idle_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -293,7 +379,7 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.deadline = self.loop.time() + self.server.limits.request_timeout  # Envoy reads its answers
+        self.deadline = self.loop.time() + self.limits.request_timeout  # Envoy reads its answers
         self._pause()
 
     def resume_writing(self) -> None:
@@ -308,8 +394,14 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except _TooLarge:
             self._refuse(*self.refusal)  # type: ignore[misc]
-        except httptools.HttpParserUpgrade:
-            self._refuse(400, "malformed_request", "protocol upgrades are not accepted")
+        except httptools.HttpParserUpgrade as upgrade:
+            # A request with "Connection: upgrade" (a WebSocket handshake Envoy asks about) is a
+            # request like any other here: it was answered; we never switch protocols. llhttp stops
+            # after it, so a fresh parser reads what follows.
+            self.parser = httptools.HttpRequestParser(self)
+            offset = upgrade.args[0] if upgrade.args and isinstance(upgrade.args[0], int) else len(data)
+            if offset < len(data) and not self.reading:
+                self.data_received(data[offset:])
         except (httptools.HttpParserError, UnicodeDecodeError):
             # httptools wraps what a callback raised (its cause is not kept): a limit kept its answer.
             refusal = self.refusal
@@ -328,27 +420,29 @@ class _Connection(asyncio.Protocol):
     # --- httptools ---
     def on_message_begin(self) -> None:
         self.reading = True
-        self.deadline = self.loop.time() + self.server.limits.request_timeout
+        self.deadline = self.loop.time() + self.limits.request_timeout
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         self.head_bytes += len(url)
-        if self.head_bytes > self.server.limits.max_header_bytes:
+        if self.head_bytes > self.limits.max_header_bytes:
             self._too_large(431, "headers_too_large", "request line and headers are too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > self.server.limits.max_header_bytes:
+        size = self.head_bytes = self.head_bytes + len(name) + len(value)
+        if size > self.limits.max_header_bytes:
             self._too_large(431, "headers_too_large", "request line and headers are too large")
-        key = name.decode("ascii").lower()
+        key, kind = _NAMES.get(name) or _name(name)
+        if kind == HOP_HEADER:
+            return  # content-length and the like: the parser's business, not the view's
         try:
-            text = value.decode("utf-8")
+            text = value.decode()
         except UnicodeDecodeError:
             text = value.decode("latin-1")
             if self.raw is None:
                 self.raw = {}
             self.raw[key] = value
-        headers = self.headers
+        headers = self.headers if kind == CLIENT_HEADER else self.envoy
         if key in headers:
             lines = self.lines
             if lines is None:
@@ -360,33 +454,60 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
-        if self.body_size > self.server.limits.max_body_bytes:
+        if self.body_size > self.limits.max_body_bytes:
             self._too_large(413, "body_too_large", "request body is too large")
-        self.body.append(body)
+        if self.body is None:
+            self.body = [body]
+        else:
+            self.body.append(body)
 
     def on_message_complete(self) -> None:
         if self.closing:
             return  # pipelined after a "Connection: close" request: never answered
         parser = self.parser
-        method = parser.get_method().decode("ascii")
+        method_bytes = parser.get_method()
+        method = _METHODS.get(method_bytes) or method_bytes.decode("ascii")
         close = not parser.should_keep_alive()
         body = self.body
         lines = self.lines
         parts = HttpParts(method, self.url.decode("latin-1"), self.headers,
-                          body[0] if len(body) == 1 else b"".join(body), self.raw or {},  # type: ignore[arg-type]
-                          {name: tuple(values) for name, values in lines.items()} if lines else {})
+                          (body[0] if len(body) == 1 else b"".join(body)) if body else b"",
+                          self.raw or _NOTHING,  # type: ignore[arg-type]
+                          {name: tuple(values) for name, values in lines.items()} if lines else _NOTHING, self.envoy)
         self._reset()
         self.reading = False
-        task = self.loop.create_task(self.server.answer(parts, method == "HEAD", close))
-        task.add_done_callback(self._answered)
-        self.pending.append(task)
+        self.deadline = 0.0  # until it is answered, the check timeout bounds the wait, not us
         if close:
             self.closing = True  # nothing after this request is read
-        if len(self.pending) >= self.server.limits.max_pipelined:
+        server = self.server
+        head = method == "HEAD"
+        if not server.eager():
+            task = self.loop.create_task(server.answer(parts, head, close))
+        else:
+            # No policy of the live set waits on I/O: the decision is usually made without ever
+            # suspending, so make it now rather than in a Task on the next turn of the loop (in a
+            # context of its own, as a Task would). If it does suspend, a Task carries it on.
+            context = contextvars.copy_context()
+            try:
+                coro, yielded = context.run(server.first_step, parts)
+            except StopIteration as done:
+                self.pending.append(server.encode(done.value, head, close))
+                self._answered(None)
+                return
+            except Exception:
+                log.exception("answering an authorization request failed")
+                self.pending.append(_INTERNAL_ERROR)
+                self.closing = True
+                self._answered(None)
+                return
+            task = self.loop.create_task(server.finish(coro, yielded, head, close), context=context)
+        task.add_done_callback(self._answered)
+        self.pending.append(task)
+        if len(self.pending) >= self.limits.max_pipelined:
             self._pause()
 
     # --- answers, in request order ---
-    def _answered(self, _task: asyncio.Task[bytes]) -> None:
+    def _answered(self, _task: asyncio.Task[bytes] | None) -> None:
         pending = self.pending
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -411,12 +532,12 @@ class _Connection(asyncio.Protocol):
                 transport.close()
                 return
             self._idle_deadline()
-        if self.paused and len(pending) < self.server.limits.max_pipelined:
+        if self.paused and len(pending) < self.limits.max_pipelined:
             self._resume()
 
     def _idle_deadline(self) -> None:
         if not self.reading and not self.pending and not self.write_paused:
-            self.deadline = self.loop.time() + self.server.limits.idle_timeout
+            self.deadline = self.loop.time() + self.limits.idle_timeout
         elif not self.reading:
             self.deadline = 0.0  # answers being decided: the check timeout bounds them
 
@@ -426,7 +547,7 @@ class _Connection(asyncio.Protocol):
         self.server.refused(status, reason, message)
         self.closing = True
         self.pending.append(_failure(status, reason, message))
-        self._answered(None)  # type: ignore[arg-type]
+        self._answered(None)
 
     def _pause(self) -> None:
         if not self.paused and self.transport is not None:

@@ -26,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "identity"
 
 import material
 
-from extauthz.request import ENVOY_HEADERS, ENVOY_VALUE_PREFIX
+from extauthz.request import ENVOY_HEADERS, ENVOY_OPTIONAL_HEADERS, ENVOY_VALUE_PREFIX
 
 pytestmark = pytest.mark.e2e
 
 CHECKOUT = "spiffe://cluster.local/ns/payments/sa/checkout"
+PARTNER_DNS = "api.partners.example.com"
 PREFIX = "/authz"
 MAX_BODY = 16
 
@@ -50,7 +51,7 @@ def http_mode(authz_port: int, *, extra_allowed: tuple[str, ...] = ()) -> Callab
             "authorization_request": {
                 "allowed_headers": {"patterns": [{"exact": name} for name in allowed]},
                 "headers_to_add": [{"key": name, "value": ENVOY_VALUE_PREFIX + formatter}
-                                   for name, formatter in ENVOY_HEADERS.items()],
+                                   for name, formatter in {**ENVOY_HEADERS, **ENVOY_OPTIONAL_HEADERS}.items()],
             },
             "authorization_response": {
                 "allowed_upstream_headers": {"patterns": [{"exact": "x-seen"}, {"exact": "x-caller"}]},
@@ -76,7 +77,8 @@ def http_mode(authz_port: int, *, extra_allowed: tuple[str, ...] = ()) -> Callab
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("http-authz-e2e")
     pki = material.Pki("http-mode-ca")
-    certs = {"server": pki.server(), "checkout": pki.client("checkout", uris=(CHECKOUT,))}
+    certs = {"server": pki.server(), "checkout": pki.client("checkout", uris=(CHECKOUT,)),
+             "partner": pki.client("partner", dns=(PARTNER_DNS,))}
     tls = root / "tls"
     files = {name: issued.write(tls, name) for name, issued in certs.items()}
     (tls / "ca.crt").write_text(pki.ca.pem)
@@ -96,7 +98,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             headers:
               x-seen: >-
                 [request.method, request.host, request.path, request.raw_path, request.scheme, request.protocol,
-                 tls.sni, source.principal, source.address, request.headers[?':authority'].orValue('-')]
+                 tls.sni, source.principal, source.address, request.headers[?':authority'].orValue('-'), tls.version]
         ---
         apiVersion: extauthz.dev/v1
         kind: AuthPolicy
@@ -105,6 +107,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
           match: {{hosts: [mesh.test]}}
           rules:
             - {{name: workloads, when: "source.principal.startsWith('spiffe://')", decision: allow}}
+            - {{name: partners, when: "source.principal.endsWith('.partners.example.com')", decision: allow}}
           response:
             headers:
               x-caller: "source.principal"
@@ -124,6 +127,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
           rules:
             - {{name: hello, when: "request.body == 'hello' && !request.partial_body", decision: allow}}
             - {{name: partial, when: "request.path == '/partial' && request.partial_body", decision: allow}}
+            - {{name: length, when: "request.path == '/length' && request.headers[?'content-length'].orValue('') == '7'",
+                decision: allow}}
         ---
         apiVersion: extauthz.dev/v1
         kind: AuthPolicy
@@ -173,13 +178,14 @@ def test_allow_sees_the_request_as_the_grpc_mode_would(envoy, world) -> None:
                                headers={"x-tenant": "a"})
     assert status == 200, body
     seen = json.loads(body)["headers"]["x-seen"][0].split(",")
-    method, host, path, raw_path, scheme, protocol, sni, principal, address, authority = seen
+    method, host, path, raw_path, scheme, protocol, sni, principal, address, authority, tls_version = seen
     assert (method, host, path, scheme, protocol) == ("GET", "api.test", "/stuff", "https", "HTTP/1.1")
     assert raw_path == "/stuff?q=1"  # Envoy normalized the path before asking (normalize_path: true)
     assert authority == "api.test"
     assert sni == ""  # the client connected to 127.0.0.1: no SNI
     assert principal == CHECKOUT
     assert address == "127.0.0.1"
+    assert tls_version.startswith("TLSv1.")  # tls.version: only the HTTP mode has it
 
 
 def test_deny_status_body_client_headers_and_metadata(envoy, world, echo_upstream) -> None:
@@ -216,6 +222,10 @@ def test_a_client_cannot_pose_as_a_workload(envoy, world) -> None:
     status, _, body = _request(envoy, world, "mesh.test", client="checkout")
     assert status == 200
     assert json.loads(body)["headers"]["x-caller"] == [CHECKOUT]
+    # A certificate with only a DNS SAN: that is the principal, as in gRPC mode.
+    status, _, body = _request(envoy, world, "mesh.test", client="partner")
+    assert status == 200
+    assert json.loads(body)["headers"]["x-caller"] == [PARTNER_DNS]
 
 
 def test_headers_other_policies_own_are_removed_upstream(envoy, world) -> None:
@@ -232,6 +242,8 @@ def test_body_and_partial_body(envoy, world) -> None:
     big = b"hello" + b"x" * (MAX_BODY * 2)
     assert _request(envoy, world, "body.test", method="POST", body=big)[0] == 403
     assert _request(envoy, world, "body.test", "/partial", method="POST", body=big)[0] == 200
+    # The client's own content-length, as the gRPC mode shows it (x-extauthz-content-length).
+    assert _request(envoy, world, "body.test", "/length", method="POST", body=b"1234567")[0] == 200
 
 
 def test_unauthenticated_gets_the_challenge(envoy, world) -> None:

@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 import pytest
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
-from extauthz.decision import Decision
+from extauthz.decision import Authorizer, Decision
 from extauthz.request import (
     ENVOY_HEADERS,
     ENVOY_VALUE_PREFIX,
@@ -26,7 +28,7 @@ from extauthz.request import (
 )
 from extauthz.samples import check_request_from_sample
 from extauthz.server import Settings, Sidecar
-from extauthz.wire.http_authz import HttpAuthzLimits, http_response_bytes
+from extauthz.wire.http_authz import HttpAuthzLimits, HttpAuthzServer, _Resume, http_response_bytes
 
 POLICY = """
 match: {hosts: [api.example.com], paths: [/x]}
@@ -38,6 +40,14 @@ rules:
   - {name: spiffe, when: "source.principal == 'spiffe://td/ns/a/sa/b'", decision: allow}
   - {name: posts, when: "request.method == 'POST' && request.body == 'hello'", decision: allow}
 """
+
+
+def _pki_client(**names: Any) -> str:
+    """A client certificate's PEM (tests/unit/identity/material.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "identity"))
+    import material
+
+    return material.Pki("http-mode-ca").client("partner", **names).pem
 
 
 def _free_port() -> int:
@@ -216,7 +226,22 @@ def test_request_view_mapping() -> None:
         "api.example.com", "TLSv1.3", "https", "HTTP/1.1", "12345")
     assert request.context_extensions == {} and request.metadata == {}
     assert request.size == -1 and request.timestamp == 0.0
-    # The subject stands in for the principal when the certificate has no URI SAN, as in gRPC mode.
+    # The client's content-length (Envoy sends its own, for the body it forwards) comes from the
+    # optional x-extauthz-content-length; without it the view has none.
+    for sent, seen in (("v1:5", "5"), ("v1:", None), (None, None)):
+        headers = {**envoy_headers(), "content-length": "0"}
+        if sent is not None:
+            headers["x-extauthz-content-length"] = sent
+        view = request_from_http(HttpParts("POST", "/", headers))
+        assert view.headers.get("content-length") == seen
+        assert "x-extauthz-content-length" not in view.headers
+    with pytest.raises(BadRequest, match=r"x-extauthz-content-length.*without the 'v1:' prefix") as unmarked_length:
+        request_from_http(HttpParts("POST", "/", {**envoy_headers(), "x-extauthz-content-length": "5"}))
+    assert unmarked_length.value.status == 500
+    # As in gRPC mode: no URI SAN, the certificate's first DNS SAN; neither, the subject.
+    partner = _pki_client(dns=("a.example.com", "b.example.com"))
+    headers = envoy_headers(peer_cert=quote(partner), peer_subject="CN=partner")
+    assert request_from_http(HttpParts("GET", "/", headers)).source.principal == "a.example.com"
     headers = envoy_headers(peer_subject="CN=client")
     assert request_from_http(HttpParts("GET", "/", headers)).source.principal == "CN=client"
     with pytest.raises(BadRequest, match="prefix"):
@@ -235,7 +260,24 @@ def test_request_view_mapping() -> None:
     assert grpc_view[:5] == http_view[:5]
 
 
-def test_keep_alive_pipelining_and_head(folder: Path) -> None:
+@pytest.mark.parametrize("mode", ["inline", "tasks", "inline-then-task"])
+def test_keep_alive_pipelining_and_head(folder: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers come back in request order whether a decision is made as its request completes (no
+    policy waits on I/O), in a Task of its own (some policy may), or starts inline and suspends."""
+    if mode == "tasks":
+        monkeypatch.setattr(HttpAuthzServer, "eager", lambda self: False)
+    if mode == "inline-then-task":
+        original = Authorizer.check_http
+
+        def suspending(self: Authorizer, parts: HttpParts, path_prefix: str = "") -> Any:
+            async def decide() -> Decision:
+                await asyncio.sleep(0)
+                return await original(self, parts, path_prefix)
+
+            return decide()
+
+        monkeypatch.setattr(Authorizer, "check_http", suspending)
+
     async def scenario() -> None:
         async with sidecar(folder) as sc:
             reader, writer = await connect(sc)
@@ -254,6 +296,12 @@ def test_keep_alive_pipelining_and_head(folder: Path) -> None:
             # and the connection still serves the next request
             writer.write(raw_request("GET", "/x", {"x-tenant": "a"}))
             assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+            # A WebSocket handshake is judged like any request (we never switch protocols), and
+            # what follows it on the connection is read as usual.
+            upgrade = raw_request("GET", "/x", {"x-tenant": "a", "connection": "upgrade", "upgrade": "websocket"})
+            writer.write(upgrade + raw_request("GET", "/x", {"x-tenant": "b"}))
+            assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+            assert (await asyncio.wait_for(read_response(reader), 5))[0] == 403
             # Connection: close is honoured
             writer.write(raw_request("GET", "/x", {"x-tenant": "a", "connection": "close"}))
             status, headers, _ = await asyncio.wait_for(read_response(reader), 5)
@@ -352,3 +400,241 @@ def test_http_only_sidecar_refuses_policies_reading_what_only_grpc_sends(
     with pytest.raises(PolicySetError, match=r"context.*only to a gRPC"):
         sc.load_initial()
     Sidecar(Settings(policies=folder, http_authz_listen="127.0.0.1:1")).load_initial()  # gRPC served too: fine
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def test_a_decision_that_suspends_is_carried_on_by_a_task() -> None:
+    """The inline path runs a decision up to its first suspension; a Task finishes it, with what it
+    awaited, and a cancellation reaches it."""
+
+    async def decide(future: asyncio.Future[bytes]) -> bytes:
+        await asyncio.sleep(0)
+        return b"answer:" + await future
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        coro = decide(future)
+        yielded = coro.send(None)  # suspends in asyncio.sleep(0)
+        task = loop.create_task(_await(_Resume(coro, yielded)))
+        loop.call_later(0.01, future.set_result, b"ok")
+        assert await task == b"answer:ok"
+        waiting = decide(loop.create_future())
+        task = loop.create_task(_await(_Resume(waiting, waiting.send(None))))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+
+
+def test_decision_log_and_spans_are_those_of_a_grpc_check(folder: Path, tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from extauthz.telemetry.decision_log import DecisionLogConfig
+    from extauthz.telemetry.tracing import SubjectHasher, Tracing, _default_propagator
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider, _default_propagator(), SubjectHasher("hash", b"k"))
+    log_file = tmp_path / "decisions.log"
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async def scenario() -> None:
+        async with sidecar(folder, tracing=tracing,
+                           decision_log=DecisionLogConfig(destination=str(log_file), allow_sample=1.0)) as sc:
+            headers = {"x-tenant": "b", "x-request-id": "log-1", "traceparent": parent}
+            assert (await ask(sc, "GET", "/x", {**headers, **envoy_headers(peer_uri_san="spiffe://td/w")}))[0] == 403
+
+    asyncio.run(scenario())
+    record = json.loads(log_file.read_text().splitlines()[-1])
+    assert (record["decision_id"], record["policy"], record["host"], record["path"]) == ("log-1", "a",
+                                                                                         "api.example.com", "/x")
+    assert (record["source_address"], record["source_principal"]) == ("10.1.2.3", "spiffe://td/w")
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    check = spans["extauthz.check"]
+    assert f"{check.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"  # Envoy's span is the parent
+    assert check.attributes["extauthz.decision"] == "deny"
+
+
+def test_command_line(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from extauthz.cli import main
+
+    assert main(["serve", "--policies", str(folder), "--listen", "off", "--decision-log", "off"]) == 2
+    assert "--listen off needs --http-authz-listen" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--policies", str(folder), "--http-authz-path-prefix", "authz/"])
+    assert exited.value.code == 2
+    assert "a path prefix starts with '/'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--policies", str(folder), "--http-authz-listen", "unix:/tmp/x.sock"])
+    assert "takes HOST:PORT" in capsys.readouterr().err
+
+
+def test_http_only_sidecar_serves_and_stops(folder: Path) -> None:
+    async def scenario() -> None:
+        async with sidecar(folder, listen="") as sc:
+            assert sc.grpc_server is None and sc.readiness()[0]
+            assert (await ask(sc, "GET", "/x", {"x-tenant": "a"}))[0] == 200
+            reader, writer = await connect(sc)  # an idle keep-alive connection is closed at stop
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_headers_envoy_must_let_upstream_are_logged(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="extauthz.server")
+    Sidecar(Settings(policies=folder, http_authz_listen="127.0.0.1:1")).load_initial()
+    assert "allowed_upstream_headers must match the headers policies set: x-checked" in caplog.text
+
+
+def test_pipelining_beyond_the_limit_pauses_reading(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(HttpAuthzServer, "eager", lambda self: False)  # every decision in a Task
+
+    async def scenario() -> None:
+        async with sidecar(folder, http_authz_limits=HttpAuthzLimits(max_pipelined=2)) as sc:
+            reader, writer = await connect(sc)
+            writer.write(b"".join(raw_request("GET", "/x", {"x-tenant": "ab"[i % 2]}) for i in range(40)))
+            answers = [(await asyncio.wait_for(read_response(reader), 5))[0] for _ in range(40)]
+            assert answers == [200, 403] * 20
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+class _Transport(asyncio.Transport):
+    """An in-memory transport: what the connection wrote, and whether it closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "written after close"
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_arbitrary_bytes_never_escape_as_an_exception_or_an_allow(folder: Path) -> None:
+    """Whatever arrives (split anywhere), the connection answers well-formed denials, or allows only
+    what a whole valid request earned, and never raises."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from extauthz.wire.http_authz import _Connection
+
+    valid = raw_request("GET", "/x", {"x-tenant": "a"})
+    pieces = st.sampled_from([valid, b"GET /x HTTP/1.1\r\n", b"\r\n", b"x-a: b\r\n", b"content-length: 3\r\n",
+                              b"transfer-encoding: chunked\r\n", b"0\r\n\r\n", b"\x00\xff", b"POST", b" ", b":"])
+    loop = asyncio.new_event_loop()
+    sc = Sidecar(Settings(policies=folder, listen="", http_authz_listen="127.0.0.1:0", http_port=_free_port()))
+    loop.run_until_complete(sc.start())
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.one_of(pieces, st.binary(max_size=40)), max_size=8), st.integers(1, 64))
+    def feed(chunks: list[bytes], step: int) -> None:
+        async def run() -> None:
+            assert sc.http_authz is not None
+            transport = _Transport()
+            connection = _Connection(sc.http_authz)
+            connection.connection_made(transport)
+            data = b"".join(chunks)
+            for start in range(0, len(data), step):
+                connection.data_received(data[start:start + step])
+            for _ in range(3):
+                await asyncio.sleep(0)
+            written = bytes(transport.written)
+            assert written == b"" or written.startswith(b"HTTP/1.1 ")
+            allowed = written.count(b"HTTP/1.1 200 OK")
+            assert allowed <= data.count(valid)
+            connection.connection_lost(None)
+
+        loop.run_until_complete(run())
+
+    try:
+        feed()
+    finally:
+        loop.run_until_complete(sc.stop())
+        loop.close()
+
+
+def http_parts_from_check(message: Any) -> HttpParts:
+    """The request Envoy's HTTP mode sends for the client request a CheckRequest describes, with
+    docs/http-mode.md's configuration (every header allowed, every x-extauthz-* header set)."""
+    http = message.attributes.request.http
+    attrs = message.attributes
+    body = http.raw_body or http.body.encode()
+    headers = {name: value for name, value in http.headers.items() if not name.startswith(":")}
+    client_length = headers.pop("content-length", "")
+    headers.update({"host": "127.0.0.1:9192", "content-length": str(len(body)), "x-envoy-internal": "true"})
+
+    def address(peer: Any) -> str:
+        socket_address = peer.address.socket_address
+        if not socket_address.address:
+            return ""
+        host = f"[{socket_address.address}]" if ":" in socket_address.address else socket_address.address
+        return f"{host}:{socket_address.port_value}"
+
+    envoy = {
+        "x-extauthz-authority": http.headers.get(":authority", http.host),
+        "x-extauthz-scheme": http.scheme,
+        "x-extauthz-protocol": http.protocol,
+        "x-extauthz-stream-id": http.id,
+        "x-extauthz-peer-address": address(attrs.source),
+        "x-extauthz-local-address": address(attrs.destination),
+        "x-extauthz-peer-uri-san": attrs.source.principal,
+        "x-extauthz-peer-subject": "",
+        "x-extauthz-peer-cert": attrs.source.certificate,
+        "x-extauthz-sni": attrs.tls_session.sni,
+        "x-extauthz-tls-version": "",
+        "x-extauthz-content-length": client_length,
+    }
+    headers.update({name: ENVOY_VALUE_PREFIX + value for name, value in envoy.items()})
+    return HttpParts(http.method, http.path, headers, body)
+
+
+def test_every_bundled_policy_test_decides_the_same_in_http_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundled policies' PolicyTest cases, written for the gRPC mode, pass unchanged when every
+    request goes through Envoy's HTTP mode instead: a policy cannot tell the two apart. (Cases whose
+    request has route context extensions, which the HTTP mode cannot carry, stay on gRPC.)"""
+    from extauthz.policytest.runner import load_for_tests, run_suites
+
+    grpc_check = Authorizer.check
+    through_http: list[str] = []
+
+    async def via_http(self: Authorizer, message: Any, *, explain: bool = False) -> Decision:
+        if message.attributes.context_extensions:
+            return await grpc_check(self, message, explain=explain)
+        through_http.append(message.attributes.request.http.path)
+        return await self.check_http(http_parts_from_check(message), explain=explain)
+
+    monkeypatch.setattr(Authorizer, "check", via_http)
+    policy_set, suites, store = load_for_tests(Path(__file__).resolve().parents[2] / "policies")
+    results = run_suites(policy_set, suites, store)
+    failed = [f"{result.suite.name} / {result.case.name}: {'; '.join(result.problems)}"
+              for result in results if not result.passed]
+    assert not failed, "\n".join(failed)
+    assert len(through_http) > 50

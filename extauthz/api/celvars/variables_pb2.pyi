@@ -133,10 +133,12 @@ class Destination(_message.Message):
     def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., principal: _Optional[str] = ..., certificate: _Optional[str] = ..., service: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Tls(_message.Message):
-    __slots__ = ("sni",)
+    __slots__ = ("sni", "version")
     SNI_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     sni: str
-    def __init__(self, sni: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, sni: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Spiffe(_message.Message):
     __slots__ = ("trust_domain", "path", "namespace", "service_account")
