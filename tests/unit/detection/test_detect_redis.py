@@ -201,6 +201,11 @@ def test_same_answers_as_the_memory_store(redis_server: Any) -> None:
                 # counts down on either clock: the same within the time between the two calls.
                 assert [_said(a) for a in remote] == [_said(a) for a in local], op
                 assert abs(remote[0].refused_ms - local[0].refused_ms) < 2000
+            # Every key any op wrote expires (blocks, offences, counters, HyperLogLogs, spike states, TATs).
+            client = redis_server.client()
+            keys = client.keys("extauthz:d:*")
+            assert {k.decode().rsplit(":", 1)[1] for k in keys} >= {"b", "o", "c", "t"}
+            assert all(client.pttl(k) > 0 for k in keys)
             listed = await backend.blocks()
             assert {(r.detector, r.kind, r.offences) for r in listed} == {("d", 2, 1), ("e", 1, 1), ("r", 2, 1)}
             assert await backend.lift("p", "d", "a" * 32)
