@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import ACME, GLOBEX, build, decide, request
+from detect_helpers import ACME, GLOBEX, build, decide, request
 
 from extauthz import clock
 from extauthz.policy import PolicySetError

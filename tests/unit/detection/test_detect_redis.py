@@ -9,7 +9,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import ACME, GLOBEX, build, decide_async, request
+from detect_helpers import ACME, GLOBEX, build, decide_async, request
 
 from extauthz.decision import Authorizer
 from extauthz.detection import OP_DISTINCT, OP_FAIL, OP_RATE, Detector, MemoryDetections, Op
@@ -252,5 +252,41 @@ def test_upstream_failures_through_redis_block_at_every_replica(tmp_path: Path, 
         finally:
             await one.close()
             await two.close()
+
+    asyncio.run(test())
+
+
+def test_a_spike_after_idle_intervals_same_in_both_stores(redis_server: Any) -> None:
+    """The baseline's decay over idle intervals, the same arithmetic in the script and in process:
+    both start from the same state, written three intervals back (days: the current one is the same
+    on both clocks)."""
+    import time as _time
+
+    from extauthz.detection.memory import _Spike
+
+    day = 86_400_000
+    rate = _detector(OP_RATE, name="r", threshold=0, window_ms=0, interval_ms=day, alpha=0.2, warmup=2,
+                     min_count=3, factor=2.0, state_ttl_ms=10 * day)
+    digest = "d" * 32
+    bucket = int(_time.time() * 1000) // day
+
+    async def test() -> None:
+        services = Services(settings={"redis_url": redis_server.url})
+        backend = detections_for(services)
+        assert isinstance(backend, RedisDetections)
+        await backend.store.start()
+        memory = MemoryDetections()
+        # Three days ago: 5 requests so far that day, an average of 4.0 over 5 days seen.
+        memory._spikes[rate.prefix + digest] = _Spike(bucket - 3, 5, 4.0, 5, -1, (bucket + 5) * day)
+        redis_server.client().set(f"extauthz:d:p:r:{{{digest}}}:c", f"{bucket - 3} 5 4 5 -1", px=10 * day)
+        try:
+            remote = [(await backend.submit([Op(OP_RATE, rate, digest, "k")]))[0] for _ in range(7)]
+            local = [memory.run([Op(OP_RATE, rate, digest, "k")])[0] for _ in range(7)]
+            # average 4 + 0.2 (5 - 4) = 4.2, then x 0.8^2 over two idle days = 2.688: more than 5.376
+            # trips, at the sixth request of today.
+            assert [_said(a) for a in remote] == [_said(a) for a in local]
+            assert [a.tripped for a in local] == [False] * 5 + [True, False]
+        finally:
+            await backend.store.aclose()
 
     asyncio.run(test())
