@@ -18,8 +18,10 @@ import re
 import unicodedata
 import warnings
 from dataclasses import dataclass
+from typing import AnyStr
 
-__all__ = ["Decoded", "cmd_form", "decode", "lookup_form", "sql_form"]
+__all__ = ["Decoded", "cmd_form", "cmd_form_bytes", "decode", "lookup_form", "lookup_form_bytes", "sql_form",
+           "sql_form_bytes"]
 
 #: URL-decoding rounds: ``%252e`` is two, no legitimate value needs more than three.
 URL_ROUNDS = 3
@@ -43,6 +45,7 @@ _NAMED_ENTITIES = (
     ("&comma;", ","), ("&ast;", "*"), ("&lsqb;", "["), ("&rsqb;", "]"), ("&vert;", "|"), ("&quest;", "?"),
     ("&amp;", "&"),
 )  # fmt: skip
+_NAMED_ENTITY = re.compile("|".join(re.escape(entity) for entity, _ in _NAMED_ENTITIES))
 _JS_BRACED = re.compile(r"\\u\{([0-9A-Fa-f]{1,6})\}")
 _OVERLONG = (
     (b"\xc0\xae", b"."), (b"\xe0\x80\xae", b"."), (b"\xc0\xaf", b"/"), (b"\xe0\x80\xaf", b"/"),
@@ -74,8 +77,8 @@ class Decoded:
 def decode(text: str) -> Decoded:
     """Percent-escapes (repeatedly, IIS ``%u`` and overlong UTF-8 included), HTML entities, JS/JSON
     escapes, Unicode NFKC, invisible characters: the form every built-in rule matches. Case is left
-    as it is: every rule matches case-insensitively (RE2's ``(?i)`` costs nothing per character,
-    lower-casing a non-ASCII text does).
+    as it is: every rule matches case-insensitively (which costs the matchers nothing per
+    character; lower-casing a non-ASCII text does). The text may hold lone surrogates.
 
     Percent-escapes are decoded in every target, not only in URL parts: a JSON value that a backend
     URL-decodes (or builds a URL from) carries them through.
@@ -96,8 +99,9 @@ def decode(text: str) -> Decoded:
             break
         text = decoded
     if "\\" in text:
+        percents = text.count("%")
         text = _js_decode(text, budget)
-        if "%" in text:  # \x25 spelled the percent
+        if text.count("%") > percents:  # \x25 spelled a percent: the escape it starts is decoded
             text = _percent_decode(text, budget)
     if not text.isascii():
         if not unicodedata.is_normalized("NFKC", text):
@@ -105,10 +109,10 @@ def decode(text: str) -> Decoded:
                 text = unicodedata.normalize("NFKC", text)
             else:  # NFKC costs about a microsecond a character: past the limit, full-width ASCII only
                 text = _budgeted_sub(_FULL_WIDTH, _half_width, text, budget, flag=False)
-        # Characters that need work: look-alike dots and slashes, invisible characters, and lone
-        # surrogates (an invalid %-escape in a query, \ud800 in JS: RE2 reads UTF-8 only). Only C
+        # Characters that need work: look-alike dots and slashes, invisible characters. Only C
         # loops here ("in", encode): a regular-expression search or max() over non-ASCII text is
-        # several times slower.
+        # several times slower. Lone surrogates (an invalid %-escape in a query, \ud800 in JS) are
+        # left: whoever encodes the text for a matcher reads them as '?' (one encode, not two).
         try:
             text.encode("latin-1")
             wide = False
@@ -119,11 +123,6 @@ def decode(text: str) -> Decoded:
                 if lookalike in text:
                     text = text.replace(lookalike, plain)
             text = _INVISIBLE_CHARS.sub("", text)
-        if wide:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                text = text.encode("utf-8", "replace").decode("utf-8")
     elif "\x00" in text:
         text = text.replace("\x00", "")
     return Decoded(text, budget[0] < 0)
@@ -145,9 +144,14 @@ def _percent_decode(text: str, budget: list[int]) -> str:
 
 
 def _html_decode(text: str, budget: list[int]) -> str:
-    for entity, char in _NAMED_ENTITIES:
-        if entity in text:
-            text = text.replace(entity, char)
+    # Which of the common named entities occur: one search for '&' (a literal prefix the engine
+    # skips to) instead of a scan of the whole text per entity; then one replace per entity found,
+    # in the table's order (&amp; last: "&amp;lt;" is one layer per round).
+    present = set(_NAMED_ENTITY.findall(text))
+    if present:
+        for entity, char in _NAMED_ENTITIES:
+            if entity in present:
+                text = text.replace(entity, char)
     if "&#" in text:
         text = _budgeted_sub(_NUMERIC_ENTITY, _entity_char, text, budget)
     elif "&" in text and ";" in text and text.count("&") <= HTML_FALLBACK_MAX:
@@ -175,6 +179,14 @@ _ENTITY_CHARS: dict[str, str] = {}
 def _js_decode(text: str, budget: list[int]) -> str:
     if "\\u{" in text:
         text = _budgeted_sub(_JS_BRACED, lambda m: chr(min(int(m.group(1), 16), 0x10FFFF)), text, budget)
+    if len(text) > NFKC_MAX_CHARS and not text.isascii():
+        # The codec below reads Latin-1 bytes: every other character is spelt as an escape first, a
+        # cost per character that a long non-Latin text (or random bytes) makes milliseconds. Past
+        # the limit, the escapes that spell characters (\xHH, \uHHHH) only, as for a malformed text.
+        try:
+            text.encode("latin-1")
+        except UnicodeEncodeError:
+            return _budgeted_sub(_JS_ESCAPE, _js_char, text, budget)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unknown escapes such as \q stay as they are
@@ -191,8 +203,8 @@ def _js_char(match: re.Match[str]) -> str:
     return chr(code) if not 0xD800 <= code <= 0xDFFF else "\ufffd"
 
 
-def _budgeted_sub(pattern: re.Pattern[str], replace: object, text: str, budget: list[int], *,
-                  flag: bool = True) -> str:  # fmt: skip
+def _budgeted_sub(pattern: re.Pattern[AnyStr], replace: object, text: AnyStr, budget: list[int], *,
+                  flag: bool = True) -> AnyStr:  # fmt: skip
     """``pattern.sub`` for at most what is left of the budget; running out marks the budget spent
     (an evasion, unless ``flag`` is false: then the rest is only left as it is)."""
     if budget[0] <= 0:
@@ -208,89 +220,119 @@ def _budgeted_sub(pattern: re.Pattern[str], replace: object, text: str, budget: 
 
 
 # --- the extra forms some detectors match besides the decoded text ------------------------------
+#
+# They work on the UTF-8 bytes the matcher reads (the decoded text is encoded once): byte operations
+# are C loops over one byte a character, where the same on a str that holds one non-Latin character
+# is a loop over two or four. The str functions are the same operations for callers that hold text.
 
 _COMMENT_BUDGET = 256
-_VERSIONED = re.compile(r"/\*!\d{0,6}")
+_VERSIONED = re.compile(rb"/\*!\d{0,6}")
 
 
-def sql_form(text: str) -> str:
+def sql_form_bytes(data: bytes) -> bytes:
     """SQL comments out of the way: ``union/**/select`` and ``union/*!50000select*/`` read as
     ``union select``. The first 256 comments are removed with their content; any further comment
-    delimiters are blanked (their content stays: past that many comments the text is not data)."""
-    if "/*" not in text:
-        return text
-    text = _VERSIONED.sub(" ", text)
-    pieces = text.split("/*")
+    delimiters are blanked (their content stays: past that many comments the text is not data).
+    Returns ``data`` itself when there is no comment."""
+    if b"/*" not in data:
+        return data
+    data = _VERSIONED.sub(b" ", data)
+    pieces = data.split(b"/*")
     out = [pieces[0]]
     for piece in pieces[1 : _COMMENT_BUDGET + 1]:
-        end = piece.find("*/")
-        out.append(" " + (piece[end + 2 :] if end >= 0 else piece))
+        end = piece.find(b"*/")
+        out.append(b" " + (piece[end + 2 :] if end >= 0 else piece))
     if len(pieces) > _COMMENT_BUDGET + 1:
-        out.append(" " + " ".join(pieces[_COMMENT_BUDGET + 1 :]))
-    return "".join(out).replace("*/", " ")
+        out.append(b" " + b" ".join(pieces[_COMMENT_BUDGET + 1 :]))
+    return b"".join(out).replace(b"*/", b" ")
 
 
-_IFS = re.compile(r"\$\{ifs\}|\$ifs", re.IGNORECASE)
+_IFS = re.compile(rb"\$\{ifs\}|\$ifs", re.IGNORECASE)
+_POSITIONAL = re.compile(rb"\$[0-9@*]")
+_SHELL_QUOTING = b"\\'\"^"
 
 
-def cmd_form(text: str) -> str:
+def cmd_form_bytes(data: bytes) -> bytes:
     """Shell quoting and field-separator tricks undone: ``c'a't /e\\tc/pa""sswd`` and
     ``cat${IFS}/etc/passwd`` read as ``cat /etc/passwd``."""
-    if "$" in text:
-        text = _IFS.sub(" ", text).replace("$@", "").replace("$*", "")
-        for digit in "0123456789":  # positional parameters, empty in an injected command
-            text = text.replace("$" + digit, "")
-    for char in "\\'\"^":  # str.replace: C speed (translate with a table is not)
-        if char in text:
-            text = text.replace(char, "")
-    return text
+    if b"$" in data:
+        # $IFS is a space; $@, $* and positional parameters are empty in an injected command.
+        data = _POSITIONAL.sub(b"", _IFS.sub(b" ", data))
+    return data.translate(None, _SHELL_QUOTING)
 
 
-_INNER_LOOKUP = re.compile(r"\$\{([^${}]{0,256})\}")
+_INNER_LOOKUP = re.compile(rb"\$\{([^${}]{0,256})\}")
 #: Log4j lookups that read something: without a default they resolve to an unknown value.
 _LOOKUP_NAMES = frozenset({
-    "env", "sys", "java", "ctx", "main", "date", "map", "sd", "bundle", "docker", "k8s", "kubernetes",
-    "spring", "web", "log4j", "marker", "jvmrunargs", "event", "base64", "lower", "upper", "jndi", "hostname",
+    b"env", b"sys", b"java", b"ctx", b"main", b"date", b"map", b"sd", b"bundle", b"docker", b"k8s", b"kubernetes",
+    b"spring", b"web", b"log4j", b"marker", b"jvmrunargs", b"event", b"base64", b"lower", b"upper", b"jndi",
+    b"hostname",
 })  # fmt: skip
 #: What a resolved ``${jndi:...}`` leaves behind, so later rounds cannot resolve it away.
 JNDI_MARK = "\ue000jndi:"
-_FROZEN_OPEN, _FROZEN_CLOSE = "\ue001", "\ue002"
+_JNDI_MARK = JNDI_MARK.encode("utf-8")
+_FROZEN_OPEN, _FROZEN_CLOSE = "\ue001".encode("utf-8"), "\ue002".encode("utf-8")
+
+
+def lookup_form_bytes(data: bytes) -> tuple[bytes, bool]:
+    """Log4j lookups resolved from the inside out, as Log4j would: ``${lower:J}`` is ``j``,
+    ``${::-j}`` and ``${env:X:-j}`` are ``j`` (their default), other known lookups an unknown value,
+    unknown names stay literal. ``${${lower:j}ndi:`` becomes a ``${jndi:`` and is marked. Returns
+    the result and whether the budget ran out (an evasion)."""
+    if b"${" not in data:
+        return data, False
+    if data.count(b"${") > LOOKUP_BUDGET:  # not a value a logger would see as data: say so, resolve nothing
+        return data, True
+    budget = [LOOKUP_BUDGET]
+    for _ in range(8):
+        if b"${" not in data or budget[0] <= 0:
+            break
+        resolved = _budgeted_sub(_INNER_LOOKUP, _resolve, data, budget)
+        if resolved == data:
+            break
+        data = resolved
+    data = data.replace(_FROZEN_OPEN, b"${").replace(_FROZEN_CLOSE, b"}")
+    return data, budget[0] < 0
+
+
+def _resolve(match: re.Match[bytes]) -> bytes:
+    body = match.group(1)
+    name, colon, argument = body.partition(b":")
+    name = name.strip().lower()
+    if name == b"jndi" and colon:
+        return _JNDI_MARK + argument
+    if b":-" in body:
+        return body.split(b":-", 1)[1]
+    if name == b"lower" or name == b"upper":
+        return argument.lower()  # upper too: rules match case-insensitively anyway
+    if name == b"date" and len(argument) >= 2 and argument[:1] == argument[-1:] == b"'":
+        return argument[1:-1]  # a quoted literal in a date pattern prints as itself
+    if name in _LOOKUP_NAMES and colon:
+        return b""
+    return _FROZEN_OPEN + body + _FROZEN_CLOSE
+
+
+def _as_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _as_text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogatepass")
+
+
+def sql_form(text: str) -> str:
+    """:func:`sql_form_bytes` of a text."""
+    return text if "/*" not in text else _as_text(sql_form_bytes(_as_bytes(text)))
+
+
+def cmd_form(text: str) -> str:
+    """:func:`cmd_form_bytes` of a text."""
+    return _as_text(cmd_form_bytes(_as_bytes(text)))
 
 
 def lookup_form(text: str) -> Decoded:
-    """Log4j lookups resolved from the inside out, as Log4j would: ``${lower:J}`` is ``j``,
-    ``${::-j}`` and ``${env:X:-j}`` are ``j`` (their default), other known lookups an unknown value,
-    unknown names stay literal. ``${${lower:j}ndi:`` becomes a ``${jndi:`` and is marked."""
+    """:func:`lookup_form_bytes` of a text."""
     if "${" not in text:
         return Decoded(text)
-    if text.count("${") > LOOKUP_BUDGET:  # not a value a logger would see as data: say so, resolve nothing
-        return Decoded(text, True)
-    budget = [LOOKUP_BUDGET]
-    for _ in range(8):
-        if "${" not in text or budget[0] <= 0:
-            break
-        resolved = _budgeted_sub(_INNER_LOOKUP, _resolve, text, budget)
-        if resolved == text:
-            break
-        text = resolved
-    text = text.replace(_FROZEN_OPEN, "${").replace(_FROZEN_CLOSE, "}")
-    return Decoded(text, budget[0] < 0)
-
-
-def _resolve(match: re.Match[str]) -> str:
-    body = match.group(1)
-    name, colon, argument = body.partition(":")
-    name = name.strip().lower()
-    if name == "jndi" and colon:
-        return JNDI_MARK + argument
-    if ":-" in body:
-        return body.split(":-", 1)[1]
-    if name == "lower":
-        return argument.lower()
-    if name == "date" and len(argument) >= 2 and argument[0] == argument[-1] == "'":
-        return argument[1:-1]  # a quoted literal in a date pattern prints as itself
-    if name == "upper":
-        return argument.lower()  # rules match case-insensitively anyway
-    if name in _LOOKUP_NAMES and colon:
-        return ""
-    return _FROZEN_OPEN + body + _FROZEN_CLOSE
+    data, over = lookup_form_bytes(_as_bytes(text))
+    return Decoded(_as_text(data), over)

@@ -16,10 +16,9 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import re2
-
-from extauthz.inspection.decode import Decoded, cmd_form, decode, lookup_form, sql_form
-from extauthz.inspection.rules import EVASION_RULE, SSRF_RULES, Rule
+from extauthz.inspection.decode import Decoded, cmd_form_bytes, decode, lookup_form_bytes, sql_form_bytes
+from extauthz.inspection.matcher import RuleMatcher
+from extauthz.inspection.rules import EVASION_RULE, FORMS, SSRF_RULES, Rule
 from extauthz.inspection.ssrf import (
     BARE_CANDIDATE_PATTERN,
     CANDIDATE_PATTERN,
@@ -39,13 +38,13 @@ MAX_LOCATIONS_PER_RULE = 4
 MAX_FINDINGS = 16
 #: JSON strings and keys a rule is tried on, one by one, to locate what matched the body's text.
 MAX_VALUES_LOCATED = 128
-_FORM_FUNCTIONS: dict[str, Callable[[str], str]] = {
-    "sql": sql_form,
-    "cmd": cmd_form,
-    "lookup": lambda text: lookup_form(text).text,
+_FORM_FUNCTIONS: dict[str, Callable[[bytes], bytes]] = {
+    "sql": sql_form_bytes,
+    "cmd": cmd_form_bytes,
+    "lookup": lambda data: lookup_form_bytes(data)[0],
 }
-_CMD_CHARS = ("'", '"', "\\", "^", "$")  # "in" on a str: a C loop (set.isdisjoint(str) is not)
-_CMD_STARTS = (";", "|", "&", "`", "$(", "${", "\r")
+_CMD_CHARS = (b"'", b'"', b"\\", b"^", b"$")  # "in" on bytes: a C loop (set.isdisjoint(bytes) is not)
+_CMD_STARTS = (b";", b"|", b"&", b"`", b"$(", b"${", b"\r")
 _SSRF_CANDIDATE = "ssrf-candidate"
 
 
@@ -146,31 +145,41 @@ class _OutOfBudget(Exception):
 
 
 class _RuleSet:
-    """Rules compiled into one RE2 set (which matched) plus each one alone (where it matched)."""
+    """Rules compiled into matchers (Hyperscan, RE2 for what it refuses), one per text form: the
+    decoded text is matched against every rule, an extra form (SQL comments removed, ...) only
+    against the rules that read it. A rule can then only match in a form it reads, and a text that
+    is costly for one form's rules costs nothing more for the others."""
 
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
-        self.set: re2.Set | None = None
-        if rules:
-            options = re2.Options()
-            options.max_mem = 64 << 20
-            self.set = re2.Set.SearchSet(options)
-            for rule in rules:
-                self.set.Add(rule.pattern)
-            self.set.Compile()
+        self.by_form: dict[str, tuple[list[Rule], RuleMatcher]] = {}
+        for form in ("", *FORMS):
+            members = [r for r in rules if not form or form in r.forms]
+            if members:
+                self.by_form[form] = (members, RuleMatcher([r.pattern for r in members]))
 
-    def matched(self, text: str) -> list[Rule]:
-        if self.set is None or not text:
-            return []
-        # The compiled set itself (the wrapper's Match adds a call and an isinstance per request).
-        hits = self.set._set.Match(text.encode("utf-8"))
-        return [self.rules[i] for i in hits] if hits else []
+    def matched_ids(self, data: bytes, form: str = "") -> frozenset[str]:
+        """Ids of the rules reading ``form`` that match ``data`` (UTF-8: see :func:`_utf8`)."""
+        entry = self.by_form.get(form)
+        if entry is None or not data:
+            return _NONE
+        members, matcher = entry
+        hits = matcher.matched(data)
+        return frozenset(members[i].id for i in hits) if hits else _NONE
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+def _utf8(text: str) -> bytes:
+    """What the matchers read. Lone surrogates (an invalid escape in a query, \\ud800 in JSON) have
+    no UTF-8: they are read as '?', as an invalid character would be."""
+    return text.encode("utf-8", "replace")
 
 
 class Inspector:
     def __init__(self, config: InspectConfig) -> None:
         self.config = config
-        self.compiled = {rule.id: re2.compile(rule.pattern) for rule in config.rules}
         self.by_id = {rule.id: rule for rule in config.rules}
         input_rules = [r for r in config.rules if r.targets & {"path", "query", "name", "cookie", "body", "header"}]
         if config.ssrf:
@@ -207,26 +216,30 @@ class Inspector:
                 return Verdict(problem=problem, problem_reported=config.report_only)
         values = RequestValues(request, view, headers=config.inspect_headers)
         hits: dict[str, set[str]] = {}  # rule id -> groups to locate it in
-        # Decoded segment by segment (a body's decoded text is then reused to locate a match in it),
-        # matched as one text: one pass of each rule set. Locating a match looks only at the kinds
-        # its rule targets.
+        # Decoded and matched as one text (values joined by line breaks): one pass of each matcher.
+        # Locating a match looks only at the kinds its rule targets.
         text = values.inputs_text(body=False)
         if config.inspect_headers:
             text = text + "\n" + values.headers_text()
         body_text = values.body_text
-        decoded_values: dict[tuple[str, str], str] = {}  # (value, form) -> text, for locating
+        decoded_values: dict[str, str] = {}  # value -> decoded text, for locating
+        known: dict[tuple[str, str, str], frozenset[str]] = {}  # (value, form, group) -> rules matched
         if body_text and view is not None and view.document is None and len(body_text) > 4096:
-            # A large text body is one value: decoded on its own, the result serves to locate a match.
+            # A large text body is one value: decoded and matched on its own, so that locating a match
+            # in it reuses both instead of doing them again.
             body = decode(body_text)
-            decoded_values[(body_text, "")] = body.text
+            decoded_values[body_text] = body.text
             decoded = decode(text)
-            evasion = decoded.over_budget or body.over_budget
+            seen: dict[str, frozenset[str]] = {}
+            evasion = self._scan("inputs", body, hits, seen)
+            for form in ("", *FORMS):
+                known[(body_text, form, "inputs")] = seen.get(form, _NONE)
+            evasion |= self._scan("inputs", decoded, hits)
             text = decoded.text + "\n" + body.text
         else:
             decoded = decode(text + "\n" + body_text if body_text else text)
-            evasion = decoded.over_budget
+            evasion = self._scan("inputs", decoded, hits)
             text = decoded.text
-        evasion |= self._scan("inputs", Decoded(text), hits)
         filenames = values.filenames() if view is not None and view.parts else []
         if filenames:
             evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits)
@@ -238,7 +251,7 @@ class Inspector:
                 evasion = True
         if not hits and not ssrf_rules and not evasion:
             return Verdict()
-        return self._verdict(request, values, hits, ssrf_rules, evasion, decoded_values)
+        return self._verdict(request, values, hits, ssrf_rules, evasion, decoded_values, known)
 
     def _request_limits(self, request: Request) -> BodyProblem | None:
         limits = self.config.limits
@@ -264,27 +277,40 @@ class Inspector:
                                    f"a header value is longer than {longest} bytes", f"header:{name}", "header_bytes")
         return None
 
-    def _scan(self, group: str, decoded: Decoded, hits: dict[str, set[str]]) -> bool:
-        """One RE2 set match over the decoded text and, after it, each extra form the text needs:
-        an RE2 call costs a few microseconds whatever it matches, so one call over all forms beats
-        one per form. A rule that matched in a form it does not read is dropped when located."""
-        text = decoded.text
+    def _scan(self, group: str, decoded: Decoded, hits: dict[str, set[str]],
+              seen: dict[str, frozenset[str]] | None = None) -> bool:  # fmt: skip
+        """The decoded text and each extra form it needs, each through its matcher; ``seen`` gets
+        the rules matched per form. Returns whether a decoding budget ran out (an evasion)."""
+        data = _utf8(decoded.text)
         evasion = decoded.over_budget
-        forms = [text]
-        if "/*" in text:
-            forms.append(sql_form(text))
+        forms = [("", data)]
+        if b"/*" in data:
+            forms.append(("sql", sql_form_bytes(data)))
         # Shell quoting only hides a command that something starts: a separator, a substitution.
-        if any(c in text for c in _CMD_CHARS) and any(c in text for c in _CMD_STARTS):
-            forms.append(cmd_form(text))
-        if "${" in text:
-            looked_up = lookup_form(text)
-            evasion |= looked_up.over_budget
-            forms.append(looked_up.text)
-        for rule in self.groups[group].matched("\n".join(forms) if len(forms) > 1 else text):
-            hits.setdefault(rule.id, set()).add(group)
+        if any(c in data for c in _CMD_CHARS) and any(c in data for c in _CMD_STARTS):
+            forms.append(("cmd", cmd_form_bytes(data)))
+        if b"${" in data:
+            looked_up, over = lookup_form_bytes(data)
+            evasion |= over
+            forms.append(("lookup", looked_up))
+        rule_set = self.groups[group]
+        for form, form_text in forms:
+            if form and form_text == data:  # the form changed nothing: the decoded text's matches
+                found = seen.get("", _NONE) if seen is not None else _NONE
+            else:
+                found = rule_set.matched_ids(form_text, form)
+            if seen is not None:
+                seen[form] = found
+            for rule_id in found:
+                hits.setdefault(rule_id, set()).add(group)
         return evasion
 
     def _ssrf(self, text: str) -> set[str]:
+        if not text.isascii():  # RE2 reads UTF-8: lone surrogates (see decode) read as '?'
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                text = text.encode("utf-8", "replace").decode("utf-8")
         if self.config.sensitivity >= 2:
             bare = True
         else:  # at level 1 a bare address (no scheme) counts only when it is a metadata endpoint
@@ -296,26 +322,45 @@ class Inspector:
 
     # --- when something matched: where, exclusions, scores ------------------------------------------------
     def _verdict(self, request: Request, values: RequestValues, hits: dict[str, set[str]], ssrf_rules: set[str],
-                 evasion: bool, cache: dict[tuple[str, str], str]) -> Verdict:  # fmt: skip
+                 evasion: bool, decoded: dict[str, str],
+                 matched_in: dict[tuple[str, str, str], frozenset[str]]) -> Verdict:  # fmt: skip
+        forms_of: dict[tuple[str, str], bytes] = {}
 
-        def form_of(value: str, form: str) -> str:
-            key = (value, form)
-            done = cache.get(key)
+        def text_of(value: str) -> str:
+            done = decoded.get(value)
             if done is None:
-                base = cache.get((value, ""))
-                if base is None:
-                    base = cache[(value, "")] = decode(value).text
-                done = cache[key] = base if form == "" else _FORM_FUNCTIONS[form](base)
+                done = decoded[value] = decode(value).text
             return done
+
+        def form_of(value: str, form: str) -> bytes:
+            key = (value, form)
+            done = forms_of.get(key)
+            if done is None:
+                done = forms_of[key] = _FORM_FUNCTIONS[form](form_of(value, "")) if form else _utf8(text_of(value))
+            return done
+
+        # Which rules match one value in one form, each value scanned once whatever the number of
+        # rules to locate (one matcher pass gives them all).
+        def rules_in(value: str, form: str, group: str) -> frozenset[str]:
+            key = (value, form, group)
+            found = matched_in.get(key)
+            if found is None:
+                data = form_of(value, form)
+                if form and data == form_of(value, ""):  # the form changed nothing
+                    found = rules_in(value, "", group)
+                else:
+                    found = self.groups[group].matched_ids(data, form)
+                matched_in[key] = found
+            return found
 
         findings: list[Finding] = []
         for rule_id, groups in hits.items():
             rule = self.by_id[rule_id]
-            compiled = self.compiled[rule_id]
             forms = ("", *sorted(rule.forms))
 
-            def matches(value: str, compiled: re2._Regexp = compiled, forms: tuple[str, ...] = forms) -> bool:
-                return any(compiled.search(form_of(value, form)) is not None for form in forms)
+            def matches(value: str, kind: str, rule_id: str = rule_id, forms: tuple[str, ...] = forms) -> bool:
+                group = "files" if kind == "filename" else "inputs"
+                return any(rule_id in rules_in(value, form, group) for form in forms)
 
             kinds = rule.targets
             if "files" not in groups:
@@ -329,11 +374,11 @@ class Inspector:
         def ssrf_rules_of(value: str) -> set[str]:
             found = ssrf_of.get(value)
             if found is None:
-                found = ssrf_of[value] = self._ssrf(form_of(value, "")) - {FLOOD}
+                found = ssrf_of[value] = self._ssrf(text_of(value)) - {FLOOD}
             return found
 
         for rule_id in sorted(ssrf_rules):
-            def has_rule(value: str, rule_id: str = rule_id) -> bool:
+            def has_rule(value: str, kind: str, rule_id: str = rule_id) -> bool:
                 return rule_id in ssrf_rules_of(value)
 
             _, score, _ = SSRF_RULES[rule_id]
@@ -346,10 +391,10 @@ class Inspector:
         return Verdict(tuple(findings[:MAX_FINDINGS]), score)
 
     def _locate(self, values: RequestValues, kinds: frozenset[str],
-                matches: Callable[[str], bool]) -> list[tuple[str, str]]:  # fmt: skip
+                matches: Callable[[str, str], bool]) -> list[tuple[str, str]]:  # fmt: skip
         located: list[tuple[str, str]] = []
         for fld in values.fields(kinds):
-            if matches(fld.value):
+            if matches(fld.value, fld.kind):
                 located.append((fld.kind, fld.location))
                 if len(located) >= MAX_LOCATIONS_PER_RULE:
                     return located
@@ -361,7 +406,7 @@ class Inspector:
                 budget[0] -= 1
                 if budget[0] < 0:
                     raise _OutOfBudget
-                return matches(value)
+                return matches(value, "body")
 
             try:
                 for pointer in view.document.find(bounded, keys=True):

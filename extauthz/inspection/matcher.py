@@ -1,0 +1,143 @@
+"""Which of many rules match a text: one pass of Hyperscan (Vectorscan), RE2 for what it cannot take.
+
+Why Hyperscan: an RE2 set of ~60 rules is fast on ordinary text (a few microseconds for a 1 KB
+body) but its lazily built DFA makes a new state for every new combination of partial matches in
+flight, and high-entropy text (64 KiB of random printable characters, fresh for every request) makes
+one per byte: 3 to 23 ms per 64 KiB, measured. Hyperscan runs the same rules as bit-parallel
+automata whose cost per byte does not depend on the text: 0.15 to 0.3 ms for the same inputs (see
+bench/README.md). Both are linear; Hyperscan's constant is the one a per-request budget can afford.
+
+Every pattern is compiled as RE2 reads it: case-insensitive (Unicode case folding, as RE2's
+``(?i)``), multi-line (``^`` and ``$`` at line ends), UTF-8. Each rule reports its first match only
+(``HS_FLAG_SINGLEMATCH``): the question is which rules matched, and a text full of matches costs one
+callback per rule at most. A rule Hyperscan refuses (a custom pattern using an RE2 feature it lacks,
+or one that matches the empty text) is matched by an RE2 set instead: the result is the same, only
+that rule keeps RE2's cost. Differences that remain: Hyperscan's ``\\s`` also matches the vertical
+tab (it matches a little more, never less).
+
+Compiling a database takes a few hundred milliseconds: databases are shared between inspectors with
+the same patterns (every policy with ``inspect: {}`` has the same ones) and built at policy load,
+never per request. Scans need scratch space of their own per thread: kept per thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import hyperscan
+import re2
+
+__all__ = ["RuleMatcher"]
+
+#: The mode every built-in and custom rule is written in (rules.py, checks/inspect.py): Hyperscan takes
+#: it as flags, not as an inline group.
+_PREFIX = "(?mi)"
+_FLAGS = (hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_MULTILINE | hyperscan.HS_FLAG_UTF8
+          | hyperscan.HS_FLAG_SINGLEMATCH)
+#: Databases kept for reuse (distinct rule lists in a policy set; each holds a few hundred KiB).
+_CACHED_DATABASES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    database: hyperscan.Database | None
+    #: Indexes (into the pattern list) of the rules in ``fallback``.
+    fallback_ids: tuple[int, ...]
+    fallback: re2.Set | None
+
+
+class RuleMatcher:
+    """Patterns (RE2 syntax, each starting with ``(?mi)``) compiled once; :meth:`matched` says which
+    of them match a UTF-8 text."""
+
+    __slots__ = ("_compiled", "_local", "size")
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.size = len(patterns)
+        self._compiled = _compile(tuple(patterns))
+        self._local = threading.local()
+
+    @property
+    def fallback_count(self) -> int:
+        """Rules matched by RE2 because Hyperscan refused them."""
+        return len(self._compiled.fallback_ids)
+
+    def matched(self, data: bytes) -> list[int]:
+        """Indexes of the patterns that match ``data`` (valid UTF-8), in no particular order."""
+        compiled = self._compiled
+        found: list[int] = []
+        database = compiled.database
+        if database is not None:
+            scratch = getattr(self._local, "scratch", None)
+            if scratch is None:
+                scratch = self._local.scratch = hyperscan.Scratch(database)
+            database.scan(data, match_event_handler=_collect, context=found, scratch=scratch)
+        if compiled.fallback is not None:
+            hits = compiled.fallback._set.Match(data)  # the compiled set itself: one call less
+            if hits:
+                ids = compiled.fallback_ids
+                found.extend(ids[i] for i in hits)
+        return found
+
+
+def _collect(rule: int, start: int, end: int, flags: int, found: object) -> None:
+    found.append(rule)  # type: ignore[attr-defined]  # the list ``matched`` passes as the context
+
+
+@functools.lru_cache(maxsize=_CACHED_DATABASES)
+def _compile(patterns: tuple[str, ...]) -> _Compiled:
+    hyperscan_ids = [i for i, pattern in enumerate(patterns) if pattern.startswith(_PREFIX)]
+    database: hyperscan.Database | None = None
+    # One compile of everything; a pattern Hyperscan refuses is named in the error (its index): it
+    # goes to RE2 and the rest is compiled again. Bounded by the number of patterns.
+    while hyperscan_ids:
+        database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        try:
+            database.compile(expressions=[patterns[i][len(_PREFIX):].encode("utf-8") for i in hyperscan_ids],
+                             ids=hyperscan_ids, flags=[_FLAGS] * len(hyperscan_ids))
+            break
+        except hyperscan.error as exc:
+            database = None
+            named = _ERROR_INDEX.search(str(exc))
+            position = int(named.group(1)) if named is not None else -1
+            if 0 <= position < len(hyperscan_ids):
+                del hyperscan_ids[position]
+            else:  # not about one pattern (the whole is too large?): every pattern alone
+                hyperscan_ids = [i for i in hyperscan_ids if _compiles(patterns[i][len(_PREFIX):])]
+                if not hyperscan_ids:
+                    break
+                database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+                try:
+                    database.compile(expressions=[patterns[i][len(_PREFIX):].encode("utf-8") for i in hyperscan_ids],
+                                     ids=hyperscan_ids, flags=[_FLAGS] * len(hyperscan_ids))
+                except hyperscan.error:
+                    database, hyperscan_ids = None, []
+                break
+    taken = set(hyperscan_ids)
+    fallback = [i for i in range(len(patterns)) if i not in taken]
+    fallback_set: re2.Set | None = None
+    if fallback:
+        options = re2.Options()
+        options.max_mem = 64 << 20
+        fallback_set = re2.Set.SearchSet(options)
+        for index in fallback:
+            fallback_set.Add(patterns[index])
+        fallback_set.Compile()
+    return _Compiled(database, tuple(fallback), fallback_set)
+
+
+_ERROR_INDEX = re.compile(r"at index (\d+)\.?$")
+
+
+def _compiles(expression: str) -> bool:
+    """Whether Hyperscan takes the pattern alone."""
+    try:
+        database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        database.compile(expressions=[expression.encode("utf-8")], ids=[0], flags=[_FLAGS])
+    except hyperscan.error:
+        return False
+    return True
