@@ -20,8 +20,8 @@ import warnings
 from dataclasses import dataclass
 from typing import AnyStr
 
-__all__ = ["Decoded", "cmd_form", "cmd_form_bytes", "decode", "lookup_form", "lookup_form_bytes", "sql_form",
-           "sql_form_bytes"]
+__all__ = ["Decoded", "cmd_form", "cmd_form_bytes", "decode", "forms_over_budget", "lookup_form", "lookup_form_bytes",
+           "sql_form", "sql_form_bytes"]
 
 #: URL-decoding rounds: ``%252e`` is two, no legitimate value needs more than three.
 URL_ROUNDS = 3
@@ -229,22 +229,23 @@ _COMMENT_BUDGET = 256
 _VERSIONED = re.compile(rb"/\*!\d{0,6}")
 
 
-def sql_form_bytes(data: bytes) -> bytes:
+def sql_form_bytes(data: bytes) -> tuple[bytes, bool]:
     """SQL comments out of the way: ``union/**/select`` and ``union/*!50000select*/`` read as
-    ``union select``. The first 256 comments are removed with their content; any further comment
-    delimiters are blanked (their content stays: past that many comments the text is not data).
-    Returns ``data`` itself when there is no comment."""
+    ``union select``. The first 256 comments are removed with their content, and the form ends
+    there: past that many comments the text is not data, which the second value says (an evasion),
+    and what follows was matched as it is. Returns ``data`` itself when there is no comment."""
     if b"/*" not in data:
-        return data
+        return data, False
+    over = data.count(b"/*") > _COMMENT_BUDGET  # versioned comments count too (see forms_over_budget)
     data = _VERSIONED.sub(b" ", data)
-    pieces = data.split(b"/*")
+    pieces = data.split(b"/*", _COMMENT_BUDGET + 1)
+    if len(pieces) > _COMMENT_BUDGET + 1:
+        pieces.pop()
     out = [pieces[0]]
-    for piece in pieces[1 : _COMMENT_BUDGET + 1]:
+    for piece in pieces[1:]:
         end = piece.find(b"*/")
         out.append(b" " + (piece[end + 2 :] if end >= 0 else piece))
-    if len(pieces) > _COMMENT_BUDGET + 1:
-        out.append(b" " + b" ".join(pieces[_COMMENT_BUDGET + 1 :]))
-    return b"".join(out).replace(b"*/", b" ")
+    return b"".join(out).replace(b"*/", b" "), over
 
 
 _IFS = re.compile(rb"\$\{ifs\}|\$ifs", re.IGNORECASE)
@@ -312,6 +313,12 @@ def _resolve(match: re.Match[bytes]) -> bytes:
     return _FROZEN_OPEN + body + _FROZEN_CLOSE
 
 
+def forms_over_budget(data: bytes) -> bool:
+    """Whether making the extra forms of ``data`` would run out of a budget (more SQL comments or
+    lookups than they resolve): known from two counts, before any form is made."""
+    return data.count(b"/*") > _COMMENT_BUDGET or data.count(b"${") > LOOKUP_BUDGET
+
+
 def _as_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
@@ -322,7 +329,7 @@ def _as_text(data: bytes) -> str:
 
 def sql_form(text: str) -> str:
     """:func:`sql_form_bytes` of a text."""
-    return text if "/*" not in text else _as_text(sql_form_bytes(_as_bytes(text)))
+    return text if "/*" not in text else _as_text(sql_form_bytes(_as_bytes(text))[0])
 
 
 def cmd_form(text: str) -> str:

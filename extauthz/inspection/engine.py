@@ -16,7 +16,14 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from extauthz.inspection.decode import Decoded, cmd_form_bytes, decode, lookup_form_bytes, sql_form_bytes
+from extauthz.inspection.decode import (
+    Decoded,
+    cmd_form_bytes,
+    decode,
+    forms_over_budget,
+    lookup_form_bytes,
+    sql_form_bytes,
+)
 from extauthz.inspection.matcher import RuleMatcher
 from extauthz.inspection.rules import EVASION_RULE, FORMS, SSRF_RULES, Rule
 from extauthz.inspection.ssrf import (
@@ -39,7 +46,7 @@ MAX_FINDINGS = 16
 #: JSON strings and keys a rule is tried on, one by one, to locate what matched the body's text.
 MAX_VALUES_LOCATED = 128
 _FORM_FUNCTIONS: dict[str, Callable[[bytes], bytes]] = {
-    "sql": sql_form_bytes,
+    "sql": lambda data: sql_form_bytes(data)[0],
     "cmd": cmd_form_bytes,
     "lookup": lambda data: lookup_form_bytes(data)[0],
 }
@@ -150,25 +157,32 @@ class _RuleSet:
     against the rules that read it. A rule can then only match in a form it reads, and a text that
     is costly for one form's rules costs nothing more for the others."""
 
-    def __init__(self, rules: list[Rule]) -> None:
+    def __init__(self, rules: list[Rule], decisive: frozenset[str]) -> None:
         self.rules = rules
-        self.by_form: dict[str, tuple[list[Rule], RuleMatcher]] = {}
+        #: Per form: its rules, their matcher, and the indexes of the decisive ones (see Inspector).
+        self.by_form: dict[str, tuple[list[Rule], RuleMatcher, frozenset[int]]] = {}
         for form in ("", *FORMS):
             members = [r for r in rules if not form or form in r.forms]
             if members:
-                self.by_form[form] = (members, RuleMatcher([r.pattern for r in members]))
+                stops = frozenset(i for i, r in enumerate(members) if r.id in decisive)
+                self.by_form[form] = (members, RuleMatcher([r.pattern for r in members]), stops)
 
-    def matched_ids(self, data: bytes, form: str = "") -> frozenset[str]:
-        """Ids of the rules reading ``form`` that match ``data`` (UTF-8: see :func:`_utf8`)."""
+    def matched_ids(self, data: bytes, form: str = "", *, early_stop: bool = False) -> tuple[frozenset[str], bool]:
+        """Ids of the rules reading ``form`` that match ``data`` (UTF-8: see :func:`_utf8`), and
+        whether the pass stopped at a decisive rule (``early_stop``: then only what matched before
+        it is known)."""
         entry = self.by_form.get(form)
         if entry is None or not data:
-            return _NONE
-        members, matcher = entry
-        hits = matcher.matched(data)
-        return frozenset(members[i].id for i in hits) if hits else _NONE
+            return _NONE, False
+        members, matcher, stops = entry
+        hits, stopped = matcher.matched(data, stops if early_stop else _NO_STOPS)
+        return (frozenset(members[i].id for i in hits) if hits else _NONE), stopped
 
 
 _NONE: frozenset[str] = frozenset()
+_NO_STOPS: frozenset[int] = frozenset()
+#: Texts at least this long are matched with an early stop at the first decisive rule (see Inspector).
+EARLY_STOP_BYTES = 16384
 
 
 def _utf8(text: str) -> bytes:
@@ -190,18 +204,43 @@ class Inspector:
             input_rules.append(Rule(_SSRF_CANDIDATE, "ssrf", 1, 0, "(?mi)" + "|".join(candidates),
                                     frozenset({"query", "cookie", "body"})))
         file_rules = [r for r in config.rules if "filename" in r.targets]
+        # Rules that decide a denial alone wherever they match: enforced, scored at the threshold,
+        # named by no exclusion. A long text is matched only until the first of them (a text made to
+        # keep every rule busy is an attack; finding everything in it is not worth milliseconds).
+        self.decisive = frozenset(
+            r.id for r in config.rules
+            if not config.report_only and r.score >= config.threshold and r.id not in config.report
+            and r.detector not in config.report
+            and not any(not x.rules or r.id in x.rules or r.detector in x.rules for x in config.exclusions))
+        evasion_id, _, evasion_score, _ = EVASION_RULE
+        #: Whether a decoding budget running out decides a denial alone (then a long text over a
+        #: budget is not matched at all).
+        self.evasion_decides = (
+            not config.report_only and evasion_score >= config.threshold and evasion_id not in config.report
+            and "evasion" not in config.report
+            and not any(not x.rules or evasion_id in x.rules or "evasion" in x.rules for x in config.exclusions))
+        if self.evasion_decides:
+            self.decisive |= {evasion_id}
         self.groups = {
-            "inputs": _RuleSet(input_rules),
-            "files": _RuleSet(file_rules),
+            "inputs": _RuleSet(input_rules, self.decisive),
+            "files": _RuleSet(file_rules, self.decisive),
         }
         self.allow = AddressAllowList(config.ssrf_allow) if config.ssrf_allow else None
 
     # --- per request ---------------------------------------------------------------------------------
     def inspect(self, request: Request) -> Verdict:
+        verdict, stopped = self._inspect(request, early_stop=True)
+        if stopped and not any(f.rule in self.decisive and not f.reported for f in verdict.findings):
+            # The decisive match was not in one value (it spanned two, or nowhere it counts): every
+            # rule again, to the end of every text.
+            verdict, _ = self._inspect(request, early_stop=False)
+        return verdict
+
+    def _inspect(self, request: Request, *, early_stop: bool) -> tuple[Verdict, bool]:
         config = self.config
         problem = self._request_limits(request)
         if problem is not None:
-            return Verdict(problem=problem, problem_reported=config.report_only)
+            return Verdict(problem=problem, problem_reported=config.report_only), False
         view = body_view(request) if config.inspect_body else None
         if view is not None:
             problem = view.problem
@@ -213,7 +252,7 @@ class Inspector:
                 if view.document is not None and view.kind is BodyKind.JSON and problem.pointer:
                     problem = BodyProblem(problem.reason, problem.status, problem.message,
                                           safe_pointer(problem.pointer), problem.limit)
-                return Verdict(problem=problem, problem_reported=config.report_only)
+                return Verdict(problem=problem, problem_reported=config.report_only), False
         values = RequestValues(request, view, headers=config.inspect_headers)
         hits: dict[str, set[str]] = {}  # rule id -> groups to locate it in
         # Decoded and matched as one text (values joined by line breaks): one pass of each matcher.
@@ -224,6 +263,7 @@ class Inspector:
         body_text = values.body_text
         decoded_values: dict[str, str] = {}  # value -> decoded text, for locating
         known: dict[tuple[str, str, str], frozenset[str]] = {}  # (value, form, group) -> rules matched
+        stop = [early_stop, False]  # [stop at a decisive rule, stopped]
         if body_text and view is not None and view.document is None and len(body_text) > 4096:
             # A large text body is one value: decoded and matched on its own, so that locating a match
             # in it reuses both instead of doing them again.
@@ -231,27 +271,30 @@ class Inspector:
             decoded_values[body_text] = body.text
             decoded = decode(text)
             seen: dict[str, frozenset[str]] = {}
-            evasion = self._scan("inputs", body, hits, seen)
-            for form in ("", *FORMS):
-                known[(body_text, form, "inputs")] = seen.get(form, _NONE)
-            evasion |= self._scan("inputs", decoded, hits)
+            evasion = self._scan("inputs", body, hits, stop, seen)
+            for form, found in seen.items():  # the forms matched to the end (or up to the stop)
+                known[(body_text, form, "inputs")] = found
+            if not stop[1]:
+                for form in FORMS:
+                    known.setdefault((body_text, form, "inputs"), _NONE)
+                evasion |= self._scan("inputs", decoded, hits, stop)
             text = decoded.text + "\n" + body.text
         else:
             decoded = decode(text + "\n" + body_text if body_text else text)
-            evasion = self._scan("inputs", decoded, hits)
+            evasion = self._scan("inputs", decoded, hits, stop)
             text = decoded.text
-        filenames = values.filenames() if view is not None and view.parts else []
+        filenames = values.filenames() if view is not None and view.parts and not stop[1] else []
         if filenames:
-            evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits)
+            evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits, stop)
         ssrf_rules: set[str] = set()
-        if hits.pop(_SSRF_CANDIDATE, None) is not None:
+        if hits.pop(_SSRF_CANDIDATE, None) is not None and not stop[1]:
             ssrf_rules = self._ssrf(text)
             if FLOOD in ssrf_rules:
                 ssrf_rules.discard(FLOOD)
                 evasion = True
         if not hits and not ssrf_rules and not evasion:
-            return Verdict()
-        return self._verdict(request, values, hits, ssrf_rules, evasion, decoded_values, known)
+            return Verdict(), stop[1]
+        return self._verdict(request, values, hits, ssrf_rules, evasion, decoded_values, known), stop[1]
 
     def _request_limits(self, request: Request) -> BodyProblem | None:
         limits = self.config.limits
@@ -277,32 +320,48 @@ class Inspector:
                                    f"a header value is longer than {longest} bytes", f"header:{name}", "header_bytes")
         return None
 
-    def _scan(self, group: str, decoded: Decoded, hits: dict[str, set[str]],
+    def _scan(self, group: str, decoded: Decoded, hits: dict[str, set[str]], stop: list[bool],
               seen: dict[str, frozenset[str]] | None = None) -> bool:  # fmt: skip
         """The decoded text and each extra form it needs, each through its matcher; ``seen`` gets
-        the rules matched per form. Returns whether a decoding budget ran out (an evasion)."""
+        the rules matched per form. ``stop``: [stop a long text at a decisive rule, it stopped];
+        once stopped, no further form is made or matched. Returns whether a decoding budget ran out
+        (an evasion)."""
         data = _utf8(decoded.text)
         evasion = decoded.over_budget
-        forms = [("", data)]
-        if b"/*" in data:
-            forms.append(("sql", sql_form_bytes(data)))
-        # Shell quoting only hides a command that something starts: a separator, a substitution.
-        if any(c in data for c in _CMD_CHARS) and any(c in data for c in _CMD_STARTS):
-            forms.append(("cmd", cmd_form_bytes(data)))
-        if b"${" in data:
-            looked_up, over = lookup_form_bytes(data)
-            evasion |= over
-            forms.append(("lookup", looked_up))
+        early = stop[0] and len(data) >= EARLY_STOP_BYTES
+        if early and self.evasion_decides and (evasion or forms_over_budget(data)):
+            stop[1] = True  # denied as an evasion whatever the rules would find
+            return True
         rule_set = self.groups[group]
-        for form, form_text in forms:
-            if form and form_text == data:  # the form changed nothing: the decoded text's matches
+        for form in ("", *FORMS):
+            if form == "":
+                form_data = data
+            elif form == "sql":
+                if b"/*" not in data:
+                    continue
+                form_data, over = sql_form_bytes(data)
+                evasion |= over
+            elif form == "cmd":
+                # Shell quoting only hides a command that something starts: a separator, a substitution.
+                if not (any(c in data for c in _CMD_CHARS) and any(c in data for c in _CMD_STARTS)):
+                    continue
+                form_data = cmd_form_bytes(data)
+            else:
+                if b"${" not in data:
+                    continue
+                form_data, over = lookup_form_bytes(data)
+                evasion |= over
+            if form and form_data == data:  # the form changed nothing: the decoded text's matches
                 found = seen.get("", _NONE) if seen is not None else _NONE
             else:
-                found = rule_set.matched_ids(form_text, form)
+                found, stopped = rule_set.matched_ids(form_data, form, early_stop=early)
+                stop[1] |= stopped
             if seen is not None:
                 seen[form] = found
             for rule_id in found:
                 hits.setdefault(rule_id, set()).add(group)
+            if stop[1]:
+                break
         return evasion
 
     def _ssrf(self, text: str) -> set[str]:
@@ -349,7 +408,7 @@ class Inspector:
                 if form and data == form_of(value, ""):  # the form changed nothing
                     found = rules_in(value, "", group)
                 else:
-                    found = self.groups[group].matched_ids(data, form)
+                    found, _ = self.groups[group].matched_ids(data, form)
                 matched_in[key] = found
             return found
 

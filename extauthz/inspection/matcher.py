@@ -66,8 +66,10 @@ class RuleMatcher:
         """Rules matched by RE2 because Hyperscan refused them."""
         return len(self._compiled.fallback_ids)
 
-    def matched(self, data: bytes) -> list[int]:
-        """Indexes of the patterns that match ``data`` (valid UTF-8), in no particular order."""
+    def matched(self, data: bytes, stop: frozenset[int] = frozenset()) -> tuple[list[int], bool]:
+        """Indexes of the patterns that match ``data`` (valid UTF-8), in no particular order, and
+        whether the scan stopped early: at the first match of a pattern in ``stop`` (then the
+        list holds what matched up to there)."""
         compiled = self._compiled
         found: list[int] = []
         database = compiled.database
@@ -75,17 +77,31 @@ class RuleMatcher:
             scratch = getattr(self._local, "scratch", None)
             if scratch is None:
                 scratch = self._local.scratch = hyperscan.Scratch(database)
-            database.scan(data, match_event_handler=_collect, context=found, scratch=scratch)
+            if not stop:
+                database.scan(data, match_event_handler=_collect, context=found, scratch=scratch)
+            else:
+                try:
+                    database.scan(data, match_event_handler=_collect_until, context=(found, stop), scratch=scratch)
+                except hyperscan.ScanTerminated:
+                    return found, True
         if compiled.fallback is not None:
             hits = compiled.fallback._set.Match(data)  # the compiled set itself: one call less
             if hits:
                 ids = compiled.fallback_ids
                 found.extend(ids[i] for i in hits)
-        return found
+        return found, False
 
 
 def _collect(rule: int, start: int, end: int, flags: int, found: object) -> None:
     found.append(rule)  # type: ignore[attr-defined]  # the list ``matched`` passes as the context
+
+
+def _collect_until(rule: int, start: int, end: int, flags: int, context: object) -> bool:
+    found: list[int]
+    stop: frozenset[int]
+    found, stop = context  # type: ignore[misc]  # the pair ``matched`` passes as the context
+    found.append(rule)
+    return rule in stop  # True stops the scan
 
 
 @functools.lru_cache(maxsize=_CACHED_DATABASES)
