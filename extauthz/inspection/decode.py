@@ -17,7 +17,6 @@ import html
 import re
 import unicodedata
 import warnings
-from dataclasses import dataclass
 from typing import AnyStr
 
 __all__ = ["Decoded", "cmd_form", "cmd_form_bytes", "decode", "forms_over_budget", "lookup_form", "lookup_form_bytes",
@@ -52,26 +51,62 @@ _OVERLONG = (
     (b"\xc1\x9c", b"\\"), (b"\xc0\xbc", b"<"), (b"\xc0\xbe", b">"), (b"\xc0\xa7", b"'"), (b"\xc0\xa2", b'"'),
     (b"\xc0\x80", b""),
 )  # fmt: skip
-#: Characters dropped before matching: NUL and the invisible ones used to split keywords.
-_INVISIBLE_CHARS = re.compile("[\x00\u200b\u200c\u200d\u2060\ufeff\u00ad]")
-#: Dots and slashes that hosts and paths treat as '.' and '/' (IDNA, full-width).
-_LOOKALIKE_PAIRS = (("\u3002", "."), ("\uff61", "."), ("\uff0e", "."), ("\u2215", "/"), ("\u2044", "/"))
+#: Characters dropped before matching, as UTF-8: NUL and the invisible ones used to split keywords.
+_INVISIBLE = tuple(c.encode("utf-8") for c in "\x00\u200b\u200c\u200d\u2060\ufeff\u00ad")
+#: Dots and slashes that hosts and paths treat as '.' and '/' (IDNA, full-width), as UTF-8.
+_LOOKALIKES = tuple((c.encode("utf-8"), plain) for c, plain in (
+    ("\u3002", b"."), ("\uff61", b"."), ("\uff0e", b"."), ("\u2215", b"/"), ("\u2044", b"/")))
+#: The characters of _LOOKALIKES and _INVISIBLE beyond Latin-1.
+_SPECIAL_WIDE = "\u3002\uff61\uff0e\u2215\u2044\u200b\u200c\u200d\u2060\ufeff"
 #: Texts longer than this get only full-width ASCII mapped instead of the whole NFKC.
 NFKC_MAX_CHARS = 16384
-_FULL_WIDTH = re.compile("[\uff01-\uff5e]")
+#: Full-width ASCII (U+FF01 to U+FF5E) as UTF-8.
+_FULL_WIDTH = re.compile(rb"\xef\xbc[\x81-\xbf]|\xef\xbd[\x80-\x9e]")
 
 
-def _half_width(match: re.Match[str]) -> str:
-    return chr(ord(match.group()) - 0xFEE0)
-_SPECIAL_WIDE = "\u3002\uff61\uff0e\u2215\u2044\u200b\u200c\u200d\u2060\ufeff"
+def _half_width(match: re.Match[bytes]) -> bytes:
+    return bytes((ord(match.group().decode("utf-8")) - 0xFEE0,))
 
 
-@dataclass(slots=True)
 class Decoded:
-    """A text after the pipeline, and whether a budgeted step gave up (an evasion signal)."""
+    """A text after the pipeline, and whether a budgeted step gave up (an evasion signal).
 
-    text: str
-    over_budget: bool = False
+    The pipeline ends on the UTF-8 bytes the matchers read (``data``: lone surrogates, which have no
+    UTF-8, read as '?'); ``text`` is the same as a str, made when asked for."""
+
+    __slots__ = ("_data", "_text", "over_budget")
+
+    def __init__(self, text: str | None = None, over_budget: bool = False, *, data: bytes | None = None) -> None:
+        assert text is not None or data is not None
+        self._text = text
+        self._data = data
+        self.over_budget = over_budget
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            assert self._data is not None
+            self._text = self._data.decode("utf-8")
+        return self._text
+
+    @property
+    def data(self) -> bytes:
+        if self._data is None:
+            assert self._text is not None
+            self._data = utf8(self._text)
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"Decoded({self.text!r}, over_budget={self.over_budget})"
+
+
+def utf8(text: str) -> bytes:
+    """What the matchers read: UTF-8, lone surrogates (an invalid escape in a query, \\ud800 in JSON)
+    as '?', as an invalid character would be."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")
 
 
 def decode(text: str) -> Decoded:
@@ -103,29 +138,36 @@ def decode(text: str) -> Decoded:
         text = _js_decode(text, budget)
         if text.count("%") > percents:  # \x25 spelled a percent: the escape it starts is decoded
             text = _percent_decode(text, budget)
-    if not text.isascii():
+    if text.isascii():
+        data = text.encode("ascii")
+        return Decoded(text if b"\x00" not in data else None, budget[0] < 0, data=data.replace(b"\x00", b""))
+    if len(text) <= NFKC_MAX_CHARS:
         if not unicodedata.is_normalized("NFKC", text):
-            if len(text) <= NFKC_MAX_CHARS:
-                text = unicodedata.normalize("NFKC", text)
-            else:  # NFKC costs about a microsecond a character: past the limit, full-width ASCII only
-                text = _budgeted_sub(_FULL_WIDTH, _half_width, text, budget, flag=False)
-        # Characters that need work: look-alike dots and slashes, invisible characters. Only C
-        # loops here ("in", encode): a regular-expression search or max() over non-ASCII text is
-        # several times slower. Lone surrogates (an invalid %-escape in a query, \ud800 in JS) are
-        # left: whoever encodes the text for a matcher reads them as '?' (one encode, not two).
-        try:
-            text.encode("latin-1")
-            wide = False
-        except UnicodeEncodeError:
-            wide = True
-        if (wide and any(c in text for c in _SPECIAL_WIDE)) or "\xad" in text or "\x00" in text:
-            for lookalike, plain in _LOOKALIKE_PAIRS:  # str.replace: C speed; str.translate is not
-                if lookalike in text:
-                    text = text.replace(lookalike, plain)
-            text = _INVISIBLE_CHARS.sub("", text)
-    elif "\x00" in text:
-        text = text.replace("\x00", "")
-    return Decoded(text, budget[0] < 0)
+            text = unicodedata.normalize("NFKC", text)
+        data = utf8(text)
+    else:  # NFKC costs about a microsecond a character: past the limit, full-width ASCII only
+        data = utf8(text)
+        if b"\xef\xbc" in data or b"\xef\xbd" in data:
+            data = _budgeted_sub(_FULL_WIDTH, _half_width, data, budget, flag=False)
+    # Characters that need work: look-alike dots and slashes, invisible characters. Whether there
+    # are any is asked of the str (a search for one character is a C loop that skips ahead), the
+    # replacing is done on the UTF-8 bytes (one byte a character, where the str may have four).
+    try:
+        text.encode("latin-1")
+        wide = False
+    except UnicodeEncodeError:
+        wide = True
+    if wide and any(c in text for c in _SPECIAL_WIDE):
+        for lookalike, plain in _LOOKALIKES:
+            if lookalike in data:
+                data = data.replace(lookalike, plain)
+        for invisible in _INVISIBLE:
+            if invisible in data:
+                data = data.replace(invisible, b"")
+    elif "\xad" in text or "\x00" in text:
+        data = data.replace(b"\xc2\xad", b"").replace(b"\x00", b"")
+    # The text as a str only when asked for (then from the bytes, which may differ from it).
+    return Decoded(None, budget[0] < 0, data=data)
 
 
 def _percent_decode(text: str, budget: list[int]) -> str:

@@ -168,7 +168,7 @@ class _RuleSet:
                 self.by_form[form] = (members, RuleMatcher([r.pattern for r in members]), stops)
 
     def matched_ids(self, data: bytes, form: str = "", *, early_stop: bool = False) -> tuple[frozenset[str], bool]:
-        """Ids of the rules reading ``form`` that match ``data`` (UTF-8: see :func:`_utf8`), and
+        """Ids of the rules reading ``form`` that match ``data`` (UTF-8: see :func:`decode.utf8`), and
         whether the pass stopped at a decisive rule (``early_stop``: then only what matched before
         it is known)."""
         entry = self.by_form.get(form)
@@ -183,12 +183,6 @@ _NONE: frozenset[str] = frozenset()
 _NO_STOPS: frozenset[int] = frozenset()
 #: Texts at least this long are matched with an early stop at the first decisive rule (see Inspector).
 EARLY_STOP_BYTES = 16384
-
-
-def _utf8(text: str) -> bytes:
-    """What the matchers read. Lone surrogates (an invalid escape in a query, \\ud800 in JSON) have
-    no UTF-8: they are read as '?', as an invalid character would be."""
-    return text.encode("utf-8", "replace")
 
 
 class Inspector:
@@ -261,14 +255,14 @@ class Inspector:
         if config.inspect_headers:
             text = text + "\n" + values.headers_text()
         body_text = values.body_text
-        decoded_values: dict[str, str] = {}  # value -> decoded text, for locating
+        decoded_values: dict[str, Decoded] = {}  # value -> decoded, for locating
         known: dict[tuple[str, str, str], frozenset[str]] = {}  # (value, form, group) -> rules matched
         stop = [early_stop, False]  # [stop at a decisive rule, stopped]
         if body_text and view is not None and view.document is None and len(body_text) > 4096:
             # A large text body is one value: decoded and matched on its own, so that locating a match
             # in it reuses both instead of doing them again.
             body = decode(body_text)
-            decoded_values[body_text] = body.text
+            decoded_values[body_text] = body
             decoded = decode(text)
             seen: dict[str, frozenset[str]] = {}
             evasion = self._scan("inputs", body, hits, stop, seen)
@@ -278,17 +272,17 @@ class Inspector:
                 for form in FORMS:
                     known.setdefault((body_text, form, "inputs"), _NONE)
                 evasion |= self._scan("inputs", decoded, hits, stop)
-            text = decoded.text + "\n" + body.text
+            texts: tuple[Decoded, ...] = (decoded, body)
         else:
             decoded = decode(text + "\n" + body_text if body_text else text)
             evasion = self._scan("inputs", decoded, hits, stop)
-            text = decoded.text
+            texts = (decoded,)
         filenames = values.filenames() if view is not None and view.parts and not stop[1] else []
         if filenames:
             evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits, stop)
         ssrf_rules: set[str] = set()
         if hits.pop(_SSRF_CANDIDATE, None) is not None and not stop[1]:
-            ssrf_rules = self._ssrf(text)
+            ssrf_rules = self._ssrf("\n".join(d.text for d in texts))
             if FLOOD in ssrf_rules:
                 ssrf_rules.discard(FLOOD)
                 evasion = True
@@ -326,7 +320,7 @@ class Inspector:
         the rules matched per form. ``stop``: [stop a long text at a decisive rule, it stopped];
         once stopped, no further form is made or matched. Returns whether a decoding budget ran out
         (an evasion)."""
-        data = _utf8(decoded.text)
+        data = decoded.data
         evasion = decoded.over_budget
         early = stop[0] and len(data) >= EARLY_STOP_BYTES
         if early and self.evasion_decides and (evasion or forms_over_budget(data)):
@@ -365,11 +359,6 @@ class Inspector:
         return evasion
 
     def _ssrf(self, text: str) -> set[str]:
-        if not text.isascii():  # RE2 reads UTF-8: lone surrogates (see decode) read as '?'
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                text = text.encode("utf-8", "replace").decode("utf-8")
         if self.config.sensitivity >= 2:
             bare = True
         else:  # at level 1 a bare address (no scheme) counts only when it is a metadata endpoint
@@ -381,21 +370,21 @@ class Inspector:
 
     # --- when something matched: where, exclusions, scores ------------------------------------------------
     def _verdict(self, request: Request, values: RequestValues, hits: dict[str, set[str]], ssrf_rules: set[str],
-                 evasion: bool, decoded: dict[str, str],
+                 evasion: bool, decoded: dict[str, Decoded],
                  matched_in: dict[tuple[str, str, str], frozenset[str]]) -> Verdict:  # fmt: skip
         forms_of: dict[tuple[str, str], bytes] = {}
 
-        def text_of(value: str) -> str:
+        def decoded_of(value: str) -> Decoded:
             done = decoded.get(value)
             if done is None:
-                done = decoded[value] = decode(value).text
+                done = decoded[value] = decode(value)
             return done
 
         def form_of(value: str, form: str) -> bytes:
             key = (value, form)
             done = forms_of.get(key)
             if done is None:
-                done = forms_of[key] = _FORM_FUNCTIONS[form](form_of(value, "")) if form else _utf8(text_of(value))
+                done = forms_of[key] = _FORM_FUNCTIONS[form](form_of(value, "")) if form else decoded_of(value).data
             return done
 
         # Which rules match one value in one form, each value scanned once whatever the number of
@@ -433,7 +422,7 @@ class Inspector:
         def ssrf_rules_of(value: str) -> set[str]:
             found = ssrf_of.get(value)
             if found is None:
-                found = ssrf_of[value] = self._ssrf(text_of(value)) - {FLOOD}
+                found = ssrf_of[value] = self._ssrf(decoded_of(value).text) - {FLOOD}
             return found
 
         for rule_id in sorted(ssrf_rules):

@@ -23,7 +23,6 @@ never per request. Scans need scratch space of their own per thread: kept per th
 from __future__ import annotations
 
 import functools
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,35 +105,17 @@ def _collect_until(rule: int, start: int, end: int, flags: int, context: object)
 
 @functools.lru_cache(maxsize=_CACHED_DATABASES)
 def _compile(patterns: tuple[str, ...]) -> _Compiled:
-    hyperscan_ids = [i for i, pattern in enumerate(patterns) if pattern.startswith(_PREFIX)]
-    database: hyperscan.Database | None = None
-    # One compile of everything; a pattern Hyperscan refuses is named in the error (its index): it
-    # goes to RE2 and the rest is compiled again. Bounded by the number of patterns.
-    while hyperscan_ids:
-        database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        try:
-            database.compile(expressions=[patterns[i][len(_PREFIX):].encode("utf-8") for i in hyperscan_ids],
-                             ids=hyperscan_ids, flags=[_FLAGS] * len(hyperscan_ids))
-            break
-        except hyperscan.error as exc:
-            database = None
-            named = _ERROR_INDEX.search(str(exc))
-            position = int(named.group(1)) if named is not None else -1
-            if 0 <= position < len(hyperscan_ids):
-                del hyperscan_ids[position]
-            else:  # not about one pattern (the whole is too large?): every pattern alone
-                hyperscan_ids = [i for i in hyperscan_ids if _compiles(patterns[i][len(_PREFIX):])]
-                if not hyperscan_ids:
-                    break
-                database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-                try:
-                    database.compile(expressions=[patterns[i][len(_PREFIX):].encode("utf-8") for i in hyperscan_ids],
-                                     ids=hyperscan_ids, flags=[_FLAGS] * len(hyperscan_ids))
-                except hyperscan.error:
-                    database, hyperscan_ids = None, []
-                break
-    taken = set(hyperscan_ids)
-    fallback = [i for i in range(len(patterns)) if i not in taken]
+    taken = [i for i, pattern in enumerate(patterns) if pattern.startswith(_PREFIX)]
+    database = _database([patterns[i] for i in taken], taken)
+    if database is None and taken:
+        # Hyperscan's error does not say which pattern it refused: each alone, and the ones it takes
+        # together (RE2 for the others). Only when a custom pattern uses what Hyperscan lacks.
+        taken = [i for i in taken if _compiles(patterns[i][len(_PREFIX) :])]
+        database = _database([patterns[i] for i in taken], taken)
+        if database is None:
+            taken = []
+    kept = set(taken)
+    fallback = [i for i in range(len(patterns)) if i not in kept]
     fallback_set: re2.Set | None = None
     if fallback:
         options = re2.Options()
@@ -146,9 +127,19 @@ def _compile(patterns: tuple[str, ...]) -> _Compiled:
     return _Compiled(database, tuple(fallback), fallback_set)
 
 
-_ERROR_INDEX = re.compile(r"at index (\d+)\.?$")
+def _database(patterns: list[str], ids: list[int]) -> hyperscan.Database | None:
+    if not patterns:
+        return None
+    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    try:
+        database.compile(expressions=[p[len(_PREFIX) :].encode("utf-8") for p in patterns], ids=ids,
+                         flags=[_FLAGS] * len(ids))
+    except hyperscan.error:
+        return None
+    return database
 
 
+@functools.lru_cache(maxsize=4096)
 def _compiles(expression: str) -> bool:
     """Whether Hyperscan takes the pattern alone."""
     try:
