@@ -77,8 +77,7 @@ class Decoded:
     __slots__ = ("_data", "_text", "over_budget")
 
     def __init__(self, text: str | None = None, over_budget: bool = False, *, data: bytes | None = None) -> None:
-        assert text is not None or data is not None
-        self._text = text
+        self._text = text  # one of text and data is given
         self._data = data
         self.over_budget = over_budget
 
@@ -144,7 +143,10 @@ def decode(text: str) -> Decoded:
     if len(text) <= NFKC_MAX_CHARS:
         if not unicodedata.is_normalized("NFKC", text):
             text = unicodedata.normalize("NFKC", text)
-        data = utf8(text)
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            data = text.encode("utf-8", "replace")
     else:  # NFKC costs about a microsecond a character: past the limit, full-width ASCII only
         data = utf8(text)
         if b"\xef\xbc" in data or b"\xef\xbd" in data:

@@ -1,12 +1,18 @@
 """The inspector: compiled once per policy, run once per request.
 
 One request is inspected in a few passes whatever its size or number of values: the values of each
-group (path, query, cookies, body and headers; file names) are joined into one text, the text is decoded once, and every
-enabled rule runs in one RE2 set match over it (plus one over each extra form the text needs: SQL
-comments removed, shell quoting removed, lookups resolved). Only when a rule matched are the values
-decoded one by one to find where (the location a finding names); a match that spans two values is
-found to be in none and dropped there. Scores of the rules that matched add up; at the threshold the
-request is refused.
+group (path, query, cookies, body and headers; file names) are joined into one text, the text is
+decoded once, and every enabled rule runs in one matcher pass over it (matcher.py: Hyperscan), plus
+one over each extra form the text needs (SQL comments removed, shell quoting removed, lookups
+resolved) through the rules that read that form. Only when a rule matched are the values decoded
+one by one to find where (the location a finding names); a match that spans two values is found to
+be in none and dropped there. Scores of the rules that matched add up; at the threshold the request
+is refused.
+
+A long text (EARLY_STOP_BYTES) is matched only until the first decisive rule: one that denies alone
+wherever it matches. A text written to keep every rule busy at every byte is an attack, and the
+denial does not need the rest of it; when the decisive match locates nowhere, everything is matched
+again to the end, so the shortcut never turns a denial into an allow.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from extauthz.inspection.decode import (
     lookup_form_bytes,
     sql_form_bytes,
 )
-from extauthz.inspection.matcher import RuleMatcher
+from extauthz.inspection.matcher import SMALL_TEXT_BYTES, RuleMatcher
 from extauthz.inspection.rules import EVASION_RULE, FORMS, SSRF_RULES, Rule
 from extauthz.inspection.ssrf import (
     BARE_CANDIDATE_PATTERN,
@@ -322,6 +328,8 @@ class Inspector:
         (an evasion)."""
         data = decoded.data
         evasion = decoded.over_budget
+        if seen is None and len(data) < SMALL_TEXT_BYTES:
+            return self._scan_short(group, data, evasion, hits)
         early = stop[0] and len(data) >= EARLY_STOP_BYTES
         if early and self.evasion_decides and (evasion or forms_over_budget(data)):
             stop[1] = True  # denied as an evasion whatever the rules would find
@@ -356,6 +364,27 @@ class Inspector:
                 hits.setdefault(rule_id, set()).add(group)
             if stop[1]:
                 break
+        return evasion
+
+    def _scan_short(self, group: str, data: bytes, evasion: bool, hits: dict[str, set[str]]) -> bool:
+        """:meth:`_scan` of a short text: the forms it needs joined to it, for one call of every rule
+        (a call costs more than the few bytes it reads). A rule that matched only in a form it does
+        not read is dropped when located (which reads each form through its own rules)."""
+        forms = [data]
+        if b"/*" in data:
+            without_comments, over = sql_form_bytes(data)
+            evasion |= over
+            forms.append(without_comments)
+        # Shell quoting only hides a command that something starts: a separator, a substitution.
+        if any(c in data for c in _CMD_CHARS) and any(c in data for c in _CMD_STARTS):
+            forms.append(cmd_form_bytes(data))
+        if b"${" in data:
+            looked_up, over = lookup_form_bytes(data)
+            evasion |= over
+            forms.append(looked_up)
+        found, _ = self.groups[group].matched_ids(b"\n".join(forms) if len(forms) > 1 else data)
+        for rule_id in found:
+            hits.setdefault(rule_id, set()).add(group)
         return evasion
 
     def _ssrf(self, text: str) -> set[str]:

@@ -39,6 +39,14 @@ _FLAGS = (hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_MULTILINE | hyperscan.H
           | hyperscan.HS_FLAG_SINGLEMATCH)
 #: Databases kept for reuse (distinct rule lists in a policy set; each holds a few hundred KiB).
 _CACHED_DATABASES = 64
+#: Texts shorter than this are matched by an RE2 set of the same patterns: for them RE2 costs less
+#: (no callback) and holds the GIL; Hyperscan's binding releases the GIL for every scan, which in
+#: the sidecar (gRPC and logging threads) hands the interpreter to another thread at every request.
+#: RE2's cost per byte on high-entropy text is bounded, so below this size it stays under a
+#: millisecond whatever the text.
+SMALL_TEXT_BYTES = 4096
+#: DFA memory of each RE2 set (it only grows as texts need new states).
+_RE2_MAX_MEM = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +55,8 @@ class _Compiled:
     #: Indexes (into the pattern list) of the rules in ``fallback``.
     fallback_ids: tuple[int, ...]
     fallback: re2.Set | None
+    #: Every pattern, for short texts (see SMALL_TEXT_BYTES).
+    small: re2.Set
 
 
 class RuleMatcher:
@@ -69,6 +79,12 @@ class RuleMatcher:
         """Indexes of the patterns that match ``data`` (valid UTF-8), in no particular order, and
         whether the scan stopped early: at the first match of a pattern in ``stop`` (then the
         list holds what matched up to there)."""
+        if len(data) < SMALL_TEXT_BYTES:
+            return self._compiled.small._set.Match(data), False  # the compiled set itself: one call less
+        return self.scan(data, stop)
+
+    def scan(self, data: bytes, stop: frozenset[int] = frozenset()) -> tuple[list[int], bool]:
+        """:meth:`matched` through Hyperscan whatever the length (RE2 for the patterns it refused)."""
         compiled = self._compiled
         found: list[int] = []
         database = compiled.database
@@ -116,15 +132,18 @@ def _compile(patterns: tuple[str, ...]) -> _Compiled:
             taken = []
     kept = set(taken)
     fallback = [i for i in range(len(patterns)) if i not in kept]
-    fallback_set: re2.Set | None = None
-    if fallback:
-        options = re2.Options()
-        options.max_mem = 64 << 20
-        fallback_set = re2.Set.SearchSet(options)
-        for index in fallback:
-            fallback_set.Add(patterns[index])
-        fallback_set.Compile()
-    return _Compiled(database, tuple(fallback), fallback_set)
+    return _Compiled(database, tuple(fallback), _re2_set([patterns[i] for i in fallback]) if fallback else None,
+                     _re2_set(patterns))
+
+
+def _re2_set(patterns: Sequence[str]) -> re2.Set:
+    options = re2.Options()
+    options.max_mem = _RE2_MAX_MEM
+    rule_set = re2.Set.SearchSet(options)
+    for pattern in patterns:
+        rule_set.Add(pattern)
+    rule_set.Compile()
+    return rule_set
 
 
 def _database(patterns: list[str], ids: list[int]) -> hyperscan.Database | None:

@@ -266,7 +266,7 @@ _SUSPICIOUS_AUTHORITY = re2.compile(
     r"|\.corp|home\.arpa|nip\.io|sslip\.io|xip\.io|traefik\.me|localtest\.me|lvh\.me|vcap\.me|lacolhost\.com"
     r"|nip\.direct)(?:[:.][^\s/?#\\\"'<>@]{0,64})?))"
 )
-#: What makes ssrf_findings worth calling at all (an RE2 set rule of the inspector runs it).
+#: What makes ssrf_findings worth calling at all (a rule of the inspector's matcher runs it).
 CANDIDATE_PATTERN = (
     r"//(?:[^\s/?#@]*@)?(?:\[|\d|[^\s/?#]*(?:localhost|metadata|instance-data|kubernetes|internal|\.local|"
     r"localdomain|intranet|\.corp|home\.arpa|nip\.io|sslip\.io|xip\.io|traefik\.me|localtest\.me|lvh\.me|vcap\.me|"
