@@ -46,7 +46,7 @@ _CACHED_DATABASES = 64
 #: millisecond whatever the text.
 SMALL_TEXT_BYTES = 4096
 #: DFA memory of each RE2 set (it only grows as texts need new states).
-_RE2_MAX_MEM = 16 << 20
+_RE2_MAX_MEM = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
