@@ -10,6 +10,10 @@ Scenarios (each gets its own Envoy, --concurrency 1, no access log; all answer w
   (b) allow-all   Envoy + ext_authz -> bench/allow_all_server.py (minimal grpc.aio Check, always OK)
   (c) extauthz    Envoy + ext_authz -> the real sidecar serving --policies (same command as the e2e
                   fixture); more sidecar scenarios are entries in SIDECAR_SCENARIOS (see --list).
+                  Every scenario NAME also exists as NAME-http: the same sidecar behind Envoy's HTTP
+                  ext_authz mode (deploy/envoy/envoy-http.yaml, serve --http-authz-listen).
+  (bh) allow-all-http   Envoy (HTTP ext_authz mode) -> bench/allow_all_http_server.py (uvloop +
+                  httptools, 200 with no body): added when an -http scenario runs (or --allow-all-http).
   (b:NAME)        allow-all again, sent exactly the request of sidecar scenario NAME (method, path, host,
                   headers, body) when that request is not the default one (e.g. hmac: a signed POST with
                   a body, which Envoy buffers and sends in a bigger CheckRequest).
@@ -42,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -90,6 +94,8 @@ class SidecarScenario:
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes | None = None
     setup: Callable[[Path], contextlib.AbstractContextManager[dict]] | None = None
+    #: Envoy's ext_authz transport: "grpc" (deploy/envoy/envoy.yaml) or "http" (envoy-http.yaml).
+    transport: str = "grpc"
 
 
 #: name -> scenario. Add "jwt", "quota-redis", "hmac", ... here.
@@ -122,13 +128,29 @@ SIDECAR_SCENARIOS: dict[str, SidecarScenario] = {
     "layers-one": SidecarScenario(
         "orders.yaml + a mesh-wide layer: CIDR denylist and one rule (bench/layer_scenario.py)",
         setup=lambda workdir: __import__("layer_scenario").layer_setup(workdir, "one")),
+    "detect-memory": SidecarScenario("quota-memory's policy + 3 abuse detectors in process (bench/detect_scenario.py)",
+                                     setup=lambda workdir: __import__("detect_scenario").detect_memory_setup(workdir)),
+    "detect-redis": SidecarScenario("quota-redis's policy + 3 abuse detectors, one Redis round trip "
+                                    "(bench/detect_scenario.py)",
+                                    setup=lambda workdir: __import__("detect_scenario").detect_redis_setup(workdir)),
     "inspect": SidecarScenario("orders-api + payload inspection (inspect: {}), POST with a 1 KB JSON body "
                                "(bench/inspect_scenario.py)",
                                setup=lambda workdir: __import__("inspect_scenario").inspect_setup(workdir)),
 }
 
-DIRECT, ALLOW_ALL = "direct", "allow-all"
+# Every scenario in Envoy's HTTP ext_authz mode too, as NAME-http.
+for _name, _sc in list(SIDECAR_SCENARIOS.items()):
+    SIDECAR_SCENARIOS[f"{_name}-http"] = replace(_sc, description=f"{_sc.description} [HTTP ext_authz mode]",
+                                                 transport="http")
+
+DIRECT, ALLOW_ALL, ALLOW_ALL_HTTP = "direct", "allow-all", "allow-all-http"
 DEFAULT_REQUEST = "default"
+#: The figures issue 20 asks of HTTP mode: scenario -> (min x same-request allow-all gRPC, min x allow-all HTTP).
+HTTP_MODE_TARGETS: dict[str, tuple[float, float | None]] = {
+    "extauthz-http": (2.0, 0.8),
+    "jwt-http": (1.6, None),
+    "hmac-http": (1.6, None),
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,6 +377,8 @@ class Target:
     authz_pid: int | None = None
     #: Servers the sidecar needs on this machine (the scenario's redis-server): their CPU counts as its.
     helper_pids: tuple[int, ...] = ()
+    #: Envoy's ext_authz transport ("grpc" | "http"; "" for direct).
+    transport: str = "grpc"
 
 
 def _request_for(args: argparse.Namespace, overrides: Mapping[str, object] | None = None) -> RequestSpec:
@@ -414,15 +438,49 @@ def _authz_filter(config: dict) -> dict | None:
     return None
 
 
+#: ext_authz settings that must be the same in both transports for rows to be comparable.
+_COMMON_AUTHZ = ("with_request_body", "failure_mode_allow", "status_on_error")
+
+
+def _authz_timeout(authz: dict) -> str | None:
+    service = authz.get("grpc_service") or authz.get("http_service", {}).get("server_uri", {})
+    return service.get("timeout")
+
+
 def _check_same_authz_filters(targets: list[Target]) -> dict:
-    """Every ext_authz Envoy must carry the same filter settings (with_request_body, timeout, ...), or
-    the comparison with allow-all would measure a configuration difference. Returns those settings."""
-    filters = {t.envoy.config_path: _authz_filter(t.envoy.config) for t in targets if t.kind != "direct"}
-    reference = next(iter(filters.values()))
-    differing = [str(path) for path, f in filters.items() if f != reference]
-    if reference is None or differing:
+    """Every ext_authz Envoy of one transport must carry the same filter settings (with_request_body,
+    timeout, ...), and the two transports the same body, failure and timeout settings, or the comparison
+    with allow-all would measure a configuration difference. Returns the settings of the first."""
+    def settings(config: dict) -> dict | None:
+        authz = _authz_filter(config)
+        if authz is not None and "http_service" in authz:  # its uri names the server's own port
+            authz = json.loads(json.dumps(authz))
+            authz["http_service"]["server_uri"].pop("uri", None)
+        return authz
+
+    filters = {t.envoy.config_path: (t.transport, settings(t.envoy.config)) for t in targets
+               if t.kind != "direct"}  # fmt: skip
+    references: dict[str, dict | None] = {}
+    differing = []
+    for path, (transport, f) in filters.items():
+        reference = references.setdefault(transport, f)
+        if f is None or f != reference:
+            differing.append(str(path))
+    refs = [r for r in references.values() if r is not None]
+    if differing or not refs:
         raise SystemExit(f"ext_authz filter settings differ between Envoys ({', '.join(differing)}): not comparable")
-    return reference
+    def shared(authz: dict) -> tuple:
+        settings = {k: authz.get(k) for k in _COMMON_AUTHZ}
+        # pack_as_bytes only says how the gRPC CheckRequest carries the body (HTTP mode sends it as is).
+        settings["with_request_body"] = {k: v for k, v in (settings["with_request_body"] or {}).items()
+                                         if k != "pack_as_bytes"}
+        return json.dumps(settings, sort_keys=True), _authz_timeout(authz)
+
+    common = {shared(r) for r in refs}
+    if len(common) > 1:
+        raise SystemExit(f"the gRPC and HTTP ext_authz filters differ in {', '.join(_COMMON_AUTHZ)} or timeout: "
+                         "not comparable")
+    return refs[0]
 
 
 #: With --cpu-split: called in the load generator's child before it runs (pins it to Envoy's CPU).
@@ -464,8 +522,9 @@ def _start_targets(args: argparse.Namespace, stack: contextlib.ExitStack, workdi
     """(a), (b), then one same-request allow-all baseline per distinct non-default sidecar request, then
     the sidecars. Every ext_authz Envoy comes from envoy_for, so their ext_authz settings are identical."""
 
-    def envoy_for(name: str, ext_authz: str | None) -> _procs.EnvoyProcess:
-        cfg = _procs.render_envoy_bootstrap(ext_authz=ext_authz, upstream_port=None, access_log=False)
+    def envoy_for(name: str, ext_authz: str | None, transport: str = "grpc") -> _procs.EnvoyProcess:
+        cfg = _procs.render_envoy_bootstrap(mode=transport, ext_authz=ext_authz, upstream_port=None,
+                                            access_log=False)
         envoy = _procs.start_envoy(cfg, workdir / name, name=f"envoy-{name}", log_level="warning")
         stack.callback(envoy.stop)
         return envoy
@@ -482,6 +541,18 @@ def _start_targets(args: argparse.Namespace, stack: contextlib.ExitStack, workdi
     sidecars: list[Target] = []
 
     wanted = args.scenario or ["extauthz"]
+    # (bh) the HTTP-mode floor, baselined on (b): what the transport alone gains.
+    http_baselines: dict[bytes, Target] = {}
+    allow_all_http_envoy: _procs.EnvoyProcess | None = None
+    allow_all_http_pid: int | None = None
+    if args.allow_all_http or any(SIDECAR_SCENARIOS[n].transport == "http" for n in wanted):
+        allow_all_http = _procs.start_allow_all(workdir / ALLOW_ALL_HTTP, mode="http")
+        stack.callback(allow_all_http.stop)
+        allow_all_http_pid = allow_all_http.proc.pid
+        allow_all_http_envoy = envoy_for(ALLOW_ALL_HTTP, allow_all_http.target, "http")
+        targets.append(Target(ALLOW_ALL_HTTP, "(bh) allow-all-http", allow_all_http_envoy, default_request,
+                              baseline=ALLOW_ALL, kind="baseline", authz_pid=allow_all_http_pid, transport="http"))
+        http_baselines[default_request.raw()] = targets[-1]
     available, why = _procs.extauthz_available()
     if not available:
         print(f"SKIPPING sidecar scenarios {wanted}: python -m extauthz is unavailable ({why})")
@@ -499,7 +570,8 @@ def _start_targets(args: argparse.Namespace, stack: contextlib.ExitStack, workdi
         env = {**sc.env, **overrides.get("env", {})}
         try:
             sidecar = _procs.start_extauthz(
-                policies, workdir / name, extra_args=extra_args, env=env, name=f"extauthz-{name}"
+                policies, workdir / name, extra_args=extra_args, env=env, name=f"extauthz-{name}",
+                mode=sc.transport,
             )
         except _procs.StartupError as exc:
             print(f"SKIPPING sidecar scenario {name!r}: {exc}")
@@ -517,10 +589,41 @@ def _start_targets(args: argparse.Namespace, stack: contextlib.ExitStack, workdi
                               authz_pid=allow_all.proc.pid)
             baselines[request.raw()] = baseline
             targets.append(baseline)
-        sidecars.append(Target(name, label, envoy_for(name, sidecar.target), request,
+        if (allow_all_http_envoy is not None and sc.transport == "http"
+                and request.raw() not in http_baselines):  # the HTTP floor for this request, too
+            http_baselines[request.raw()] = Target(
+                f"{ALLOW_ALL_HTTP}:{name}", f"(bh:{name}) allow-all-http", allow_all_http_envoy, request,
+                request_name=baseline.request_name, baseline=baseline.name, kind="baseline",
+                authz_pid=allow_all_http_pid, transport="http")
+            targets.append(http_baselines[request.raw()])
+        sidecars.append(Target(name, label, envoy_for(name, sidecar.target, sc.transport), request,
                                request_name=baseline.request_name, baseline=baseline.name,
-                               authz_pid=sidecar.proc.pid, helper_pids=tuple(overrides.get("cpu_pids", ()))))
+                               authz_pid=sidecar.proc.pid, helper_pids=tuple(overrides.get("cpu_pids", ())),
+                               transport=sc.transport))
     return targets + sidecars
+
+
+def _http_mode_summary(targets: list[Target], med: dict[str, Result], raw: dict[str, list[Result]]) -> str:
+    """Each HTTP-mode sidecar row against both floors for its request: allow-all gRPC (its "vs") and
+    allow-all HTTP, in req/s (ratio of medians, and median of per-round ratios) and in CPU per
+    request; with the targets of issue 20 where it sets one."""
+    http_floor = {t.request.raw(): t for t in targets if t.kind == "baseline" and t.transport == "http"}
+    lines = []
+    for t in targets:
+        if t.kind != "sidecar" or t.transport != "http" or t.baseline is None:
+            continue
+        parts = [f"{t.label}:"]
+        for floor, target in ((t.baseline, HTTP_MODE_TARGETS.get(t.name, (None, None))[0]),
+                              (getattr(http_floor.get(t.request.raw()), "name", None),
+                               HTTP_MODE_TARGETS.get(t.name, (None, None))[1])):
+            if floor is None or floor not in med:
+                continue
+            rps = med[t.name].rps / med[floor].rps if med[floor].rps else float("nan")
+            goal = f" (target >= {target:g}x: {'met' if rps >= target else 'MISSED'})" if target else ""
+            parts.append(f"vs {floor} {rps:.2f}x req/s, {_round_ratio(raw, t.name, floor):.2f}x per round, "
+                         f"{_cpu_ratio(med[t.name], med[floor])} cpu{goal};")
+        lines.append(" ".join(parts))
+    return ("HTTP ext_authz mode, each row against both floors:\n  " + "\n  ".join(lines)) if lines else ""
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -709,6 +812,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sidecar scenario(s) to add as (c), (d), ... (repeatable; default: extauthz)",
     )
     p.add_argument("--list", action="store_true", help="list sidecar scenarios and exit")
+    p.add_argument("--allow-all-http", action="store_true",
+                   help="add (bh): Envoy in HTTP ext_authz mode -> bench/allow_all_http_server.py "
+                        "(automatic with any NAME-http scenario)")
     p.add_argument(
         "--sidecar-arg",
         action="append",
@@ -776,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.list:
         for name, sc in SIDECAR_SCENARIOS.items():
-            print(f"{name:<14} {sc.description}")
+            print(f"{name:<22} {sc.description}")
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="extauthz-bench-"))
     print(
@@ -798,8 +904,9 @@ def main(argv: list[str] | None = None) -> int:
                 _split_cpus(targets)
                 print("cpu split: authorization servers (and their children) on CPU 1; Envoys, load generator, redis-server on CPU 0")
             body = authz.get("with_request_body", {})
-            print("ext_authz filter, identical in every ext_authz Envoy (allow-all and sidecars): with_request_body "
-                  + ", ".join(f"{k}={v}" for k, v in body.items()) + f"; timeout {authz['grpc_service'].get('timeout')}")
+            print("ext_authz filter, identical in every ext_authz Envoy of a transport (allow-all and sidecars): "
+                  "with_request_body " + ", ".join(f"{k}={v}" for k, v in body.items())
+                  + f"; timeout {_authz_timeout(authz)}")
             report["targets"] = {t.name: {"label": t.label, "request": t.request_name, "vs": t.baseline,
                                           "describe": _describe(t.request)} for t in targets}
             for t in targets:
@@ -825,6 +932,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     title = f"rate (open loop, {args.rate:.0f} req/s)"
                 tables.append(_table(title, targets, med, args.rounds, raw))
+                summary = _http_mode_summary(targets, med, raw)
+                if summary:
+                    tables.append(summary)
                 report["modes"][mode] = {
                     "rounds": {n: [vars(r) for r in rs] for n, rs in raw.items()},
                     "median": {n: vars(r) for n, r in med.items()},

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import ipaddress
 import json
+import logging
 import math
 import os
 import re
@@ -129,6 +130,27 @@ def _grpc_address(text: str) -> str:
     return text
 
 
+def _grpc_listen(text: str) -> str:
+    """--listen: a gRPC address, or 'off' ("" in Settings)."""
+    return "" if text.strip().lower() == "off" else _grpc_address(text)
+
+
+def _http_authz_address(text: str) -> str:
+    """--http-authz-listen: HOST:PORT or [IPV6]:PORT (no unix socket: Envoy's http_service wants TCP)."""
+    text = text.strip()
+    if text.startswith(("unix:", "unix-abstract:")):
+        raise argparse.ArgumentTypeError(f"{text!r}: the HTTP ext_authz listener takes HOST:PORT")
+    return _grpc_address(text)
+
+
+def _path_prefix(text: str) -> str:
+    prefix = text.strip()
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/") or "?" in prefix or "#" in prefix):
+        raise argparse.ArgumentTypeError(f"{prefix!r}: a path prefix starts with '/' and does not end with one "
+                                         "(e.g. /authz)")
+    return prefix
+
+
 def _unix_socket(text: str) -> str:
     if not text.strip().startswith(("unix:", "unix-abstract:")):
         raise argparse.ArgumentTypeError(f"{text!r} is not unix:PATH (e.g. unix:/run/extauthz/grpc.sock)")
@@ -190,8 +212,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--policies", default=_env("POLICIES", "policies"), type=_existing_folder,
                        help="policy folder (env EXTAUTHZ_POLICIES; default ./policies)")
-    serve.add_argument("--listen", type=_grpc_address, default=_env("LISTEN", "127.0.0.1:9191"),
-                       help="gRPC address HOST:PORT, [IPV6]:PORT or unix:PATH (env EXTAUTHZ_LISTEN)")
+    serve.add_argument("--listen", type=_grpc_listen, default=_env("LISTEN", "127.0.0.1:9191"),
+                       help="gRPC address HOST:PORT, [IPV6]:PORT or unix:PATH; 'off' serves no gRPC (then "
+                            "--http-authz-listen is required) (env EXTAUTHZ_LISTEN)")
+    serve.add_argument("--http-authz-listen", type=_http_authz_address, default=_env("HTTP_AUTHZ_LISTEN"),
+                       metavar="HOST:PORT",
+                       help="also serve Envoy's HTTP ext_authz protocol here (off by default; Envoy's "
+                            "http_service must set the x-extauthz-* headers, see docs/http-mode.md) "
+                            "(env EXTAUTHZ_HTTP_AUTHZ_LISTEN)")
+    serve.add_argument("--http-authz-path-prefix", type=_path_prefix, default=_env("HTTP_AUTHZ_PATH_PREFIX", ""),
+                       metavar="PREFIX", help="the http_service's path_prefix, stripped from every path "
+                       "(env EXTAUTHZ_HTTP_AUTHZ_PATH_PREFIX)")
     serve.add_argument("--unix-socket", type=_unix_socket, default=_env("UNIX_SOCKET"),
                        help="additional gRPC listener, unix:PATH (env EXTAUTHZ_UNIX_SOCKET)")
     serve.add_argument("--http-host", type=_http_host, default=_env("HTTP_HOST", "127.0.0.1"),
@@ -276,6 +307,12 @@ def _parser() -> argparse.ArgumentParser:
     inventory.add_argument("--policy", metavar="NAME", help="only this policy")
     inventory.add_argument("--format", choices=["text", "json", "openapi"], default="text",
                            help="text (default), json, or openapi: a skeleton of the shadow endpoints (YAML)")
+    from extauthz.detection.cli import add_arguments as blocks_arguments
+
+    blocks_arguments(sub)
+    serve.add_argument("--admin-token-file", type=_readable_file, default=_env("ADMIN_TOKEN_FILE"), metavar="FILE",
+                       help="bearer token (a mounted Secret) of the /admin/blocks endpoint on the probes port; "
+                            "without it there is no endpoint (env EXTAUTHZ_ADMIN_TOKEN_FILE)")
     return parser
 
 
@@ -311,6 +348,10 @@ def _telemetry_arguments(serve: argparse.ArgumentParser) -> None:
                             "deny (default: denials and dry-run decisions), all, or off "
                             "(env EXTAUTHZ_DYNAMIC_METADATA)")
     loops = ["auto", "uvloop", "asyncio"]
+    serve.add_argument("--access-logs", default=_env("ACCESS_LOGS", "on"), type=_one_of(["on", "off"]),
+                       choices=["on", "off"],
+                       help="serve Envoy's gRPC access-log service on the gRPC port so detectors see what the "
+                            "upstream answered; off: none will come (env EXTAUTHZ_ACCESS_LOGS)")
     serve.add_argument("--event-loop", default=_env("EVENT_LOOP", "auto"), type=_one_of(loops), choices=loops,
                        help="uvloop (auto: when installed) cuts about 20 us of CPU per Check; asyncio is the "
                             "standard library loop (env EXTAUTHZ_EVENT_LOOP)")
@@ -623,6 +664,13 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     from extauthz.telemetry.logs import configure_logging
 
     configure_logging(ns.log_level, ns.log_format)
+    if ns.workers > 1 and ns.http_authz_listen and ns.access_logs == "on":
+        # HTTP-mode decisions and the gRPC access log arrive on different connections, which the
+        # kernel hands to different workers: an outcome rarely reaches the worker that waits for it.
+        logging.getLogger("extauthz.outcomes").warning(
+            "--workers %d with --http-authz-listen: access-log outcomes join only when they reach the worker that "
+            "decided (docs/observability.md, Outcomes); detectors counting upstream answers need --workers 1",
+            ns.workers)
     if ns.workers > 1:
         from extauthz.workers import supervise
 
@@ -669,6 +717,10 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
         print(f"extauthz: not starting: {exc}", file=sys.stderr)
         return 2
     listen = ns.listen
+    if not listen and not ns.unix_socket and not ns.http_authz_listen:
+        print("extauthz: not starting: --listen off needs --http-authz-listen (nothing would be served)",
+              file=sys.stderr)
+        return 2
     settings = Settings(
         policies=ns.policies,
         listen=listen,
@@ -686,6 +738,10 @@ def serve_process(ns: argparse.Namespace, *, reuse_port: bool = False) -> int:
         tracing=tracing,
         reuse_port=reuse_port,
         dynamic_metadata=ns.dynamic_metadata,
+        access_logs=ns.access_logs == "on",
+        admin_token_file=ns.admin_token_file,
+        http_authz_listen=ns.http_authz_listen or None,
+        http_authz_path_prefix=ns.http_authz_path_prefix,
     )
     gc.set_threshold(*GC_THRESHOLDS)
     try:
@@ -739,10 +795,17 @@ def _cmd_schema(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_blocks(ns: argparse.Namespace) -> int:
+    from extauthz.detection.cli import run
+
+    return run(ns)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     command = {"serve": _cmd_serve, "validate": _cmd_validate, "explain": _cmd_explain, "test": _cmd_test,
-               "routes": _cmd_routes, "schema": _cmd_schema, "dev": _cmd_dev, "inventory": _cmd_inventory}
+               "routes": _cmd_routes, "schema": _cmd_schema, "dev": _cmd_dev, "inventory": _cmd_inventory,
+               "blocks": _cmd_blocks}
     return command[ns.command](ns)
 
 

@@ -58,6 +58,10 @@ class CheckContext:
     #: The API operation the request is (``request.operation``), once the openapi check found it: a
     #: map, or a function that builds it when a rule first reads it (most policies never do).
     operation: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None
+    #: Work a check left for a later check of its policy to carry in its own store call, so both
+    #: share one round trip: the detect check's ops, which the quota check sends with its charge
+    #: (``rider``) and then settles (``await pending.wait()``).
+    pending: Any = None
 
     def note(self, text: str) -> None:
         if self.steps is not None:
@@ -134,7 +138,7 @@ def _root(path: tuple[str, ...]) -> tuple[Callable[[CheckContext], Any], int]:
             return (lambda ctx: {name: get(ctx) for name, get in getters.items()}), 1
         return _peer_field(peer_of, path[1]), 2
     if var == "tls":
-        return (lambda ctx: {"sni": ctx.request.sni}), 1
+        return (lambda ctx: {"sni": ctx.request.sni, "version": ctx.request.tls_version}), 1
     if var == "context":
         return (lambda ctx: dict(ctx.request.context_extensions)), 1
     if var == "metadata":

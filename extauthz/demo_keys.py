@@ -17,6 +17,7 @@ DEMO_KEY_DIGESTS = frozenset({
     "82b7457ef3a20311d152c2183638052409f9c88c02343ef8d5eb6a201cdb2569",  # identity/ca.crt
     "aa948f79255bd4365e3b654ec6c3dd06221a334ac138bd8b03a15ad69c61cfc4",  # identity/client-checkout.crt
     "14cbb4971b275c3e3fee38bee76fce67eb1788273d15b0bfe62acd9f41d4f18f",  # identity/client-reporting.crt
+    "4ade7c7563137eb61eb7a4ca533f2fe9aae1d3e1b8d763dc46ab500ac1a7c161",  # identity/htpasswd
     "b7c1d3ee4d2f80981b5f1afc9f9f0ff61eeec0bd5aebd78b8d0e368a0616557b",  # identity/introspection-client-secret
     "3c29738ee204548900775238fc586b5ba21eb78f7ecb1a7dde25cf57668b7010",  # identity/jwks.json
     "ecccddbb86d7225f49724eb4ce85b12bfef2abcd1d2ac7deb222c858d4cc4fc3",  # partners/keys.yaml

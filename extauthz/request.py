@@ -19,12 +19,22 @@ from google.protobuf import json_format
 from extauthz.api.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 __all__ = [
+    "CLIENT_HEADER",
+    "ENVOY_HEADER",
+    "ENVOY_HEADERS",
+    "ENVOY_OPTIONAL_HEADERS",
+    "ENVOY_VALUE_PREFIX",
+    "HOP_HEADER",
     "BadRequest",
+    "HttpOrigin",
+    "HttpParts",
     "Peer",
     "Request",
+    "header_kind",
     "normalize_host",
     "normalize_path",
     "request_from_check",
+    "request_from_http",
 ]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -43,9 +53,11 @@ class BadRequest(ValueError):
     ``reason`` is a stable machine-readable code, ``str(exc)`` a human explanation.
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.reason = reason
+        #: 400, or 500 when the fault is the configuration in front of us (see request_from_http).
+        self.status = status
 
 
 def normalize_path(raw: str) -> str:
@@ -185,39 +197,62 @@ class Request(NamedTuple):
     derived: dict[Any, Any] | None = None
 
     # Plain properties (mypy allows no other class attributes in a NamedTuple).
+    # ``attributes`` is Envoy's AttributeContext (gRPC), an HttpOrigin (Envoy's HTTP ext_authz
+    # protocol, see request_from_http) or None; each property below reads either.
     @property
     def id(self) -> str:
         """Envoy's stream id (``x-request-id`` is the id Envoy's logs and the upstream see)."""
-        return "" if self.attributes is None else self.attributes.request.http.id
+        attrs = self.attributes
+        if attrs is None:
+            return ""
+        return attrs.id if type(attrs) is HttpOrigin else attrs.request.http.id
 
     @property
     def scheme(self) -> str:
-        return "" if self.attributes is None else self.attributes.request.http.scheme
+        attrs = self.attributes
+        if attrs is None:
+            return ""
+        return attrs.scheme if type(attrs) is HttpOrigin else attrs.request.http.scheme
 
     @property
     def protocol(self) -> str:
-        return "" if self.attributes is None else self.attributes.request.http.protocol
+        attrs = self.attributes
+        if attrs is None:
+            return ""
+        return attrs.protocol if type(attrs) is HttpOrigin else attrs.request.http.protocol
 
     @property
     def fragment(self) -> str:
-        return "" if self.attributes is None else self.attributes.request.http.fragment
+        attrs = self.attributes
+        return "" if attrs is None or type(attrs) is HttpOrigin else attrs.request.http.fragment
 
     @property
     def size(self) -> int:
-        """The request size in bytes; -1 when Envoy does not know it."""
-        return -1 if self.attributes is None else self.attributes.request.http.size
+        """The request size in bytes; -1 when Envoy does not know it (always in HTTP mode)."""
+        attrs = self.attributes
+        return -1 if attrs is None or type(attrs) is HttpOrigin else attrs.request.http.size
 
     @property
     def timestamp(self) -> float:
         """When Envoy received the request, in seconds since the epoch (0.0 when not sent)."""
-        if self.attributes is None:
+        attrs = self.attributes
+        if attrs is None or type(attrs) is HttpOrigin:
             return 0.0
-        stamp = self.attributes.request.time
+        stamp = attrs.request.time
         return stamp.seconds + stamp.nanos / 1e9
 
     @property
     def sni(self) -> str:
-        return "" if self.attributes is None else self.attributes.tls_session.sni
+        attrs = self.attributes
+        if attrs is None:
+            return ""
+        return attrs.sni if type(attrs) is HttpOrigin else attrs.tls_session.sni
+
+    @property
+    def tls_version(self) -> str:
+        """The downstream TLS version ("TLSv1.3"): only Envoy's HTTP mode sends it ("" otherwise)."""
+        attrs = self.attributes
+        return attrs.tls_version if type(attrs) is HttpOrigin else ""
 
     @property
     def context_extensions(self) -> Mapping[str, str]:
@@ -251,9 +286,12 @@ class Request(NamedTuple):
         peer = derived.get(0) if derived is not None else None
         if peer is not None:
             return peer.address
-        if self.attributes is None:
+        attrs = self.attributes
+        if attrs is None:
             return ""
-        address = self.attributes.source.address
+        if type(attrs) is HttpOrigin:
+            return _split_address(attrs.peer_address)[0]
+        address = attrs.source.address
         return address.socket_address.address or address.pipe.path
 
     @property
@@ -402,20 +440,280 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
     )
 
 
-def _source_peer(attrs: attribute_context_pb2.AttributeContext) -> Peer:
+def _source_peer(attrs: Any) -> Peer:
+    if type(attrs) is HttpOrigin:
+        return attrs.source()
     return _peer(attrs.source)
 
 
-def _destination_peer(attrs: attribute_context_pb2.AttributeContext) -> Peer:
+def _destination_peer(attrs: Any) -> Peer:
+    if type(attrs) is HttpOrigin:
+        return attrs.destination()
     return _peer(attrs.destination)
 
 
-def _context_extensions(attrs: attribute_context_pb2.AttributeContext) -> Mapping[str, str]:
+def _context_extensions(attrs: Any) -> Mapping[str, str]:
+    if type(attrs) is HttpOrigin:
+        return _EMPTY  # Envoy's HTTP mode has no context extensions
     return dict(attrs.context_extensions) if attrs.context_extensions else _EMPTY
 
 
-def _filter_metadata(attrs: attribute_context_pb2.AttributeContext) -> Mapping[str, Any]:
+def _filter_metadata(attrs: Any) -> Mapping[str, Any]:
+    if type(attrs) is HttpOrigin:
+        return _EMPTY  # nor metadata_context
     filter_metadata = attrs.metadata_context.filter_metadata
     if not filter_metadata:
         return _EMPTY
     return {name: json_format.MessageToDict(struct) for name, struct in filter_metadata.items()}
+
+
+# --- Envoy's HTTP ext_authz protocol -------------------------------------------------------------
+#
+# In HTTP mode Envoy sends the client's method, path (after its ``path_prefix``), body and the
+# headers its ``allowed_headers`` let through; the Host it sends is the authorization cluster's.
+# Everything else a policy may read about the request and its connection arrives in headers Envoy
+# adds itself (``authorization_request.headers_to_add``), and those are trusted as Envoy's word:
+#
+# - Envoy's headers_to_add overwrite a client's header of the same name, but only when the value is
+#   not empty: with no client certificate, %DOWNSTREAM_PEER_URI_SAN% is empty and a client's own
+#   x-extauthz-peer-uri-san (when allowed_headers lets it through) would arrive untouched. So every
+#   value is configured as ``v1:`` followed by the formatter: never empty, always Envoy's.
+# - A request where any of them is missing or lacks ``v1:`` is refused (500, which Envoy turns into
+#   its status_on_error): the configuration does not set it, and then a client could. Every honest
+#   request shows such a mistake at once.
+#
+# docs/http-mode.md has the table and the Envoy configuration.
+
+#: Every value Envoy's headers_to_add give starts with this (see above).
+ENVOY_VALUE_PREFIX = "v1:"
+#: Header -> the Envoy formatter after ENVOY_VALUE_PREFIX in its value (authorization_request.headers_to_add).
+ENVOY_HEADERS: Mapping[str, str] = MappingProxyType({
+    "x-extauthz-authority": "%REQ(:AUTHORITY)%",
+    "x-extauthz-scheme": "%REQ(:SCHEME)%",
+    "x-extauthz-protocol": "%PROTOCOL%",
+    "x-extauthz-stream-id": "%STREAM_ID%",
+    "x-extauthz-peer-address": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "x-extauthz-local-address": "%DOWNSTREAM_LOCAL_ADDRESS%",
+    "x-extauthz-peer-uri-san": "%DOWNSTREAM_PEER_URI_SAN%",
+    "x-extauthz-peer-subject": "%DOWNSTREAM_PEER_SUBJECT%",
+    "x-extauthz-peer-cert": "%DOWNSTREAM_PEER_CERT%",
+    "x-extauthz-sni": "%REQUESTED_SERVER_NAME%",
+    "x-extauthz-tls-version": "%DOWNSTREAM_TLS_VERSION%",
+})
+#: Headers Envoy should add too, but whose absence only leaves the view with less (the same
+#: "v1:" rule when present). Envoy never forwards the client's own content-length; without it a
+#: request whose body Envoy does not forward (no with_request_body) shows no sign of one, where the
+#: gRPC mode's headers do (signature and OpenAPI body checks read it).
+ENVOY_OPTIONAL_HEADERS: Mapping[str, str] = MappingProxyType({
+    "x-extauthz-content-length": "%REQ(CONTENT-LENGTH)%",
+})
+_ENVOY_HEADER_NAMES = tuple(ENVOY_HEADERS)
+_CONTENT_LENGTH = "x-extauthz-content-length"
+_PREFIX_LENGTH = len(ENVOY_VALUE_PREFIX)
+#: Headers of the hop between Envoy and us, not of the client's request: dropped from the view.
+#: (Envoy sends content-length for the body it forwards, never the client's own; Host names us.)
+_HOP_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "x-envoy-internal",
+    "x-envoy-expected-rq-timeout-ms",
+})
+
+
+def _split_address(text: str) -> tuple[str, int]:
+    """"10.0.0.1:5000" / "[::1]:5000" -> (address, port), as Envoy's SocketAddress would hold them."""
+    if not text:
+        return "", 0
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return text, 0  # a pipe path, or no port
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _first_dns_san(certificate: str) -> str:
+    """The certificate's first DNS SAN ("" without one, or when it does not parse)."""
+    if not certificate:
+        return ""
+    from extauthz.identity.certs import CertificateError, peer_certificate  # identity imports this module
+
+    try:
+        names = peer_certificate(certificate).dns_names
+    except CertificateError:
+        return ""
+    return names[0] if names else ""
+
+
+class HttpOrigin:
+    """What Envoy's HTTP mode says about the request beyond the request itself, from ENVOY_HEADERS.
+
+    Request.attributes in HTTP mode (the gRPC mode has Envoy's AttributeContext there). It keeps the
+    headers as they came (checked, "v1:" included) and reads a field when asked, as the gRPC mode
+    reads its message: most requests need two of the eleven. Never changed once built.
+    """
+
+    __slots__ = ("_sent",)
+
+    def __init__(self, sent: Mapping[str, str]) -> None:
+        #: ENVOY_HEADERS by name, each value starting with ENVOY_VALUE_PREFIX (request_from_http checked).
+        self._sent = sent
+
+    def _get(self, name: str) -> str:
+        return self._sent[name][_PREFIX_LENGTH:]
+
+    @property
+    def id(self) -> str:
+        return self._get("x-extauthz-stream-id")
+
+    @property
+    def scheme(self) -> str:
+        return self._get("x-extauthz-scheme")
+
+    @property
+    def protocol(self) -> str:
+        return self._get("x-extauthz-protocol")
+
+    @property
+    def sni(self) -> str:
+        return self._get("x-extauthz-sni")
+
+    @property
+    def tls_version(self) -> str:
+        return self._get("x-extauthz-tls-version")
+
+    @property
+    def peer_address(self) -> str:
+        return self._get("x-extauthz-peer-address")
+
+    def source(self) -> Peer:
+        address, port = _split_address(self.peer_address)
+        encoded = self._get("x-extauthz-peer-cert")
+        certificate = unquote_to_bytes(encoded).decode("utf-8", "replace") if encoded else ""
+        # As Envoy's gRPC mode: the first URI SAN, else the first DNS SAN, else the subject. The DNS
+        # SAN is read from the certificate itself (parsed once per certificate, shared with the
+        # mtls check), so Envoy needs no header more for the rare certificate without a URI SAN.
+        principal = (self._get("x-extauthz-peer-uri-san").split(",", 1)[0].strip() or _first_dns_san(certificate)
+                     or self._get("x-extauthz-peer-subject"))
+        if not (address or principal or certificate):
+            return _NO_PEER
+        return Peer(address, port, principal, certificate)
+
+    def destination(self) -> Peer:
+        address, port = _split_address(self._get("x-extauthz-local-address"))
+        return Peer(address, port) if address else _NO_PEER
+
+
+class HttpParts(NamedTuple):
+    """One authorization request as the HTTP listener parsed it (extauthz.wire.http_authz)."""
+
+    method: str
+    #: The request target as sent ("/prefix/path?query").
+    target: str
+    #: Lower-case names; a header sent more than once is joined with ",". Consumed by request_from_http.
+    headers: dict[str, str]
+    body: bytes = b""
+    #: Values that are not UTF-8, by name (decoded as Latin-1 in ``headers``).
+    raw_headers: Mapping[str, bytes] = _EMPTY
+    #: Every line of a header sent more than once.
+    header_lines: Mapping[str, tuple[str, ...]] = _EMPTY
+    #: ENVOY_HEADERS as sent, when the listener already filed them apart (see header_kind): then
+    #: ``headers`` holds neither them nor the hop's own headers. None: request_from_http does it.
+    envoy: dict[str, str] | None = None
+
+
+#: header_kind's answers.
+CLIENT_HEADER, ENVOY_HEADER, HOP_HEADER = 0, 1, 2
+
+
+def header_kind(name: str) -> int:
+    """Whether a (lower-case) header name is the client's, one of ENVOY_HEADERS, or of the hop itself."""
+    if name in ENVOY_HEADERS or name in ENVOY_OPTIONAL_HEADERS:
+        return ENVOY_HEADER
+    return HOP_HEADER if name in _HOP_HEADERS else CLIENT_HEADER
+
+
+_startswith = str.startswith
+_PREFIXES = (ENVOY_VALUE_PREFIX,) * len(ENVOY_HEADERS)
+
+
+def _refuse_envoy_headers(envoy: Mapping[str, str | None], which: Mapping[str, str] = ENVOY_HEADERS) -> None:
+    """Raise for the first of ``which`` missing or without the prefix."""
+    for name, formatter in which.items():
+        value = envoy.get(name)
+        if value is None or not value.startswith(ENVOY_VALUE_PREFIX):
+            what = "not sent" if value is None else f"sent without the {ENVOY_VALUE_PREFIX!r} prefix"
+            raise BadRequest("envoy_header_missing", f"{name} {what}: Envoy's ext_authz http_service must set it "
+                             f"in authorization_request.headers_to_add as '{ENVOY_VALUE_PREFIX}{formatter}' "
+                             f"(docs/http-mode.md)", 500)
+
+
+def request_from_http(parts: HttpParts, path_prefix: str = "") -> Request:
+    """Build the request view from Envoy's HTTP authorization request, or raise BadRequest.
+
+    The same view as request_from_check gives for the same client request: the path without
+    Envoy's ``path_prefix``, ``:authority`` from Host, the pseudo-headers a policy may read, the
+    connection facts from ENVOY_HEADERS (removed from ``headers``), and the headers of this hop
+    itself (content-length...) dropped. ``parts.headers`` is taken over, not copied.
+    """
+    headers = parts.headers
+    lines = parts.header_lines
+    envoy = parts.envoy
+    if envoy is None:
+        envoy = {name: headers.pop(name) for name in (*_ENVOY_HEADER_NAMES, _CONTENT_LENGTH) if name in headers}
+        for name in _HOP_HEADERS:
+            if name in headers:
+                del headers[name]
+    sent: list[Any] = list(map(envoy.get, _ENVOY_HEADER_NAMES))  # C loops: this runs for every request
+    if None in sent or False in map(_startswith, sent, _PREFIXES):
+        _refuse_envoy_headers(envoy)
+    if lines:
+        for name in (*_ENVOY_HEADER_NAMES, _CONTENT_LENGTH):
+            if name in lines:
+                raise BadRequest("duplicate_header", f"{name} appears more than once")
+    content_length = envoy.get(_CONTENT_LENGTH)
+    if content_length is not None:
+        if not content_length.startswith(ENVOY_VALUE_PREFIX):
+            _refuse_envoy_headers(envoy, ENVOY_OPTIONAL_HEADERS)
+        if len(content_length) > _PREFIX_LENGTH:
+            headers["content-length"] = content_length[_PREFIX_LENGTH:]
+    origin = HttpOrigin(envoy)
+    authority = envoy["x-extauthz-authority"][_PREFIX_LENGTH:]
+    scheme = envoy["x-extauthz-scheme"][_PREFIX_LENGTH:]
+    host = _normalized(authority, True)
+    if "," in authority:
+        raise BadRequest("duplicate_header", ":authority appears more than once")
+
+    raw_path = parts.target
+    if path_prefix:
+        if not raw_path.startswith(path_prefix):
+            raise BadRequest("invalid_path", "path does not start with the configured path prefix")
+        raw_path = raw_path[len(path_prefix):]
+    path_part, _, raw_query = raw_path.partition("?")
+    path_part = path_part.partition("#")[0]
+    method = parts.method
+    path = "*" if method == "CONNECT" and not path_part else _normalized(path_part, False)
+    # The pseudo-headers Envoy's gRPC mode shows a policy (request.headers[':path']...).
+    headers[":authority"] = authority
+    headers[":path"] = raw_path
+    headers[":method"] = method
+    if scheme:
+        headers[":scheme"] = scheme
+
+    raw_headers = parts.raw_headers
+    if raw_headers:
+        raw_headers = {name: value for name, value in raw_headers.items() if name in headers}
+    if lines:
+        lines = {name: value for name, value in lines.items() if name in headers}
+    return Request(
+        method,
+        host,
+        path,
+        raw_path,
+        raw_query,
+        headers,
+        parts.body,
+        headers.get("x-envoy-auth-partial-body") == "true",
+        raw_headers or _EMPTY,
+        lines or _EMPTY,
+        origin,
+        {},
+    )

@@ -10,7 +10,7 @@ from extauthz.api.envoy.config.core.v3 import base_pb2
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Decision
 
-__all__ = ["DYNAMIC_METADATA_MODES", "check_response_bytes", "to_check_response"]
+__all__ = ["DYNAMIC_METADATA_MODES", "check_response_bytes", "denial_body", "sends_metadata", "to_check_response"]
 
 # google.rpc.Code values
 _OK = 0
@@ -30,10 +30,12 @@ _APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 DYNAMIC_METADATA_MODES = ("deny", "all", "off")
 
 
-def _sends_metadata(decision: Decision, mode: str) -> bool:
+def sends_metadata(decision: Decision, mode: str) -> bool:
+    """Whether ``decision`` carries dynamic metadata under ``mode`` (one of DYNAMIC_METADATA_MODES)."""
     if mode == "deny":
         return not decision.allowed or decision.dry_run
     return mode == "all"
+
 
 
 def _add_header(options: Any, name: str, value: str, action: int) -> None:
@@ -50,7 +52,7 @@ def to_check_response(decision: Decision, metadata: str = "deny") -> external_au
     Built in place: nested constructors cost several times more per request.
     """
     response = external_auth_pb2.CheckResponse()
-    if _sends_metadata(decision, metadata):
+    if sends_metadata(decision, metadata):
         fields = response.dynamic_metadata.fields
         fields["decision_id"].string_value = decision.decision_id
         fields["policy"].string_value = decision.policy
@@ -76,7 +78,7 @@ def to_check_response(decision: Decision, metadata: str = "deny") -> external_au
     _add_header(denied.headers, "content-type", "application/json", _OVERWRITE)
     for name, value in decision.client_headers:
         _add_header(denied.headers, name, value, _APPEND)
-    denied.body = _denial_body(decision)
+    denied.body = denial_body(decision)
     return response
 
 
@@ -89,7 +91,8 @@ def _grpc_code(http_status: int) -> int:
     return _PERMISSION_DENIED
 
 
-def _denial_body(decision: Decision) -> str:
+def denial_body(decision: Decision) -> str:
+    """The JSON body of a denial: the same in gRPC and HTTP mode."""
     return json.dumps({"error": decision.message, "reason": decision.reason, "decision_id": decision.decision_id},
                       separators=(",", ":"))  # fmt: skip
 
@@ -167,7 +170,7 @@ _JSON_CONTENT_TYPE = _header_option(_DENIED_HEADERS, "content-type", "applicatio
 def check_response_bytes(decision: Decision, metadata: str = "deny") -> bytes:
     """``to_check_response(decision, metadata).SerializeToString()``, parsed alike."""
     kept = _kept
-    if _sends_metadata(decision, metadata):
+    if sends_metadata(decision, metadata):
         fields = [_delimited(0x0A, _DECISION_ID_HEAD + _delimited(0x12, _element(0x1A, decision.decision_id)))]
         for entry in (("policy", decision.policy), ("rule", decision.rule), ("reason", decision.reason)):
             fields.append(kept.get(entry) or _keep(entry, _metadata_entry(*entry)))
@@ -193,5 +196,5 @@ def check_response_bytes(decision: Decision, metadata: str = "deny") -> bytes:
     status = _delimited(_STATUS, b"\x08" + varint(_grpc_code(decision.status)) + _text(0x12, decision.reason))
     denied = [_delimited(_DENIED_STATUS, b"\x08" + varint(decision.status)), _JSON_CONTENT_TYPE]
     denied += [_header_option(_DENIED_HEADERS, name, text, _APPEND) for name, text in decision.client_headers]
-    denied.append(_text(_DENIED_BODY, _denial_body(decision)))
+    denied.append(_text(_DENIED_BODY, denial_body(decision)))
     return status + _delimited(_DENIED, b"".join(denied)) + dynamic

@@ -21,13 +21,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from extauthz import client_ip
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Authorizer, Decision
+from extauthz.detection import admin
+from extauthz.detection.admin import AdminToken
 from extauthz.openapi.inventory import Inventory, merge_snapshots
+from extauthz.outcomes import outcomes_for
+from extauthz.outcomes.access_log_service import AccessLogService
 from extauthz.policy import PolicyLoader, PolicySet, PolicySetError, PolicyWatcher, Services
 from extauthz.responses import DYNAMIC_METADATA_MODES, check_response_bytes
 from extauthz.telemetry import metrics as process_metrics
 from extauthz.telemetry.decision_log import DecisionLog, DecisionLogConfig
 from extauthz.telemetry.metrics import Metrics, multiprocess_dir
 from extauthz.telemetry.tracing import SubjectHasher, subject_hash_key
+from extauthz.wire.http_authz import HttpAuthzLimits, HttpAuthzServer
 
 __all__ = ["Settings", "Sidecar", "StartupError", "check_listeners", "serve"]
 
@@ -39,6 +44,7 @@ SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 @dataclass(slots=True)
 class Settings:
     policies: Path
+    #: gRPC listen address; "" serves no gRPC (then ``http_authz_listen`` is required).
     listen: str = "127.0.0.1:9191"
     #: Extra gRPC listen address, e.g. "unix:/run/extauthz.sock".
     unix_socket: str | None = None
@@ -64,11 +70,32 @@ class Settings:
     #: Which decisions carry dynamic metadata to Envoy: "deny" (denials and dry-run), "all" or "off"
     #: (see extauthz.responses).
     dynamic_metadata: str = "deny"
+    #: Serve Envoy's gRPC Access Log Service on the gRPC port, so checks learn what the upstream
+    #: answered (extauthz.outcomes); False tells them no outcomes will come.
+    access_logs: bool = True
+    #: File with the bearer token of the admin endpoint on the probes port (/admin/blocks); none: no endpoint.
+    admin_token_file: str | None = None
+    #: Envoy's HTTP ext_authz protocol on "HOST:PORT" (extauthz.wire.http_authz); None: off.
+    http_authz_listen: str | None = None
+    #: The http_service's path_prefix, stripped from every request path ("" for none).
+    http_authz_path_prefix: str = ""
+    #: Connection limits of the HTTP ext_authz port (an extauthz.wire.http_authz.HttpAuthzLimits), or None.
+    http_authz_limits: Any = None
 
     def __post_init__(self) -> None:
         if self.dynamic_metadata not in DYNAMIC_METADATA_MODES:
             raise ValueError(f"dynamic_metadata must be one of {', '.join(DYNAMIC_METADATA_MODES)}, "
                              f"not {self.dynamic_metadata!r}")
+        if not self.listen and not self.unix_socket and not self.http_authz_listen:
+            raise ValueError("nothing to serve: no gRPC listener and no HTTP ext_authz listener")
+        prefix = self.http_authz_path_prefix
+        if prefix and (not prefix.startswith("/") or prefix.endswith("/") or "?" in prefix or "#" in prefix):
+            raise ValueError(f"http_authz_path_prefix must start with '/' and not end with one: {prefix!r}")
+
+    @property
+    def http_only(self) -> bool:
+        """Only Envoy's HTTP protocol is served: policies may not read what only gRPC sends."""
+        return not self.listen and not self.unix_socket
 
 
 class StartupError(Exception):
@@ -123,13 +150,14 @@ def _listen_problem(address: str, reuse_port: bool) -> str | None:
 
 
 def check_listeners(listen: str, unix_socket: str | None, http_host: str, http_port: int, *,
-                    reuse_port: bool) -> None:
+                    reuse_port: bool, http_authz: str | None = None) -> None:
     """Raise StartupError when a listener cannot be opened (a port in use, a name that does not
     resolve, a socket folder missing). Called before the policies load, so that its line is the
     only one on stderr; a failure at the real bind a moment later is still caught."""
     host = f"[{http_host}]" if ":" in http_host else http_host
     listeners = [("--listen", listen, listen), ("--unix-socket", unix_socket, unix_socket),
-                 ("--http-host/--http-port", f"{http_host} {http_port}", f"{host}:{http_port}")]
+                 ("--http-host/--http-port", f"{http_host} {http_port}", f"{host}:{http_port}"),
+                 ("--http-authz-listen", http_authz, http_authz)]
     for option, shown, address in listeners:
         problem = _listen_problem(address, reuse_port) if address else None
         if problem is not None:
@@ -168,7 +196,9 @@ class Sidecar:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.services = Services(settings={"redis_url": settings.redis_url,
-                                           "redis_password_file": settings.redis_password_file, **settings.extra})
+                                           "redis_password_file": settings.redis_password_file,
+                                           "access_logs": settings.access_logs, "http_only": settings.http_only,
+                                           **settings.extra})
         client_ip.configure(settings.xff_trusted_hops)
         self.metrics = Metrics()
         process_metrics.install(self.metrics)
@@ -199,6 +229,7 @@ class Sidecar:
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.http_server: asyncio.Server | None = None
+        self.http_authz: HttpAuthzServer | None = None
         #: Reads the policy folder at start and at every reload, reusing what did not change.
         self.policy_loader = PolicyLoader(settings.policies, self.services)
         self.watcher: PolicyWatcher | None = None
@@ -209,6 +240,16 @@ class Sidecar:
         self._stopping = False
         self._malformed_count = 0
         self._metadata = settings.dynamic_metadata
+        self._upstream_headers: tuple[str, ...] = ()
+        self.access_logs = (AccessLogService(outcomes_for(self.services), self.metrics.registry)
+                            if settings.access_logs else None)
+        self.admin_token: AdminToken | None = None
+        if settings.admin_token_file:
+            try:
+                self.admin_token = AdminToken(settings.admin_token_file)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"--admin-token-file {settings.admin_token_file}: {exc}") from None
+        self.metrics.flush_hooks.append(self._publish_blocks)
 
     # --- policies -------------------------------------------------------------------------
     def load_initial(self) -> PolicySet:
@@ -225,6 +266,8 @@ class Sidecar:
         self.metrics.policy_errors.set(0)
         self.metrics.last_reload.set_to_current_time()
         self.last_reload = {"ok": True, "errors": []}
+        if self.settings.http_authz_listen:
+            self._note_upstream_headers(policy_set)
         stats = self.policy_loader.last_stats
         if stats is None:
             log.info("policy set generation %d live: %d policies from %d files",
@@ -233,6 +276,16 @@ class Sidecar:
             log.info("policy set generation %d live: %d policies from %d files (%d files read, %d parsed, %d "
                      "policies reused) in %.0f ms", self.authorizer.generation, len(policy_set.policies),
                      len(policy_set.files), stats.read, stats.parsed, stats.reused, stats.seconds * 1000)
+
+    def _note_upstream_headers(self, policy_set: PolicySet) -> None:
+        """In Envoy's HTTP mode a header a policy sets reaches the upstream only when the http_service's
+        allowed_upstream_headers match it (docs/http-mode.md): say which, when they change."""
+        names = tuple(sorted({name for policy in policy_set.policies for name in policy.owned_headers}))
+        if names != self._upstream_headers:
+            self._upstream_headers = names
+            if names:
+                log.info("HTTP ext_authz: Envoy's allowed_upstream_headers must match the headers policies set: %s",
+                         ", ".join(names))
 
     async def _on_new_set(self, policy_set: PolicySet) -> None:
         await self._start_services()
@@ -330,6 +383,8 @@ class Sidecar:
         # (about 12 us of the sidecar's CPU per Check, measured through Envoy).
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.access_logs is not None:
+            self.access_logs.register(server)
         for option, address in (("--listen", self.settings.listen), ("--unix-socket", self.settings.unix_socket)):
             if address:
                 try:
@@ -342,9 +397,25 @@ class Sidecar:
         self.grpc_server = server
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.serving = True
         log.info("gRPC listening on %s%s", self.settings.listen,
                  f" and {self.settings.unix_socket}" if self.settings.unix_socket else "")
+
+    # --- Envoy's HTTP ext_authz protocol ------------------------------------------------------------
+    async def _start_http_authz(self) -> None:
+        address = self.settings.http_authz_listen
+        if not address:
+            return
+        limits = self.settings.http_authz_limits or HttpAuthzLimits(max_body_bytes=self.settings.max_message_bytes)
+        server = HttpAuthzServer(self.authorizer, path_prefix=self.settings.http_authz_path_prefix,
+                                 metadata=self._metadata, limits=limits, metrics=self.metrics)
+        host, _, port = address.rpartition(":")
+        try:
+            await server.start(host.strip("[]"), int(port), reuse_port=self.settings.reuse_port)
+        except OSError as exc:
+            why = (exc.strerror or str(exc)).lower()
+            raise StartupError(f"--http-authz-listen {address}: cannot listen: {why}") from None
+        self.http_authz = server
+        log.info("HTTP ext_authz listening on %s", address)
 
     # --- HTTP probes and metrics -----------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -359,16 +430,36 @@ class Sidecar:
         }
         return ready, detail
 
+    def _detections(self) -> Any:
+        """The detection store, once a policy with detectors made one (None before)."""
+        from extauthz.detection import MemoryDetections
+
+        for service in self.services.all():
+            if isinstance(service, MemoryDetections) or type(service).__name__ == "RedisDetections":
+                return service
+        return None
+
+    def _publish_blocks(self) -> None:
+        detections = self._detections()
+        if detections is not None:
+            self.metrics.blocks_active.set(detections.active_blocks())
+
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
-            while True:  # drain headers; we need none of them
+            authorization = None
+            for _ in range(100):  # drain headers; only the admin endpoint reads one
                 header = await asyncio.wait_for(reader.readline(), 5)
                 if header in (b"\r\n", b"\n", b""):
                     break
+                if header[:14].lower() == b"authorization:":
+                    authorization = header[14:].decode("latin-1").strip()
             parts = line.decode("latin-1").split()
             path = parts[1] if len(parts) >= 2 else ""
-            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+            if len(parts) >= 2 and path.startswith("/admin/"):
+                status, ctype, body = await admin.handle(parts[0], path, authorization, self.admin_token,
+                                                         self._detections())
+            elif len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
                 status, ctype, body = 405, "text/plain", b"method not allowed\n"
             elif path == "/healthz":
                 status, ctype, body = 200, "text/plain", b"ok\n"
@@ -397,7 +488,7 @@ class Sidecar:
         """Raise StartupError when a listener cannot be opened; see check_listeners."""
         settings = self.settings
         check_listeners(settings.listen, settings.unix_socket, settings.http_host, settings.http_port,
-                        reuse_port=settings.reuse_port)
+                        reuse_port=settings.reuse_port, http_authz=settings.http_authz_listen)
 
     async def start(self) -> None:
         self.check_addresses()
@@ -411,7 +502,10 @@ class Sidecar:
         except OSError as exc:
             why = (exc.strerror or str(exc)).lower()
             raise StartupError(f"--http-host/--http-port {host} {port}: cannot listen: {why}") from None
-        await self._start_grpc()
+        await self._start_http_authz()
+        if self.settings.listen or self.settings.unix_socket:
+            await self._start_grpc()
+        self.serving = True
         self.watcher = PolicyWatcher(self.settings.policies, self.services, self._on_new_set, self._on_bad_set,
                                      interval=self.settings.reload_interval, loader=self.policy_loader)
         self.watcher.mark_loaded()
@@ -423,6 +517,8 @@ class Sidecar:
         if self._stopping:
             return
         self.metrics.flush()
+        if self.access_logs is not None:
+            self.access_logs.publish()
         self._ticks += 1
         if self._ticks % 5 == 0 and multiprocess_dir() is not None:
             asyncio.get_running_loop().run_in_executor(None, self._write_inventory, self.inventory.snapshot())
@@ -445,8 +541,14 @@ class Sidecar:
         await self._close(0)
 
     async def _close(self, grace: float) -> None:
+        if self.access_logs is not None:
+            self.access_logs.close()
+        closing = []
+        if self.http_authz is not None:
+            closing.append(self.http_authz.close(grace))
         if self.grpc_server is not None:
-            await self.grpc_server.stop(grace)
+            closing.append(self.grpc_server.stop(grace))
+        await asyncio.gather(*closing)
         if self.watcher is not None:
             await self.watcher.stop()
         if self.http_server is not None:

@@ -63,7 +63,8 @@ def supervise(ns: argparse.Namespace) -> int:
         print("extauthz: not starting: --unix-socket cannot be shared by several --workers", file=sys.stderr)
         return CONFIG_ERROR
     try:  # once here, rather than once per worker
-        check_listeners(ns.listen, None, ns.http_host, ns.http_port, reuse_port=True)
+        check_listeners(ns.listen, None, ns.http_host, ns.http_port, reuse_port=True,
+                        http_authz=ns.http_authz_listen or None)
     except StartupError as exc:
         print(f"extauthz: not starting: {exc}", file=sys.stderr)
         return CONFIG_ERROR

@@ -22,6 +22,10 @@ The contract, for every check:
   :class:`~extauthz.context.Denial`. It may update ``ctx`` (identity, headers). It never allows on
   its own: a request is allowed only when every check of its policy let it through, and the rules
   check denies unless a rule allows. Exceptions become a 503 ``internal_error`` denial.
+- ``observes_denials`` (optional): sections of earlier checks whose denials the check wants to see,
+  with ``async observe_denial(ctx, denial) -> Denial``, which returns the denial to answer with (the
+  abuse detectors count failed authentications this way, and answer a blocked client with its
+  block). The compiler wraps those checks in :class:`ObservedCheck`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from extauthz.context import CheckContext, Denial
 if TYPE_CHECKING:
     from extauthz.policy.build import BuildContext
 
-__all__ = ["Check", "CheckKind", "Phase", "kinds", "register"]
+__all__ = ["Check", "CheckKind", "ObservedCheck", "Phase", "kinds", "register"]
 
 
 class Phase(enum.IntEnum):
@@ -98,3 +102,20 @@ def kinds() -> dict[str, CheckKind]:
         import_submodules(__name__, __path__)
         _loaded = True
     return _KINDS
+
+
+class ObservedCheck:
+    """A check whose denials a later check of the same policy sees first (``observes_denials``)."""
+
+    __slots__ = ("inner", "may_wait", "observer")
+
+    def __init__(self, inner: Check, observer: Any) -> None:
+        self.inner = inner
+        self.observer = observer
+        self.may_wait = bool(getattr(inner, "may_wait", False) or getattr(observer, "may_wait", False))
+
+    async def check(self, ctx: CheckContext) -> Denial | None:
+        denial = await self.inner.check(ctx)
+        if denial is None:
+            return None
+        return await self.observer.observe_denial(ctx, denial)  # type: ignore[no-any-return]

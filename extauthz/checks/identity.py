@@ -119,7 +119,10 @@ class IdentityCheck:
         log.debug("policy %s: identity %s rejected the request: %s", self.policy, source.name, rejected.reason)
         headers: tuple[tuple[str, str], ...] = ()
         if rejected.error and source.challenge_scheme:
-            value = challenge(source.challenge_scheme, rejected.error, rejected.description, rejected.scope)
+            if getattr(source, "challenge_errors", True):
+                value = challenge(source.challenge_scheme, rejected.error, rejected.description, rejected.scope)
+            else:  # a scheme without error parameters (Basic: realm and charset only, RFC 7617)
+                value = source.challenge_scheme
             headers = (("www-authenticate", value),)
         return Denial(rejected.status, rejected.reason, rejected.description, headers=headers, rule=entry.rule,
                       malformed=rejected.status == 400)
@@ -146,7 +149,7 @@ class IdentityCheck:
                 item.error("anonymous accepts every request, so it must be the last entry", kind)
             source = kinds[kind](name, item.child(kind), build)
             required = tuple(item.str_list("requiredScopes", nonempty="scope"))  # [] would require none
-            if required and kind in ("anonymous", "mtls"):
+            if required and kind in ("anonymous", "mtls", "basic"):
                 item.error(f"{kind} identities have no scopes", "requiredScopes")
             if source is not None:
                 entries.append(Entry(source, required, f"identity/{name}"))

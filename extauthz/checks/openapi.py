@@ -40,7 +40,7 @@ _FIELDS = {
     "unknownQueryParameters", "unknownCookies", "formats", "readOnly", "additionalProperties", "undeclaredBody",
     "security", "securitySchemes", "operations",
 }  # fmt: skip
-_IDENTITY_KINDS = ("jwt", "oauth2Introspection", "apiKey", "mtls", "signature")
+_IDENTITY_KINDS = ("jwt", "oauth2Introspection", "apiKey", "mtls", "signature", "basic")
 
 
 @dataclass(slots=True)

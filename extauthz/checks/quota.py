@@ -301,18 +301,34 @@ class _StoreQuotaCheck(QuotaCheck):
     may_wait: ClassVar[bool] = True
 
     async def check(self, ctx: CheckContext) -> Denial | None:
+        pending = ctx.pending
+        if pending is None:
+            return await self._check(ctx)
+        # The detect check left its ops: they ride in this charge's script call (one round trip for
+        # both), and are settled after it. A block is the answer even where the quota had room.
+        ctx.pending = None
+        try:
+            denial = await self._check(ctx, pending.rider)
+        finally:
+            earlier = await pending.wait()
+        return earlier if earlier is not None else denial
+
+    async def _check(self, ctx: CheckContext, rider: Any = None) -> Denial | None:
         applied = self._applicable(ctx)
         if type(applied) is not list:
             return applied  # type: ignore[return-value]  # a denial, or None: no quota applies
-        outcome = await self._charge(ctx, applied)
+        outcome = await self._charge(ctx, applied, rider)
         if outcome.refused_by is not None:
             return Denial(503, "quota_store_unavailable", "quota state is unavailable",
                           rule=f"quota:{outcome.refused_by}")  # fmt: skip
         return self._decide(ctx, applied, outcome.results, outcome.source)
 
-    async def _charge(self, ctx: CheckContext, applied: list[_Applied]) -> _Outcome:
+    async def _charge(self, ctx: CheckContext, applied: list[_Applied], rider: Any = None) -> _Outcome:
         charges = [entry.charge for entry in applied]
         try:
+            if rider is not None:
+                return _Outcome(list(await self.store.charge_with(charges, rider)),  # type: ignore[attr-defined]
+                                self.store_name)  # fmt: skip
             return _Outcome(list(await self.store.charge(charges)), self.store_name)
         except StoreError as exc:
             failure = str(exc)

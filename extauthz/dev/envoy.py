@@ -37,6 +37,10 @@ from extauthz.dev.procs import (
 __all__ = ["DownstreamTls", "EnvoyProcess", "envoy_binary", "render_envoy_bootstrap", "start_envoy"]
 
 
+#: The cluster of the access log of outcomes where the sidecar's gRPC port is not the ext_authz one.
+ALS_CLUSTER = "sidecar_grpc"
+
+
 def envoy_binary() -> str:
     """Path of the Envoy executable.
 
@@ -107,16 +111,21 @@ def render_envoy_bootstrap(
     failure_mode_allow: bool | None = None,
     tls: DownstreamTls | None = None,
     access_log: bool = True,
+    access_log_service: str | None = None,
     direct_response_body: str = "ok\n",
     mutate: Callable[[dict], None] | None = None,
 ) -> dict:
     """Envoy bootstrap (as a dict) = ``base`` (deploy/envoy/envoy.yaml: a path or its parsed form)
     with local ports and optional knobs.
 
-    ext_authz        "host:port" of the authorization gRPC server, or None to drop the ext_authz filter
-                     (and its cluster) entirely.
+    ext_authz        "host:port" of the authorization server (gRPC for envoy.yaml, HTTP for
+                     envoy-http.yaml: whichever service the base's ext_authz filter names), or None to
+                     drop the ext_authz filter (and its cluster) entirely.
     upstream_port    port of the HTTP/1.1 app on 127.0.0.1, or None to answer every request with a
                      direct_response 200 (body `direct_response_body`) instead of proxying.
+    access_log_service  "host:port" of the sidecar's gRPC port for the access log of outcomes where it
+                     has a cluster of its own (envoy-http.yaml's ``sidecar_grpc``; envoy.yaml's goes
+                     with ext_authz); None drops that logger and cluster.
     listener_port    0 = let the kernel pick (start_envoy reads the real port from the admin API).
     admin_port       0 = let the kernel pick (start_envoy reads it via --admin-address-path).
     The remaining knobs override the deployed ext_authz settings when not None. Everything listens on
@@ -138,12 +147,20 @@ def render_envoy_bootstrap(
     authz_filter = _find(http_filters, "envoy.filters.http.ext_authz", "http filter")["typed_config"]
     if ext_authz is None:
         http_filters[:] = [f for f in http_filters if f["name"] != "envoy.filters.http.ext_authz"]
+        # The access log of outcomes streams to the sidecar's cluster, which goes with it.
+        hcm["access_log"] = [a for a in hcm.get("access_log", []) if a["name"] != "envoy.access_loggers.http_grpc"]
         static["clusters"] = [c for c in static["clusters"] if c["name"] != "ext_authz"]
     else:
         host, port = _split_hostport(ext_authz)
         _set_single_endpoint(_find(static["clusters"], "ext_authz", "cluster"), host, port)
-        if ext_authz_timeout is not None:
-            authz_filter["grpc_service"]["timeout"] = f"{ext_authz_timeout:.3f}s"
+        # gRPC mode (envoy.yaml) names the timeout in grpc_service; HTTP mode (envoy-http.yaml) in
+        # http_service.server_uri, whose uri is rewritten too (Envoy requires one; the cluster decides).
+        service = authz_filter.get("grpc_service")
+        if "http_service" in authz_filter:
+            service = authz_filter["http_service"]["server_uri"]
+            service["uri"] = f"http://{host}:{port}"
+        if ext_authz_timeout is not None and service is not None:
+            service["timeout"] = f"{ext_authz_timeout:.3f}s"
         if max_request_bytes is not None:
             authz_filter["with_request_body"]["max_request_bytes"] = int(max_request_bytes)
         if allow_partial_message is not None:
@@ -152,6 +169,13 @@ def render_envoy_bootstrap(
             authz_filter["include_peer_certificate"] = bool(include_peer_certificate)
         if failure_mode_allow is not None:
             authz_filter["failure_mode_allow"] = bool(failure_mode_allow)
+
+    als_cluster = next((c for c in static["clusters"] if c["name"] == ALS_CLUSTER), None)
+    if als_cluster is not None and access_log_service is None:
+        hcm["access_log"] = [a for a in hcm.get("access_log", []) if a["name"] != "envoy.access_loggers.http_grpc"]
+        static["clusters"] = [c for c in static["clusters"] if c["name"] != ALS_CLUSTER]
+    elif als_cluster is not None and access_log_service is not None:
+        _set_single_endpoint(als_cluster, *_split_hostport(access_log_service))
 
     route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
     if upstream_port is None:

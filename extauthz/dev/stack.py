@@ -32,7 +32,7 @@ __all__ = ["DevOptions", "Example", "examples_from_tests", "find_envoy_config", 
 #: Envoy's listener when it is free: what the README and most tutorials use.
 PREFERRED_PORT = 8080
 #: At most this many curl lines are printed.
-MAX_EXAMPLES = 8
+MAX_EXAMPLES = 10
 _SIMPLE_PATH = re.compile(r"/[A-Za-z0-9_~!$&'()*+,=:@%-]*(/[A-Za-z0-9_.~!$&'()*+,=:@%-]*)*(\?[A-Za-z0-9_.~&=%-]*)?")
 
 

@@ -1,7 +1,7 @@
 """Identity sources: who is calling (a workload certificate, a user token, a partner key).
 
 A policy's ``identity:`` section is an ordered list of sources. Each entry names one source kind
-(``mtls``, ``jwt``, ``apiKey``, ``oauth2Introspection``, ``anonymous``); the identity check asks
+(``mtls``, ``jwt``, ``apiKey``, ``oauth2Introspection``, ``basic``, ``anonymous``); the identity check asks
 them in order and the first one whose credentials are present decides (see
 :mod:`extauthz.checks.identity`).
 
@@ -77,7 +77,9 @@ class Source(Protocol):
     kind: str
     #: True when authenticate may wait on the network (the pipeline then applies its timeout).
     may_wait: bool
-    #: The HTTP authentication scheme for WWW-Authenticate ("Bearer", "ApiKey", "mTLS").
+    #: The HTTP authentication scheme for WWW-Authenticate ("Bearer", "ApiKey", "mTLS"), with its
+    #: parameters for schemes that need some (``Basic realm="x"``). A source whose scheme has no
+    #: error parameters sets ``challenge_errors = False`` (read with getattr, default True).
     challenge_scheme: str
 
     async def authenticate(self, ctx: CheckContext) -> Identity | None: ...

@@ -215,7 +215,7 @@ class _Compiler:
             http_scheme = str(scheme.get("scheme", "")).lower() if kind == "http" else ""
             if kind == "http" and not http_scheme:
                 raise scheme_at.child("scheme").error("an http security scheme needs a scheme (bearer, basic, ...)")
-            key = "bearer" if http_scheme == "bearer" else kind if kind != "http" else ""
+            key = http_scheme if http_scheme in ("bearer", "basic") else kind if kind != "http" else ""
             sources, kinds = mapped.get(name, (frozenset(), DEFAULT_KINDS.get(key, frozenset())))
             if kind in ("oauth2", "openIdConnect") or http_scheme == "bearer":
                 challenge = "Bearer"

@@ -220,19 +220,22 @@ def _query_object(param: Parameter, grouped: Mapping[str, list[str]]
 
 def _headers(spec: CompiledSpec, operation: Operation, headers: Mapping[str, str]) -> Violation | None:
     for param in operation.headers:
-        raw = headers.get(param.name)
-        if raw is None:
-            if param.required:
-                return _missing(operation, param)
-            continue
-        try:
-            value = param.read(raw)  # type: ignore[misc]  # set by the compiler
-        except BadParameter as bad:
-            return _param_violation(operation, param, bad.constraint, bad.detail)
-        violation = _validated(operation, param, value, spec)
+        violation = _read_and_validate(spec, operation, param, headers.get(param.name))
         if violation is not None:
             return violation
     return None
+
+
+def _read_and_validate(spec: CompiledSpec, operation: Operation, param: Parameter, raw: Any) -> Violation | None:
+    """One header or cookie parameter: missing (``raw`` None), unreadable in its style, or against
+    its schema."""
+    if raw is None:
+        return _missing(operation, param) if param.required else None
+    try:
+        value = param.read(raw)  # type: ignore[misc]  # set by the compiler
+    except BadParameter as bad:
+        return _param_violation(operation, param, bad.constraint, bad.detail)
+    return _validated(operation, param, value, spec)
 
 
 def _cookies(spec: CompiledSpec, operation: Operation, header: str | None) -> Violation | None:
@@ -248,16 +251,7 @@ def _cookies(spec: CompiledSpec, operation: Operation, header: str | None) -> Vi
     for name, value in parse_cookies(header):
         grouped.setdefault(name, []).append(value)
     for param in declared.values():
-        values = grouped.get(param.name)
-        if values is None:
-            if param.required:
-                return _missing(operation, param)
-            continue
-        try:
-            value = param.read(values)  # type: ignore[misc]  # set by the compiler
-        except BadParameter as bad:
-            return _param_violation(operation, param, bad.constraint, bad.detail)
-        violation = _validated(operation, param, value, spec)
+        violation = _read_and_validate(spec, operation, param, grouped.get(param.name))
         if violation is not None:
             return violation
     if spec.settings.unknown_cookies == "deny":

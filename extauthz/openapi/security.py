@@ -13,7 +13,8 @@ the scheme to named identity sources instead:
 | ``oauth2``, ``openIdConnect``, ``http`` ``bearer`` | ``jwt``, ``oauth2Introspection`` |
 | ``apiKey`` | ``apiKey`` |
 | ``mutualTLS`` | ``mtls`` |
-| ``http`` ``basic`` and other schemes | none: map them to identity sources |
+| ``http`` ``basic`` | ``basic`` |
+| other ``http`` schemes | none: map them to identity sources |
 
 and by the scopes the requirement lists: every one must be among ``identity.scopes`` (exact strings;
 for schemes other than OAuth2/OIDC they are roles, as OpenAPI 3.1 says, and checked the same way).
@@ -33,6 +34,7 @@ DEFAULT_KINDS: dict[str, frozenset[str]] = {
     "bearer": frozenset({"jwt", "oauth2Introspection"}),
     "apiKey": frozenset({"apiKey"}),
     "mutualTLS": frozenset({"mtls"}),
+    "basic": frozenset({"basic"}),
 }
 
 

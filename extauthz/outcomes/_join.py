@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from extauthz.policy.build import Services
+
+log = logging.getLogger("extauthz.outcomes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,8 +18,14 @@ class Outcome:
     request_id: str
     #: The HTTP status sent to the client (0 when none was: a reset, a timeout before headers).
     status: int
-    #: Envoy's response flags in their short form (``UF``, ``UT``, ...), empty when none.
+    #: Envoy's response flags in their short form (``UF``, ``UT``, ...), comma-separated as in
+    #: Envoy's own access logs, empty when none.
     flags: str = ""
+
+    @property
+    def by_authz(self) -> bool:
+        """True when the answer was the sidecar's own denial (Envoy's ``UAEX``), not the upstream's."""
+        return "UAEX" in self.flags.split(",")
 
 
 #: Called once with the outcome of the request it was registered for; must not raise or block.
@@ -63,11 +72,30 @@ class OutcomeJoin:
             return False
         self.delivered += 1
         for callback in callbacks:
-            callback(outcome)
+            try:
+                callback(outcome)
+            except Exception:  # one broken detector must not stop the others, nor the log stream
+                log.exception("outcome callback failed")
         return True
+
+    def __contains__(self, request_id: object) -> bool:
+        """Whether someone waits for ``request_id`` (the access-log service's one lookup per entry)."""
+        return request_id in self._waiting
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+    def expire(self) -> None:
+        """Drop every expectation past its deadline (called every second: the request path only
+        drops a few at a time, and stops when no request comes)."""
+        now = self._clock()
+        waiting = self._waiting
+        while waiting:
+            request_id, (deadline, _) = next(iter(waiting.items()))
+            if deadline >= now:
+                return
+            del waiting[request_id]
+            self.dropped += 1
 
     def _evict(self, now: float) -> None:
         waiting = self._waiting

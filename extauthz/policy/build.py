@@ -41,6 +41,10 @@ class Probe(Protocol):
         one that the schema describes too."""
 
 
+#: CEL variables Envoy's HTTP ext_authz protocol cannot carry: the route's context extensions and
+#: the metadata context. A policy reading them is refused when only that protocol is served.
+GRPC_ONLY_VARIABLES = frozenset({"context", "metadata"})
+
 #: The probe of the schema generator while it has a reader read a made-up document: every build
 #: context made meanwhile reports to it, even one a reader makes itself.
 PROBE: ContextVar[Probe | None] = ContextVar("extauthz_schema_probe", default=None)
@@ -344,10 +348,17 @@ class Spec:
             node._refuse("must be a CEL expression (a string)")
             return None
         try:
-            return compile_expression(node.value, accessor_for, expect=expect, allowed=allowed)
+            expression = compile_expression(node.value, accessor_for, expect=expect, allowed=allowed)
         except CelError as exc:
             node.error(f"invalid CEL: {exc}")
             return None
+        if self.build.services.settings.get("http_only"):
+            grpc_only = sorted(expression.variables & GRPC_ONLY_VARIABLES)
+            if grpc_only:
+                node.error(f"reads {', '.join(grpc_only)}, which Envoy sends only to a gRPC ext_authz service; "
+                           "this sidecar serves only Envoy's HTTP protocol (see docs/http-mode.md)")
+                return None
+        return expression
 
     # str/int/bool are last in the class so that the builtins keep their names above.
     def str(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from extauthz.checks import Check, CheckKind, kinds
+from extauthz.checks import Check, CheckKind, ObservedCheck, kinds
 from extauthz.policy.build import BuildContext, Services, Spec
 from extauthz.policy.model import API_VERSION, DOCUMENT_FIELDS, METADATA_FIELDS, Document, PolicyError, PolicySetError
 from extauthz.policy.routing import LayerRouter, Route, Router, Shadow, find_shadows, find_ties
@@ -287,11 +287,12 @@ def compile_policy(build: BuildContext) -> tuple[CompiledPolicy | None, list[Rou
         check = kind.from_spec(build.spec(kind.section), build)
         if check is not None:
             checks.append((kind, check))
+    run = _observed([c for _, c in checks], [k.section for k, _ in checks])
     policy = CompiledPolicy(
         name=doc.name,
         file=doc.file,
         dry_run=dry_run,
-        checks=tuple(c for _, c in checks),
+        checks=run,
         check_names=tuple(k.section for k, _ in checks),
         may_wait=any(getattr(c, "may_wait", False) for _, c in checks),
         owned_headers=tuple(dict.fromkeys(name for _, c in checks for name in getattr(c, "owned_headers", ()))),
@@ -308,6 +309,16 @@ def compile_policy(build: BuildContext) -> tuple[CompiledPolicy | None, list[Rou
     if len(errors) != before:
         return None, []
     return policy, routes
+
+
+def _observed(checks: list[Check], sections: list[str]) -> tuple[Check, ...]:
+    """The checks to run: those whose denials another check observes wrapped (see checks.ObservedCheck)."""
+    for observer in checks:
+        observed = getattr(observer, "observes_denials", ())
+        if observed:
+            checks = [ObservedCheck(c, observer) if s in observed else c  # type: ignore[misc]
+                      for c, s in zip(checks, sections, strict=True)]
+    return tuple(checks)
 
 
 def _compile_policy(

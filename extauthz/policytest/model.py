@@ -9,6 +9,7 @@ beyond their kind: their key files are test material and stay out of deployments
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import math
@@ -54,6 +55,9 @@ _EXPECT_FIELDS = ("decision", "headers", "message", "policy", "reason", "removed
 _MATCHERS = ("contains", "equals", "matches")
 #: Extra fields of ``source``/``destination`` in a PolicyTest request (not in request files).
 _PEER_EXTRA = ("certificate_file",)
+#: Extra fields of a PolicyTest request (not in request files): HTTP Basic credentials, written as
+#: user and password rather than base64.
+_REQUEST_EXTRA = ("basic_auth",)
 _STRING_FIELDS = ("method", "host", "path", "body", "body_base64", "sni", "id", "scheme", "protocol")
 
 _SHORT_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,62}[A-Za-z0-9])?")
@@ -352,10 +356,11 @@ def _request(node: Spec, tokens: Mapping[str, TokenSpec]) -> dict[str, Any] | No
     if not node.present:
         node.error("is required: the request to decide (method, host, path, headers, ...)")
         return None
-    if not node.is_mapping(allowed=REQUEST_FIELDS):
+    if not node.is_mapping(allowed=REQUEST_FIELDS | set(_REQUEST_EXTRA)):
         return None
     before = len(node.build.errors)
     request: dict[str, Any] = dict(node.value)
+    _basic_auth(node, request)
     for name in _STRING_FIELDS:
         node.str(name)
     node.bool("partial_body")
@@ -379,6 +384,27 @@ def _request(node: Spec, tokens: Mapping[str, TokenSpec]) -> dict[str, Any] | No
         node.error(str(exc))
         return None
     return request
+
+
+def _basic_auth(node: Spec, request: dict[str, Any]) -> None:
+    """``basic_auth: {user, password}`` becomes ``Authorization: Basic <base64(user:password)>``."""
+    basic = node.child("basic_auth")
+    request.pop("basic_auth", None)
+    if not basic.present or not basic.is_mapping(allowed={"user", "password"}):
+        return
+    user = basic.str("user", required=True)
+    password = basic.str("password", required=True)
+    if user is not None and ":" in user:
+        basic.error("a Basic user name cannot contain ':'", "user")
+        return
+    headers = request.get("headers")
+    if isinstance(headers, Mapping) and any(str(name).lower() == "authorization" for name in headers):
+        node.error("give basic_auth or an authorization header, not both", "basic_auth")
+        return
+    if user is None or password is None:
+        return
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    request["headers"] = {**(headers if isinstance(headers, Mapping) else {}), "authorization": f"Basic {token}"}
 
 
 def _peer(node: Spec) -> dict[str, Any]:

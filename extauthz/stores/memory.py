@@ -169,6 +169,8 @@ class MemoryStore:
         self.evicted = 0
         #: Live remembered keys (nonces) dropped because their table was full.
         self.forgotten = 0
+        #: Called by clear(): other in-process state kept beside this store (abuse detection's).
+        self.on_clear: list[Callable[[], None]] = []
 
     async def is_member(self, set_name: str, member: str) -> bool:
         return member in self._sets.get(set_name, ())
@@ -340,6 +342,8 @@ class MemoryStore:
         self._logs.clear()
         self._log_entries = 0
         self._seen.clear()
+        for clear in self.on_clear:
+            clear()
 
     def counters(self) -> int:
         """How many quota counters are held (for tests and diagnostics)."""

@@ -1108,6 +1108,47 @@ class RedisStore:
             self._trip(operation, exc)
             raise StoreError(f"redis {operation} failed: {_describe(exc)}") from None
 
+    def send(self, operation: str, args: tuple[Any, ...], fallback: tuple[Any, ...] | None = None) -> Any:
+        """Queue one command now and return an awaitable of its reply (StoreError on failure).
+
+        Unlike the coroutine methods, the command is queued before the caller awaits anything, so it
+        leaves in the same write as the commands issued later in this loop turn (the detect check's
+        script beside the quota charge: one round trip for both). The result must be awaited.
+        """
+        try:
+            future = self.send_now(operation, args, fallback)
+        except StoreError as exc:
+            return _failed(exc)
+        return self._settle(operation, future)
+
+    def send_now(self, operation: str, args: tuple[Any, ...], fallback: tuple[Any, ...] | None = None) -> Any:
+        """:meth:`send` without the coroutine: the reply's future, whose failure the caller turns
+        into a StoreError with :meth:`failed`. Raises StoreError at once when the circuit is open."""
+        if self.circuit_open:
+            _store_error_metric(operation)
+            self._ensure_probe()
+            raise StoreError("redis circuit is open")
+        return self._pipeline.submit(args, fallback)
+
+    def failed(self, operation: str, exc: BaseException) -> StoreError:
+        """The StoreError for a failed :meth:`send_now` (a Redis failure trips the circuit)."""
+        if isinstance(exc, _FAILURES):
+            self._trip(operation, exc)
+        else:
+            _store_error_metric(operation)
+        return StoreError(f"redis {operation} failed: {_describe(exc)}")
+
+    async def _settle(self, operation: str, future: Any) -> Any:
+        try:
+            return await future
+        except _FAILURES as exc:
+            raise self.failed(operation, exc) from None
+
+    @property
+    def key_prefix(self) -> str:
+        """Prepended to every key (``prefix`` of the URL, and a colon)."""
+        return self._key_prefix
+
     # --- operations ------------------------------------------------------------------------------
     async def remember_once(self, key: str, ttl: float) -> bool:
         digest = hashlib.blake2b(key.encode(), digest_size=18).hexdigest()
@@ -1192,8 +1233,21 @@ class RedisStore:
             else:
                 _store_error_metric("refund")
 
-    async def _charge_group(self, idx: list[int],
-                            charges: Sequence[Charge]) -> tuple[bool, list[int], list[ChargeResult]]:  # fmt: skip
+    async def charge_with(self, charges: Sequence[Charge], rider: Any) -> Sequence[ChargeResult | None]:
+        """:meth:`charge`, with another script's work riding in the same call (the abuse detectors':
+        ``rider.keys``, ``rider.argv``, ``rider.script`` = (body, sha), see extauthz.detection.redis).
+        Its part of the reply goes to ``rider.reply`` (a failure to ``rider.error``). On a Cluster, or
+        without charges, the rider is left alone: it sends its own call."""
+        if self.cluster or not charges:
+            return await self.charge(charges)
+        try:
+            return (await self._charge_group(list(range(len(charges))), charges, rider))[2]
+        except StoreError as exc:
+            rider.error = exc
+            raise
+
+    async def _charge_group(self, idx: list[int], charges: Sequence[Charge],
+                            rider: Any = None) -> tuple[bool, list[int], list[ChargeResult]]:  # fmt: skip
         """Charge the counters ``idx`` of ``charges`` (one slot) with one script: whether the script
         admitted them, each counter's mark (the sliding-log entry it added, for a refund) and answer."""
         prefix = self._key_prefix
@@ -1209,8 +1263,17 @@ class RedisStore:
                 text = specs[numbers] = charges[i].spec
             parts.append(text)
         spec = " ".join(parts)
-        tail = (len(keys), *keys, spec)
-        reply = await self._call("charge", ("EVALSHA", self._charge_sha, *tail), ("EVAL", CHARGE_SCRIPT, *tail))
+        if rider is None:
+            tail = (len(keys), *keys, spec)
+            reply = await self._call("charge", ("EVALSHA", self._charge_sha, *tail), ("EVAL", CHARGE_SCRIPT, *tail))
+        else:
+            body, sha = rider.script
+            tail = (len(keys) + len(rider.keys), *keys, *rider.keys, len(keys), spec, *rider.argv)
+            reply = await self._call("charge", ("EVALSHA", sha, *tail), ("EVAL", body, *tail))
+            if isinstance(reply, bytes):
+                reply = reply.decode()
+            ridden, _, reply = str(reply).partition("|")
+            rider.reply = ridden
         try:
             values = [int(v) for v in reply.split()]
             results = [
@@ -1222,6 +1285,10 @@ class RedisStore:
             _store_error_metric("charge")
             raise StoreError("redis charge script gave an unexpected reply") from None
         return values[0] == 1, marks, results
+
+
+async def _failed(exc: Exception) -> Any:
+    raise exc
 
 
 def _describe(exc: BaseException) -> str:

@@ -39,7 +39,13 @@ from urllib.parse import parse_qsl
 
 from extauthz.decision import Decision
 from extauthz.telemetry import metrics
-from extauthz.telemetry.tracing import SubjectHasher, is_secret_name, parse_trace_ids, subject_hash_key
+from extauthz.telemetry.tracing import (
+    PERSONAL_ATTRIBUTES,
+    SubjectHasher,
+    is_secret_name,
+    parse_trace_ids,
+    subject_hash_key,
+)
 
 if TYPE_CHECKING:
     from extauthz.policy.compiler import PolicySet
@@ -254,7 +260,14 @@ def decision_record(decision: Decision, when: float, config: DecisionLogConfig,
     attributes = decision.attributes
     if attributes:
         record["attributes"] = {name: REDACTED if is_secret_name(name) else _plain(value)
-                                for name, value in attributes.items()}
+                                for name, value in attributes.items() if name not in PERSONAL_ATTRIBUTES}
+        for name in PERSONAL_ATTRIBUTES & attributes.keys():  # like the subject: hash, plain or none
+            person = str(attributes[name])
+            if config.subject == "plain":
+                record["attributes"][name] = person
+            elif config.subject == "hash" and subjects is not None:
+                for key, digest in subjects.attributes(person).items():
+                    record["attributes"][f"{name}_{key.rsplit('.', 1)[-1].removeprefix('subject_')}"] = digest
     return record
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "introspection_request",
     "jwks_fetch",
     "multiprocess_dir",
+    "password_verification",
     "store_error",
 ]
 
@@ -125,6 +126,16 @@ class Metrics:
             "extauthz_fetch_duration_seconds", "Duration of remote fetches by kind (jwks, introspection)",
             ["kind"], buckets=FETCH_BUCKETS, registry=r,
         )  # fmt: skip
+        self.password_verifications = Counter(
+            "extauthz_password_verifications",
+            "HTTP Basic password verifications by result (match, mismatch, overloaded; cache hits not counted)",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.password_duration = Histogram(
+            "extauthz_password_verification_seconds",
+            "Duration of HTTP Basic password verifications, the wait for a hashing thread included",
+            buckets=FETCH_BUCKETS, registry=r,
+        )  # fmt: skip
         self.decision_log_dropped = Counter(
             "extauthz_decision_log_dropped", "Decision log lines dropped: the writer fell behind or could not write",
             registry=r,
@@ -177,6 +188,15 @@ class Metrics:
             ["policy", "limit", "action"], registry=r,
         )  # fmt: skip
         self._inspect_children: dict[tuple[str, ...], Any] = {}
+        self.detections = Counter(
+            "extauthz_detections",
+            "Abuse detector trips by policy, detector and action (log, throttle, block, dry_run_throttle, "
+            "dry_run_block)", ["policy", "detector", "action"], registry=r,
+        )  # fmt: skip
+        self.blocks_active = gauge(
+            "extauthz_blocks_active", "Live blocks and throttles of abuse detectors (in process: exact; with Redis: "
+            "those this replica decided, until they end)", mode="livesum",
+        )  # fmt: skip
         self.build_info = gauge("extauthz_build_info", "Version of the running sidecar (always 1)", ("version",))
         self.build_info.labels(_version()).set(1)
         # Label children are cached: .labels() costs a microsecond, a cached child's inc a fraction.
@@ -378,6 +398,11 @@ def circuit_state(store: str, state: str) -> None:
     _guarded(lambda m: m.circuit.labels(store).set(CIRCUIT_STATES[state]))
 
 
+def detection(policy: str, detector: str, action: str) -> None:
+    """An abuse detector tripped (labels bounded: names from the loaded policies, a fixed set of actions)."""
+    _guarded(lambda m: m.detections.labels(policy, detector, action).inc())
+
+
 def jwks_fetch(result: str, seconds: float | None = None) -> None:
     """A JWKS fetch (discovery included) finished: result "ok" or "error"; seconds it took when known."""
 
@@ -385,6 +410,17 @@ def jwks_fetch(result: str, seconds: float | None = None) -> None:
         m.jwks_fetches.labels(result).inc()
         if seconds is not None:
             m.fetch_duration.labels("jwks").observe(seconds)
+
+    _guarded(record)
+
+
+def password_verification(result: str, seconds: float | None = None) -> None:
+    """An HTTP Basic password verification ended: "match", "mismatch" or "overloaded" (refused at once)."""
+
+    def record(m: Metrics) -> None:
+        m.password_verifications.labels(result).inc()
+        if seconds is not None:
+            m.password_duration.observe(seconds)
 
     _guarded(record)
 

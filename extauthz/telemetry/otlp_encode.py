@@ -98,16 +98,21 @@ def _key_value(key: str, value: Any) -> bytes:
     return _field(_KEY, key.encode("utf-8", "replace")) + _field(_VALUE, _any_value(value))
 
 
+def _resource_and_scope(resource: Mapping[str, Any], scope_name: str,
+                        scope_version: str | None) -> tuple[bytes, bytes]:  # fmt: skip
+    """The encoded Resource and InstrumentationScope, the same for every export of an encoder."""
+    encoded = _field(_RESOURCE, b"".join(_field(_RESOURCE_ATTRIBUTE, _key_value(k, v)) for k, v in resource.items()))
+    scope = _field(_SCOPE_NAME, scope_name.encode())
+    if scope_version:
+        scope += _field(_SCOPE_VERSION, scope_version.encode())
+    return encoded, _field(_SCOPE, scope)
+
+
 class SpanEncoder:
     """Turns span records (see span_export.SpanRecord) into an ExportTraceServiceRequest's bytes."""
 
     def __init__(self, resource: Mapping[str, Any], scope_name: str, scope_version: str | None = None) -> None:
-        self._resource = _field(_RESOURCE, b"".join(_field(_RESOURCE_ATTRIBUTE, _key_value(k, v))
-                                                    for k, v in resource.items()))  # fmt: skip
-        scope = _field(_SCOPE_NAME, scope_name.encode())
-        if scope_version:
-            scope += _field(_SCOPE_VERSION, scope_version.encode())
-        self._scope = _field(_SCOPE, scope)
+        self._resource, self._scope = _resource_and_scope(resource, scope_name, scope_version)
         self._attributes: dict[str, dict[Any, bytes]] = {}
         #: (name, kind) -> the span's encoded name and kind.
         self._names: dict[tuple[str, int], bytes] = {}
@@ -285,12 +290,7 @@ class LogEncoder:
     """
 
     def __init__(self, resource: Mapping[str, Any], scope_name: str, scope_version: str | None = None) -> None:
-        self._resource = _field(_RESOURCE, b"".join(_field(_RESOURCE_ATTRIBUTE, _key_value(k, v))
-                                                    for k, v in resource.items()))  # fmt: skip
-        scope = _field(_SCOPE_NAME, scope_name.encode())
-        if scope_version:
-            scope += _field(_SCOPE_VERSION, scope_version.encode())
-        self._scope = _field(_SCOPE, scope)
+        self._resource, self._scope = _resource_and_scope(resource, scope_name, scope_version)
         self._event = _field(_LOG_EVENT_NAME, b"extauthz.decision")
         self._fields: dict[tuple[Any, ...], bytes] = {}
         #: Field name -> its encoded KeyValue key.

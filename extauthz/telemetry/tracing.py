@@ -63,6 +63,10 @@ TRACE_HEADERS = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid
 _SECRET_WORDS = ("token", "secret", "password", "passwd", "signature", "cookie", "authorization", "credential",
                  "private", "api_key", "apikey", "api-key", "jwt", "assertion", "session")  # fmt: skip
 _MAX_ATTRIBUTE_CHARS = 256
+#: Attribute names (of ctx.attributes) whose value names a person (the user name a failed login
+#: tried, which is sometimes a password typed in the wrong field): spans and the decision log show
+#: them as they show the identity's subject (a keyed hash, as is, or not at all).
+PERSONAL_ATTRIBUTES = frozenset({"attempted_user"})
 
 
 class TracingConfigError(ValueError):
@@ -378,7 +382,10 @@ class Tracing:
         return random_span_id() if self._random_ids else self.ids.generate_span_id()
 
     def begin(self, message: external_auth_pb2.CheckRequest) -> _CheckSpan:
-        headers = trace_headers(message)
+        return self.begin_headers(trace_headers(message))
+
+    def begin_headers(self, headers: Mapping[str, str]) -> _CheckSpan:
+        """``begin`` from the request's headers (Envoy's HTTP mode sends no CheckRequest)."""
         if self._parse is not None and self._rule is not None:
             parent = self._parse(headers)
             trace_id = parent.trace_id if parent is not None else self.ids.generate_trace_id()
@@ -521,20 +528,25 @@ def decision_facts(decision: Decision, subjects: SubjectHasher) -> Facts:
         subject_attribute = subjects.attribute(str(subject)) if subject else None
     else:
         kind = source = subject_attribute = None
-    extra = _safe_attributes(decision.attributes) if decision.attributes else None
+    extra = _safe_attributes(decision.attributes, subjects) if decision.attributes else None
     return (outcome(decision), decision.reason, int(decision.status), decision.decision_id, bool(decision.dry_run),
             decision.policy, decision.rule, bool(decision.would_deny), method, host, path, address, kind, source,
             subject_attribute, extra)  # fmt: skip
 
 
-def _safe_attributes(found: Mapping[str, Any]) -> dict[str, Any]:
-    """A check's context attributes as span attributes: plain values, secret-named ones left out."""
+def _safe_attributes(found: Mapping[str, Any], subjects: SubjectHasher | None = None) -> dict[str, Any]:
+    """A check's context attributes as span attributes: plain values, secret-named ones left out,
+    personal ones under the subject setting."""
     attributes: dict[str, Any] = {}
     for name, value in found.items():
         if name == "error":
             attributes["error.type"] = str(value).split(":", 1)[0][:64]
         elif is_secret_name(name):
             continue
+        elif name in PERSONAL_ATTRIBUTES:
+            pair = subjects.attribute(str(value)) if subjects is not None else None
+            if pair is not None:
+                attributes[f"extauthz.{name}" + ("_hash" if pair[0].endswith("_hash") else "")] = pair[1]
         # Exactly bool, int, float or str (an enum member or other subclass becomes its plain value):
         # the record crosses to the exporter process by marshal, which takes nothing else.
         elif isinstance(value, bool):

@@ -180,3 +180,93 @@ def test_cel_ast_subset_matches_cels_field_numbers() -> None:
                 checked += 1
             stack.extend((f"{name}.{n.name}", n) for n in d.nested_types if not n.GetOptions().map_entry)
     assert checked > 30
+
+
+def test_access_log_subset_matches_envoys_fields() -> None:
+    """The access-log protos are a documented SUBSET of Envoy's: every message, enum value and field
+    we declare is Envoy's, with the same number, type, label and message type (so Envoy's bytes parse
+    into them, the rest skipped as unknown fields)."""
+    from google.protobuf import descriptor_pool
+
+    from extauthz.api.envoy.service.accesslog.v3 import als_pb2
+
+    pool = descriptor_pool.Default()
+    names: list[str] = []
+
+    def walk(d) -> None:
+        names.append(d.full_name)
+        names.extend(e.full_name for e in d.enum_types)
+        for nested in d.nested_types:
+            walk(nested)
+
+    for file_name in ("extauthz/api/envoy/service/accesslog/v3/als.proto",
+                      "extauthz/api/envoy/data/accesslog/v3/accesslog.proto"):
+        fd = pool.FindFileByName(file_name)
+        for d in fd.message_types_by_name.values():
+            walk(d)
+        names.extend(e.full_name for e in fd.enum_types_by_name.values())
+    results = []
+    for setup, path in (("from extauthz.api.envoy.service.accesslog.v3 import als_pb2", None),
+                        ("from envoy.service.accesslog.v3 import als_pb2", XDS_PROTOS)):
+        env = {**os.environ, "PYTHONPATH": str(path)} if path else dict(os.environ)
+        proc = subprocess.run([sys.executable, "-c", _describe(setup), json.dumps(names)], capture_output=True,
+                              text=True, cwd=ROOT if path is None else path, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr
+        results.append(json.loads(proc.stdout))
+    ours, upstream = results
+    assert len(names) >= 10
+    for name in names:
+        assert upstream[name] is not None, f"{name} does not exist upstream"
+        if "enum" in ours[name]:
+            assert set(map(tuple, ours[name]["enum"])) <= set(map(tuple, upstream[name]["enum"])), name
+            continue
+        for field_name, field in ours[name]["fields"].items():
+            assert upstream[name]["fields"].get(field_name) == field, f"{name}.{field_name} differs from Envoy's"
+    method = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].methods_by_name["StreamAccessLogs"]
+    assert (method.client_streaming, method.server_streaming) == (True, False)
+    assert f"/{method.containing_service.full_name}/{method.name}" == \
+        "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+
+
+def test_envoys_full_access_log_message_parses_into_the_subset() -> None:
+    """Bytes of Envoy's full StreamAccessLogsMessage (node, addresses, timings, headers, TCP-free)
+    parse into our subset: the fields we read keep their values, the rest is skipped."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from envoy.service.accesslog.v3 import als_pb2
+        from envoy.data.accesslog.v3 import accesslog_pb2 as a
+        m = als_pb2.StreamAccessLogsMessage()
+        m.identifier.log_name = "extauthz-outcomes"
+        m.identifier.node.id = "envoy-1"
+        e = m.http_logs.log_entry.add()
+        c = e.common_properties
+        c.downstream_remote_address.socket_address.address = "203.0.113.7"
+        c.start_time.seconds = 1764900000
+        c.duration.nanos = 5000
+        c.response_flags.upstream_connection_failure = True
+        c.response_flags.unauthorized_details.reason = a.ResponseFlags.Unauthorized.EXTERNAL_SERVICE
+        c.access_log_type = a.DownstreamEnd
+        c.custom_tags["k"] = "v"
+        e.protocol_version = a.HTTPAccessLogEntry.HTTP2
+        e.request.path = "/login"
+        e.request.request_id = "6b1e0f0c-0000-4000-8000-000000000001"
+        e.request.request_headers["x-a"] = "b"
+        e.response.response_code.value = 401
+        e.response.response_code_details = "via_upstream"
+        sys.stdout.write(m.SerializeToString().hex())
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=XDS_PROTOS,
+                          env={**os.environ, "PYTHONPATH": str(XDS_PROTOS)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from extauthz.api.envoy.service.accesslog.v3 import als_pb2
+    from extauthz.outcomes.access_log_service import response_flags
+
+    message = als_pb2.StreamAccessLogsMessage.FromString(bytes.fromhex(proc.stdout))
+    assert message.identifier.log_name == "extauthz-outcomes"
+    [entry] = message.http_logs.log_entry
+    assert entry.request.request_id == "6b1e0f0c-0000-4000-8000-000000000001"
+    assert entry.response.response_code.value == 401
+    assert entry.common_properties.access_log_type == 6  # DownstreamEnd
+    assert response_flags(entry.common_properties.response_flags) == "UF,UAEX"

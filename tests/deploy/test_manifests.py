@@ -34,7 +34,7 @@ BASE = K8S / "base"
 ISTIO = K8S / "overlays" / "istio"
 #: Oldest Kubernetes the manifests support, and the newest the bundled schemas know.
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
-ISTIO_KINDS = {"AuthorizationPolicy", "ServiceEntry"}
+ISTIO_KINDS = {"AuthorizationPolicy", "ServiceEntry", "Telemetry"}
 
 sys.path.insert(0, str(K8S))
 import sync  # noqa: E402
@@ -175,7 +175,7 @@ def test_policies_configmap_is_the_policies_folder(base) -> None:
             schema = ROOT / "deploy" / "k8s" / "base" / "generated" / "policies" / first.split("=", 1)[1]
             assert schema.resolve() == ROOT / "schema" / "extauthz.schema.json", name
     envoy = _one(base, "ConfigMap", "envoy-config")["data"]
-    assert envoy == {"envoy.yaml": (ROOT / "deploy" / "envoy" / "envoy.yaml").read_text()}
+    assert envoy == {name: (ROOT / "deploy" / "envoy" / name).read_text() for name in ("envoy.yaml", "envoy-http.yaml")}
 
 
 def _pod_folder(base: list[dict[str, Any]], root: Path, without: str | None = None) -> Path:
@@ -331,15 +331,40 @@ def test_istio_overlay(istio) -> None:
     policy = _one(istio, "AuthorizationPolicy", "orders-extauthz")
     assert policy["spec"]["action"] == "CUSTOM"
     mesh = yaml.safe_load((ISTIO / "mesh-config.yaml").read_text())
-    [provider] = mesh["spec"]["meshConfig"]["extensionProviders"]
-    assert policy["spec"]["provider"]["name"] == provider["name"]
-    grpc = provider["envoyExtAuthzGrpc"]
-    assert grpc["failOpen"] is False and grpc["statusOnError"] == "503"
+    providers = {p["name"]: p for p in mesh["spec"]["meshConfig"]["extensionProviders"]}
+    assert set(providers) == {"extauthz-grpc", "extauthz-http", "extauthz-als"}
+    assert policy["spec"]["provider"]["name"] == "extauthz-grpc"
+    grpc = providers["extauthz-grpc"]["envoyExtAuthzGrpc"]
+    http = providers["extauthz-http"]["envoyExtAuthzHttp"]
     entry = _one(istio, "ServiceEntry", "extauthz-local")
-    assert grpc["service"] in entry["spec"]["hosts"] and entry["spec"]["ports"][0]["number"] == grpc["port"] == 9191
+    ports = {p["number"]: p["protocol"] for p in entry["spec"]["ports"]}
+    for provider, port, protocol in ((grpc, 9191, "GRPC"), (http, 9192, "HTTP")):
+        assert provider["failOpen"] is False and provider["statusOnError"] == "503"
+        assert provider["timeout"] == "0.5s"
+        assert provider["service"] in entry["spec"]["hosts"] and provider["port"] == port and ports[port] == protocol
     assert entry["spec"]["endpoints"] == [{"address": "127.0.0.1"}]
+    sidecar = next(c for c in _containers(deployment) if c["name"] == "extauthz")
+    assert {"--listen=127.0.0.1:9191", "--http-authz-listen=127.0.0.1:9192"} <= set(sidecar["args"])
+    # The HTTP provider says what deploy/envoy/envoy-http.yaml says, as far as Istio's API reaches.
+    envoy_http = yaml.safe_load((ROOT / "deploy" / "envoy" / "envoy-http.yaml").read_text())
+    authz = next(f for f in envoy_http["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+                 ["typed_config"]["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")["typed_config"]
+    added = {h["key"]: h["value"] for h in authz["http_service"]["authorization_request"]["headers_to_add"]}
+    assert http["includeAdditionalHeadersInCheck"] == added
+    body = {k: v for k, v in authz["with_request_body"].items()}
+    assert http["includeRequestBodyInCheck"] == {"maxRequestBytes": body["max_request_bytes"],
+                                                 "allowPartialMessage": body["allow_partial_message"]}
+    response = authz["http_service"]["authorization_response"]
+    assert set(http["headersToDownstreamOnAllow"]) == {p["exact"] for p in
+                                                       response["allowed_client_headers_on_success"]["patterns"]}
     labels = policy["spec"]["selector"]["matchLabels"]
     assert labels.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    # the access logs (outcomes for the detectors) go to the same sidecar, selected by a Telemetry
+    telemetry = _one(istio, "Telemetry", "orders-extauthz-outcomes")
+    [logging] = telemetry["spec"]["accessLogging"]
+    als = providers[logging["providers"][0]["name"]]["envoyHttpAls"]
+    assert (als["service"], als["port"]) == (grpc["service"], grpc["port"])
+    assert telemetry["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
 def test_dockerfile_and_constraints() -> None:

@@ -2,8 +2,19 @@
 
     echo_upstream                    session  EchoUpstream (.port, .url, .request_count(), .stop())
     allow_all_authz                  session  GrpcAuthzServer for bench/allow_all_server.py (.target)
+    allow_all_http_authz             session  the same for bench/allow_all_http_server.py (HTTP ext_authz)
+    authz_mode                       module   "grpc" or "http": Envoy's ext_authz transport (see below)
     envoy_factory(**kw)              module   -> EnvoyProcess (.url, .port, .admin_url, .stats(), ...)
     extauthz_factory(policies, ...)  module   -> GrpcAuthzServer (.target, .grpc_port, .http_url, ...)
+
+Both transports, one test: a module marked ``pytest.mark.authz_modes`` runs each of its tests that
+use the fixtures above once per mode, ``[grpc]`` and ``[http]`` (module-scoped, so the module's own
+fixtures that build an Envoy or a sidecar are made once per mode). In mode "http" the sidecar also
+listens with --http-authz-listen, its ``.target`` is that listener, and envoy_factory renders
+deploy/envoy/envoy-http.yaml instead of envoy.yaml; the tests themselves do not change. A test that
+only makes sense over gRPC (context_extensions, query mutation, calls to the gRPC API) is marked
+``pytest.mark.grpc_only(reason)``. A sidecar asked for in mode "http" skips the test when
+``extauthz serve`` lacks HTTP mode.
 
 Everything listens on 127.0.0.1; processes are stopped by pid (SIGTERM, then SIGKILL) at teardown.
 When a test fails, the log tails of the processes still running are attached to its report.
@@ -64,16 +75,40 @@ def allow_all_authz(e2e_workdir: Path) -> Iterator[GrpcAuthzServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def allow_all_http_authz(e2e_workdir: Path) -> Iterator[GrpcAuthzServer]:
+    """bench/allow_all_http_server.py: an HTTP ext_authz server that answers 200 to everything."""
+    server = _procs.start_allow_all(e2e_workdir / "allow-all-http", mode="http")
+    yield server
+    server.stop()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests of a module marked ``authz_modes`` run once per Envoy ext_authz transport (grpc_only: gRPC)."""
+    if "authz_mode" not in metafunc.fixturenames or metafunc.definition.get_closest_marker("authz_modes") is None:
+        return
+    modes = ["grpc"] if metafunc.definition.get_closest_marker("grpc_only") else list(_procs.AUTHZ_MODES)
+    metafunc.parametrize("authz_mode", modes, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def authz_mode(request: pytest.FixtureRequest) -> str:
+    """Envoy's ext_authz transport for this module's Envoys and sidecars: "grpc" unless parametrized."""
+    return str(getattr(request, "param", "grpc"))
+
+
 EnvoyFactory = Callable[..., EnvoyProcess]
 
 
 @pytest.fixture(scope="module")
-def envoy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvoyFactory]:
-    """Factory: start a real Envoy rendered from deploy/envoy/envoy.yaml with test ports.
+def envoy_factory(tmp_path_factory: pytest.TempPathFactory, authz_mode: str) -> Iterator[EnvoyFactory]:
+    """Factory: start a real Envoy rendered from deploy/envoy/envoy.yaml (envoy-http.yaml in mode
+    "http") with test ports.
 
     envoy_factory(
         *,
-        ext_authz: str | None,                  # "host:port" of the authz gRPC server; None = no ext_authz
+        ext_authz: str | None,                  # "host:port" of the authz server (.target); None = no ext_authz
+        mode: str | None = None,                # "grpc" | "http"; None = the module's authz_mode
         upstream_port: int | None = None,       # echo/app port; None = direct_response 200
         ext_authz_timeout: float | None = None, # seconds (deployed: 0.5)
         max_request_bytes: int | None = None,   # deployed: 65536
@@ -94,11 +129,11 @@ def envoy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvoyFac
     started: list[EnvoyProcess] = []
     counter = 0
 
-    def factory(*, log_level: str = "info", **render_kwargs: object) -> EnvoyProcess:
+    def factory(*, log_level: str = "info", mode: str | None = None, **render_kwargs: object) -> EnvoyProcess:
         nonlocal counter
         counter += 1
         workdir = tmp_path_factory.mktemp(f"envoy{counter}")
-        config = _procs.render_envoy_bootstrap(**render_kwargs)  # type: ignore[arg-type]
+        config = _procs.render_envoy_bootstrap(mode=mode or authz_mode, **render_kwargs)  # type: ignore[arg-type]
         envoy = _procs.start_envoy(config, workdir, name=f"envoy{counter}", log_level=log_level)
         started.append(envoy)
         return envoy
@@ -112,7 +147,7 @@ ExtauthzFactory = Callable[..., GrpcAuthzServer]
 
 
 @pytest.fixture(scope="module")
-def extauthz_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExtauthzFactory]:
+def extauthz_factory(tmp_path_factory: pytest.TempPathFactory, authz_mode: str) -> Iterator[ExtauthzFactory]:
     """Factory: start the real sidecar as a subprocess on free ports.
 
     extauthz_factory(
@@ -121,9 +156,11 @@ def extauthz_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Extau
         extra_args: Sequence[str] = (),          # appended to the command line
         env: Mapping[str, str] | None = None,    # added to the environment
         ready_timeout: float = 20.0,
-    ) -> GrpcAuthzServer   # .target "127.0.0.1:<grpc>", .grpc_port, .http_port, .http_url, .proc
+        mode: str | None = None,                 # None = the module's authz_mode
+    ) -> GrpcAuthzServer   # .target (for Envoy), .grpc_target, .grpc_port, .http_port, .http_url, .proc
 
     Command: python -m extauthz serve --policies DIR --listen 127.0.0.1:<grpc> --http-port <http>
+    [--http-authz-listen 127.0.0.1:<port> in mode "http"; .target is then that listener]
     (cwd = repository root, which is also put first on PYTHONPATH). Ready when GET /readyz on the HTTP
     port answers 200; raises _procs.StartupError with the log tail if the process exits first or
     `ready_timeout` passes. Stopped with SIGTERM (SIGKILL after 10 s) at the end of the module.
@@ -137,8 +174,14 @@ def extauthz_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Extau
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         ready_timeout: float = 20.0,
+        mode: str | None = None,
     ) -> GrpcAuthzServer:
         nonlocal counter
+        mode = mode or authz_mode
+        if mode == "http":
+            available, why = _procs.extauthz_http_mode_available()
+            if not available:
+                pytest.skip(why)
         counter += 1
         server = _procs.start_extauthz(
             policies,
@@ -147,6 +190,7 @@ def extauthz_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Extau
             env=env,
             name=f"extauthz{counter}",
             ready_timeout=ready_timeout,
+            mode=mode,
         )
         started.append(server)
         return server

@@ -12,23 +12,30 @@ from pathlib import Path
 import _procs
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.authz_modes]
 
 
 _request = _procs.http_request
 
 
-def test_deployed_config_validates() -> None:
+@pytest.fixture(scope="module")
+def allow_all(authz_mode, request):
+    """The allow-all server of this module's mode (gRPC or HTTP ext_authz)."""
+    return request.getfixturevalue("allow_all_http_authz" if authz_mode == "http" else "allow_all_authz")
+
+
+@pytest.mark.parametrize("mode", list(_procs.AUTHZ_MODES))
+def test_deployed_config_validates(mode: str) -> None:
     res = subprocess.run(
-        [_procs.envoy_binary(), "--mode", "validate", "-c", str(_procs.DEPLOY_ENVOY_YAML)],
+        [_procs.envoy_binary(), "--mode", "validate", "-c", str(_procs.AUTHZ_MODES[mode])],
         capture_output=True,
         timeout=60,
     )
     assert res.returncode == 0, res.stdout.decode()[-2000:] + res.stderr.decode()[-2000:]
 
 
-def test_allowed_request_reaches_upstream_with_echo_body(envoy_factory, allow_all_authz, echo_upstream):
-    envoy = envoy_factory(ext_authz=allow_all_authz.target, upstream_port=echo_upstream.port)
+def test_allowed_request_reaches_upstream_with_echo_body(envoy_factory, allow_all, echo_upstream):
+    envoy = envoy_factory(ext_authz=allow_all.target, upstream_port=echo_upstream.port)
     before = echo_upstream.request_count()
 
     status, _, raw = _request(
@@ -147,10 +154,10 @@ def _write_pki(directory: Path) -> dict[str, Path]:
     return files
 
 
-def test_downstream_mtls_knob(envoy_factory, allow_all_authz, echo_upstream, tmp_path):
+def test_downstream_mtls_knob(envoy_factory, allow_all, echo_upstream, tmp_path):
     pki = _write_pki(tmp_path)
     envoy = envoy_factory(
-        ext_authz=allow_all_authz.target,
+        ext_authz=allow_all.target,
         upstream_port=echo_upstream.port,
         tls=_procs.DownstreamTls(pki["server"], pki["server_key"], pki["ca"]),
         include_peer_certificate=True,

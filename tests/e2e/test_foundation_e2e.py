@@ -11,7 +11,7 @@ from pathlib import Path
 import _procs
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.authz_modes]
 
 request = _procs.http_request
 ORDERS = {"Host": "orders.example.com"}

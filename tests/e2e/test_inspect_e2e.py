@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.authz_modes]
 
 HOST = "api.example.com"
 BUFFER_LIMIT = 4096

@@ -20,7 +20,7 @@ import _procs
 import pytest
 import yaml
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.authz_modes]
 
 BUFFER_LIMIT = 2048
 KEY = "ak_e2e_openapi_0123456789abcdefghij"

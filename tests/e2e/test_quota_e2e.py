@@ -16,7 +16,7 @@ import pytest
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.samples import check_request_from_sample
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.authz_modes]
 
 HOST = "quota.example.com"
 
@@ -141,6 +141,7 @@ async def _load(targets: list[str], path: str, total: int, concurrency: int, sec
     return allowed
 
 
+@pytest.mark.grpc_only("calls the replicas' gRPC Check API directly, without Envoy")
 def test_two_replicas_sharing_redis_admit_exactly_the_limit(tmp_path: Path, extauthz_factory: Any,
                                                             redis_factory: Any) -> None:  # fmt: skip
     redis = redis_factory()
@@ -149,7 +150,7 @@ def test_two_replicas_sharing_redis_admit_exactly_the_limit(tmp_path: Path, exta
     # a shared 2-core machine, not failure handling.
     url = redis.url + "?timeout=2s"
     replicas = [extauthz_factory(policies, extra_args=["--redis-url", url, "--check-timeout", "3"]) for _ in range(2)]
-    targets = [r.target for r in replicas]
+    targets = [r.grpc_target for r in replicas]
 
     allowed = asyncio.run(_load(targets, "/exact", total=1500, concurrency=16, seconds=None))
     assert len(allowed) == 500  # limit 500 an hour: not one more, not one less, from 1500 concurrent calls

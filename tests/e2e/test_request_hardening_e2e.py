@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "identity"
 
 import material
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.authz_modes]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from extauthz.signatures.digest import content_digest
 from extauthz.signatures.signer import sign_message
 from extauthz.signatures.webhook import sign_webhook
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.authz_modes]
 
 HOST = "signed.example.com"
 KEY = ed25519.Ed25519PrivateKey.generate()
@@ -235,6 +235,7 @@ def raw_headers_stack(tmp_path_factory, extauthz_factory, envoy_factory, echo_up
     return envoy_factory(ext_authz=sidecar.target, upstream_port=echo_upstream.port, mutate=encode_raw_headers)
 
 
+@pytest.mark.grpc_only("encode_raw_headers is an option of the gRPC CheckRequest")
 def test_duplicated_covered_header_is_combined_as_rfc9421_says_with_encode_raw_headers(raw_headers_stack) -> None:
     """With encode_raw_headers Envoy hands over every field line, and the sidecar combines them with
     ", " as RFC 9421 does; policies still see the ","-joined value."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from otlpd import OtlpReceiver, attribute_value
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.authz_modes]
 
 SECRET = "e2e-bearer-token-never-in-spans"
 

@@ -133,10 +133,12 @@ class Destination(_message.Message):
     def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., principal: _Optional[str] = ..., certificate: _Optional[str] = ..., service: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Tls(_message.Message):
-    __slots__ = ("sni",)
+    __slots__ = ("sni", "version")
     SNI_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     sni: str
-    def __init__(self, sni: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, sni: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Spiffe(_message.Message):
     __slots__ = ("trust_domain", "path", "namespace", "service_account")
@@ -151,7 +153,7 @@ class Spiffe(_message.Message):
     def __init__(self, trust_domain: _Optional[str] = ..., path: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ...) -> None: ...
 
 class Identity(_message.Message):
-    __slots__ = ("kind", "source", "subject", "claims", "scopes", "principal", "spiffe", "issuer", "token_id", "certificate_bound", "client_id", "key_id", "owner", "key_owner")
+    __slots__ = ("kind", "source", "subject", "claims", "scopes", "principal", "spiffe", "issuer", "token_id", "certificate_bound", "client_id", "key_id", "owner", "key_owner", "user", "groups")
     KIND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +168,8 @@ class Identity(_message.Message):
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     KEY_OWNER_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     source: str
     subject: str
@@ -180,4 +184,6 @@ class Identity(_message.Message):
     key_id: str
     owner: str
     key_owner: str
-    def __init__(self, kind: _Optional[str] = ..., source: _Optional[str] = ..., subject: _Optional[str] = ..., claims: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., scopes: _Optional[_Iterable[str]] = ..., principal: _Optional[str] = ..., spiffe: _Optional[_Union[Spiffe, _Mapping]] = ..., issuer: _Optional[str] = ..., token_id: _Optional[str] = ..., certificate_bound: _Optional[bool] = ..., client_id: _Optional[str] = ..., key_id: _Optional[str] = ..., owner: _Optional[str] = ..., key_owner: _Optional[str] = ...) -> None: ...
+    user: str
+    groups: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[str] = ..., source: _Optional[str] = ..., subject: _Optional[str] = ..., claims: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., scopes: _Optional[_Iterable[str]] = ..., principal: _Optional[str] = ..., spiffe: _Optional[_Union[Spiffe, _Mapping]] = ..., issuer: _Optional[str] = ..., token_id: _Optional[str] = ..., certificate_bound: _Optional[bool] = ..., client_id: _Optional[str] = ..., key_id: _Optional[str] = ..., owner: _Optional[str] = ..., key_owner: _Optional[str] = ..., user: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -9,7 +9,7 @@ import pytest
 
 from extauthz.cli import main
 from extauthz.dev.procs import StartupError
-from extauthz.dev.stack import Example, examples_from_tests, find_envoy_config
+from extauthz.dev.stack import MAX_EXAMPLES, Example, examples_from_tests, find_envoy_config
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_the_bundled_policies_give_one_request_per_test_document_that_curl_can_send() -> None:
     examples = examples_from_tests(ROOT / "policies")
     titles = {e.title.split(":")[0]: e for e in examples}
-    assert 6 <= len(examples) <= 8
+    assert 6 <= len(examples) <= MAX_EXAMPLES
     orders = titles["orders-tests"]
     assert (orders.method, orders.host, orders.path, dict(orders.headers), orders.status) == (
         "GET", "orders.example.com", "/api/orders/42", {"x-tenant": "acme"}, 200)

@@ -101,12 +101,15 @@ def test_operation_labels_and_modes(compiled):
 
 def test_security_schemes_without_an_identity_kind_must_be_mapped(compiled):
     document = minimal({"/a": {"get": OK}}, security=[{"basic": []}],
-                       components={"securitySchemes": {"basic": {"type": "http", "scheme": "basic"}}})
+                       components={"securitySchemes": {"basic": {"type": "http", "scheme": "digest"}}})
     error = _error(compiled, document)
     assert error.pointer == "/security/0/basic" and "openapi.securitySchemes.basic.sources" in error.message
     spec = compiled(document, scheme_identities=(("basic", ("legacy",), ()),))
     scheme = spec.schemes["basic"]
-    assert scheme.sources == {"legacy"} and scheme.challenge == "Basic"
+    assert scheme.sources == {"legacy"} and scheme.challenge == "Digest"
+    components = {"securitySchemes": {"basic": {"type": "http", "scheme": "Basic"}}}
+    scheme = compiled(minimal({"/a": {"get": OK}}, security=[{"basic": []}], components=components)).schemes["basic"]
+    assert scheme.kinds == {"basic"} and scheme.challenge == "Basic"  # the basic identity source
     assert compiled(document, security="ignore").operations[0].security
     assert "does not declare" in _error(compiled, document, scheme_identities=(("gone", ("x",), ()),)).message
 

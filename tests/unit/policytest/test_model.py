@@ -42,7 +42,7 @@ def test_typos_are_unknown_fields_with_their_line(policy_dir, policy_yaml, capsy
               expect: {decison: allow}
         """, "p.yaml": policy_yaml("p", "rules: [{name: all, decision: allow}]")})
     err = _errors(capsys, folder)
-    assert "t_test.yaml:7: document 1 (typos): spec.cases[0].request.methd: unknown field (allowed: body" in err
+    assert "t_test.yaml:7: document 1 (typos): spec.cases[0].request.methd: unknown field (allowed: basic_auth, body" in err
     assert "t_test.yaml:8: document 1 (typos): spec.cases[0].expect.decison: unknown field (allowed: decision" in err
     assert "t_test.yaml:8: document 1 (typos): spec.cases[0].expect.decision: is required" in err
     # test refuses to run the folder, with the same errors
@@ -86,6 +86,20 @@ def test_typos_are_unknown_fields_with_their_line(policy_dir, policy_yaml, capsy
   cases:
     - {name: a, request: {host: accounts.test}, expect: {decision: maybe}}
 """, "spec.cases[0].expect.decision: must be one of: allow, deny"),
+    ("""
+  cases:
+    - {name: a, request: {host: accounts.test, basic_auth: {user: "a:b", password: x}}, expect: {decision: deny}}
+""", "spec.cases[0].request.basic_auth.user: a Basic user name cannot contain ':'"),
+    ("""
+  cases:
+    - {name: a, request: {host: accounts.test, basic_auth: {user: a}}, expect: {decision: deny}}
+""", "spec.cases[0].request.basic_auth.password: is required"),
+    ("""
+  cases:
+    - name: a
+      request: {host: accounts.test, basic_auth: {user: a, password: b}, headers: {Authorization: "Basic x"}}
+      expect: {decision: deny}
+""", "spec.cases[0].request.basic_auth: give basic_auth or an authorization header, not both"),
 ])
 def test_every_problem_is_named_with_its_field(write_test, capsys, spec: str, message: str) -> None:
     err = _errors(capsys, write_test(spec))

@@ -305,3 +305,18 @@ def test_workers_sharing_stdout_never_interleave_lines() -> None:
     records = [json.loads(line) for line in output.splitlines()]  # a torn line would not parse
     assert len(records) == 3 * lines_each
     assert {r["decision_id"][0] for r in records} == {"a", "b", "c"}
+
+
+def test_the_attempted_user_follows_the_subject_setting() -> None:
+    """A failed login's user name names a person (or is a mistyped password): shown like the subject."""
+    decision = Decision(False, 401, "invalid_credentials", "no", "d2", policy="p",
+                        attributes={"attempted_user": "alice", "identity_kind": "basic"})
+    hasher = SubjectHasher("hash", b"k")
+    plain = decision_record(decision, 0.0, DecisionLogConfig(), hasher)
+    assert plain["attributes"] == {"attempted_user": "alice", "identity_kind": "basic"}
+    hashed = decision_record(decision, 0.0, DecisionLogConfig(subject="hash"), hasher)
+    assert hashed["attributes"] == {"attempted_user_hash": hasher.attributes("alice")["extauthz.identity.subject_hash"],
+                                    "identity_kind": "basic"}
+    assert "alice" not in json.dumps(hashed)
+    none = decision_record(decision, 0.0, DecisionLogConfig(subject="none"), hasher)
+    assert none["attributes"] == {"identity_kind": "basic"}

@@ -389,3 +389,16 @@ def test_a_custom_sampler_is_asked_through_its_own_api() -> None:
     from extauthz.telemetry.tracing import _sampling_rule
 
     assert _sampling_rule(ParentBased(TraceIdRatioBased(0.5), remote_parent_not_sampled=TraceIdRatioBased(1.0))) is None
+
+
+def test_the_attempted_user_follows_the_subject_setting() -> None:
+    from extauthz.decision import Decision
+
+    decision = Decision(False, 401, "invalid_credentials", "", "id-2", attributes={"attempted_user": "alice"})
+    hashed = decision_attributes(decision, SubjectHasher("hash", b"k"))
+    assert hashed["extauthz.attempted_user_hash"] == SubjectHasher("hash", b"k").attributes("alice")[
+        "extauthz.identity.subject_hash"]
+    assert "extauthz.attempted_user" not in hashed
+    assert decision_attributes(decision, SubjectHasher("plain"))["extauthz.attempted_user"] == "alice"
+    none = decision_attributes(decision, SubjectHasher("none"))
+    assert not any("attempted_user" in name for name in none)
