@@ -19,6 +19,8 @@ import unicodedata
 import warnings
 from typing import AnyStr
 
+import re2
+
 __all__ = ["Decoded", "cmd_form", "cmd_form_bytes", "decode", "forms_over_budget", "lookup_form", "lookup_form_bytes",
            "sql_form", "sql_form_bytes"]
 
@@ -33,6 +35,7 @@ HTML_FALLBACK_MAX = 64
 LOOKUP_BUDGET = 512
 
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_BAD_PERCENT_BYTES = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _ESCAPE = re.compile(r"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
 _IIS_ESCAPE = re.compile(r"%[uU]([0-9A-Fa-f]{4})")
 _NUMERIC_ENTITY = re.compile(r"&#(?:[xX]([0-9A-Fa-f]{1,6})|([0-9]{1,7}));?")
@@ -56,6 +59,21 @@ _INVISIBLE = tuple(c.encode("utf-8") for c in "\x00\u200b\u200c\u200d\u2060\ufef
 #: Dots and slashes that hosts and paths treat as '.' and '/' (IDNA, full-width), as UTF-8.
 _LOOKALIKES = tuple((c.encode("utf-8"), plain) for c, plain in (
     ("\u3002", b"."), ("\uff61", b"."), ("\uff0e", b"."), ("\u2215", b"/"), ("\u2044", b"/")))
+def _latin1_pattern(pattern: bytes) -> re2._Regexp:
+    options = re2.Options()
+    options.encoding = re2.Options.Encoding.LATIN1  # bytes as they are: these forms are invalid UTF-8
+    return re2.compile(pattern, options)
+
+
+#: RE2, not ``re``: it scans 64 KiB of bytes in 0.1 ms where ``re`` takes 0.5 ms.
+_OVERLONG_FORM = _latin1_pattern(b"|".join(re.escape(overlong) for overlong, _ in _OVERLONG))
+_OVERLONG_PLAIN = dict(_OVERLONG)
+
+
+def _plain_of_overlong(match: re.Match[bytes]) -> bytes:
+    return _OVERLONG_PLAIN[match.group()]
+
+
 #: The characters of _LOOKALIKES and _INVISIBLE beyond Latin-1.
 _SPECIAL_WIDE = "\u3002\uff61\uff0e\u2215\u2044\u200b\u200c\u200d\u2060\ufeff"
 #: Texts longer than this get only full-width ASCII mapped instead of the whole NFKC.
@@ -108,20 +126,23 @@ def utf8(text: str) -> bytes:
         return text.encode("utf-8", "replace")
 
 
-def decode(text: str) -> Decoded:
+def decode(text: str, raw: bytes | None = None) -> Decoded:
     """Percent-escapes (repeatedly, IIS ``%u`` and overlong UTF-8 included), HTML entities, JS/JSON
     escapes, Unicode NFKC, invisible characters: the form every built-in rule matches. Case is left
     as it is: every rule matches case-insensitively (which costs the matchers nothing per
     character; lower-casing a non-ASCII text does). The text may hold lone surrogates.
 
     Percent-escapes are decoded in every target, not only in URL parts: a JSON value that a backend
-    URL-decodes (or builds a URL from) carries them through.
+    URL-decodes (or builds a URL from) carries them through. ``raw``: the bytes ``text`` was read
+    from (a text body, invalid UTF-8 included), which the first round decodes instead of encoding
+    the text again, as a backend that undoes escapes before reading UTF-8 would.
     """
     budget = [CALLBACK_BUDGET]
     for _ in range(URL_ROUNDS):
         if "%" not in text or _ESCAPE.search(text) is None:
             break
-        decoded = _percent_decode(text, budget)
+        decoded = _percent_decode(text, budget, raw)
+        raw = None
         if decoded == text:
             break
         text = decoded
@@ -172,18 +193,22 @@ def decode(text: str) -> Decoded:
     return Decoded(None, budget[0] < 0, data=data)
 
 
-def _percent_decode(text: str, budget: list[int]) -> str:
-    if "%u" in text or "%U" in text:
-        text = _budgeted_sub(_IIS_ESCAPE, lambda m: chr(int(m.group(1), 16)), text, budget)
+def _percent_decode(text: str, budget: list[int], raw: bytes | None = None) -> str:
     # binascii's quoted-printable decoder undoes =XX at C speed: spell every '%XX' as '=XX' (a
     # literal '=' as '=3D'), after making the '%' that start no escape literal.
-    if _BAD_PERCENT.search(text) is not None:
-        text = _BAD_PERCENT.sub("%25", text)
-    raw = text.encode("utf-8", "surrogatepass").replace(b"=", b"=3D").replace(b"%", b"=")
-    decoded = binascii.a2b_qp(raw)
+    if raw is None or "%u" in text or "%U" in text:
+        if "%u" in text or "%U" in text:
+            text = _budgeted_sub(_IIS_ESCAPE, lambda m: chr(int(m.group(1), 16)), text, budget)
+        if _BAD_PERCENT.search(text) is not None:
+            text = _BAD_PERCENT.sub("%25", text)
+        raw = text.encode("utf-8", "surrogatepass")
+    elif _BAD_PERCENT_BYTES.search(raw) is not None:
+        raw = _BAD_PERCENT_BYTES.sub(b"%25", raw)
+    decoded = binascii.a2b_qp(raw.replace(b"=", b"=3D").replace(b"%", b"="))
     if b"\xc0" in decoded or b"\xc1" in decoded or b"\xe0\x80" in decoded:
-        for overlong, plain in _OVERLONG:
-            decoded = decoded.replace(overlong, plain)
+        # One search for all of them (a replace per form would scan the whole text ten times, and
+        # random bytes hold these lead bytes everywhere), budgeted like every per-escape step.
+        decoded = _budgeted_sub(_OVERLONG_FORM, _plain_of_overlong, decoded, budget)  # type: ignore[arg-type]
     return decoded.decode("utf-8", "replace")
 
 

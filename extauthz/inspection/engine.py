@@ -267,7 +267,7 @@ class Inspector:
         if body_text and view is not None and view.document is None and len(body_text) > 4096:
             # A large text body is one value: decoded and matched on its own, so that locating a match
             # in it reuses both instead of doing them again.
-            body = decode(body_text)
+            body = decode(body_text, values.body_raw)
             decoded_values[body_text] = body
             decoded = decode(text)
             seen: dict[str, frozenset[str]] = {}
