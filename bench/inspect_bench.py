@@ -170,6 +170,10 @@ def adversarial_inputs() -> list[tuple[str, Request]]:
         ("crafted: 1 or 1=1 runs", repeat(b"1 or 1=1", n), "text/plain", ""),
         ("crafted: JSON of \\$(id)' strings", json.dumps(["\\$(id)'"] * 7000).encode(), "application/json", ""),
         ("crafted: JSON of ' or strings", json.dumps(["' or "] * 7000).encode(), "application/json", ""),
+        ("crafted: 40 internal URLs after text", ("\u00e9" * 30000 + " http://10.0.0.1/x" * 40).encode(),
+         "text/plain", ""),
+        ("crafted: 40 internal URLs after ASCII", ("e" * 60000 + " http://10.0.0.1/x" * 40).encode(), "text/plain",
+         ""),
     ]
     out = []
     for name, body, content_type, query in cases:

@@ -284,17 +284,13 @@ def ssrf_findings(text: str, allow: AddressAllowList | None, *, bare: bool) -> s
     that the result holds FLOOD (the inspector scores it as an evasion)."""
     found: set[str] = set()
     if "//" in text:
-        position, count = 0, 0
-        while True:
-            match = _SUSPICIOUS_AUTHORITY.search(text, position)
-            if match is None:
-                break
-            count += 1
-            if count > MAX_URLS:
+        # One iterator: the RE2 wrapper encodes the text once for it (a search from a position
+        # encodes the whole text again each time: 32 of them over 64 KiB cost milliseconds).
+        for count, match in enumerate(_SUSPICIOUS_AUTHORITY.finditer(text)):
+            if count >= MAX_URLS:
                 found.add(FLOOD)
                 break
             found.update(classify_host(_host_of(match.group(1)), allow))
-            position = match.end()
     if bare:
         for address in _whole_values(text):
             for rule in classify_host(address, allow):
