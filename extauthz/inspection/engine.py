@@ -287,14 +287,21 @@ class Inspector:
         if filenames:
             evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits, stop)
         ssrf_rules: set[str] = set()
+        ssrf_known: dict[str, set[str]] = {}  # value -> SSRF rules, for locating
         if hits.pop(_SSRF_CANDIDATE, None) is not None and not stop[1]:
-            ssrf_rules = self._ssrf("\n".join(d.text for d in texts))
+            if len(texts) == 2 and body_text:  # the large text body apart: its result serves to locate
+                body_rules = self._ssrf(texts[1].data)
+                ssrf_known[body_text] = body_rules - {FLOOD}
+                ssrf_rules = self._ssrf(texts[0].data) | body_rules
+            else:
+                ssrf_rules = self._ssrf(texts[0].data)
             if FLOOD in ssrf_rules:
                 ssrf_rules.discard(FLOOD)
                 evasion = True
         if not hits and not ssrf_rules and not evasion:
             return Verdict(), stop[1]
-        return self._verdict(request, values, hits, ssrf_rules, evasion, decoded_values, known), stop[1]
+        return self._verdict(request, values, hits, ssrf_rules, evasion, decoded_values, known,
+                             ssrf_known), stop[1]
 
     def _request_limits(self, request: Request) -> BodyProblem | None:
         limits = self.config.limits
@@ -387,12 +394,12 @@ class Inspector:
             hits.setdefault(rule_id, set()).add(group)
         return evasion
 
-    def _ssrf(self, text: str) -> set[str]:
+    def _ssrf(self, data: bytes) -> set[str]:
         if self.config.sensitivity >= 2:
             bare = True
         else:  # at level 1 a bare address (no scheme) counts only when it is a metadata endpoint
-            bare = "169.254.1" in text or "100.100.100.200" in text or "fd00:ec2:" in text.lower()
-        found = ssrf_findings(text, self.allow, bare=bare)
+            bare = b"169.254.1" in data or b"100.100.100.200" in data or b"fd00:ec2:" in data.lower()
+        found = ssrf_findings(data, self.allow, bare=bare)
         if self.config.sensitivity < 2:
             found.discard("ssrf-bare-internal-address")
         return found
@@ -400,7 +407,8 @@ class Inspector:
     # --- when something matched: where, exclusions, scores ------------------------------------------------
     def _verdict(self, request: Request, values: RequestValues, hits: dict[str, set[str]], ssrf_rules: set[str],
                  evasion: bool, decoded: dict[str, Decoded],
-                 matched_in: dict[tuple[str, str, str], frozenset[str]]) -> Verdict:  # fmt: skip
+                 matched_in: dict[tuple[str, str, str], frozenset[str]],
+                 ssrf_of: dict[str, set[str]]) -> Verdict:  # fmt: skip
         forms_of: dict[tuple[str, str], bytes] = {}
 
         def decoded_of(value: str) -> Decoded:
@@ -446,12 +454,11 @@ class Inspector:
                 kinds = kinds & {"filename"}
             located = self._locate(values, kinds, matches)
             self._add(findings, request, rule.id, rule.detector, rule.score, located)
-        ssrf_of: dict[str, set[str]] = {}
 
         def ssrf_rules_of(value: str) -> set[str]:
             found = ssrf_of.get(value)
             if found is None:
-                found = ssrf_of[value] = self._ssrf(decoded_of(value).text) - {FLOOD}
+                found = ssrf_of[value] = self._ssrf(decoded_of(value).data) - {FLOOD}
             return found
 
         for rule_id in sorted(ssrf_rules):
