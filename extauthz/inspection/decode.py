@@ -314,7 +314,8 @@ def sql_form_bytes(data: bytes) -> tuple[bytes, bool]:
     if b"/*" not in data:
         return data, False
     over = data.count(b"/*") > _COMMENT_BUDGET  # versioned comments count too (see forms_over_budget)
-    data = _VERSIONED.sub(b" ", data)
+    if b"/*!" in data:
+        data = _VERSIONED.sub(b" ", data)
     pieces = data.split(b"/*", _COMMENT_BUDGET + 1)
     if len(pieces) > _COMMENT_BUDGET + 1:
         pieces.pop()
