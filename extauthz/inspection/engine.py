@@ -205,11 +205,14 @@ class Inspector:
                                     frozenset({"query", "cookie", "body"})))
         file_rules = [r for r in config.rules if "filename" in r.targets]
         # Rules that decide a denial alone wherever they match: enforced, scored at the threshold,
-        # named by no exclusion. A long text is matched only until the first of them (a text made to
-        # keep every rule busy is an attack; finding everything in it is not worth milliseconds).
+        # named by no exclusion, read in bodies (a long text is mostly a body: a rule that cannot
+        # stand there would stop the pass for nothing). A long text is matched only until the first
+        # of them (a text made to keep every rule busy is an attack; finding everything in it is
+        # not worth milliseconds).
         self.decisive = frozenset(
             r.id for r in config.rules
-            if not config.report_only and r.score >= config.threshold and r.id not in config.report
+            if not config.report_only and r.score >= config.threshold and "body" in r.targets
+            and r.id not in config.report
             and r.detector not in config.report
             and not any(not x.rules or r.id in x.rules or r.detector in x.rules for x in config.exclusions))
         evasion_id, _, evasion_score, _ = EVASION_RULE

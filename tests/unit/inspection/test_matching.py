@@ -169,3 +169,9 @@ def test_a_long_json_body_full_of_escapes_is_inspected() -> None:
     body = json.dumps(["\\$(id)'"] * 8000 + ["ok"]).encode()
     verdict = inspector.inspect(make_request(body=body, content_type="application/json"))
     assert verdict.score >= 5 and any(f.location.startswith("body:/") for f in verdict.findings)
+
+
+def test_only_rules_read_in_bodies_stop_early() -> None:
+    inspector = build_inspector()
+    assert "crlf-header-injection" not in inspector.decisive  # not a body target: it would locate nowhere
+    assert {"sqli-tautology", "log4shell-jndi", "xss-script-tag"} <= inspector.decisive
