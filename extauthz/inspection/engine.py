@@ -209,17 +209,18 @@ class Inspector:
         # stand there would stop the pass for nothing). A long text is matched only until the first
         # of them (a text made to keep every rule busy is an attack; finding everything in it is
         # not worth milliseconds).
+        # In report mode the same rules stop it (what would be denied is still reported, with the
+        # rule that decides); a rule reported on its own never does (it cannot deny, others could).
         self.decisive = frozenset(
             r.id for r in config.rules
-            if not config.report_only and r.score >= config.threshold and "body" in r.targets
-            and r.id not in config.report
+            if r.score >= config.threshold and "body" in r.targets and r.id not in config.report
             and r.detector not in config.report
             and not any(not x.rules or r.id in x.rules or r.detector in x.rules for x in config.exclusions))
         evasion_id, _, evasion_score, _ = EVASION_RULE
         #: Whether a decoding budget running out decides a denial alone (then a long text over a
         #: budget is not matched at all).
         self.evasion_decides = (
-            not config.report_only and evasion_score >= config.threshold and evasion_id not in config.report
+            evasion_score >= config.threshold and evasion_id not in config.report
             and "evasion" not in config.report
             and not any(not x.rules or evasion_id in x.rules or "evasion" in x.rules for x in config.exclusions))
         if self.evasion_decides:
@@ -233,7 +234,7 @@ class Inspector:
     # --- per request ---------------------------------------------------------------------------------
     def inspect(self, request: Request) -> Verdict:
         verdict, stopped = self._inspect(request, early_stop=True)
-        if stopped and not any(f.rule in self.decisive and not f.reported for f in verdict.findings):
+        if stopped and not any(f.rule in self.decisive for f in verdict.findings):
             # The decisive match was not in one value (it spanned two, or nowhere it counts): every
             # rule again, to the end of every text.
             verdict, _ = self._inspect(request, early_stop=False)

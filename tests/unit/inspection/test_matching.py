@@ -137,12 +137,20 @@ def test_an_early_stop_that_locates_nothing_matches_again_to_the_end() -> None:
     assert later.score >= 5 and {f.rule for f in later.findings} == {"log4shell-jndi"}
 
 
-def test_report_mode_never_stops_early() -> None:
+def test_report_mode_stops_where_enforce_mode_would_deny_and_reports_it() -> None:
     inspector = build_inspector({"mode": "report"})
-    assert inspector.decisive == frozenset()
+    assert inspector.decisive == build_inspector().decisive
     text = _long_text("x' or '1'='1 ${jndi:ldap://a/b} <script>alert(1)</script>")
-    rules = {f.rule for f in inspector.inspect(make_request(body=text, content_type="text/plain")).findings}
-    assert {"sqli-tautology", "log4shell-jndi", "xss-script-tag"} <= rules
+    verdict = inspector.inspect(make_request(body=text, content_type="text/plain"))
+    assert verdict.findings and all(f.reported for f in verdict.findings) and verdict.score == 0
+
+
+def test_a_rule_reported_on_its_own_never_stops_early() -> None:
+    inspector = build_inspector({"report": ["sqli"]})
+    assert not any(inspector.by_id[r].detector == "sqli" for r in inspector.decisive if r in inspector.by_id)
+    text = _long_text("x' or '1'='1") + b"\n<script>alert(1)</script>"
+    verdict = inspector.inspect(make_request(body=text, content_type="text/plain"))
+    assert "xss-script-tag" in {f.rule for f in verdict.findings if not f.reported} and verdict.score >= 5
 
 
 def test_an_excluded_rule_never_stops_early() -> None:
