@@ -239,7 +239,6 @@ class HttpAuthzServer:
         #: extauthz.telemetry.metrics.Metrics (in_flight, malformed), or None.
         self.metrics = metrics
         self._refused = 0
-        self._eager_of: tuple[Any, bool] = (None, False)
         self.connections: set[_Connection] = set()
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -263,11 +262,11 @@ class HttpAuthzServer:
         self._sweeper = loop.call_later(1.0, self._sweep)
 
     def eager(self) -> bool:
-        """Whether no policy of the live set may wait on I/O (worked out once per set)."""
-        policy_set = self.authorizer.policy_set
-        if policy_set is not self._eager_of[0]:
-            self._eager_of = (policy_set, policy_set is not None and not any(p.may_wait for p in policy_set.policies))
-        return self._eager_of[1]
+        """Whether to decide inline, in the callback that parsed the request: always. A decision
+        that may wait on I/O leaves the callback for a Task before its first wait (the deadline
+        watch needs one, see extauthz.deadlines), so it costs a Task only to the policies that may
+        wait, never to the rest of the set. (A method so tests can send every decision to a Task.)"""
+        return True
 
     async def answer(self, parts: HttpParts, head: bool, close: bool) -> bytes:
         """Decide in a Task of its own (some policy of the live set may wait on I/O)."""
@@ -484,9 +483,9 @@ class _Connection(asyncio.Protocol):
         if not server.eager():
             task = self.loop.create_task(server.answer(parts, head, close))
         else:
-            # No policy of the live set waits on I/O: the decision is usually made without ever
-            # suspending, so make it now rather than in a Task on the next turn of the loop (in a
-            # context of its own, as a Task would). If it does suspend, a Task carries it on.
+            # Most decisions are made without ever suspending: make it now rather than in a Task on
+            # the next turn of the loop (in a context of its own, as a Task would). If it does
+            # suspend (a policy that may wait moves itself to a Task, see eager), a Task carries it on.
             context = contextvars.copy_context()
             try:
                 coro, yielded = context.run(server.first_step, parts)
