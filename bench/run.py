@@ -607,21 +607,26 @@ def _http_mode_summary(targets: list[Target], med: dict[str, Result], raw: dict[
     """Each HTTP-mode sidecar row against both floors for its request: allow-all gRPC (its "vs") and
     allow-all HTTP, in req/s (ratio of medians, and median of per-round ratios) and in CPU per
     request; with the targets of issue 20 where it sets one."""
-    http_floor = {t.request.raw(): t for t in targets if t.kind == "baseline" and t.transport == "http"}
+    http_floor = {t.request_name: t for t in targets if t.kind == "baseline" and t.transport == "http"}
     lines = []
     for t in targets:
         if t.kind != "sidecar" or t.transport != "http" or t.baseline is None:
             continue
         parts = [f"{t.label}:"]
         for floor, target in ((t.baseline, HTTP_MODE_TARGETS.get(t.name, (None, None))[0]),
-                              (getattr(http_floor.get(t.request.raw()), "name", None),
+                              (getattr(http_floor.get(t.request_name), "name", None),
                                HTTP_MODE_TARGETS.get(t.name, (None, None))[1])):
             if floor is None or floor not in med:
                 continue
             rps = med[t.name].rps / med[floor].rps if med[floor].rps else float("nan")
-            goal = f" (target >= {target:g}x: {'met' if rps >= target else 'MISSED'})" if target else ""
-            parts.append(f"vs {floor} {rps:.2f}x req/s, {_round_ratio(raw, t.name, floor):.2f}x per round, "
-                         f"{_cpu_ratio(med[t.name], med[floor])} cpu{goal};")
+            per_round = _round_ratio(raw, t.name, floor)
+            cpu = _cpu_ratio(med[t.name], med[floor])
+            goal = ""
+            if target:
+                readings = {"req/s": rps, "per round": per_round, "cpu": float(cpu.rstrip("x")) if cpu != "-" else 0.0}
+                goal = " (target >= {:g}x: {})".format(target, ", ".join(
+                    f"{name} {'met' if value >= target else 'MISSED'}" for name, value in readings.items()))
+            parts.append(f"vs {floor} {rps:.2f}x req/s, {per_round:.2f}x per round, {cpu} cpu{goal};")
         lines.append(" ".join(parts))
     return ("HTTP ext_authz mode, each row against both floors:\n  " + "\n  ".join(lines)) if lines else ""
 
@@ -784,13 +789,17 @@ def report_from_json(path: Path) -> str:
     targets = []
     for name, t in saved["targets"].items():
         targets.append(SimpleNamespace(name=name, label=t["label"], request_name=t["request"], baseline=t["vs"],
-                                       request=t["describe"]))  # fmt: skip
+                                       request=t["describe"], kind=t.get("kind", ""),
+                                       transport=t.get("transport", "grpc")))  # fmt: skip
     tables = []
     for mode, data in saved["modes"].items():
         raw = {n: [Result(**r) for r in rs] for n, rs in data["rounds"].items()}
         med = {n: Result(**r) for n, r in data["median"].items()}
         rounds = max(len(rs) for rs in raw.values())
         tables.append(_table(mode, targets, med, rounds, raw))  # type: ignore[arg-type]
+        summary = _http_mode_summary(targets, med, raw)  # type: ignore[arg-type]
+        if summary:
+            tables.append(summary)
     return "\n\n".join(tables)
 
 
@@ -908,7 +917,8 @@ def main(argv: list[str] | None = None) -> int:
                   "with_request_body " + ", ".join(f"{k}={v}" for k, v in body.items())
                   + f"; timeout {_authz_timeout(authz)}")
             report["targets"] = {t.name: {"label": t.label, "request": t.request_name, "vs": t.baseline,
-                                          "describe": _describe(t.request)} for t in targets}
+                                          "describe": _describe(t.request), "kind": t.kind,
+                                          "transport": t.transport} for t in targets}
             for t in targets:
                 warning = _probe(t)
                 if warning:

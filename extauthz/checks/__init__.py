@@ -25,7 +25,8 @@ The contract, for every check:
 - ``observes_denials`` (optional): sections of earlier checks whose denials the check wants to see,
   with ``async observe_denial(ctx, denial) -> Denial``, which returns the denial to answer with (the
   abuse detectors count failed authentications this way, and answer a blocked client with its
-  block). The compiler wraps those checks in :class:`ObservedCheck`.
+  block), and ``refuse_early(ctx) -> Denial | None``, asked before the watched check runs (no I/O).
+  The compiler wraps those checks in :class:`ObservedCheck`.
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ class ObservedCheck:
         self.may_wait = bool(getattr(inner, "may_wait", False) or getattr(observer, "may_wait", False))
 
     async def check(self, ctx: CheckContext) -> Denial | None:
+        # The observer may refuse first, without I/O (a client address it knows is blocked: the
+        # identity check's work, a password hash, is not spent on it).
+        early = self.observer.refuse_early(ctx)
+        if early is not None:
+            return early  # type: ignore[no-any-return]
         denial = await self.inner.check(ctx)
         if denial is None:
             return None

@@ -20,17 +20,20 @@ Each item of ``spec.detect`` is one detector (see :mod:`extauthz.detection`)::
         by: subject
         action: {throttle: {limit: 60, window: 1m, duration: 15m}}
 
-The check runs after the rules (Phase.DETECT): every detector whose ``when`` holds looks its key's
-block up, and the counting ones (distinct values, spikes) count the request, all in one store call.
-Failed authentications are counted where they happen: the policy's identity check is watched (see
-:class:`~extauthz.checks.ObservedCheck`), so a rejected credential is counted and, when its key is
-blocked, refused with the block instead of a 401 (a blocked client learns nothing from its guesses).
-The upstream's answers come from Envoy's access logs through :mod:`extauthz.outcomes`.
+The check runs after the rules (Phase.DETECT): every detector whose key the request has looks the
+key's block up, and where ``when`` holds the counting ones (distinct values, spikes) count the
+request, all in one store call. Failed authentications are counted where they happen: the policy's
+identity check is watched (see :class:`~extauthz.checks.ObservedCheck`), so a rejected credential is
+counted and, when its key is blocked, refused with the block instead of a 401 (a blocked client
+learns nothing from its guesses); a client address known to be blocked is refused before the
+identity check runs (``refuse_early``). The upstream's answers come from Envoy's access logs
+through :mod:`extauthz.outcomes`.
 
 With Redis, blocks and counters are shared by every replica. When the policy has quotas too, the
-check's store call is queued on the context and leaves in the same write as the quota charge: one
-round trip for both (the quota check awaits the detectors' answer after its own; a blocked request
-is refused with the block even though its quota was charged).
+check leaves its ops on the context (``ctx.pending``) and the quota check carries them in its own
+script call: one command, one round trip for both (a blocked request is refused with the block
+even though its quota was charged). ``onStoreError`` says what a Redis failure does: deny (the
+default), local (this replica's in-process state) or allow.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from extauthz import clock
 from extauthz.cel import BOOL, KEY, CelError, Expression
 from extauthz.checks import Phase, register
 from extauthz.context import CheckContext, Denial, accessor_for
@@ -83,8 +87,13 @@ _MAX_DISTINCT_THRESHOLD = 10_000
 _MAX_VALUE = 128
 _LABEL = 128
 _CLIENT_IP = accessor_for(("source", "client_ip"))
+#: With Redis, a block seen in an answer refuses early at this replica for at most this long (then
+#: the store is asked again: a lifted block ends here within it), and at most this many are kept.
+_SEEN_FOR, _SEEN_MAX = 10.0, 10_000
 #: Identity rejections that are failed authentications (a missing credential is not a guess).
 _NOT_FAILURES = frozenset({"credentials_missing"})
+#: Detection.segment of a distinct detector counting ``of: username`` or ``of: subject``.
+_OF_USERNAME, _OF_SUBJECT = -1, -2
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +105,11 @@ class Detection:
     by: str
     key: Expression | None
     when: Expression | None
-    #: failures: count our own identity rejections.
+    #: failures: count our own identity rejections; distinct: count their values (``failures: true``).
     identity: bool
     #: failures and distinct: count responses with these statuses (from the access logs).
     statuses: frozenset[int]
-    #: distinct: the value (CEL) or the 1-based path segment.
+    #: distinct: the value (CEL), or the 1-based path segment (negative: _OF_USERNAME, _OF_SUBJECT).
     value: Expression | None
     segment: int
     on_store_error: str
@@ -124,6 +133,10 @@ class DetectCheck:
         #: Sections whose denials this check sees (ObservedCheck): identity, when a detector counts them.
         self.observes_denials: tuple[str, ...] = ("identity",) if any(d.identity for d in detections) else ()
         self._failure_detectors = tuple(d for d in detections if d.identity)
+        #: The request refuse_early last saw, with its client address's (label, digest).
+        self._early_key: tuple[CheckContext, tuple[str, str]] | None = None
+        #: Failures detectors of identity rejections keyed on the client address: refuse_early asks them.
+        self._early = tuple(d for d in detections if d.identity and d.by == "client_ip" and not d.detector.dry_run)
         #: Per detector, what _ops reads: (detection, by, when, detector, op, counts outcomes).
         self._plan = tuple((d, d.by, d.when, d.detector, d.detector.op, bool(d.statuses and join.enabled))
                            for d in detections)  # fmt: skip
@@ -161,7 +174,8 @@ class DetectCheck:
         if isinstance(backend, MemoryDetections):
             return DetectCheck(tuple(detections), backend, join, build.policy_name)
         defer = build.spec("quotas").present
-        return _StoreDetectCheck(tuple(detections), backend, join, build.policy_name, defer=defer)
+        fallback = build.services.shared(("detections", "fallback"), MemoryDetections)
+        return _StoreDetectCheck(tuple(detections), backend, join, build.policy_name, defer=defer, fallback=fallback)
 
     # --- per request -----------------------------------------------------------------------------
     def _ops(self, ctx: CheckContext) -> tuple[list[Op], list[Detection]]:
@@ -171,6 +185,9 @@ class DetectCheck:
         ops: list[Op] = []
         used: list[Detection] = []
         keys: dict[str, tuple[str, str]] = {}  # by -> (label, digest): detectors often share a key
+        early = self._early_key
+        if early is not None and early[0] is ctx:
+            keys["client_ip"] = early[1]
         for detection, by, when, det, op_kind, watch in self._plan:
             known = keys.get(by)
             if known is None:
@@ -192,7 +209,7 @@ class DetectCheck:
             if counts and op_kind != OP_FAIL:
                 if op_kind == OP_RATE:
                     kind = OP_RATE
-                else:
+                elif not detection.identity:  # a distinct detector of failures counts in observe_denial
                     value = _value_of(detection, ctx)
                     if value and not watch:
                         kind = OP_DISTINCT
@@ -209,9 +226,10 @@ class DetectCheck:
         ops, used = self._ops(ctx)
         if not ops:
             return None
-        return self._decide(ctx, used, self.backend.run(ops))
+        return self._decide(ctx, used, self.backend.run(ops), ops)
 
-    def _decide(self, ctx: CheckContext, used: Sequence[Detection], answers: Sequence[Answer]) -> Denial | None:
+    def _decide(self, ctx: CheckContext, used: Sequence[Detection], answers: Sequence[Answer],
+                ops: Sequence[Op]) -> Denial | None:  # fmt: skip
         """Report trips, and refuse with the longest block or throttle of an enforcing detector."""
         for answer in answers:
             if answer.tripped or answer.refused_ms:
@@ -219,11 +237,13 @@ class DetectCheck:
         else:
             return None  # the common case: nothing to report
         worst: tuple[Detection, Answer] | None = None
-        for detection, answer in zip(used, answers, strict=True):
+        for detection, answer, op in zip(used, answers, ops, strict=True):
             if answer.tripped:
                 self._tripped(ctx, detection, answer)
-            if answer.refused_ms > 0 and (worst is None or answer.refused_ms > worst[1].refused_ms):
-                worst = (detection, answer)
+            if answer.refused_ms > 0:
+                self._remember(op, answer)
+                if worst is None or answer.refused_ms > worst[1].refused_ms:
+                    worst = (detection, answer)
         if worst is None:
             return None
         return _refusal(ctx, *worst)
@@ -264,7 +284,11 @@ class DetectCheck:
                     counts = detection.when.evaluate(ctx) is True
                 except CelError:
                     counts = False
-            ops.append(Op(OP_FAIL if counts else OP_CHECK, detection.detector, _digest(label), label[:_LABEL]))
+            kind, value = (OP_FAIL if counts else OP_CHECK), ""
+            if counts and detection.detector.op == OP_DISTINCT:
+                value = _value_of(detection, ctx)
+                kind = OP_DISTINCT if value else OP_CHECK
+            ops.append(Op(kind, detection.detector, _digest(label), label[:_LABEL], value))
             used.append(detection)
         if not ops:
             return denial
@@ -272,7 +296,9 @@ class DetectCheck:
         if answers is None:
             return denial
         worst: tuple[Detection, Answer] | None = None
-        for detection, answer in zip(used, answers, strict=True):
+        for detection, answer, op in zip(used, answers, ops, strict=True):
+            if answer.refused_ms > 0:
+                self._remember(op, answer)
             if answer.tripped:
                 self._tripped(ctx, detection, answer)
             # The failure that trips a detector keeps its own answer; the next attempts get the block.
@@ -282,6 +308,32 @@ class DetectCheck:
 
     async def _run_failures(self, ctx: CheckContext, ops: list[Op], used: list[Detection]) -> Sequence[Answer] | None:
         return self.backend.run(ops)  # type: ignore[no-any-return]
+
+    # --- refusing before the identity check (ObservedCheck) ---------------------------------------
+    def refuse_early(self, ctx: CheckContext) -> Denial | None:
+        """Before the watched identity check runs: the block of a client address that a failures
+        detector keys on, when one is known without I/O, so a blocked client costs no credential
+        verification (a password hash, an introspection call). In process the store is asked (it
+        is exact); with Redis, the blocks this replica saw in recent answers (:meth:`_remember`)."""
+        if not self._early:
+            return None
+        address = _CLIENT_IP(ctx)
+        if type(address) is not str or not address:
+            return None
+        digest = _digest(address)
+        self._early_key = (ctx, (address[:_LABEL], digest))  # _ops reuses it for this request
+        for detection in self._early:
+            answer = self._known_block(detection.detector, digest)
+            if answer is not None:
+                ctx.note(f"detect {detection.name}: client address blocked, before the identity check")
+                return _refusal(ctx, detection, answer)
+        return None
+
+    def _known_block(self, det: Detector, digest: str) -> Answer | None:
+        return self.backend.blocked(det, digest)  # type: ignore[no-any-return]
+
+    def _remember(self, op: Op, answer: Answer) -> None:
+        """A refusal seen in an answer (the in-process store needs no memory of its own)."""
 
     # --- upstream outcomes -------------------------------------------------------------------------
     def _expect(self, request_id: str, detection: Detection, op: Op) -> None:
@@ -308,10 +360,14 @@ class _StoreDetectCheck(DetectCheck):
     may_wait: ClassVar[bool] = True
 
     def __init__(self, detections: tuple[Detection, ...], backend: Any, join: OutcomeJoin, policy: str, *,
-                 defer: bool) -> None:  # fmt: skip
+                 defer: bool, fallback: MemoryDetections) -> None:  # fmt: skip
         super().__init__(detections, backend, join, policy)
         #: The policy has quotas: queue the store call on the context for the quota check to await.
         self.defer = defer
+        #: This replica's in-process state, for ``onStoreError: local`` while Redis cannot answer.
+        self.fallback = fallback
+        #: Blocks seen in this replica's answers: key -> (until, answer), for refuse_early.
+        self._blocks_seen: dict[str, tuple[float, Answer]] = {}
 
     async def check(self, ctx: CheckContext) -> Denial | None:
         ops, used = self._ops(ctx)
@@ -324,23 +380,73 @@ class _StoreDetectCheck(DetectCheck):
         try:
             sends = self.backend.send(ops)
         except StoreError as exc:
-            return _store_failed(ctx, used, str(exc))
+            return self._store_failed(ctx, used, ops, str(exc))
         return await self._settle(ctx, used, ops, sends)
 
     async def _settle(self, ctx: CheckContext, used: list[Detection], ops: list[Op], sends: Any) -> Denial | None:
         try:
             answers = await self.backend.answers(ops, sends)
         except StoreError as exc:
-            return _store_failed(ctx, used, str(exc))
-        return self._decide(ctx, used, answers)
+            return self._store_failed(ctx, used, ops, str(exc))
+        return self._decide(ctx, used, answers, ops)
+
+    def _store_failed(self, ctx: CheckContext, used: Sequence[Detection], ops: Sequence[Op],
+                      failure: str) -> Denial | None:  # fmt: skip
+        """Redis could not answer: each detector does what its ``onStoreError`` says. deny (the
+        default): 503; local: this replica's in-process detection state decides meanwhile; allow:
+        the request goes on unchecked by it."""
+        ctx.attributes["detect_store"] = "unavailable"
+        for detection in used:
+            if detection.on_store_error == "deny" and not detection.detector.dry_run:
+                ctx.attributes["error"] = f"detector {detection.name}: {failure}"
+                ctx.note(f"detect {detection.name}: store unavailable ({failure}) -> deny (onStoreError: deny)")
+                return Denial(503, "detect_store_unavailable", "abuse detection state is unavailable",
+                              rule=f"detect:{detection.name}")  # fmt: skip
+        local = [(d, op) for d, op in zip(used, ops, strict=True) if d.on_store_error == "local"]
+        if not local:
+            ctx.note(f"detect: store unavailable ({failure}) -> not checked (onStoreError: allow)")
+            return None
+        ctx.attributes["detect_store"] = "local"
+        ctx.note(f"detect: store unavailable ({failure}) -> in-process state (onStoreError: local)")
+        local_ops = [op for _, op in local]
+        return self._decide(ctx, [d for d, _ in local], self.fallback.run(local_ops), local_ops)
+
+    def _known_block(self, det: Detector, digest: str) -> Answer | None:
+        known = self._blocks_seen.get(det.prefix + digest)
+        if known is None:
+            return None
+        until, answer = known
+        left = int((until - clock.wall()) * 1000)
+        if left <= 0:
+            del self._blocks_seen[det.prefix + digest]
+            return None
+        return answer._replace(refused_ms=left)
+
+    def _remember(self, op: Op, answer: Answer) -> None:
+        """Keep a block an answer showed, for refuse_early: at most _SEEN_FOR seconds (a block lifted
+        by an operator holds at most that long at this replica), bounded in count."""
+        if answer.kind != ACTION_BLOCK or not self._early:
+            return
+        seen = self._blocks_seen
+        seen[op.detector.prefix + op.digest] = (clock.wall() + min(answer.refused_ms / 1000, _SEEN_FOR), answer)
+        if len(seen) > _SEEN_MAX:
+            del seen[next(iter(seen))]
 
     async def _run_failures(self, ctx: CheckContext, ops: list[Op], used: list[Detection]) -> Sequence[Answer] | None:
         try:
             return await self.backend.submit(ops)  # type: ignore[no-any-return]
         except StoreError as exc:
+            # The request is refused anyway (its credential was): count it where onStoreError says.
             ctx.attributes["detect_store"] = "unavailable"
-            ctx.note(f"detect: store unavailable ({exc}); failure not counted")
-            return None
+            local = [i for i, d in enumerate(used) if d.on_store_error == "local"]
+            if not local:
+                ctx.note(f"detect: store unavailable ({exc}); failure not counted")
+                return None
+            ctx.attributes["detect_store"] = "local"
+            answers = [Answer(0, 0, False, 0)] * len(ops)
+            for i, answer in zip(local, self.fallback.run([ops[i] for i in local]), strict=True):
+                answers[i] = answer
+            return answers
 
     def _count_outcome(self, detection: Detection, op: Op) -> None:
         try:
@@ -384,29 +490,15 @@ class _PendingDetect:
             try:
                 answers = check.backend.answers_from(self.ops, rider.reply)
             except StoreError as exc:
-                return _store_failed(ctx, self.used, str(exc))
-            return check._decide(ctx, self.used, answers)
+                return check._store_failed(ctx, self.used, self.ops, str(exc))
+            return check._decide(ctx, self.used, answers, self.ops)
         if rider is not None and rider.error is not None:
-            return _store_failed(ctx, self.used, str(rider.error))
+            return check._store_failed(ctx, self.used, self.ops, str(rider.error))
         try:
             sends = check.backend.send(self.ops)
         except StoreError as exc:
-            return _store_failed(ctx, self.used, str(exc))
+            return check._store_failed(ctx, self.used, self.ops, str(exc))
         return await check._settle(ctx, self.used, self.ops, sends)
-
-
-def _store_failed(ctx: CheckContext, used: Sequence[Detection], failure: str) -> Denial | None:
-    """The store could not answer: each detector does what its ``onStoreError`` says (deny: 503;
-    allow: the request goes on unchecked by it)."""
-    ctx.attributes["detect_store"] = "unavailable"
-    for detection in used:
-        if detection.on_store_error == "deny" and not detection.detector.dry_run:
-            ctx.attributes["error"] = f"detector {detection.name}: {failure}"
-            ctx.note(f"detect {detection.name}: store unavailable ({failure}) -> deny (onStoreError: deny)")
-            return Denial(503, "detect_store_unavailable", "abuse detection state is unavailable",
-                          rule=f"detect:{detection.name}")  # fmt: skip
-    ctx.note(f"detect: store unavailable ({failure}) -> not checked (onStoreError: allow)")
-    return None
 
 
 def _refusal(ctx: CheckContext, detection: Detection, answer: Answer) -> Denial:
@@ -452,7 +544,16 @@ def _key_of(detection: Detection, ctx: CheckContext) -> str:
 
 
 def _value_of(detection: Detection, ctx: CheckContext) -> str:
-    if detection.value is not None:
+    if detection.segment < 0:  # of: username | subject
+        value = ""
+        if detection.segment == _OF_USERNAME:
+            attempted = ctx.attributes.get("attempted_user")
+            if type(attempted) is str:
+                value = attempted
+        if not value:
+            subject = ctx.identity.get("subject")
+            value = subject if type(subject) is str else ""
+    elif detection.value is not None:
         try:
             value = detection.value.evaluate(ctx)
         except CelError:
@@ -513,7 +614,7 @@ def _detection_from_spec(item: Spec, build: BuildContext) -> Detection | None:
     by = "key" if key is not None else by or "client_ip"
     when = item.cel("when", expect=BOOL)
     mode = item.str("mode", "enforce", choices=("enforce", "dry-run"))
-    on_store_error = item.str("onStoreError", "allow", choices=("allow", "deny"))
+    on_store_error = item.str("onStoreError", "deny", choices=("deny", "allow", "local"))
     identity, statuses, value, segment = False, frozenset[int](), None, 0
     threshold, window = 0, 0.0
     spike: dict[str, Any] = {}
@@ -530,12 +631,24 @@ def _detection_from_spec(item: Spec, build: BuildContext) -> Detection | None:
     elif kind == "distinct":
         op = OP_DISTINCT
         section = item.child("distinct")
-        if section.is_mapping(allowed={"value", "pathSegment", "statuses"}):
+        if section.is_mapping(allowed={"value", "pathSegment", "of", "statuses", "failures"}):
             value = section.cel("value", expect=KEY)
             segment = section.int("pathSegment", min=1, max=64) or 0
-            if (value is None) == (segment == 0):
-                section.error("give exactly one of value (CEL) or pathSegment")
+            of = section.str("of", None, choices=("username", "subject"))
+            if (value is not None) + (segment > 0) + (of is not None) != 1:
+                section.error("give exactly one of value (CEL), pathSegment or of (username, subject)")
+            if of == "username":
+                segment = _OF_USERNAME
+            elif of == "subject":
+                segment = _OF_SUBJECT
             statuses = _statuses(section, "statuses")
+            # Counted on failed authentications (the identity check's rejections) instead of on the
+            # requests that reach the detectors: credential stuffing, many user names from one address.
+            identity = bool(section.bool("failures", False))
+            if identity and statuses:
+                section.error("count either failed authentications (failures) or responses (statuses)", "failures")
+            if identity and by == "subject":
+                item.error("a failed identity check has no subject: use client_ip or username", "by")
     elif kind == "spike":
         op = OP_RATE
         section = item.child("spike")
@@ -581,7 +694,7 @@ def _detection_from_spec(item: Spec, build: BuildContext) -> Detection | None:
         if interval_s else 0,
         **params,
     )  # fmt: skip
-    return Detection(detector, by, key, when, identity, statuses, value, segment, on_store_error or "allow")
+    return Detection(detector, by, key, when, identity, statuses, value, segment, on_store_error or "deny")
 
 
 def _statuses(section: Spec, field_name: str) -> frozenset[int]:

@@ -69,8 +69,12 @@ class _Spike:
 class MemoryDetections:
     """Counters, distinct sets, spike baselines, offences and blocks of every detector, in process."""
 
-    def __init__(self, max_keys: int = 200_000, clock_ms: Callable[[], int] = _wall_ms) -> None:
+    def __init__(self, max_keys: int = 200_000, clock_ms: Callable[[], int] = _wall_ms,
+                 max_values: int = 2_000_000) -> None:  # fmt: skip
         self.max_keys = max_keys
+        #: Distinct values held in all the sets (each set holds threshold + 1 at most).
+        self.max_values = max_values
+        self._values = 0
         self._clock = clock_ms
         # key -> (expires, count) / (expires, set) / spike state / (expires, offences) / block / tat_us
         self._counts: OrderedDict[str, list[int]] = OrderedDict()
@@ -127,15 +131,21 @@ class MemoryDetections:
         elif op.kind == OP_DISTINCT:
             held = self._sets.get(key)
             if held is None or held[0] <= now:
+                if held is not None:
+                    self._values -= len(held[1])
                 held = (now + det.window_ms, set())
                 self._sets[key] = held
             values = held[1]
-            if len(values) <= det.threshold:  # bounded: one more than the threshold at most
+            if len(values) <= det.threshold and op.value not in values:  # at most threshold + 1 values
                 values.add(op.value)
+                self._values += 1
+                if self._values > self.max_values:
+                    self._shed_values(key)
             count = len(values)
             tripped = count > det.threshold
             if tripped:
                 del self._sets[key]
+                self._values -= count
         elif op.kind == OP_RATE:
             count, tripped = self._rate(key, det, now)
         else:
@@ -143,6 +153,16 @@ class MemoryDetections:
         if not tripped or det.store_action == ACTION_LOG:
             return Answer(0, 0, True, count, 0, 0, det.status) if tripped else _NOTHING
         return self._apply(key, op, now, count)
+
+    def blocked(self, det: Any, digest: str) -> Answer | None:
+        """The key's live block (not a throttle: that would charge it), without counting anything."""
+        block = self._blocks.get(det.prefix + digest)
+        if block is None or block.kind != ACTION_BLOCK:
+            return None
+        now = self._clock()
+        if block.until_ms <= now:
+            return None
+        return Answer(block.until_ms - now, block.kind, False, 0, block.offences, 0, block.status)
 
     def _throttle(self, key: str, block: _Block, now: int) -> int:
         """Charge the throttle's temporary quota (GCRA, as the quota stores do): 0 or ms to wait."""
@@ -199,6 +219,18 @@ class MemoryDetections:
         refused = duration if det.store_action == ACTION_BLOCK else 0
         return Answer(refused, det.store_action, True, count, offences, duration, det.status)
 
+    def _shed_values(self, keep: str) -> None:
+        """Over the bound on distinct values held in all: drop the oldest sets (not ``keep``)."""
+        sets = self._sets
+        while self._values > self.max_values and len(sets) > 1:
+            key, (_, values) = next(iter(sets.items()))
+            if key == keep:
+                sets.move_to_end(key)
+                continue
+            del sets[key]
+            self._values -= len(values)
+            self.evicted += 1
+
     def _sweep(self, now: int) -> None:
         """Drop a few expired entries of each table from its old end, and the oldest of a full one."""
         for table, expiry in self._tables:
@@ -211,8 +243,12 @@ class MemoryDetections:
                 del table[key]
                 if table is self._blocks:
                     self._tats.pop(key, None)
+                elif table is self._sets:
+                    self._values -= len(entry[1])
             while len(table) > self.max_keys:
-                key, _ = table.popitem(last=False)
+                key, entry = table.popitem(last=False)
+                if table is self._sets:
+                    self._values -= len(entry[1])
                 self._tats.pop(key, None)
                 self.evicted += 1
                 if self.evicted in (1, 10, 100, 1000) or self.evicted % 100_000 == 0:
@@ -249,12 +285,17 @@ class MemoryDetections:
         self._tats.pop(key, None)
         return block is not None and block.until_ms > self._clock()
 
+    @property
+    def values_held(self) -> int:
+        return self._values
+
     def clear(self) -> None:
         """Forget everything (``extauthz test`` starts every PolicyTest document afresh)."""
         for table in (self._counts, self._sets, self._spikes, self._offences, self._blocks, self._tats):
             table.clear()
+        self._values = 0
 
     def entries(self) -> int:
-        """Entries held in every table (tests: nothing grows without bound)."""
+        """Keys held in every table (tests: nothing grows without bound); values: ``values_held``."""
         return sum(len(t) for t in (self._counts, self._sets, self._spikes, self._offences, self._blocks))
 

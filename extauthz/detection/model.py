@@ -62,9 +62,12 @@ class Detector:
     state_ttl_ms: int = 0
     #: "<policy>:<detector>:": the in-process store's keys are this and a key digest.
     prefix: str = ""
+    #: spec(kind) for each op kind, worked out once.
+    specs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", f"{self.policy}:{self.name}:")
+        object.__setattr__(self, "specs", tuple(self.spec(kind) for kind in (OP_CHECK, OP_FAIL, OP_DISTINCT, OP_RATE)))
 
     def spec(self, kind: int) -> str:
         """The numbers of an op of ``kind`` as the Redis script reads them (extauthz.detection.redis):

@@ -1,8 +1,9 @@
 """Detection state in Redis: shared by every replica, one script per request, every key expiring.
 
 Every op of a request goes into one script call (:data:`DETECT_SCRIPT`), with Redis's clock, so a
-block decided at one replica holds at the next request any replica sees. The call is queued at once
-(:meth:`RedisDetections.submit`): beside a quota it leaves in the same write as the quota's charge.
+block decided at one replica holds at the next request any replica sees. Beside a quota the ops ride
+in the quota charge's own call (:class:`Rider`, :data:`COMBINED_SCRIPT`): one command, one round
+trip; otherwise :meth:`RedisDetections.send` queues their own call at once.
 
 Keys, per (policy, detector, key digest), all with the digest as hash tag (one slot per key value)::
 
@@ -10,13 +11,14 @@ Keys, per (policy, detector, key digest), all with the digest as hash tag (one s
     <prefix>:d:<policy>:<detector>:{<digest>}:o   offences (integer), expires ``remember`` after the last
     <prefix>:d:<policy>:<detector>:{<digest>}:c   the counter: failures (integer) or distinct values
                                                   (HyperLogLog), expiring with their window; a spike's
-                                                  state (hash), expiring when idle
+                                                  state (a string), expiring when idle
     <prefix>:d:<policy>:<detector>:{<digest>}:t   a throttle's temporary quota (GCRA TAT), expires when full
 
-The arithmetic is :class:`~extauthz.detection.memory.MemoryDetections`' (tests hold the two to the
-same answers); distinct values are counted by a HyperLogLog, exact for small sets and within about
-1% beyond. On a Redis Cluster the ops of one key value share a slot; a request's ops on different
-key values go as one script per slot, sent together.
+The script is given the ``:b`` key of each op and derives the others (same hash slot). The
+arithmetic is :class:`~extauthz.detection.memory.MemoryDetections`' (tests hold the two to the same
+answers); distinct values are counted by a HyperLogLog, exact for small sets and within about 1%
+beyond. On a Redis Cluster the ops of one key value share a slot; a request's ops on different key
+values go as one script per slot, sent together (never riding in a quota's call).
 """
 
 from __future__ import annotations
@@ -192,7 +194,8 @@ class RedisDetections:
         self.store = store
         self._sha = hashlib.sha1(DETECT_SCRIPT.encode()).hexdigest()
         self._base = store.key_prefix + "d:"
-        self._specs: dict[tuple[int, int], str] = {}
+        #: "<policy>:<detector>:" -> the detector's Redis key prefix, up to the hash tag's brace.
+        self._prefixes: dict[str, str] = {}
         #: End times (monotonic) of the blocks and throttles this replica wrote (extauthz_blocks_active).
         self._written: list[float] = []
 
@@ -230,17 +233,18 @@ class RedisDetections:
     def _arguments(self, ops: Sequence[Op]) -> tuple[list[str], list[str]]:
         keys: list[str] = []
         argv: list[str] = []
-        specs = self._specs
+        prefixes = self._prefixes
         for op in ops:
             det = op.detector
-            keys.append(f"{self._base}{det.policy}:{det.name}:{{{op.digest}}}:b")
-            spec_key = (op.kind, id(det))
-            spec = specs.get(spec_key)
-            if spec is None:
-                if len(specs) >= 4096:
-                    specs.clear()
-                spec = specs[spec_key] = det.spec(op.kind)
-            argv.extend((spec, op.value, op.label))
+            prefix = prefixes.get(det.prefix)
+            if prefix is None:
+                if len(prefixes) >= 4096:
+                    prefixes.clear()
+                prefix = prefixes[det.prefix] = self._base + det.prefix + "{"
+            keys.append(prefix + op.digest + "}:b")
+            argv.append(det.specs[op.kind])
+            argv.append(op.value)
+            argv.append(op.label)
         return keys, argv
 
     def _send(self, ops: Sequence[Op], indexes: Sequence[int]) -> Any:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from extauthz.dev.envoy import EnvoyProcess, envoy_binary, render_envoy_bootstrap, start_envoy
 from extauthz.dev.procs import LOOPBACK, ManagedProcess, StartupError, free_port, wait_for_http
 
@@ -89,6 +91,20 @@ def find_envoy_config(explicit: Path | None, policies: Path) -> Path:
         if (root / relative).is_file():
             return root / relative
     raise StartupError("deploy/envoy/envoy.yaml not found: run from the extauthz repository or pass --envoy-config")
+
+
+def _uses_http_service(config: Any) -> bool:
+    """Whether a bootstrap's ext_authz filter calls an http_service (Envoy's HTTP ext_authz mode)."""
+    try:
+        for listener in config["static_resources"]["listeners"]:
+            for chain in listener.get("filter_chains", ()):
+                for network_filter in chain.get("filters", ()):
+                    for http_filter in network_filter.get("typed_config", {}).get("http_filters", ()):
+                        if http_filter.get("name") == "envoy.filters.http.ext_authz":
+                            return "http_service" in http_filter.get("typed_config", {})
+    except (KeyError, TypeError, AttributeError):
+        return False
+    return False
 
 
 def examples_from_tests(policies: Path) -> list[Example]:
@@ -163,11 +179,19 @@ class DevStack:
         while self.http_port == self.grpc_port:
             self.http_port = free_port()
         self.upstream_target = options.upstream or ""
+        #: Envoy's HTTP ext_authz mode (an --envoy-config with an http_service, e.g.
+        #: deploy/envoy/envoy-http.yaml): the sidecar's --http-authz-listen port; None in gRPC mode.
+        self.http_authz_port: int | None = None
         self._stop = threading.Event()
 
     def start(self) -> None:
         opts = self.options
         config = find_envoy_config(opts.envoy_config, opts.policies)
+        loaded = yaml.safe_load(config.read_text())
+        if _uses_http_service(loaded):
+            self.http_authz_port = free_port()
+            while self.http_authz_port in (self.grpc_port, self.http_port):
+                self.http_authz_port = free_port()
         binary = envoy_binary()  # before anything starts: the most likely thing to be missing
         if not (shutil.which(binary) or Path(binary).is_file()):
             raise FileNotFoundError(f"Envoy binary not found: {binary}")
@@ -182,8 +206,14 @@ class DevStack:
         self.sidecar = ManagedProcess("extauthz", self._serve_command(), None)
         wait_for_http(f"http://{LOOPBACK}:{self.http_port}/readyz", 30, proc=self.sidecar)
         host, _, port_text = self.upstream_target.rpartition(":")
-        bootstrap = render_envoy_bootstrap(config, ext_authz=f"{LOOPBACK}:{self.grpc_port}",
-                                           upstream_port=int(port_text), listener_port=self._listener_port())
+        grpc = f"{LOOPBACK}:{self.grpc_port}"
+        if self.http_authz_port is None:
+            bootstrap = render_envoy_bootstrap(loaded, ext_authz=grpc, upstream_port=int(port_text),
+                                               listener_port=self._listener_port())
+        else:  # the outcomes access log still goes to the gRPC port
+            bootstrap = render_envoy_bootstrap(loaded, ext_authz=f"{LOOPBACK}:{self.http_authz_port}",
+                                               access_log_service=grpc, upstream_port=int(port_text),
+                                               listener_port=self._listener_port())
         if host and host not in (LOOPBACK, "localhost"):
             for cluster in bootstrap["static_resources"]["clusters"]:
                 if cluster["name"] == "app":
@@ -205,6 +235,7 @@ class DevStack:
             "--log-format", "text",
             "--decision-log-allow-sample", "1",  # every decision on the terminal
             "--grace", "1",
+            *(["--http-authz-listen", f"{LOOPBACK}:{self.http_authz_port}"] if self.http_authz_port else []),
             *self.options.serve_args,
         ]  # fmt: skip
 
@@ -212,6 +243,8 @@ class DevStack:
         assert self.envoy is not None
         url = self.envoy.url
         sidecar = f"gRPC {LOOPBACK}:{self.grpc_port}, metrics http://{LOOPBACK}:{self.http_port}/metrics"
+        if self.http_authz_port is not None:
+            sidecar = f"HTTP ext_authz {LOOPBACK}:{self.http_authz_port}, {sidecar}"
         echo = "" if self.options.upstream else "   (echo: answers with the request it received)"
         lines = [
             f"extauthz dev: {self.options.policies} through Envoy",
@@ -287,7 +320,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None,
                         help=f"Envoy's listener port (default {PREFERRED_PORT} if free, else any free port; 0: any)")
     parser.add_argument("--envoy-config", type=Path, default=None,
-                        help="Envoy configuration to run (default: deploy/envoy/envoy.yaml of the repository)")
+                        help="Envoy configuration to run (default: deploy/envoy/envoy.yaml of the repository; "
+                             "deploy/envoy/envoy-http.yaml runs Envoy's HTTP ext_authz mode)")
     parser.add_argument("--upstream", metavar="HOST:PORT", default=None,
                         help="your application instead of the echo upstream")
     parser.add_argument("--workdir", type=Path, default=None,

@@ -85,6 +85,18 @@ def test_everything_but_the_authz_transport_is_the_deployed_grpc_configuration(c
     assert http == grpc
 
 
+def test_the_outcomes_log_reaches_the_sidecars_grpc_port(config) -> None:
+    """Envoy's gRPC Access Log Service cannot ride the HTTP/1.1 authorization cluster."""
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    log = next(a for a in _hcm(config)["access_log"] if a["name"] == "envoy.access_loggers.http_grpc")
+    cluster = clusters[log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]]
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in options["explicit_http_config"]
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    grpc = next(c for c in _load(GRPC_YAML)["static_resources"]["clusters"] if c["name"] == "ext_authz")
+    assert address == grpc["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+
+
 def test_the_access_log_reads_the_metadata_the_headers_become(config) -> None:
     fields = _hcm(config)["access_log"][0]["typed_config"]["log_format"]["json_format"]
     metadata = _authz(config)["http_service"]["authorization_response"]["dynamic_metadata_from_headers"]
@@ -118,8 +130,8 @@ def test_the_headers_envoy_sets_for_the_sidecar_can_never_come_from_the_client(c
 def test_the_headers_envoy_sets_are_the_ones_the_sidecar_reads(config) -> None:
     from extauthz import request
 
-    assert _headers_to_add(config) == {name: request.ENVOY_VALUE_PREFIX + formatter
-                                       for name, formatter in request.ENVOY_HEADERS.items()}
+    every = {**request.ENVOY_HEADERS, **request.ENVOY_OPTIONAL_HEADERS}  # the optional ones too: recommended
+    assert _headers_to_add(config) == {name: request.ENVOY_VALUE_PREFIX + formatter for name, formatter in every.items()}
 
 
 def _matcher(config: dict[str, Any], field: str) -> str:

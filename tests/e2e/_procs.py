@@ -300,4 +300,12 @@ def start_extauthz(
     except BaseException:
         proc.stop(stop_grace)
         raise
-    return GrpcAuthzServer(proc, grpc_port, http_port, stop_grace, http_authz_port=http_authz_port)
+    server = GrpcAuthzServer(proc, grpc_port, http_port, stop_grace, http_authz_port=http_authz_port)
+    if http_authz_port is not None:
+        GRPC_PORT_OF_TARGET[server.target] = server.grpc_target
+    return server
+
+
+#: An HTTP-mode sidecar's ext_authz target -> its gRPC address (Envoy's access log of outcomes goes
+#: there: render_envoy_bootstrap(access_log_service=...)).
+GRPC_PORT_OF_TARGET: dict[str, str] = {}

@@ -14,7 +14,9 @@ listens with --http-authz-listen, its ``.target`` is that listener, and envoy_fa
 deploy/envoy/envoy-http.yaml instead of envoy.yaml; the tests themselves do not change. A test that
 only makes sense over gRPC (context_extensions, query mutation, calls to the gRPC API) is marked
 ``pytest.mark.grpc_only(reason)``. A sidecar asked for in mode "http" skips the test when
-``extauthz serve`` lacks HTTP mode.
+``extauthz serve`` lacks HTTP mode. A module fixture holding state that a test changes (a key server
+it stops, a password file it rotates) takes ``authz_mode`` too, so each mode starts from scratch.
+Run one mode only with ``-k grpc`` or ``-k http``.
 
 Everything listens on 127.0.0.1; processes are stopped by pid (SIGTERM, then SIGKILL) at teardown.
 When a test fails, the log tails of the processes still running are attached to its report.
@@ -133,7 +135,10 @@ def envoy_factory(tmp_path_factory: pytest.TempPathFactory, authz_mode: str) -> 
         nonlocal counter
         counter += 1
         workdir = tmp_path_factory.mktemp(f"envoy{counter}")
-        config = _procs.render_envoy_bootstrap(mode=mode or authz_mode, **render_kwargs)  # type: ignore[arg-type]
+        mode = mode or authz_mode
+        if mode == "http" and "access_log_service" not in render_kwargs:  # a sidecar's gRPC port, if it is one
+            render_kwargs["access_log_service"] = _procs.GRPC_PORT_OF_TARGET.get(str(render_kwargs.get("ext_authz")))
+        config = _procs.render_envoy_bootstrap(mode=mode, **render_kwargs)  # type: ignore[arg-type]
         envoy = _procs.start_envoy(config, workdir, name=f"envoy{counter}", log_level=log_level)
         started.append(envoy)
         return envoy

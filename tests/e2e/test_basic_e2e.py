@@ -16,7 +16,7 @@ import bcrypt
 import pytest
 from argon2 import PasswordHasher
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.authz_modes]
 
 PASSWORDS = {"alice": "alice-e2e-Zt4q", "carol": "carol-e2e-Wm8k"}
 #: The real minimum cost for bcrypt (10) and a small argon2id the policy allows explicitly.
@@ -29,8 +29,9 @@ def _htpasswd(alice: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    root = tmp_path_factory.mktemp("basic-e2e")
+def world(tmp_path_factory: pytest.TempPathFactory, authz_mode: str) -> Iterator[dict]:
+    """Per ext_authz mode: a test rotates the password file."""
+    root = tmp_path_factory.mktemp(f"basic-e2e-{authz_mode}")
     secrets = root / "secrets"
     secrets.mkdir()
     (secrets / "htpasswd").write_text(_htpasswd(PASSWORDS["alice"]))

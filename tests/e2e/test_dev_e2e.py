@@ -44,7 +44,9 @@ def _send(line: str) -> tuple[int, bytes]:
     return status, body
 
 
-def test_dev_runs_the_stack_prints_working_curl_lines_and_stops_on_ctrl_c(tmp_path: Path, processes) -> None:
+@pytest.mark.parametrize("envoy_config", ["envoy.yaml", "envoy-http.yaml"])
+def test_dev_runs_the_stack_prints_working_curl_lines_and_stops_on_ctrl_c(tmp_path: Path, processes,
+                                                                         envoy_config: str) -> None:
     try:
         _procs.envoy_binary()
     except FileNotFoundError:
@@ -52,7 +54,8 @@ def test_dev_runs_the_stack_prints_working_curl_lines_and_stops_on_ctrl_c(tmp_pa
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_procs.REPO_ROOT), os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1")  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "extauthz", "dev", "--policies", "policies", "--port", "0", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "extauthz", "dev", "--policies", "policies", "--port", "0", "--workdir", str(tmp_path),
+         "--envoy-config", str(_procs.REPO_ROOT / "deploy" / "envoy" / envoy_config)],
         cwd=_procs.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     children: set[int] = set()
@@ -66,6 +69,7 @@ def test_dev_runs_the_stack_prints_working_curl_lines_and_stops_on_ctrl_c(tmp_pa
             banner.append(line.rstrip("\n"))
         text = "\n".join(banner)
         envoy_url = re.search(r"send requests to\s+(http://127\.0\.0\.1:\d+)", text).group(1)  # type: ignore[union-attr]
+        assert ("HTTP ext_authz 127.0.0.1:" in text) == (envoy_config == "envoy-http.yaml"), text
         children = processes.children(proc.pid)
         assert len(children) == 3, f"expected the sidecar, Envoy and the upstream, got {children}"
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "identity"
 
 import material
 
-from extauthz.request import ENVOY_HEADERS, ENVOY_VALUE_PREFIX
+from extauthz.request import ENVOY_VALUE_PREFIX
 
 pytestmark = [pytest.mark.e2e, pytest.mark.authz_modes]
 
@@ -153,10 +153,7 @@ def test_spiffe_workload_is_identified_and_spoofed_headers_are_replaced(envoy, w
     assert seen["x-caller-namespace"] == ["payments"]
 
 
-def test_dns_san_partner_is_identified(envoy, world, authz_mode):
-    if authz_mode == "http" and "x-extauthz-peer-dns-san" not in ENVOY_HEADERS:
-        pytest.xfail("HTTP mode sends no DNS SAN (extauthz.request.ENVOY_HEADERS): a DNS-only certificate's "
-                     "principal becomes its subject, where Envoy's gRPC mode takes the DNS SAN")
+def test_dns_san_partner_is_identified(envoy, world):
     status, _, body = _get(envoy, world, "partner", "mesh.test")
     assert status == 200, body
     assert json.loads(body)["headers"]["x-caller"] == [PARTNER_DNS]

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import ACME, GLOBEX, build, decide, request
+from detect_helpers import ACME, GLOBEX, build, decide, request
 
 from extauthz import clock
 from extauthz.policy import PolicySetError
@@ -214,3 +214,112 @@ def test_upstream_outcomes_feed_failures_and_distinct_404s(tmp_path: Path, fixed
         assert call(path, 404, ip="192.0.2.5").allowed
     assert call("/c", 404, ip="192.0.2.5").allowed  # its outcome trips the detector after the decision
     assert call("/d", 200, ip="192.0.2.5").reason == "abuse_blocked"
+
+
+BASIC_POLICY = f"""apiVersion: extauthz.dev/v1
+kind: AuthPolicy
+metadata: {{name: ops}}
+spec:
+  match: {{hosts: [ops.example.com]}}
+  identity:
+    - name: staff
+      basic: {{htpasswd: {Path(__file__).resolve().parents[3]}/examples/keys/identity/htpasswd, realm: ops}}
+  rules:
+    - {{name: all, decision: allow}}
+  detect:
+    - name: per-user
+      failures: {{identity: true}}
+      by: username
+      threshold: 3
+      window: 10m
+      action: {{block: {{duration: 5m, status: 429}}}}
+    - name: per-address
+      failures: {{identity: true}}
+      by: client_ip
+      threshold: 5
+      window: 10m
+      action: {{block: {{duration: 5m, status: 429}}}}
+"""
+
+
+def _basic(user: str, password: str, ip: str = "10.1.1.1") -> dict:
+    import base64
+
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"host": "ops.example.com", "path": "/status", "headers": {"authorization": f"Basic {token}"},
+            "source": {"address": ip, "port": 40000}}  # fmt: skip
+
+
+def test_basic_failures_block_the_user_name_and_the_address_before_any_hash(tmp_path: Path, fixed_clock) -> None:
+    """HTTP Basic's rejected user name (attempted_user) keys a detector; a blocked address is refused
+    before the identity check runs, so no password hash is spent on it."""
+    from extauthz.decision import Authorizer
+    from extauthz.policy import Services, load_folder
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "ops.yaml").write_text(BASIC_POLICY)
+    auth = Authorizer(load_folder(folder, Services()), check_timeout=5.0)
+    # Three wrong passwords for bob from three addresses: bob is blocked, from anywhere.
+    for n in range(3):
+        assert decide(auth, _basic("bob", f"guess-{n}", ip=f"10.2.2.{n}")).status == 401
+    blocked = decide(auth, _basic("bob", "example-bob-Hk4w9tLs", ip="10.3.3.3"))
+    assert (blocked.status, blocked.reason, blocked.rule) == (429, "abuse_blocked", "detect:per-user")
+    # alice from another address is not affected.
+    assert decide(auth, _basic("alice", "wrong", ip="10.4.4.4")).status == 401
+    # Five failures from one address (five users): the address is blocked before any verification.
+    for n in range(5):
+        assert decide(auth, _basic(f"user{n}", "wrong", ip="10.5.5.5")).status == 401
+    early = decide(auth, _basic("alice", "anything", ip="10.5.5.5"))
+    assert (early.status, early.reason, early.rule) == (429, "abuse_blocked", "detect:per-address")
+    assert any("before the identity check" in step for step in early.steps or ())
+
+
+STUFFING = BASIC_POLICY.split("  detect:\n")[0] + """  detect:
+    - name: stuffing
+      distinct: {of: username, failures: true}
+      by: client_ip
+      threshold: 3
+      window: 10m
+      action: {block: {duration: 5m, status: 403}}
+"""
+
+
+def test_credential_stuffing_many_user_names_from_one_address(tmp_path: Path, fixed_clock) -> None:
+    from extauthz.decision import Authorizer
+    from extauthz.policy import Services, load_folder
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "ops.yaml").write_text(STUFFING)
+    auth = Authorizer(load_folder(folder, Services()), check_timeout=5.0)
+    # One user's wrong passwords, many times: one distinct user name, not stuffing.
+    for n in range(5):
+        assert decide(auth, _basic("bob", f"guess-{n}", ip="10.6.6.6")).status == 401
+    # Three more user names from that address: the fourth distinct one trips (that attempt keeps its 401).
+    for user in ("alice", "carol", "dave"):
+        assert decide(auth, _basic(user, "Winter2025!", ip="10.6.6.6")).status == 401
+    blocked = decide(auth, _basic("bob", "example-bob-Hk4w9tLs", ip="10.6.6.6"))
+    assert (blocked.status, blocked.reason, blocked.rule) == (403, "abuse_blocked", "detect:stuffing")
+    # Successful logins are not counted: another address signing in as bob many times is fine.
+    for _ in range(5):
+        assert decide(auth, _basic("bob", "example-bob-Hk4w9tLs", ip="10.7.7.7")).allowed
+
+
+def test_the_in_process_store_is_bounded_and_expires() -> None:
+    from extauthz.detection import OP_DISTINCT, OP_FAIL, Detector, MemoryDetections, Op
+
+    now = [0]
+    store = MemoryDetections(max_keys=100, max_values=500, clock_ms=lambda: now[0])
+    walk = Detector(policy="p", name="w", op=OP_DISTINCT, threshold=50, window_ms=60_000, store_action=0, action=0,
+                    dry_run=False)
+    fail = Detector(policy="p", name="f", op=OP_FAIL, threshold=50, window_ms=60_000, store_action=0, action=0,
+                    dry_run=False)
+    for key in range(300):
+        for value in range(20):
+            store.run([Op(OP_DISTINCT, walk, f"{key:032x}", "", str(value)), Op(OP_FAIL, fail, f"{key:032x}")])
+    assert store.values_held <= 500 and store.entries() <= 200
+    now[0] += 61_000  # every window is over: the sweeps empty the tables a few entries at a time
+    for _ in range(200):
+        store.run([])
+    assert store.entries() == 0 and store.values_held == 0

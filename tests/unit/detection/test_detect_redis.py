@@ -9,7 +9,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import ACME, GLOBEX, build, decide_async, request
+from detect_helpers import ACME, GLOBEX, build, decide_async, request
 
 from extauthz.decision import Authorizer
 from extauthz.detection import OP_DISTINCT, OP_FAIL, OP_RATE, Detector, MemoryDetections, Op
@@ -70,6 +70,12 @@ def test_a_block_decided_at_one_replica_holds_at_the_other(tmp_path: Path, redis
             other = await decide_async(two.authorizer, request(ACME))
             assert (other.allowed, other.status, other.reason) == (False, 429, "abuse_blocked")
             assert 299 <= int(dict(other.client_headers)["retry-after"]) <= 300
+            # Replica two has seen the block: its next request from there is refused before the
+            # identity check, without a store call.
+            writes = two.store._pipeline.batches
+            again = await decide_async(two.authorizer, request("ak_wrong"))
+            assert again.reason == "abuse_blocked" and two.store._pipeline.batches == writes
+            assert any("before the identity check" in step for step in again.steps or ())
             # Another address is not.
             assert (await decide_async(two.authorizer, request(ACME, ip="198.51.100.9"))).allowed
             # Every key the detector wrote expires.
@@ -128,20 +134,28 @@ def test_beside_a_quota_detection_adds_no_round_trip(tmp_path: Path, redis_serve
 
 def test_a_store_failure_follows_on_store_error(tmp_path: Path, redis_server: Any) -> None:
     async def test() -> None:
-        deny = ENUMERATION.replace("  by: subject", "  by: subject\n  onStoreError: deny")
-        one = Replica(tmp_path / "one", redis_server.url, deny)
-        two = Replica(tmp_path / "two", redis_server.url, ENUMERATION)
-        await one.start()
-        await two.start()
+        allow = ENUMERATION.replace("  by: subject", "  by: subject\n  onStoreError: allow")
+        local = ENUMERATION.replace("  by: subject", "  by: subject\n  onStoreError: local")
+        one = Replica(tmp_path / "one", redis_server.url, ENUMERATION)  # the default: deny
+        two = Replica(tmp_path / "two", redis_server.url, allow)
+        three = Replica(tmp_path / "three", redis_server.url, local)
+        for replica in (one, two, three):
+            await replica.start()
         try:
             redis_server.kill()
             refused = await decide_async(one.authorizer, request(ACME, path="/orders/1"))
             assert (refused.status, refused.reason) == (503, "detect_store_unavailable")
             allowed = await decide_async(two.authorizer, request(ACME, path="/orders/1"))
             assert allowed.allowed and allowed.attributes["detect_store"] == "unavailable"
+            # local: the replica's own state decides meanwhile, the walker is still caught.
+            for order in range(1, 21):
+                d = await decide_async(three.authorizer, request(ACME, path=f"/orders/{order}"))
+                assert d.allowed and d.attributes["detect_store"] == "local"
+            walker = await decide_async(three.authorizer, request(ACME, path="/orders/21"))
+            assert (walker.status, walker.reason) == (403, "abuse_blocked")
         finally:
-            await one.close()
-            await two.close()
+            for replica in (one, two, three):
+                await replica.close()
 
     asyncio.run(test())
 
@@ -187,6 +201,11 @@ def test_same_answers_as_the_memory_store(redis_server: Any) -> None:
                 # counts down on either clock: the same within the time between the two calls.
                 assert [_said(a) for a in remote] == [_said(a) for a in local], op
                 assert abs(remote[0].refused_ms - local[0].refused_ms) < 2000
+            # Every key any op wrote expires (blocks, offences, counters, HyperLogLogs, spike states, TATs).
+            client = redis_server.client()
+            keys = client.keys("extauthz:d:*")
+            assert {k.decode().rsplit(":", 1)[1] for k in keys} >= {"b", "o", "c", "t"}
+            assert all(client.pttl(k) > 0 for k in keys)
             listed = await backend.blocks()
             assert {(r.detector, r.kind, r.offences) for r in listed} == {("d", 2, 1), ("e", 1, 1), ("r", 2, 1)}
             assert await backend.lift("p", "d", "a" * 32)
@@ -233,5 +252,41 @@ def test_upstream_failures_through_redis_block_at_every_replica(tmp_path: Path, 
         finally:
             await one.close()
             await two.close()
+
+    asyncio.run(test())
+
+
+def test_a_spike_after_idle_intervals_same_in_both_stores(redis_server: Any) -> None:
+    """The baseline's decay over idle intervals, the same arithmetic in the script and in process:
+    both start from the same state, written three intervals back (days: the current one is the same
+    on both clocks)."""
+    import time as _time
+
+    from extauthz.detection.memory import _Spike
+
+    day = 86_400_000
+    rate = _detector(OP_RATE, name="r", threshold=0, window_ms=0, interval_ms=day, alpha=0.2, warmup=2,
+                     min_count=3, factor=2.0, state_ttl_ms=10 * day)
+    digest = "d" * 32
+    bucket = int(_time.time() * 1000) // day
+
+    async def test() -> None:
+        services = Services(settings={"redis_url": redis_server.url})
+        backend = detections_for(services)
+        assert isinstance(backend, RedisDetections)
+        await backend.store.start()
+        memory = MemoryDetections()
+        # Three days ago: 5 requests so far that day, an average of 4.0 over 5 days seen.
+        memory._spikes[rate.prefix + digest] = _Spike(bucket - 3, 5, 4.0, 5, -1, (bucket + 5) * day)
+        redis_server.client().set(f"extauthz:d:p:r:{{{digest}}}:c", f"{bucket - 3} 5 4 5 -1", px=10 * day)
+        try:
+            remote = [(await backend.submit([Op(OP_RATE, rate, digest, "k")]))[0] for _ in range(7)]
+            local = [memory.run([Op(OP_RATE, rate, digest, "k")])[0] for _ in range(7)]
+            # average 4 + 0.2 (5 - 4) = 4.2, then x 0.8^2 over two idle days = 2.688: more than 5.376
+            # trips, at the sixth request of today.
+            assert [_said(a) for a in remote] == [_said(a) for a in local]
+            assert [a.tripped for a in local] == [False] * 5 + [True, False]
+        finally:
+            await backend.store.aclose()
 
     asyncio.run(test())

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import ACME, build, decide_async, policy, request
+from detect_helpers import ACME, build, decide_async, policy, request
 
 from extauthz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from extauthz.cli import main
