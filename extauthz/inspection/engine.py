@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from extauthz.inspection.decode import (
     Decoded,
@@ -173,7 +174,7 @@ class _RuleSet:
                 stops = frozenset(i for i, r in enumerate(members) if r.id in decisive)
                 self.by_form[form] = (members, RuleMatcher([r.pattern for r in members]), stops)
 
-    def matched_ids(self, data: bytes, form: str = "", *, early_stop: bool = False) -> tuple[frozenset[str], bool]:
+    def matched_ids(self, data: bytes, form: str = "", *, early_stop: bool = False) -> tuple[Mapping[str, None], bool]:
         """Ids of the rules reading ``form`` that match ``data`` (UTF-8: see :func:`decode.utf8`), and
         whether the pass stopped at a decisive rule (``early_stop``: then only what matched before
         it is known)."""
@@ -182,10 +183,11 @@ class _RuleSet:
             return _NONE, False
         members, matcher, stops = entry
         hits, stopped = matcher.matched(data, stops if early_stop else _NO_STOPS)
-        return (frozenset(members[i].id for i in hits) if hits else _NONE), stopped
+        # Ordered like the rules (a dict: the order of a denial's rule list must not depend on hashing).
+        return (dict.fromkeys(members[i].id for i in sorted(hits)) if hits else _NONE), stopped
 
 
-_NONE: frozenset[str] = frozenset()
+_NONE: Mapping[str, None] = MappingProxyType({})
 _NO_STOPS: frozenset[int] = frozenset()
 #: Texts at least this long are matched with an early stop at the first decisive rule (see Inspector).
 EARLY_STOP_BYTES = 16384
@@ -266,7 +268,7 @@ class Inspector:
             text = text + "\n" + values.headers_text()
         body_text = values.body_text
         decoded_values: dict[str, Decoded] = {}  # value -> decoded, for locating
-        known: dict[tuple[str, str, str], frozenset[str]] = {}  # (value, form, group) -> rules matched
+        known: dict[tuple[str, str, str], Mapping[str, None]] = {}  # (value, form, group) -> rules matched
         stop = [early_stop, False]  # [stop at a decisive rule, stopped]
         if body_text and view is not None and view.document is None and len(body_text) > 4096:
             # A large text body is one value: decoded and matched on its own, so that locating a match
@@ -274,7 +276,7 @@ class Inspector:
             body = decode(body_text, values.body_raw)
             decoded_values[body_text] = body
             decoded = decode(text)
-            seen: dict[str, frozenset[str]] = {}
+            seen: dict[str, Mapping[str, None]] = {}
             evasion = self._scan("inputs", body, hits, stop, seen)
             for form, found in seen.items():  # the forms matched to the end (or up to the stop)
                 known[(body_text, form, "inputs")] = found
@@ -332,7 +334,7 @@ class Inspector:
         return None
 
     def _scan(self, group: str, decoded: Decoded, hits: dict[str, set[str]], stop: list[bool],
-              seen: dict[str, frozenset[str]] | None = None) -> bool:  # fmt: skip
+              seen: dict[str, Mapping[str, None]] | None = None) -> bool:  # fmt: skip
         """The decoded text and each extra form it needs, each through its matcher; ``seen`` gets
         the rules matched per form. ``stop``: [stop a long text at a decisive rule, it stopped];
         once stopped, no further form is made or matched. Returns whether a decoding budget ran out
@@ -411,7 +413,7 @@ class Inspector:
     # --- when something matched: where, exclusions, scores ------------------------------------------------
     def _verdict(self, request: Request, values: RequestValues, hits: dict[str, set[str]], ssrf_rules: set[str],
                  evasion: bool, decoded: dict[str, Decoded],
-                 matched_in: dict[tuple[str, str, str], frozenset[str]],
+                 matched_in: dict[tuple[str, str, str], Mapping[str, None]],
                  ssrf_of: dict[str, set[str]]) -> Verdict:  # fmt: skip
         forms_of: dict[tuple[str, str], bytes] = {}
 
@@ -430,7 +432,7 @@ class Inspector:
 
         # Which rules match one value in one form, each value scanned once whatever the number of
         # rules to locate (one matcher pass gives them all).
-        def rules_in(value: str, form: str, group: str) -> frozenset[str]:
+        def rules_in(value: str, form: str, group: str) -> Mapping[str, None]:
             key = (value, form, group)
             found = matched_in.get(key)
             if found is None:

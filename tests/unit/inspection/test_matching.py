@@ -183,3 +183,13 @@ def test_only_rules_read_in_bodies_stop_early() -> None:
     inspector = build_inspector()
     assert "crlf-header-injection" not in inspector.decisive  # not a body target: it would locate nowhere
     assert {"sqli-tautology", "log4shell-jndi", "xss-script-tag"} <= inspector.decisive
+
+
+def test_findings_come_in_the_order_of_the_rules_whatever_the_hash_seed() -> None:
+    # A denial lists its rules in this order (a PolicyTest compares it): never the order of a set.
+    order = [r.id for r in BUILTIN_RULES]
+    for text in ("x' OR '1'='1", "x' or 1=1 union select null, null from users --"):
+        for query in (text, text * (6000 // len(text))):  # short (RE2) and long (Hyperscan, no early stop)
+            verdict = build_inspector().inspect(make_request(query="q=" + query.replace(" ", "%20")))
+            rules = list(dict.fromkeys(f.rule for f in verdict.findings))
+            assert rules == sorted(rules, key=order.index) and len(rules) >= 2
