@@ -445,10 +445,7 @@ class Inspector:
             return found
 
         findings: list[Finding] = []
-        # In the rules' own order, not the matchers' (a set's order changes with the process's
-        # string hashing), so a denial names the same rules in the same order on every replica.
-        for rule_id in [rule_id for rule_id in self.by_id if rule_id in hits]:
-            groups = hits[rule_id]
+        for rule_id, groups in hits.items():
             rule = self.by_id[rule_id]
             forms = ("", *sorted(rule.forms))
 
