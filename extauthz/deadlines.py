@@ -38,7 +38,15 @@ class DeadlineWatch:
     async def run(self, awaitable: Awaitable[T], limit: float) -> T:
         """Await ``awaitable``; raise TimeoutError if it is not done ``limit`` seconds from now."""
         task = asyncio.current_task()
-        if task is None:  # not in a task: nothing to cancel, fall back to the standard way
+        if task is None:
+            # Started inline, outside any Task (the HTTP listener makes each decision in the
+            # callback that parsed its request, see extauthz.wire.http_authz): yield once, bare,
+            # so the caller hands the rest to a Task (a Task takes a bare yield as "step me again
+            # soon") and the limit has a Task to cancel. The cost is paid only by Checks that may
+            # wait; the others never leave the callback.
+            await asyncio.sleep(0)
+            task = asyncio.current_task()
+        if task is None:  # still not in a task: nothing to cancel, fall back to the standard way
             async with asyncio.timeout(limit):
                 return await awaitable
         loop = task.get_loop()

@@ -199,12 +199,10 @@ class Authorizer:
                             duration=time.perf_counter() - started)
         spans = trace if trace is not None and trace.sampled else None  # an unsampled trace records no stage
         if spans is None:
-            policy = policy_set.select(request.host, request.path, request.method)
-            layers = policy_set.select_layers(request.host, request.path, request.method)
+            policy, layers = policy_set.selection(request.host, request.path, request.method)
         else:
             span = spans.stage("select", "")
-            policy = policy_set.select(request.host, request.path, request.method)
-            layers = policy_set.select_layers(request.host, request.path, request.method)
+            policy, layers = policy_set.selection(request.host, request.path, request.method)
             spans.end_stage(span, None)
         if stages is not None:
             stages("select", time.perf_counter() - parsed)

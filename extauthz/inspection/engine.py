@@ -1,25 +1,38 @@
 """The inspector: compiled once per policy, run once per request.
 
 One request is inspected in a few passes whatever its size or number of values: the values of each
-group (path, query, cookies, body and headers; file names) are joined into one text, the text is decoded once, and every
-enabled rule runs in one RE2 set match over it (plus one over each extra form the text needs: SQL
-comments removed, shell quoting removed, lookups resolved). Only when a rule matched are the values
-decoded one by one to find where (the location a finding names); a match that spans two values is
-found to be in none and dropped there. Scores of the rules that matched add up; at the threshold the
-request is refused.
+group (path, query, cookies, body and headers; file names) are joined into one text, the text is
+decoded once, and every enabled rule runs in one matcher pass over it (matcher.py: Hyperscan), plus
+one over each extra form the text needs (SQL comments removed, shell quoting removed, lookups
+resolved) through the rules that read that form. Only when a rule matched are the values decoded
+one by one to find where (the location a finding names); a match that spans two values is found to
+be in none and dropped there. Scores of the rules that matched add up; at the threshold the request
+is refused.
+
+A long text (EARLY_STOP_BYTES) is matched only until the first decisive rule: one that denies alone
+wherever it matches. A text written to keep every rule busy at every byte is an attack, and the
+denial does not need the rest of it; when the decisive match locates nowhere, everything is matched
+again to the end, so the shortcut never turns a denial into an allow.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
-import re2
-
-from extauthz.inspection.decode import Decoded, cmd_form, decode, lookup_form, sql_form
-from extauthz.inspection.rules import EVASION_RULE, SSRF_RULES, Rule
+from extauthz.inspection.decode import (
+    Decoded,
+    cmd_form_bytes,
+    decode,
+    forms_over_budget,
+    lookup_form_bytes,
+    sql_form_bytes,
+)
+from extauthz.inspection.matcher import SMALL_TEXT_BYTES, RuleMatcher
+from extauthz.inspection.rules import EVASION_RULE, FORMS, SSRF_RULES, Rule
 from extauthz.inspection.ssrf import (
     BARE_CANDIDATE_PATTERN,
     CANDIDATE_PATTERN,
@@ -39,13 +52,13 @@ MAX_LOCATIONS_PER_RULE = 4
 MAX_FINDINGS = 16
 #: JSON strings and keys a rule is tried on, one by one, to locate what matched the body's text.
 MAX_VALUES_LOCATED = 128
-_FORM_FUNCTIONS: dict[str, Callable[[str], str]] = {
-    "sql": sql_form,
-    "cmd": cmd_form,
-    "lookup": lambda text: lookup_form(text).text,
+_FORM_FUNCTIONS: dict[str, Callable[[bytes], bytes]] = {
+    "sql": lambda data: sql_form_bytes(data)[0],
+    "cmd": cmd_form_bytes,
+    "lookup": lambda data: lookup_form_bytes(data)[0],
 }
-_CMD_CHARS = ("'", '"', "\\", "^", "$")  # "in" on a str: a C loop (set.isdisjoint(str) is not)
-_CMD_STARTS = (";", "|", "&", "`", "$(", "${", "\r")
+_CMD_CHARS = (b"'", b'"', b"\\", b"^", b"$")  # "in" on bytes: a C loop (set.isdisjoint(bytes) is not)
+_CMD_STARTS = (b";", b"|", b"&", b"`", b"$(", b"${", b"\r")
 _SSRF_CANDIDATE = "ssrf-candidate"
 
 
@@ -146,31 +159,43 @@ class _OutOfBudget(Exception):
 
 
 class _RuleSet:
-    """Rules compiled into one RE2 set (which matched) plus each one alone (where it matched)."""
+    """Rules compiled into matchers (Hyperscan, RE2 for what it refuses), one per text form: the
+    decoded text is matched against every rule, an extra form (SQL comments removed, ...) only
+    against the rules that read it. A rule can then only match in a form it reads, and a text that
+    is costly for one form's rules costs nothing more for the others."""
 
-    def __init__(self, rules: list[Rule]) -> None:
+    def __init__(self, rules: list[Rule], decisive: frozenset[str]) -> None:
         self.rules = rules
-        self.set: re2.Set | None = None
-        if rules:
-            options = re2.Options()
-            options.max_mem = 64 << 20
-            self.set = re2.Set.SearchSet(options)
-            for rule in rules:
-                self.set.Add(rule.pattern)
-            self.set.Compile()
+        #: Per form: its rules, their matcher, and the indexes of the decisive ones (see Inspector).
+        self.by_form: dict[str, tuple[list[Rule], RuleMatcher, frozenset[int]]] = {}
+        for form in ("", *FORMS):
+            members = [r for r in rules if not form or form in r.forms]
+            if members:
+                stops = frozenset(i for i, r in enumerate(members) if r.id in decisive)
+                self.by_form[form] = (members, RuleMatcher([r.pattern for r in members]), stops)
 
-    def matched(self, text: str) -> list[Rule]:
-        if self.set is None or not text:
-            return []
-        # The compiled set itself (the wrapper's Match adds a call and an isinstance per request).
-        hits = self.set._set.Match(text.encode("utf-8"))
-        return [self.rules[i] for i in hits] if hits else []
+    def matched_ids(self, data: bytes, form: str = "", *, early_stop: bool = False) -> tuple[Mapping[str, None], bool]:
+        """Ids of the rules reading ``form`` that match ``data`` (UTF-8: see :func:`decode.utf8`), and
+        whether the pass stopped at a decisive rule (``early_stop``: then only what matched before
+        it is known)."""
+        entry = self.by_form.get(form)
+        if entry is None or not data:
+            return _NONE, False
+        members, matcher, stops = entry
+        hits, stopped = matcher.matched(data, stops if early_stop else _NO_STOPS)
+        # Ordered like the rules (a dict: the order of a denial's rule list must not depend on hashing).
+        return (dict.fromkeys(members[i].id for i in sorted(hits)) if hits else _NONE), stopped
+
+
+_NONE: Mapping[str, None] = MappingProxyType({})
+_NO_STOPS: frozenset[int] = frozenset()
+#: Texts at least this long are matched with an early stop at the first decisive rule (see Inspector).
+EARLY_STOP_BYTES = 16384
 
 
 class Inspector:
     def __init__(self, config: InspectConfig) -> None:
         self.config = config
-        self.compiled = {rule.id: re2.compile(rule.pattern) for rule in config.rules}
         self.by_id = {rule.id: rule for rule in config.rules}
         input_rules = [r for r in config.rules if r.targets & {"path", "query", "name", "cookie", "body", "header"}]
         if config.ssrf:
@@ -181,18 +206,47 @@ class Inspector:
             input_rules.append(Rule(_SSRF_CANDIDATE, "ssrf", 1, 0, "(?mi)" + "|".join(candidates),
                                     frozenset({"query", "cookie", "body"})))
         file_rules = [r for r in config.rules if "filename" in r.targets]
+        # Rules that decide a denial alone wherever they match: enforced, scored at the threshold,
+        # named by no exclusion, read in bodies (a long text is mostly a body: a rule that cannot
+        # stand there would stop the pass for nothing). A long text is matched only until the first
+        # of them (a text made to keep every rule busy is an attack; finding everything in it is
+        # not worth milliseconds).
+        # In report mode the same rules stop it (what would be denied is still reported, with the
+        # rule that decides); a rule reported on its own never does (it cannot deny, others could).
+        self.decisive = frozenset(
+            r.id for r in config.rules
+            if r.score >= config.threshold and "body" in r.targets and r.id not in config.report
+            and r.detector not in config.report
+            and not any(not x.rules or r.id in x.rules or r.detector in x.rules for x in config.exclusions))
+        evasion_id, _, evasion_score, _ = EVASION_RULE
+        #: Whether a decoding budget running out decides a denial alone (then a long text over a
+        #: budget is not matched at all).
+        self.evasion_decides = (
+            evasion_score >= config.threshold and evasion_id not in config.report
+            and "evasion" not in config.report
+            and not any(not x.rules or evasion_id in x.rules or "evasion" in x.rules for x in config.exclusions))
+        if self.evasion_decides:
+            self.decisive |= {evasion_id}
         self.groups = {
-            "inputs": _RuleSet(input_rules),
-            "files": _RuleSet(file_rules),
+            "inputs": _RuleSet(input_rules, self.decisive),
+            "files": _RuleSet(file_rules, self.decisive),
         }
         self.allow = AddressAllowList(config.ssrf_allow) if config.ssrf_allow else None
 
     # --- per request ---------------------------------------------------------------------------------
     def inspect(self, request: Request) -> Verdict:
+        verdict, stopped = self._inspect(request, early_stop=True)
+        if stopped and not any(f.rule in self.decisive for f in verdict.findings):
+            # The decisive match was not in one value (it spanned two, or nowhere it counts): every
+            # rule again, to the end of every text.
+            verdict, _ = self._inspect(request, early_stop=False)
+        return verdict
+
+    def _inspect(self, request: Request, *, early_stop: bool) -> tuple[Verdict, bool]:
         config = self.config
         problem = self._request_limits(request)
         if problem is not None:
-            return Verdict(problem=problem, problem_reported=config.report_only)
+            return Verdict(problem=problem, problem_reported=config.report_only), False
         view = body_view(request) if config.inspect_body else None
         if view is not None:
             problem = view.problem
@@ -204,41 +258,56 @@ class Inspector:
                 if view.document is not None and view.kind is BodyKind.JSON and problem.pointer:
                     problem = BodyProblem(problem.reason, problem.status, problem.message,
                                           safe_pointer(problem.pointer), problem.limit)
-                return Verdict(problem=problem, problem_reported=config.report_only)
+                return Verdict(problem=problem, problem_reported=config.report_only), False
         values = RequestValues(request, view, headers=config.inspect_headers)
         hits: dict[str, set[str]] = {}  # rule id -> groups to locate it in
-        # Decoded segment by segment (a body's decoded text is then reused to locate a match in it),
-        # matched as one text: one pass of each rule set. Locating a match looks only at the kinds
-        # its rule targets.
+        # Decoded and matched as one text (values joined by line breaks): one pass of each matcher.
+        # Locating a match looks only at the kinds its rule targets.
         text = values.inputs_text(body=False)
         if config.inspect_headers:
             text = text + "\n" + values.headers_text()
         body_text = values.body_text
-        decoded_values: dict[tuple[str, str], str] = {}  # (value, form) -> text, for locating
+        decoded_values: dict[str, Decoded] = {}  # value -> decoded, for locating
+        known: dict[tuple[str, str, str], Mapping[str, None]] = {}  # (value, form, group) -> rules matched
+        stop = [early_stop, False]  # [stop at a decisive rule, stopped]
         if body_text and view is not None and view.document is None and len(body_text) > 4096:
-            # A large text body is one value: decoded on its own, the result serves to locate a match.
-            body = decode(body_text)
-            decoded_values[(body_text, "")] = body.text
+            # A large text body is one value: decoded and matched on its own, so that locating a match
+            # in it reuses both instead of doing them again.
+            body = decode(body_text, values.body_raw)
+            decoded_values[body_text] = body
             decoded = decode(text)
-            evasion = decoded.over_budget or body.over_budget
-            text = decoded.text + "\n" + body.text
+            seen: dict[str, Mapping[str, None]] = {}
+            evasion = self._scan("inputs", body, hits, stop, seen)
+            for form, found in seen.items():  # the forms matched to the end (or up to the stop)
+                known[(body_text, form, "inputs")] = found
+            if not stop[1]:
+                for form in FORMS:
+                    known.setdefault((body_text, form, "inputs"), _NONE)
+                evasion |= self._scan("inputs", decoded, hits, stop)
+            texts: tuple[Decoded, ...] = (decoded, body)
         else:
             decoded = decode(text + "\n" + body_text if body_text else text)
-            evasion = decoded.over_budget
-            text = decoded.text
-        evasion |= self._scan("inputs", Decoded(text), hits)
-        filenames = values.filenames() if view is not None and view.parts else []
+            evasion = self._scan("inputs", decoded, hits, stop)
+            texts = (decoded,)
+        filenames = values.filenames() if view is not None and view.parts and not stop[1] else []
         if filenames:
-            evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits)
+            evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits, stop)
         ssrf_rules: set[str] = set()
-        if hits.pop(_SSRF_CANDIDATE, None) is not None:
-            ssrf_rules = self._ssrf(text)
+        ssrf_known: dict[str, set[str]] = {}  # value -> SSRF rules, for locating
+        if hits.pop(_SSRF_CANDIDATE, None) is not None and not stop[1]:
+            if len(texts) == 2 and body_text:  # the large text body apart: its result serves to locate
+                body_rules = self._ssrf(texts[1].data)
+                ssrf_known[body_text] = body_rules - {FLOOD}
+                ssrf_rules = self._ssrf(texts[0].data) | body_rules
+            else:
+                ssrf_rules = self._ssrf(texts[0].data)
             if FLOOD in ssrf_rules:
                 ssrf_rules.discard(FLOOD)
                 evasion = True
         if not hits and not ssrf_rules and not evasion:
-            return Verdict()
-        return self._verdict(request, values, hits, ssrf_rules, evasion, decoded_values)
+            return Verdict(), stop[1]
+        return self._verdict(request, values, hits, ssrf_rules, evasion, decoded_values, known,
+                             ssrf_known), stop[1]
 
     def _request_limits(self, request: Request) -> BodyProblem | None:
         limits = self.config.limits
@@ -264,58 +333,125 @@ class Inspector:
                                    f"a header value is longer than {longest} bytes", f"header:{name}", "header_bytes")
         return None
 
-    def _scan(self, group: str, decoded: Decoded, hits: dict[str, set[str]]) -> bool:
-        """One RE2 set match over the decoded text and, after it, each extra form the text needs:
-        an RE2 call costs a few microseconds whatever it matches, so one call over all forms beats
-        one per form. A rule that matched in a form it does not read is dropped when located."""
-        text = decoded.text
+    def _scan(self, group: str, decoded: Decoded, hits: dict[str, set[str]], stop: list[bool],
+              seen: dict[str, Mapping[str, None]] | None = None) -> bool:  # fmt: skip
+        """The decoded text and each extra form it needs, each through its matcher; ``seen`` gets
+        the rules matched per form. ``stop``: [stop a long text at a decisive rule, it stopped];
+        once stopped, no further form is made or matched. Returns whether a decoding budget ran out
+        (an evasion)."""
+        data = decoded.data
         evasion = decoded.over_budget
-        forms = [text]
-        if "/*" in text:
-            forms.append(sql_form(text))
-        # Shell quoting only hides a command that something starts: a separator, a substitution.
-        if any(c in text for c in _CMD_CHARS) and any(c in text for c in _CMD_STARTS):
-            forms.append(cmd_form(text))
-        if "${" in text:
-            looked_up = lookup_form(text)
-            evasion |= looked_up.over_budget
-            forms.append(looked_up.text)
-        for rule in self.groups[group].matched("\n".join(forms) if len(forms) > 1 else text):
-            hits.setdefault(rule.id, set()).add(group)
+        if seen is None and len(data) < SMALL_TEXT_BYTES:
+            return self._scan_short(group, data, evasion, hits)
+        early = stop[0] and len(data) >= EARLY_STOP_BYTES
+        if early and self.evasion_decides and (evasion or forms_over_budget(data)):
+            stop[1] = True  # denied as an evasion whatever the rules would find
+            return True
+        rule_set = self.groups[group]
+        for form in ("", *FORMS):
+            if form == "":
+                form_data = data
+            elif form == "sql":
+                if b"/*" not in data:
+                    continue
+                form_data, over = sql_form_bytes(data)
+                evasion |= over
+            elif form == "cmd":
+                # Shell quoting only hides a command that something starts: a separator, a substitution.
+                if not (any(c in data for c in _CMD_CHARS) and any(c in data for c in _CMD_STARTS)):
+                    continue
+                form_data = cmd_form_bytes(data)
+            else:
+                if b"${" not in data:
+                    continue
+                form_data, over = lookup_form_bytes(data)
+                evasion |= over
+            if form and form_data == data:  # the form changed nothing: the decoded text's matches
+                found = seen.get("", _NONE) if seen is not None else _NONE
+            else:
+                found, stopped = rule_set.matched_ids(form_data, form, early_stop=early)
+                stop[1] |= stopped
+            if seen is not None:
+                seen[form] = found
+            for rule_id in found:
+                hits.setdefault(rule_id, set()).add(group)
+            if stop[1]:
+                break
         return evasion
 
-    def _ssrf(self, text: str) -> set[str]:
+    def _scan_short(self, group: str, data: bytes, evasion: bool, hits: dict[str, set[str]]) -> bool:
+        """:meth:`_scan` of a short text: the forms it needs joined to it, for one call of every rule
+        (a call costs more than the few bytes it reads). A rule that matched only in a form it does
+        not read is dropped when located (which reads each form through its own rules)."""
+        forms = [data]
+        if b"/*" in data:
+            without_comments, over = sql_form_bytes(data)
+            evasion |= over
+            forms.append(without_comments)
+        # Shell quoting only hides a command that something starts: a separator, a substitution.
+        if any(c in data for c in _CMD_CHARS) and any(c in data for c in _CMD_STARTS):
+            forms.append(cmd_form_bytes(data))
+        if b"${" in data:
+            looked_up, over = lookup_form_bytes(data)
+            evasion |= over
+            forms.append(looked_up)
+        found, _ = self.groups[group].matched_ids(b"\n".join(forms) if len(forms) > 1 else data)
+        for rule_id in found:
+            hits.setdefault(rule_id, set()).add(group)
+        return evasion
+
+    def _ssrf(self, data: bytes) -> set[str]:
         if self.config.sensitivity >= 2:
             bare = True
         else:  # at level 1 a bare address (no scheme) counts only when it is a metadata endpoint
-            bare = "169.254.1" in text or "100.100.100.200" in text or "fd00:ec2:" in text.lower()
-        found = ssrf_findings(text, self.allow, bare=bare)
+            bare = b"169.254.1" in data or b"100.100.100.200" in data or b"fd00:ec2:" in data.lower()
+        found = ssrf_findings(data, self.allow, bare=bare)
         if self.config.sensitivity < 2:
             found.discard("ssrf-bare-internal-address")
         return found
 
     # --- when something matched: where, exclusions, scores ------------------------------------------------
     def _verdict(self, request: Request, values: RequestValues, hits: dict[str, set[str]], ssrf_rules: set[str],
-                 evasion: bool, cache: dict[tuple[str, str], str]) -> Verdict:  # fmt: skip
+                 evasion: bool, decoded: dict[str, Decoded],
+                 matched_in: dict[tuple[str, str, str], Mapping[str, None]],
+                 ssrf_of: dict[str, set[str]]) -> Verdict:  # fmt: skip
+        forms_of: dict[tuple[str, str], bytes] = {}
 
-        def form_of(value: str, form: str) -> str:
-            key = (value, form)
-            done = cache.get(key)
+        def decoded_of(value: str) -> Decoded:
+            done = decoded.get(value)
             if done is None:
-                base = cache.get((value, ""))
-                if base is None:
-                    base = cache[(value, "")] = decode(value).text
-                done = cache[key] = base if form == "" else _FORM_FUNCTIONS[form](base)
+                done = decoded[value] = decode(value)
             return done
+
+        def form_of(value: str, form: str) -> bytes:
+            key = (value, form)
+            done = forms_of.get(key)
+            if done is None:
+                done = forms_of[key] = _FORM_FUNCTIONS[form](form_of(value, "")) if form else decoded_of(value).data
+            return done
+
+        # Which rules match one value in one form, each value scanned once whatever the number of
+        # rules to locate (one matcher pass gives them all).
+        def rules_in(value: str, form: str, group: str) -> Mapping[str, None]:
+            key = (value, form, group)
+            found = matched_in.get(key)
+            if found is None:
+                data = form_of(value, form)
+                if form and data == form_of(value, ""):  # the form changed nothing
+                    found = rules_in(value, "", group)
+                else:
+                    found, _ = self.groups[group].matched_ids(data, form)
+                matched_in[key] = found
+            return found
 
         findings: list[Finding] = []
         for rule_id, groups in hits.items():
             rule = self.by_id[rule_id]
-            compiled = self.compiled[rule_id]
             forms = ("", *sorted(rule.forms))
 
-            def matches(value: str, compiled: re2._Regexp = compiled, forms: tuple[str, ...] = forms) -> bool:
-                return any(compiled.search(form_of(value, form)) is not None for form in forms)
+            def matches(value: str, kind: str, rule_id: str = rule_id, forms: tuple[str, ...] = forms) -> bool:
+                group = "files" if kind == "filename" else "inputs"
+                return any(rule_id in rules_in(value, form, group) for form in forms)
 
             kinds = rule.targets
             if "files" not in groups:
@@ -324,16 +460,15 @@ class Inspector:
                 kinds = kinds & {"filename"}
             located = self._locate(values, kinds, matches)
             self._add(findings, request, rule.id, rule.detector, rule.score, located)
-        ssrf_of: dict[str, set[str]] = {}
 
         def ssrf_rules_of(value: str) -> set[str]:
             found = ssrf_of.get(value)
             if found is None:
-                found = ssrf_of[value] = self._ssrf(form_of(value, "")) - {FLOOD}
+                found = ssrf_of[value] = self._ssrf(decoded_of(value).data) - {FLOOD}
             return found
 
         for rule_id in sorted(ssrf_rules):
-            def has_rule(value: str, rule_id: str = rule_id) -> bool:
+            def has_rule(value: str, kind: str, rule_id: str = rule_id) -> bool:
                 return rule_id in ssrf_rules_of(value)
 
             _, score, _ = SSRF_RULES[rule_id]
@@ -346,10 +481,10 @@ class Inspector:
         return Verdict(tuple(findings[:MAX_FINDINGS]), score)
 
     def _locate(self, values: RequestValues, kinds: frozenset[str],
-                matches: Callable[[str], bool]) -> list[tuple[str, str]]:  # fmt: skip
+                matches: Callable[[str, str], bool]) -> list[tuple[str, str]]:  # fmt: skip
         located: list[tuple[str, str]] = []
         for fld in values.fields(kinds):
-            if matches(fld.value):
+            if matches(fld.value, fld.kind):
                 located.append((fld.kind, fld.location))
                 if len(located) >= MAX_LOCATIONS_PER_RULE:
                     return located
@@ -361,7 +496,7 @@ class Inspector:
                 budget[0] -= 1
                 if budget[0] < 0:
                     raise _OutOfBudget
-                return matches(value)
+                return matches(value, "body")
 
             try:
                 for pointer in view.document.find(bounded, keys=True):

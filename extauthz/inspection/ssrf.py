@@ -239,22 +239,22 @@ def _host_of(authority: str) -> str:
 # Dotted IPv4 or bracketed IPv6 anywhere (two patterns: an alternation would cost the engine its
 # fast scan for the first character); a candidate counts only when it is a whole value.
 _IPV4_TOKEN = re2.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
-_IPV6_TOKEN = re.compile(r"\[[0-9a-fA-F:.]{2,45}\]")
-_PORT_SUFFIX = re.compile(r"(?::\d{1,5})?\s*$")
+_IPV6_TOKEN = re.compile(rb"\[[0-9a-fA-F:.]{2,45}\]")
+_PORT_SUFFIX = re.compile(rb"(?::\d{1,5})?\s*$")
 
 
-def _whole_values(text: str) -> Iterable[str]:
-    patterns: tuple[Any, ...] = (_IPV4_TOKEN, _IPV6_TOKEN) if "[" in text else (_IPV4_TOKEN,)
+def _whole_values(data: bytes) -> Iterable[str]:
+    patterns: tuple[Any, ...] = (_IPV4_TOKEN, _IPV6_TOKEN) if b"[" in data else (_IPV4_TOKEN,)
     for pattern in patterns:
-        for index, match in enumerate(pattern.finditer(text)):
+        for index, match in enumerate(pattern.finditer(data)):
             if index >= MAX_URLS:
                 break
             start, end = match.span()
-            if start and not text[start - 1].isspace():
+            if start and not data[start - 1 : start].isspace():
                 continue
-            line_end = text.find("\n", end)
-            if _PORT_SUFFIX.match(text[end : line_end if line_end >= 0 else len(text)]) is not None:
-                yield match.group()
+            line_end = data.find(b"\n", end)
+            if _PORT_SUFFIX.match(data[end : line_end if line_end >= 0 else len(data)]) is not None:
+                yield match.group().decode("ascii")
 
 
 #: An authority worth classifying: after userinfo, a bracketed or digit-led host, or a name with an
@@ -266,7 +266,7 @@ _SUSPICIOUS_AUTHORITY = re2.compile(
     r"|\.corp|home\.arpa|nip\.io|sslip\.io|xip\.io|traefik\.me|localtest\.me|lvh\.me|vcap\.me|lacolhost\.com"
     r"|nip\.direct)(?:[:.][^\s/?#\\\"'<>@]{0,64})?))"
 )
-#: What makes ssrf_findings worth calling at all (an RE2 set rule of the inspector runs it).
+#: What makes ssrf_findings worth calling at all (a rule of the inspector's matcher runs it).
 CANDIDATE_PATTERN = (
     r"//(?:[^\s/?#@]*@)?(?:\[|\d|[^\s/?#]*(?:localhost|metadata|instance-data|kubernetes|internal|\.local|"
     r"localdomain|intranet|\.corp|home\.arpa|nip\.io|sslip\.io|xip\.io|traefik\.me|localtest\.me|lvh\.me|vcap\.me|"
@@ -278,25 +278,23 @@ BARE_CANDIDATE_PATTERN = r"(?:^|\s)(?:\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[[0-9a
 FLOOD = "flood"
 
 
-def ssrf_findings(text: str, allow: AddressAllowList | None, *, bare: bool) -> set[str]:
-    """SSRF rules matched by the URLs in a decoded, lower-case text (``bare``: also whole values that
-    are an internal address with no scheme). At most MAX_URLS suspicious URLs are classified; past
-    that the result holds FLOOD (the inspector scores it as an evasion)."""
+def ssrf_findings(text: str | bytes, allow: AddressAllowList | None, *, bare: bool) -> set[str]:
+    """SSRF rules matched by the URLs in a decoded text (or its UTF-8; ``bare``: also whole values
+    that are an internal address with no scheme). At most MAX_URLS suspicious URLs are classified;
+    past that the result holds FLOOD (the inspector scores it as an evasion).
+
+    The patterns run over UTF-8 bytes: the RE2 wrapper would encode a str again for every iterator
+    (a large text holding URLs would be encoded three times)."""
+    data = text if isinstance(text, bytes) else text.encode("utf-8", "replace")
     found: set[str] = set()
-    if "//" in text:
-        position, count = 0, 0
-        while True:
-            match = _SUSPICIOUS_AUTHORITY.search(text, position)
-            if match is None:
-                break
-            count += 1
-            if count > MAX_URLS:
+    if b"//" in data:
+        for count, match in enumerate(_SUSPICIOUS_AUTHORITY.finditer(data)):
+            if count >= MAX_URLS:
                 found.add(FLOOD)
                 break
-            found.update(classify_host(_host_of(match.group(1)), allow))
-            position = match.end()
+            found.update(classify_host(_host_of(match.group(1).decode("utf-8", "replace")), allow))
     if bare:
-        for address in _whole_values(text):
+        for address in _whole_values(data):
             for rule in classify_host(address, allow):
                 found.add("ssrf-metadata" if rule == "ssrf-metadata" else "ssrf-bare-internal-address")
     return found

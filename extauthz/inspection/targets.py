@@ -82,6 +82,8 @@ class RequestValues:
         self.cookies = cookie_pairs(cookie) if cookie else []
         self.inspect_headers = headers
         self.body_text: str | None = None
+        #: The bytes body_text was read from, when it is the raw body (see decode's ``raw``).
+        self.body_raw: bytes | None = None
         view = self.view
         if view is not None and view.kind is not BodyKind.NONE:
             if view.document is not None:
@@ -91,12 +93,14 @@ class RequestValues:
             elif view.kind is BodyKind.TEXT or (view.kind is BodyKind.JSON and view.partial):
                 # Invalid UTF-8 must not hide the rest of a text body: a lenient backend reads it.
                 self.body_text = request.body.decode("utf-8", "replace")
+                self.body_raw = request.body
             elif view.kind is BodyKind.BINARY and not view.media_type.startswith(_OPAQUE_TYPES) \
                     and view.media_type not in _OPAQUE_MEDIA:
                 # A mislabelled body (JSON sent as application/octet-stream) is still read by backends
                 # that parse whatever arrives: inspected as text when it is text.
                 with contextlib.suppress(UnicodeDecodeError):
                     self.body_text = request.body.decode("utf-8")
+                    self.body_raw = request.body
 
     @property
     def path(self) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 import httptools
 
 from extauthz.decision import Authorizer, Decision
-from extauthz.request import CLIENT_HEADER, HOP_HEADER, HttpParts, header_kind
+from extauthz.request import CLIENT_HEADER, ENVOY_HEADER, HOP_HEADER, HttpParts, header_kind
 from extauthz.responses import denial_body, sends_metadata
 
 __all__ = ["HEADERS_TO_REMOVE", "METADATA_HEADERS", "HttpAuthzLimits", "HttpAuthzServer", "http_response_bytes"]
@@ -136,6 +136,25 @@ def _joined(headers: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
     return list(merged.items())
 
 
+#: Whole answers to allowed requests without metadata, by (upstream, removed, client headers): the
+#: same few arrive again and again. Bounded (header values may come from the request).
+_allowed: dict[tuple[Any, ...], bytes] = {}
+_ALLOWED_LIMIT, _ALLOWED_BYTES = 1024, 2048
+
+
+def _allowed_answer(decision: Decision) -> bytes:
+    """200, the headers to set upstream, the names to strip, the client's headers; the blank line."""
+    parts = [_OK]
+    for name, value in decision.upstream_headers:
+        parts.append(_line(name, value))
+    if decision.remove_headers:
+        parts.append(_line(HEADERS_TO_REMOVE, ",".join(decision.remove_headers)))
+    for name, value in _joined(decision.client_headers):
+        parts.append(_line(name, value))
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
 def http_response_bytes(decision: Decision, metadata: str = "deny", *, head: bool = False,
                         close: bool = False) -> bytes:
     """The answer to Envoy for ``decision``: 200 with the upstream headers to set (and the names to
@@ -143,13 +162,20 @@ def http_response_bytes(decision: Decision, metadata: str = "deny", *, head: boo
     otherwise, as the gRPC mode's DeniedHttpResponse. ``head``: the request was HEAD (no body
     follows the headers). ValueError when a header cannot be written (CR/LF/NUL in it)."""
     if decision.allowed:
-        parts = [_OK]
-        for name, value in decision.upstream_headers:
-            parts.append(_line(name, value))
-        if decision.remove_headers:
-            parts.append(_line(HEADERS_TO_REMOVE, ",".join(decision.remove_headers)))
-        for name, value in _joined(decision.client_headers):
-            parts.append(_line(name, value))
+        if not close and not sends_metadata(decision, metadata):
+            key = (decision.upstream_headers, decision.remove_headers, decision.client_headers)
+            try:
+                kept = _allowed.get(key)
+            except TypeError:  # a Decision built with lists: answered, not kept
+                return _allowed_answer(decision)
+            if kept is None:
+                kept = _allowed_answer(decision)
+                if len(kept) <= _ALLOWED_BYTES:
+                    if len(_allowed) >= _ALLOWED_LIMIT:
+                        _allowed.clear()
+                    _allowed[key] = kept
+            return kept
+        parts = [_allowed_answer(decision)[:-2]]  # without the blank line: more headers follow
     else:
         body = denial_body(decision).encode()
         status = decision.status
@@ -189,6 +215,9 @@ def _name(name: bytes) -> tuple[str, int]:
     _NAMES[name] = known
     return known
 
+
+if (CLIENT_HEADER, ENVOY_HEADER, HOP_HEADER) != (0, 1, 2):  # _Connection.into is indexed by them
+    raise ImportError("extauthz.request's header kinds are no longer 0, 1, 2")
 
 _METHODS = {name.encode(): name for name in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 _NOTHING: Any = MappingProxyType({})
@@ -239,7 +268,6 @@ class HttpAuthzServer:
         #: extauthz.telemetry.metrics.Metrics (in_flight, malformed), or None.
         self.metrics = metrics
         self._refused = 0
-        self._eager_of: tuple[Any, bool] = (None, False)
         self.connections: set[_Connection] = set()
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -263,11 +291,11 @@ class HttpAuthzServer:
         self._sweeper = loop.call_later(1.0, self._sweep)
 
     def eager(self) -> bool:
-        """Whether no policy of the live set may wait on I/O (worked out once per set)."""
-        policy_set = self.authorizer.policy_set
-        if policy_set is not self._eager_of[0]:
-            self._eager_of = (policy_set, policy_set is not None and not any(p.may_wait for p in policy_set.policies))
-        return self._eager_of[1]
+        """Whether to decide inline, in the callback that parsed the request: always. A decision
+        that may wait on I/O leaves the callback for a Task before its first wait (the deadline
+        watch needs one, see extauthz.deadlines), so it costs a Task only to the policies that may
+        wait, never to the rest of the set. (A method so tests can send every decision to a Task.)"""
+        return True
 
     async def answer(self, parts: HttpParts, head: bool, close: bool) -> bytes:
         """Decide in a Task of its own (some policy of the live set may wait on I/O)."""
@@ -334,13 +362,14 @@ class HttpAuthzServer:
 class _Connection(asyncio.Protocol):
     """One connection from Envoy: httptools calls the ``on_*`` methods as bytes arrive."""
 
-    __slots__ = ("body", "body_size", "closing", "deadline", "envoy", "head_bytes", "headers", "limits", "lines",
-                 "loop", "parser", "paused", "pending", "raw", "reading", "refusal", "server", "transport", "url",
-                 "write_paused")
+    __slots__ = ("body", "body_size", "closing", "deadline", "envoy", "head_bytes", "headers", "into", "limits",
+                 "lines", "loop", "max_head", "parser", "paused", "pending", "raw", "reading", "refusal", "server",
+                 "transport", "url", "write_paused")
 
     def __init__(self, server: HttpAuthzServer) -> None:
         self.server = server
         self.limits = server.limits
+        self.max_head = server.limits.max_header_bytes
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -357,6 +386,8 @@ class _Connection(asyncio.Protocol):
         self.url = b""
         self.headers: dict[str, str] = {}
         self.envoy: dict[str, str] = {}
+        #: Where a header of each header_kind goes: indexed by CLIENT_HEADER, ENVOY_HEADER, HOP_HEADER.
+        self.into: tuple[dict[str, str], dict[str, str], None] = (self.headers, self.envoy, None)
         self.lines: dict[str, list[str]] | None = None
         self.raw: dict[str, bytes] | None = None
         self.body: list[bytes] | None = None
@@ -429,28 +460,41 @@ class _Connection(asyncio.Protocol):
             self._too_large(431, "headers_too_large", "request line and headers are too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Called for every header of every request: the common case (a name seen before, sent once,
+        # UTF-8) in as few steps as it takes; the rest in _header_again and _header_not_text.
         size = self.head_bytes = self.head_bytes + len(name) + len(value)
-        if size > self.limits.max_header_bytes:
+        if size > self.max_head:
             self._too_large(431, "headers_too_large", "request line and headers are too large")
         key, kind = _NAMES.get(name) or _name(name)
-        if kind == HOP_HEADER:
-            return  # content-length and the like: the parser's business, not the view's
+        headers = self.into[kind]
+        if headers is None:
+            return  # content-length and the like (HOP_HEADER): the parser's business, not the view's
+        if key in headers:
+            self._header_again(headers, key, value)
+            return
+        try:
+            headers[key] = value.decode()
+        except UnicodeDecodeError:
+            headers[key] = self._header_not_text(key, value)
+
+    def _header_not_text(self, key: str, value: bytes) -> str:
+        """A value that is not UTF-8: kept raw by name, seen as Latin-1 text."""
+        if self.raw is None:
+            self.raw = {}
+        self.raw[key] = value
+        return value.decode("latin-1")
+
+    def _header_again(self, headers: dict[str, str], key: str, value: bytes) -> None:
+        """A name sent more than once: every line kept, the view's value joined with ","."""
         try:
             text = value.decode()
         except UnicodeDecodeError:
-            text = value.decode("latin-1")
-            if self.raw is None:
-                self.raw = {}
-            self.raw[key] = value
-        headers = self.headers if kind == CLIENT_HEADER else self.envoy
-        if key in headers:
-            lines = self.lines
-            if lines is None:
-                lines = self.lines = {}
-            lines.setdefault(key, [headers[key]]).append(text)
-            headers[key] = headers[key] + "," + text
-        else:
-            headers[key] = text
+            text = self._header_not_text(key, value)
+        lines = self.lines
+        if lines is None:
+            lines = self.lines = {}
+        lines.setdefault(key, [headers[key]]).append(text)
+        headers[key] = headers[key] + "," + text
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -484,15 +528,19 @@ class _Connection(asyncio.Protocol):
         if not server.eager():
             task = self.loop.create_task(server.answer(parts, head, close))
         else:
-            # No policy of the live set waits on I/O: the decision is usually made without ever
-            # suspending, so make it now rather than in a Task on the next turn of the loop (in a
-            # context of its own, as a Task would). If it does suspend, a Task carries it on.
+            # Most decisions are made without ever suspending: make it now rather than in a Task on
+            # the next turn of the loop (in a context of its own, as a Task would). If it does
+            # suspend (a policy that may wait moves itself to a Task, see eager), a Task carries it on.
             context = contextvars.copy_context()
             try:
                 coro, yielded = context.run(server.first_step, parts)
             except StopIteration as done:
-                self.pending.append(server.encode(done.value, head, close))
-                self._answered(None)
+                answer = server.encode(done.value, head, close)
+                if self.pending:
+                    self.pending.append(answer)
+                    self._answered(None)
+                else:
+                    self._write(answer)  # nothing before it: no queue to go through
                 return
             except Exception:
                 log.exception("answering an authorization request failed")
@@ -533,6 +581,19 @@ class _Connection(asyncio.Protocol):
                 return
             self._idle_deadline()
         if self.paused and len(pending) < self.limits.max_pipelined:
+            self._resume()
+
+    def _write(self, answer: bytes) -> None:
+        """_answered for an answer with none pending before it."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(answer)
+        if self.closing:
+            transport.close()
+            return
+        self._idle_deadline()
+        if self.paused:
             self._resume()
 
     def _idle_deadline(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -105,3 +106,38 @@ def test_a_new_event_loop_starts_clean() -> None:
         with pytest.raises(TimeoutError):
             asyncio.run(watch.run(_sleep_then("late", 1.0), 0.05))
         assert asyncio.run(watch.run(_sleep_then("ok", 0.0), 0.05)) == "ok"
+
+
+def test_started_outside_a_task_it_asks_for_one_and_keeps_its_limit() -> None:
+    """The HTTP listener starts each decision inline, in a callback outside any Task: a Check that
+    may wait yields once, bare; the listener hands the rest to a Task (extauthz.wire.http_authz._Resume)
+    and the limit then holds as in any Task."""
+    from extauthz.wire.http_authz import _Resume
+
+    watch = DeadlineWatch()
+
+    async def carried_on(coro: Any, yielded: Any) -> Any:
+        return await _Resume(coro, yielded)
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        results = []
+        for seconds in (0.0, 5.0):
+            started: asyncio.Future[tuple[Any, Any]] = loop.create_future()
+
+            def start(seconds: float = seconds, started: asyncio.Future[tuple[Any, Any]] = started) -> None:
+                assert asyncio.current_task() is None  # a plain callback of the loop
+                coro = watch.run(_sleep_then("ok", seconds), 0.2)
+                started.set_result((coro, coro.send(None)))
+
+            loop.call_soon(start)
+            coro, yielded = await started
+            assert yielded is None  # the bare yield: "carry me on in a Task"
+            try:
+                results.append(await loop.create_task(carried_on(coro, yielded)))
+            except TimeoutError:
+                results.append("timeout")
+        return results
+
+    assert asyncio.run(main()) == ["ok", "timeout"]
+    assert not watch._waiting and not watch._expired

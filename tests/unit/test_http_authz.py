@@ -388,6 +388,18 @@ def test_answers_that_cannot_be_encoded_deny() -> None:
     assert answer.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
     assert b'www-authenticate: Bearer, Basic realm="x"\r\n' in answer
     assert b"x-extauthz" not in answer
+    # Allowed without metadata: the answer is kept and given again, the same bytes as a fresh one;
+    # with metadata, or closing, it is built each time; one that cannot be written is never kept.
+    first = http_response_bytes(allowed, "deny")
+    assert http_response_bytes(allowed, "deny") is first
+    assert first == (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-user: alice\r\n"
+                     b"x-envoy-auth-headers-to-remove: authorization,cookie\r\nratelimit: r=1\r\n\r\n")
+    assert http_response_bytes(allowed, "deny", close=True) == first[:-2] + b"connection: close\r\n\r\n"
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            http_response_bytes(decision, "deny")
+    listed = Decision(True, 200, "allowed", "", "id", upstream_headers=[("x-user", "alice")])  # type: ignore[arg-type]
+    assert b"x-user: alice\r\n" in http_response_bytes(listed, "deny")
 
 
 def test_http_only_sidecar_refuses_policies_reading_what_only_grpc_sends(

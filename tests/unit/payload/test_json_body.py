@@ -151,6 +151,19 @@ def test_text_holds_every_string_of_the_document(value: object, ascii_only: bool
     assert document.has_duplicate_keys() is False
 
 
+_TRICKY = st.lists(st.sampled_from(['"', "\\", "/", "u", "0", "0041", "005c", "\x01", "\x02", "\n", "\t", "a", "\u00e9",
+                                    "\u4e2d", "\U0001f600", "\ue000", "'"]), max_size=12).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_TRICKY | st.text(max_size=12).filter(lambda s: not any("\ud800" <= c <= "\udfff" for c in s)),
+                max_size=6), st.booleans())
+def test_text_decodes_every_escape_exactly(strings: list[str], ascii_only: bool) -> None:
+    # The exact text for an array of strings: each decoded on a line of its own, ", " between them.
+    raw = json.dumps(strings, ensure_ascii=ascii_only).encode()
+    assert parsed(raw).text == "[" + ", ".join(f"\n{string}\n" for string in strings) + "]"
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300) | st.text(alphabet='{}[],:"\\ 0123456789.eEtrufalsn-u', max_size=200).map(str.encode))
 def test_any_input_is_a_document_or_a_problem_never_an_exception(raw: bytes) -> None:

@@ -48,6 +48,25 @@ def test_most_specific_wins(routed, host: str, path: str, method: str, expected:
     assert policy is not None and policy.name == expected
 
 
+def test_selection_is_select_and_select_layers_remembered_and_bounded(routed, monkeypatch) -> None:
+    """The request path asks selection(): the same answers as select/select_layers, asked once per
+    (host, path, method); a full memory starts over and a long path is not kept."""
+    from extauthz.policy import compiler
+
+    cases = [("orders.example.com", "/api/orders/1", "GET"), ("other.org", "/admin", "GET"),
+             ("b.com", "/", "DELETE")]
+    for host, path, method in cases * 2:
+        assert routed.selection(host, path, method) == (routed.select(host, path, method),
+                                                        routed.select_layers(host, path, method))
+    assert len(routed._selected) == len(cases)
+    monkeypatch.setattr(compiler, "_SELECTED_LIMIT", 2)
+    routed.selection("orders.example.com", "/api/x", "GET")
+    assert len(routed._selected) == 1  # cleared, then this one kept
+    long_path = "/api/" + "x" * 600
+    assert routed.selection("orders.example.com", long_path, "GET")[0].name == "prefix"
+    assert ("orders.example.com", long_path, "GET") not in routed._selected
+
+
 def test_no_match_returns_none(policy_dir, policy_yaml) -> None:
     policy_set = load_folder(policy_dir(**{"p.yaml": policy_yaml("a", "match: {hosts: [a.com]}")}))
     assert policy_set.select("b.com", "/", "GET") is None
