@@ -82,6 +82,8 @@ def _plain_of_overlong(match: re.Match[bytes]) -> bytes:
 
 #: The characters of _LOOKALIKES and _INVISIBLE beyond Latin-1.
 _SPECIAL_WIDE = "\u3002\uff61\uff0e\u2215\u2044\u200b\u200c\u200d\u2060\ufeff"
+#: Every character of _SPECIAL_WIDE and full-width ASCII: whether a text needs any of that work.
+_WIDE_WORK = re.compile("[" + _SPECIAL_WIDE + "\uff01-\uff5e]")
 #: Texts longer than this get only full-width ASCII mapped instead of the whole NFKC.
 NFKC_MAX_CHARS = 16384
 #: Full-width ASCII (U+FF01 to U+FF5E) as UTF-8.
@@ -182,25 +184,28 @@ def decode(text: str | None, raw: bytes | None = None) -> Decoded:
     if text.isascii():
         data = text.encode("ascii")
         return Decoded(text if b"\x00" not in data else None, budget[0] < 0, data=data.replace(b"\x00", b""))
+    # Characters that need work beyond Latin-1: full-width ASCII (long texts), look-alike dots and
+    # slashes, invisible characters. Whether there are any is asked of the str in one search for
+    # all of them (a search of the UTF-8 bytes for their lead byte stops at every replacement
+    # character of invalid input, which shares it); the replacing is done on the UTF-8 bytes (one
+    # byte a character, where the str may have four).
+    try:
+        text.encode("latin-1")
+        wide = False
+    except UnicodeEncodeError:
+        wide = _WIDE_WORK.search(text) is not None
     if len(text) <= NFKC_MAX_CHARS:
         if not unicodedata.is_normalized("NFKC", text):
             text = unicodedata.normalize("NFKC", text)
+            wide = True  # the normalized text is looked at again below
         try:
             data = text.encode("utf-8")
         except UnicodeEncodeError:
             data = text.encode("utf-8", "replace")
     else:  # NFKC costs about a microsecond a character: past the limit, full-width ASCII only
         data = utf8(text)
-        if b"\xef\xbc" in data or b"\xef\xbd" in data:
+        if wide and (b"\xef\xbc" in data or b"\xef\xbd" in data):
             data = _budgeted_sub(_FULL_WIDTH, _half_width, data, budget, flag=False)
-    # Characters that need work: look-alike dots and slashes, invisible characters. Whether there
-    # are any is asked of the str (a search for one character is a C loop that skips ahead), the
-    # replacing is done on the UTF-8 bytes (one byte a character, where the str may have four).
-    try:
-        text.encode("latin-1")
-        wide = False
-    except UnicodeEncodeError:
-        wide = True
     if wide and any(c in text for c in _SPECIAL_WIDE):
         for lookalike, plain in _LOOKALIKES:
             if lookalike in data:
@@ -208,8 +213,11 @@ def decode(text: str | None, raw: bytes | None = None) -> Decoded:
         for invisible in _INVISIBLE:
             if invisible in data:
                 data = data.replace(invisible, b"")
-    elif "\xad" in text or "\x00" in text:
-        data = data.replace(b"\xc2\xad", b"").replace(b"\x00", b"")
+    else:
+        if "\xad" in text:
+            data = data.replace(b"\xc2\xad", b"")
+        if "\x00" in text:
+            data = data.replace(b"\x00", b"")
     # The text as a str only when asked for (then from the bytes, which may differ from it).
     return Decoded(None, budget[0] < 0, data=data)
 
@@ -327,12 +335,17 @@ def sql_form_bytes(data: bytes) -> tuple[bytes, bool]:
     ``union select``. The first 256 comments are removed with their content, and the form ends
     there: past that many comments the text is not data, which the second value says (an evasion),
     and what follows was matched as it is. Returns ``data`` itself when there is no comment."""
-    if b"/*" not in data:
-        return data, False
-    over = data.count(b"/*") > _COMMENT_BUDGET  # versioned comments count too (see forms_over_budget)
-    if b"/*!" in data:
-        data = _VERSIONED.sub(b" ", data)
+    # One split finds every comment (up to the budget): no search, count or search for a
+    # versioned comment of its own (each a pass over a text that may be 192 KiB of UTF-8).
     pieces = data.split(b"/*", _COMMENT_BUDGET + 1)
+    if len(pieces) == 1:
+        return data, False
+    # More than the budget: versioned comments count too (see forms_over_budget).
+    over = len(pieces) > _COMMENT_BUDGET + 1
+    # Versioned comments (known from the pieces, unless there are too many to have them all).
+    if (over or any(piece[:1] == b"!" for piece in pieces[1:])) and b"/*!" in data:
+        data = _VERSIONED.sub(b" ", data)
+        pieces = data.split(b"/*", _COMMENT_BUDGET + 1)
     if len(pieces) > _COMMENT_BUDGET + 1:
         pieces.pop()
     out = [pieces[0]]
@@ -374,9 +387,10 @@ def lookup_form_bytes(data: bytes) -> tuple[bytes, bool]:
     ``${::-j}`` and ``${env:X:-j}`` are ``j`` (their default), other known lookups an unknown value,
     unknown names stay literal. ``${${lower:j}ndi:`` becomes a ``${jndi:`` and is marked. Returns
     the result and whether the budget ran out (an evasion)."""
-    if b"${" not in data:
+    count = data.count(b"${")
+    if not count:
         return data, False
-    if data.count(b"${") > LOOKUP_BUDGET:  # not a value a logger would see as data: say so, resolve nothing
+    if count > LOOKUP_BUDGET:  # not a value a logger would see as data: say so, resolve nothing
         return data, True
     budget = [LOOKUP_BUDGET]
     for _ in range(8):
@@ -386,7 +400,8 @@ def lookup_form_bytes(data: bytes) -> tuple[bytes, bool]:
         if resolved == data:
             break
         data = resolved
-    data = data.replace(_FROZEN_OPEN, b"${").replace(_FROZEN_CLOSE, b"}")
+    if b"\xee\x80" in data:  # the lead bytes of both marks: one search for them
+        data = data.replace(_FROZEN_OPEN, b"${").replace(_FROZEN_CLOSE, b"}")
     return data, budget[0] < 0
 
 

@@ -358,9 +358,7 @@ class Inspector:
         for form in ("", *FORMS):
             if form == "":
                 form_data = data
-            elif form == "sql":
-                if b"/*" not in data:
-                    continue
+            elif form == "sql":  # (without a comment, the text itself: matched no more below)
                 form_data, over = sql_form_bytes(data)
                 evasion |= over
             elif form == "cmd":
@@ -369,8 +367,6 @@ class Inspector:
                     continue
                 form_data = cmd_form_bytes(data)
             else:
-                if b"${" not in data:
-                    continue
                 form_data, over = lookup_form_bytes(data)
                 evasion |= over
             if form and form_data == data:  # the form changed nothing: the decoded text's matches
