@@ -22,7 +22,7 @@ from typing import AnyStr
 import re2
 
 __all__ = ["Decoded", "cmd_form", "cmd_form_bytes", "decode", "forms_over_budget", "lookup_form", "lookup_form_bytes",
-           "sql_form", "sql_form_bytes"]
+           "lookups_over_budget", "sql_form", "sql_form_bytes"]
 
 #: URL-decoding rounds: ``%252e`` is two, no legitimate value needs more than three.
 URL_ROUNDS = 3
@@ -382,12 +382,14 @@ _JNDI_MARK = JNDI_MARK.encode("utf-8")
 _FROZEN_OPEN, _FROZEN_CLOSE = "\ue001".encode("utf-8"), "\ue002".encode("utf-8")
 
 
-def lookup_form_bytes(data: bytes) -> tuple[bytes, bool]:
+def lookup_form_bytes(data: bytes, count: int | None = None) -> tuple[bytes, bool]:
     """Log4j lookups resolved from the inside out, as Log4j would: ``${lower:J}`` is ``j``,
     ``${::-j}`` and ``${env:X:-j}`` are ``j`` (their default), other known lookups an unknown value,
     unknown names stay literal. ``${${lower:j}ndi:`` becomes a ``${jndi:`` and is marked. Returns
-    the result and whether the budget ran out (an evasion)."""
-    count = data.count(b"${")
+    the result and whether the budget ran out (an evasion). ``count``: ``data.count(b"${")`` when
+    the caller knows it (a pass over the text less)."""
+    if count is None:
+        count = data.count(b"${")
     if not count:
         return data, False
     if count > LOOKUP_BUDGET:  # not a value a logger would see as data: say so, resolve nothing
@@ -425,7 +427,16 @@ def _resolve(match: re.Match[bytes]) -> bytes:
 def forms_over_budget(data: bytes) -> bool:
     """Whether making the extra forms of ``data`` would run out of a budget (more SQL comments or
     lookups than they resolve): known from two counts, before any form is made."""
-    return data.count(b"/*") > _COMMENT_BUDGET or data.count(b"${") > LOOKUP_BUDGET
+    return lookups_over_budget(data)[0]
+
+
+def lookups_over_budget(data: bytes) -> tuple[bool, int | None]:
+    """:func:`forms_over_budget`, and the number of lookups when it was counted (for
+    :func:`lookup_form_bytes`)."""
+    if data.count(b"/*") > _COMMENT_BUDGET:
+        return True, None
+    lookups = data.count(b"${")
+    return lookups > LOOKUP_BUDGET, lookups
 
 
 def _as_bytes(text: str) -> bytes:

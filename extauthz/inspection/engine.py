@@ -27,8 +27,8 @@ from extauthz.inspection.decode import (
     Decoded,
     cmd_form_bytes,
     decode,
-    forms_over_budget,
     lookup_form_bytes,
+    lookups_over_budget,
     sql_form_bytes,
 )
 from extauthz.inspection.matcher import SMALL_TEXT_BYTES, RuleMatcher
@@ -351,9 +351,14 @@ class Inspector:
         if seen is None and len(data) < SMALL_TEXT_BYTES:
             return self._scan_short(group, data, evasion, hits)
         early = stop[0] and len(data) >= EARLY_STOP_BYTES
-        if early and self.evasion_decides and (evasion or forms_over_budget(data)):
-            stop[1] = True  # denied as an evasion whatever the rules would find
-            return True
+        lookups: int | None = None  # data.count(b"${") once counted
+        if early and self.evasion_decides:
+            over = evasion
+            if not over:
+                over, lookups = lookups_over_budget(data)
+            if over:
+                stop[1] = True  # denied as an evasion whatever the rules would find
+                return True
         rule_set = self.groups[group]
         for form in ("", *FORMS):
             if form == "":
@@ -367,7 +372,7 @@ class Inspector:
                     continue
                 form_data = cmd_form_bytes(data)
             else:
-                form_data, over = lookup_form_bytes(data)
+                form_data, over = lookup_form_bytes(data, lookups)
                 evasion |= over
             if form and form_data == data:  # the form changed nothing: the decoded text's matches
                 found = seen.get("", _NONE) if seen is not None else _NONE
