@@ -272,7 +272,8 @@ class Inspector:
         raw = values.body_raw
         # A large raw text body is one value: decoded (from its bytes) and matched on its own, so that
         # locating a match in it reuses both instead of doing them again. Its text is never made: the
-        # caches hold it under _TEXT_BODY, and locating looks at it through that key.
+        # caches hold it under _TEXT_BODY, and locating looks at it through that key. (Its length in
+        # bytes, then: a body of up to 4096 characters in more bytes is now apart too.)
         apart = raw is not None and len(raw) > 4096
         body_text: str | None = _TEXT_BODY if apart else values.body_text
         decoded_values: dict[str, Decoded] = {}  # value -> decoded, for locating
