@@ -22,7 +22,7 @@ from typing import AnyStr
 import re2
 
 __all__ = ["Decoded", "cmd_form", "cmd_form_bytes", "decode", "forms_over_budget", "lookup_form", "lookup_form_bytes",
-           "sql_form", "sql_form_bytes"]
+           "lookups_over_budget", "sql_form", "sql_form_bytes"]
 
 #: URL-decoding rounds: ``%252e`` is two, no legitimate value needs more than three.
 URL_ROUNDS = 3
@@ -42,6 +42,7 @@ _IIS_ESCAPE_BYTES = re.compile(rb"%[uU]([0-9A-Fa-f]{4})")
 def _iis_bytes(match: re.Match[bytes]) -> bytes:
     return chr(int(match.group(1), 16)).encode("utf-8", "surrogatepass")
 _ESCAPE = re.compile(r"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
+_ESCAPE_BYTES = re.compile(rb"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
 _IIS_ESCAPE = re.compile(r"%[uU]([0-9A-Fa-f]{4})")
 _NUMERIC_ENTITY = re.compile(r"&#(?:[xX]([0-9A-Fa-f]{1,6})|([0-9]{1,7}));?")
 _NAMED_ENTITIES = (
@@ -81,6 +82,8 @@ def _plain_of_overlong(match: re.Match[bytes]) -> bytes:
 
 #: The characters of _LOOKALIKES and _INVISIBLE beyond Latin-1.
 _SPECIAL_WIDE = "\u3002\uff61\uff0e\u2215\u2044\u200b\u200c\u200d\u2060\ufeff"
+#: Every character of _SPECIAL_WIDE and full-width ASCII: whether a text needs any of that work.
+_WIDE_WORK = re.compile("[" + _SPECIAL_WIDE + "\uff01-\uff5e]")
 #: Texts longer than this get only full-width ASCII mapped instead of the whole NFKC.
 NFKC_MAX_CHARS = 16384
 #: Full-width ASCII (U+FF01 to U+FF5E) as UTF-8.
@@ -131,7 +134,7 @@ def utf8(text: str) -> bytes:
         return text.encode("utf-8", "replace")
 
 
-def decode(text: str, raw: bytes | None = None) -> Decoded:
+def decode(text: str | None, raw: bytes | None = None) -> Decoded:
     """Percent-escapes (repeatedly, IIS ``%u`` and overlong UTF-8 included), HTML entities, JS/JSON
     escapes, Unicode NFKC, invisible characters: the form every built-in rule matches. Case is left
     as it is: every rule matches case-insensitively (which costs the matchers nothing per
@@ -140,10 +143,25 @@ def decode(text: str, raw: bytes | None = None) -> Decoded:
     Percent-escapes are decoded in every target, not only in URL parts: a JSON value that a backend
     URL-decodes (or builds a URL from) carries them through. ``raw``: the bytes ``text`` was read
     from (a text body, invalid UTF-8 included), which the first round decodes instead of encoding
-    the text again, as a backend that undoes escapes before reading UTF-8 would.
+    the text again, as a backend that undoes escapes before reading UTF-8 would. ``text`` may be
+    None when ``raw`` is given: then it is ``raw`` read with replacement characters, and only made
+    when the first round has nothing to decode (the bytes are read as UTF-8 once, not twice: for
+    random bytes each reading costs half a millisecond per 64 KiB).
     """
     budget = [CALLBACK_BUDGET]
-    for _ in range(URL_ROUNDS):
+    rounds = URL_ROUNDS
+    if text is None:
+        assert raw is not None
+        # The first round's test on the bytes: the escapes are ASCII, which reading with
+        # replacement characters leaves where they are.
+        if b"%" in raw and _ESCAPE_BYTES.search(raw) is not None:
+            text = _percent_decode("", budget, raw)
+            rounds -= 1
+        else:
+            text = raw.decode("utf-8", "replace")
+            rounds = 0
+        raw = None
+    for _ in range(rounds):
         if "%" not in text or _ESCAPE.search(text) is None:
             break
         decoded = _percent_decode(text, budget, raw)
@@ -166,25 +184,28 @@ def decode(text: str, raw: bytes | None = None) -> Decoded:
     if text.isascii():
         data = text.encode("ascii")
         return Decoded(text if b"\x00" not in data else None, budget[0] < 0, data=data.replace(b"\x00", b""))
+    # Characters that need work beyond Latin-1: full-width ASCII (long texts), look-alike dots and
+    # slashes, invisible characters. Whether there are any is asked of the str in one search for
+    # all of them (a search of the UTF-8 bytes for their lead byte stops at every replacement
+    # character of invalid input, which shares it); the replacing is done on the UTF-8 bytes (one
+    # byte a character, where the str may have four).
+    try:
+        text.encode("latin-1")
+        wide = False
+    except UnicodeEncodeError:
+        wide = _WIDE_WORK.search(text) is not None
     if len(text) <= NFKC_MAX_CHARS:
         if not unicodedata.is_normalized("NFKC", text):
             text = unicodedata.normalize("NFKC", text)
+            wide = True  # the normalized text is looked at again below
         try:
             data = text.encode("utf-8")
         except UnicodeEncodeError:
             data = text.encode("utf-8", "replace")
     else:  # NFKC costs about a microsecond a character: past the limit, full-width ASCII only
         data = utf8(text)
-        if b"\xef\xbc" in data or b"\xef\xbd" in data:
+        if wide and (b"\xef\xbc" in data or b"\xef\xbd" in data):
             data = _budgeted_sub(_FULL_WIDTH, _half_width, data, budget, flag=False)
-    # Characters that need work: look-alike dots and slashes, invisible characters. Whether there
-    # are any is asked of the str (a search for one character is a C loop that skips ahead), the
-    # replacing is done on the UTF-8 bytes (one byte a character, where the str may have four).
-    try:
-        text.encode("latin-1")
-        wide = False
-    except UnicodeEncodeError:
-        wide = True
     if wide and any(c in text for c in _SPECIAL_WIDE):
         for lookalike, plain in _LOOKALIKES:
             if lookalike in data:
@@ -192,8 +213,11 @@ def decode(text: str, raw: bytes | None = None) -> Decoded:
         for invisible in _INVISIBLE:
             if invisible in data:
                 data = data.replace(invisible, b"")
-    elif "\xad" in text or "\x00" in text:
-        data = data.replace(b"\xc2\xad", b"").replace(b"\x00", b"")
+    else:
+        if "\xad" in text:
+            data = data.replace(b"\xc2\xad", b"")
+        if "\x00" in text:
+            data = data.replace(b"\x00", b"")
     # The text as a str only when asked for (then from the bytes, which may differ from it).
     return Decoded(None, budget[0] < 0, data=data)
 
@@ -311,12 +335,17 @@ def sql_form_bytes(data: bytes) -> tuple[bytes, bool]:
     ``union select``. The first 256 comments are removed with their content, and the form ends
     there: past that many comments the text is not data, which the second value says (an evasion),
     and what follows was matched as it is. Returns ``data`` itself when there is no comment."""
-    if b"/*" not in data:
-        return data, False
-    over = data.count(b"/*") > _COMMENT_BUDGET  # versioned comments count too (see forms_over_budget)
-    if b"/*!" in data:
-        data = _VERSIONED.sub(b" ", data)
+    # One split finds every comment (up to the budget): no search, count or search for a
+    # versioned comment of its own (each a pass over a text that may be 192 KiB of UTF-8).
     pieces = data.split(b"/*", _COMMENT_BUDGET + 1)
+    if len(pieces) == 1:
+        return data, False
+    # More than the budget: versioned comments count too (see forms_over_budget).
+    over = len(pieces) > _COMMENT_BUDGET + 1
+    # Versioned comments (known from the pieces, unless there are too many to have them all).
+    if (over or any(piece[:1] == b"!" for piece in pieces[1:])) and b"/*!" in data:
+        data = _VERSIONED.sub(b" ", data)
+        pieces = data.split(b"/*", _COMMENT_BUDGET + 1)
     if len(pieces) > _COMMENT_BUDGET + 1:
         pieces.pop()
     out = [pieces[0]]
@@ -353,14 +382,17 @@ _JNDI_MARK = JNDI_MARK.encode("utf-8")
 _FROZEN_OPEN, _FROZEN_CLOSE = "\ue001".encode("utf-8"), "\ue002".encode("utf-8")
 
 
-def lookup_form_bytes(data: bytes) -> tuple[bytes, bool]:
+def lookup_form_bytes(data: bytes, count: int | None = None) -> tuple[bytes, bool]:
     """Log4j lookups resolved from the inside out, as Log4j would: ``${lower:J}`` is ``j``,
     ``${::-j}`` and ``${env:X:-j}`` are ``j`` (their default), other known lookups an unknown value,
     unknown names stay literal. ``${${lower:j}ndi:`` becomes a ``${jndi:`` and is marked. Returns
-    the result and whether the budget ran out (an evasion)."""
-    if b"${" not in data:
+    the result and whether the budget ran out (an evasion). ``count``: ``data.count(b"${")`` when
+    the caller knows it (a pass over the text less)."""
+    if count is None:
+        count = data.count(b"${")
+    if not count:
         return data, False
-    if data.count(b"${") > LOOKUP_BUDGET:  # not a value a logger would see as data: say so, resolve nothing
+    if count > LOOKUP_BUDGET:  # not a value a logger would see as data: say so, resolve nothing
         return data, True
     budget = [LOOKUP_BUDGET]
     for _ in range(8):
@@ -370,7 +402,8 @@ def lookup_form_bytes(data: bytes) -> tuple[bytes, bool]:
         if resolved == data:
             break
         data = resolved
-    data = data.replace(_FROZEN_OPEN, b"${").replace(_FROZEN_CLOSE, b"}")
+    if b"\xee\x80" in data:  # the lead bytes of both marks: one search for them
+        data = data.replace(_FROZEN_OPEN, b"${").replace(_FROZEN_CLOSE, b"}")
     return data, budget[0] < 0
 
 
@@ -394,7 +427,16 @@ def _resolve(match: re.Match[bytes]) -> bytes:
 def forms_over_budget(data: bytes) -> bool:
     """Whether making the extra forms of ``data`` would run out of a budget (more SQL comments or
     lookups than they resolve): known from two counts, before any form is made."""
-    return data.count(b"/*") > _COMMENT_BUDGET or data.count(b"${") > LOOKUP_BUDGET
+    return lookups_over_budget(data)[0]
+
+
+def lookups_over_budget(data: bytes) -> tuple[bool, int | None]:
+    """:func:`forms_over_budget`, and the number of lookups when it was counted (for
+    :func:`lookup_form_bytes`)."""
+    if data.count(b"/*") > _COMMENT_BUDGET:
+        return True, None
+    lookups = data.count(b"${")
+    return lookups > LOOKUP_BUDGET, lookups
 
 
 def _as_bytes(text: str) -> bytes:

@@ -27,8 +27,8 @@ from extauthz.inspection.decode import (
     Decoded,
     cmd_form_bytes,
     decode,
-    forms_over_budget,
     lookup_form_bytes,
+    lookups_over_budget,
     sql_form_bytes,
 )
 from extauthz.inspection.matcher import SMALL_TEXT_BYTES, RuleMatcher
@@ -189,6 +189,9 @@ class _RuleSet:
 
 _NONE: Mapping[str, None] = MappingProxyType({})
 _NO_STOPS: frozenset[int] = frozenset()
+#: The key of a large raw text body in the inspector's caches (see _inspect): an object of its own,
+#: equal to no value of a request.
+_TEXT_BODY: str = object()  # type: ignore[assignment]
 #: Texts at least this long are matched with an early stop at the first decisive rule (see Inspector).
 EARLY_STOP_BYTES = 16384
 
@@ -266,14 +269,19 @@ class Inspector:
         text = values.inputs_text(body=False)
         if config.inspect_headers:
             text = text + "\n" + values.headers_text()
-        body_text = values.body_text
+        raw = values.body_raw
+        # A large raw text body is one value: decoded (from its bytes) and matched on its own, so that
+        # locating a match in it reuses both instead of doing them again. Its text is never made: the
+        # caches hold it under _TEXT_BODY, and locating looks at it through that key. (Its length in
+        # bytes, then: a body of up to 4096 characters in more bytes is now apart too.)
+        apart = raw is not None and len(raw) > 4096
+        body_text: str | None = _TEXT_BODY if apart else values.body_text
         decoded_values: dict[str, Decoded] = {}  # value -> decoded, for locating
         known: dict[tuple[str, str, str], Mapping[str, None]] = {}  # (value, form, group) -> rules matched
         stop = [early_stop, False]  # [stop at a decisive rule, stopped]
-        if body_text and view is not None and view.document is None and len(body_text) > 4096:
-            # A large text body is one value: decoded and matched on its own, so that locating a match
-            # in it reuses both instead of doing them again.
-            body = decode(body_text, values.body_raw)
+        if apart:
+            assert raw is not None and body_text is not None
+            body = decode(None, raw)
             decoded_values[body_text] = body
             decoded = decode(text)
             seen: dict[str, Mapping[str, None]] = {}
@@ -344,16 +352,19 @@ class Inspector:
         if seen is None and len(data) < SMALL_TEXT_BYTES:
             return self._scan_short(group, data, evasion, hits)
         early = stop[0] and len(data) >= EARLY_STOP_BYTES
-        if early and self.evasion_decides and (evasion or forms_over_budget(data)):
-            stop[1] = True  # denied as an evasion whatever the rules would find
-            return True
+        lookups: int | None = None  # data.count(b"${") once counted
+        if early and self.evasion_decides:
+            over = evasion
+            if not over:
+                over, lookups = lookups_over_budget(data)
+            if over:
+                stop[1] = True  # denied as an evasion whatever the rules would find
+                return True
         rule_set = self.groups[group]
         for form in ("", *FORMS):
             if form == "":
                 form_data = data
-            elif form == "sql":
-                if b"/*" not in data:
-                    continue
+            elif form == "sql":  # (without a comment, the text itself: matched no more below)
                 form_data, over = sql_form_bytes(data)
                 evasion |= over
             elif form == "cmd":
@@ -362,9 +373,7 @@ class Inspector:
                     continue
                 form_data = cmd_form_bytes(data)
             else:
-                if b"${" not in data:
-                    continue
-                form_data, over = lookup_form_bytes(data)
+                form_data, over = lookup_form_bytes(data, lookups)
                 evasion |= over
             if form and form_data == data:  # the form changed nothing: the decoded text's matches
                 found = seen.get("", _NONE) if seen is not None else _NONE
@@ -444,6 +453,8 @@ class Inspector:
                 matched_in[key] = found
             return found
 
+        # A large raw text body was decoded and matched under _TEXT_BODY (see _inspect).
+        text_body = _TEXT_BODY in decoded
         findings: list[Finding] = []
         for rule_id, groups in hits.items():
             rule = self.by_id[rule_id]
@@ -458,7 +469,7 @@ class Inspector:
                 kinds = kinds - {"filename"}
             if "inputs" not in groups:
                 kinds = kinds & {"filename"}
-            located = self._locate(values, kinds, matches)
+            located = self._locate(values, kinds, matches, text_body)
             self._add(findings, request, rule.id, rule.detector, rule.score, located)
 
         def ssrf_rules_of(value: str) -> set[str]:
@@ -472,7 +483,7 @@ class Inspector:
                 return rule_id in ssrf_rules_of(value)
 
             _, score, _ = SSRF_RULES[rule_id]
-            located = self._locate(values, frozenset({"path", "query", "cookie", "body"}), has_rule)
+            located = self._locate(values, frozenset({"path", "query", "cookie", "body"}), has_rule, text_body)
             self._add(findings, request, rule_id, "ssrf", score, located)
         if evasion:
             rule_id, _, score, _ = EVASION_RULE
@@ -480,14 +491,17 @@ class Inspector:
         score = sum({f.rule: f.score for f in findings if not f.reported}.values())
         return Verdict(tuple(findings[:MAX_FINDINGS]), score)
 
-    def _locate(self, values: RequestValues, kinds: frozenset[str],
-                matches: Callable[[str, str], bool]) -> list[tuple[str, str]]:  # fmt: skip
+    def _locate(self, values: RequestValues, kinds: frozenset[str], matches: Callable[[str, str], bool],
+                text_body: bool = False) -> list[tuple[str, str]]:  # fmt: skip
         located: list[tuple[str, str]] = []
-        for fld in values.fields(kinds):
+        for fld in values.fields(kinds, text_body=not text_body):
             if matches(fld.value, fld.kind):
                 located.append((fld.kind, fld.location))
                 if len(located) >= MAX_LOCATIONS_PER_RULE:
                     return located
+        if text_body and "body" in kinds and matches(_TEXT_BODY, "body"):  # the last value fields() gives
+            located.append(("body", "body"))
+            return located
         view = values.view
         if "body" in kinds and view is not None and view.document is not None:
             budget = [MAX_VALUES_LOCATED]

@@ -81,26 +81,40 @@ class RequestValues:
         cookie = request.headers.get("cookie")
         self.cookies = cookie_pairs(cookie) if cookie else []
         self.inspect_headers = headers
-        self.body_text: str | None = None
+        self._body_text: str | None = None
         #: The bytes body_text was read from, when it is the raw body (see decode's ``raw``).
         self.body_raw: bytes | None = None
+        #: body_text is the raw body read with replacement characters, made when first asked for:
+        #: a long text body is decoded from its bytes (decode's ``raw``) and located through
+        #: :meth:`fields` ``text_body=False``, so an invalid UTF-8 body is read once, not twice.
+        self._body_replaced = False
         view = self.view
         if view is not None and view.kind is not BodyKind.NONE:
             if view.document is not None:
-                self.body_text = view.document.text
+                self._body_text = view.document.text
             elif view.kind in (BodyKind.FORM, BodyKind.MULTIPART):
-                self.body_text = "\n".join(f"{name}\n{value}" for name, value in view.fields)
+                self._body_text = "\n".join(f"{name}\n{value}" for name, value in view.fields)
             elif view.kind is BodyKind.TEXT or (view.kind is BodyKind.JSON and view.partial):
                 # Invalid UTF-8 must not hide the rest of a text body: a lenient backend reads it.
-                self.body_text = request.body.decode("utf-8", "replace")
+                self._body_replaced = bool(request.body)
+                self._body_text = "" if not request.body else None
                 self.body_raw = request.body
             elif view.kind is BodyKind.BINARY and not view.media_type.startswith(_OPAQUE_TYPES) \
                     and view.media_type not in _OPAQUE_MEDIA:
                 # A mislabelled body (JSON sent as application/octet-stream) is still read by backends
                 # that parse whatever arrives: inspected as text when it is text.
                 with contextlib.suppress(UnicodeDecodeError):
-                    self.body_text = request.body.decode("utf-8")
+                    self._body_text = request.body.decode("utf-8")
                     self.body_raw = request.body
+
+    @property
+    def body_text(self) -> str | None:
+        """The body as one text (None: no body read as text)."""
+        if self._body_replaced:
+            assert self.body_raw is not None
+            self._body_text = self.body_raw.decode("utf-8", "replace")
+            self._body_replaced = False
+        return self._body_text
 
     @property
     def path(self) -> str:
@@ -128,8 +142,10 @@ class RequestValues:
         return [Field("filename", f"filename:{safe_name(p.name)}", p.filename) for p in view.parts
                 if p.filename is not None]
 
-    def fields(self, kinds: frozenset[str]) -> Iterator[Field]:
-        """Every value of the given kinds except JSON body strings (see ``json_document``)."""
+    def fields(self, kinds: frozenset[str], *, text_body: bool = True) -> Iterator[Field]:
+        """Every value of the given kinds except JSON body strings (see ``json_document``), and
+        except a text body (always the last value) when ``text_body`` is false: the caller then
+        looks at it through its bytes."""
         if "path" in kinds:
             yield Field("path", "path", self.path)
         if "query" in kinds or "name" in kinds:
@@ -149,7 +165,7 @@ class RequestValues:
         if "filename" in kinds:
             yield from self.filenames()
         view = self.view
-        if view is None or self.body_text is None or view.document is not None:
+        if view is None or (self._body_text is None and not self._body_replaced) or view.document is not None:
             return
         if view.kind in (BodyKind.FORM, BodyKind.MULTIPART):
             for name, value in view.fields:
@@ -158,5 +174,5 @@ class RequestValues:
                     yield Field("body", location, value)
                 if "name" in kinds:
                     yield Field("name", location, name)
-        elif "body" in kinds:
-            yield Field("body", "body", self.body_text)
+        elif "body" in kinds and text_body:
+            yield Field("body", "body", self.body_text or "")

@@ -4,6 +4,7 @@ for long texts (an early stop at a decisive rule, budgets) never turn a denial i
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 from urllib.parse import unquote_plus
@@ -193,3 +194,44 @@ def test_findings_come_in_the_order_of_the_rules_whatever_the_hash_seed() -> Non
             verdict = build_inspector().inspect(make_request(query="q=" + query.replace(" ", "%20")))
             rules = list(dict.fromkeys(f.rule for f in verdict.findings))
             assert rules == sorted(rules, key=order.index) and len(rules) >= 2
+
+
+# --- a long raw text body: read as UTF-8 once, from its bytes ------------------------------------
+
+_RAW_PIECES = [b"%", b"%25", b"%41", b"%u0041", b"%c0%ae", b"\xc0\xae", b"\xff", b"\xc3", b"\xa9", b"\xef\xbc\xb3",
+               b"\xe2\x80\x8b", b"\x00", b"\xc2\xad", b"&lt;", b"&#60;", b"&amp;", b"\\x41", b"\\u0024", b"/*", b"*/",
+               b"/*!50000", b"${", b"}", b"${lower:j}", b"\xee\x80\x81", b"a", b" ", b"\n", b"\xe3\x80\x82"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_RAW_PIECES), max_size=60), st.binary(max_size=40))
+def test_decoding_raw_bytes_alone_is_decoding_them_with_their_text(pieces: list[bytes], noise: bytes) -> None:
+    raw = b"".join(pieces) + noise
+    alone, with_text = decode(None, raw), decode(raw.decode("utf-8", "replace"), raw)
+    assert (alone.data, alone.over_budget) == (with_text.data, with_text.over_budget)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"/*", b"*/", b"/*!", b"/*!50000", b"!", b"a", b" ", b"\xef\xbf\xbd"]), max_size=80))
+def test_the_sql_form_of_few_or_many_comments(pieces: list[bytes]) -> None:
+    # Against the form made the plain way: versioned comments out, then every comment counted.
+    data = b"".join(pieces)
+    expected_over = data.count(b"/*") > 256
+    data_subbed = re.sub(rb"/\*!\d{0,6}", b" ", data)
+    form, over = sql_form_bytes(data)
+    assert over == expected_over
+    if b"/*" not in data:
+        assert form is data
+    else:
+        pieces_ = data_subbed.split(b"/*", 257)[:257]
+        out = [pieces_[0]] + [b" " + (p[p.find(b"*/") + 2 :] if b"*/" in p else p) for p in pieces_[1:]]
+        assert form == b"".join(out).replace(b"*/", b" ")
+
+
+def test_a_long_invalid_utf8_text_body_is_located_and_read_once() -> None:
+    inspector = build_inspector()
+    noise = bytes(range(128, 256)) * (2 * EARLY_STOP_BYTES // 128)
+    for body in (noise + b"\nname=x' or '1'='1\n" + noise, noise + b"\n%2527 or %27%31%27=%271\n" + noise):
+        verdict = inspector.inspect(make_request(body=body, content_type="text/plain"))
+        assert verdict.score >= 5 and {f.location for f in verdict.findings} == {"body"}, verdict
+    assert inspector.inspect(make_request(body=noise, content_type="text/plain")).findings == ()
