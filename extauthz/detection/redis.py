@@ -48,7 +48,7 @@ async def _failed(exc: Exception) -> Any:
     raise exc
 
 #: KEYS: per op, its block key ("<base>b"; the op's other keys are the same base with another last
-#: letter, in the same hash slot). ARGV: per op, its Detector.spec(kind), the distinct value, the key's
+#: letter, in the same hash slot). ARGV: per op, its Detector.spec(kind) (binary), the distinct value, the key's
 #: label (what operators see in a block). Returns "" when no op has anything to say (the common
 #: case, parsed at once), else, per op with something to say (refused or tripped), eight integers:
 #: its index (1-based), refused_ms, kind, tripped, total, offences, duration_ms, status (see
@@ -62,12 +62,10 @@ for i = 1, #KEYS do
   local kb, spec = KEYS[i], ARGV[3 * i - 2]
   local base = string.sub(kb, 1, -2)
   local op = string.byte(spec) - 48
-  -- "<op> <counting numbers> | <action numbers>": the action's are parsed only on a trip.
-  local s, head, tail = {}, nil, nil
-  if op > 0 then
-    head, tail = string.match(spec, '^%d+ (.-) | (.*)$')
-    for v in string.gmatch(head, '%S+') do s[#s + 1] = tonumber(v) end
-  end
+  -- The op's kind (an ASCII digit), then six counting numbers and eight action numbers as doubles:
+  -- the action's are read only on a trip.
+  local s = nil
+  if op > 0 then s = {struct.unpack('>dddddd', spec, 2)} else s = {} end
   local threshold, window = s[1], s[2]
   local refused, kind, tripped, total, offences, dur, status = 0, 0, 0, 0, 0, 0, 429
   local rec = redis.call('HMGET', kb, 'kind', 'ti', 'tb', 'status', 'until', 'off')
@@ -140,8 +138,7 @@ for i = 1, #KEYS do
     end
     if tripped == 1 then
       if op ~= 3 then redis.call('DEL', kc) end
-      local a = {}
-      for v in string.gmatch(tail, '%S+') do a[#a + 1] = tonumber(v) end
+      local a = {struct.unpack('>dddddddd', spec, 50)}
       local action = a[1]
       status = a[6]
       if action > 0 then
@@ -189,7 +186,7 @@ class Rider:
 
     __slots__ = ("argv", "error", "indexes", "keys", "reply", "script")
 
-    def __init__(self, keys: list[str], argv: list[str]) -> None:
+    def __init__(self, keys: list[str], argv: list[str | bytes]) -> None:
         self.keys = keys
         self.argv = argv
         self.script = _COMBINED
@@ -246,9 +243,9 @@ class RedisDetections:
             self._parse(reply, range(len(ops)), answers)
         return answers
 
-    def _arguments(self, ops: Sequence[Op]) -> tuple[list[str], list[str]]:
+    def _arguments(self, ops: Sequence[Op]) -> tuple[list[str], list[str | bytes]]:
         keys: list[str] = []
-        argv: list[str] = []
+        argv: list[str | bytes] = []
         prefixes = self._prefixes
         for op in ops:
             det = op.detector
