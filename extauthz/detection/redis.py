@@ -167,9 +167,13 @@ return table.concat(out, ' ')
 #: KEYS are the quota counters then the detect keys; ARGV[1] the number of quota counters, ARGV[2]
 #: the charge spec, then the detect arguments. Each script runs as it does alone (its own KEYS and
 #: ARGV); the reply is the detectors' reply, "|", the charge's.
+_TIME = "local t = redis.call('TIME')\n"
+assert CHARGE_SCRIPT.count(_TIME) == 1 and DETECT_SCRIPT.count(_TIME) == 1
 COMBINED_SCRIPT = (
-    "local function charge(KEYS, ARGV)\n" + CHARGE_SCRIPT + "\nend\n"
-    "local function detect(KEYS, ARGV)\n" + DETECT_SCRIPT + "\nend\n"
+    # One TIME for both parts (each read it first thing; the same instant for the charge and the
+    # detectors).
+    _TIME + "local function charge(KEYS, ARGV)\n" + CHARGE_SCRIPT.replace(_TIME, "") + "\nend\n"
+    "local function detect(KEYS, ARGV)\n" + DETECT_SCRIPT.replace(_TIME, "") + "\nend\n"
     """local nq = tonumber(ARGV[1])
 local qk, dk, da = {}, {}, {}
 for i = 1, nq do qk[i] = KEYS[i] end
