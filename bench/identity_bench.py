@@ -17,11 +17,8 @@ import argparse
 import asyncio
 import json
 import platform
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,34 +26,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "unit" / "identity"))
 
 import material  # noqa: E402  (test key material and certificates, made fresh)
+from _timing import measure as _measure  # noqa: E402
 
 from extauthz.context import CheckContext  # noqa: E402
 from extauthz.decision import Authorizer  # noqa: E402
 from extauthz.policy import load_folder  # noqa: E402
 from extauthz.request import request_from_check  # noqa: E402
 from extauthz.samples import check_request_from_sample  # noqa: E402
-
-
-def _percentiles(samples_ns: list[int]) -> dict[str, float]:
-    ordered = sorted(samples_ns)
-
-    def pct(p: float) -> float:
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] / 1000
-
-    return {"p50_us": pct(50), "p90_us": pct(90), "p99_us": pct(99), "mean_us": statistics.fmean(ordered) / 1000,
-            "n": len(ordered)}
-
-
-async def _measure(call: Callable[[int], Awaitable[object]], count: int, warmup: int) -> dict[str, float]:
-    for i in range(warmup):
-        await call(i)
-    samples: list[int] = []
-    clock = time.perf_counter_ns
-    for i in range(count):
-        started = clock()
-        await call(warmup + i)
-        samples.append(clock() - started)
-    return _percentiles(samples)
 
 
 def _write_policies(folder: Path, rsa, ec, pki: material.Pki) -> None:
