@@ -149,7 +149,9 @@ def script_cost(url: str, calls: int = 3000) -> int:
     keys = ["extauthz:d:p:a:{aaaa}:b", "extauthz:d:p:w:{bbbb}:b", "extauthz:d:p:s:{aaaa}:b"]
     argv = [detector(1).spec(0), "", "ip", detector(2).spec(2), "/api/orders", "t", spike.spec(3), "", "ip"]
     quota_keys = ["extauthz:q:a:{x}", "extauthz:q:b:{y}", "extauthz:q:c:{global}"]
-    quota_spec = " ".join(["1 1000000000 1 1 0"] * 3)
+    from extauthz.stores import Charge
+
+    quota_spec = Charge("x", 1, 1000000000, 1, True, 0).spec * 3
     client = redis.Redis.from_url(url)
     runs = [("quota charge (3 counters)", CHARGE_SCRIPT, quota_keys, [quota_spec]),
             ("3 detectors", DETECT_SCRIPT, keys, argv),

@@ -196,7 +196,9 @@ class MemoryDetections:
                 state.seen += gap
             state.bucket, state.count = bucket, 0
         state.count += 1
-        state.expires_ms = now + det.state_ttl_ms
+        # Kept for state_ttl after the end of the key's last interval with a request (as in Redis,
+        # where the state is written once per interval).
+        state.expires_ms = (state.bucket + 1) * det.interval_ms + det.state_ttl_ms
         tripped = (state.seen >= det.warmup and state.count >= det.min_count
                    and state.count > det.factor * state.average and state.flagged != bucket)  # fmt: skip
         if tripped:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -19,6 +20,9 @@ OP_CHECK, OP_FAIL, OP_DISTINCT, OP_RATE = 0, 1, 2, 3
 #: A block record's ``kind`` is its action: ACTION_THROTTLE or ACTION_BLOCK.
 ACTION_LOG, ACTION_THROTTLE, ACTION_BLOCK = 0, 1, 2
 ACTION_NAMES = {ACTION_LOG: "log", ACTION_THROTTLE: "throttle", ACTION_BLOCK: "block"}
+
+#: A spec's numbers after its kind: six counting, eight action (see Detector.spec).
+_SPEC = struct.Struct(">14d")
 
 _ID = re.compile(r"([a-z0-9][-a-z0-9.]*)/([a-z0-9][a-z0-9._-]*)/([0-9a-f]{32})")
 
@@ -63,26 +67,27 @@ class Detector:
     #: "<policy>:<detector>:": the in-process store's keys are this and a key digest.
     prefix: str = ""
     #: spec(kind) for each op kind, worked out once.
-    specs: tuple[str, ...] = ()
+    specs: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", f"{self.policy}:{self.name}:")
         object.__setattr__(self, "specs", tuple(self.spec(kind) for kind in (OP_CHECK, OP_FAIL, OP_DISTINCT, OP_RATE)))
 
-    def spec(self, kind: int) -> str:
+    def spec(self, kind: int) -> bytes:
         """The numbers of an op of ``kind`` as the Redis script reads them (extauthz.detection.redis):
-        "<kind> <counting numbers> | <action numbers>", the action's read only when the op trips; a
-        lookup is its kind alone."""
+        the kind as an ASCII digit, then six counting numbers and eight action numbers as big-endian
+        doubles (``struct.unpack`` in the script: a tenth of what parsing text cost); a lookup is its
+        kind alone. Every number is an integer far below 2**53, so the doubles are exact."""
         if kind == OP_CHECK:
-            return "0"
+            return b"0"
         if kind == OP_RATE:
-            head = (f"{self.interval_ms} {round(self.alpha * 1e6)} {self.warmup} {self.min_count} "
-                    f"{round(self.factor * 1000)} {self.state_ttl_ms}")  # fmt: skip
+            head = (self.interval_ms, round(self.alpha * 1e6), self.warmup, self.min_count, round(self.factor * 1000),
+                    self.state_ttl_ms)  # fmt: skip
         else:
-            head = f"{self.threshold} {self.window_ms}"
-        return (f"{kind} {head} | {self.store_action} {self.duration_ms} {round(self.escalation * 1000)} "
-                f"{self.max_duration_ms} {self.memory_ms} {self.status} {self.throttle_interval_us} "
-                f"{self.throttle_burst}")  # fmt: skip
+            head = (self.threshold, self.window_ms, 0, 0, 0, 0)
+        action = (self.store_action, self.duration_ms, round(self.escalation * 1000), self.max_duration_ms,
+                  self.memory_ms, self.status, self.throttle_interval_us, self.throttle_burst)  # fmt: skip
+        return bytes((48 + kind,)) + _SPEC.pack(*head, *action)
 
     def duration_for(self, offences: int) -> int:
         """Milliseconds of the block (or throttle) for the ``offences``-th offence (1 is the first)."""

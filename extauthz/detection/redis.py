@@ -10,8 +10,11 @@ Keys, per (policy, detector, key digest), all with the digest as hash tag (one s
     <prefix>:d:<policy>:<detector>:{<digest>}:b   the block or throttle (hash), expires at its end
     <prefix>:d:<policy>:<detector>:{<digest>}:o   offences (integer), expires ``remember`` after the last
     <prefix>:d:<policy>:<detector>:{<digest>}:c   the counter: failures (integer) or distinct values
-                                                  (HyperLogLog), expiring with their window; a spike's
-                                                  state (a string), expiring when idle
+                                                  (HyperLogLog), expiring with their window
+    <prefix>:d:<policy>:<detector>:{<digest>}:s   a spike's state (a string, rewritten once per
+                                                  interval) and, in ``:n``, the interval's count; both
+                                                  expire when idle (the state's TTL after the end of
+                                                  the key's last interval with a request)
     <prefix>:d:<policy>:<detector>:{<digest>}:t   a throttle's temporary quota (GCRA TAT), expires when full
 
 The script is given the ``:b`` key of each op and derives the others (same hash slot). The
@@ -45,11 +48,12 @@ async def _failed(exc: Exception) -> Any:
     raise exc
 
 #: KEYS: per op, its block key ("<base>b"; the op's other keys are the same base with another last
-#: letter, in the same hash slot). ARGV: per op, its Detector.spec(kind), the distinct value, the key's
+#: letter, in the same hash slot). ARGV: per op, its Detector.spec(kind) (binary), the distinct value, the key's
 #: label (what operators see in a block). Returns "" when no op has anything to say (the common
 #: case, parsed at once), else, per op with something to say (refused or tripped), eight integers:
 #: its index (1-based), refused_ms, kind, tripped, total, offences, duration_ms, status (see
-#: detection.Answer). A spike's state is one string "bucket count average seen flagged".
+#: detection.Answer). A spike's state is a string "bucket trip-count average seen" (":s", written
+#: once per interval) and the interval's count (":n", an INCR).
 DETECT_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -58,12 +62,10 @@ for i = 1, #KEYS do
   local kb, spec = KEYS[i], ARGV[3 * i - 2]
   local base = string.sub(kb, 1, -2)
   local op = string.byte(spec) - 48
-  -- "<op> <counting numbers> | <action numbers>": the action's are parsed only on a trip.
-  local s, head, tail = {}, nil, nil
-  if op > 0 then
-    head, tail = string.match(spec, '^%d+ (.-) | (.*)$')
-    for v in string.gmatch(head, '%S+') do s[#s + 1] = tonumber(v) end
-  end
+  -- The op's kind (an ASCII digit), then six counting numbers and eight action numbers as doubles:
+  -- the action's are read only on a trip.
+  local s = nil
+  if op > 0 then s = {struct.unpack('>dddddd', spec, 2)} else s = {} end
   local threshold, window = s[1], s[2]
   local refused, kind, tripped, total, offences, dur, status = 0, 0, 0, 0, 0, 0, 429
   local rec = redis.call('HMGET', kb, 'kind', 'ti', 'tb', 'status', 'until', 'off')
@@ -97,35 +99,46 @@ for i = 1, #KEYS do
         if total > threshold then tripped = 1 end
       end
     else
-      local interval, alpha, warmup, mincount, factor = s[1], s[2] / 1000000, s[3], s[4], s[5] / 1000
+      -- A spike: ":s" holds "<bucket> <trip count> <average> <seen>", rewritten once per interval;
+      -- ":n" the bucket's count (INCR). The request that makes the count the bucket's trip count
+      -- trips (it is the first past warm-up, minCount and factor x average: once per interval).
+      local interval, ks, kn = s[1], base .. 's', base .. 'n'
       local b = math.floor(now / interval)
-      local sb, sc, avg, seen, fl = b, 0, 0, 0, -1
-      local state = redis.call('GET', kc)
+      local state = redis.call('GET', ks)
+      local sb, thr = nil, 0
       if state then
-        local x1, x2, x3, x4, x5 = string.match(state, '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
-        sb, sc, avg, seen, fl = tonumber(x1), tonumber(x2), tonumber(x3), tonumber(x4), tonumber(x5)
+        local x1, x2 = string.match(state, '^(%d+) (%d+) ')
+        sb, thr = tonumber(x1), tonumber(x2)
       end
-      if b > sb then
-        avg = avg + alpha * (sc - avg)
-        seen = seen + 1
-        local gap = math.min(b - sb - 1, 100000)
-        if gap > 0 then
-          avg = avg * (1 - alpha) ^ gap
-          seen = seen + gap
+      if sb and b <= sb then
+        total = redis.call('INCR', kn)
+        if total == 1 then redis.call('PEXPIRE', kn, s[6]) end
+      else
+        local alpha, warmup, mincount, factor = s[2] / 1000000, s[3], s[4], s[5] / 1000
+        local avg, seen = 0, 0
+        if state then
+          local x3, x4 = string.match(state, '^%d+ %d+ (%S+) (%d+)$')
+          avg, seen = tonumber(x3), tonumber(x4)
+          avg = avg + alpha * ((tonumber(redis.call('GET', kn)) or 0) - avg)
+          seen = seen + 1
+          local gap = math.min(b - sb - 1, 100000)
+          if gap > 0 then
+            avg = avg * (1 - alpha) ^ gap
+            seen = seen + gap
+          end
         end
-        sb, sc = b, 0
+        thr = 0
+        if seen >= warmup then thr = math.max(mincount, math.floor(factor * avg) + 1) end
+        total = 1
+        local ttl = (b + 1) * interval + s[6] - now
+        redis.call('SET', ks, string.format('%d %d %.17g %d', b, thr, avg, seen), 'PX', ttl)
+        redis.call('SET', kn, 1, 'PX', ttl)
       end
-      sc = sc + 1
-      total = sc
-      if seen >= warmup and sc >= mincount and sc > factor * avg and fl ~= b then
-        tripped, fl = 1, b
-      end
-      redis.call('SET', kc, string.format('%d %d %.17g %d %d', sb, sc, avg, seen, fl), 'PX', s[6])
+      if total == thr then tripped = 1 end
     end
     if tripped == 1 then
       if op ~= 3 then redis.call('DEL', kc) end
-      local a = {}
-      for v in string.gmatch(tail, '%S+') do a[#a + 1] = tonumber(v) end
+      local a = {struct.unpack('>dddddddd', spec, 50)}
       local action = a[1]
       status = a[6]
       if action > 0 then
@@ -154,9 +167,13 @@ return table.concat(out, ' ')
 #: KEYS are the quota counters then the detect keys; ARGV[1] the number of quota counters, ARGV[2]
 #: the charge spec, then the detect arguments. Each script runs as it does alone (its own KEYS and
 #: ARGV); the reply is the detectors' reply, "|", the charge's.
+_TIME = "local t = redis.call('TIME')\n"
+assert CHARGE_SCRIPT.count(_TIME) == 1 and DETECT_SCRIPT.count(_TIME) == 1
 COMBINED_SCRIPT = (
-    "local function charge(KEYS, ARGV)\n" + CHARGE_SCRIPT + "\nend\n"
-    "local function detect(KEYS, ARGV)\n" + DETECT_SCRIPT + "\nend\n"
+    # One TIME for both parts (each read it first thing; the same instant for the charge and the
+    # detectors).
+    _TIME + "local function charge(KEYS, ARGV)\n" + CHARGE_SCRIPT.replace(_TIME, "") + "\nend\n"
+    "local function detect(KEYS, ARGV)\n" + DETECT_SCRIPT.replace(_TIME, "") + "\nend\n"
     """local nq = tonumber(ARGV[1])
 local qk, dk, da = {}, {}, {}
 for i = 1, nq do qk[i] = KEYS[i] end
@@ -173,7 +190,7 @@ class Rider:
 
     __slots__ = ("argv", "error", "indexes", "keys", "reply", "script")
 
-    def __init__(self, keys: list[str], argv: list[str]) -> None:
+    def __init__(self, keys: list[str], argv: list[str | bytes]) -> None:
         self.keys = keys
         self.argv = argv
         self.script = _COMBINED
@@ -230,9 +247,9 @@ class RedisDetections:
             self._parse(reply, range(len(ops)), answers)
         return answers
 
-    def _arguments(self, ops: Sequence[Op]) -> tuple[list[str], list[str]]:
+    def _arguments(self, ops: Sequence[Op]) -> tuple[list[str], list[str | bytes]]:
         keys: list[str] = []
-        argv: list[str] = []
+        argv: list[str | bytes] = []
         prefixes = self._prefixes
         for op in ops:
             det = op.detector

@@ -84,10 +84,11 @@ __all__ = ["CHARGE_SCRIPT", "RedisSettings", "RedisStore", "parse_redis_url"]
 log = logging.getLogger("extauthz.stores.redis")
 
 #: Every counter of one request, all or nothing (see extauthz.stores, memory.gcra_step and
-#: memory.sliding_log_step). KEYS: the counters. ARGV[1]: for each counter "a b cost enforce(1/0) kind",
-#: space-separated: GCRA (kind 0) has a = interval_us, b = burst; a sliding log (kind 1) a = window_us,
-#: b = limit. A GCRA counter is a string (the TAT). A sliding log is a list of "time before cost"
-#: entries, oldest first, where "before" is the units the counter admitted before that entry (a
+#: memory.sliding_log_step). KEYS: the counters. ARGV[1]: for each counter a, b, cost, enforce (1/0),
+#: kind as five big-endian doubles (Charge.spec; struct.unpack reads them): GCRA (kind 0) has
+#: a = interval_us, b = burst; a sliding log (kind 1) a = window_us, b = limit. A GCRA counter is
+#: a string (the TAT). A sliding log is a list of "time before cost" entries, oldest first, where
+#: "before" is the units the counter admitted before that entry (a
 #: running sum: the units in the window are the last entry's before + cost minus the first's before).
 #: An entry counts while now - time < window; times never go backwards within a list. Every step is
 #: a binary search (LINDEX) or an append, so a request after a burst costs what any other does: the
@@ -99,8 +100,7 @@ log = logging.getLogger("extauthz.stores.redis")
 CHARGE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local spec = {}
-for v in string.gmatch(ARGV[1], '%S+') do spec[#spec + 1] = tonumber(v) end
+local spec = {struct.unpack('>' .. string.rep('d', 5 * #KEYS), ARGV[1])}
 local n = #KEYS
 local base, newtat, room, first, last = {}, {}, {}, {}, {}
 local admitted = true
@@ -926,7 +926,7 @@ class RedisStore:
             self._pipeline = _Pipeline(self.settings, self._credentials, self._sentinel_kwargs())
         self._charge_sha = hashlib.sha1(CHARGE_SCRIPT.encode()).hexdigest()
         #: Charge numbers (interval, burst, cost, enforce) -> their text for the script: they repeat.
-        self._specs: dict[tuple[Any, ...], str] = {}
+        self._specs: dict[tuple[Any, ...], bytes] = {}
         self._refund_sha = hashlib.sha1(REFUND_SCRIPT.encode()).hexdigest()
         self.started = False
         self.circuit_open = False
@@ -1262,7 +1262,7 @@ class RedisStore:
                     specs.clear()
                 text = specs[numbers] = charges[i].spec
             parts.append(text)
-        spec = " ".join(parts)
+        spec = b"".join(parts)
         if rider is None:
             tail = (len(keys), *keys, spec)
             reply = await self._call("charge", ("EVALSHA", self._charge_sha, *tail), ("EVAL", CHARGE_SCRIPT, *tail))

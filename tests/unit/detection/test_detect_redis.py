@@ -204,7 +204,7 @@ def test_same_answers_as_the_memory_store(redis_server: Any) -> None:
             # Every key any op wrote expires (blocks, offences, counters, HyperLogLogs, spike states, TATs).
             client = redis_server.client()
             keys = client.keys("extauthz:d:*")
-            assert {k.decode().rsplit(":", 1)[1] for k in keys} >= {"b", "o", "c", "t"}
+            assert {k.decode().rsplit(":", 1)[1] for k in keys} >= {"b", "o", "t", "s", "n"}
             assert all(client.pttl(k) > 0 for k in keys)
             listed = await backend.blocks()
             assert {(r.detector, r.kind, r.offences) for r in listed} == {("d", 2, 1), ("e", 1, 1), ("r", 2, 1)}
@@ -278,7 +278,9 @@ def test_a_spike_after_idle_intervals_same_in_both_stores(redis_server: Any) -> 
         memory = MemoryDetections()
         # Three days ago: 5 requests so far that day, an average of 4.0 over 5 days seen.
         memory._spikes[rate.prefix + digest] = _Spike(bucket - 3, 5, 4.0, 5, -1, (bucket + 5) * day)
-        redis_server.client().set(f"extauthz:d:p:r:{{{digest}}}:c", f"{bucket - 3} 5 4 5 -1", px=10 * day)
+        # In Redis: the state "bucket trip-count average seen" and the bucket's count.
+        redis_server.client().set(f"extauthz:d:p:r:{{{digest}}}:s", f"{bucket - 3} 0 4 5", px=10 * day)
+        redis_server.client().set(f"extauthz:d:p:r:{{{digest}}}:n", "5", px=10 * day)
         try:
             remote = [(await backend.submit([Op(OP_RATE, rate, digest, "k")]))[0] for _ in range(7)]
             local = [memory.run([Op(OP_RATE, rate, digest, "k")])[0] for _ in range(7)]
