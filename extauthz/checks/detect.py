@@ -145,17 +145,7 @@ class DetectCheck:
     # --- compile ---------------------------------------------------------------------------------
     @classmethod
     def from_spec(cls, spec: Spec, build: BuildContext) -> DetectCheck | None:
-        detections: list[Detection] = []
-        names: set[str] = set()
-        for item in spec.items(nonempty="detector"):
-            detection = _detection_from_spec(item, build)
-            if detection is None:
-                continue
-            if detection.name in names:
-                item.error("duplicate detector name", "name")
-                continue
-            names.add(detection.name)
-            detections.append(detection)
+        detections = spec.named_items(lambda item: _detection_from_spec(item, build), "detector")
         if not detections:
             return None
         try:

@@ -134,17 +134,7 @@ class QuotaCheck:
 
     @classmethod
     def from_spec(cls, spec: Spec, build: BuildContext) -> QuotaCheck | None:
-        quotas: list[Quota] = []
-        names: set[str] = set()
-        for item in spec.items(nonempty="quota"):
-            quota = _quota_from_spec(item, build)
-            if quota is None:
-                continue
-            if quota.name in names:
-                item.error("duplicate quota name", "name")
-                continue
-            names.add(quota.name)
-            quotas.append(quota)
+        quotas = spec.named_items(lambda item: _quota_from_spec(item, build), "quota")
         if not quotas:
             return None
         try:

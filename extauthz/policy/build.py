@@ -28,6 +28,14 @@ __all__ = [
 T = TypeVar("T")
 
 
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+N = TypeVar("N", bound=_Named)
+
+
 class Probe(Protocol):
     """Told what every accessor of :class:`Spec` was asked, while the schema generator
     (extauthz.policy.schema) reads made-up documents; ``None`` when a policy is really loaded."""
@@ -249,6 +257,23 @@ class Spec:
         if nonempty and not self.value:
             self._empty(nonempty)
         return [self.child(i) for i in range(len(self.value))]
+
+    def named_items(self, parse: Callable[[Spec], N | None], what: builtins.str) -> list[N]:
+        """A list of named things (quotas, detectors): each element read by ``parse`` (None when it
+        reported its own errors); a name given twice is an error at the second. Empty is an error
+        (what the list holds, ``what``, names it)."""
+        found: list[N] = []
+        names: set[builtins.str] = set()
+        for item in self.items(nonempty=what):
+            parsed = parse(item)
+            if parsed is None:
+                continue
+            if parsed.name in names:
+                item.error(f"duplicate {what} name", "name")
+                continue
+            names.add(parsed.name)
+            found.append(parsed)
+        return found
 
     def entries(self, *, nonempty: builtins.bool | builtins.str = False) -> list[tuple[str, Spec]]:
         """The entries of a mapping whose keys are names the policy chooses; ``nonempty`` as for
