@@ -28,6 +28,9 @@ class Outcome:
         return "UAEX" in self.flags.split(",")
 
 
+#: At most this many callbacks wait under one request id.
+CALLBACKS_PER_REQUEST = 16
+
 #: Called once with the outcome of the request it was registered for; must not raise or block.
 OutcomeCallback = Callable[[Outcome], None]
 
@@ -55,7 +58,13 @@ class OutcomeJoin:
             return
         entry = self._waiting.get(request_id)
         if entry is not None:
-            entry[1].append(callback)
+            # One request passes a few detecting checks (its layers, its policy); more callbacks
+            # under one id are requests reusing an id (a caller's own x-request-id where the proxy
+            # keeps it), which must not grow the join past its capacity.
+            if len(entry[1]) < CALLBACKS_PER_REQUEST:
+                entry[1].append(callback)
+            else:
+                self.dropped += 1
             return
         now = self._clock()
         self._waiting[request_id] = (now + self.ttl, [callback])

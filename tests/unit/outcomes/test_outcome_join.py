@@ -91,3 +91,17 @@ def test_one_join_per_services_follows_the_access_logs_setting() -> None:
     join = outcomes_for(services)
     assert join is outcomes_for(services) and not join.enabled
     assert outcomes_for(Services(settings={})).enabled
+
+
+def test_a_reused_request_id_cannot_grow_the_join() -> None:
+    """A caller that sends its own x-request-id on every request (a proxy that keeps it) must not
+    hold more than a few callbacks under that id, whatever the join's capacity."""
+    from extauthz.outcomes._join import CALLBACKS_PER_REQUEST
+
+    join = OutcomeJoin(capacity=10)
+    seen: list[int] = []
+    for i in range(10_000):
+        join.expect("same", lambda o, i=i: seen.append(i))
+    assert join.dropped == 10_000 - CALLBACKS_PER_REQUEST
+    assert join.deliver(Outcome("same", 401)) is True
+    assert seen == list(range(CALLBACKS_PER_REQUEST))
