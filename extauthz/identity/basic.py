@@ -396,10 +396,13 @@ class BasicSource:
         if found is None:
             return None
         user, password = decode_basic(found[0], self.max_credential_bytes)
+        # The generation before the table: a reload (on the watcher's thread) between the two reads
+        # then pairs a new table with an old generation (its cache entries cleared next time), never
+        # an old table's verification with the new generation (an old password cached as current).
+        generation = self.table.generation
         table = self.table.value
         if table is None:  # never loaded (a load error): nothing can be verified
             raise Rejected("users_unavailable", "the user list is not available", status=503, error="")
-        generation = self.table.generation
         key = b""
         if self.cache is not None:
             if generation != self._cache_generation:  # a new file: nothing verified before counts

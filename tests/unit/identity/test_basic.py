@@ -470,3 +470,34 @@ def test_verifications_are_counted(tmp_path, htpasswd):
         assert value("extauthz_password_verifications_total", result="overloaded") == 1
     finally:
         metrics.install(None)
+
+
+def test_a_reload_between_reading_the_table_and_its_generation_never_caches_an_old_password(
+        tmp_path: Path, htpasswd: Path) -> None:  # fmt: skip
+    """The watcher installs a new file on its own thread, so it may land while a request reads the
+    user table: here it lands exactly when the table is read. That request was checked against the
+    file it started with; the old password must not stay cached under the new file."""
+    from extauthz.watched import WatchedPath
+
+    auth = _auth(tmp_path)
+    source = _source(auth)
+    watched = source.table
+    _replace(htpasswd, f"alice:{_bcrypt('rotated')}\n")
+
+    class ReloadWhenRead(WatchedPath):
+        fired = False
+
+        def __getattribute__(self, name: str) -> object:
+            value = object.__getattribute__(self, name)
+            if name == "value" and not ReloadWhenRead.fired:
+                ReloadWhenRead.fired = True
+                assert WatchedPath.refresh(self)
+            return value
+
+    watched.__class__ = ReloadWhenRead
+    try:
+        decide_now(auth, _basic("alice", PASSWORDS["alice"]))
+    finally:
+        watched.__class__ = WatchedPath
+    assert not decide_now(auth, _basic("alice", PASSWORDS["alice"])).allowed
+    assert decide_now(auth, _basic("alice", "rotated")).allowed
