@@ -97,30 +97,27 @@ class OutcomeJoin:
     def expire(self) -> None:
         """Drop every expectation past its deadline (called every second: the request path only
         drops a few at a time, and stops when no request comes)."""
-        now = self._clock()
-        waiting = self._waiting
-        while waiting:
-            request_id, (deadline, _) = next(iter(waiting.items()))
-            if deadline >= now:
-                return
-            del waiting[request_id]
-            self.dropped += 1
+        self._drop_expired(self._clock())
 
     def _evict(self, now: float) -> None:
         waiting = self._waiting
         while len(waiting) > self.capacity:
             waiting.popitem(last=False)
             self.dropped += 1
-        # Entries are in insertion order, so the expired ones are at the front; a few per call keeps
-        # the cost per request constant.
-        for _ in range(4):
-            if not waiting:
-                return
+        self._drop_expired(now, 4)  # a few per call keeps the cost per request constant
+
+    def _drop_expired(self, now: float, at_most: int | None = None) -> None:
+        """Drop expectations past their deadline (at most ``at_most`` of them when given). Entries
+        are in insertion order, so the expired ones are at the front."""
+        waiting = self._waiting
+        while waiting and at_most != 0:
             request_id, (deadline, _) = next(iter(waiting.items()))
             if deadline >= now:
                 return
             del waiting[request_id]
             self.dropped += 1
+            if at_most is not None:
+                at_most -= 1
 
 
 def outcomes_for(services: Services) -> OutcomeJoin:
