@@ -23,7 +23,7 @@ import asyncio
 import contextvars
 import logging
 from collections import deque
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Coroutine, Generator
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import MappingProxyType
@@ -299,23 +299,20 @@ class HttpAuthzServer:
 
     async def answer(self, parts: HttpParts, head: bool, close: bool) -> bytes:
         """Decide in a Task of its own (some policy of the live set may wait on I/O)."""
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.in_flight += 1
-        try:
-            decision = await self.authorizer.check_http(parts, self.path_prefix)
-        finally:
-            if metrics is not None:
-                metrics.in_flight -= 1
-        return self.encode(decision, head, close)
+        return await self._answer(self.authorizer.check_http(parts, self.path_prefix), head, close)
 
-    async def finish(self, coro: Coroutine[Any, Any, Decision], yielded: Any, head: bool, close: bool) -> bytes:
+    def finish(self, coro: Coroutine[Any, Any, Decision], yielded: Any, head: bool,
+               close: bool) -> Coroutine[Any, Any, bytes]:
         """Carry on a decision that suspended while being made inline (see _Connection.on_message_complete)."""
+        return self._answer(_Resume(coro, yielded), head, close)
+
+    async def _answer(self, deciding: Awaitable[Decision], head: bool, close: bool) -> bytes:
+        """Await the decision, counted in flight meanwhile, and encode it."""
         metrics = self.metrics
         if metrics is not None:
             metrics.in_flight += 1
         try:
-            decision = await _Resume(coro, yielded)
+            decision = await deciding
         finally:
             if metrics is not None:
                 metrics.in_flight -= 1
