@@ -102,6 +102,11 @@ class StartupError(Exception):
     """The sidecar cannot start as configured (a port in use, a folder missing): one line, exit 2."""
 
 
+def _why(exc: OSError) -> str:
+    """An OSError as the end of a one-line startup message: "address already in use"."""
+    return (exc.strerror or str(exc)).lower()
+
+
 def _listen_problem(address: str, reuse_port: bool) -> str | None:
     """Why gRPC would fail to listen on ``address`` ("host:port", "[v6]:port", "unix:PATH"), or None.
 
@@ -122,11 +127,11 @@ def _listen_problem(address: str, reuse_port: bool) -> str | None:
                 try:
                     probe.bind(str(path))
                 except OSError as exc:
-                    return (exc.strerror or str(exc)).lower()
+                    return _why(exc)
             path.unlink(missing_ok=True)
             return None
         except OSError as exc:
-            return (exc.strerror or str(exc)).lower()
+            return _why(exc)
         return None if stat.S_ISSOCK(mode) else f"{path} exists and is not a socket"
     host, _, port = address.rpartition(":")
     try:
@@ -143,7 +148,7 @@ def _listen_problem(address: str, reuse_port: bool) -> str | None:
             try:
                 probe.bind(sockaddr)
             except OSError as exc:
-                problem = problem or (exc.strerror or str(exc)).lower()
+                problem = problem or _why(exc)
                 continue
         return None  # gRPC listens when one resolved address can be bound
     return problem
@@ -412,8 +417,7 @@ class Sidecar:
         try:
             await server.start(host.strip("[]"), int(port), reuse_port=self.settings.reuse_port)
         except OSError as exc:
-            why = (exc.strerror or str(exc)).lower()
-            raise StartupError(f"--http-authz-listen {address}: cannot listen: {why}") from None
+            raise StartupError(f"--http-authz-listen {address}: cannot listen: {_why(exc)}") from None
         self.http_authz = server
         log.info("HTTP ext_authz listening on %s", address)
 
@@ -500,8 +504,7 @@ class Sidecar:
             self.http_server = await asyncio.start_server(self._http, host, port,
                                                           reuse_port=self.settings.reuse_port or None)
         except OSError as exc:
-            why = (exc.strerror or str(exc)).lower()
-            raise StartupError(f"--http-host/--http-port {host} {port}: cannot listen: {why}") from None
+            raise StartupError(f"--http-host/--http-port {host} {port}: cannot listen: {_why(exc)}") from None
         await self._start_http_authz()
         if self.settings.listen or self.settings.unix_socket:
             await self._start_grpc()
