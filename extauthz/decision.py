@@ -321,8 +321,7 @@ async def _chain_work(
             break
         outcomes.append(f"{policy.name}:would_deny")
         ctx.note(f"layer {policy.name}: dry-run, would deny ({denial.reason}); going on without its headers")
-        presented = (c.name for c in policy.owned_credentials if c.presented_in(ctx.request))
-        ctx.remove_headers.extend((*policy.owned_headers, *presented))
+        ctx.remove_headers.extend(_kept_from_upstream(policy, ctx.request))
         ctx.attributes.setdefault("layer_would_deny", []).append(f"{policy.name}:{denial.reason}")
         denial = None
     ctx.attributes["layers"] = outcomes
@@ -420,12 +419,18 @@ def _decision(
         common["steps"] = _frozen(ctx.steps)
         # The checks that set or strip the policy's headers may not have run: strip its response
         # headers and the credentials it keeps from the upstream, so no client's own x-user gets by.
-        presented = (c.name for c in policy.owned_credentials if c.presented_in(ctx.request))
-        removed = tuple(dict.fromkeys((*ctx.remove_headers, *policy.owned_headers, *presented, *foreign)))
+        removed = tuple(dict.fromkeys((*ctx.remove_headers, *_kept_from_upstream(policy, ctx.request), *foreign)))
         return Decision(True, 200, denial.reason, denial.message, rule=denial.rule or ctx.rule, would_deny=True,
                         remove_headers=removed, **common)
     common["client_headers"] = (*common["client_headers"], *denial.headers)
     return Decision(False, denial.status, denial.reason, denial.message, rule=denial.rule or ctx.rule, **common)
+
+
+def _kept_from_upstream(policy: CompiledPolicy, request: Request) -> tuple[str, ...]:
+    """What a dry-run policy that would deny keeps from the upstream: the headers it owns and the
+    credentials of its own the request presented (its checks may not have set or stripped them)."""
+    presented = (c.name for c in policy.owned_credentials if c.presented_in(request))
+    return (*policy.owned_headers, *presented)
 
 
 def _explain_selection(
