@@ -37,7 +37,6 @@ def sends_metadata(decision: Decision, mode: str) -> bool:
     return mode == "all"
 
 
-
 def _add_header(options: Any, name: str, value: str, action: int) -> None:
     option = options.add()
     option.header.key = name
