@@ -524,8 +524,14 @@ def _key_of(detection: Detection, ctx: CheckContext) -> str:
         subject = ctx.identity.get("subject")
         return subject if type(subject) is str else ""
     assert detection.key is not None
+    return _text_of(detection.key, ctx)
+
+
+def _text_of(expression: Expression, ctx: CheckContext) -> str:
+    """A key or value expression's result as text: a string, an integer or a boolean ('' otherwise,
+    or when it fails)."""
     try:
-        value = detection.key.evaluate(ctx)
+        value = expression.evaluate(ctx)
     except CelError:
         return ""
     if type(value) is bool or type(value) is int:
@@ -544,14 +550,7 @@ def _value_of(detection: Detection, ctx: CheckContext) -> str:
             subject = ctx.identity.get("subject")
             value = subject if type(subject) is str else ""
     elif detection.value is not None:
-        try:
-            value = detection.value.evaluate(ctx)
-        except CelError:
-            return ""
-        if type(value) is bool or type(value) is int:
-            value = str(value).lower()
-        elif type(value) is not str:
-            return ""
+        value = _text_of(detection.value, ctx)
     else:
         parts = [p for p in ctx.request.path.split("?", 1)[0].split("/") if p]
         if detection.segment > len(parts):
