@@ -556,9 +556,7 @@ def _value_of(detection: Detection, ctx: CheckContext) -> str:
         if detection.segment > len(parts):
             return ""
         value = parts[detection.segment - 1]
-    if len(value) > _MAX_VALUE:
-        value = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-    return value
+    return _hash(value) if len(value) > _MAX_VALUE else value
 
 
 _DIGESTS: dict[str, str] = {}
@@ -569,11 +567,16 @@ _new_op = tuple.__new__
 def _digest(value: str) -> str:
     digest = _DIGESTS.get(value)
     if digest is None:
-        digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        digest = _hash(value)
         if len(_DIGESTS) >= 4096:
             _DIGESTS.clear()
         _DIGESTS[value] = digest
     return digest
+
+
+def _hash(value: str) -> str:
+    """blake2b-128, hex: what stores keep instead of a client's string."""
+    return hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def _metric(policy: str, detector: str, action: str) -> None:
