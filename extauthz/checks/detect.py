@@ -524,8 +524,14 @@ def _key_of(detection: Detection, ctx: CheckContext) -> str:
         subject = ctx.identity.get("subject")
         return subject if type(subject) is str else ""
     assert detection.key is not None
+    return _text_of(detection.key, ctx)
+
+
+def _text_of(expression: Expression, ctx: CheckContext) -> str:
+    """A key or value expression's result as text: a string, an integer or a boolean ('' otherwise,
+    or when it fails)."""
     try:
-        value = detection.key.evaluate(ctx)
+        value = expression.evaluate(ctx)
     except CelError:
         return ""
     if type(value) is bool or type(value) is int:
@@ -544,22 +550,13 @@ def _value_of(detection: Detection, ctx: CheckContext) -> str:
             subject = ctx.identity.get("subject")
             value = subject if type(subject) is str else ""
     elif detection.value is not None:
-        try:
-            value = detection.value.evaluate(ctx)
-        except CelError:
-            return ""
-        if type(value) is bool or type(value) is int:
-            value = str(value).lower()
-        elif type(value) is not str:
-            return ""
+        value = _text_of(detection.value, ctx)
     else:
         parts = [p for p in ctx.request.path.split("?", 1)[0].split("/") if p]
         if detection.segment > len(parts):
             return ""
         value = parts[detection.segment - 1]
-    if len(value) > _MAX_VALUE:
-        value = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-    return value
+    return _hash(value) if len(value) > _MAX_VALUE else value
 
 
 _DIGESTS: dict[str, str] = {}
@@ -570,11 +567,16 @@ _new_op = tuple.__new__
 def _digest(value: str) -> str:
     digest = _DIGESTS.get(value)
     if digest is None:
-        digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        digest = _hash(value)
         if len(_DIGESTS) >= 4096:
             _DIGESTS.clear()
         _DIGESTS[value] = digest
     return digest
+
+
+def _hash(value: str) -> str:
+    """blake2b-128, hex: what stores keep instead of a client's string."""
+    return hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def _metric(policy: str, detector: str, action: str) -> None:

@@ -67,24 +67,21 @@ class AdminToken:
         return hmac.compare_digest(presented.strip().encode("utf-8", "surrogateescape"), self._token)
 
 
+async def _answer(backend: Any, reply: Any) -> Any:
+    """The in-process store answers at once, Redis's with an awaitable."""
+    return reply if isinstance(backend, MemoryDetections) else await reply
+
+
 async def list_blocks(backend: Any) -> list[BlockRecord]:
-    if isinstance(backend, MemoryDetections):
-        return backend.blocks()
-    return await backend.blocks()  # type: ignore[no-any-return]
+    return await _answer(backend, backend.blocks())  # type: ignore[no-any-return]
 
 
 async def show_block(backend: Any, block_id: str) -> BlockRecord | None:
-    policy, detector, digest = parse_block_id(block_id)
-    if isinstance(backend, MemoryDetections):
-        return backend.block(policy, detector, digest)
-    return await backend.block(policy, detector, digest)  # type: ignore[no-any-return]
+    return await _answer(backend, backend.block(*parse_block_id(block_id)))  # type: ignore[no-any-return]
 
 
 async def lift_block(backend: Any, block_id: str) -> bool:
-    policy, detector, digest = parse_block_id(block_id)
-    if isinstance(backend, MemoryDetections):
-        return backend.lift(policy, detector, digest)
-    return await backend.lift(policy, detector, digest)  # type: ignore[no-any-return]
+    return await _answer(backend, backend.lift(*parse_block_id(block_id)))  # type: ignore[no-any-return]
 
 
 def _json(status: int, value: Any) -> tuple[int, str, bytes]:

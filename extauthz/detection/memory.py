@@ -27,6 +27,7 @@ from extauthz.detection.model import (
     Op,
     block_id,
 )
+from extauthz.stores.memory import gcra_step
 
 __all__ = ["MemoryDetections"]
 
@@ -166,15 +167,11 @@ class MemoryDetections:
 
     def _throttle(self, key: str, block: _Block, now: int) -> int:
         """Charge the throttle's temporary quota (GCRA, as the quota stores do): 0 or ms to wait."""
-        now_us = now * 1000
-        interval, burst = block.throttle_interval_us, block.throttle_burst
-        tat = max(self._tats.get(key, 0), now_us)
-        new_tat = tat + interval
-        allow_at = new_tat - burst * interval
-        if allow_at <= now_us:
-            self._tats[key] = new_tat
+        step = gcra_step(self._tats.get(key, 0), now * 1000, block.throttle_interval_us, block.throttle_burst, 1)
+        if step.allowed:
+            self._tats[key] = step.tat
             return 0
-        return (allow_at - now_us) // 1000 + 1
+        return step.retry_us // 1000 + 1
 
     def _rate(self, key: str, det: Any, now: int) -> tuple[int, bool]:
         """Count a request in the key's current interval; trip once per interval when the count is

@@ -36,16 +36,12 @@ from redis.crc import key_slot
 
 from extauthz.detection.model import Answer, BlockRecord, Op, block_id
 from extauthz.stores import StoreError
-from extauthz.stores.redis import CHARGE_SCRIPT, RedisStore
+from extauthz.stores.redis import CHARGE_SCRIPT, RedisStore, _failed
 
 __all__ = ["DETECT_SCRIPT", "RedisDetections"]
 
 #: What an op with nothing to say is answered (the script leaves it out of its reply).
 _NOTHING = Answer(0, 0, False, 0)
-
-
-async def _failed(exc: Exception) -> Any:
-    raise exc
 
 #: KEYS: per op, its block key ("<base>b"; the op's other keys are the same base with another last
 #: letter, in the same hash slot). ARGV: per op, its Detector.spec(kind) (binary), the distinct value, the key's
