@@ -21,8 +21,8 @@ from typing import AnyStr
 
 import re2
 
-__all__ = ["Decoded", "cmd_form", "cmd_form_bytes", "decode", "forms_over_budget", "lookup_form", "lookup_form_bytes",
-           "lookups_over_budget", "sql_form", "sql_form_bytes"]
+__all__ = ["Decoded", "cmd_form", "cmd_form_bytes", "decode", "lookup_form", "lookup_form_bytes", "lookups_over_budget",
+           "sql_form", "sql_form_bytes"]
 
 #: URL-decoding rounds: ``%252e`` is two, no legitimate value needs more than three.
 URL_ROUNDS = 3
@@ -340,7 +340,7 @@ def sql_form_bytes(data: bytes) -> tuple[bytes, bool]:
     pieces = data.split(b"/*", _COMMENT_BUDGET + 1)
     if len(pieces) == 1:
         return data, False
-    # More than the budget: versioned comments count too (see forms_over_budget).
+    # More than the budget: versioned comments count too (see lookups_over_budget).
     over = len(pieces) > _COMMENT_BUDGET + 1
     # Versioned comments (known from the pieces, unless there are too many to have them all).
     if (over or any(piece[:1] == b"!" for piece in pieces[1:])) and b"/*!" in data:
@@ -424,15 +424,10 @@ def _resolve(match: re.Match[bytes]) -> bytes:
     return _FROZEN_OPEN + body + _FROZEN_CLOSE
 
 
-def forms_over_budget(data: bytes) -> bool:
-    """Whether making the extra forms of ``data`` would run out of a budget (more SQL comments or
-    lookups than they resolve): known from two counts, before any form is made."""
-    return lookups_over_budget(data)[0]
-
-
 def lookups_over_budget(data: bytes) -> tuple[bool, int | None]:
-    """:func:`forms_over_budget`, and the number of lookups when it was counted (for
-    :func:`lookup_form_bytes`)."""
+    """Whether making the extra forms of ``data`` would run out of a budget (more SQL comments or
+    lookups than they resolve): known from two counts, before any form is made. With it, the number
+    of lookups when it was counted (for :func:`lookup_form_bytes`)."""
     if data.count(b"/*") > _COMMENT_BUDGET:
         return True, None
     lookups = data.count(b"${")
