@@ -106,9 +106,13 @@ class Exclusion:
     paths: tuple[str, ...] = ()
     locations: tuple[str, ...] = ()
 
+    def names(self, rule_id: str, detector: str) -> bool:
+        """Whether the exclusion applies to the rule (by id or detector, or to every rule)."""
+        return not self.rules or rule_id in self.rules or detector in self.rules
+
     def drops(self, rule: Rule | str, detector: str, request_path: str, location: str) -> bool:
         rule_id = rule if isinstance(rule, str) else rule.id
-        if self.rules and rule_id not in self.rules and detector not in self.rules:
+        if not self.names(rule_id, detector):
             return False
         if self.paths and not any(_path_matches(p, request_path) for p in self.paths):
             return False
@@ -216,18 +220,16 @@ class Inspector:
         # not worth milliseconds).
         # In report mode the same rules stop it (what would be denied is still reported, with the
         # rule that decides); a rule reported on its own never does (it cannot deny, others could).
-        self.decisive = frozenset(
-            r.id for r in config.rules
-            if r.score >= config.threshold and "body" in r.targets and r.id not in config.report
-            and r.detector not in config.report
-            and not any(not x.rules or r.id in x.rules or r.detector in x.rules for x in config.exclusions))
+        def decides(rule_id: str, detector: str, score: int) -> bool:
+            return (score >= config.threshold and rule_id not in config.report and detector not in config.report
+                    and not any(x.names(rule_id, detector) for x in config.exclusions))
+
+        self.decisive = frozenset(r.id for r in config.rules
+                                  if "body" in r.targets and decides(r.id, r.detector, r.score))
         evasion_id, _, evasion_score, _ = EVASION_RULE
         #: Whether a decoding budget running out decides a denial alone (then a long text over a
         #: budget is not matched at all).
-        self.evasion_decides = (
-            evasion_score >= config.threshold and evasion_id not in config.report
-            and "evasion" not in config.report
-            and not any(not x.rules or evasion_id in x.rules or "evasion" in x.rules for x in config.exclusions))
+        self.evasion_decides = decides(evasion_id, "evasion", evasion_score)
         if self.evasion_decides:
             self.decisive |= {evasion_id}
         self.groups = {
