@@ -62,6 +62,11 @@ _CMD_STARTS = (b";", b"|", b"&", b"`", b"$(", b"${", b"\r")
 _SSRF_CANDIDATE = "ssrf-candidate"
 
 
+def _needs_cmd_form(data: bytes) -> bool:
+    """Shell quoting only hides a command that something starts: a separator, a substitution."""
+    return any(c in data for c in _CMD_CHARS) and any(c in data for c in _CMD_STARTS)
+
+
 @dataclass(frozen=True, slots=True)
 class Finding:
     rule: str
@@ -370,8 +375,7 @@ class Inspector:
                 form_data, over = sql_form_bytes(data)
                 evasion |= over
             elif form == "cmd":
-                # Shell quoting only hides a command that something starts: a separator, a substitution.
-                if not (any(c in data for c in _CMD_CHARS) and any(c in data for c in _CMD_STARTS)):
+                if not _needs_cmd_form(data):
                     continue
                 form_data = cmd_form_bytes(data)
             else:
@@ -399,8 +403,7 @@ class Inspector:
             without_comments, over = sql_form_bytes(data)
             evasion |= over
             forms.append(without_comments)
-        # Shell quoting only hides a command that something starts: a separator, a substitution.
-        if any(c in data for c in _CMD_CHARS) and any(c in data for c in _CMD_STARTS):
+        if _needs_cmd_form(data):
             forms.append(cmd_form_bytes(data))
         if b"${" in data:
             looked_up, over = lookup_form_bytes(data)
