@@ -299,23 +299,20 @@ class Inspector:
                 for form in FORMS:
                     known.setdefault((body_text, form, "inputs"), _NONE)
                 evasion |= self._scan("inputs", decoded, hits, stop)
-            texts: tuple[Decoded, ...] = (decoded, body)
         else:
             decoded = decode(text + "\n" + body_text if body_text else text)
             evasion = self._scan("inputs", decoded, hits, stop)
-            texts = (decoded,)
         filenames = values.filenames() if view is not None and view.parts and not stop[1] else []
         if filenames:
             evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits, stop)
         ssrf_rules: set[str] = set()
         ssrf_known: dict[str, set[str]] = {}  # value -> SSRF rules, for locating
         if hits.pop(_SSRF_CANDIDATE, None) is not None and not stop[1]:
-            if len(texts) == 2 and body_text:  # the large text body apart: its result serves to locate
-                body_rules = self._ssrf(texts[1].data)
-                ssrf_known[body_text] = body_rules - {FLOOD}
-                ssrf_rules = self._ssrf(texts[0].data) | body_rules
-            else:
-                ssrf_rules = self._ssrf(texts[0].data)
+            ssrf_rules = self._ssrf(decoded.data)
+            if apart:  # the large text body apart: its result serves to locate
+                body_rules = self._ssrf(decoded_values[_TEXT_BODY].data)
+                ssrf_known[_TEXT_BODY] = body_rules - {FLOOD}
+                ssrf_rules |= body_rules
             if FLOOD in ssrf_rules:
                 ssrf_rules.discard(FLOOD)
                 evasion = True
