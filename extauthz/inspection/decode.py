@@ -34,7 +34,6 @@ HTML_FALLBACK_MAX = 64
 #: Nested ``${...}`` lookups resolved per request.
 LOOKUP_BUDGET = 512
 
-_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _BAD_PERCENT_BYTES = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _IIS_ESCAPE_BYTES = re.compile(rb"%[uU]([0-9A-Fa-f]{4})")
 
@@ -43,7 +42,6 @@ def _iis_bytes(match: re.Match[bytes]) -> bytes:
     return chr(int(match.group(1), 16)).encode("utf-8", "surrogatepass")
 _ESCAPE = re.compile(r"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
 _ESCAPE_BYTES = re.compile(rb"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
-_IIS_ESCAPE = re.compile(r"%[uU]([0-9A-Fa-f]{4})")
 _NUMERIC_ENTITY = re.compile(r"&#(?:[xX]([0-9A-Fa-f]{1,6})|([0-9]{1,7}));?")
 _NAMED_ENTITIES = (
     ("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&apos;", "'"), ("&nbsp;", " "), ("&sol;", "/"),
@@ -225,17 +223,13 @@ def decode(text: str | None, raw: bytes | None = None) -> Decoded:
 def _percent_decode(text: str, budget: list[int], raw: bytes | None = None) -> str:
     # binascii's quoted-printable decoder undoes =XX at C speed: spell every '%XX' as '=XX' (a
     # literal '=' as '=3D'), after making the '%' that start no escape literal.
+    # The escapes are ASCII: the same on the text's UTF-8 as on the text.
     if raw is None:
-        if "%u" in text or "%U" in text:
-            text = _budgeted_sub(_IIS_ESCAPE, lambda m: chr(int(m.group(1), 16)), text, budget)
-        if _BAD_PERCENT.search(text) is not None:
-            text = _BAD_PERCENT.sub("%25", text)
         raw = text.encode("utf-8", "surrogatepass")
-    else:
-        if b"%u" in raw or b"%U" in raw:
-            raw = _budgeted_sub(_IIS_ESCAPE_BYTES, _iis_bytes, raw, budget)
-        if _BAD_PERCENT_BYTES.search(raw) is not None:
-            raw = _BAD_PERCENT_BYTES.sub(b"%25", raw)
+    if b"%u" in raw or b"%U" in raw:
+        raw = _budgeted_sub(_IIS_ESCAPE_BYTES, _iis_bytes, raw, budget)
+    if _BAD_PERCENT_BYTES.search(raw) is not None:
+        raw = _BAD_PERCENT_BYTES.sub(b"%25", raw)
     decoded = binascii.a2b_qp(raw.replace(b"=", b"=3D").replace(b"%", b"="))
     if b"\xc0" in decoded or b"\xc1" in decoded or b"\xe0\x80" in decoded:
         # One search for all of them (a replace per form would scan the whole text ten times, and
