@@ -192,18 +192,14 @@ def decode(text: str | None, raw: bytes | None = None) -> Decoded:
         wide = False
     except UnicodeEncodeError:
         wide = _WIDE_WORK.search(text) is not None
-    if len(text) <= NFKC_MAX_CHARS:
-        if not unicodedata.is_normalized("NFKC", text):
-            text = unicodedata.normalize("NFKC", text)
-            wide = True  # the normalized text is looked at again below
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:
-            data = text.encode("utf-8", "replace")
-    else:  # NFKC costs about a microsecond a character: past the limit, full-width ASCII only
-        data = utf8(text)
-        if wide and (b"\xef\xbc" in data or b"\xef\xbd" in data):
-            data = _budgeted_sub(_FULL_WIDTH, _half_width, data, budget, flag=False)
+    # NFKC costs about a microsecond a character: past the limit, full-width ASCII only.
+    nfkc = len(text) <= NFKC_MAX_CHARS
+    if nfkc and not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text)
+        wide = True  # the normalized text is looked at again below
+    data = utf8(text)
+    if not nfkc and wide and (b"\xef\xbc" in data or b"\xef\xbd" in data):
+        data = _budgeted_sub(_FULL_WIDTH, _half_width, data, budget, flag=False)
     if wide and any(c in text for c in _SPECIAL_WIDE):
         for lookalike, plain in _LOOKALIKES:
             if lookalike in data:
