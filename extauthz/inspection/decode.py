@@ -36,10 +36,6 @@ LOOKUP_BUDGET = 512
 
 _BAD_PERCENT_BYTES = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _IIS_ESCAPE_BYTES = re.compile(rb"%[uU]([0-9A-Fa-f]{4})")
-
-
-def _iis_bytes(match: re.Match[bytes]) -> bytes:
-    return chr(int(match.group(1), 16)).encode("utf-8", "surrogatepass")
 _ESCAPE = re.compile(r"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
 _ESCAPE_BYTES = re.compile(rb"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
 _NUMERIC_ENTITY = re.compile(r"&#(?:[xX]([0-9A-Fa-f]{1,6})|([0-9]{1,7}));?")
@@ -214,6 +210,10 @@ def decode(text: str | None, raw: bytes | None = None) -> Decoded:
             data = data.replace(b"\x00", b"")
     # The text as a str only when asked for (then from the bytes, which may differ from it).
     return Decoded(None, budget[0] < 0, data=data)
+
+
+def _iis_bytes(match: re.Match[bytes]) -> bytes:
+    return chr(int(match.group(1), 16)).encode("utf-8", "surrogatepass")
 
 
 def _percent_decode(text: str, budget: list[int], raw: bytes | None = None) -> str:
