@@ -21,8 +21,8 @@ from typing import AnyStr
 
 import re2
 
-__all__ = ["Decoded", "cmd_form", "cmd_form_bytes", "decode", "forms_over_budget", "lookup_form", "lookup_form_bytes",
-           "lookups_over_budget", "sql_form", "sql_form_bytes"]
+__all__ = ["Decoded", "cmd_form", "cmd_form_bytes", "decode", "lookup_form", "lookup_form_bytes", "lookups_over_budget",
+           "sql_form", "sql_form_bytes"]
 
 #: URL-decoding rounds: ``%252e`` is two, no legitimate value needs more than three.
 URL_ROUNDS = 3
@@ -34,16 +34,10 @@ HTML_FALLBACK_MAX = 64
 #: Nested ``${...}`` lookups resolved per request.
 LOOKUP_BUDGET = 512
 
-_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _BAD_PERCENT_BYTES = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _IIS_ESCAPE_BYTES = re.compile(rb"%[uU]([0-9A-Fa-f]{4})")
-
-
-def _iis_bytes(match: re.Match[bytes]) -> bytes:
-    return chr(int(match.group(1), 16)).encode("utf-8", "surrogatepass")
 _ESCAPE = re.compile(r"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
 _ESCAPE_BYTES = re.compile(rb"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
-_IIS_ESCAPE = re.compile(r"%[uU]([0-9A-Fa-f]{4})")
 _NUMERIC_ENTITY = re.compile(r"&#(?:[xX]([0-9A-Fa-f]{1,6})|([0-9]{1,7}));?")
 _NAMED_ENTITIES = (
     ("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&apos;", "'"), ("&nbsp;", " "), ("&sol;", "/"),
@@ -194,18 +188,14 @@ def decode(text: str | None, raw: bytes | None = None) -> Decoded:
         wide = False
     except UnicodeEncodeError:
         wide = _WIDE_WORK.search(text) is not None
-    if len(text) <= NFKC_MAX_CHARS:
-        if not unicodedata.is_normalized("NFKC", text):
-            text = unicodedata.normalize("NFKC", text)
-            wide = True  # the normalized text is looked at again below
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:
-            data = text.encode("utf-8", "replace")
-    else:  # NFKC costs about a microsecond a character: past the limit, full-width ASCII only
-        data = utf8(text)
-        if wide and (b"\xef\xbc" in data or b"\xef\xbd" in data):
-            data = _budgeted_sub(_FULL_WIDTH, _half_width, data, budget, flag=False)
+    # NFKC costs about a microsecond a character: past the limit, full-width ASCII only.
+    nfkc = len(text) <= NFKC_MAX_CHARS
+    if nfkc and not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text)
+        wide = True  # the normalized text is looked at again below
+    data = utf8(text)
+    if not nfkc and wide and (b"\xef\xbc" in data or b"\xef\xbd" in data):
+        data = _budgeted_sub(_FULL_WIDTH, _half_width, data, budget, flag=False)
     if wide and any(c in text for c in _SPECIAL_WIDE):
         for lookalike, plain in _LOOKALIKES:
             if lookalike in data:
@@ -222,20 +212,20 @@ def decode(text: str | None, raw: bytes | None = None) -> Decoded:
     return Decoded(None, budget[0] < 0, data=data)
 
 
+def _iis_bytes(match: re.Match[bytes]) -> bytes:
+    return chr(int(match.group(1), 16)).encode("utf-8", "surrogatepass")
+
+
 def _percent_decode(text: str, budget: list[int], raw: bytes | None = None) -> str:
     # binascii's quoted-printable decoder undoes =XX at C speed: spell every '%XX' as '=XX' (a
     # literal '=' as '=3D'), after making the '%' that start no escape literal.
+    # The escapes are ASCII: the same on the text's UTF-8 as on the text.
     if raw is None:
-        if "%u" in text or "%U" in text:
-            text = _budgeted_sub(_IIS_ESCAPE, lambda m: chr(int(m.group(1), 16)), text, budget)
-        if _BAD_PERCENT.search(text) is not None:
-            text = _BAD_PERCENT.sub("%25", text)
         raw = text.encode("utf-8", "surrogatepass")
-    else:
-        if b"%u" in raw or b"%U" in raw:
-            raw = _budgeted_sub(_IIS_ESCAPE_BYTES, _iis_bytes, raw, budget)
-        if _BAD_PERCENT_BYTES.search(raw) is not None:
-            raw = _BAD_PERCENT_BYTES.sub(b"%25", raw)
+    if b"%u" in raw or b"%U" in raw:
+        raw = _budgeted_sub(_IIS_ESCAPE_BYTES, _iis_bytes, raw, budget)
+    if _BAD_PERCENT_BYTES.search(raw) is not None:
+        raw = _BAD_PERCENT_BYTES.sub(b"%25", raw)
     decoded = binascii.a2b_qp(raw.replace(b"=", b"=3D").replace(b"%", b"="))
     if b"\xc0" in decoded or b"\xc1" in decoded or b"\xe0\x80" in decoded:
         # One search for all of them (a replace per form would scan the whole text ten times, and
@@ -340,7 +330,7 @@ def sql_form_bytes(data: bytes) -> tuple[bytes, bool]:
     pieces = data.split(b"/*", _COMMENT_BUDGET + 1)
     if len(pieces) == 1:
         return data, False
-    # More than the budget: versioned comments count too (see forms_over_budget).
+    # More than the budget: versioned comments count too (see lookups_over_budget).
     over = len(pieces) > _COMMENT_BUDGET + 1
     # Versioned comments (known from the pieces, unless there are too many to have them all).
     if (over or any(piece[:1] == b"!" for piece in pieces[1:])) and b"/*!" in data:
@@ -424,15 +414,10 @@ def _resolve(match: re.Match[bytes]) -> bytes:
     return _FROZEN_OPEN + body + _FROZEN_CLOSE
 
 
-def forms_over_budget(data: bytes) -> bool:
-    """Whether making the extra forms of ``data`` would run out of a budget (more SQL comments or
-    lookups than they resolve): known from two counts, before any form is made."""
-    return lookups_over_budget(data)[0]
-
-
 def lookups_over_budget(data: bytes) -> tuple[bool, int | None]:
-    """:func:`forms_over_budget`, and the number of lookups when it was counted (for
-    :func:`lookup_form_bytes`)."""
+    """Whether making the extra forms of ``data`` would run out of a budget (more SQL comments or
+    lookups than they resolve): known from two counts, before any form is made. With it, the number
+    of lookups when it was counted (for :func:`lookup_form_bytes`)."""
     if data.count(b"/*") > _COMMENT_BUDGET:
         return True, None
     lookups = data.count(b"${")

@@ -62,6 +62,11 @@ _CMD_STARTS = (b";", b"|", b"&", b"`", b"$(", b"${", b"\r")
 _SSRF_CANDIDATE = "ssrf-candidate"
 
 
+def _needs_cmd_form(data: bytes) -> bool:
+    """Shell quoting only hides a command that something starts: a separator, a substitution."""
+    return any(c in data for c in _CMD_CHARS) and any(c in data for c in _CMD_STARTS)
+
+
 @dataclass(frozen=True, slots=True)
 class Finding:
     rule: str
@@ -106,9 +111,13 @@ class Exclusion:
     paths: tuple[str, ...] = ()
     locations: tuple[str, ...] = ()
 
+    def names(self, rule_id: str, detector: str) -> bool:
+        """Whether the exclusion applies to the rule (by id or detector, or to every rule)."""
+        return not self.rules or rule_id in self.rules or detector in self.rules
+
     def drops(self, rule: Rule | str, detector: str, request_path: str, location: str) -> bool:
         rule_id = rule if isinstance(rule, str) else rule.id
-        if self.rules and rule_id not in self.rules and detector not in self.rules:
+        if not self.names(rule_id, detector):
             return False
         if self.paths and not any(_path_matches(p, request_path) for p in self.paths):
             return False
@@ -216,18 +225,16 @@ class Inspector:
         # not worth milliseconds).
         # In report mode the same rules stop it (what would be denied is still reported, with the
         # rule that decides); a rule reported on its own never does (it cannot deny, others could).
-        self.decisive = frozenset(
-            r.id for r in config.rules
-            if r.score >= config.threshold and "body" in r.targets and r.id not in config.report
-            and r.detector not in config.report
-            and not any(not x.rules or r.id in x.rules or r.detector in x.rules for x in config.exclusions))
+        def decides(rule_id: str, detector: str, score: int) -> bool:
+            return (score >= config.threshold and rule_id not in config.report and detector not in config.report
+                    and not any(x.names(rule_id, detector) for x in config.exclusions))
+
+        self.decisive = frozenset(r.id for r in config.rules
+                                  if "body" in r.targets and decides(r.id, r.detector, r.score))
         evasion_id, _, evasion_score, _ = EVASION_RULE
         #: Whether a decoding budget running out decides a denial alone (then a long text over a
         #: budget is not matched at all).
-        self.evasion_decides = (
-            evasion_score >= config.threshold and evasion_id not in config.report
-            and "evasion" not in config.report
-            and not any(not x.rules or evasion_id in x.rules or "evasion" in x.rules for x in config.exclusions))
+        self.evasion_decides = decides(evasion_id, "evasion", evasion_score)
         if self.evasion_decides:
             self.decisive |= {evasion_id}
         self.groups = {
@@ -292,23 +299,20 @@ class Inspector:
                 for form in FORMS:
                     known.setdefault((body_text, form, "inputs"), _NONE)
                 evasion |= self._scan("inputs", decoded, hits, stop)
-            texts: tuple[Decoded, ...] = (decoded, body)
         else:
             decoded = decode(text + "\n" + body_text if body_text else text)
             evasion = self._scan("inputs", decoded, hits, stop)
-            texts = (decoded,)
         filenames = values.filenames() if view is not None and view.parts and not stop[1] else []
         if filenames:
             evasion |= self._scan("files", decode("\n".join(f.value for f in filenames)), hits, stop)
         ssrf_rules: set[str] = set()
         ssrf_known: dict[str, set[str]] = {}  # value -> SSRF rules, for locating
         if hits.pop(_SSRF_CANDIDATE, None) is not None and not stop[1]:
-            if len(texts) == 2 and body_text:  # the large text body apart: its result serves to locate
-                body_rules = self._ssrf(texts[1].data)
-                ssrf_known[body_text] = body_rules - {FLOOD}
-                ssrf_rules = self._ssrf(texts[0].data) | body_rules
-            else:
-                ssrf_rules = self._ssrf(texts[0].data)
+            ssrf_rules = self._ssrf(decoded.data)
+            if apart:  # the large text body apart: its result serves to locate
+                body_rules = self._ssrf(decoded_values[_TEXT_BODY].data)
+                ssrf_known[_TEXT_BODY] = body_rules - {FLOOD}
+                ssrf_rules |= body_rules
             if FLOOD in ssrf_rules:
                 ssrf_rules.discard(FLOOD)
                 evasion = True
@@ -368,8 +372,7 @@ class Inspector:
                 form_data, over = sql_form_bytes(data)
                 evasion |= over
             elif form == "cmd":
-                # Shell quoting only hides a command that something starts: a separator, a substitution.
-                if not (any(c in data for c in _CMD_CHARS) and any(c in data for c in _CMD_STARTS)):
+                if not _needs_cmd_form(data):
                     continue
                 form_data = cmd_form_bytes(data)
             else:
@@ -397,8 +400,7 @@ class Inspector:
             without_comments, over = sql_form_bytes(data)
             evasion |= over
             forms.append(without_comments)
-        # Shell quoting only hides a command that something starts: a separator, a substitution.
-        if any(c in data for c in _CMD_CHARS) and any(c in data for c in _CMD_STARTS):
+        if _needs_cmd_form(data):
             forms.append(cmd_form_bytes(data))
         if b"${" in data:
             looked_up, over = lookup_form_bytes(data)

@@ -63,10 +63,9 @@ class RuleMatcher:
     """Patterns (RE2 syntax, each starting with ``(?mi)``) compiled once; :meth:`matched` says which
     of them match a UTF-8 text."""
 
-    __slots__ = ("_compiled", "_local", "size")
+    __slots__ = ("_compiled", "_local")
 
     def __init__(self, patterns: Sequence[str]) -> None:
-        self.size = len(patterns)
         self._compiled = _compile(tuple(patterns))
         self._local = threading.local()
 
@@ -108,13 +107,13 @@ class RuleMatcher:
 
 
 def _collect(rule: int, start: int, end: int, flags: int, found: object) -> None:
-    found.append(rule)  # type: ignore[attr-defined]  # the list ``matched`` passes as the context
+    found.append(rule)  # type: ignore[attr-defined]  # the list ``scan`` passes as the context
 
 
 def _collect_until(rule: int, start: int, end: int, flags: int, context: object) -> bool:
     found: list[int]
     stop: frozenset[int]
-    found, stop = context  # type: ignore[misc]  # the pair ``matched`` passes as the context
+    found, stop = context  # type: ignore[misc]  # the pair ``scan`` passes as the context
     found.append(rule)
     return rule in stop  # True stops the scan
 

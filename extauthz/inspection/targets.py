@@ -81,13 +81,13 @@ class RequestValues:
         cookie = request.headers.get("cookie")
         self.cookies = cookie_pairs(cookie) if cookie else []
         self.inspect_headers = headers
+        #: None with body_raw set: the raw body read with replacement characters, made when first
+        #: asked for (:attr:`body_text`): a long text body is decoded from its bytes (decode's
+        #: ``raw``) and located through :meth:`fields` ``text_body=False``, so an invalid UTF-8 body
+        #: is read once, not twice.
         self._body_text: str | None = None
         #: The bytes body_text was read from, when it is the raw body (see decode's ``raw``).
         self.body_raw: bytes | None = None
-        #: body_text is the raw body read with replacement characters, made when first asked for:
-        #: a long text body is decoded from its bytes (decode's ``raw``) and located through
-        #: :meth:`fields` ``text_body=False``, so an invalid UTF-8 body is read once, not twice.
-        self._body_replaced = False
         view = self.view
         if view is not None and view.kind is not BodyKind.NONE:
             if view.document is not None:
@@ -96,7 +96,6 @@ class RequestValues:
                 self._body_text = "\n".join(f"{name}\n{value}" for name, value in view.fields)
             elif view.kind is BodyKind.TEXT or (view.kind is BodyKind.JSON and view.partial):
                 # Invalid UTF-8 must not hide the rest of a text body: a lenient backend reads it.
-                self._body_replaced = bool(request.body)
                 self._body_text = "" if not request.body else None
                 self.body_raw = request.body
             elif view.kind is BodyKind.BINARY and not view.media_type.startswith(_OPAQUE_TYPES) \
@@ -110,10 +109,8 @@ class RequestValues:
     @property
     def body_text(self) -> str | None:
         """The body as one text (None: no body read as text)."""
-        if self._body_replaced:
-            assert self.body_raw is not None
+        if self._body_text is None and self.body_raw is not None:
             self._body_text = self.body_raw.decode("utf-8", "replace")
-            self._body_replaced = False
         return self._body_text
 
     @property
@@ -165,7 +162,7 @@ class RequestValues:
         if "filename" in kinds:
             yield from self.filenames()
         view = self.view
-        if view is None or (self._body_text is None and not self._body_replaced) or view.document is not None:
+        if view is None or (self._body_text is None and self.body_raw is None) or view.document is not None:
             return
         if view.kind in (BodyKind.FORM, BodyKind.MULTIPART):
             for name, value in view.fields:
